@@ -1,0 +1,162 @@
+"""One typed settings model: an optional TOML file, overridden by `XC_*` environment variables.
+
+Nested keys use `__` in env vars: `XC_SERVER__PORT=9000` overrides `[server] port`. Invalid config
+fails at start-up with `ConfigError`, whose message names every bad key and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from xcstack.crypto.settings import CryptoSettings
+from xcstack.db.settings import DbSettings
+from xcstack.gateway.settings import GatewaySettings
+from xcstack.inference.settings import InferenceSettings
+from xcstack.security.settings import SecuritySettings
+from xcstack.supply.settings import SupplySettings
+from xcstack.vector.settings import VectorSettings
+
+
+class ConfigError(Exception):
+    """Raised at start-up for invalid configuration; the message names key and reason."""
+
+
+class ServerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    http_server: Literal["granian", "uvicorn"] = "uvicorn"
+    workers: int | None = Field(None, ge=1, le=512, description="http workers; default from the tuning plan")
+    loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    backlog: int = Field(2048, ge=16)
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    graceful_timeout_s: float = Field(30.0, gt=0)
+    respawn_backoff_max_s: float = Field(10.0, gt=0)
+    pin_cpus: bool = Field(True, description="apply the tuning plan's CPU affinity")
+    worker_cpus: list[int] | None = Field(None, description="override: cores the http workers may use")
+
+
+class ObservabilitySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_json: bool = True
+    access_log: bool = True
+    loop_lag_interval_s: float = Field(0.05, gt=0, le=10)
+
+
+class StateSettings(BaseModel):
+    """xcstack's own state (users, keys, jobs, cursors)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: SecretStr | None = Field(
+        None, description="postgresql://... (PostgreSQL or KingbaseES); default: SQLite under data_dir"
+    )
+    pool_size: int = Field(4, ge=1, le=64)
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            raw = v.get_secret_value()
+            if not raw.startswith(("postgresql://", "postgres://", "sqlite:///")):
+                raise ValueError("must start with postgresql:// or sqlite:///")
+        return v
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="XC_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+    _toml_path: ClassVar[Path | None] = None
+
+    data_dir: Path = Path("var")
+    server: ServerSettings = ServerSettings()
+    observability: ObservabilitySettings = ObservabilitySettings()
+    state: StateSettings = StateSettings()
+    gateway: GatewaySettings = GatewaySettings()
+    inference: InferenceSettings = InferenceSettings()
+    vector: VectorSettings = VectorSettings()
+    db: DbSettings = DbSettings()
+    crypto: CryptoSettings = CryptoSettings()
+    security: SecuritySettings = SecuritySettings()
+    supply: SupplySettings = SupplySettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls._toml_path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._toml_path))
+        return tuple(sources)
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Load and validate settings; `path` (or `XC_CONFIG`) names an optional TOML file."""
+    raw_path = path if path is not None else os.environ.get("XC_CONFIG")
+    toml_path = Path(raw_path) if raw_path else None
+    if toml_path is not None:
+        if not toml_path.is_file():
+            raise ConfigError(f"config file {toml_path}: not found")
+        try:
+            with toml_path.open("rb") as fh:
+                tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {toml_path}: invalid TOML: {exc}") from exc
+    Settings._toml_path = toml_path
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, toml_path)) from None
+    finally:
+        Settings._toml_path = None
+
+
+def format_validation_error(exc: ValidationError, source: Path | None = None) -> str:
+    where = f" (file {source}, env XC_*)" if source else " (env XC_*)"
+    lines = [f"invalid configuration{where}:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        reason = err["msg"]
+        if err["type"] == "extra_forbidden":
+            reason = "unknown key"
+        lines.append(f"  {key}: {reason}")
+    return "\n".join(lines)
+
+
+_SECRET_WORDS = ("password", "secret", "token", "api_key", "apikey", "master_key", "dsn", "url")
+
+
+def masked_dump(settings: Settings) -> dict[str, Any]:
+    """The effective config as plain data, with every secret masked (for `config show`)."""
+    data = settings.model_dump(mode="json")
+    return _mask(data)
+
+
+def _mask(value: Any, key: str = "") -> Any:
+    if isinstance(value, dict):
+        return {k: _mask(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask(v, key) for v in value]
+    if isinstance(value, str) and value and any(w in key.lower() for w in _SECRET_WORDS):
+        return "**********"
+    return value
