@@ -161,7 +161,7 @@ class StateStore:
                 for conn in self._conns:
                     try:
                         conn.close()
-                    except Exception:  # noqa: S110 - closing best-effort at shutdown
+                    except Exception:
                         pass
                 self._conns.clear()
 
