@@ -1,0 +1,3 @@
+from xcstack.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,59 @@
+"""The `xcstack` command. Core verbs live here; each capability adds its own through
+`xcstack.<cap>.cli.register(subparsers)` (listed in CLI_MODULES)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+
+from xcstack.config import ConfigError, load_settings, masked_dump
+
+# Modules exposing `register(subparsers: argparse._SubParsersAction) -> None`.
+CLI_MODULES: list[str] = []
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    print(json.dumps(masked_dump(settings), indent=2, ensure_ascii=False))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from xcstack.supervisor import serve
+
+    return serve(load_settings(args.config))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xcstack", description="AI service gateway for 信创 infrastructure")
+    parser.add_argument("--config", "-c", default=None, help="TOML config file (default: $XC_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the supervisor, http workers and side processes")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("config", help="configuration")
+    csub = p.add_subparsers(dest="config_command", required=True)
+    show = csub.add_parser("show", help="print the effective config, secrets masked")
+    show.set_defaults(func=_config_show)
+
+    for name in CLI_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"xcstack: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
