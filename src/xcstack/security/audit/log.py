@@ -1,0 +1,555 @@
+"""The audit log writer: one SM3 hash chain per writer process, group-committed, crash-safe.
+
+Layout (one directory per chain under the audit root)::
+
+    <root>/<chain>/.lock                 flock held by the one process writing this chain
+    <root>/<chain>/seg-000000000001.log  segment files, named by their first sequence number
+    <root>/<chain>/checkpoints.log       SM2-signed checkpoints {chain, seq, hash, ts, key_id, sig}
+    <root>/<chain>/export-<name>.cursor  the exporters' persisted cursors
+
+Several http worker processes each take their own chain: `AuditLog.open()` locks the first free
+`<node>-<n>` directory (flock, released by the kernel when the process dies, so a respawned worker
+takes over a dead worker's chain and recovers its tail). One chain has exactly one writer; no
+cross-process locking is needed on the append path.
+
+Appends go through one writer thread: callers enqueue, the thread takes everything queued,
+chains and serialises it, does one write + one fdatasync, then resolves all the callers' futures
+at once (group commit). A caller's `await append(...)` returns only after its record is durable.
+A failed write fails every caller in the batch (fail closed: the request is answered 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import fcntl
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from xcstack.errors import Overloaded
+from xcstack.security.audit import record as rec
+from xcstack.security.settings import AuditSettings
+from xcstack.security.signing import Signer
+
+log = logging.getLogger("xcstack.security.audit")
+
+SEGMENT_RE = re.compile(r"^seg-(\d{12})\.log$")
+CHECKPOINTS = "checkpoints.log"
+
+
+class AuditUnavailable(Overloaded):
+    code = "audit_unavailable"
+
+
+def utc_ts(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def segment_name(first_seq: int) -> str:
+    return f"seg-{first_seq:012d}.log"
+
+
+def list_segments(chain_dir: Path) -> list[tuple[int, Path]]:
+    out = []
+    for p in chain_dir.iterdir() if chain_dir.is_dir() else ():
+        m = SEGMENT_RE.match(p.name)
+        if m:
+            out.append((int(m.group(1)), p))
+    out.sort()
+    return out
+
+
+def list_chains(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def chain_is_live(chain_dir: Path) -> bool:
+    """True when a process holds the chain's writer lock."""
+    lock = chain_dir / ".lock"
+    if not lock.exists():
+        return False
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class RecoveryReport:
+    segment: str
+    truncated_bytes: int
+    dropped_lines: int
+    last_good_seq: int
+
+
+@dataclass
+class _Item:
+    record: dict[str, Any]
+    loop: asyncio.AbstractEventLoop | None
+    waiter: Any  # asyncio.Future[int] or _Blocking
+
+
+class _Blocking:
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.seq = 0
+        self.error: BaseException | None = None
+
+
+def _resolve(results: list[tuple[asyncio.Future[int], int | BaseException]]) -> None:
+    for fut, res in results:
+        if fut.done():
+            continue
+        if isinstance(res, BaseException):
+            fut.set_exception(res)
+        else:
+            fut.set_result(res)
+
+
+class AuditLog:
+    """Append-only, SM3-chained, durable audit log for one chain (one writer process)."""
+
+    def __init__(
+        self,
+        root: Path,
+        settings: AuditSettings | None = None,
+        *,
+        chain: str | None = None,
+        signer: Signer | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.root = Path(root)
+        self.settings = settings or AuditSettings()
+        self._chain_name = chain
+        self.signer = signer
+        self.clock = clock
+        self.chain = ""
+        self.dir = self.root
+        self._lock_fd: int | None = None
+        self._fd: int | None = None
+        self._seg_path: Path | None = None
+        self._seg_size = 0
+        self._seg_opened = 0.0
+        self.seq = 0
+        self.prev = rec.GENESIS
+        self.durable_seq = 0
+        self.durable_hash = rec.GENESIS
+        self.checkpointed_seq = 0
+        self._cond = threading.Condition()
+        self._pending: list[_Item] = []
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._failed: BaseException | None = None
+        self._cp_task: asyncio.Task[None] | None = None
+        self._cp_lock = asyncio.Lock()
+        self.recovery: RecoveryReport | None = None
+        self.appended_total = 0
+
+    # -- open / recover -----------------------------------------------------------------------
+    def open_blocking(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        self._take_chain()
+        self._recover()
+        self._thread = threading.Thread(target=self._run, name=f"xc-audit-{self.chain}", daemon=True)
+        self._thread.start()
+
+    async def open(self) -> None:
+        await asyncio.to_thread(self.open_blocking)
+        if self.recovery is not None:
+            r = self.recovery
+            await self.append(
+                actor="system",
+                action="audit.recovered",
+                resource=f"audit:{self.chain}",
+                outcome="success",
+                detail={
+                    "segment": r.segment,
+                    "truncated_bytes": r.truncated_bytes,
+                    "dropped_lines": r.dropped_lines,
+                    "last_good_seq": r.last_good_seq,
+                },
+            )
+        await self.append(
+            actor="system", action="audit.start", resource=f"audit:{self.chain}", outcome="success",
+            detail={"pid": os.getpid()},
+        )
+        if self.signer is not None:
+            await self.checkpoint()
+            self._cp_task = asyncio.get_running_loop().create_task(self._checkpoint_loop())
+
+    def _take_chain(self) -> None:
+        names = [self._chain_name] if self._chain_name else None
+        node = self.settings.node or re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "node"
+        for n in range(4096):
+            name = names[0] if names else f"{node}-{n}"
+            d = self.root / name
+            d.mkdir(parents=True, exist_ok=True)
+            fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                if names:
+                    raise RuntimeError(f"audit chain {name} is held by another process") from None
+                continue
+            self._lock_fd = fd
+            self.chain = name
+            self.dir = d
+            return
+        raise RuntimeError("no free audit chain")
+
+    def _recover(self) -> None:
+        segs = list_segments(self.dir)
+        while segs:
+            _first, path = segs[-1]
+            data = path.read_bytes()
+            good_end, last_seq, last_hash, dropped = _valid_tail(data)
+            if good_end < len(data):
+                with open(path, "r+b") as fh:
+                    fh.truncate(good_end)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                self.recovery = RecoveryReport(path.name, len(data) - good_end, dropped, last_seq)
+                log.warning("audit chain %s: torn tail of %d bytes truncated in %s", self.chain, len(data) - good_end,
+                            path.name)
+            if good_end == 0:
+                path.unlink()
+                fsync_dir(self.dir)
+                segs.pop()
+                continue
+            self.seq, self.prev = last_seq, last_hash
+            break
+        self.durable_seq, self.durable_hash = self.seq, self.prev
+        self.checkpointed_seq = _last_checkpoint_seq(self.dir / CHECKPOINTS)
+        self._open_segment(reuse=segs[-1][1] if segs else None)
+
+    def _open_segment(self, reuse: Path | None = None) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+        path = reuse or self.dir / segment_name(self.seq + 1)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._seg_path = path
+        self._seg_size = os.fstat(self._fd).st_size
+        self._seg_opened = self.clock()
+        if reuse is None:
+            fsync_dir(self.dir)
+
+    # -- append -------------------------------------------------------------------------------
+    def _make(
+        self,
+        actor: str,
+        action: str,
+        resource: str,
+        outcome: str,
+        ip: str | None,
+        request_id: str | None,
+        detail: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        r: dict[str, Any] = {"actor": actor, "action": action, "resource": resource, "outcome": outcome}
+        if ip:
+            r["ip"] = ip
+        if request_id:
+            r["request_id"] = request_id
+        if detail:
+            r["detail"] = detail
+        return r
+
+    def _enqueue(self, item: _Item) -> None:
+        with self._cond:
+            if self._closing:
+                raise AuditUnavailable("audit log is closed", retry_after=1)
+            if len(self._pending) >= self.settings.max_pending:
+                raise AuditUnavailable("audit log queue is full", retry_after=1)
+            self._pending.append(item)
+            if len(self._pending) == 1:
+                self._cond.notify()
+
+    async def append(
+        self,
+        *,
+        actor: str,
+        action: str,
+        resource: str,
+        outcome: str,
+        ip: str | None = None,
+        request_id: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> int:
+        """Append one record; returns its sequence number once it is durable on disk."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
+        self._enqueue(_Item(self._make(actor, action, resource, outcome, ip, request_id, detail), loop, fut))
+        return await fut
+
+    def append_blocking(
+        self,
+        *,
+        actor: str,
+        action: str,
+        resource: str,
+        outcome: str,
+        ip: str | None = None,
+        request_id: str | None = None,
+        detail: dict[str, Any] | None = None,
+        timeout: float = 30.0,
+    ) -> int:
+        w = _Blocking()
+        self._enqueue(_Item(self._make(actor, action, resource, outcome, ip, request_id, detail), None, w))
+        if not w.event.wait(timeout):
+            raise AuditUnavailable("audit write timed out")
+        if w.error is not None:
+            raise w.error
+        return w.seq
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                if not self._pending and self._closing:
+                    return
+                batch = self._pending[: self.settings.max_batch]
+                del self._pending[: self.settings.max_batch]
+            self._commit(batch)
+
+    def _commit(self, batch: list[_Item]) -> None:
+        start_seq, start_prev = self.seq, self.prev
+        outcome: list[int | BaseException] = []
+        try:
+            now = self.clock()
+            ts = utc_ts(now)
+            if self._seg_size >= self.settings.segment_max_bytes or (
+                self._seg_size > 0 and now - self._seg_opened >= self.settings.rotate_interval_s
+            ):
+                self._rotate()
+            chunks: list[bytes] = []
+            size = 0
+            seq, prev = self.seq, self.prev
+            for item in batch:
+                seq += 1
+                r = item.record
+                r["seq"] = seq
+                r["ts"] = ts
+                r["chain"] = self.chain
+                line, prev = rec.encode(r, prev)
+                chunks.append(line)
+                size += len(line)
+                outcome.append(seq)
+            data = b"".join(chunks)
+            assert self._fd is not None
+            view = memoryview(data)
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+            if self.settings.sync == "fsync":
+                os.fsync(self._fd)
+            else:
+                os.fdatasync(self._fd)
+            self.seq, self.prev = seq, prev
+            self._seg_size += size
+            self.durable_seq, self.durable_hash = seq, prev
+            self.appended_total += len(batch)
+        except BaseException as exc:  # fail every caller of the batch; roll the file back
+            log.error("audit write failed: %s", exc)
+            self.seq, self.prev = start_seq, start_prev
+            with contextlib.suppress(Exception):
+                if self._fd is not None and self._seg_path is not None:
+                    os.ftruncate(self._fd, self._seg_size)
+            err = AuditUnavailable(f"audit log write failed: {exc.__class__.__name__}")
+            outcome = [err] * len(batch)
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], int | BaseException]]] = {}
+        for item, res in zip(batch, outcome, strict=True):
+            if item.loop is None:
+                w: _Blocking = item.waiter
+                if isinstance(res, BaseException):
+                    w.error = res
+                else:
+                    w.seq = res
+                w.event.set()
+            else:
+                by_loop.setdefault(item.loop, []).append((item.waiter, res))
+        for loop, results in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # loop closed: nobody is waiting any more
+                loop.call_soon_threadsafe(_resolve, results)
+
+    def _rotate(self) -> None:
+        assert self._fd is not None
+        os.fsync(self._fd)
+        self._open_segment()
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    async def checkpoint(self) -> dict[str, Any] | None:
+        """Sign (seq, hash) of the last durable record and append it to checkpoints.log."""
+        if self.signer is None:
+            return None
+        async with self._cp_lock:
+            seq, digest = self.durable_seq, self.durable_hash
+            if seq == 0 or seq == self.checkpointed_seq:
+                return None
+            ts = utc_ts(self.clock())
+            sig = await self.signer.sign(rec.checkpoint_message(self.chain, seq, digest.hex(), ts))
+            cp = {"chain": self.chain, "seq": seq, "hash": digest.hex(), "ts": ts, "key_id": self.signer.key_id,
+                  "sig": sig.hex()}
+            await asyncio.to_thread(_append_fsync, self.dir / CHECKPOINTS, rec.canonical(cp) + b"\n")
+            self.checkpointed_seq = seq
+            return cp
+
+    async def _checkpoint_loop(self) -> None:
+        interval = self.settings.checkpoint_interval_s
+        every = self.settings.checkpoint_every_records
+        waited = 0.0
+        step = min(interval, 0.5)
+        while True:
+            await asyncio.sleep(step)
+            waited += step
+            if waited >= interval or self.durable_seq - self.checkpointed_seq >= every:
+                waited = 0.0
+                try:
+                    await self.checkpoint()
+                except Exception as exc:  # keep running; the next tick retries
+                    log.error("audit checkpoint failed: %s", exc)
+
+    # -- retention ------------------------------------------------------------------------------
+    async def purge_expired(self, min_exported_seq: int | None = None) -> list[str]:
+        """Delete whole segments whose newest record is older than the retention period; each
+        deletion is itself audited (with the purged segment's last hash, so verify can anchor)."""
+        cutoff = self.clock() - self.settings.retention_days * 86400
+        purged: list[str] = []
+        segs = list_segments(self.dir)
+        for first, path in segs[:-1]:
+            if self._seg_path is not None and path == self._seg_path:
+                break
+            last = await asyncio.to_thread(_last_record, path)
+            if last is None:
+                break
+            ts = dt.datetime.strptime(last["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC).timestamp()
+            if ts >= cutoff or (min_exported_seq is not None and last["seq"] > min_exported_seq):
+                break
+            await self.append(
+                actor="system", action="audit.purge", resource=f"audit:{self.chain}", outcome="success",
+                detail={"segment": path.name, "first_seq": first, "last_seq": last["seq"], "last_hash": last["hash"]},
+            )
+            path.unlink()
+            purged.append(path.name)
+        if purged:
+            await asyncio.to_thread(fsync_dir, self.dir)
+        return purged
+
+    # -- close ----------------------------------------------------------------------------------
+    async def close(self) -> None:
+        if self._thread is None:
+            return
+        if self._cp_task is not None:
+            self._cp_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._cp_task
+        with contextlib.suppress(Exception):
+            await self.append(actor="system", action="audit.stop", resource=f"audit:{self.chain}",
+                              outcome="success")
+        with contextlib.suppress(Exception):
+            await self.checkpoint()
+        await asyncio.to_thread(self.close_blocking)
+
+    def close_blocking(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+
+def _append_fsync(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _last_checkpoint_seq(path: Path) -> int:
+    if not path.exists():
+        return 0
+    last = 0
+    for line in path.read_bytes().splitlines():
+        with contextlib.suppress(Exception):
+            last = max(last, int(rec.loads(line)["seq"]))
+    return last
+
+
+def _last_record(path: Path) -> dict[str, Any] | None:
+    data = path.read_bytes()
+    lines = data.rstrip(b"\n").rsplit(b"\n", 1)
+    if not lines or not lines[-1]:
+        return None
+    try:
+        out: dict[str, Any] = rec.loads(lines[-1])
+        return out
+    except Exception:
+        return None
+
+
+def _valid_tail(data: bytes) -> tuple[int, int, bytes, int]:
+    """(end offset of the last intact record, its seq, its raw hash, trailing lines dropped).
+
+    Only the tail is repaired: a partial last line (no newline, or NUL padding after a power
+    loss) and complete trailing lines that do not verify against their own prev_hash. Damage
+    earlier in the file is not a crash artefact; it is left for `audit verify` to report."""
+    end = data.rfind(b"\n") + 1
+    dropped = 1 if end < len(data) else 0
+    while end > 0:
+        start = data.rfind(b"\n", 0, end - 1) + 1
+        line = data[start : end - 1]
+        parsed = _self_check(line)
+        if parsed is not None:
+            return end, parsed[0], parsed[1], dropped
+        dropped += 1
+        end = start
+    return 0, 0, rec.GENESIS, dropped
+
+
+def _self_check(line: bytes) -> tuple[int, bytes] | None:
+    try:
+        obj = rec.loads(line)
+        prev = bytes.fromhex(obj["prev_hash"])
+        digest = rec.check(line, prev)
+        if digest is None:
+            return None
+        return int(obj["seq"]), digest
+    except Exception:
+        return None

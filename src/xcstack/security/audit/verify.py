@@ -1,0 +1,235 @@
+"""`xcstack audit verify`: check every chain and name the first bad position.
+
+Detected, per chain:
+- a modified record (hash mismatch) or a malformed one (not a record line);
+- a deleted record (sequence gap), reordered records (sequence goes backwards or jumps);
+- a torn/truncated last record (no newline at the end);
+- truncation of whole records (a signed checkpoint names a sequence number past the end);
+- a forged checkpoint (bad SM2 signature) or a checkpoint that disagrees with the log;
+- an unsigned tail: records after the last signed checkpoint while no writer holds the chain
+  (a clean shutdown and every restart after a crash sign the tail, so only an attacker — or a
+  crash whose chain has not been reopened yet — leaves one). A live writer's tail is normal.
+- segments deleted from the front without the `audit.purge` records retention writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xcstack.security.audit import record as rec
+from xcstack.security.audit.log import CHECKPOINTS, chain_is_live, list_chains, list_segments
+
+SigVerify = Callable[[str, bytes, bytes], Awaitable[bool]]  # (key_id, message, signature) -> ok
+
+
+@dataclass
+class Problem:
+    chain: str
+    seq: int  # the first bad sequence number (the position a good log would have there)
+    segment: str
+    line: int  # 1-based line in the segment file (0: not in a segment)
+    offset: int  # byte offset in the segment file
+    reason: str
+
+    def __str__(self) -> str:
+        where = f"{self.segment} line {self.line} (byte {self.offset})" if self.segment else "checkpoints"
+        return f"chain {self.chain}: first bad record at seq {self.seq}, {where}: {self.reason}"
+
+
+@dataclass
+class ChainReport:
+    chain: str
+    records: int = 0
+    first_seq: int = 0
+    last_seq: int = 0
+    last_hash: str = ""
+    checkpoints: int = 0
+    signed_seq: int = 0
+    signatures_checked: bool = False
+    live: bool = False
+    problem: Problem | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "chain": self.chain,
+            "ok": self.ok,
+            "records": self.records,
+            "first_seq": self.first_seq,
+            "last_seq": self.last_seq,
+            "last_hash": self.last_hash,
+            "checkpoints": self.checkpoints,
+            "signed_seq": self.signed_seq,
+            "signatures_checked": self.signatures_checked,
+            "live": self.live,
+            "problem": None if self.problem is None else {**self.problem.__dict__, "message": str(self.problem)},
+            "warnings": self.warnings,
+        }
+
+
+def scan_chain(chain_dir: Path) -> tuple[ChainReport, dict[int, str]]:
+    """Verify the hash chain of one directory (blocking). Returns the report and the hash of each
+    record named by a checkpoint or a purge anchor (for the signature pass)."""
+    chain = chain_dir.name
+    report = ChainReport(chain)
+    cps = _read_checkpoints(chain_dir / CHECKPOINTS, report)
+    want = {cp["seq"] for cp in cps}
+    seen_hashes: dict[int, str] = {}
+    segs = list_segments(chain_dir)
+    expected = 0  # next seq
+    prev = rec.GENESIS
+    anchor: tuple[int, str] | None = None  # (first seq, prev_hash) when the chain starts after a purge
+    purges: dict[int, str] = {}
+    loads = rec.loads
+    check = rec.check
+    for idx, (first, path) in enumerate(segs):
+        data = path.read_bytes()
+        name = path.name
+        if idx == 0:
+            expected = first
+            if first != 1:
+                head = data[: data.find(b"\n")]
+                try:
+                    prev_hex = loads(head)["prev_hash"]
+                    prev = bytes.fromhex(prev_hex)
+                except Exception:
+                    report.problem = Problem(chain, first, name, 1, 0, "malformed first record")
+                    return report, seen_hashes
+                anchor = (first, prev_hex)
+        elif first != expected:
+            report.problem = Problem(chain, expected, name, 1, 0,
+                                     f"segment starts at seq {first}, expected {expected} (segment deleted or renamed)")
+            return report, seen_hashes
+        pos = 0
+        lineno = 0
+        size = len(data)
+        while pos < size:
+            lineno += 1
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                report.problem = Problem(chain, expected, name, lineno, pos, "truncated record (no end of line)")
+                return report, seen_hashes
+            line = data[pos:nl]
+            digest = check(line, prev)
+            if digest is None:
+                reason = "record hash mismatch (modified record, or the previous record was changed)"
+                try:
+                    obj = loads(line)
+                    seq = obj.get("seq")
+                    if seq != expected:
+                        if isinstance(seq, int) and seq > expected:
+                            reason = f"sequence gap: expected seq {expected}, found {seq} (record deleted)"
+                        else:
+                            reason = f"sequence out of order: expected seq {expected}, found {seq} (reordered)"
+                    elif obj.get("prev_hash") != prev.hex():
+                        reason = "prev_hash does not match the previous record (deleted or reordered record)"
+                except Exception:
+                    reason = "malformed record"
+                report.problem = Problem(chain, expected, name, lineno, pos, reason)
+                return report, seen_hashes
+            # The hash covers the body, so seq and prev_hash are authentic once it matches; the seq
+            # must still be the next one (a record re-chained by a forger who recomputed hashes).
+            seq_at = line.rfind(b'"seq":')
+            seq_end = line.find(b",", seq_at)
+            try:
+                seq = int(line[seq_at + 6 : seq_end])
+            except ValueError:
+                seq = -1
+            if seq != expected:
+                report.problem = Problem(chain, expected, name, lineno, pos,
+                                         f"sequence break: expected seq {expected}, found {seq}")
+                return report, seen_hashes
+            if seq in want:
+                seen_hashes[seq] = digest.hex()
+            if b'"action":"audit.purge"' in line:
+                with_detail = loads(line).get("detail") or {}
+                if isinstance(with_detail.get("last_seq"), int):
+                    purges[with_detail["last_seq"]] = str(with_detail.get("last_hash"))
+            prev = digest
+            expected += 1
+            report.records += 1
+            pos = nl + 1
+    report.first_seq = segs[0][0] if segs else 0
+    report.last_seq = expected - 1 if segs else 0
+    report.last_hash = prev.hex() if segs else ""
+    if anchor is not None and purges.get(anchor[0] - 1) != anchor[1]:
+        first_name = segs[0][1].name
+        report.problem = Problem(chain, anchor[0], first_name, 1, 0,
+                                 f"chain starts at seq {anchor[0]} but no audit.purge record accounts for the "
+                                 "earlier segments (deleted)")
+        return report, seen_hashes
+    # checkpoints against the log
+    for cp in cps:
+        seq = cp["seq"]
+        if seq > report.last_seq:
+            seg_name = segs[-1][1].name if segs else ""
+            report.problem = Problem(chain, report.last_seq + 1, seg_name, 0, 0,
+                                     f"log truncated: signed checkpoint covers seq {seq}, log ends at seq "
+                                     f"{report.last_seq}")
+            return report, seen_hashes
+        if seq >= report.first_seq and seen_hashes.get(seq) != cp["hash"]:
+            report.problem = Problem(chain, seq, "", 0, 0, f"checkpoint for seq {seq} does not match the log")
+            return report, seen_hashes
+    report.checkpoints = len(cps)
+    report.signed_seq = max((cp["seq"] for cp in cps), default=0)
+    report.live = chain_is_live(chain_dir)
+    if not cps and report.records:
+        report.warnings.append("no signed checkpoints: truncation of the tail and forged appends cannot be detected")
+    elif report.last_seq > report.signed_seq:
+        msg = f"records {report.signed_seq + 1}..{report.last_seq} are not yet covered by a signed checkpoint"
+        if report.live:
+            report.warnings.append(msg + " (writer running)")
+        else:
+            report.problem = Problem(chain, report.signed_seq + 1, segs[-1][1].name if segs else "", 0, 0,
+                                     msg + " and no writer holds the chain (forged append, or a crash not yet "
+                                     "recovered: restart the server or run `xcstack audit verify` after it)")
+    return report, seen_hashes
+
+
+def _read_checkpoints(path: Path, report: ChainReport) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out: list[dict[str, Any]] = []
+    last = 0
+    for i, line in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            cp = rec.loads(line)
+            cp["seq"] = int(cp["seq"])
+        except Exception:
+            report.warnings.append(f"checkpoints.log line {i}: malformed (ignored)")
+            continue
+        if cp["seq"] < last:
+            report.warnings.append(f"checkpoints.log line {i}: out of order")
+        last = max(last, cp["seq"])
+        out.append(cp)
+    return out
+
+
+async def verify_chain(chain_dir: Path, sig_verify: SigVerify | None = None) -> ChainReport:
+    report, _ = await asyncio.to_thread(scan_chain, chain_dir)
+    if sig_verify is not None:
+        report.signatures_checked = True
+        for cp in _read_checkpoints(chain_dir / CHECKPOINTS, ChainReport(report.chain)):
+            msg = rec.checkpoint_message(cp["chain"], cp["seq"], cp["hash"], cp["ts"])
+            try:
+                sig = bytes.fromhex(cp["sig"])
+            except (ValueError, TypeError, KeyError):
+                sig = b""
+            if cp.get("chain") != report.chain or not await sig_verify(str(cp.get("key_id")), msg, sig):
+                if report.problem is None or report.problem.seq > cp["seq"]:
+                    report.problem = Problem(report.chain, cp["seq"], "", 0, 0,
+                                             f"checkpoint for seq {cp['seq']}: SM2 signature invalid (forged)")
+                break
+    return report
+
+
+async def verify_all(root: Path, sig_verify: SigVerify | None = None) -> list[ChainReport]:
+    return [await verify_chain(d, sig_verify) for d in list_chains(root)]
