@@ -1,0 +1,378 @@
+"""The tuning plan: how many http and model workers, which core each is pinned to, which event loop.
+
+Rules (ARCHITECTURE.md §1):
+- The usable CPUs are online ∩ this process' affinity ∩ the cgroup cpuset. A CFS quota (cgroup
+  cpu.max) caps how many of them are planned: the quota rounded half up (1.5 cores -> 2 slots,
+  with a throttling warning).
+- I/O (http workers) and compute (model workers, one per core) get disjoint cores when there are at
+  least two slots: 1 slot -> everything shares it; 2 -> 1 http worker on the first core and 1 model
+  worker on the second; n >= 3 -> ceil(n/4) I/O cores, the rest compute. With several NUMA nodes
+  each node is split in the same proportion so both kinds stay local to every node.
+- Overrides (config) win: explicit http worker count, the http worker cores (`worker_cpus`), the model
+  worker count (0 = no local inference: every core serves http), pinning on/off, the event loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from xcstack.platform.buildflags import BuildFlags, build_flags
+from xcstack.platform.cpulist import format_cpulist
+from xcstack.platform.probe import PlatformReport, cpu_slots
+
+log = logging.getLogger("xcstack.platform")
+
+# Rough resident memory of one model worker (ORT session + bundled MiniLM + batcher), for the cap.
+MODEL_WORKER_MEM_BYTES = 512 * 1024 * 1024
+WHEEL_ARCHES = frozenset({"x86_64", "aarch64"})  # archs with uvloop/orjson/onnxruntime wheels on PyPI
+RECOMMENDED_NOFILE = 65536
+RECOMMENDED_SOMAXCONN = 4096
+
+
+@dataclass
+class PlanOverrides:
+    http_workers: int | None = None
+    worker_cpus: list[int] | None = None  # cores the http workers may use
+    model_workers: int | None = None  # 0: no model workers
+    model_cpus: list[int] | None = None  # cores the model workers may use
+    pin: bool | None = None
+    event_loop: str | None = None  # "auto" | "uvloop" | "asyncio"
+    backlog: int | None = None  # listen backlog, checked against somaxconn
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> PlanOverrides:
+        """From xcstack Settings: [server] workers / worker_cpus / pin_cpus / loop / backlog and, when the
+        inference settings define them, `workers` / `worker_cpus` of [inference]."""
+        server = getattr(settings, "server", None)
+        inference = getattr(settings, "inference", None)
+
+        def ints(v: Any) -> list[int] | None:
+            return [int(x) for x in v] if v is not None else None
+
+        return cls(
+            http_workers=getattr(server, "workers", None),
+            worker_cpus=ints(getattr(server, "worker_cpus", None)),
+            pin=getattr(server, "pin_cpus", None),
+            event_loop=getattr(server, "loop", None),
+            backlog=getattr(server, "backlog", None),
+            model_workers=getattr(inference, "workers", None),
+            model_cpus=ints(getattr(inference, "worker_cpus", None)),
+        )
+
+
+@dataclass
+class TuningPlan:
+    usable_cpus: list[int]
+    cpu_budget: float  # cores of CPU time available (quota-aware)
+    cpu_slots: int  # whole cores planned for
+    pin: bool
+    http_workers: int
+    http_cpus: list[list[int]]  # per http worker; [] = not pinned
+    model_workers: int
+    model_cpus: list[list[int]]  # per model worker; [] = not pinned
+    io_cores: list[int]
+    compute_cores: list[int]
+    shared_cores: bool  # I/O and compute overlap
+    event_loop: str  # uvloop | asyncio
+    json_library: str  # orjson | json
+    onnxruntime: dict[str, Any]  # recommended session options
+    build: BuildFlags
+    overridden: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["build"]["env"] = self.build.env
+        return d
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
+
+    def http_worker_cpus(self, index: int) -> list[int]:
+        return list(self.http_cpus[index]) if index < len(self.http_cpus) else []
+
+    def model_worker_cpus(self, index: int) -> list[int]:
+        return list(self.model_cpus[index]) if index < len(self.model_cpus) else []
+
+
+def _dedup(seq: Iterable[int]) -> list[int]:
+    seen: set[int] = set()
+    out: list[int] = []
+    for x in seq:
+        if x not in seen:
+            seen.add(x)
+            out.append(x)
+    return out
+
+
+def _split(cores: Sequence[int], io_count: int, numa: dict[str, list[int]]) -> tuple[list[int], list[int]]:
+    """Pick `io_count` I/O cores out of `cores`, proportionally per NUMA node; the rest compute."""
+    groups: list[list[int]] = []
+    placed: set[int] = set()
+    for _, node_cpus in sorted(numa.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 0):
+        g = [c for c in cores if c in set(node_cpus) and c not in placed]
+        if g:
+            groups.append(g)
+            placed.update(g)
+    rest = [c for c in cores if c not in placed]
+    if rest:
+        groups.append(rest)
+    if len(groups) <= 1:
+        return list(cores[:io_count]), list(cores[io_count:])
+    total = len(cores)
+    exact = [io_count * len(g) / total for g in groups]
+    take = [min(len(g) - 1 if len(g) > 1 else len(g), math.floor(e)) for g, e in zip(groups, exact, strict=True)]
+    order = sorted(range(len(groups)), key=lambda i: exact[i] - math.floor(exact[i]), reverse=True)
+    i = 0
+    while sum(take) < io_count and i < 4 * len(groups):
+        gi = order[i % len(groups)]
+        if take[gi] < len(groups[gi]) - (1 if len(groups[gi]) > 1 else 0):
+            take[gi] += 1
+        i += 1
+    io: list[int] = []
+    compute: list[int] = []
+    for g, t in zip(groups, take, strict=True):
+        io += g[:t]
+        compute += g[t:]
+    if not io:  # degenerate: fall back to the simple split
+        return list(cores[:io_count]), list(cores[io_count:])
+    return io, compute
+
+
+def derive_plan(
+    report: PlatformReport,
+    overrides: PlanOverrides | None = None,
+    *,
+    model_worker_mem_bytes: int = MODEL_WORKER_MEM_BYTES,
+) -> TuningPlan:
+    ov = overrides or PlanOverrides()
+    notes: list[str] = []
+    warnings: list[str] = []
+    overridden: list[str] = []
+    res = report.cpus
+    usable = list(res.usable) or [0]
+    budget = res.budget or float(len(usable))
+    slots = cpu_slots(budget, len(usable))
+    cores = usable[:slots]
+    if res.quota_cores is not None:
+        if slots < len(usable):
+            notes.append(
+                f"CPU quota {res.quota_cores:g} cores (cgroup cpu.max {res.cpu_max}): planning {slots} of the "
+                f"{len(usable)} usable cores"
+            )
+        if abs(res.quota_cores - round(res.quota_cores)) > 1e-6:
+            warnings.append(
+                f"fractional CPU quota {res.quota_cores:g}: {slots} pinned processes share {res.quota_cores:g} "
+                "cores of CPU time and will be throttled under full load"
+            )
+    if res.cpuset is not None and res.online and len(res.cpuset) < len(res.online):
+        notes.append(
+            f"cgroup cpuset {format_cpulist(res.cpuset)} of {len(res.online)} online CPUs "
+            f"({format_cpulist(res.online)})"
+        )
+    if res.threads_per_core and res.threads_per_core > 1:
+        notes.append(
+            f"SMT: {res.threads_per_core} threads per core; logical CPUs are planned as cores "
+            "(sibling threads share execution units)"
+        )
+
+    # --- which cores do I/O and which compute
+    model_req = ov.model_workers
+    if model_req is not None:
+        overridden.append("model_workers")
+    io: list[int]
+    compute: list[int]
+    if ov.worker_cpus is not None:
+        overridden.append("worker_cpus")
+        wanted = _dedup(ov.worker_cpus)
+        bad = [c for c in wanted if c not in usable]
+        io = [c for c in wanted if c in usable]
+        if bad:
+            warnings.append(
+                f"worker_cpus {format_cpulist(bad)} are not usable by this process (usable: "
+                f"{format_cpulist(usable)}); ignored"
+            )
+        if not io:
+            warnings.append("no usable core left in worker_cpus: using the automatic plan")
+    else:
+        io = []
+    if io:
+        compute = [c for c in cores if c not in io] or [c for c in usable if c not in io]
+        if not compute:
+            compute = list(io)
+    elif model_req == 0:
+        io, compute = list(cores), []
+    elif len(cores) == 1:
+        io, compute = list(cores), list(cores)
+    else:
+        n = len(cores)
+        if ov.http_workers is not None and model_req is None:
+            io_count = max(1, min(n - 1, ov.http_workers))
+        elif model_req is not None:
+            io_count = max(1, n - min(model_req, n - 1))
+        else:
+            io_count = 1 if n == 2 else max(1, math.ceil(n / 4))
+        io, compute = _split(cores, io_count, res.numa_nodes)
+    if ov.model_cpus is not None:
+        overridden.append("model_cpus")
+        mc = [c for c in _dedup(ov.model_cpus) if c in usable]
+        if len(mc) < len(_dedup(ov.model_cpus)):
+            warnings.append("some model worker cpus are not usable by this process; ignored")
+        if mc:
+            compute = mc
+
+    # --- counts
+    if ov.http_workers is not None:
+        overridden.append("http_workers")
+        http_n = ov.http_workers
+    else:
+        http_n = len(io)
+    http_n = max(1, http_n)
+    if http_n > len(io):
+        warnings.append(f"{http_n} http workers on {len(io)} I/O cores: workers share cores")
+
+    if model_req is not None:
+        model_n = max(0, model_req)
+    else:
+        model_n = len(compute)
+        mem = report.memory.effective_bytes
+        if mem and model_n > 1:
+            cap = max(1, int(mem * 0.6 // model_worker_mem_bytes))
+            if model_n > cap:
+                notes.append(
+                    f"model workers capped at {cap} by memory ({mem / 2**30:.1f} GiB, "
+                    f"~{model_worker_mem_bytes / 2**20:.0f} MiB each)"
+                )
+                model_n = cap
+                compute = compute[:cap]
+    if model_n and not compute:
+        compute = list(io)
+    if model_n > len(compute) > 0:
+        warnings.append(f"{model_n} model workers on {len(compute)} compute cores: workers share cores")
+    shared = bool(set(io) & set(compute[: max(model_n, 0)])) if model_n else False
+    if shared and len(cores) == 1:
+        notes.append("one usable core: http and model workers share it")
+    elif shared:
+        warnings.append("http and model workers share cores (not enough cores for disjoint I/O and compute)")
+
+    # --- pinning
+    pin = True if ov.pin is None else bool(ov.pin)
+    if ov.pin is not None:
+        overridden.append("pin")
+    if pin:
+        http_cpus = [[io[i % len(io)]] for i in range(http_n)]
+        model_cpus = [[compute[i % len(compute)]] for i in range(model_n)] if compute else [[] for _ in range(model_n)]
+    else:
+        notes.append("CPU pinning disabled by config (server.pin_cpus = false)")
+        http_cpus = [[] for _ in range(http_n)]
+        model_cpus = [[] for _ in range(model_n)]
+
+    # --- event loop and JSON
+    py = report.python
+    arch = report.arch
+    uvloop_ok = py.has("uvloop") if py.probed else arch in WHEEL_ARCHES
+    orjson_ok = py.has("orjson") if py.probed else arch in WHEEL_ARCHES
+    if not py.probed:
+        notes.append(
+            f"Python accelerators not probed (root={report.root}); assuming PyPI wheels exist for {arch}"
+            if arch in WHEEL_ARCHES
+            else f"Python accelerators not probed (root={report.root})"
+        )
+    want_loop = ov.event_loop or "auto"
+    if ov.event_loop and ov.event_loop != "auto":
+        overridden.append("event_loop")
+    if want_loop == "asyncio":
+        loop = "asyncio"
+    elif uvloop_ok:
+        loop = "uvloop"
+    else:
+        loop = "asyncio"
+        if want_loop == "uvloop":
+            warnings.append("server.loop = uvloop but uvloop is not importable: falling back to asyncio")
+    json_lib = "orjson" if orjson_ok else "json"
+    if arch.startswith("loongarch"):
+        warnings.append(
+            "LoongArch: PyPI has no loongarch64 wheels for uvloop, orjson, onnxruntime, cryptography or granian; "
+            f"event loop {loop}, JSON {json_lib}; use uvicorn, and install onnxruntime/cryptography from the "
+            "distribution or a source build"
+        )
+    if py.probed and not py.has("onnxruntime"):
+        warnings.append("onnxruntime is not importable: local inference (model workers) will not start")
+    if py.probed and py.onnxruntime_error:
+        warnings.append(py.onnxruntime_error)
+
+    providers = [p for p in py.onnxruntime_providers] or ["CPUExecutionProvider"]
+    ort = {
+        "intra_op_num_threads": 1,
+        "inter_op_num_threads": 1,
+        "execution_mode": "sequential",
+        "session.intra_op.allow_spinning": "0",
+        "providers": [p for p in providers if p != "AzureExecutionProvider"],
+    }
+
+    # --- kernel / limits advice
+    lim = report.limits
+    if lim.somaxconn is not None and lim.somaxconn < RECOMMENDED_SOMAXCONN:
+        warnings.append(
+            f"net.core.somaxconn={lim.somaxconn} < {RECOMMENDED_SOMAXCONN}: bursts of connections are dropped "
+            "(xcstack doctor --sysctl)"
+        )
+    if ov.backlog is not None and lim.somaxconn is not None and ov.backlog > lim.somaxconn:
+        warnings.append(f"server.backlog={ov.backlog} is silently capped by net.core.somaxconn={lim.somaxconn}")
+    if lim.nofile_soft is not None and 0 <= lim.nofile_soft < RECOMMENDED_NOFILE:
+        warnings.append(
+            f"open files limit (ulimit -n) {lim.nofile_soft} < {RECOMMENDED_NOFILE}: raise LimitNOFILE in the "
+            "systemd unit or ulimit -n"
+        )
+    io_u = report.io_uring
+    if io_u.status not in ("available", "not_probed"):
+        notes.append(f"io_uring {io_u.status}: {io_u.reason} (servers use epoll)")
+
+    return TuningPlan(
+        usable_cpus=usable,
+        cpu_budget=budget,
+        cpu_slots=slots,
+        pin=pin,
+        http_workers=http_n,
+        http_cpus=http_cpus,
+        model_workers=model_n,
+        model_cpus=model_cpus,
+        io_cores=sorted(set(io)),
+        compute_cores=sorted(set(compute[:model_n])) if model_n else [],
+        shared_cores=shared,
+        event_loop=loop,
+        json_library=json_lib,
+        onnxruntime=ort,
+        build=build_flags(report.cpu),
+        overridden=overridden,
+        notes=notes,
+        warnings=warnings,
+    )
+
+
+def apply_affinity(cpus: Sequence[int], pid: int = 0) -> bool:
+    """Pin `pid` (0: this process) to `cpus` with os.sched_setaffinity.
+
+    A no-op that logs a warning (and returns False) when cpus is empty, the platform has no
+    sched_setaffinity, or the kernel refuses (EPERM/EINVAL: a cpuset or policy forbids it)."""
+    wanted = sorted(set(cpus))
+    if not wanted:
+        return False
+    setter = getattr(os, "sched_setaffinity", None)
+    if setter is None:
+        log.warning("cpu pinning to %s skipped: os.sched_setaffinity is not available", format_cpulist(wanted))
+        return False
+    try:
+        setter(pid, wanted)
+    except (OSError, ValueError) as exc:
+        log.warning("cpu pinning to %s not permitted: %s; running unpinned", format_cpulist(wanted), exc)
+        return False
+    return True
