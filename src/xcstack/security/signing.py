@@ -1,14 +1,16 @@
 """The signer interface security code signs with (audit checkpoints, the trusted-boot manifest).
 
 Production signs with SM2 through the crypto capability's client (`ctx.get("crypto")`, the HSM
-owner); tests and the CLI without a running server use an in-process signer. Everything in
-`security/` takes a `Signer`, never a key.
+owner); tests and the CLI without a running server use an in-process signer over the crypto
+capability's SM2 adapter. Everything in `security/` takes a `Signer`, never a key.
 """
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any, Protocol, runtime_checkable
+
+from xcstack.crypto.sm import SM2PrivateKey, SM2PublicKey
 
 
 @runtime_checkable
@@ -21,38 +23,34 @@ class Signer(Protocol):
 
 
 class SoftSM2Signer:
-    """An in-process SM2 signer (GmSSL through gmssl-pyx). For tests and offline CLI use only."""
+    """An in-process SM2 signer. For tests and offline CLI use only (production: the HSM owner)."""
 
     def __init__(self, key_id: str = "soft-sm2", private_key: bytes | None = None, public_key: bytes | None = None):
-        import gmssl_pyx
-
         self.key_id = key_id
-        if private_key is None or public_key is None:
-            public_key, private_key = gmssl_pyx.sm2_key_generate()
-        self._priv = bytes(private_key)
-        self.public_key = bytes(public_key)
+        self._key = SM2PrivateKey.from_bytes(private_key) if private_key else SM2PrivateKey.generate()
+        self._priv = self._key.to_bytes()
+        self.public = self._key.public_key
+        self.public_key = self.public.to_bytes("raw")
 
     async def sign(self, data: bytes) -> bytes:
-        import gmssl_pyx
-
-        return bytes(await asyncio.to_thread(gmssl_pyx.sm2_sign, self._priv, self.public_key, data))
+        return await asyncio.to_thread(self._key.sign, data)
 
     async def verify(self, data: bytes, signature: bytes) -> bool:
         return verify_sm2(self.public_key, data, signature)
 
 
-def verify_sm2(public_key: bytes, data: bytes, signature: bytes) -> bool:
-    import gmssl_pyx
-
+def verify_sm2(public_key: bytes | str, data: bytes, signature: bytes) -> bool:
+    """Verify a DER SM2 signature with a public key given as bytes (raw/SEC1/SPKI) or PEM."""
     try:
-        return bool(gmssl_pyx.sm2_verify(public_key, data, signature))
+        key = SM2PublicKey.from_pem(public_key) if isinstance(public_key, str) else SM2PublicKey.from_bytes(public_key)
+        return bool(key.verify(data, signature))
     except Exception:
         return False
 
 
 class ServiceSigner:
-    """Adapter over the crypto capability's client: `await client.sign(key_id, data)` and
-    `await client.verify(key_id, data, signature)`."""
+    """Adapter over the crypto capability's client (`ctx.get("crypto")`): `await client.sign(key, data)`,
+    `await client.verify(key, data, signature)`."""
 
     def __init__(self, client: Any, key_id: str) -> None:
         self._client = client

@@ -13,9 +13,10 @@ recovers the exact hashed bytes by slicing, without re-serialising.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from typing import Any
+
+from xcstack.crypto.sm import sm3 as _sm3
 
 try:
     import orjson
@@ -33,26 +34,7 @@ except ImportError:  # pragma: no cover - LoongArch without orjson
     loads = json.loads
 
 
-def _make_sm3() -> Callable[[bytes], bytes]:
-    try:
-        hashlib.new("sm3", b"")
-
-        def sm3(data: bytes) -> bytes:
-            return hashlib.new("sm3", data).digest()
-
-        return sm3
-    except ValueError:  # OpenSSL without SM3: cryptography ships its own OpenSSL
-        from cryptography.hazmat.primitives import hashes
-
-        def sm3_c(data: bytes) -> bytes:
-            h = hashes.Hash(hashes.SM3())
-            h.update(data)
-            return h.finalize()
-
-        return sm3_c
-
-
-sm3 = _make_sm3()
+sm3 = _sm3  # the crypto capability's SM3 adapter (cryptography / OpenSSL)
 
 GENESIS = bytes(32)
 HASH_SUFFIX_LEN = len(b',"hash":"') + 64 + len(b'"}')  # 75
