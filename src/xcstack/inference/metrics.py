@@ -1,0 +1,28 @@
+"""Inference metrics (prometheus_client). Model workers inherit PROMETHEUS_MULTIPROC_DIR from the
+supervisor, so their samples reach /metrics of any http worker."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from xcstack.observability.metrics import LATENCY_BUCKETS
+
+BATCH_ROWS = Histogram(
+    "xc_inference_batch_rows",
+    "Rows per model run",
+    ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+BATCH_SECONDS = Histogram("xc_inference_run_seconds", "Model run time per batch", ["model"], buckets=LATENCY_BUCKETS)
+QUEUE_ROWS = Gauge(
+    "xc_inference_queue_rows", "Rows waiting in a model's batcher", ["model"], multiprocess_mode="livesum"
+)
+DROPPED = Counter("xc_inference_dropped_total", "Queued rows dropped before running", ["model", "reason"])
+REQUESTS = Counter("xc_inference_requests_total", "Inference requests by outcome", ["model", "api", "outcome"])
+DEVICE_LIVE_BYTES = Gauge(
+    "xc_inference_device_live_bytes",
+    "Bytes held in device buffers (OrtValues) right now",
+    ["device"],
+    multiprocess_mode="livesum",
+)
+WORKER_RESTARTS = Counter("xc_inference_worker_unavailable_total", "Calls that found a model worker down", ["worker"])

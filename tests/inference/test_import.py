@@ -1,0 +1,102 @@
+"""`xcstack model import`: the ONNX graph built without torch matches sentence-transformers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from xcstack.inference.importer import ImportError_, build_bert_onnx, default_source, import_model
+from xcstack.inference.repository import ModelRepository
+from xcstack.inference.runtime import OrtModel
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def _embed(repo: Path, name: str, sentences: list[str], one_by_one: bool = False) -> np.ndarray:
+    entry = ModelRepository(repo).scan().get(name)
+    assert entry is not None and entry.config is not None, entry
+    m = OrtModel(entry)
+    ids = m.tokenize(sentences)
+    if one_by_one:
+        return np.concatenate([m.embed_ids([s]) for s in ids])
+    return m.embed_ids(ids)
+
+
+def test_fp32_matches_sentence_transformers(model_repo: Path, reference: tuple[list[str], np.ndarray]) -> None:
+    sentences, ref = reference
+    assert any("\u4e00" <= ch <= "\u9fff" for s in sentences for ch in s), "the set must include Chinese"
+    for one in (False, True):  # padded batch and unpadded single rows agree
+        cos = _cos(_embed(model_repo, "all-minilm-l6-v2", sentences, one), ref)
+        assert cos.min() >= 0.9999, cos
+
+
+def test_int8_per_channel_quality(model_repo: Path, reference: tuple[list[str], np.ndarray]) -> None:
+    sentences, ref = reference
+    cos = _cos(_embed(model_repo, "all-minilm-l6-v2-int8", sentences), ref)
+    # mean >= 0.985 as the issue asks; the worst sentence is the punctuation-only one (~0.98)
+    assert cos.mean() >= 0.985, cos
+    assert cos.min() >= 0.975, cos
+    cfg = json.loads((model_repo / "all-minilm-l6-v2-int8" / "config.json").read_text())
+    assert cfg["source"]["quantization"] == "int8-dynamic-per-channel"
+
+
+def test_embeddings_are_unit_norm_and_truncated_at_256(model_repo: Path) -> None:
+    entry = ModelRepository(model_repo).scan().get("all-minilm-l6-v2")
+    assert entry is not None
+    m = OrtModel(entry)
+    ids = m.tokenize(["word " * 1000, "short"])
+    assert len(ids[0]) == 256 and len(ids[1]) < 10  # not the tokenizer.json's fixed 128 padding
+    out = m.embed_ids(ids)
+    assert out.shape == (2, 384)
+    assert np.allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+
+
+def test_graph_has_pooling_and_norm_inside() -> None:
+    model, facts = build_bert_onnx(default_source())
+    ops = {n.op_type for n in model.graph.node}
+    assert {"ReduceSum", "ReduceL2", "Div", "LayerNormalization", "Erf"} <= ops
+    assert [o.name for o in model.graph.output] == ["embeddings"]
+    assert facts == {"dimensions": 384, "max_seq_length": 256, "pooling": "mean", "layers": 6}
+
+
+def test_import_rejects_bad_sources(tmp_path: Path) -> None:
+    with pytest.raises(ImportError_, match=r"config\.json not found"):
+        import_model(tmp_path, tmp_path / "repo", "x")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ImportError_, match="not a BERT-family encoder"):
+        import_model(tmp_path, tmp_path / "repo", "x")
+
+
+def test_import_refuses_to_overwrite(model_repo: Path, tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    with pytest.raises(ImportError_, match="exists; pass --force"):
+        import_model(default_source(), tmp_path, "m")
+
+
+def test_cli_import_default_if_missing_is_idempotent(model_repo: Path, tmp_path: Path) -> None:
+    # pre-seed the target with the session's models so the CLI path only checks presence
+    repo = tmp_path / "models"
+    repo.mkdir()
+    for name in ("all-minilm-l6-v2", "all-minilm-l6-v2-int8"):
+        (repo / name).symlink_to(model_repo / name)
+    out = subprocess.run(
+        [sys.executable, "-m", "xcstack", "model", "import-default", "--if-missing", "--repository", str(repo)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "already" in out.stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "xcstack", "model", "list", "--repository", str(repo)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert {m["name"]: m["state"] for m in json.loads(out.stdout)} == {
+        "all-minilm-l6-v2": "READY", "all-minilm-l6-v2-int8": "READY"}
