@@ -1,0 +1,870 @@
+"""The async facade over blocking DB-API drivers.
+
+Per configured database (per shard), a bounded pool of dedicated worker threads; each thread owns
+exactly one connection for its whole life (connection affinity: a connection never crosses
+threads). The event loop never calls the driver. A call goes:
+
+    acquire an idle worker (bounded wait -> 503) -> put the job in that worker's inbox
+    -> the worker runs it in its thread -> result handed back with one batched loop wake-up.
+
+Timeouts: a timer on the loop marks the job timed out, answers 504 at once and sends the profile's
+server-side cancel (psycopg cancel, `KILL QUERY` from a side connection, ...) from a canceller
+thread; the worker then discards that connection and opens a fresh one: a connection that was
+cancelled, lost, or abandoned by its caller is never reused. Lost connections are replaced with
+exponential backoff; while no connection is live, callers get 503 `db_unavailable` at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import queue
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from xcstack.db import errors as dberr
+from xcstack.db import metrics as m
+from xcstack.db.profiles import DriverProfile, ErrorKind, Row, get_profile
+from xcstack.db.queries import NamedQuery
+from xcstack.db.settings import DatabaseSettings, DbSettings
+from xcstack.db.sqlparams import CompiledSQL
+from xcstack.errors import BadRequest, XCError
+
+log = logging.getLogger("xcstack.db")
+
+
+@dataclass
+class QueryResult:
+    columns: list[str] | None  # None: the statement returned no result set (DML)
+    rows: list[Row]
+    rowcount: int
+    truncated: bool = False
+
+
+class _Completions:
+    """Worker threads hand results to the loop here: one `call_soon_threadsafe` per burst."""
+
+    __slots__ = ("items", "loop", "scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.items: collections.deque[tuple[Callable[..., None], tuple[Any, ...]]] = collections.deque()
+        self.scheduled = False
+
+    def push(self, fn: Callable[..., None], *args: Any) -> None:  # any thread
+        self.items.append((fn, args))
+        if not self.scheduled:
+            self.scheduled = True
+            with contextlib.suppress(RuntimeError):  # loop closed: nobody is waiting any more
+                self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:  # loop thread
+        self.scheduled = False
+        items = self.items
+        while items:
+            fn, args = items.popleft()
+            try:
+                fn(*args)
+            except Exception:  # one bad callback must not strand the others
+                log.exception("db bridge: completion callback failed")
+
+
+class _Job:
+    """One unit of work for a worker. `op` runs in the worker thread with (profile, conn)."""
+
+    __slots__ = ("abandoned", "fut", "op", "release", "retriable", "stream_credits", "worker")
+
+    def __init__(self, op: Callable[[DriverProfile, Any], Any], *, retriable: bool, release: bool) -> None:
+        self.op = op
+        self.retriable = retriable
+        self.release = release
+        self.abandoned = False  # timed out or caller gone: the connection is tainted
+        self.fut: asyncio.Future[Any] | None = None
+        self.worker: _Worker | None = None
+        self.stream_credits: queue.SimpleQueue[bool] | None = None
+
+
+_RECYCLE = object()
+_STOP = object()
+
+
+class _Worker(threading.Thread):
+    """One thread, one connection, for life."""
+
+    def __init__(self, pool: _Pool, index: int) -> None:
+        super().__init__(name=f"xc-db-{pool.label}-{index}", daemon=True)
+        self.pool = pool
+        self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.conn: Any = None
+        self.session: Any = None
+        self.connected = False  # loop-side view: counted in pool.live
+        self.held = False  # loop-side: out of the idle stack
+
+    # --- thread side ------------------------------------------------------------------------
+    def run(self) -> None:
+        self._connect_loop()
+        while True:
+            item = self.inbox.get()
+            if item is _STOP:
+                break
+            if item is _RECYCLE:
+                self._drop()
+                self._connect_loop()
+                continue
+            self._run_job(item)
+        self._drop()
+
+    def _connect_once(self) -> bool:
+        pool = self.pool
+        try:
+            conn = pool.profile.connect(
+                pool.dsn, connect_timeout=pool.cfg.connect_timeout_s, app_name=pool.app_name,
+                io_timeout=pool.io_timeout,
+            )
+        except Exception as exc:
+            log.warning("db %s: connect failed: %s", pool.label, _one_line(exc))
+            return False
+        try:
+            session = pool.profile.session_id(conn)
+        except Exception as exc:
+            log.warning("db %s: session id query failed: %s", pool.label, _one_line(exc))
+            pool.profile.close(conn)
+            return False
+        self.conn, self.session = conn, session
+        return True
+
+    def _connect_loop(self) -> None:
+        """Connect with exponential backoff until connected or stopping; then announce readiness."""
+        pool = self.pool
+        delay = pool.cfg.reconnect_backoff_initial_s
+        while not pool.stopping.is_set():
+            if self._connect_once():
+                pool.completions.push(pool._on_ready, self)
+                return
+            pool.completions.push(pool._on_connect_failed, self)
+            if pool.stopping.wait(delay):
+                return
+            delay = min(delay * 2, pool.cfg.reconnect_backoff_max_s)
+
+    def _drop(self) -> None:
+        if self.conn is not None:
+            self.pool.profile.close(self.conn)
+            self.conn = None
+            self.session = None
+            self.pool.completions.push(self.pool._on_dropped, self)
+
+    def _run_job(self, job: _Job) -> None:
+        pool = self.pool
+        profile = pool.profile
+        attempts = 0
+        while True:
+            if self.conn is None:  # lost between jobs (should not happen): report and reconnect
+                pool.completions.push(pool._deliver, job, False, (ErrorKind.CONNECTION_LOST, None), True)
+                self._connect_loop()
+                return
+            try:
+                value = job.op(profile, self.conn)
+            except Exception as exc:
+                if job.abandoned:
+                    self._recycle()
+                    return
+                kind = profile.classify(exc)
+                if kind is ErrorKind.CONNECTION_LOST:
+                    self._drop()
+                    if job.retriable and attempts < pool.cfg.retries and self._connect_once():
+                        attempts += 1
+                        pool.completions.push(pool._on_retry, self)
+                        continue
+                    pool.completions.push(pool._deliver, job, False, (kind, exc), True)
+                    self._connect_loop()
+                    return
+                pool.completions.push(pool._deliver, job, False, (kind, exc), False)
+                return
+            if job.abandoned:
+                self._recycle()
+                return
+            if isinstance(value, _StreamState):
+                self._pump(job, value)
+                return
+            pool.completions.push(pool._deliver, job, True, value, False)
+            return
+
+    def _recycle(self) -> None:
+        self._drop()
+        self._connect_loop()
+
+    def _pump(self, job: _Job, state: _StreamState) -> None:
+        """Send row batches one at a time; wait for the consumer's credit before the next (backpressure)."""
+        pool = self.pool
+        credits = job.stream_credits
+        assert credits is not None
+        it = state.batches
+        ok = True
+        try:
+            pool.completions.push(pool._stream_batch, job, state.columns, None)
+            while True:
+                try:
+                    more = credits.get(timeout=pool.cfg.stream_idle_timeout_s)
+                except queue.Empty:
+                    more = False
+                if not more or job.abandoned:
+                    ok = False
+                    break
+                try:
+                    batch = next(it, None)
+                except Exception as exc:
+                    kind = pool.profile.classify(exc)
+                    pool.completions.push(pool._stream_error, job, kind, exc)
+                    ok = kind is not ErrorKind.CONNECTION_LOST and kind is not ErrorKind.TIMEOUT
+                    break
+                pool.completions.push(pool._stream_batch, job, None, batch)
+                if batch is None:
+                    break
+        finally:
+            if ok:
+                try:
+                    close = getattr(it, "close", None)
+                    if close is not None:
+                        close()
+                except Exception:
+                    ok = False
+        if ok and not job.abandoned:
+            pool.completions.push(pool._stream_done, job, self)
+        else:
+            pool.completions.push(pool._stream_done, job, None)
+            self._recycle()
+
+
+@dataclass
+class _StreamState:
+    columns: list[str]
+    batches: Iterator[list[Row]]
+
+
+class _Pool:
+    """The workers of one database shard, and the loop-side bookkeeping (idle stack, waiters)."""
+
+    def __init__(
+        self, database: str, shard: int, dsn: str, cfg: DatabaseSettings, profile: DriverProfile,
+        io_timeout: float, canceller: ThreadPoolExecutor,
+    ) -> None:
+        self.database = database
+        self.label = database if shard == 0 and not cfg.shards else f"{database}#{shard}"
+        self.dsn = dsn
+        self.cfg = cfg
+        self.profile = profile
+        self.io_timeout = io_timeout
+        self.app_name = f"{cfg.application_name}:{database}"[:60]
+        self.canceller = canceller
+        self.stopping = threading.Event()
+        self.workers: list[_Worker] = []
+        self.idle: list[_Worker] = []  # LIFO: hot connections stay hot
+        self.waiters: collections.deque[asyncio.Future[_Worker]] = collections.deque()
+        self.live = 0
+        self.attempted: set[int] = set()
+        self.last_error_at = 0.0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.completions: _Completions
+        self._first_round = asyncio.Event()
+        self.down = False  # the latest connect attempt failed and no connection is live
+        self.mq: dict[str, Any] = {
+            "wait": m.POOL_WAIT_SECONDS.labels(database),
+            "reconnects": m.RECONNECTS.labels(database),
+            "cancels": m.CANCELS.labels(database),
+        }
+
+    # --- life ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.completions = _Completions(self.loop)
+        for i in range(self.cfg.pool_size):
+            w = _Worker(self, i)
+            w.held = True  # not idle until its connection is up
+            self.workers.append(w)
+            w.start()
+
+    async def wait_first_round(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._first_round.wait()
+
+    async def stop(self, timeout: float) -> None:
+        self.stopping.set()
+        for w in self.workers:
+            w.inbox.put(_STOP)
+        while self.waiters:
+            f = self.waiters.popleft()
+            if not f.done():
+                f.set_exception(dberr.unavailable(self.database, 1))
+        deadline = time.monotonic() + timeout
+        for w in self.workers:
+            remaining = max(0.0, deadline - time.monotonic())
+            await asyncio.get_running_loop().run_in_executor(None, w.join, remaining)
+
+    # --- loop-side callbacks (called via completions) -------------------------------------------
+    def _on_ready(self, w: _Worker) -> None:
+        if not w.connected:
+            w.connected = True
+            self.live += 1
+        self.down = False
+        self._mark_attempt(w)
+        self._release(w)
+
+    def _on_connect_failed(self, w: _Worker) -> None:
+        self.last_error_at = time.monotonic()
+        self._mark_attempt(w)
+        if self.live == 0:
+            self.down = True  # nobody can serve: fail the queue now instead of letting it time out
+            while self.waiters:
+                f = self.waiters.popleft()
+                if not f.done():
+                    f.set_exception(dberr.unavailable(self.database, self.cfg.reconnect_backoff_max_s))
+
+    def _mark_attempt(self, w: _Worker) -> None:
+        if len(self.attempted) < len(self.workers):
+            self.attempted.add(id(w))
+            if len(self.attempted) >= len(self.workers):
+                self._first_round.set()
+
+    def _on_dropped(self, w: _Worker) -> None:
+        if w.connected:
+            w.connected = False
+            self.live -= 1
+        self.mq["reconnects"].inc()
+
+    def _on_retry(self, w: _Worker) -> None:
+        if not w.connected:
+            w.connected = True
+            self.live += 1
+
+    def _deliver(self, job: _Job, ok: bool, value: Any, dropped: bool) -> None:
+        w = job.worker
+        assert w is not None
+        if job.abandoned:
+            if not dropped:
+                w.inbox.put(_RECYCLE)
+            return
+        fut = job.fut
+        if fut is not None and not fut.done():
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(_Failure(*value))
+        if dropped:
+            return  # the worker reconnects and announces itself
+        if job.release:
+            self._release(w)
+
+    def _stream_batch(self, job: _Job, columns: list[str] | None, batch: list[Row] | None) -> None:
+        fut = job.fut
+        if fut is not None and not fut.done():
+            fut.set_result((columns, batch))
+
+    def _stream_error(self, job: _Job, kind: ErrorKind, exc: BaseException) -> None:
+        fut = job.fut
+        if fut is not None and not fut.done():
+            fut.set_exception(_Failure(kind, exc))
+
+    def _stream_done(self, job: _Job, w: _Worker | None) -> None:
+        if w is not None:
+            self._release(w)
+
+    # --- acquire / release ----------------------------------------------------------------------
+    def _release(self, w: _Worker) -> None:
+        if self.stopping.is_set():
+            return
+        waiters = self.waiters
+        while waiters:
+            f = waiters.popleft()
+            if not f.done():
+                f.set_result(w)
+                return
+        w.held = False
+        self.idle.append(w)
+
+    async def acquire(self, timeout: float) -> _Worker:
+        if self.idle:
+            w = self.idle.pop()
+            w.held = True
+            return w
+        if self.stopping.is_set() or (self.live == 0 and self.down):
+            m.REJECTS.labels(self.database, "unavailable").inc()
+            raise dberr.unavailable(self.database, self.cfg.reconnect_backoff_max_s)
+        if len(self.waiters) >= self.cfg.max_waiting:
+            m.REJECTS.labels(self.database, "queue_full").inc()
+            raise dberr.pool_exhausted(self.database, 0.0, timeout)
+        loop = self.loop
+        assert loop is not None
+        fut: asyncio.Future[_Worker] = loop.create_future()
+        self.waiters.append(fut)
+        handle = loop.call_later(timeout, _expire, fut)
+        t0 = loop.time()
+        try:
+            w = await fut
+        except asyncio.CancelledError:
+            self._unwait(fut)
+            raise
+        except _Expired:
+            m.REJECTS.labels(self.database, "wait_timeout").inc()
+            raise dberr.pool_exhausted(self.database, timeout, timeout) from None
+        finally:
+            handle.cancel()
+        self.mq["wait"].observe(loop.time() - t0)
+        w.held = True
+        return w
+
+    def _unwait(self, fut: asyncio.Future[_Worker]) -> None:
+        with contextlib.suppress(ValueError):
+            self.waiters.remove(fut)
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            self._release(fut.result())  # handed a worker just as we gave up: pass it on
+
+    # --- running jobs ---------------------------------------------------------------------------
+    async def run(self, job: _Job, worker: _Worker, timeout: float, on_timeout: Callable[[], XCError]) -> Any:
+        loop = self.loop
+        assert loop is not None
+        fut: asyncio.Future[Any] = loop.create_future()
+        job.fut = fut
+        job.worker = worker
+        worker.inbox.put(job)
+        handle = loop.call_later(timeout, self._timeout, job, on_timeout)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if not fut.done() or fut.cancelled():
+                self.abandon(job)
+            raise
+        finally:
+            handle.cancel()
+
+    def _timeout(self, job: _Job, make_error: Callable[[], XCError]) -> None:
+        fut = job.fut
+        if fut is None or fut.done():
+            return
+        self.abandon(job)
+        fut.set_exception(make_error())
+
+    def abandon(self, job: _Job) -> None:
+        """The caller stopped waiting: cancel server-side and never reuse this connection."""
+        if job.abandoned:
+            return
+        job.abandoned = True
+        w = job.worker
+        if w is None:
+            return
+        if job.stream_credits is not None:
+            job.stream_credits.put(False)
+        conn, session = w.conn, w.session
+        if conn is None:
+            return
+        self.mq["cancels"].inc()
+        self.canceller.submit(self._cancel, conn, session)
+
+    def _cancel(self, conn: Any, session: Any) -> None:  # canceller thread
+        try:
+            self.profile.cancel(conn, session, self.dsn, timeout=min(5.0, self.cfg.connect_timeout_s))
+        except Exception as exc:
+            log.info("db %s: cancel of session %s failed: %s", self.label, session, _one_line(exc))
+
+    async def ping_idle(self) -> None:
+        """Health-check idle connections (a lost one is replaced before a caller meets it)."""
+        for _ in range(len(self.idle)):
+            if not self.idle:
+                return
+            w = self.idle.pop(0)  # oldest first
+            w.held = True
+            job = _Job(lambda p, c: p.ping(c), retriable=False, release=True)
+            with contextlib.suppress(Exception):
+                await self.run(job, w, self.cfg.connect_timeout_s, lambda: dberr.unavailable(self.database, 1))
+
+
+class _Failure(Exception):
+    """A driver error carried from a worker to the loop: (kind, original exception or None)."""
+
+    def __init__(self, kind: ErrorKind, exc: BaseException | None) -> None:
+        super().__init__(kind, exc)
+        self.kind = kind
+        self.exc = exc
+
+
+class _Expired(Exception):
+    pass
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(_Expired())
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+# --- job bodies (run in the worker thread) --------------------------------------------------------
+def _query_op(sql: CompiledSQL, params: dict[str, Any], max_rows: int) -> Callable[[DriverProfile, Any], Any]:
+    def op(profile: DriverProfile, conn: Any) -> QueryResult:
+        cols, rows, count = profile.execute(conn, sql, params, max_rows)
+        truncated = len(rows) > max_rows
+        if truncated:
+            del rows[max_rows:]
+        return QueryResult(cols, rows, count if cols is None else len(rows), truncated)
+
+    return op
+
+
+def _transaction_op(
+    statements: Sequence[CompiledSQL], params: dict[str, Any], max_rows: int
+) -> Callable[[DriverProfile, Any], Any]:
+    def op(profile: DriverProfile, conn: Any) -> QueryResult:
+        profile.begin(conn)
+        try:
+            result = QueryResult(None, [], 0)
+            total = 0
+            for sql in statements:
+                cols, rows, count = profile.execute(conn, sql, params, max_rows)
+                if cols is None:
+                    total += max(count, 0)
+                    result = QueryResult(None, [], total)
+                else:
+                    truncated = len(rows) > max_rows
+                    result = QueryResult(cols, rows[:max_rows], min(len(rows), max_rows), truncated)
+            profile.commit(conn)
+            return result
+        except BaseException:
+            with contextlib.suppress(Exception):
+                profile.rollback(conn)
+            raise
+
+    return op
+
+
+class Database:
+    """One configured database: its named queries and one pool per shard."""
+
+    def __init__(self, name: str, cfg: DatabaseSettings, canceller: ThreadPoolExecutor) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.profile = get_profile(cfg.driver)
+        self.queries: dict[str, NamedQuery] = {
+            qn: NamedQuery.build(name, qn, q, self.profile, cfg.query_timeout_s) for qn, q in cfg.queries.items()
+        }
+        longest = max([cfg.query_timeout_s, *(q.timeout_s for q in self.queries.values())])
+        io_timeout = longest + cfg.connect_timeout_s + 10
+        self.pools = [
+            _Pool(name, i, dsn, cfg, self.profile, io_timeout, canceller) for i, dsn in enumerate(cfg.shard_dsns())
+        ]
+        self._qm: dict[tuple[str, str], Any] = {}
+        self._hist = m.QUERY_SECONDS.labels(name)
+        pools = self.pools
+        with contextlib.suppress(Exception):  # set_function is unavailable in multiprocess mode
+            m.POOL_UP.labels(name).set_function(lambda: sum(p.live for p in pools))
+            m.POOL_BUSY.labels(name).set_function(lambda: sum(max(0, p.live - len(p.idle)) for p in pools))
+
+    # --- life ----------------------------------------------------------------------------------
+    async def start(self, wait: float = 5.0) -> None:
+        self.profile.mod  # noqa: B018 -- import the driver now: a missing one fails start-up, not a request
+        for p in self.pools:
+            p.start()
+        await asyncio.gather(*(p.wait_first_round(wait) for p in self.pools))
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        await asyncio.gather(*(p.stop(timeout) for p in self.pools))
+
+    def live(self) -> list[int]:
+        return [p.live for p in self.pools]
+
+    def sessions(self) -> list[list[Any]]:
+        """Server session ids per shard (backend pid, thread id): for operators and tests."""
+        return [[w.session for w in p.workers if w.conn is not None] for p in self.pools]
+
+    # --- routing -------------------------------------------------------------------------------
+    def query_named(self, name: str) -> NamedQuery:
+        q = self.queries.get(name)
+        if q is None:
+            raise dberr.unknown_query(self.name, name)
+        return q
+
+    def shard_for(self, value: Any) -> _Pool:
+        n = len(self.pools)
+        if n == 1:
+            return self.pools[0]
+        key = value if isinstance(value, bytes) else str(value).encode()
+        return self.pools[zlib.crc32(key) % n]
+
+    def _pool_for(self, q: NamedQuery, params: dict[str, Any]) -> _Pool:
+        if len(self.pools) == 1:
+            return self.pools[0]
+        assert q.shard_key is not None  # settings require it on sharded databases
+        return self.shard_for(params[q.shard_key])
+
+    # --- queries -------------------------------------------------------------------------------
+    async def query(self, name: str, params: Any = None, *, timeout: float | None = None) -> QueryResult:
+        """Run a named query; parameters are validated (400), errors mapped (503/504/409/500)."""
+        q = self.query_named(name)
+        values = q.validate(params)
+        return await self._run_named(q, values, timeout)
+
+    async def _run_named(self, q: NamedQuery, values: dict[str, Any], timeout: float | None) -> QueryResult:
+        pool = self._pool_for(q, values)
+        t = timeout or q.timeout_s
+        if len(q.statements) == 1:
+            op = _query_op(q.statements[0], values, q.max_rows)
+        else:
+            op = _transaction_op(q.statements, values, q.max_rows)
+        loop = pool.loop
+        assert loop is not None, "database not started"
+        t0 = loop.time()
+        outcome = "error"
+        try:
+            worker = await pool.acquire(min(t, self.cfg.pool_wait_timeout_s))
+            job = _Job(op, retriable=q.read_only, release=True)
+            try:
+                result: QueryResult = await pool.run(job, worker, t, lambda: dberr.query_timeout(self.name, q.name, t))
+            except _Failure as f:
+                raise dberr.from_driver(f.kind, self.name, q.name, f.exc or ConnectionError("lost")) from None
+            outcome = "ok"
+            return result
+        except XCError as exc:
+            outcome = exc.code
+            raise
+        finally:
+            self._count(q.name, outcome)
+            self._hist.observe(loop.time() - t0)
+
+    def _count(self, query: str, outcome: str) -> None:
+        key = (query, outcome)
+        c = self._qm.get(key)
+        if c is None:
+            c = self._qm[key] = m.QUERIES.labels(self.name, query, outcome)
+        c.inc()
+
+    async def stream(self, name: str, params: Any = None, *, timeout: float | None = None) -> RowStream:
+        """Run a named query and stream its rows in batches: the next batch is fetched from the
+        server only when the consumer asks for it (backpressure). Closing the stream early cancels
+        the statement and discards the connection. Errors before the first row raise here."""
+        q = self.query_named(name)
+        if len(q.statements) != 1:
+            raise BadRequest(f"query {self.name}/{name} is a transaction; it cannot stream", code="not_streamable")
+        values = q.validate(params)
+        pool = self._pool_for(q, values)
+        t = timeout or q.timeout_s
+        sql = q.statements[0]
+        batch_rows = self.cfg.stream_batch_rows
+
+        def op(profile: DriverProfile, conn: Any) -> _StreamState:
+            cols, batches = profile.stream(conn, sql, values, batch_rows)
+            return _StreamState(cols, batches)
+
+        worker = await pool.acquire(min(t, self.cfg.pool_wait_timeout_s))
+        job = _Job(op, retriable=False, release=True)  # release: used only if the statement fails
+        job.stream_credits = queue.SimpleQueue()
+        stream = RowStream(self, q, pool, job, t)
+        try:
+            cols, _ = await pool.run(job, worker, t, stream._timeout_error)
+        except _Failure as f:
+            self._count(q.name, "error")
+            raise dberr.from_driver(f.kind, self.name, q.name, f.exc or ConnectionError("lost")) from None
+        except XCError as exc:
+            self._count(q.name, exc.code)
+            raise
+        stream.columns = cols
+        return stream
+
+    def transaction(self, shard_key: Any = None, *, timeout: float | None = None) -> Transaction:
+        """`async with db.transaction() as tx: await tx.query(...)`: named queries on one connection."""
+        if len(self.pools) > 1 and shard_key is None:
+            raise BadRequest(f"database {self.name!r} is sharded: a transaction needs a shard key", code="shard_key")
+        pool = self.shard_for(shard_key) if len(self.pools) > 1 else self.pools[0]
+        return Transaction(self, pool, timeout or self.cfg.query_timeout_s)
+
+
+class RowStream:
+    """Row batches of a streaming query: `async for rows in stream`; `await stream.aclose()` early."""
+
+    def __init__(self, db: Database, q: NamedQuery, pool: _Pool, job: _Job, timeout: float) -> None:
+        self.db = db
+        self.query = q
+        self.pool = pool
+        self.job = job
+        self.timeout = timeout
+        self.columns: list[str] = []
+        self.sent = 0
+        self.finished = False  # every row was read
+        self.truncated = False  # stopped at the query's stream_max_rows
+        self.closed = False
+
+    def _timeout_error(self) -> XCError:
+        return dberr.query_timeout(self.db.name, self.query.name, self.timeout)
+
+    def __aiter__(self) -> RowStream:
+        return self
+
+    async def __anext__(self) -> list[Row]:
+        if self.closed or self.finished:
+            raise StopAsyncIteration
+        cap = self.query.stream_max_rows
+        if self.sent >= cap:
+            self.truncated = True
+            await self.aclose()
+            raise StopAsyncIteration
+        pool, job = self.pool, self.job
+        loop = pool.loop
+        assert loop is not None and job.stream_credits is not None
+        fut: asyncio.Future[Any] = loop.create_future()
+        job.fut = fut
+        job.stream_credits.put(True)
+        handle = loop.call_later(self.timeout, pool._timeout, job, self._timeout_error)
+        try:
+            _, rows = await fut
+        except _Failure as f:
+            await self.aclose()
+            raise dberr.from_driver(f.kind, self.db.name, self.query.name, f.exc or ConnectionError("lost")) from None
+        except BaseException:
+            await self.aclose()
+            raise
+        finally:
+            handle.cancel()
+        if rows is None:
+            self.finished = True
+            await self.aclose()
+            raise StopAsyncIteration
+        if self.sent + len(rows) > cap:
+            rows = rows[: cap - self.sent]
+        self.sent += len(rows)
+        return list(rows)
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if not self.finished and not self.job.abandoned:
+            self.pool.abandon(self.job)  # early close / cap reached / consumer gone
+        self.db._count(self.query.name, "ok" if self.finished or self.truncated else "stream_aborted")
+
+
+class Transaction:
+    """A named transaction: several named queries on one pinned connection, committed together."""
+
+    def __init__(self, db: Database, pool: _Pool, timeout: float) -> None:
+        self.db = db
+        self.pool = pool
+        self.timeout = timeout
+        self.worker: _Worker | None = None
+        self.broken = False
+        self.done = False
+
+    async def __aenter__(self) -> Transaction:
+        self.worker = await self.pool.acquire(min(self.timeout, self.db.cfg.pool_wait_timeout_s))
+        try:
+            await self._job(lambda p, c: p.begin(c), "begin", release=False)
+        except BaseException:
+            if not self.broken:
+                self.pool._release(self.worker)
+            raise
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None, tb: Any) -> None:
+        if self.broken or self.done:
+            return
+        self.done = True
+        if et is None:
+            await self._job(lambda p, c: p.commit(c), "commit", release=True)
+        else:
+            with contextlib.suppress(Exception):
+                await self._job(lambda p, c: p.rollback(c), "rollback", release=True)
+
+    async def query(self, name: str, params: Any = None) -> QueryResult:
+        if self.broken or self.done or self.worker is None:
+            raise dberr.DbError("the transaction is over (failed, committed or rolled back)", code="transaction_closed")
+        q = self.db.query_named(name)
+        values = q.validate(params)
+        pools = self.db.pools
+        if len(pools) > 1 and q.shard_key is not None and self.db.shard_for(values[q.shard_key]) is not self.pool:
+            raise BadRequest(f"query {name}: its shard key routes to another shard than this transaction's",
+                             code="shard_mismatch")
+        if len(q.statements) != 1:
+            raise BadRequest(f"query {name} is itself a transaction", code="nested_transaction")
+        result: QueryResult = await self._job(_query_op(q.statements[0], values, q.max_rows), q.name, release=False)
+        return result
+
+    async def _job(self, op: Callable[[DriverProfile, Any], Any], what: str, *, release: bool) -> Any:
+        assert self.worker is not None
+        job = _Job(op, retriable=False, release=release)
+        try:
+            return await self.pool.run(
+                job, self.worker, self.timeout, lambda: dberr.query_timeout(self.db.name, what, self.timeout)
+            )
+        except _Failure as f:
+            if f.kind is ErrorKind.CONNECTION_LOST:
+                self.broken = True  # the worker is reconnecting; it announces itself
+            elif release:
+                self.done = True  # a failed commit/rollback released the worker
+            raise dberr.from_driver(f.kind, self.db.name, what, f.exc or ConnectionError("lost")) from None
+        except BaseException:
+            if job.abandoned:
+                self.broken = True  # timed out / cancelled: the worker recycles its connection
+            raise
+
+
+class Bridge:
+    """Every configured database. `await bridge.query("main", "user_by_id", {"id": 1})`."""
+
+    def __init__(self, settings: DbSettings) -> None:
+        self.settings = settings
+        self._canceller = ThreadPoolExecutor(max_workers=4, thread_name_prefix="xc-db-cancel")
+        self.databases: dict[str, Database] = {
+            name: Database(name, cfg, self._canceller) for name, cfg in settings.databases.items()
+        }
+        self._health: asyncio.Task[None] | None = None
+
+    def database(self, name: str) -> Database:
+        db = self.databases.get(name)
+        if db is None:
+            raise dberr.unknown_database(name)
+        return db
+
+    async def query(self, database: str, name: str, params: Any = None, *, timeout: float | None = None) -> QueryResult:
+        return await self.database(database).query(name, params, timeout=timeout)
+
+    async def start(self, wait: float = 5.0) -> None:
+        await asyncio.gather(*(db.start(wait) for db in self.databases.values()))
+        self._health = asyncio.get_running_loop().create_task(self._health_loop(), name="xc-db-health")
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        if self._health is not None:
+            self._health.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health
+        await asyncio.gather(*(db.stop(timeout) for db in self.databases.values()))
+        self._canceller.shutdown(wait=False, cancel_futures=True)
+
+    async def _health_loop(self) -> None:
+        intervals = [db.cfg.health_interval_s for db in self.databases.values() if db.cfg.health_interval_s > 0]
+        if not intervals:
+            return
+        tick = min(intervals)
+        last: dict[str, float] = {}
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(tick)
+            for db in self.databases.values():
+                iv = db.cfg.health_interval_s
+                if iv <= 0 or loop.time() - last.get(db.name, 0.0) < iv:
+                    continue
+                last[db.name] = loop.time()
+                for p in db.pools:
+                    await p.ping_idle()
+
+    def ready(self) -> tuple[bool, str]:
+        down = [f"{db.name}#{i}" for db in self.databases.values() for i, n in enumerate(db.live()) if n == 0]
+        if down:
+            return False, f"no live connection: {', '.join(down)}"
+        return True, "ok"

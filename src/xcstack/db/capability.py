@@ -1,0 +1,43 @@
+"""The db capability: the DB-API bridge and its named-query endpoint.
+
+Publishes the bridge as the `db.bridge` service, so other capabilities can run named queries
+(`await ctx.get("db.bridge").query("main", "user_by_id", {"id": 1})`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from starlette.routing import BaseRoute
+
+from xcstack.capability import AppContext
+from xcstack.db.bridge import Bridge
+from xcstack.db.routes import build_routes
+
+
+class DbCapability:
+    name = "db"
+
+    def __init__(self, ctx: AppContext) -> None:
+        self.settings = ctx.settings.db
+        self.bridge = Bridge(self.settings)
+        ctx.provide("db.bridge", self.bridge)
+
+    def routes(self) -> Sequence[BaseRoute]:
+        return build_routes(self.bridge, self.settings.max_body_bytes)
+
+    async def start(self) -> None:
+        await self.bridge.start()
+
+    async def stop(self) -> None:
+        await self.bridge.stop()
+
+    async def ready(self) -> tuple[bool, str]:
+        return self.bridge.ready()
+
+
+def create(ctx: AppContext) -> DbCapability | None:
+    """None (disabled) when no database is configured."""
+    if not ctx.settings.db.databases:
+        return None
+    return DbCapability(ctx)

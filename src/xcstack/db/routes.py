@@ -1,0 +1,113 @@
+"""HTTP adapter: `POST /v1/db/{database}/{query}` runs a named query (JSON rows or NDJSON stream)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import Message, Receive, Scope, Send
+
+from xcstack.db import errors as dberr
+from xcstack.db.bridge import Bridge, RowStream
+from xcstack.db.protocol import NDJSON, QueryRequest, dumps, result_body, rows_as_objects, unique_columns
+from xcstack.errors import BadRequest, XCError
+from xcstack.httputil import content_length, ensure_size, loads, parse_model
+from xcstack.security.guard import audit, authorize, requires
+
+
+class NDJSONRowResponse(Response):
+    """Streams rows as NDJSON. Each batch is written with `await send()`, which waits for a slow
+    client; the next batch is fetched from the database only after that (end-to-end backpressure).
+    A client that disconnects stops the stream (checked per batch), which cancels the statement."""
+
+    media_type = NDJSON
+
+    def __init__(self, stream: RowStream) -> None:
+        # No Response.__init__: it would add `content-length: 0` for an empty initial body.
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [
+            (b"content-type", NDJSON.encode()),
+            (b"cache-control", b"no-store"),
+            (b"x-accel-buffering", b"no"),
+        ]
+        self.stream = stream
+        self.columns = unique_columns(stream.columns)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while True:
+                msg: Message = await receive()
+                if msg["type"] == "http.disconnect":
+                    gone.set()
+                    return
+
+        watcher = asyncio.get_running_loop().create_task(watch())
+        stream = self.stream
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            try:
+                async for rows in stream:
+                    if gone.is_set():
+                        return
+                    chunk = b"".join([dumps(r) + b"\n" for r in rows_as_objects(self.columns, rows)])
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    if gone.is_set():
+                        return
+                tail = b""
+                if stream.truncated:
+                    tail = dumps({"error": {"type": "invalid_request_error", "code": "row_cap_reached",
+                                            "message": f"stream stopped at the query's cap of {stream.sent} rows"}})
+                    tail += b"\n"
+            except XCError as exc:
+                tail = dumps(exc.body()) + b"\n"  # headers are gone: the error is the last line
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
+        except OSError:
+            return  # the client went away mid-write
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            await stream.aclose()
+
+
+def build_routes(bridge: Bridge, max_body_bytes: int) -> list[BaseRoute]:
+    @requires("db", "query")
+    async def run_query(request: Request) -> Response:
+        database = request.path_params["database"]
+        name = request.path_params["query"]
+        db = bridge.databases.get(database)
+        if db is None:
+            raise dberr.unknown_database(database)
+        q = db.queries.get(name)
+        if q is None:
+            raise dberr.unknown_query(database, name)
+        await authorize(request, q.permission, "execute")
+        size = content_length(request)
+        if size is not None:
+            ensure_size(size, max_body_bytes)
+        raw = await request.body()
+        ensure_size(len(raw), max_body_bytes)
+        data: Any = {}
+        if raw.strip():
+            try:
+                data = loads(raw)
+            except ValueError as exc:
+                raise BadRequest(f"malformed JSON: {exc}", code="invalid_json") from None
+        body = parse_model(data, QueryRequest)
+        stream = body.stream or NDJSON in request.headers.get("accept", "")
+        if not q.read_only:
+            await audit(request, "db.query", f"query:{database}/{name}", "attempt", None)
+        if stream:
+            rs = await db.stream(name, body.params)
+            return NDJSONRowResponse(rs)
+        result = await db.query(name, body.params)
+        return Response(dumps(result_body(database, name, result)), media_type="application/json")
+
+    return [Route("/v1/db/{database}/{query}", run_query, methods=["POST"], name="db_query")]
