@@ -12,6 +12,7 @@ client gets `{"error": {type, code, message}}` with a stable code; services rais
 | DecryptionFailed | 400 | decryption_failed (tampered or wrong key: a clean failure, no detail) |
 | InputTooLarge | 400 | input_too_large |
 | InvalidCryptoInput | 400 | invalid_crypto_input |
+| UnsupportedOperation | 400 | unsupported_operation (the backend's mechanisms cannot do it) |
 | CryptoUnavailable | 503 | crypto_unavailable (retriable: the HSM owner is down or restarting) |
 | CryptoTimeout | 503 | crypto_timeout (retriable) |
 | BackendError | 500 | crypto_backend_error |
@@ -69,6 +70,10 @@ class InvalidCryptoInput(BadRequest):
     code = "invalid_crypto_input"
 
 
+class UnsupportedOperation(BadRequest):
+    code = "unsupported_operation"
+
+
 class CryptoUnavailable(Overloaded):
     code = "crypto_unavailable"
 
@@ -94,6 +99,7 @@ ERROR_CLASSES: dict[str, type[XCError]] = {
         DecryptionFailed,
         InputTooLarge,
         InvalidCryptoInput,
+        UnsupportedOperation,
         BackendError,
     )
 }

@@ -312,8 +312,8 @@ def _der_read_uint(buf: bytes, pos: int) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 # SM2 encodings
 # ---------------------------------------------------------------------------------------------
-def sig_der_to_raw(der: bytes) -> bytes:
-    """DER SEQUENCE{r, s} -> 64-byte r||s."""
+def sig_der_to_raw(der: bytes, n: int = N) -> bytes:
+    """DER SEQUENCE{r, s} -> 64-byte r||s (`n`: the curve order; SM2 by default, any 256-bit curve)."""
     try:
         body, end = _der_read(bytes(der), 0, 0x30)
         if end != len(der):
@@ -323,19 +323,19 @@ def sig_der_to_raw(der: bytes) -> bytes:
         if pos != len(body):
             raise _DerError("trailing data in sequence")
     except _DerError as exc:
-        raise MalformedSignature(f"SM2 signature is not valid DER: {exc}") from None
-    if not (0 < r < N and 0 < s < N):
-        raise MalformedSignature("SM2 signature r or s is out of range")
+        raise MalformedSignature(f"signature is not valid DER: {exc}") from None
+    if not (0 < r < n and 0 < s < n):
+        raise MalformedSignature("signature r or s is out of range")
     return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
 
-def sig_raw_to_der(raw: bytes) -> bytes:
+def sig_raw_to_der(raw: bytes, n: int = N) -> bytes:
     """64-byte r||s -> DER SEQUENCE{r, s}."""
     if len(raw) != 64:
-        raise MalformedSignature(f"raw SM2 signature must be 64 bytes (r||s), got {len(raw)}")
+        raise MalformedSignature(f"raw signature must be 64 bytes (r||s), got {len(raw)}")
     r, s = int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")
-    if not (0 < r < N and 0 < s < N):
-        raise MalformedSignature("SM2 signature r or s is out of range")
+    if not (0 < r < n and 0 < s < n):
+        raise MalformedSignature("signature r or s is out of range")
     return _der_tlv(0x30, _der_int(r) + _der_int(s))
 
 

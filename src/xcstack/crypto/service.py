@@ -1,0 +1,280 @@
+"""The crypto service: keystore + backend behind one op dispatcher.
+
+`CryptoService.handle(meta, payload)` is the single entry point. The HSM owner serves it over the
+IPC channel (`meta["op"]` names the operation, bytes travel as the raw payload); in `direct` mode the
+http worker calls it in-process. Both paths therefore validate, limit and fail identically.
+
+| op | meta in | payload in | meta out | payload out |
+|---|---|---|---|---|
+| sign | key, version?, uid?, fmt (der/raw) | data | key, version, algorithm | signature |
+| verify | key, version?, uid?, fmt, sig | data | key, valid, version | - |
+| encrypt | key, aad?, fmt (der/c1c3c2/c1c2c3 for SM2) | plaintext | key, version, algorithm | ciphertext |
+| decrypt | key, version?, aad?, fmt | ciphertext | key, version | plaintext |
+| hmac | key, version? | data | key, version, algorithm | mac |
+| hash | alg (sm3) | data | alg | digest |
+| random | n (1..4096) | - | n | bytes |
+| create_key | key, kind | - | record | - |
+| rotate_key | key | - | record | - |
+| list_keys | - | - | keys | - |
+| public_key | key, version? | - | record (+ pem) | - |
+| ping | - | - | backend | - |
+
+Without an explicit `version`, verify and decrypt try the active versions newest first (rotation
+keeps old ones), so data made before a rotation still verifies/decrypts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+
+from xcstack.crypto import sm
+from xcstack.crypto.backends.base import Backend
+from xcstack.crypto.errors import (
+    DecryptionFailed,
+    InputTooLarge,
+    InvalidCryptoInput,
+    UnsupportedOperation,
+    WrongKeyType,
+)
+from xcstack.crypto.keystore import KIND_OPS, KINDS, KeyRecord, Keystore, check_name, new_record
+from xcstack.crypto.settings import CryptoSettings
+from xcstack.errors import XCError
+
+OPS_TOTAL = Counter("xc_crypto_ops_total", "Crypto operations", ["op", "backend", "outcome"])
+OP_SECONDS = Histogram(
+    "xc_crypto_op_seconds",
+    "Crypto operation time inside the key owner",
+    ["op", "backend"],
+    buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1, 5),
+)
+
+OFFLOAD_BYTES = 64 * 1024  # inputs above this run on a thread so the event loop keeps moving
+MAX_RANDOM = 4096
+Meta = dict[str, Any]
+Handler = Callable[["CryptoService", Meta, memoryview], Awaitable[tuple[Meta, bytes]]]
+
+
+def _as_bytes(v: Any, what: str) -> bytes:
+    if v is None:
+        return b""
+    if isinstance(v, bytes | bytearray | memoryview):
+        return bytes(v)
+    if isinstance(v, str):
+        return v.encode("utf-8")
+    raise InvalidCryptoInput(f"{what} must be bytes")
+
+
+def _version(meta: Meta) -> int | None:
+    v = meta.get("version")
+    if v is None:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise InvalidCryptoInput("version must be a positive integer")
+    return v
+
+
+class CryptoService:
+    def __init__(self, keystore: Keystore, backend: Backend, settings: CryptoSettings) -> None:
+        self.keystore = keystore
+        self.backend = backend
+        self.settings = settings
+        self.default_uid = settings.default_uid.encode("utf-8")
+        self._ops: dict[str, Handler] = {
+            "sign": CryptoService._sign,
+            "verify": CryptoService._verify,
+            "encrypt": CryptoService._encrypt,
+            "decrypt": CryptoService._decrypt,
+            "hmac": CryptoService._hmac,
+            "hash": CryptoService._hash,
+            "random": CryptoService._random,
+            "create_key": CryptoService._create_key,
+            "rotate_key": CryptoService._rotate_key,
+            "list_keys": CryptoService._list_keys,
+            "public_key": CryptoService._public_key,
+            "ping": CryptoService._ping,
+        }
+
+    # -- entry point ------------------------------------------------------------------------
+    async def handle(self, meta: Meta, payload: memoryview | bytes) -> tuple[Meta, bytes]:
+        op = meta.get("op")
+        fn = self._ops.get(op) if isinstance(op, str) else None
+        if fn is None:
+            raise InvalidCryptoInput(f"unknown crypto operation {op!r}")
+        if len(payload) > self.settings.max_input_bytes:
+            raise InputTooLarge(f"input is {len(payload)} bytes; the limit is {self.settings.max_input_bytes}")
+        t0 = time.perf_counter()
+        outcome = "ok"
+        try:
+            return await fn(self, meta, memoryview(payload))
+        except XCError as exc:
+            outcome = exc.code
+            raise
+        except Exception:
+            outcome = "error"
+            raise
+        finally:
+            OPS_TOTAL.labels(op, self.backend.name, outcome).inc()
+            OP_SECONDS.labels(op, self.backend.name).observe(time.perf_counter() - t0)
+
+    async def _run(self, size: int, fn: Callable[[], Any]) -> Any:
+        if size > OFFLOAD_BYTES:
+            return await asyncio.to_thread(fn)
+        return fn()
+
+    def _uid(self, meta: Meta) -> bytes:
+        uid = _as_bytes(meta.get("uid"), "uid") or self.default_uid
+        if len(uid) > 1024:
+            raise InvalidCryptoInput("uid must be at most 1024 bytes")
+        return uid
+
+    async def _key(self, meta: Meta, op: str) -> tuple[str, list[KeyRecord]]:
+        name = meta.get("key")
+        if not isinstance(name, str):
+            raise InvalidCryptoInput("key (a key name) is required")
+        check_name(name)
+        version = _version(meta)
+        recs = [await self.keystore.get(name, version)] if version else await self.keystore.versions(name)
+        if op not in KIND_OPS.get(recs[0].kind, frozenset()):
+            raise WrongKeyType(f"key {name!r} is a {recs[0].kind} key; it cannot {op}")
+        return name, recs
+
+    # -- operations -------------------------------------------------------------------------
+    async def _sign(self, meta: Meta, payload: memoryview) -> tuple[Meta, bytes]:
+        name, recs = await self._key(meta, "sign")
+        rec, uid, fmt = recs[0], self._uid(meta), meta.get("fmt", "der")
+        if fmt not in ("der", "raw"):
+            raise InvalidCryptoInput("fmt must be 'der' or 'raw'")
+        data = bytes(payload)
+        raw = await self._run(len(data), lambda: self.backend.sign(rec, data, uid))
+        sig = raw if fmt == "raw" else sm.sig_raw_to_der(raw, self.backend.curve_order(rec))
+        return {"key": name, "version": rec.version, "algorithm": rec.algorithm}, sig
+
+    async def _verify(self, meta: Meta, payload: memoryview) -> tuple[Meta, bytes]:
+        name, recs = await self._key(meta, "verify")
+        uid, fmt = self._uid(meta), meta.get("fmt", "der")
+        sig = _as_bytes(meta.get("sig"), "sig")
+        if fmt not in ("der", "raw"):
+            raise InvalidCryptoInput("fmt must be 'der' or 'raw'")
+        data = bytes(payload)
+        for rec in recs:
+            n = self.backend.curve_order(rec)
+            raw = sig if fmt == "raw" else sm.sig_der_to_raw(sig, n)
+            if fmt == "raw":
+                sm.sig_raw_to_der(raw, n)  # length / range validation
+            if await self._run(len(data), functools.partial(self.backend.verify, rec, data, raw, uid)):
+                return {"key": name, "valid": True, "version": rec.version}, b""
+        return {"key": name, "valid": False, "version": None}, b""
+
+    async def _encrypt(self, meta: Meta, payload: memoryview) -> tuple[Meta, bytes]:
+        name, recs = await self._key(meta, "encrypt")
+        rec, aad = recs[0], _as_bytes(meta.get("aad"), "aad")
+        fmt = meta.get("fmt", "der")
+        if fmt not in ("der", "c1c3c2", "c1c2c3"):
+            raise InvalidCryptoInput("fmt must be 'der', 'c1c3c2' or 'c1c2c3'")
+        if rec.kind == "sm2" and aad:
+            raise InvalidCryptoInput("SM2 encryption takes no aad")
+        data = bytes(payload)
+        ct = await self._run(len(data), lambda: self.backend.encrypt(rec, data, aad))
+        if rec.kind == "sm2" and fmt != "der":
+            ct = sm.ct_der_to_c1c3c2(ct)
+            if fmt == "c1c2c3":
+                ct = sm.ct_c1c3c2_to_c1c2c3(ct)
+        return {"key": name, "version": rec.version, "algorithm": rec.algorithm}, ct
+
+    async def _decrypt(self, meta: Meta, payload: memoryview) -> tuple[Meta, bytes]:
+        name, recs = await self._key(meta, "decrypt")
+        aad, fmt = _as_bytes(meta.get("aad"), "aad"), meta.get("fmt", "der")
+        if fmt not in ("der", "c1c3c2", "c1c2c3"):
+            raise InvalidCryptoInput("fmt must be 'der', 'c1c3c2' or 'c1c2c3'")
+        ct = bytes(payload)
+        if recs[0].kind == "sm2" and fmt != "der":
+            ct = sm.ct_c1c3c2_to_der(ct if fmt == "c1c3c2" else sm.ct_c1c2c3_to_c1c3c2(ct))
+        for rec in recs:
+            try:
+                pt = await self._run(len(ct), functools.partial(self.backend.decrypt, rec, ct, aad))
+            except DecryptionFailed:
+                continue
+            return {"key": name, "version": rec.version}, pt
+        raise DecryptionFailed()
+
+    async def _hmac(self, meta: Meta, payload: memoryview) -> tuple[Meta, bytes]:
+        name, recs = await self._key(meta, "hmac")
+        rec, data = recs[0], bytes(payload)
+        mac = await self._run(len(data), lambda: self.backend.hmac(rec, data))
+        return {"key": name, "version": rec.version, "algorithm": rec.algorithm}, mac
+
+    async def _hash(self, meta: Meta, payload: memoryview) -> tuple[Meta, bytes]:
+        alg = meta.get("alg", "sm3")
+        if alg != "sm3":
+            raise UnsupportedOperation("hash alg must be 'sm3'")
+        return {"alg": "sm3"}, await self._run(len(payload), lambda: sm.sm3(payload))
+
+    async def _random(self, meta: Meta, payload: memoryview) -> tuple[Meta, bytes]:
+        n = meta.get("n")
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_RANDOM:
+            raise InvalidCryptoInput(f"n must be an integer 1..{MAX_RANDOM}")
+        return {"n": n}, self.backend.random(n)
+
+    # -- key management ---------------------------------------------------------------------
+    async def create_key(self, name: str, kind: str, *, rotate: bool = False) -> KeyRecord:
+        check_name(name)
+        if rotate:
+            current = await self.keystore.get(name)
+            kind = current.kind
+        elif kind not in KINDS:
+            raise InvalidCryptoInput(f"key kind must be one of {', '.join(KINDS)}")
+        version = await self.keystore.next_version(name)
+        if not rotate and version > 1:
+            from xcstack.crypto.errors import KeyExists
+
+            raise KeyExists(f"key {name!r} already exists (use rotate for a new version)")
+        mat = await asyncio.to_thread(self.backend.generate, name, version, kind)
+        rec = new_record(name, version, kind, self.backend.name, mat.algorithm, mat.public_key, mat.sealed, mat.handle)
+        await self.keystore.insert(rec, must_be_new=not rotate)
+        return rec
+
+    async def _create_key(self, meta: Meta, payload: memoryview) -> tuple[Meta, bytes]:
+        rec = await self.create_key(str(meta.get("key", "")), str(meta.get("kind", "")))
+        return {"record": rec.public_info()}, b""
+
+    async def _rotate_key(self, meta: Meta, payload: memoryview) -> tuple[Meta, bytes]:
+        rec = await self.create_key(str(meta.get("key", "")), "", rotate=True)
+        return {"record": rec.public_info()}, b""
+
+    async def _list_keys(self, meta: Meta, payload: memoryview) -> tuple[Meta, bytes]:
+        return {"keys": await self.keystore.list()}, b""
+
+    async def _public_key(self, meta: Meta, payload: memoryview) -> tuple[Meta, bytes]:
+        name = meta.get("key")
+        if not isinstance(name, str):
+            raise InvalidCryptoInput("key (a key name) is required")
+        rec = await self.keystore.get(check_name(name), _version(meta))
+        info = rec.public_info()
+        if rec.public_key is None:
+            raise WrongKeyType(f"key {name!r} is a {rec.kind} key; it has no public part")
+        info["pem"] = public_pem(rec)
+        return {"record": info}, b""
+
+    async def _ping(self, meta: Meta, payload: memoryview) -> tuple[Meta, bytes]:
+        return {"backend": self.backend.name}, b""
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def public_pem(rec: KeyRecord) -> str:
+    """PEM SubjectPublicKeyInfo of a key's public half (SM2 or, for PKCS#11 test tokens, P-256)."""
+    assert rec.public_key is not None
+    if rec.algorithm == "SM2" or len(rec.public_key) == 64:
+        return sm.SM2PublicKey.from_bytes(rec.public_key).to_pem()
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    pub = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), rec.public_key)
+    return pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()

@@ -1,0 +1,103 @@
+"""Crypto test fixtures: settings on a temp data dir, an in-process service, a real owner process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from xcstack.config import Settings, load_settings
+from xcstack.crypto.owner import build_service, socket_path
+from xcstack.crypto.service import CryptoService
+
+MASTER_HEX = "00112233445566778899aabbccddeeff"
+
+
+def make_settings(data_dir: Path, **crypto: Any) -> Settings:
+    return load_settings(None, data_dir=data_dir, crypto=crypto)
+
+
+@pytest.fixture
+def settings(data_dir: Path) -> Settings:
+    return make_settings(data_dir, access="direct")
+
+
+@pytest.fixture
+async def service(settings: Settings) -> AsyncIterator[CryptoService]:
+    svc = await build_service(settings)
+    try:
+        yield svc
+    finally:
+        svc.close()
+        await svc.keystore.store.close()
+
+
+def owner_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XC_")}
+    env.update({"XC_DATA_DIR": str(data_dir), "XC_CRYPTO__ACCESS": "owner", **extra})
+    return env
+
+
+class OwnerProc:
+    """The HSM owner as a real child process (what the supervisor runs), restartable."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str]) -> None:
+        self.data_dir = data_dir
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.sock = socket_path(load_settings(None, data_dir=data_dir))
+
+    def start(self, timeout: float = 20.0) -> None:
+        if self.sock.exists():
+            self.sock.unlink()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "xcstack.crypto.owner"], env=self.env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + timeout
+        while not self.sock.exists():
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise RuntimeError(f"owner exited with {self.proc.returncode}: {err[-2000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("owner did not come up")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+@pytest.fixture
+def owner(data_dir: Path) -> Iterator[OwnerProc]:
+    o = OwnerProc(data_dir, owner_env(data_dir))
+    o.start()
+    try:
+        yield o
+    finally:
+        o.stop()
+
+
+async def wait_for(pred: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        await asyncio.sleep(0.02)

@@ -1,0 +1,123 @@
+"""The HSM owner as a real process: pipelined clients, kill/respawn, stuck owner, error codes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from xcstack.config import load_settings
+from xcstack.crypto import sm
+from xcstack.crypto.client import OwnerClient
+from xcstack.crypto.errors import (
+    CryptoTimeout,
+    CryptoUnavailable,
+    DecryptionFailed,
+    KeyNotFound,
+    MalformedSignature,
+    WrongKeyType,
+)
+
+from .conftest import OwnerProc
+
+
+def client_for(owner: OwnerProc, timeout: float = 5.0) -> OwnerClient:
+    s = load_settings(None, data_dir=owner.data_dir, crypto={"call_timeout_s": timeout})
+    return OwnerClient(owner.sock, s.crypto)
+
+
+async def test_owner_serves_all_ops_pipelined(owner: OwnerProc) -> None:
+    c = client_for(owner)
+    try:
+        await c.create_key("sig", "sm2")
+        await c.create_key("enc", "sm4")
+        await c.create_key("mac", "hmac-sm3")
+        datas = [os.urandom(64) for _ in range(200)]
+        sigs = await asyncio.gather(*(c.sign("sig", d) for d in datas))  # 200 in flight on one connection
+        oks = await asyncio.gather(*(c.verify("sig", d, s) for d, s in zip(datas, sigs, strict=True)))
+        assert all(oks)
+        pub = sm.SM2PublicKey.from_pem((await c.public_key("sig"))["pem"])
+        assert pub.verify(datas[0], sigs[0])
+        ct = await c.encrypt("enc", b"payload", aad=b"x")
+        assert await c.decrypt("enc", ct, aad=b"x") == b"payload"
+        assert len(await c.hmac("mac", b"m")) == 32
+        assert await c.hash(b"abc") == sm.sm3(b"abc")
+        assert len(await c.random(16)) == 16
+        assert [k["name"] for k in await c.list_keys()] == ["enc", "mac", "sig"]
+        # errors keep their types and codes across the process boundary
+        with pytest.raises(KeyNotFound):
+            await c.sign("missing", b"x")
+        with pytest.raises(WrongKeyType):
+            await c.sign("enc", b"x")
+        with pytest.raises(MalformedSignature):
+            await c.verify("sig", b"x", b"garbage")
+        with pytest.raises(DecryptionFailed):
+            await c.decrypt("enc", ct[:-1] + bytes([ct[-1] ^ 1]), aad=b"x")
+    finally:
+        await c.close()
+
+
+async def test_killed_owner_gives_retriable_error_then_recovers_after_respawn(owner: OwnerProc) -> None:
+    c = client_for(owner, timeout=3.0)
+    try:
+        await c.create_key("k", "sm2")
+        assert await c.sign("k", b"before")
+        # in-flight calls at the moment of the kill fail fast, not at the timeout
+        calls = [asyncio.create_task(c.hash(os.urandom(900_000))) for _ in range(20)]
+        await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        owner.kill()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert time.monotonic() - t0 < 2.5
+        errors = [r for r in results if isinstance(r, Exception)]
+        assert all(isinstance(e, CryptoUnavailable) for e in errors), errors
+        # owner down: new calls fail with 503 + Retry-After within the timeout
+        t0 = time.monotonic()
+        with pytest.raises(CryptoUnavailable) as ei:
+            await c.sign("k", b"during")
+        assert time.monotonic() - t0 < 3.0
+        assert ei.value.status == 503 and "Retry-After" in ei.value.headers
+        # supervisor respawns it (here: the test); the same client reconnects by itself
+        owner.start()
+        sig = await c.sign("k", b"after")
+        assert await c.verify("k", b"after", sig)
+    finally:
+        await c.close()
+
+
+async def test_stuck_owner_times_out_never_hangs(owner: OwnerProc) -> None:
+    c = client_for(owner, timeout=0.5)
+    try:
+        assert await c.hash(b"x")
+        assert owner.proc is not None
+        os.kill(owner.proc.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(CryptoTimeout) as ei:
+                await c.hash(b"y")
+            assert 0.4 < time.monotonic() - t0 < 2.0
+            assert ei.value.status == 503
+        finally:
+            os.kill(owner.proc.pid, signal.SIGCONT)
+        assert await c.hash(b"z") == sm.sm3(b"z")
+    finally:
+        await c.close()
+
+
+async def test_no_owner_at_all(data_dir: Path) -> None:
+    s = load_settings(None, data_dir=data_dir, crypto={"call_timeout_s": 1.0})
+    c = OwnerClient(data_dir / "run" / "none.sock", s.crypto)
+    t0 = time.monotonic()
+    with pytest.raises(CryptoUnavailable):
+        await c.sign("k", b"x")
+    assert time.monotonic() - t0 < 1.5
+    await c.close()
+
+
+async def test_owner_socket_is_private(owner: OwnerProc) -> None:
+    assert (owner.sock.stat().st_mode & 0o777) == 0o600
+    assert (owner.sock.parent.stat().st_mode & 0o777) == 0o700
