@@ -147,6 +147,23 @@ def _split(cores: Sequence[int], io_count: int, numa: dict[str, list[int]]) -> t
     return io, compute
 
 
+def _spread(cores: Sequence[int], k: int, numa: dict[str, list[int]]) -> list[int]:
+    """`k` of `cores`, taken round-robin over NUMA nodes so a reduced set stays balanced."""
+    node_of = {c: n for n, cl in numa.items() for c in cl}
+    groups: dict[str, list[int]] = {}
+    for c in cores:
+        groups.setdefault(node_of.get(c, "?"), []).append(c)
+    lists = list(groups.values())
+    out: list[int] = []
+    i = 0
+    while len(out) < k and any(lists):
+        g = lists[i % len(lists)]
+        if g:
+            out.append(g.pop(0))
+        i += 1
+    return sorted(out)
+
+
 def derive_plan(
     report: PlatformReport,
     overrides: PlanOverrides | None = None,
@@ -252,7 +269,7 @@ def derive_plan(
                     f"~{model_worker_mem_bytes / 2**20:.0f} MiB each)"
                 )
                 model_n = cap
-                compute = compute[:cap]
+                compute = _spread(compute, cap, res.numa_nodes)
     if model_n and not compute:
         compute = list(io)
     if model_n > len(compute) > 0:
