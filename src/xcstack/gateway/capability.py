@@ -1,0 +1,75 @@
+"""The gateway capability: OpenAI-compatible proxy, admission control, rate limits, streaming
+relay, async jobs. Plugged in by `app.py` through CAPABILITY_MODULES.
+
+Services published on the context:
+- `gateway.upstream_models`: `() -> set[str]`, the model names (and aliases) upstreams serve;
+- `gateway.complete`: `async (endpoint_path, body: dict, key: str) -> (status, bytes)`, a
+  non-streamed call through routing/failover/limits (for other capabilities, e.g. RAG).
+
+Services used (looked up at request time, so capability order does not matter):
+- `local_embedder`: `async (model, inputs) -> (vectors, usage)` from the inference capability;
+  `/v1/embeddings` for a model no upstream serves goes there;
+- `local_models`: `() -> list[str]`, listed by `/v1/models` too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from starlette.routing import BaseRoute
+
+from xcstack.capability import AppContext
+from xcstack.gateway.jobs import JobManager, disabled_routes
+from xcstack.gateway.routes import build_routes
+from xcstack.gateway.service import ENDPOINTS, GatewayService
+from xcstack.gateway.watchdog import Watchdog
+
+
+class GatewayCapability:
+    name = "gateway"
+
+    def __init__(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+        settings = ctx.settings.gateway
+        self.service = GatewayService(settings, max_body_bytes=ctx.settings.server.max_body_bytes,
+                                      services=ctx.services)
+        self.jobs = JobManager(self.service, ctx.state, settings.jobs) if settings.jobs.enabled else None
+        ctx.provide("gateway.upstream_models", self.service.upstream_models)
+        ctx.provide("gateway.complete", self.complete)
+
+    async def complete(self, path: str, body: dict[str, Any], key: str = "internal") -> tuple[int, bytes]:
+        from xcstack.httputil import dumps
+
+        body = {**body, "stream": False}
+        pr = self.service.prepare_data(ENDPOINTS[path], body, dumps(body), key)
+        wd = Watchdog()
+        try:
+            return await self.service.complete(pr, wd)
+        finally:
+            await wd.close()
+
+    def routes(self) -> Sequence[BaseRoute]:
+        routes = build_routes(self.service, self.jobs)
+        if self.jobs is None:
+            routes += disabled_routes()
+        return routes
+
+    async def start(self) -> None:
+        await self.service.start()
+        if self.jobs is not None:
+            await self.jobs.start()
+
+    async def stop(self) -> None:
+        if self.jobs is not None:
+            await self.jobs.stop()
+        await self.service.stop()
+
+    async def ready(self) -> tuple[bool, str]:
+        return self.service.router.health()
+
+
+def create(ctx: AppContext) -> GatewayCapability | None:
+    if not ctx.settings.gateway.enabled:
+        return None
+    return GatewayCapability(ctx)

@@ -1,0 +1,38 @@
+"""Prometheus metrics of the gateway (default registry; `/metrics` is served by the app).
+
+`key` labels are API key ids (a hash prefix of the bearer token, or the security principal's id),
+never the token itself.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter(
+    "xc_gateway_requests", "Gateway requests by endpoint, model and status", ["endpoint", "model", "status"]
+)
+IN_FLIGHT = Gauge("xc_gateway_in_flight", "Requests holding a global in-flight slot", multiprocess_mode="livesum")
+UPSTREAM_IN_FLIGHT = Gauge(
+    "xc_gateway_upstream_in_flight", "Requests in flight per upstream", ["upstream"], multiprocess_mode="livesum"
+)
+UPSTREAM_ATTEMPTS = Counter("xc_gateway_upstream_attempts", "Upstream attempts by outcome", ["upstream", "outcome"])
+BREAKER_STATE = Gauge("xc_gateway_breaker_state", "Circuit breaker: 0 closed, 1 open, 2 half-open", ["upstream"])
+REJECTED = Counter("xc_gateway_rejected", "Requests rejected by admission control", ["reason"])
+RATE_LIMITED = Counter("xc_gateway_rate_limited", "Requests refused by a per-key rate limit", ["limit"])
+RATE_LIMIT_BACKEND_ERRORS = Counter("xc_gateway_rate_limit_backend_errors", "Redis limiter failures (local fallback)")
+DISCONNECTS = Counter("xc_gateway_client_disconnects", "Clients that left before the answer was complete", ["endpoint"])
+STREAM_ERRORS = Counter("xc_gateway_stream_errors", "Streams ended by an error event", ["reason"])
+TTFT = Histogram(
+    "xc_gateway_ttft_seconds",
+    "Time to first token (first streamed event) per model",
+    ["model"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+TOKENS_PER_S = Histogram(
+    "xc_gateway_tokens_per_second",
+    "Completion tokens per second after the first token, per model",
+    ["model"],
+    buckets=(1, 5, 10, 20, 40, 80, 160, 320, 640, 1280, 5000),
+)
+TOKENS = Counter("xc_gateway_tokens", "Tokens by API key, model and kind (prompt/completion)", ["key", "model", "kind"])
+JOBS = Counter("xc_gateway_jobs", "Async jobs by final status", ["status"])

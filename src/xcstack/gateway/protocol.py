@@ -1,0 +1,123 @@
+"""Wire schemas of the gateway: what crosses the HTTP boundary.
+
+Request models validate the fields the gateway relies on (strict types, ranges); every other field
+is allowed and passes through to the upstream untouched (`extra="allow"`; the raw JSON object is
+what is forwarded, not a re-serialisation of these models).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Stable error codes of this capability (clients switch on these).
+MODEL_NOT_FOUND = "model_not_found"
+INVALID_JSON = "invalid_json"
+INVALID_PARAMETER = "invalid_parameter"
+MAX_TOKENS_TOO_LARGE = "max_tokens_too_large"
+RATE_LIMITED_REQUESTS = "rate_limited_requests"
+RATE_LIMITED_TOKENS = "rate_limited_tokens"
+OVERLOADED = "overloaded"
+UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+UPSTREAM_ERROR = "upstream_error"
+UPSTREAM_TIMEOUT = "upstream_timeout"
+STREAM_INTERRUPTED = "stream_interrupted"
+JOB_NOT_FOUND = "job_not_found"
+JOBS_FULL = "jobs_full"
+JOBS_DISABLED = "jobs_disabled"
+PAYLOAD_TOO_LARGE = "payload_too_large"
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class StreamOptions(_Open):
+    include_usage: bool | None = None
+
+
+class ChatMessage(_Open):
+    role: str = Field(..., min_length=1, max_length=64)
+    content: str | list[Any] | None = None
+    name: str | None = Field(default=None, max_length=256)
+
+
+class _Generation(_Open):
+    model: str = Field(..., min_length=1, max_length=256)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    n: int | None = Field(default=None, ge=1, le=128)
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    seed: int | None = None
+    user: str | None = Field(default=None, max_length=256)
+
+
+class ChatCompletionRequest(_Generation):
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=100_000)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(...)
+    echo: bool | None = None
+    best_of: int | None = Field(default=None, ge=1, le=128)
+
+
+class EmbeddingRequest(_Open):
+    model: str = Field(..., min_length=1, max_length=256)
+    input: str | list[str] | list[int] | list[list[int]] = Field(...)
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = Field(default=None, ge=1, le=65536)
+    user: str | None = Field(default=None, max_length=256)
+
+
+JobEndpoint = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    endpoint: JobEndpoint = "/v1/chat/completions"
+    body: dict[str, Any]
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+
+
+def prompt_chars(body: dict[str, Any]) -> int:
+    """Characters of prompt text in a request (for the token estimate before the call)."""
+    chars = 0
+    msgs = body.get("messages")
+    if isinstance(msgs, list):
+        for m in msgs:
+            if isinstance(m, dict):
+                c = m.get("content")
+                if isinstance(c, str):
+                    chars += len(c)
+                elif isinstance(c, list):
+                    for part in c:
+                        if isinstance(part, dict) and isinstance(part.get("text"), str):
+                            chars += len(part["text"])
+    for key in ("prompt", "input"):
+        p = body.get(key)
+        if isinstance(p, str):
+            chars += len(p)
+        elif isinstance(p, list):
+            for item in p:
+                if isinstance(item, str):
+                    chars += len(item)
+                elif isinstance(item, int):
+                    chars += 4
+                elif isinstance(item, list):
+                    chars += 4 * len(item)
+    return chars
+
+
+def estimate_prompt_tokens(body: dict[str, Any]) -> int:
+    """A cheap upper-ish estimate: ~4 characters per token (CJK text is closer to 1-2; limits stay
+    approximate until the actual usage is charged after the call)."""
+    return max(1, prompt_chars(body) // 3)

@@ -1,0 +1,109 @@
+"""Upstreams and routing: model name → candidate upstreams, least-in-flight weighted order,
+per-upstream concurrency gate and circuit breaker, one aiohttp keep-alive pool per upstream."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import aiohttp
+
+from xcstack.gateway import metrics
+from xcstack.gateway.admission import Breaker, Gate
+from xcstack.gateway.settings import BreakerSettings, UpstreamSettings
+
+
+class Upstream:
+    def __init__(self, cfg: UpstreamSettings, breaker: BreakerSettings, queue_timeout_s: float) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.base_url = cfg.base_url
+        self.weight = cfg.weight
+        self.timeouts = cfg.timeouts
+        self.gate = Gate(f"upstream:{cfg.name}", cfg.max_concurrency, cfg.max_queue, queue_timeout_s)
+        self.breaker = Breaker(breaker.failure_threshold, breaker.open_s)
+        self.headers: dict[str, str] = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+        if cfg.api_key is not None:
+            self.headers["Authorization"] = f"Bearer {cfg.api_key.get_secret_value()}"
+        self.session: aiohttp.ClientSession | None = None
+        self.m_in_flight = metrics.UPSTREAM_IN_FLIGHT.labels(cfg.name)
+        self.m_breaker = metrics.BREAKER_STATE.labels(cfg.name)
+        self._m_outcome: dict[str, metrics.Counter] = {}
+
+    def outcome(self, what: str) -> None:
+        c = self._m_outcome.get(what)
+        if c is None:
+            c = self._m_outcome[what] = metrics.UPSTREAM_ATTEMPTS.labels(self.name, what)
+        c.inc()
+        self.m_breaker.set(self.breaker.state)
+
+    def url(self, path: str) -> str:
+        # path is the OpenAI path after /v1 (e.g. "/chat/completions"); base_url ends in /v1
+        return self.base_url + path
+
+    @property
+    def load(self) -> float:
+        return (self.gate.active + self.gate.waiting + 1) / self.weight
+
+    async def start(self) -> None:
+        if self.session is None:
+            conn = aiohttp.TCPConnector(
+                limit=self.cfg.max_concurrency, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300
+            )
+            self.session = aiohttp.ClientSession(
+                connector=conn,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeouts.connect_s,
+                                              connect=self.timeouts.connect_s + self.timeouts.ttfb_s),
+                auto_decompress=False,
+                read_bufsize=2**16,
+                skip_auto_headers=("User-Agent",),
+            )
+
+    async def stop(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+
+@dataclass(frozen=True)
+class Target:
+    upstream: Upstream
+    model: str  # the name sent to the upstream
+
+
+class Router:
+    def __init__(self, upstreams: list[Upstream]) -> None:
+        self.upstreams = upstreams
+        self.routes: dict[str, list[Target]] = {}
+        for up in upstreams:
+            for m in up.cfg.models:
+                self.routes.setdefault(m, []).append(Target(up, m))
+            for alias, target in up.cfg.aliases.items():
+                self.routes.setdefault(alias, []).append(Target(up, target))
+
+    def has(self, model: str) -> bool:
+        return model in self.routes
+
+    def candidates(self, model: str) -> list[Target]:
+        """Candidates in the order to try: available (breaker) first, least weighted load first,
+        ties broken at random; upstreams whose breaker is open come last (they are skipped unless
+        their open time has passed)."""
+        targets = self.routes.get(model)
+        if not targets:
+            return []
+        if len(targets) == 1:
+            return list(targets)
+        rnd = random.random
+        return sorted(targets, key=lambda t: (not t.upstream.breaker.available(), t.upstream.load, rnd()))
+
+    def models(self) -> list[tuple[str, list[str]]]:
+        return [(m, [t.upstream.name for t in ts]) for m, ts in self.routes.items()]
+
+    def health(self) -> tuple[bool, str]:
+        if not self.routes:
+            return True, "no upstreams configured"
+        down = [m for m, ts in self.routes.items() if not any(t.upstream.breaker.available() for t in ts)]
+        opened = [u.name for u in self.upstreams if u.breaker.state != Breaker.CLOSED]
+        if down:
+            return False, f"no available upstream for models {sorted(down)[:10]}; breakers open: {opened}"
+        return True, f"{len(self.upstreams)} upstreams" + (f", breakers open: {opened}" if opened else "")
