@@ -1,0 +1,69 @@
+"""The vector capability: plugs the VectorStore + service + routes into xcstack."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from starlette.routing import BaseRoute
+
+from xcstack.capability import AppContext, SideProcessSpec
+from xcstack.vector.routes import build_routes
+from xcstack.vector.service import Embedder, VectorService, make_store
+from xcstack.vector.store import VectorStore
+
+if TYPE_CHECKING:
+    from xcstack.config import Settings
+
+log = logging.getLogger("xcstack.vector")
+
+
+class VectorCapability:
+    name = "vector"
+
+    def __init__(self, ctx: AppContext, store: VectorStore | None = None) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings.vector
+        self.store = store or make_store(self.settings, ctx.settings.data_dir)
+        # looked up per request: the inference capability may be created after this one
+        self.service = VectorService(self.settings, self.store, embedder=self._embedder)
+        ctx.provide("vector_service", self.service)
+
+    def _embedder(self) -> Embedder | None:
+        fn: Embedder | None = self.ctx.get("local_embedder")
+        return fn
+
+    def routes(self) -> Sequence[BaseRoute]:
+        return build_routes(self.service)
+
+    async def start(self) -> None:
+        await self.store.start()
+
+    async def stop(self) -> None:
+        await self.store.close()
+
+    async def ready(self) -> tuple[bool, str]:
+        ok, detail = await self.store.health()
+        loading = getattr(self.store, "loading", None)
+        if ok and callable(loading) and loading() and self.settings.milvus.load_on_start:
+            busy: dict[str, float] = loading()
+            # a collection still loading at start is not ready to serve searches
+            return False, f"{self.store.backend}: loading/indexing " + ", ".join(
+                f"{n} ({s:.0f}s)" for n, s in sorted(busy.items())
+            )
+        return ok, f"{self.store.backend}: {detail}"
+
+
+def create(ctx: AppContext) -> VectorCapability | None:
+    if not ctx.settings.vector.enabled:
+        return None
+    return VectorCapability(ctx)
+
+
+def side_processes(settings: Settings, plan: Any) -> list[SideProcessSpec]:
+    """Milvus Lite as one supervised side process that every http worker connects to."""
+    v = settings.vector
+    if not v.enabled or v.backend != "milvus" or v.milvus.uri is not None or v.milvus.lite_mode != "side_process":
+        return []
+    return [SideProcessSpec(name="milvus-lite", target="xcstack.vector.lite_server:run", instances=1)]

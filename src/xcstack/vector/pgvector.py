@@ -1,0 +1,530 @@
+"""pgvector backend: psycopg 3 async pool + the `pgvector` adapter, one table per collection.
+
+Layout (in the configured schema):
+- `xc_vector_collections(name, dimension, metric, description, m, ef_construction, created_at)`;
+- `xcv_<name>(id text primary key, embedding vector(d) not null, payload jsonb not null)` with an
+  HNSW index (`m`, `ef_construction` from settings); `hnsw.ef_search` is set per connection and
+  changed only when a search asks for another value.
+
+Pool: `psycopg_pool.AsyncConnectionPool`, bounded (`pool_max`, `max_waiting`), acquire timeout →
+503 `vector_pool_exhausted` (or `vector_backend_unavailable` when the last health check failed);
+every connection is checked when it leaves the pool, so broken ones are replaced; a health loop
+pings the server and records up/down. Filters are the safe language in `filters.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+import psycopg
+from pgvector.psycopg import register_vector_async
+from psycopg import sql
+from psycopg.rows import tuple_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
+
+from xcstack.vector import metrics
+from xcstack.vector.filters import parse_filter, to_sql
+from xcstack.vector.settings import VectorSettings
+from xcstack.vector.store import (
+    BackendTimeout,
+    BackendUnavailable,
+    CollectionExists,
+    CollectionInfo,
+    CollectionNotFound,
+    Hit,
+    InvalidVector,
+    Matrix,
+    Metric,
+    PoolExhausted,
+    Record,
+)
+
+log = logging.getLogger("xcstack.vector.pgvector")
+
+CATALOG = "xc_vector_collections"
+TABLE_PREFIX = "xcv_"
+MAX_HNSW_DIM = 2000  # pgvector: HNSW on `vector` supports at most 2,000 dimensions
+_OPS: dict[str, tuple[str, str]] = {
+    "cosine": ("<=>", "vector_cosine_ops"),
+    "l2": ("<->", "vector_l2_ops"),
+    "ip": ("<#>", "vector_ip_ops"),
+}
+
+
+def _score(metric: str, d: float) -> float:
+    if metric == "cosine":
+        return 1.0 - d
+    if metric == "ip":
+        return -d
+    return d
+
+
+class PgvectorStore:
+    backend = "pgvector"
+
+    def __init__(self, settings: VectorSettings) -> None:
+        self.settings = settings
+        self.cfg = settings.pgvector
+        assert self.cfg.url is not None
+        self._url = self.cfg.url.get_secret_value()
+        self._schema = sql.Identifier(self.cfg.db_schema)
+        self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
+        self._ef: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], int] = weakref.WeakKeyDictionary()
+        self._meta: dict[str, tuple[int, Metric]] = {}
+        self._bootstrapped = False
+        self._boot_lock = asyncio.Lock()
+        self._healthy = False
+        self._health_detail = "not checked yet"
+        self._health_task: asyncio.Task[None] | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        await conn.set_autocommit(True)
+        ms = int(self.settings.op_timeout_s * 1000)
+        await conn.execute(f"SET statement_timeout = {ms}")
+        await conn.execute(f"SET hnsw.iterative_scan = {self.cfg.iterative_scan}")
+        try:
+            await register_vector_async(conn)
+        except psycopg.ProgrammingError:
+            if not self.cfg.create_extension:
+                raise
+            await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            await register_vector_async(conn)
+        await conn.execute(sql.SQL("SET hnsw.ef_search = {}").format(sql.Literal(self.cfg.ef_search)))
+        self._ef[conn] = self.cfg.ef_search
+
+    async def start(self) -> None:
+        s = self.settings
+        self._pool = AsyncConnectionPool(
+            self._url,
+            min_size=self.cfg.pool_min,
+            max_size=self.cfg.pool_max,
+            timeout=s.acquire_timeout_s,
+            max_waiting=self.cfg.pool_max * 16,
+            configure=self._configure,
+            check=AsyncConnectionPool.check_connection,
+            kwargs={"connect_timeout": max(1, int(s.acquire_timeout_s + 0.999)), "row_factory": tuple_row},
+            reconnect_timeout=max(10.0, s.health_interval_s * 10),
+            name="xc-vector-pgvector",
+            open=False,
+        )
+        await self._pool.open(wait=False)
+        try:
+            await self._check_health()
+        except Exception:  # start even when the database is down; health reports it
+            log.warning("pgvector not reachable at start: %s", self._health_detail)
+        self._health_task = asyncio.create_task(self._health_loop(), name="xc-vector-pg-health")
+
+    async def close(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            try:
+                await self._health_task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self._pool is not None:
+            await self._pool.close(timeout=5.0)
+
+    async def health(self) -> tuple[bool, str]:
+        return self._healthy, self._health_detail
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_interval_s)
+            try:
+                await self._check_health()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                pass
+
+    def _set_health(self, ok: bool, detail: str) -> None:
+        if ok != self._healthy:
+            (log.info if ok else log.warning)("pgvector %s: %s", "up" if ok else "down", detail)
+        self._healthy, self._health_detail = ok, detail
+        metrics.BACKEND_UP.labels(self.backend).set(1 if ok else 0)
+
+    async def _check_health(self) -> None:
+        try:
+            async with self._conn(health=True) as conn:
+                await conn.execute("SELECT 1")
+            if not self._bootstrapped:
+                await self._bootstrap()
+            self._set_health(True, "ok")
+        except (BackendUnavailable, PoolExhausted, BackendTimeout) as exc:
+            self._set_health(False, exc.message)
+            raise
+        except psycopg.Error as exc:
+            self._set_health(False, f"{type(exc).__name__}: {exc}".strip())
+            raise
+
+    async def _bootstrap(self) -> None:
+        async with self._boot_lock:
+            if self._bootstrapped:
+                return
+            async with self._conn() as conn:
+                await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(self._schema))
+                await conn.execute(
+                    sql.SQL(
+                        "CREATE TABLE IF NOT EXISTS {}.{} (name text PRIMARY KEY, dimension int NOT NULL, "
+                        "metric text NOT NULL, description text NOT NULL DEFAULT '', m int NOT NULL, "
+                        "ef_construction int NOT NULL, created_at timestamptz NOT NULL DEFAULT now())"
+                    ).format(self._schema, sql.Identifier(CATALOG))
+                )
+            self._bootstrapped = True
+
+    @asynccontextmanager
+    async def _conn(self, *, health: bool = False) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection; pool/driver failures become 503s with stable codes."""
+        assert self._pool is not None, "store not started"
+        t0 = time.perf_counter()
+        try:
+            async with self._pool.connection() as conn:
+                metrics.POOL_WAIT.labels("pgvector").observe(time.perf_counter() - t0)
+                yield conn
+        except PoolTimeout:
+            metrics.POOL_EXHAUSTED.labels("pgvector").inc()
+            if not self._healthy or health:
+                raise BackendUnavailable(
+                    f"pgvector unreachable: no connection within {self.settings.acquire_timeout_s:g}s "
+                    f"({self._health_detail})"
+                ) from None
+            raise PoolExhausted(
+                f"all {self.cfg.pool_max} pgvector connections busy for {self.settings.acquire_timeout_s:g}s"
+            ) from None
+        except TooManyRequests:
+            metrics.POOL_EXHAUSTED.labels("pgvector").inc()
+            raise PoolExhausted("too many requests waiting for a pgvector connection") from None
+        except psycopg.errors.QueryCanceled as exc:
+            raise BackendTimeout(f"pgvector statement cancelled: {exc}".strip()) from None
+        except psycopg.OperationalError as exc:
+            if self._healthy:
+                self._set_health(False, f"{type(exc).__name__}: {exc}".strip())
+            raise BackendUnavailable(f"pgvector connection failed: {exc}".strip()) from None
+
+    async def _ready(self) -> None:
+        if not self._bootstrapped:
+            await self._bootstrap()
+
+    def _table(self, name: str) -> sql.Composed:
+        return sql.SQL("{}.{}").format(self._schema, sql.Identifier(TABLE_PREFIX + name))
+
+    async def _collection_meta(self, conn: psycopg.AsyncConnection[Any], name: str) -> tuple[int, Metric]:
+        cached = self._meta.get(name)
+        if cached is not None:
+            return cached
+        cur = await conn.execute(
+            sql.SQL("SELECT dimension, metric FROM {}.{} WHERE name = %s").format(
+                self._schema, sql.Identifier(CATALOG)
+            ),
+            (name,),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise CollectionNotFound(name)
+        meta: tuple[int, Metric] = (int(row[0]), row[1])
+        self._meta[name] = meta
+        return meta
+
+    # ---- collections ----------------------------------------------------------------------
+
+    async def create_collection(
+        self, name: str, dimension: int, metric: Metric, description: str = ""
+    ) -> CollectionInfo:
+        if dimension > MAX_HNSW_DIM:
+            raise InvalidVector(
+                f"dimension {dimension}: pgvector's HNSW index supports at most {MAX_HNSW_DIM} dimensions",
+                param="dimension",
+            )
+        await self._ready()
+        opclass = _OPS[metric][1]
+        table = self._table(name)
+        async with self._conn() as conn, conn.transaction():
+            cur = await conn.execute(
+                sql.SQL(
+                    "INSERT INTO {}.{} (name, dimension, metric, description, m, ef_construction) "
+                    "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING RETURNING name"
+                ).format(self._schema, sql.Identifier(CATALOG)),
+                (name, dimension, metric, description, self.cfg.m, self.cfg.ef_construction),
+            )
+            if await cur.fetchone() is None:
+                raise CollectionExists(name)
+            await conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table))
+            await conn.execute(
+                sql.SQL(
+                    "CREATE TABLE {} (id text PRIMARY KEY, embedding vector({}) NOT NULL, "
+                    "payload jsonb NOT NULL DEFAULT '{{}}'::jsonb)"
+                ).format(table, sql.Literal(dimension))
+            )
+            await conn.execute(
+                sql.SQL("CREATE INDEX {} ON {} USING hnsw (embedding {}) WITH (m = {}, ef_construction = {})").format(
+                    sql.Identifier(f"{TABLE_PREFIX}{name}_hnsw"),
+                    table,
+                    sql.SQL(opclass),
+                    sql.Literal(self.cfg.m),
+                    sql.Literal(self.cfg.ef_construction),
+                )
+            )
+        self._meta[name] = (dimension, metric)
+        log.info(
+            "pgvector: created collection %s (dim %d, %s, hnsw m=%d efc=%d)",
+            name,
+            dimension,
+            metric,
+            self.cfg.m,
+            self.cfg.ef_construction,
+        )
+        return CollectionInfo(name, dimension, metric, 0, description, self._index_info("ready"))
+
+    def _index_info(self, state: str) -> dict[str, Any]:
+        return {
+            "type": "HNSW",
+            "m": self.cfg.m,
+            "ef_construction": self.cfg.ef_construction,
+            "ef_search": self.cfg.ef_search,
+            "state": state,
+        }
+
+    async def list_collections(self) -> list[str]:
+        await self._ready()
+        async with self._conn() as conn:
+            cur = await conn.execute(
+                sql.SQL("SELECT name FROM {}.{} ORDER BY name").format(self._schema, sql.Identifier(CATALOG))
+            )
+            return [r[0] for r in await cur.fetchall()]
+
+    async def describe_collection(self, name: str) -> CollectionInfo:
+        await self._ready()
+        async with self._conn() as conn:
+            cur = await conn.execute(
+                sql.SQL("SELECT dimension, metric, description FROM {}.{} WHERE name = %s").format(
+                    self._schema, sql.Identifier(CATALOG)
+                ),
+                (name,),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                raise CollectionNotFound(name)
+            count = await self._count(conn, name)
+        return CollectionInfo(name, int(row[0]), row[1], count, row[2], self._index_info("ready"))
+
+    async def drop_collection(self, name: str) -> None:
+        await self._ready()
+        async with self._conn() as conn, conn.transaction():
+            cur = await conn.execute(
+                sql.SQL("DELETE FROM {}.{} WHERE name = %s RETURNING name").format(
+                    self._schema, sql.Identifier(CATALOG)
+                ),
+                (name,),
+            )
+            if await cur.fetchone() is None:
+                raise CollectionNotFound(name)
+            await conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(self._table(name)))
+        self._meta.pop(name, None)
+        log.info("pgvector: dropped collection %s", name)
+
+    async def _count(self, conn: psycopg.AsyncConnection[Any], name: str) -> int:
+        try:
+            cur = await conn.execute(sql.SQL("SELECT count(*) FROM {}").format(self._table(name)))
+        except psycopg.errors.UndefinedTable:
+            raise CollectionNotFound(name) from None
+        row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def count(self, name: str) -> int:
+        await self._ready()
+        async with self._conn() as conn:
+            await self._collection_meta(conn, name)
+            return await self._count(conn, name)
+
+    # ---- rows -----------------------------------------------------------------------------
+
+    async def upsert(self, name: str, ids: Sequence[str], vectors: Matrix, payloads: Sequence[dict[str, Any]]) -> int:
+        await self._ready()
+        t0 = time.perf_counter()
+        async with self._conn() as conn:
+            dim, _ = await self._collection_meta(conn, name)
+            if vectors.shape[1] != dim:
+                raise InvalidVector(f"vectors have dimension {vectors.shape[1]}; collection {name!r} has {dim}")
+            query = sql.SQL(
+                "INSERT INTO {} (id, embedding, payload) VALUES (%s, %s, %s) "
+                "ON CONFLICT (id) DO UPDATE SET embedding = EXCLUDED.embedding, payload = EXCLUDED.payload"
+            ).format(self._table(name))
+            try:
+                async with conn.cursor() as cur:
+                    await cur.executemany(
+                        query, [(i, v, Jsonb(p)) for i, v, p in zip(ids, vectors, payloads, strict=True)]
+                    )
+            except psycopg.errors.UndefinedTable:
+                self._meta.pop(name, None)
+                raise CollectionNotFound(name) from None
+        metrics.OPS.labels(self.backend, "upsert", "ok").observe(time.perf_counter() - t0)
+        metrics.ROWS.labels(self.backend, "upsert").inc(len(ids))
+        return len(ids)
+
+    async def delete(self, name: str, ids: Sequence[str] | None = None, filter: str | None = None) -> int | None:
+        await self._ready()
+        where: list[str] = []
+        params: list[Any] = []
+        if ids is not None:
+            where.append("id = ANY(%s)")
+            params.append(list(ids))
+        if filter:
+            f_sql, f_params = to_sql(parse_filter(filter))
+            where.append(f_sql)
+            params.extend(f_params)
+        if not where:
+            raise InvalidVector("delete needs ids or a filter", param="ids")
+        async with self._conn() as conn:
+            await self._collection_meta(conn, name)
+            query = sql.SQL("DELETE FROM {} WHERE ").format(self._table(name)) + sql.SQL(" AND ".join(where))
+            try:
+                cur = await conn.execute(query, params)
+            except psycopg.errors.UndefinedTable:
+                self._meta.pop(name, None)
+                raise CollectionNotFound(name) from None
+            n = cur.rowcount
+        metrics.ROWS.labels(self.backend, "delete").inc(max(0, n))
+        return n
+
+    async def search(
+        self,
+        name: str,
+        vectors: Matrix,
+        top_k: int,
+        *,
+        filter: str | None = None,
+        output_fields: Sequence[str] | None = None,
+        include_vectors: bool = False,
+        ef: int | None = None,
+    ) -> list[list[Hit]]:
+        await self._ready()
+        f_sql, f_params = "", list[Any]()
+        if filter:
+            f_sql, f_params = to_sql(parse_filter(filter))
+        all_fields = output_fields is not None and "*" in output_fields
+        fields = [] if output_fields is None or all_fields else list(output_fields)
+        t0 = time.perf_counter()
+        async with self._conn() as conn:
+            dim, metric = await self._collection_meta(conn, name)
+            if vectors.shape[1] != dim:
+                raise InvalidVector(f"query vector has dimension {vectors.shape[1]}; collection {name!r} has {dim}")
+            op = _OPS[metric][0]
+            cols = [sql.SQL("id"), sql.SQL("embedding {} %s").format(sql.SQL(op))]
+            if all_fields:
+                cols.append(sql.SQL("payload"))
+            cols += [sql.SQL("payload -> %s") for _ in fields]
+            if include_vectors:
+                cols.append(sql.SQL("embedding"))
+            query = sql.SQL("SELECT {} FROM {}{} ORDER BY embedding {} %s LIMIT %s").format(
+                sql.SQL(", ").join(cols),
+                self._table(name),
+                sql.SQL(" WHERE " + f_sql) if f_sql else sql.SQL(""),
+                sql.SQL(op),
+            )
+            want_ef = ef or self.cfg.ef_search
+            if self._ef.get(conn) != want_ef:
+                await conn.execute(sql.SQL("SET hnsw.ef_search = {}").format(sql.Literal(want_ef)))
+                self._ef[conn] = want_ef
+            results: list[list[Hit]] = []
+            try:
+                if len(vectors) == 1:
+                    rows_per_query = [await self._one(conn, query, vectors[0], fields, f_params, top_k)]
+                else:
+                    async with conn.pipeline():
+                        curs = []
+                        for v in vectors:
+                            cur = conn.cursor()
+                            await cur.execute(query, [v, *fields, *f_params, v, top_k])
+                            curs.append(cur)
+                    rows_per_query = [await c.fetchall() for c in curs]
+            except psycopg.errors.UndefinedTable:
+                self._meta.pop(name, None)
+                raise CollectionNotFound(name) from None
+        for rows in rows_per_query:
+            hits = []
+            for row in rows:
+                payload: dict[str, Any] | None = None
+                i = 2
+                if all_fields:
+                    payload = row[2]
+                    i = 3
+                elif fields:
+                    payload = {f: row[i + j] for j, f in enumerate(fields) if row[i + j] is not None}
+                    i += len(fields)
+                vec = [float(x) for x in row[i]] if include_vectors else None
+                hits.append(Hit(row[0], _score(metric, float(row[1])), payload, vec))
+            results.append(hits)
+        metrics.OPS.labels(self.backend, "search", "ok").observe(time.perf_counter() - t0)
+        return results
+
+    async def _one(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        query: sql.Composed,
+        v: np.ndarray[Any, Any],
+        fields: list[str],
+        f_params: list[Any],
+        top_k: int,
+    ) -> list[tuple[Any, ...]]:
+        cur = await conn.execute(query, [v, *fields, *f_params, v, top_k])
+        return await cur.fetchall()
+
+    async def export(
+        self, name: str, *, batch_size: int = 1000, filter: str | None = None, include_vectors: bool = True
+    ) -> AsyncIterator[list[Record]]:
+        """Keyset pagination by id: a connection is held only while one batch is read."""
+        await self._ready()
+        f_sql, f_params = "", list[Any]()
+        if filter:
+            f_sql, f_params = to_sql(parse_filter(filter))
+        last: str | None = None
+        while True:
+            async with self._conn() as conn:
+                await self._collection_meta(conn, name)
+                conds = ([f_sql] if f_sql else []) + (["id > %s"] if last is not None else [])
+                query = sql.SQL("SELECT id, payload{} FROM {}{} ORDER BY id LIMIT %s").format(
+                    sql.SQL(", embedding") if include_vectors else sql.SQL(""),
+                    self._table(name),
+                    sql.SQL(" WHERE " + " AND ".join(conds)) if conds else sql.SQL(""),
+                )
+                params = [*f_params, *([last] if last is not None else []), batch_size]
+                try:
+                    cur = await conn.execute(query, params)
+                except psycopg.errors.UndefinedTable:
+                    raise CollectionNotFound(name) from None
+                rows = await cur.fetchall()
+            if not rows:
+                return
+            yield [Record(r[0], r[1], [float(x) for x in r[2]] if include_vectors else None) for r in rows]
+            last = rows[-1][0]
+            if len(rows) < batch_size:
+                return
+
+    async def build_index(self, name: str) -> CollectionInfo:
+        """pgvector maintains HNSW on insert; this rebuilds it (REINDEX), e.g. after bulk loads/deletes."""
+        await self._ready()
+        t0 = time.perf_counter()
+        log.info("pgvector: rebuilding the HNSW index of %s", name)
+        async with self._conn() as conn:
+            await self._collection_meta(conn, name)
+            await conn.execute(sql.SQL("SET statement_timeout = 0"))
+            try:
+                await conn.execute(
+                    sql.SQL("REINDEX INDEX {}.{}").format(self._schema, sql.Identifier(f"{TABLE_PREFIX}{name}_hnsw"))
+                )
+            finally:
+                await conn.execute(f"SET statement_timeout = {int(self.settings.op_timeout_s * 1000)}")
+        dt = time.perf_counter() - t0
+        metrics.INDEX_BUILD.labels(self.backend).observe(dt)
+        log.info("pgvector: index of %s rebuilt in %.1fs", name, dt)
+        return await self.describe_collection(name)
