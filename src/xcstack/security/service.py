@@ -1,0 +1,615 @@
+"""The security service: users, passwords, TOTP, lockout, sessions, API keys, roles — free of HTTP.
+
+Every decision is audited through the audit log (when one is attached): logins (success and
+failure), lockouts, logouts, password changes, user/role/key administration and every denial.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from xcstack.crypto.sm import sm3
+from xcstack.errors import BadRequest, Conflict, Forbidden, NotFound, RateLimited, Unauthorized
+from xcstack.security import passwords, totp
+from xcstack.security.audit.log import AuditLog
+from xcstack.security.lockout import Lockout, identity_key
+from xcstack.security.rbac import BUILTIN_ADMIN_ROLES, BUILTIN_ROLES, Role, allowed, check_custom_permissions
+from xcstack.security.secretbox import SecretBox, zero
+from xcstack.security.settings import SecuritySettings
+from xcstack.security.store import MIGRATIONS
+from xcstack.state.store import StateStore, Tx
+
+SESSION_PREFIX = "xcs_"
+KEY_PREFIX = "xck_"
+TOUCH_EVERY_S = 30.0  # last_seen is written at most this often per session (idle-timeout granularity)
+
+
+class InvalidCredentials(Unauthorized):
+    code = "invalid_credentials"
+
+
+class AccountLocked(RateLimited):
+    code = "account_locked"
+
+
+@dataclass(frozen=True)
+class Principal:
+    id: str
+    name: str
+    roles: tuple[str, ...]
+    kind: str = "user"  # user | api_key
+    session: str | None = None  # token hash of the session
+    restricted: str | None = None  # None | password_change | totp_enrollment
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "roles": list(self.roles), "kind": self.kind,
+                "restricted": self.restricted}
+
+
+SYSTEM = Principal("system", "system", (), kind="system")
+
+
+@dataclass
+class ReqInfo:
+    ip: str | None = None
+    request_id: str | None = None
+
+
+def token_hash(token: str) -> str:
+    return sm3(token.encode()).hex()
+
+
+@dataclass
+class _RoleCache:
+    custom: dict[str, Role] = field(default_factory=dict)
+    loaded_at: float = -1e18
+
+
+class SecurityService:
+    def __init__(
+        self,
+        settings: SecuritySettings,
+        store: StateStore,
+        secretbox: SecretBox,
+        lockout: Lockout,
+        audit: AuditLog | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.box = secretbox
+        self.lockout = lockout
+        self.audit_log = audit
+        self.clock = clock
+        self._roles = _RoleCache()
+        self.role_cache_ttl_s = 2.0
+
+    async def init(self) -> None:
+        await self.store.migrate("security", MIGRATIONS)
+
+    # -- audit ------------------------------------------------------------------------------------
+    async def audit(
+        self,
+        actor: str,
+        action: str,
+        resource: str,
+        outcome: str,
+        info: ReqInfo | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        if self.audit_log is None:
+            return
+        info = info or ReqInfo()
+        await self.audit_log.append(actor=actor, action=action, resource=resource, outcome=outcome, ip=info.ip,
+                                    request_id=info.request_id, detail=detail)
+
+    # -- bootstrap ---------------------------------------------------------------------------------
+    async def bootstrap(self) -> list[tuple[str, str, str]]:
+        """On first start (no users): create the three administrators, each with a one-time password
+        that must be changed at first login. Returns [(name, role, password)] — print once, never log."""
+        names = [(self.settings.admin_user, "sysadmin"), ("secadmin", "secadmin"), ("auditor", "auditor")]
+        now = self.clock()
+        created: list[tuple[str, str, str]] = []
+        prepared = []
+        for name, role in names:
+            pw = passwords.generate_password()
+            h = await asyncio.to_thread(passwords.hash_password, pw, self.settings.password_hash,
+                                        self.settings.pbkdf2_iterations)
+            prepared.append((name, role, pw, h))
+
+        def run(tx: Tx) -> bool:
+            row = tx.fetchone("SELECT COUNT(*) AS n FROM sec_users")
+            if row and int(row["n"]) > 0:
+                return False
+            for name, role, _, h in prepared:
+                tx.execute(
+                    "INSERT INTO sec_users (id, name, kind, roles, pw_hash, pw_changed_at, must_change, created_at)"
+                    " VALUES (?, ?, 'human', ?, ?, ?, 1, ?)",
+                    (uuid.uuid4().hex, name, json.dumps([role]), h, now, now),
+                )
+            return True
+
+        try:
+            made = await self.store.transaction(run)
+        except Exception:  # another worker won the race (unique name)
+            made = False
+        if made:
+            created = [(n, r, p) for n, r, p, _ in prepared]
+            for name, role, _ in created:
+                await self.audit("system", "user.bootstrap", f"user:{name}", "success", detail={"role": role})
+        return created
+
+    # -- users ---------------------------------------------------------------------------------------
+    async def get_user(self, name: str) -> dict[str, Any] | None:
+        return await self.store.fetchone("SELECT * FROM sec_users WHERE name = ?", (name,))
+
+    async def list_users(self) -> list[dict[str, Any]]:
+        rows = await self.store.fetchall("SELECT * FROM sec_users ORDER BY name")
+        return [self.public_user(r) for r in rows]
+
+    def public_user(self, r: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": r["id"], "name": r["name"], "kind": r["kind"], "roles": json.loads(r["roles"]),
+            "disabled": bool(r["disabled"]), "must_change_password": bool(r["must_change"]),
+            "totp_enabled": bool(r["totp_enabled"]), "created_at": r["created_at"],
+            "password_changed_at": r["pw_changed_at"],
+        }
+
+    async def _check_roles(self, roles: list[str]) -> None:
+        await self._load_roles(force=True)
+        for r in roles:
+            if r not in BUILTIN_ROLES and r not in self._roles.custom:
+                raise BadRequest(f"unknown role {r!r}", code="unknown_role")
+        if len([r for r in roles if r in BUILTIN_ADMIN_ROLES]) > 1:
+            raise BadRequest("a user may hold at most one of sysadmin, secadmin, auditor (三权分立)",
+                             code="separation_of_duties")
+
+    async def create_user(
+        self,
+        actor: Principal,
+        name: str,
+        roles: list[str],
+        kind: str = "human",
+        password: str | None = None,
+        info: ReqInfo | None = None,
+    ) -> tuple[dict[str, Any], str | None]:
+        """Create a user; without `password` a one-time password is generated (returned once) and must
+        be changed at first login."""
+        if kind not in ("human", "service"):
+            raise BadRequest("kind must be 'human' or 'service'", code="invalid_parameter")
+        if roles and actor.kind != "system" and not await self.is_allowed(actor, "security.role", "assign"):
+            await self.audit(actor.name, "user.create", f"user:{name}", "denied", info,
+                             {"reason": "role assignment needs security.role:assign", "roles": roles})
+            raise Forbidden("assigning roles is the security administrator's right (三权分立)", code="forbidden")
+        await self._check_roles(roles)
+        one_time = None
+        if password is None:
+            password = one_time = passwords.generate_password()
+        else:
+            passwords.check_policy(password, name, self.settings.password_min_length,
+                                   self.settings.password_min_classes)
+        h = await asyncio.to_thread(passwords.hash_password, password, self.settings.password_hash,
+                                    self.settings.pbkdf2_iterations)
+        now = self.clock()
+        uid = uuid.uuid4().hex
+
+        def run(tx: Tx) -> None:
+            if tx.fetchone("SELECT id FROM sec_users WHERE name = ?", (name,)):
+                raise Conflict(f"user {name!r} exists", code="user_exists")
+            tx.execute(
+                "INSERT INTO sec_users (id, name, kind, roles, pw_hash, pw_changed_at, must_change, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (uid, name, kind, json.dumps(roles), h, now, 1 if one_time else 0, now),
+            )
+            tx.execute("INSERT INTO sec_pw_history (user_id, pw_hash, created_at) VALUES (?, ?, ?)", (uid, h, now))
+
+        try:
+            await self.store.transaction(run)
+        except Conflict:
+            await self.audit(actor.name, "user.create", f"user:{name}", "failure", info, {"reason": "exists"})
+            raise
+        await self.audit(actor.name, "user.create", f"user:{name}", "success", info, {"roles": roles, "kind": kind})
+        user = await self.get_user(name)
+        assert user is not None
+        return self.public_user(user), one_time
+
+    async def _require_user(self, name: str) -> dict[str, Any]:
+        user = await self.get_user(name)
+        if user is None:
+            raise NotFound(f"no user {name!r}", code="user_not_found")
+        return user
+
+    async def set_disabled(self, actor: Principal, name: str, disabled: bool, info: ReqInfo | None = None) -> None:
+        user = await self._require_user(name)
+        if actor.id == user["id"] and disabled:
+            raise BadRequest("you cannot disable yourself", code="invalid_parameter")
+
+        def run(tx: Tx) -> None:
+            tx.execute("UPDATE sec_users SET disabled = ? WHERE id = ?", (1 if disabled else 0, user["id"]))
+            if disabled:  # revoke every session at once
+                tx.execute("DELETE FROM sec_sessions WHERE user_id = ?", (user["id"],))
+
+        await self.store.transaction(run)
+        await self.audit(actor.name, "user.disable" if disabled else "user.enable", f"user:{name}", "success", info)
+
+    async def delete_user(self, actor: Principal, name: str, info: ReqInfo | None = None) -> None:
+        user = await self._require_user(name)
+        if actor.id == user["id"]:
+            raise BadRequest("you cannot delete yourself", code="invalid_parameter")
+
+        def run(tx: Tx) -> None:
+            for sql in ("DELETE FROM sec_sessions WHERE user_id = ?", "DELETE FROM sec_pw_history WHERE user_id = ?",
+                        "UPDATE sec_api_keys SET revoked = 1 WHERE owner_id = ?", "DELETE FROM sec_users WHERE id = ?"):
+                tx.execute(sql, (user["id"],))
+
+        await self.store.transaction(run)
+        await self.audit(actor.name, "user.delete", f"user:{name}", "success", info)
+
+    async def set_roles(self, actor: Principal, name: str, roles: list[str], info: ReqInfo | None = None) -> None:
+        user = await self._require_user(name)
+        await self._check_roles(roles)
+        await self.store.execute("UPDATE sec_users SET roles = ? WHERE id = ?", (json.dumps(roles), user["id"]))
+        await self.audit(actor.name, "user.roles", f"user:{name}", "success", info,
+                         {"old": json.loads(user["roles"]), "new": roles})
+
+    async def reset_password(self, actor: Principal, name: str, info: ReqInfo | None = None) -> str:
+        """A new one-time password (must be changed at next login); the user's sessions are revoked."""
+        user = await self._require_user(name)
+        pw = passwords.generate_password()
+        h = await asyncio.to_thread(passwords.hash_password, pw, self.settings.password_hash,
+                                    self.settings.pbkdf2_iterations)
+        now = self.clock()
+
+        def run(tx: Tx) -> None:
+            tx.execute("UPDATE sec_users SET pw_hash = ?, pw_changed_at = ?, must_change = 1 WHERE id = ?",
+                       (h, now, user["id"]))
+            tx.execute("DELETE FROM sec_sessions WHERE user_id = ?", (user["id"],))
+
+        await self.store.transaction(run)
+        await self.lockout.reset(identity_key(name))
+        await self.audit(actor.name, "user.password_reset", f"user:{name}", "success", info)
+        return pw
+
+    # -- login -----------------------------------------------------------------------------------------
+    async def login(
+        self,
+        username: str,
+        password: str,
+        totp_code: str | None = None,
+        recovery_code: str | None = None,
+        info: ReqInfo | None = None,
+    ) -> dict[str, Any]:
+        key = identity_key(username)
+        resource = f"user:{username[:64]}"
+        locked = await self.lockout.locked_for(key)
+        if locked > 0:
+            await self.audit(username[:64], "auth.login", resource, "denied", info, {"reason": "locked"})
+            raise AccountLocked("too many failed attempts; the account is locked", retry_after=locked)
+        user = await self.get_user(username)
+        stored = user["pw_hash"] if user and user["pw_hash"] else passwords.dummy_hash(
+            self.settings.password_hash, self.settings.pbkdf2_iterations)
+        ok = await asyncio.to_thread(passwords.verify_password, password, stored)
+        if not ok or user is None or user["disabled"]:
+            await self._fail(key, username, resource, info, "bad_password" if user else "unknown_user")
+            raise InvalidCredentials("invalid user name or password")
+        restricted: str | None = None
+        now = self.clock()
+        if user["totp_enabled"]:
+            if not totp_code and not recovery_code:
+                await self.audit(username, "auth.login", resource, "failure", info, {"reason": "totp_missing"})
+                raise Unauthorized("a TOTP code (or a recovery code) is required", code="totp_required")
+            if totp_code:
+                step = await self._totp_check(user, totp_code, now)
+                if step is None:
+                    await self._fail(key, username, resource, info, "bad_totp")
+                    raise InvalidCredentials("invalid or already used TOTP code", code="invalid_totp")
+            else:
+                assert recovery_code is not None
+                if not await self._use_recovery(user, recovery_code):
+                    await self._fail(key, username, resource, info, "bad_recovery_code")
+                    raise InvalidCredentials("invalid recovery code", code="invalid_totp")
+        elif self.settings.totp_required and user["kind"] == "human":
+            restricted = "totp_enrollment"
+        expired = now - float(user["pw_changed_at"]) > self.settings.password_max_age_days * 86400
+        if user["must_change"] or expired:
+            restricted = "password_change"
+        await self.lockout.reset(key)
+        token = SESSION_PREFIX + secrets.token_urlsafe(32)  # 256 bits
+        await self.store.execute(
+            "INSERT INTO sec_sessions (token_hash, user_id, created_at, last_seen, restricted) VALUES (?, ?, ?, ?, ?)",
+            (token_hash(token), user["id"], now, now, restricted),
+        )
+        await self.audit(username, "auth.login", resource, "success", info,
+                         {"restricted": restricted} if restricted else None)
+        return {
+            "token": token, "token_type": "bearer", "idle_timeout_s": self.settings.session_idle_s,
+            "expires_at": now + self.settings.session_absolute_s, "restricted": restricted,
+            "password_expired": bool(expired),
+        }
+
+    async def _fail(self, key: str, username: str, resource: str, info: ReqInfo | None, reason: str) -> None:
+        locked = await self.lockout.failure(key)
+        await self.audit(username[:64], "auth.login", resource, "failure", info, {"reason": reason})
+        if locked > 0:
+            await self.audit("system", "auth.lockout", resource, "success", info,
+                             {"lock_s": round(locked, 1), "threshold": self.settings.lockout_threshold})
+
+    async def _totp_secret(self, user: dict[str, Any]) -> str:
+        buf = await self.box.open(base64.b64decode(user["totp_secret"]), b"totp:" + user["id"].encode())
+        try:
+            return buf.decode()  # pyotp needs a str: cannot be wiped (documented)
+        finally:
+            zero(buf)
+
+    async def _totp_check(self, user: dict[str, Any], code: str, now: float) -> int | None:
+        secret = await self._totp_secret(user)
+        step = totp.verify(secret, code, now, int(user["totp_last_step"]))
+        if step is None:
+            return None
+        # compare-and-set: two concurrent logins with the same code cannot both win
+        n = await self.store.execute(
+            "UPDATE sec_users SET totp_last_step = ? WHERE id = ? AND totp_last_step < ?", (step, user["id"], step)
+        )
+        return step if n == 1 else None
+
+    async def _use_recovery(self, user: dict[str, Any], code: str) -> bool:
+        stored = json.loads(user["recovery"] or "[]")
+        h = totp.hash_recovery_code(code, user["id"])
+        match = [x for x in stored if hmac.compare_digest(x, h)]
+        if not match:
+            return False
+        rest = [x for x in stored if x != match[0]]
+        n = await self.store.execute("UPDATE sec_users SET recovery = ? WHERE id = ? AND recovery = ?",
+                                     (json.dumps(rest), user["id"], user["recovery"]))
+        return n == 1
+
+    # -- sessions ----------------------------------------------------------------------------------------
+    async def authenticate(self, token: str) -> Principal | None:
+        """The principal of a bearer token (session or API key), or None."""
+        if token.startswith(KEY_PREFIX):
+            return await self._auth_key(token)
+        if not token.startswith(SESSION_PREFIX) or len(token) > 128:
+            return None
+        th = token_hash(token)
+        row = await self.store.fetchone(
+            "SELECT s.user_id, s.created_at, s.last_seen, s.restricted, u.name, u.roles, u.disabled "
+            "FROM sec_sessions s JOIN sec_users u ON u.id = s.user_id WHERE s.token_hash = ?", (th,)
+        )
+        if row is None:
+            return None
+        now = self.clock()
+        if (
+            row["disabled"]
+            or now - float(row["last_seen"]) > self.settings.session_idle_s
+            or now - float(row["created_at"]) > self.settings.session_absolute_s
+        ):
+            await self.store.execute("DELETE FROM sec_sessions WHERE token_hash = ?", (th,))
+            return None
+        if now - float(row["last_seen"]) >= min(TOUCH_EVERY_S, self.settings.session_idle_s / 4):
+            await self.store.execute("UPDATE sec_sessions SET last_seen = ? WHERE token_hash = ?", (now, th))
+        return Principal(row["user_id"], row["name"], tuple(json.loads(row["roles"])), "user", th, row["restricted"])
+
+    async def logout(self, principal: Principal, info: ReqInfo | None = None) -> None:
+        if principal.session:
+            await self.store.execute("DELETE FROM sec_sessions WHERE token_hash = ?", (principal.session,))
+        await self.audit(principal.name, "auth.logout", f"user:{principal.name}", "success", info)
+
+    async def change_password(self, principal: Principal, old: str, new: str, info: ReqInfo | None = None) -> None:
+        if principal.kind != "user":
+            raise Forbidden("API keys have no password", code="forbidden")
+        user = await self._require_user(principal.name)
+        resource = f"user:{principal.name}"
+        if not await asyncio.to_thread(passwords.verify_password, old, user["pw_hash"]):
+            await self._fail(identity_key(principal.name), principal.name, resource, info, "bad_old_password")
+            await self.audit(principal.name, "user.password_change", resource, "failure", info,
+                             {"reason": "bad_old_password"})
+            raise InvalidCredentials("the current password is wrong")
+        try:
+            passwords.check_policy(new, principal.name, self.settings.password_min_length,
+                                   self.settings.password_min_classes)
+            history = await self.store.fetchall(
+                "SELECT pw_hash FROM sec_pw_history WHERE user_id = ? ORDER BY created_at DESC LIMIT ?",
+                (user["id"], self.settings.password_history),
+            )
+            for h in [user["pw_hash"], *[r["pw_hash"] for r in history]]:
+                if await asyncio.to_thread(passwords.verify_password, new, h):
+                    raise passwords.PasswordPolicyError(
+                        f"password must differ from the last {self.settings.password_history} passwords")
+        except passwords.PasswordPolicyError as exc:
+            await self.audit(principal.name, "user.password_change", resource, "failure", info,
+                             {"reason": exc.message})
+            raise
+        h = await asyncio.to_thread(passwords.hash_password, new, self.settings.password_hash,
+                                    self.settings.pbkdf2_iterations)
+        now = self.clock()
+        keep = self.settings.password_history
+
+        def run(tx: Tx) -> None:
+            tx.execute("UPDATE sec_users SET pw_hash = ?, pw_changed_at = ?, must_change = 0 WHERE id = ?",
+                       (h, now, user["id"]))
+            tx.execute("INSERT INTO sec_pw_history (user_id, pw_hash, created_at) VALUES (?, ?, ?)",
+                       (user["id"], h, now))
+            old_rows = tx.fetchall("SELECT created_at FROM sec_pw_history WHERE user_id = ? ORDER BY created_at DESC",
+                                   (user["id"],))
+            if len(old_rows) > keep:
+                tx.execute("DELETE FROM sec_pw_history WHERE user_id = ? AND created_at < ?",
+                           (user["id"], old_rows[keep - 1]["created_at"]))
+            # other sessions of this user end; this one continues, unrestricted unless TOTP enrolment is due
+            tx.execute("DELETE FROM sec_sessions WHERE user_id = ? AND token_hash <> ?",
+                       (user["id"], principal.session or ""))
+            nxt = "totp_enrollment" if (self.settings.totp_required and user["kind"] == "human"
+                                        and not user["totp_enabled"]) else None
+            tx.execute("UPDATE sec_sessions SET restricted = ? WHERE token_hash = ?", (nxt, principal.session or ""))
+
+        await self.store.transaction(run)
+        await self.audit(principal.name, "user.password_change", resource, "success", info)
+
+    # -- TOTP enrolment -----------------------------------------------------------------------------------
+    async def totp_begin(self, principal: Principal, info: ReqInfo | None = None) -> dict[str, str]:
+        user = await self._require_user(principal.name)
+        if user["totp_enabled"]:
+            raise Conflict("TOTP is already enrolled; ask an administrator to reset it", code="totp_enrolled")
+        secret = totp.new_secret()
+        sealed = await self.box.seal(secret.encode(), b"totp:" + user["id"].encode())
+        await self.store.execute("UPDATE sec_users SET totp_secret = ? WHERE id = ?",
+                                 (base64.b64encode(sealed).decode(), user["id"]))
+        uri = totp.provisioning_uri(secret, principal.name, self.settings.totp_issuer)
+        await self.audit(principal.name, "user.totp_begin", f"user:{principal.name}", "success", info)
+        return {"secret": secret, "otpauth_uri": uri, "qr": totp.terminal_qr(uri)}
+
+    async def totp_confirm(self, principal: Principal, code: str, info: ReqInfo | None = None) -> list[str]:
+        """Activate TOTP with a first valid code; returns the recovery codes (shown once, stored hashed)."""
+        user = await self._require_user(principal.name)
+        if user["totp_enabled"] or not user["totp_secret"]:
+            raise Conflict("no TOTP enrolment in progress", code="totp_not_pending")
+        step = await self._totp_check(user, code, self.clock())
+        if step is None:
+            await self.audit(principal.name, "user.totp_confirm", f"user:{principal.name}", "failure", info)
+            raise BadRequest("invalid TOTP code", code="invalid_totp")
+        codes = totp.new_recovery_codes(self.settings.recovery_codes)
+        hashed = [totp.hash_recovery_code(c, user["id"]) for c in codes]
+
+        def run(tx: Tx) -> None:
+            tx.execute("UPDATE sec_users SET totp_enabled = 1, recovery = ? WHERE id = ?",
+                       (json.dumps(hashed), user["id"]))
+            tx.execute("UPDATE sec_sessions SET restricted = NULL WHERE user_id = ? AND restricted = ?",
+                       (user["id"], "totp_enrollment"))
+
+        await self.store.transaction(run)
+        await self.audit(principal.name, "user.totp_enabled", f"user:{principal.name}", "success", info)
+        return codes
+
+    async def totp_reset(self, actor: Principal, name: str, info: ReqInfo | None = None) -> None:
+        user = await self._require_user(name)
+        await self.store.execute(
+            "UPDATE sec_users SET totp_enabled = 0, totp_secret = NULL, recovery = NULL, totp_last_step = 0 "
+            "WHERE id = ?", (user["id"],))
+        await self.store.execute("DELETE FROM sec_sessions WHERE user_id = ?", (user["id"],))
+        await self.audit(actor.name, "user.totp_reset", f"user:{name}", "success", info)
+
+    # -- API keys ----------------------------------------------------------------------------------------
+    async def create_api_key(
+        self, actor: Principal, name: str, roles: list[str], days: int | None = None, info: ReqInfo | None = None
+    ) -> dict[str, Any]:
+        await self._check_roles(roles)
+        for r in roles:  # a key never carries more power than its creator
+            if r in BUILTIN_ROLES and r not in actor.roles:
+                raise Forbidden(f"you cannot issue a key with role {r!r} that you do not hold", code="forbidden")
+        days = days or self.settings.api_key_max_days
+        if not 1 <= days <= self.settings.api_key_max_days:
+            raise BadRequest(f"days must be 1..{self.settings.api_key_max_days}", code="invalid_parameter")
+        kid = secrets.token_hex(8)
+        secret = secrets.token_urlsafe(32)
+        token = f"{KEY_PREFIX}{kid}_{secret}"
+        now = self.clock()
+        await self.store.execute(
+            "INSERT INTO sec_api_keys (id, name, key_hash, owner_id, roles, created_at, expires_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (kid, name, token_hash(token), actor.id, json.dumps(roles), now, now + days * 86400),
+        )
+        await self.audit(actor.name, "apikey.create", f"apikey:{kid}", "success", info,
+                         {"name": name, "roles": roles, "days": days})
+        return {"id": kid, "name": name, "roles": roles, "expires_at": now + days * 86400, "key": token}
+
+    async def list_api_keys(self) -> list[dict[str, Any]]:
+        rows = await self.store.fetchall("SELECT * FROM sec_api_keys ORDER BY created_at")
+        return [{"id": r["id"], "name": r["name"], "roles": json.loads(r["roles"]), "owner_id": r["owner_id"],
+                 "created_at": r["created_at"], "expires_at": r["expires_at"], "revoked": bool(r["revoked"])}
+                for r in rows]
+
+    async def revoke_api_key(self, actor: Principal, kid: str, info: ReqInfo | None = None) -> None:
+        n = await self.store.execute("UPDATE sec_api_keys SET revoked = 1 WHERE id = ?", (kid,))
+        if n == 0:
+            raise NotFound(f"no API key {kid!r}", code="apikey_not_found")
+        await self.audit(actor.name, "apikey.revoke", f"apikey:{kid}", "success", info)
+
+    async def _auth_key(self, token: str) -> Principal | None:
+        parts = token[len(KEY_PREFIX):].split("_", 1)
+        if len(parts) != 2 or len(token) > 128:
+            return None
+        row = await self.store.fetchone(
+            "SELECT k.*, u.disabled FROM sec_api_keys k JOIN sec_users u ON u.id = k.owner_id WHERE k.id = ?",
+            (parts[0],),
+        )
+        if row is None or not hmac.compare_digest(row["key_hash"], token_hash(token)):
+            return None
+        if row["revoked"] or row["disabled"] or self.clock() >= float(row["expires_at"]):
+            return None
+        return Principal(f"apikey:{row['id']}", f"apikey:{row['name']}", tuple(json.loads(row["roles"])), "api_key")
+
+    # -- roles -------------------------------------------------------------------------------------------
+    async def _load_roles(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._roles.loaded_at < self.role_cache_ttl_s:
+            return
+        rows = await self.store.fetchall("SELECT * FROM sec_roles")
+        self._roles.custom = {
+            r["name"]: Role(r["name"], tuple(tuple(p) for p in json.loads(r["allow_perms"])),  # type: ignore[misc]
+                            tuple(tuple(p) for p in json.loads(r["deny_perms"])),  # type: ignore[misc]
+                            False, r["description"])
+            for r in rows
+        }
+        self._roles.loaded_at = now
+
+    async def list_roles(self) -> list[dict[str, Any]]:
+        await self._load_roles(force=True)
+        return [r.to_dict() for r in [*BUILTIN_ROLES.values(), *self._roles.custom.values()]]
+
+    async def create_role(
+        self,
+        actor: Principal,
+        name: str,
+        allow: list[tuple[str, str]],
+        deny: list[tuple[str, str]] | None = None,
+        description: str = "",
+        info: ReqInfo | None = None,
+    ) -> dict[str, Any]:
+        if name in BUILTIN_ROLES:
+            raise Conflict(f"{name!r} is a built-in role", code="role_exists")
+        try:
+            check_custom_permissions(allow)
+        except ValueError as exc:
+            await self.audit(actor.name, "role.create", f"role:{name}", "denied", info, {"reason": str(exc)})
+            raise BadRequest(str(exc), code="separation_of_duties") from None
+        deny = deny or []
+
+        def run(tx: Tx) -> None:
+            if tx.fetchone("SELECT name FROM sec_roles WHERE name = ?", (name,)):
+                raise Conflict(f"role {name!r} exists", code="role_exists")
+            tx.execute("INSERT INTO sec_roles (name, allow_perms, deny_perms, description, created_at) "
+                       "VALUES (?, ?, ?, ?, ?)", (name, json.dumps(allow), json.dumps(deny), description, self.clock()))
+
+        await self.store.transaction(run)
+        await self._load_roles(force=True)
+        await self.audit(actor.name, "role.create", f"role:{name}", "success", info, {"allow": allow, "deny": deny})
+        return self._roles.custom[name].to_dict()
+
+    async def delete_role(self, actor: Principal, name: str, info: ReqInfo | None = None) -> None:
+        if name in BUILTIN_ROLES:
+            raise BadRequest(f"{name!r} is a built-in role", code="builtin_role")
+        n = await self.store.execute("DELETE FROM sec_roles WHERE name = ?", (name,))
+        if n == 0:
+            raise NotFound(f"no role {name!r}", code="role_not_found")
+        await self._load_roles(force=True)
+        await self.audit(actor.name, "role.delete", f"role:{name}", "success", info)
+
+    async def is_allowed(self, principal: Principal, resource: str, action: str) -> bool:
+        await self._load_roles()
+        return allowed(self._roles_of(principal), resource, action)
+
+    def _roles_of(self, principal: Principal) -> list[Role]:
+        out = []
+        for n in principal.roles:
+            r = BUILTIN_ROLES.get(n) or self._roles.custom.get(n)
+            if r is not None:
+                out.append(r)
+        return out

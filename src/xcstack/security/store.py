@@ -1,0 +1,35 @@
+"""State-store schema of the security capability (namespace "security")."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_COMMON = """
+CREATE TABLE IF NOT EXISTS sec_users (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, kind TEXT NOT NULL, roles TEXT NOT NULL,
+    pw_hash TEXT, pw_changed_at {real} NOT NULL, must_change INTEGER NOT NULL DEFAULT 0,
+    disabled INTEGER NOT NULL DEFAULT 0, totp_secret TEXT, totp_enabled INTEGER NOT NULL DEFAULT 0,
+    totp_last_step BIGINT NOT NULL DEFAULT 0, recovery TEXT, created_at {real} NOT NULL);
+CREATE TABLE IF NOT EXISTS sec_pw_history (
+    user_id TEXT NOT NULL, pw_hash TEXT NOT NULL, created_at {real} NOT NULL);
+CREATE INDEX IF NOT EXISTS sec_pw_history_user ON sec_pw_history (user_id, created_at);
+CREATE TABLE IF NOT EXISTS sec_sessions (
+    token_hash TEXT PRIMARY KEY, user_id TEXT NOT NULL, created_at {real} NOT NULL,
+    last_seen {real} NOT NULL, restricted TEXT);
+CREATE INDEX IF NOT EXISTS sec_sessions_user ON sec_sessions (user_id);
+CREATE TABLE IF NOT EXISTS sec_api_keys (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, key_hash TEXT NOT NULL, owner_id TEXT NOT NULL,
+    roles TEXT NOT NULL, created_at {real} NOT NULL, expires_at {real} NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS sec_roles (
+    name TEXT PRIMARY KEY, allow_perms TEXT NOT NULL, deny_perms TEXT NOT NULL, description TEXT NOT NULL,
+    created_at {real} NOT NULL);
+CREATE TABLE IF NOT EXISTS sec_lockout (
+    k TEXT PRIMARY KEY, failures INTEGER NOT NULL, locked_until {real} NOT NULL, updated_at {real} NOT NULL);
+CREATE TABLE IF NOT EXISTS sec_secrets (
+    name TEXT PRIMARY KEY, sealed TEXT NOT NULL, updated_at {real} NOT NULL)
+"""
+
+MIGRATIONS: list[Any] = [
+    {"sqlite": _COMMON.format(real="REAL"), "postgres": _COMMON.format(real="DOUBLE PRECISION")},
+]
