@@ -63,7 +63,8 @@ def test_graph_has_pooling_and_norm_inside() -> None:
     ops = {n.op_type for n in model.graph.node}
     assert {"ReduceSum", "ReduceL2", "Div", "LayerNormalization", "Erf"} <= ops
     assert [o.name for o in model.graph.output] == ["embeddings"]
-    assert facts == {"dimensions": 384, "max_seq_length": 256, "pooling": "mean", "layers": 6}
+    assert facts == {"dimensions": 384, "max_seq_length": 256, "pooling": "mean", "layers": 6,
+                     "max_positions": 512, "vocab_size": 30522}
 
 
 def test_import_rejects_bad_sources(tmp_path: Path) -> None:

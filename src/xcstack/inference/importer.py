@@ -286,6 +286,8 @@ def build_bert_onnx(src: Path, *, pooling: str | None = None) -> tuple[Any, dict
         "max_seq_length": _max_seq_length(src, cfg),
         "pooling": pool,
         "layers": cfg.num_layers,
+        "max_positions": cfg.max_positions,
+        "vocab_size": cfg.vocab_size,
     }
     return model, facts
 
@@ -297,8 +299,10 @@ def model_config(name: str, facts: dict[str, Any], *, quantized: str | None, sou
         "platform": "onnxruntime",
         "kind": "embedding",
         "inputs": [
-            {"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]},
-            {"name": "attention_mask", "datatype": "INT64", "shape": [-1, -1]},
+            {"name": "input_ids", "datatype": "INT64", "shape": [-1, -1],
+             "max_shape": [-1, facts["max_positions"]], "value_range": [0, facts["vocab_size"] - 1]},
+            {"name": "attention_mask", "datatype": "INT64", "shape": [-1, -1],
+             "max_shape": [-1, facts["max_positions"]], "value_range": [0, 1]},
         ],
         "outputs": [{"name": "embeddings", "datatype": "FP32", "shape": [-1, facts["dimensions"]]}],
         "max_batch_size": 32,

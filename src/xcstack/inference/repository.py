@@ -33,6 +33,18 @@ class TensorSpec(BaseModel):
     datatype: str
     shape: list[int] = Field(min_length=1, max_length=16, description="-1 = variable; dim 0 is the batch")
     allow_non_finite: bool = False
+    max_shape: list[int] | None = Field(None, description="upper bounds per dim (-1 = none), checked before batching")
+    value_range: list[float] | None = Field(
+        None, min_length=2, max_length=2, description="[min, max] allowed values (ids, masks), checked before batching"
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> TensorSpec:
+        if self.max_shape is not None and len(self.max_shape) != len(self.shape):
+            raise ValueError("max_shape must have as many dims as shape")
+        if self.value_range is not None and self.value_range[0] > self.value_range[1]:
+            raise ValueError("value_range: min > max")
+        return self
 
     @field_validator("datatype")
     @classmethod

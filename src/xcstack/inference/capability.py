@@ -1,0 +1,151 @@
+"""The inference capability: model repository, model workers (side processes), KServe v2 and
+OpenAI embeddings routes, and the `local_embedder` service for other capabilities.
+
+`ctx.provide("local_embedder", fn)`: `await fn(model: str | None, inputs: list[str])` returns
+`(vectors: numpy float32 [n, dims], usage: {"prompt_tokens", "total_tokens"})`; it raises XCError
+(404 unknown model, 503 retriable overload / worker down, 504 timeout).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from starlette.routing import BaseRoute
+
+from xcstack.capability import AppContext, SideProcessSpec
+from xcstack.errors import NotFound, Overloaded
+from xcstack.inference import metrics
+from xcstack.inference.client import Backend, InlineBackend, ProcessBackend
+from xcstack.inference.protocol import EmbeddingsRequest, texts_of
+from xcstack.inference.repository import ModelRepository
+from xcstack.inference.worker import WORKER_ENV, current_plan, socket_path, worker_count, worker_cpus
+
+if TYPE_CHECKING:
+    from xcstack.config import Settings
+
+
+class InferenceCapability:
+    name = "inference"
+
+    def __init__(self, settings: Settings, *, backend: Backend | None = None, total_workers: int | None = None,
+                 mount_embeddings: bool = True) -> None:
+        self.root_settings = settings
+        self.settings = settings.inference
+        self.repo = ModelRepository(self.settings.repository_dir(settings.data_dir)).scan()
+        self.mount_embeddings = mount_embeddings
+        if backend is None:
+            n = total_workers
+            if n is None and self.settings.mode == "process":
+                n = worker_count(settings, None if self.settings.workers else current_plan(settings))
+            if self.settings.mode == "inline" or not n:
+                backend = InlineBackend(self.repo, self.settings)
+            else:
+                backend = ProcessBackend(self.repo, self.settings, [str(socket_path(settings, i)) for i in range(n)])
+        self.backend = backend
+
+    # --- Capability protocol ---------------------------------------------------------------------
+    def routes(self) -> Sequence[BaseRoute]:
+        from xcstack.inference.routes import InferenceRoutes
+
+        return InferenceRoutes(self).routes(embeddings=self.mount_embeddings)
+
+    async def start(self) -> None:
+        await self.backend.start()
+
+    async def stop(self) -> None:
+        await self.backend.stop()
+
+    async def ready(self) -> tuple[bool, str]:
+        if not self.repo.models():
+            return False, f"no usable model in {self.repo.root} (run: xcstack model import-default)"
+        return await self.backend.ready()
+
+    def loaded_models(self) -> set[str]:
+        if isinstance(self.backend, InlineBackend):
+            return set(self.backend.core.models)
+        if isinstance(self.backend, ProcessBackend):
+            return set(self.backend.holders)
+        return {m.name for m in self.repo.models()}
+
+    # --- services --------------------------------------------------------------------------------
+    def _embedding_model(self, name: str | None) -> str:
+        model = name or self.settings.default_embedding_model
+        entry = self.repo.get(model)
+        if entry is None:
+            raise NotFound(f"model {model!r} is not in the model repository", code="model_not_found")
+        if entry.config is None:
+            raise Overloaded(f"model {model!r} is unavailable: {entry.error}", code="model_unavailable")
+        if entry.config.kind != "embedding":
+            raise NotFound(f"model {model!r} is not an embedding model", code="model_not_found")
+        return model
+
+    async def embed(self, model: str | None, inputs: list[str]) -> tuple[np.ndarray, dict[str, int]]:
+        """The `local_embedder` service: texts -> unit-norm float32 vectors [n, dims] and usage."""
+        name = self._embedding_model(model)
+        try:
+            vectors, tokens = await self.backend.embed(name, inputs, self.settings.request_timeout_s)
+        except Exception:
+            metrics.REQUESTS.labels(name, "embed", "error").inc()
+            raise
+        metrics.REQUESTS.labels(name, "embed", "ok").inc()
+        return vectors, {"prompt_tokens": tokens, "total_tokens": tokens}
+
+    async def embed_request(self, name: str, req: EmbeddingsRequest) -> tuple[np.ndarray, dict[str, int]]:
+        from xcstack.errors import BadRequest
+
+        texts = texts_of(req, self.settings.max_inputs, self.settings.max_input_chars)
+        model = self._embedding_model(name)
+        dims = self.repo.get(model).config.dimensions  # type: ignore[union-attr]
+        if req.dimensions is not None and dims is not None and req.dimensions != dims:
+            raise BadRequest(f"dimensions: model {model} produces {dims}-dimensional vectors only",
+                             code="invalid_parameter", param="dimensions")
+        return await self.embed(model, texts)
+
+    def handles_embedding_model(self, model: str | None) -> bool:
+        """For a combined /v1/embeddings: True when `model` (or the default) is a local embedding model."""
+        entry = self.repo.get(model or self.settings.default_embedding_model)
+        return entry is not None and entry.config is not None and entry.config.kind == "embedding"
+
+
+def create(ctx: AppContext) -> InferenceCapability | None:
+    if not ctx.settings.inference.enabled:
+        return None
+    gateway_has_embeddings = ctx.get("gateway_embeddings") is not None
+    cap = InferenceCapability(ctx.settings, mount_embeddings=not gateway_has_embeddings)
+    ctx.provide("local_embedder", cap.embed)
+    ctx.provide("local_embeddings_endpoint", _endpoint(cap))
+    ctx.provide("local_embedding_models", cap.handles_embedding_model)
+    return cap
+
+
+def _endpoint(cap: InferenceCapability) -> Any:
+    from xcstack.inference.routes import InferenceRoutes
+
+    return InferenceRoutes(cap).embeddings
+
+
+def side_processes(settings: Settings, plan: Any) -> list[SideProcessSpec]:
+    """One model worker per core slot of the tuning plan (or [inference] workers / worker_cpus)."""
+    inf = settings.inference
+    if not inf.enabled or inf.mode != "process":
+        return []
+    n = worker_count(settings, plan)
+    if n <= 0:
+        return []
+    cpus = worker_cpus(settings, plan)
+
+    def ready(index: int) -> bool:
+        return socket_path(settings, index).exists()
+
+    return [
+        SideProcessSpec(
+            name="model-worker",
+            target="xcstack.inference.worker:main",
+            instances=n,
+            cpus=[cpus[i % len(cpus)] for i in range(n)] if cpus else (),
+            env=dict(WORKER_ENV),
+            ready_check=ready,
+        )
+    ]

@@ -1,0 +1,129 @@
+"""HTTP adapter of the inference capability: KServe v2 (`/v2/...`) and OpenAI `/v1/embeddings`.
+
+`InferenceRoutes.embeddings` is a plain Starlette endpoint; the integrator may mount it directly or call
+it from a combined `/v1/embeddings` dispatcher (local model names here, upstream ones in the gateway):
+`InferenceRoutes.serves(model)` says whether a model name is local.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from xcstack.errors import NotFound, Overloaded, PayloadTooLarge
+from xcstack.httputil import JSONResponse, content_length, read_model
+from xcstack.inference import metrics
+from xcstack.inference.protocol import (
+    HEADER_LENGTH,
+    EmbeddingsRequest,
+    decode_infer_request,
+    decompress,
+    embeddings_response,
+    encode_infer_response,
+)
+from xcstack.security.guard import authorize, requires
+
+if TYPE_CHECKING:
+    from xcstack.inference.capability import InferenceCapability
+
+
+class InferenceRoutes:
+    def __init__(self, cap: InferenceCapability) -> None:
+        self.cap = cap
+
+    def routes(self, *, embeddings: bool = True) -> list[BaseRoute]:
+        r: list[BaseRoute] = [
+            Route("/v2", self.server_metadata, methods=["GET"]),
+            Route("/v2/health/live", self.live, methods=["GET"]),
+            Route("/v2/health/ready", self.ready, methods=["GET"]),
+            Route("/v2/models/{name}", self.model_metadata, methods=["GET"]),
+            Route("/v2/models/{name}/ready", self.model_ready, methods=["GET"]),
+            Route("/v2/models/{name}/versions/{version}", self.model_metadata, methods=["GET"]),
+            Route("/v2/models/{name}/versions/{version}/ready", self.model_ready, methods=["GET"]),
+            Route("/v2/models/{name}/infer", self.infer, methods=["POST"]),
+            Route("/v2/models/{name}/versions/{version}/infer", self.infer, methods=["POST"]),
+            Route("/v2/repository/index", self.repository_index, methods=["POST", "GET"]),
+        ]
+        if embeddings:
+            r.append(Route("/v1/embeddings", self.embeddings, methods=["POST"]))
+        return r
+
+    # --- health and metadata ---------------------------------------------------------------------
+    async def server_metadata(self, request: Request) -> Response:
+        return JSONResponse({"name": "xcstack", "version": "0.1.0", "extensions": ["binary_tensor_data"]})
+
+    async def live(self, request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    async def ready(self, request: Request) -> Response:
+        ok, detail = await self.cap.ready()
+        return JSONResponse({"ready": ok, "detail": detail}, status_code=200 if ok else 503)
+
+    def _config(self, request: Request) -> Any:
+        name = request.path_params["name"]
+        version = request.path_params.get("version")
+        entry = self.cap.repo.get(name)
+        if entry is None or (version is not None and version != "1"):
+            raise NotFound(f"model {name!r}{' version ' + version if version else ''} is not in the repository",
+                           code="model_not_found")
+        if entry.config is None:
+            raise Overloaded(f"model {name!r} is unavailable: {entry.error}", code="model_unavailable")
+        return entry.config
+
+    @requires("inference", "read")
+    async def model_metadata(self, request: Request) -> Response:
+        cfg = self._config(request)
+        await authorize(request, f"model:{cfg.name}", "read")
+        return JSONResponse(cfg.metadata())
+
+    @requires("inference", "read")
+    async def model_ready(self, request: Request) -> Response:
+        cfg = self._config(request)
+        ok = cfg.name in self.cap.loaded_models()
+        return JSONResponse({"name": cfg.name, "ready": ok}, status_code=200 if ok else 503)
+
+    @requires("inference", "read")
+    async def repository_index(self, request: Request) -> Response:
+        return JSONResponse(self.cap.repo.index())
+
+    # --- inference -------------------------------------------------------------------------------
+    @requires("inference", "infer")
+    async def infer(self, request: Request) -> Response:
+        cfg = self._config(request)
+        await authorize(request, f"model:{cfg.name}", "infer")
+        limit = self.cap.settings.max_tensor_bytes
+        declared = content_length(request)
+        if declared is not None and declared > limit:
+            raise PayloadTooLarge(f"request body is {declared} bytes; the inference limit is {limit}")
+        body = await request.body()
+        if len(body) > limit:
+            raise PayloadTooLarge(f"request body is {len(body)} bytes; the inference limit is {limit}")
+        body = decompress(body, request.headers.get("content-encoding"), limit)
+        req = decode_infer_request(body, request.headers.get(HEADER_LENGTH), cfg)
+        try:
+            results = await self.cap.backend.infer(
+                cfg.name, req.inputs, [n for n, _ in req.outputs], self.cap.settings.request_timeout_s
+            )
+        except Exception:
+            metrics.REQUESTS.labels(cfg.name, "kserve", "error").inc()
+            raise
+        metrics.REQUESTS.labels(cfg.name, "kserve", "ok").inc()
+        payload, headers = encode_infer_response(cfg.name, req.id, results, req.outputs)
+        media = headers.pop("content-type")
+        return Response(payload, media_type=media, headers=headers)
+
+    @requires("inference", "embed")
+    async def embeddings(self, request: Request) -> Response:
+        req = await read_model(request, EmbeddingsRequest)
+        name = req.model or self.cap.settings.default_embedding_model
+        await authorize(request, f"model:{name}", "embed")
+        vectors, usage = await self.cap.embed_request(name, req)
+        return JSONResponse(embeddings_response(name, vectors, usage["prompt_tokens"], req.encoding_format))
+
+
+def local_routes(cap: InferenceCapability, embeddings: bool) -> Sequence[BaseRoute]:
+    return InferenceRoutes(cap).routes(embeddings=embeddings)
