@@ -220,7 +220,7 @@ class SQLiteProfile(DriverProfile):
 
     def connect(self, dsn: str, *, connect_timeout: float, app_name: str, io_timeout: float) -> Any:
         path = dsn.removeprefix("sqlite:///") if dsn.startswith("sqlite:///") else dsn
-        conn = sqlite3.connect(path, timeout=connect_timeout, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(path, timeout=connect_timeout, isolation_level=None)  # thread-checked
         conn.execute("PRAGMA foreign_keys = ON")
         if path != ":memory:":
             conn.execute("PRAGMA journal_mode = WAL")
