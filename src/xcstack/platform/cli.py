@@ -1,9 +1,9 @@
 """`xcstack doctor`: print the platform probe and the tuning plan.
 
-    xcstack doctor                 readable table (probe + plan + build flags + warnings)
-    xcstack doctor --json          the same as JSON
-    xcstack doctor --root DIR      probe a file tree (proc/, sys/, etc/ under DIR) instead of this machine
-    xcstack doctor --sysctl        recommended kernel settings as a sysctl.d file body
+xcstack doctor                 readable table (probe + plan + build flags + warnings)
+xcstack doctor --json          the same as JSON
+xcstack doctor --root DIR      probe a file tree (proc/, sys/, etc/ under DIR) instead of this machine
+xcstack doctor --sysctl        recommended kernel settings as a sysctl.d file body
 """
 
 from __future__ import annotations

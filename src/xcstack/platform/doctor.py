@@ -143,8 +143,12 @@ def render_text(res: DoctorResult) -> str:
     add("plan", "pinning", "on" if p.pin else "off")
     add("plan", "event loop", p.event_loop)
     add("plan", "json", p.json_library)
-    add("plan", "onnxruntime", f"intra_op={p.onnxruntime['intra_op_num_threads']} "
-        f"inter_op={p.onnxruntime['inter_op_num_threads']} spinning off; {', '.join(p.onnxruntime['providers'])}")
+    add(
+        "plan",
+        "onnxruntime",
+        f"intra_op={p.onnxruntime['intra_op_num_threads']} "
+        f"inter_op={p.onnxruntime['inter_op_num_threads']} spinning off; {', '.join(p.onnxruntime['providers'])}",
+    )
     if p.overridden:
         add("plan", "from config", ", ".join(p.overridden))
 

@@ -130,8 +130,7 @@ def _disabled_reason(disabled: int | None, group: int | None) -> str | None:
     if disabled == 1:
         g = f" (gid {group})" if group is not None and group >= 0 else ""
         return (
-            f"kernel.io_uring_disabled=1: only members of kernel.io_uring_group{g} "
-            "and CAP_SYS_ADMIN may create rings"
+            f"kernel.io_uring_disabled=1: only members of kernel.io_uring_group{g} and CAP_SYS_ADMIN may create rings"
         )
     return None
 

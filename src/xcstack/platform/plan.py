@@ -59,7 +59,7 @@ class PlanOverrides:
         return cls(
             http_workers=getattr(server, "workers", None),
             worker_cpus=ints(getattr(server, "worker_cpus", None)),
-            pin=getattr(server, "pin_cpus", None),
+            pin=False if getattr(server, "pin_cpus", True) is False else None,
             event_loop=getattr(server, "loop", None),
             backlog=getattr(server, "backlog", None),
             model_workers=getattr(inference, "workers", None),
