@@ -1,0 +1,123 @@
+"""`POST /v1/crypto/{sign,verify,encrypt,decrypt,hash,hmac,random}`: the thin HTTP adapter.
+
+Each endpoint needs the coarse permission `crypto:<op>` (`@requires`) and, for keyed ops, the
+fine-grained `key:<name>` / `<op>` (`authorize`). The work happens in the key owner (`CryptoClient`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from xcstack.crypto.client import CryptoClient
+from xcstack.crypto.errors import InputTooLarge
+from xcstack.crypto.protocol import (
+    DecryptRequest,
+    EncryptRequest,
+    HashRequest,
+    HmacRequest,
+    RandomRequest,
+    SignRequest,
+    VerifyRequest,
+    b64,
+    b64decode,
+)
+from xcstack.crypto.settings import CryptoSettings
+from xcstack.httputil import JSONResponse, read_model
+from xcstack.security.guard import authorize, requires
+
+
+class CryptoRoutes:
+    def __init__(self, client: CryptoClient, settings: CryptoSettings) -> None:
+        self.client = client
+        self.limit = settings.max_input_bytes
+
+    def routes(self) -> Sequence[BaseRoute]:
+        return [
+            Route("/v1/crypto/sign", self.sign, methods=["POST"]),
+            Route("/v1/crypto/verify", self.verify, methods=["POST"]),
+            Route("/v1/crypto/encrypt", self.encrypt, methods=["POST"]),
+            Route("/v1/crypto/decrypt", self.decrypt, methods=["POST"]),
+            Route("/v1/crypto/hash", self.hash, methods=["POST"]),
+            Route("/v1/crypto/hmac", self.hmac, methods=["POST"]),
+            Route("/v1/crypto/random", self.random, methods=["POST"]),
+        ]
+
+    def _sized(self, data: bytes) -> bytes:
+        if len(data) > self.limit:
+            raise InputTooLarge(f"input is {len(data)} bytes; the limit is {self.limit}")
+        return data
+
+    @requires("crypto", "sign")
+    async def sign(self, request: Request) -> Response:
+        body = await read_model(request, SignRequest)
+        await authorize(request, f"key:{body.key}", "sign")
+        meta: dict[str, object] = {"key": body.key, "fmt": body.format}
+        if body.uid is not None:
+            meta["uid"] = body.uid.encode("utf-8")
+        if body.version is not None:
+            meta["version"] = body.version
+        m, sig = await self.client.call("sign", meta, self._sized(body.payload()))
+        return JSONResponse(
+            {"key": body.key, "version": m["version"], "algorithm": m["algorithm"], "format": body.format,
+             "signature": b64(sig)}
+        )
+
+    @requires("crypto", "verify")
+    async def verify(self, request: Request) -> Response:
+        body = await read_model(request, VerifyRequest)
+        await authorize(request, f"key:{body.key}", "verify")
+        meta: dict[str, object] = {"key": body.key, "fmt": body.format, "sig": b64decode(body.signature, "signature")}
+        if body.uid is not None:
+            meta["uid"] = body.uid.encode("utf-8")
+        if body.version is not None:
+            meta["version"] = body.version
+        m, _ = await self.client.call("verify", meta, self._sized(body.payload()))
+        return JSONResponse({"key": body.key, "valid": bool(m["valid"]), "version": m.get("version")})
+
+    @requires("crypto", "encrypt")
+    async def encrypt(self, request: Request) -> Response:
+        body = await read_model(request, EncryptRequest)
+        await authorize(request, f"key:{body.key}", "encrypt")
+        meta: dict[str, object] = {"key": body.key, "fmt": body.format}
+        if body.aad:
+            meta["aad"] = b64decode(body.aad, "aad")
+        m, ct = await self.client.call("encrypt", meta, self._sized(body.payload()))
+        return JSONResponse(
+            {"key": body.key, "version": m["version"], "algorithm": m["algorithm"], "format": body.format,
+             "ciphertext": b64(ct)}
+        )
+
+    @requires("crypto", "decrypt")
+    async def decrypt(self, request: Request) -> Response:
+        body = await read_model(request, DecryptRequest)
+        await authorize(request, f"key:{body.key}", "decrypt")
+        meta: dict[str, object] = {"key": body.key, "fmt": body.format}
+        if body.aad:
+            meta["aad"] = b64decode(body.aad, "aad")
+        if body.version is not None:
+            meta["version"] = body.version
+        m, pt = await self.client.call("decrypt", meta, self._sized(b64decode(body.ciphertext, "ciphertext")))
+        return JSONResponse({"key": body.key, "version": m["version"], "plaintext": b64(pt)})
+
+    @requires("crypto", "hash")
+    async def hash(self, request: Request) -> Response:
+        body = await read_model(request, HashRequest)
+        _, digest = await self.client.call("hash", {"alg": body.alg}, self._sized(body.payload()))
+        return JSONResponse({"alg": body.alg, "digest": digest.hex()})
+
+    @requires("crypto", "hmac")
+    async def hmac(self, request: Request) -> Response:
+        body = await read_model(request, HmacRequest)
+        await authorize(request, f"key:{body.key}", "hmac")
+        m, mac = await self.client.call("hmac", {"key": body.key}, self._sized(body.payload()))
+        return JSONResponse({"key": body.key, "version": m["version"], "algorithm": m["algorithm"], "mac": mac.hex()})
+
+    @requires("crypto", "random")
+    async def random(self, request: Request) -> Response:
+        body = await read_model(request, RandomRequest)
+        _, data = await self.client.call("random", {"n": body.n})
+        return JSONResponse({"n": body.n, "random": b64(data)})
