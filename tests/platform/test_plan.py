@@ -194,3 +194,31 @@ def test_apply_affinity_without_sched_setaffinity(
     with caplog.at_level(logging.WARNING, logger="xcstack.platform"):
         assert apply_affinity([0]) is False
     assert "not available" in caplog.text
+
+
+def test_plan_json_round_trip_and_pin_current_process() -> None:
+    p = derive_plan(report([0, 1]))
+    q = TuningPlan.from_json(p.to_json())
+    assert q == p
+    assert q.model_worker_env["OMP_NUM_THREADS"] == "1"
+    before = os.sched_getaffinity(0)
+    try:
+        allowed = sorted(before)
+        p2 = derive_plan(report(allowed))
+        assert p2.pin_current_process("http", 0) is True
+        assert os.sched_getaffinity(0) == set(p2.http_cpus[0])
+        assert p2.pin_current_process("model", 99) is False  # no such worker
+        off = derive_plan(report(allowed), PlanOverrides(pin=False))
+        assert off.pin_current_process("http", 0) is False
+        with pytest.raises(ValueError):
+            p2.pin_current_process("gpu", 0)
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def test_plan_for_settings_live() -> None:
+    from xcstack.config import load_settings
+    from xcstack.platform import plan_for_settings
+
+    r, p = plan_for_settings(load_settings(None), onnxruntime_providers=False)
+    assert r.live and p.http_workers >= 1

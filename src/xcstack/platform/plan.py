@@ -84,6 +84,7 @@ class TuningPlan:
     json_library: str  # orjson | json
     onnxruntime: dict[str, Any]  # recommended session options
     build: BuildFlags
+    model_worker_env: dict[str, str] = field(default_factory=dict)  # env for model worker processes
     overridden: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -95,6 +96,32 @@ class TuningPlan:
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TuningPlan:
+        """Inverse of to_dict (e.g. a plan handed to a child process as JSON)."""
+        d = dict(data)
+        b = dict(d.pop("build"))
+        b.pop("env", None)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(build=BuildFlags(**b), **{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_json(cls, text: str) -> TuningPlan:
+        return cls.from_dict(json.loads(text))
+
+    def pin_current_process(self, role: str, index: int) -> bool:
+        """Pin this process as http worker / model worker `index` (role "http" | "model"); False when
+        pinning is off, the plan has no core for it, or the kernel refuses (logged)."""
+        if not self.pin:
+            return False
+        if role == "http":
+            cpus = self.http_worker_cpus(index)
+        elif role == "model":
+            cpus = self.model_worker_cpus(index)
+        else:
+            raise ValueError(f"role must be 'http' or 'model', not {role!r}")
+        return apply_affinity(cpus) if cpus else False
 
     def http_worker_cpus(self, index: int) -> list[int]:
         return list(self.http_cpus[index]) if index < len(self.http_cpus) else []
@@ -369,6 +396,12 @@ def derive_plan(
         json_library=json_lib,
         onnxruntime=ort,
         build=build_flags(report.cpu),
+        model_worker_env={
+            # one compute thread per pinned model worker: keep BLAS/OpenMP pools from oversubscribing
+            "OMP_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+        },
         overridden=overridden,
         notes=notes,
         warnings=warnings,
@@ -393,3 +426,13 @@ def apply_affinity(cpus: Sequence[int], pid: int = 0) -> bool:
         log.warning("cpu pinning to %s not permitted: %s; running unpinned", format_cpulist(wanted), exc)
         return False
     return True
+
+
+def plan_for_settings(
+    settings: Any, root: Any = "/", *, onnxruntime_providers: bool = True
+) -> tuple[PlatformReport, TuningPlan]:
+    """Probe this machine and derive the plan with the config's overrides (for the supervisor)."""
+    from xcstack.platform.probe import probe
+
+    report = probe(root, onnxruntime_providers=onnxruntime_providers)
+    return report, derive_plan(report, PlanOverrides.from_settings(settings))
