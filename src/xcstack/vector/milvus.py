@@ -77,6 +77,7 @@ class MilvusStore:
         self.cfg = settings.milvus
         self.uri = resolve_uri(settings, data_dir)
         self.is_lite_in_process = self.uri.endswith(".db")
+        self.is_lite = self.cfg.uri is None or self.is_lite_in_process
         self.pool = BlockingPool("milvus", self.cfg.pool_size, settings.acquire_timeout_s)
         self._client: MilvusClient | None = None
         self._client_lock = threading.Lock()
@@ -214,9 +215,17 @@ class MilvusStore:
                     pass
         try:
             await self.pool.run(self._drop_client_blocking, timeout=5)
+            if self.is_lite_in_process:
+                await self.pool.run(self.stop_lite_server, timeout=10)
         except Exception:
             pass
         self.pool.shutdown()
+
+    def stop_lite_server(self) -> None:
+        """Stop the in-process Milvus Lite server (blocking; at close, and in fault tests)."""
+        from milvus_lite.server_manager import server_manager_instance
+
+        server_manager_instance.release_server(self.uri)
 
     async def health(self) -> tuple[bool, str]:
         if not self._healthy:
@@ -366,9 +375,13 @@ class MilvusStore:
         if vectors.shape[1] != dim:
             raise InvalidVector(f"vectors have dimension {vectors.shape[1]}; collection {name!r} has {dim}")
         rows = [{**p, ID_FIELD: i, VECTOR_FIELD: v} for i, v, p in zip(ids, vectors, payloads, strict=True)]
-        res = await self._call("upsert", "upsert", name, rows)
+        # Milvus Lite's upsert merges new fields onto the old row; its insert replaces the row (newest
+        # sequence wins). A Milvus server's upsert replaces; its insert would keep duplicates.
+        res = await self._call("upsert", "insert" if self.is_lite else "upsert", name, rows)
         metrics.ROWS.labels(self.backend, "upsert").inc(len(ids))
-        return int(res.get("upsert_count", len(ids))) if isinstance(res, dict) else len(ids)
+        if isinstance(res, dict):
+            return int(res.get("upsert_count", res.get("insert_count", len(ids))))
+        return len(ids)
 
     async def delete(self, name: str, ids: Sequence[str] | None = None, filter: str | None = None) -> int | None:
         if ids is None and not filter:

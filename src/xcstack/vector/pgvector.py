@@ -59,6 +59,12 @@ _OPS: dict[str, tuple[str, str]] = {
 }
 
 
+def _vec_list(v: Any) -> list[float]:
+    if hasattr(v, "to_list"):
+        return [float(x) for x in v.to_list()]
+    return [float(x) for x in v]
+
+
 def _score(metric: str, d: float) -> float:
     if metric == "cosine":
         return 1.0 - d
@@ -461,7 +467,7 @@ class PgvectorStore:
                 elif fields:
                     payload = {f: row[i + j] for j, f in enumerate(fields) if row[i + j] is not None}
                     i += len(fields)
-                vec = [float(x) for x in row[i]] if include_vectors else None
+                vec = _vec_list(row[i]) if include_vectors else None
                 hits.append(Hit(row[0], _score(metric, float(row[1])), payload, vec))
             results.append(hits)
         metrics.OPS.labels(self.backend, "search", "ok").observe(time.perf_counter() - t0)
@@ -505,7 +511,7 @@ class PgvectorStore:
                 rows = await cur.fetchall()
             if not rows:
                 return
-            yield [Record(r[0], r[1], [float(x) for x in r[2]] if include_vectors else None) for r in rows]
+            yield [Record(r[0], r[1], _vec_list(r[2]) if include_vectors else None) for r in rows]
             last = rows[-1][0]
             if len(rows) < batch_size:
                 return
