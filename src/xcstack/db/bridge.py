@@ -239,7 +239,12 @@ class _Worker(threading.Thread):
             pool.completions.push(pool._stream_done, job, self)
         else:
             pool.completions.push(pool._stream_done, job, None)
-            self._recycle()
+            self._drop()  # first the connection, so closing the cursor below cannot block on it
+            with contextlib.suppress(Exception):
+                close = getattr(it, "close", None)
+                if close is not None:
+                    close()
+            self._connect_loop()
 
 
 @dataclass

@@ -485,6 +485,13 @@ class MySQLProfile(DriverProfile):
     def _stream_cursor(self, conn: Any) -> Any:
         return conn.cursor(self.mod.cursors.SSCursor)  # unbuffered: rows come as they are read
 
+    def close(self, conn: Any) -> None:
+        # An abandoned unbuffered result would try to drain the closed socket when collected.
+        result = getattr(conn, "_result", None)
+        if result is not None and getattr(result, "unbuffered_active", False):
+            result.unbuffered_active = False
+        super().close(conn)
+
     def begin(self, conn: Any) -> None:
         conn.begin()
 
