@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
+
+if TYPE_CHECKING:
+    from xcstack.config import Settings
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "inference"
 
@@ -31,3 +35,103 @@ def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def reference() -> tuple[list[str], np.ndarray]:
     meta = json.loads((FIXTURES / "reference_sentences.json").read_text())
     return list(meta["sentences"]), np.load(FIXTURES / "reference_embeddings.npy")
+
+
+def inference_settings(data_dir: Path, repo: Path, **inference: object) -> "Settings":  # noqa: UP037
+    from xcstack.config import load_settings
+
+    return load_settings(data_dir=data_dir, inference={"model_repository": str(repo), **inference})
+
+
+class Workers:
+    """Model worker processes started the way the supervisor starts them (a fresh interpreter each)."""
+
+    def __init__(self, settings: "Settings", count: int) -> None:  # noqa: UP037
+        import multiprocessing as mp
+
+        from xcstack.inference.worker import socket_path
+
+        self.settings = settings
+        self.count = count
+        self.ctx = mp.get_context("spawn")
+        self.procs: list[object] = [None] * count
+        self.paths = [socket_path(settings, i) for i in range(count)]
+        for i in range(count):
+            self.start(i)
+
+    def start(self, i: int, wait: bool = True) -> None:
+        import time
+
+        from xcstack.inference.worker import main
+
+        self.paths[i].unlink(missing_ok=True)
+        p = self.ctx.Process(target=main, args=(self.settings, i), daemon=True)
+        p.start()
+        self.procs[i] = p
+        if wait:
+            deadline = time.monotonic() + 60
+            while not self.paths[i].exists():
+                if not p.is_alive() or time.monotonic() > deadline:
+                    raise RuntimeError(f"model worker {i} did not start (exit {p.exitcode})")
+                time.sleep(0.05)
+
+    def kill(self, i: int) -> None:
+        import signal
+
+        p = self.procs[i]
+        os.kill(p.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+        p.join(5)  # type: ignore[attr-defined]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p is not None and p.is_alive():  # type: ignore[attr-defined]
+                p.terminate()  # type: ignore[attr-defined]
+        for p in self.procs:
+            if p is not None:
+                p.join(10)  # type: ignore[attr-defined]
+
+
+class Server:
+    """The real ASGI app (inference capability only) on a real socket, in a thread."""
+
+    def __init__(self, settings: "Settings") -> None:  # noqa: UP037
+        import threading
+        import time
+
+        import uvicorn
+
+        from xcstack.app import create_app
+
+        sock = __import__("socket").socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        sock.close()
+        self.app = create_app(settings, ["xcstack.inference.capability"])
+        cfg = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on",
+                             loop="asyncio")
+        self.server = uvicorn.Server(cfg)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+@pytest.fixture(scope="module")
+def process_stack(tmp_path_factory: pytest.TempPathFactory, model_repo: Path):  # type: ignore[no-untyped-def]
+    """Two model worker processes + the http app on a socket; shm threshold low so big tensors use it."""
+    data = tmp_path_factory.mktemp("proc")
+    settings = inference_settings(data, model_repo, mode="process", workers=2, shm_threshold_bytes=4096,
+                                  request_timeout_s=10)
+    workers = Workers(settings, 2)
+    server = Server(settings)
+    yield settings, workers, server
+    server.stop()
+    workers.stop()

@@ -116,7 +116,8 @@ def decode_infer_request(body: bytes, header_length: str | None, cfg: ModelConfi
         raise _bad(f"{binary.nbytes - offset} bytes of binary data follow the last input", "invalid_tensor_size")
     missing = [n for n in specs if n not in inputs]
     if missing:
-        raise _bad(f"missing input(s) {', '.join(missing)} for model {cfg.name}", "missing_input", missing[0])
+        raise _bad(f"missing input(s) {', '.join(repr(m) for m in missing)} for model {cfg.name}",
+                   "missing_input", missing[0])
     rows = {a.shape[0] for a in inputs.values()}
     if len(rows) > 1:
         raise _bad(f"inputs disagree on the batch dimension: {sorted(rows)}", "invalid_shape")

@@ -72,7 +72,7 @@ class BatchingConfig(BaseModel):
 class InstanceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    count: int = Field(1, ge=1, le=256, description="model workers that load this model")
+    count: int | None = Field(None, ge=1, le=256, description="model workers that load it (default: all)")
     execution_provider: Literal["cpu", "cuda", "cann"] = "cpu"
     device_ids: list[int] = Field(default_factory=lambda: [0], min_length=1, description="per instance, cycled")
     workers: list[int] | None = Field(None, description="pin to these model worker indexes (default: 0..count-1)")
@@ -131,7 +131,8 @@ class ModelConfig(BaseModel):
         """Model-worker indexes that load this model."""
         if self.instance.workers is not None:
             return sorted({w % total_workers for w in self.instance.workers})
-        return sorted({i % total_workers for i in range(self.instance.count)})
+        count = self.instance.count if self.instance.count is not None else total_workers
+        return sorted({i % total_workers for i in range(count)})
 
     def device_id_for(self, worker_index: int, total_workers: int) -> int:
         """The device id of this model's instance on `worker_index` (device_ids cycled over instances)."""

@@ -7,14 +7,15 @@ it from a combined `/v1/embeddings` dispatcher (local model names here, upstream
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from xcstack.errors import NotFound, Overloaded, PayloadTooLarge
+from xcstack.errors import NotFound, Overloaded, PayloadTooLarge, XCError
 from xcstack.httputil import JSONResponse, content_length, read_model
 from xcstack.inference import metrics
 from xcstack.inference.protocol import (
@@ -29,6 +30,26 @@ from xcstack.security.guard import authorize, requires
 
 if TYPE_CHECKING:
     from xcstack.inference.capability import InferenceCapability
+
+
+Endpoint = Callable[[Any, Request], Awaitable[Response]]
+
+
+def kserve_errors(fn: Endpoint) -> Endpoint:
+    """KServe v2 clients (tritonclient) read `{"error": "<message>"}`: on /v2 routes the error body keeps
+    that shape and carries xcstack's stable `code`, `type` and `param` beside it."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Request) -> Response:
+        try:
+            return await fn(self, request)
+        except XCError as exc:
+            body: dict[str, Any] = {"error": exc.message, "code": exc.code, "type": exc.type}
+            if exc.param is not None:
+                body["param"] = exc.param
+            return JSONResponse(body, status_code=exc.status, headers=exc.headers or None)
+
+    return wrapper
 
 
 class InferenceRoutes:
@@ -75,23 +96,27 @@ class InferenceRoutes:
         return entry.config
 
     @requires("inference", "read")
+    @kserve_errors
     async def model_metadata(self, request: Request) -> Response:
         cfg = self._config(request)
         await authorize(request, f"model:{cfg.name}", "read")
         return JSONResponse(cfg.metadata())
 
     @requires("inference", "read")
+    @kserve_errors
     async def model_ready(self, request: Request) -> Response:
         cfg = self._config(request)
         ok = cfg.name in self.cap.loaded_models()
         return JSONResponse({"name": cfg.name, "ready": ok}, status_code=200 if ok else 503)
 
     @requires("inference", "read")
+    @kserve_errors
     async def repository_index(self, request: Request) -> Response:
         return JSONResponse(self.cap.repo.index())
 
     # --- inference -------------------------------------------------------------------------------
     @requires("inference", "infer")
+    @kserve_errors
     async def infer(self, request: Request) -> Response:
         cfg = self._config(request)
         await authorize(request, f"model:{cfg.name}", "infer")
