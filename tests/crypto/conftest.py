@@ -101,3 +101,45 @@ async def wait_for(pred: Any, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError
         await asyncio.sleep(0.02)
+
+
+# ---- SoftHSM2 (PKCS#11) ---------------------------------------------------------------------------
+SOFTHSM_LIBS = ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+                "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so")
+SOFTHSM_PIN = "123456"
+
+
+def softhsm_lib() -> str | None:
+    return next((p for p in SOFTHSM_LIBS if os.path.exists(p)), None)
+
+
+@pytest.fixture(scope="session")
+def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A SoftHSM2 token in a temp dir (SOFTHSM2_CONF), initialised once, serially."""
+    import shutil
+
+    lib = softhsm_lib()
+    if lib is None or not shutil.which("softhsm2-util"):
+        pytest.skip("softhsm2 is not installed (scripts/services/crypto.sh installs it)")
+    d = tmp_path_factory.mktemp("softhsm")
+    (d / "tokens").mkdir()
+    conf = d / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {d / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    old = os.environ.get("SOFTHSM2_CONF")
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    subprocess.run(
+        ["softhsm2-util", "--init-token", "--free", "--label", "xcstack", "--pin", SOFTHSM_PIN, "--so-pin", "654321"],
+        check=True, capture_output=True, env={**os.environ},
+    )
+    try:
+        yield {"SOFTHSM2_CONF": str(conf), "library": lib}
+    finally:
+        if old is None:
+            os.environ.pop("SOFTHSM2_CONF", None)
+        else:
+            os.environ["SOFTHSM2_CONF"] = old
+
+
+def pkcs11_crypto(softhsm: dict[str, str], **extra: Any) -> dict[str, Any]:
+    return {"backend": "pkcs11", "pkcs11": {"library": softhsm["library"], "token_label": "xcstack",
+                                            "pin": SOFTHSM_PIN, **extra}}

@@ -1,0 +1,282 @@
+"""PKCS#11 backend through PyKCS11 (it passes raw vendor mechanism ids; python-pkcs11 rejects them).
+
+Chinese HSMs expose SM2/SM3/SM4 as vendor-defined mechanisms (Sansec SM2 sign 0x80008104, TASS
+CKK_SM2 0x80000004, ...), so every key type and mechanism id is configuration
+(`[crypto.pkcs11]`). Keys are generated on the token (sensitive, not extractable) and found again
+by label `xcstack:<name>:v<version>`; the keystore records label and public key only.
+
+Safety:
+- library load + C_Initialize + login run under an inter-process file lock: parallel start-ups
+  (owner restart racing the CLI) lost the token on SoftHSM when not serialised;
+- one session, every call under one lock: PKCS#11 sessions are not for concurrent threads, and
+  several threads on one token crashed SoftHSM (FIELD-NOTES). The owner is the only user anyway.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from xcstack.crypto import sm
+from xcstack.crypto.backends.base import Backend, KeyMaterial, require_kind
+from xcstack.crypto.errors import (
+    BackendError,
+    CryptoUnavailable,
+    DecryptionFailed,
+    MalformedCiphertext,
+    UnsupportedOperation,
+)
+from xcstack.crypto.keystore import KeyRecord
+from xcstack.crypto.settings import CryptoSettings, Pkcs11Settings
+
+P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+P256_PARAMS = "06082a8648ce3d030107"
+SM2_PARAMS = "06082a811ccf5501822d"
+GCM_NONCE = 12
+
+_init_lock = threading.Lock()
+
+
+def _label(name: str, version: int) -> str:
+    return f"xcstack:{name}:v{version}"
+
+
+class Pkcs11Backend(Backend):
+    name = "pkcs11"
+
+    def __init__(self, cfg: Pkcs11Settings, lib: Any, session: Any) -> None:
+        import PyKCS11
+
+        self.cfg = cfg
+        self.P = PyKCS11
+        self._lib = lib
+        self._session = session
+        self._lock = threading.Lock()
+        self._handles: dict[tuple[str, int, int], Any] = {}
+
+    # -- opening --------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, settings: CryptoSettings, data_dir: Path) -> Pkcs11Backend:
+        import PyKCS11
+
+        cfg = settings.pkcs11
+        if cfg.library is None:
+            raise BackendError("[crypto.pkcs11] library is not set")
+        lock_path = data_dir / "run" / "pkcs11-init.lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with _init_lock, open(lock_path, "a") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                lib = PyKCS11.PyKCS11Lib()
+                lib.load(str(cfg.library))
+                slot = cls._find_slot(lib, cfg)
+                session = lib.openSession(slot, PyKCS11.CKF_SERIAL_SESSION | PyKCS11.CKF_RW_SESSION)
+                if cfg.pin is not None:
+                    try:
+                        session.login(cfg.pin.get_secret_value())
+                    except PyKCS11.PyKCS11Error as exc:
+                        if exc.value != PyKCS11.CKR_USER_ALREADY_LOGGED_IN:
+                            raise BackendError(f"PKCS#11 login failed: {exc}") from None
+            except PyKCS11.PyKCS11Error as exc:
+                raise CryptoUnavailable(f"PKCS#11 token not available: {exc}") from None
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+        return cls(cfg, lib, session)
+
+    @staticmethod
+    def _find_slot(lib: Any, cfg: Pkcs11Settings) -> int:
+        slots = lib.getSlotList(tokenPresent=True)
+        if cfg.slot is not None:
+            if cfg.slot not in slots:
+                raise BackendError(f"PKCS#11 slot {cfg.slot} has no token")
+            return int(cfg.slot)
+        for slot in slots:
+            if lib.getTokenInfo(slot).label.strip() == cfg.token_label:
+                return int(slot)
+        raise BackendError(f"no PKCS#11 token labelled {cfg.token_label!r}")
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _mech(self, mech_id: int) -> Any:
+        return self.P.Mechanism(mech_id, None)
+
+    def _find(self, rec: KeyRecord, cls: int) -> Any:
+        k = (rec.name, rec.version, cls)
+        h = self._handles.get(k)
+        if h is None:
+            label = rec.handle or _label(rec.name, rec.version)
+            found = self._session.findObjects([(self.P.CKA_LABEL, label), (self.P.CKA_CLASS, cls)])
+            if not found:
+                raise BackendError(f"key {rec.name!r} v{rec.version} is missing on the token (label {label})")
+            h = self._handles[k] = found[0]
+        return h
+
+    def _err(self, exc: Exception) -> BackendError:
+        return BackendError(f"PKCS#11 call failed: {exc}")
+
+    def _algorithm_ec(self) -> str:
+        p = self.cfg.ec_params
+        return "ECDSA-P256" if p == P256_PARAMS else "SM2" if p == SM2_PARAMS else "EC"
+
+    def curve_order(self, rec: KeyRecord) -> int:
+        return P256_N if rec.algorithm == "ECDSA-P256" else sm.N
+
+    def _prehash(self, rec: KeyRecord, data: bytes, uid: bytes) -> bytes:
+        how = self.cfg.sign_prehash
+        if how == "sha256":
+            return hashlib.sha256(data).digest()
+        if how == "sm3":
+            return sm.sm3(data)
+        if how == "sm2-z":
+            if rec.public_key is None:
+                raise BackendError("sm2-z prehash needs the public key")
+            return sm.SM2PublicKey.from_bytes(rec.public_key).digest(data, uid)
+        return data
+
+    # -- operations -----------------------------------------------------------------------------
+    def generate(self, name: str, version: int, kind: str) -> KeyMaterial:
+        P, cfg, label = self.P, self.cfg, _label(name, version)
+        key_id = hashlib.sha256(label.encode()).digest()[:16]
+        common = [(P.CKA_TOKEN, True), (P.CKA_LABEL, label), (P.CKA_ID, key_id)]
+        with self._lock:
+            try:
+                if kind == "sm2":
+                    pub_t = [
+                        (P.CKA_CLASS, P.CKO_PUBLIC_KEY), (P.CKA_KEY_TYPE, cfg.key_type), (P.CKA_VERIFY, True),
+                        (P.CKA_EC_PARAMS, bytes.fromhex(cfg.ec_params)), *common,
+                    ]
+                    priv_t = [
+                        (P.CKA_CLASS, P.CKO_PRIVATE_KEY), (P.CKA_KEY_TYPE, cfg.key_type), (P.CKA_SIGN, True),
+                        (P.CKA_PRIVATE, True), (P.CKA_SENSITIVE, True), (P.CKA_EXTRACTABLE, False), *common,
+                    ]
+                    pub, _priv = self._session.generateKeyPair(pub_t, priv_t, self._mech(cfg.keygen_mechanism))
+                    point = bytes(self._session.getAttributeValue(pub, [P.CKA_EC_POINT])[0])
+                    return KeyMaterial(_unwrap_octet(point), None, label, self._algorithm_ec())
+                if kind == "sm4":
+                    t = [
+                        (P.CKA_CLASS, P.CKO_SECRET_KEY), (P.CKA_KEY_TYPE, cfg.secret_key_type),
+                        (P.CKA_VALUE_LEN, cfg.secret_key_bytes), (P.CKA_ENCRYPT, True), (P.CKA_DECRYPT, True),
+                        (P.CKA_PRIVATE, True), (P.CKA_SENSITIVE, True), (P.CKA_EXTRACTABLE, False), *common,
+                    ]
+                    self._session.generateKey(t, self._mech(cfg.secret_keygen_mechanism))
+                    alg = "AES-GCM" if cfg.encrypt_mechanism == 0x1087 else f"vendor-0x{cfg.encrypt_mechanism:x}"
+                    return KeyMaterial(None, None, label, alg)
+                t = [
+                    (P.CKA_CLASS, P.CKO_SECRET_KEY), (P.CKA_KEY_TYPE, cfg.hmac_key_type), (P.CKA_VALUE_LEN, 32),
+                    (P.CKA_SIGN, True), (P.CKA_VERIFY, True), (P.CKA_PRIVATE, True), (P.CKA_SENSITIVE, True),
+                    (P.CKA_EXTRACTABLE, False), *common,
+                ]
+                self._session.generateKey(t, self._mech(cfg.hmac_keygen_mechanism))
+                alg = "HMAC-SHA256" if cfg.hmac_mechanism == 0x251 else f"vendor-0x{cfg.hmac_mechanism:x}"
+                return KeyMaterial(None, None, label, alg)
+            except P.PyKCS11Error as exc:
+                raise self._err(exc) from None
+
+    def sign(self, rec: KeyRecord, data: bytes, uid: bytes) -> bytes:
+        require_kind(rec, "sm2")
+        digest = self._prehash(rec, data, uid)
+        with self._lock:
+            try:
+                key = self._find(rec, self.P.CKO_PRIVATE_KEY)
+                sig = bytes(self._session.sign(key, digest, self._mech(self.cfg.sign_mechanism)))
+            except self.P.PyKCS11Error as exc:
+                raise self._err(exc) from None
+        if len(sig) != 64:
+            raise BackendError(f"token returned a {len(sig)}-byte signature; expected raw r||s (64)")
+        return sig
+
+    def verify(self, rec: KeyRecord, data: bytes, raw_sig: bytes, uid: bytes) -> bool:
+        require_kind(rec, "sm2")
+        digest = self._prehash(rec, data, uid)
+        with self._lock:
+            try:
+                key = self._find(rec, self.P.CKO_PUBLIC_KEY)
+                return bool(self._session.verify(key, digest, raw_sig, self._mech(self.cfg.sign_mechanism)))
+            except self.P.PyKCS11Error as exc:
+                if exc.value in (self.P.CKR_SIGNATURE_INVALID, self.P.CKR_SIGNATURE_LEN_RANGE):
+                    return False
+                raise self._err(exc) from None
+
+    def _gcm(self, nonce: bytes, aad: bytes) -> Any:
+        m = self.P.AES_GCM_Mechanism(nonce, aad, 128)
+        m._mech.mechanism = self.cfg.encrypt_mechanism  # vendor SM4-GCM ids reuse CK_GCM_PARAMS
+        return m
+
+    def encrypt(self, rec: KeyRecord, plaintext: bytes, aad: bytes) -> bytes:
+        require_kind(rec, "sm2", "sm4")
+        if rec.kind == "sm2":
+            raise UnsupportedOperation("this PKCS#11 configuration has no asymmetric encryption mechanism")
+        nonce = self.random(GCM_NONCE)
+        with self._lock:
+            try:
+                key = self._find(rec, self.P.CKO_SECRET_KEY)
+                ct = bytes(self._session.encrypt(key, plaintext, self._gcm(nonce, aad)))
+            except self.P.PyKCS11Error as exc:
+                raise self._err(exc) from None
+        return nonce + ct
+
+    def decrypt(self, rec: KeyRecord, ciphertext: bytes, aad: bytes) -> bytes:
+        require_kind(rec, "sm2", "sm4")
+        if rec.kind == "sm2":
+            raise UnsupportedOperation("this PKCS#11 configuration has no asymmetric encryption mechanism")
+        if len(ciphertext) < GCM_NONCE + 16:
+            raise MalformedCiphertext("ciphertext is shorter than nonce + tag")
+        with self._lock:
+            try:
+                key = self._find(rec, self.P.CKO_SECRET_KEY)
+                return bytes(
+                    self._session.decrypt(key, ciphertext[GCM_NONCE:], self._gcm(ciphertext[:GCM_NONCE], aad))
+                )
+            except self.P.PyKCS11Error as exc:
+                # tag mismatch: the standard says ENCRYPTED_DATA_INVALID; SoftHSM answers GENERAL_ERROR,
+                # other tokens FUNCTION_FAILED. Inputs were validated, so all mean "not authentic".
+                if exc.value in (
+                    self.P.CKR_ENCRYPTED_DATA_INVALID,
+                    self.P.CKR_ENCRYPTED_DATA_LEN_RANGE,
+                    self.P.CKR_GENERAL_ERROR,
+                    self.P.CKR_FUNCTION_FAILED,
+                ):
+                    raise DecryptionFailed() from None
+                raise self._err(exc) from None
+
+    def hmac(self, rec: KeyRecord, data: bytes) -> bytes:
+        require_kind(rec, "hmac-sm3")
+        with self._lock:
+            try:
+                key = self._find(rec, self.P.CKO_SECRET_KEY)
+                return bytes(self._session.sign(key, data, self._mech(self.cfg.hmac_mechanism)))
+            except self.P.PyKCS11Error as exc:
+                raise self._err(exc) from None
+
+    def random(self, n: int) -> bytes:
+        with self._lock:
+            try:
+                return bytes(self._session.generateRandom(n))
+            except self.P.PyKCS11Error:
+                return os.urandom(n)  # tokens without an RNG: the OS CSPRNG
+
+    def forget(self, rec: KeyRecord) -> None:
+        with self._lock:
+            for k in [k for k in self._handles if k[:2] == (rec.name, rec.version)]:
+                del self._handles[k]
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._session.logout()
+            except Exception:
+                pass
+            try:
+                self._session.closeSession()
+            except Exception:
+                pass
+
+
+def _unwrap_octet(point: bytes) -> bytes:
+    """CKA_EC_POINT is usually DER OCTET STRING(04||x||y); some tokens give the bare point."""
+    if len(point) in (67, 35) and point[0] == 0x04 and point[1] == len(point) - 2:
+        return point[2:]
+    return point

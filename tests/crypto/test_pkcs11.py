@@ -1,0 +1,164 @@
+"""PKCS#11 backend against a real SoftHSM2 token (ECDSA-P256 + AES-GCM + HMAC-SHA256 stand in for the
+vendor SM2/SM4/HMAC-SM3 mechanisms, which SoftHSM does not have)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, utils
+
+from xcstack.config import load_settings
+from xcstack.crypto.client import OwnerClient
+from xcstack.crypto.errors import DecryptionFailed, UnsupportedOperation, WrongKeyType
+from xcstack.crypto.owner import build_service
+from xcstack.crypto.service import CryptoService
+
+from .conftest import OwnerProc, owner_env, pkcs11_crypto
+
+
+@pytest.fixture
+async def p11(data_dir: Path, softhsm: dict[str, str]) -> CryptoService:
+    settings = load_settings(None, data_dir=data_dir, crypto=pkcs11_crypto(softhsm))
+    svc = await build_service(settings)
+    yield svc  # type: ignore[misc]
+    svc.close()
+    await svc.keystore.store.close()
+
+
+async def op(svc: CryptoService, name: str, payload: bytes = b"", **meta: object) -> tuple[dict, bytes]:
+    return await svc.handle({"op": name, **meta}, memoryview(payload))
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}-{os.urandom(4).hex()}"  # one token is shared by the whole session
+
+
+async def test_pkcs11_sign_verify_with_token_keys(p11: CryptoService) -> None:
+    name = _unique("p256")
+    rec = await p11.create_key(name, "sm2")
+    assert rec.algorithm == "ECDSA-P256" and rec.sealed is None and rec.handle
+    _, sig = await op(p11, "sign", b"message", key=name)
+    assert (await op(p11, "verify", b"message", key=name, sig=sig))[0]["valid"] is True
+    assert (await op(p11, "verify", b"messagE", key=name, sig=sig))[0]["valid"] is False
+    # independent check: cryptography verifies the token's signature with the exported public key
+    pem = (await op(p11, "public_key", key=name))[0]["record"]["pem"]
+    pub = serialization.load_pem_public_key(pem.encode())
+    assert isinstance(pub, ec.EllipticCurvePublicKey)
+    pub.verify(sig, b"message", ec.ECDSA(hashes.SHA256()))
+    with pytest.raises(InvalidSignature):
+        pub.verify(sig, b"other", ec.ECDSA(hashes.SHA256()))
+    # raw r||s form too
+    _, raw = await op(p11, "sign", b"m2", key=name, fmt="raw")
+    r, s = int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")
+    pub.verify(utils.encode_dss_signature(r, s), b"m2", ec.ECDSA(hashes.SHA256()))
+
+
+async def test_pkcs11_aes_gcm_and_hmac(p11: CryptoService) -> None:
+    enc, mac = _unique("aes"), _unique("mac")
+    await p11.create_key(enc, "sm4")
+    await p11.create_key(mac, "hmac-sm3")
+    _, ct = await op(p11, "encrypt", b"top secret", key=enc, aad=b"hdr")
+    assert (await op(p11, "decrypt", ct, key=enc, aad=b"hdr"))[1] == b"top secret"
+    bad = ct[:-1] + bytes([ct[-1] ^ 1])
+    with pytest.raises(DecryptionFailed):
+        await op(p11, "decrypt", bad, key=enc, aad=b"hdr")
+    with pytest.raises(DecryptionFailed):
+        await op(p11, "decrypt", ct, key=enc, aad=b"other")
+    m1 = (await op(p11, "hmac", b"data", key=mac))[1]
+    assert len(m1) == 32 and m1 == (await op(p11, "hmac", b"data", key=mac))[1]
+    with pytest.raises(WrongKeyType):
+        await op(p11, "sign", b"x", key=enc)
+    sig_key = _unique("p256")
+    await p11.create_key(sig_key, "sm2")
+    with pytest.raises(UnsupportedOperation):
+        await op(p11, "encrypt", b"x", key=sig_key)
+    assert len((await op(p11, "random", n=16))[1]) == 16
+
+
+async def test_pkcs11_rotation_and_restart_finds_keys_by_label(data_dir: Path, softhsm: dict[str, str]) -> None:
+    settings = load_settings(None, data_dir=data_dir, crypto=pkcs11_crypto(softhsm))
+    name = _unique("rot")
+    svc = await build_service(settings)
+    await svc.create_key(name, "sm2")
+    _, sig1 = await op(svc, "sign", b"doc", key=name)
+    await svc.create_key(name, "", rotate=True)
+    svc.close()
+    await svc.keystore.store.close()
+    svc = await build_service(settings)  # a fresh session: handles come from the token by label
+    try:
+        m = (await op(svc, "verify", b"doc", key=name, sig=sig1))[0]
+        assert m == {"key": name, "valid": True, "version": 1}
+        assert (await op(svc, "sign", b"doc", key=name))[0]["version"] == 2
+    finally:
+        svc.close()
+        await svc.keystore.store.close()
+
+
+async def test_pkcs11_vendor_mechanism_ids_are_passed_raw(data_dir: Path, softhsm: dict[str, str]) -> None:
+    """A vendor id (Sansec SM2 sign) reaches the token unchanged: SoftHSM answers 'mechanism invalid'
+    instead of the library refusing the id."""
+    from xcstack.crypto.errors import BackendError
+
+    settings = load_settings(None, data_dir=data_dir, crypto=pkcs11_crypto(softhsm, sign_mechanism=0x80008104))
+    svc = await build_service(settings)
+    try:
+        name = _unique("vendor")
+        await svc.create_key(name, "sm2")
+        with pytest.raises(BackendError, match="MECHANISM_INVALID"):
+            await op(svc, "sign", b"x", key=name)
+    finally:
+        svc.close()
+        await svc.keystore.store.close()
+
+
+async def test_pkcs11_parallel_startups_are_serialised(data_dir: Path, softhsm: dict[str, str]) -> None:
+    """Several processes opening the token at once (owner respawn racing the CLI) all succeed."""
+    code = (
+        "import asyncio\n"
+        "from xcstack.config import load_settings\n"
+        "from xcstack.crypto.owner import build_service\n"
+        "async def m():\n"
+        "    s = await build_service(load_settings())\n"
+        "    assert len(s.backend.random(8)) == 8\n"
+        "    s.close(); await s.keystore.store.close()\n"
+        "asyncio.run(m())\n"
+    )
+    env = owner_env(
+        data_dir, XC_CRYPTO__BACKEND="pkcs11", XC_CRYPTO__PKCS11__LIBRARY=softhsm["library"],
+        XC_CRYPTO__PKCS11__PIN="123456", SOFTHSM2_CONF=softhsm["SOFTHSM2_CONF"],
+    )
+    import sys
+
+    procs = [
+        await asyncio.create_subprocess_exec(sys.executable, "-c", code, env=env, stderr=asyncio.subprocess.PIPE)
+        for _ in range(4)
+    ]
+    results = [await asyncio.wait_for(p.communicate(), 60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], [r[1].decode()[-500:] for r in results]
+
+
+async def test_pkcs11_through_owner_process(data_dir: Path, softhsm: dict[str, str]) -> None:
+    env = owner_env(
+        data_dir, XC_CRYPTO__BACKEND="pkcs11", XC_CRYPTO__PKCS11__LIBRARY=softhsm["library"],
+        XC_CRYPTO__PKCS11__PIN="123456", SOFTHSM2_CONF=softhsm["SOFTHSM2_CONF"],
+    )
+    owner = OwnerProc(data_dir, env)
+    owner.start()
+    c = OwnerClient(owner.sock, load_settings(None, data_dir=data_dir).crypto)
+    try:
+        name = _unique("own")
+        await c.create_key(name, "sm2")
+        datas = [os.urandom(32) for _ in range(100)]
+        sigs = await asyncio.gather(*(c.sign(name, d) for d in datas))
+        assert all(await asyncio.gather(*(c.verify(name, d, s) for d, s in zip(datas, sigs, strict=True))))
+        owner.kill()
+        owner.start()  # respawn re-opens the token (serialised init) and finds the key by label
+        assert await c.verify(name, datas[0], sigs[0])
+    finally:
+        await c.close()
+        owner.stop()
