@@ -222,3 +222,40 @@ def test_plan_for_settings_live() -> None:
 
     r, p = plan_for_settings(load_settings(None), onnxruntime_providers=False)
     assert r.live and p.http_workers >= 1
+
+
+def test_override_per_model_worker_cpus() -> None:
+    p = derive_plan(report(list(range(8))), PlanOverrides(model_worker_cpus=[[4, 5], [6, 7], [99]]))
+    assert p.model_cpus == [[4, 5], [6, 7]]
+    assert p.http_cpus == [[0], [1], [2], [3]]  # the other cores serve http
+    assert not p.shared_cores
+    assert p.compute_cores == [4, 5, 6, 7]
+    assert any("99" in w for w in p.warnings)
+    p = derive_plan(report(list(range(4))), PlanOverrides(model_cpus=[2, 3]))
+    assert p.model_cpus == [[2], [3]] and p.http_cpus == [[0], [1]]
+
+
+def write_cfg(tmp_path: os.PathLike[str], text: str) -> str:
+    cfg = os.path.join(tmp_path, "x.toml")
+    with open(cfg, "w") as fh:
+        fh.write(text)
+    return cfg
+
+
+def test_derive_plan_accepts_settings(tmp_path: os.PathLike[str]) -> None:
+    from xcstack.config import load_settings
+
+    s = load_settings(write_cfg(tmp_path, "[server]\nworkers = 2\n[inference]\nworkers = 1\nworker_cpus = [[3]]\n"))
+    p = derive_plan(report(list(range(4))), s)
+    assert p.http_workers == 2 and p.model_cpus == [[3]]
+    assert p.http_cpus == [[0], [1]]
+
+
+@pytest.mark.parametrize("table", ['[inference]\nmode = "inline"\n', "[inference]\nenabled = false\n"])
+def test_inline_or_disabled_inference_gives_every_core_to_http(tmp_path: os.PathLike[str], table: str) -> None:
+    from xcstack.config import load_settings
+
+    ov = PlanOverrides.from_settings(load_settings(write_cfg(tmp_path, table)))
+    assert ov.model_workers == 0
+    p = derive_plan(report(list(range(4))), ov)
+    assert p.model_workers == 0 and p.http_cpus == [[0], [1], [2], [3]]

@@ -41,29 +41,40 @@ class PlanOverrides:
     http_workers: int | None = None
     worker_cpus: list[int] | None = None  # cores the http workers may use
     model_workers: int | None = None  # 0: no model workers
-    model_cpus: list[int] | None = None  # cores the model workers may use
+    model_cpus: list[int] | None = None  # cores the model workers may use (one worker per core)
+    model_worker_cpus: list[list[int]] | None = None  # explicit cores of each model worker
     pin: bool | None = None
     event_loop: str | None = None  # "auto" | "uvloop" | "asyncio"
     backlog: int | None = None  # listen backlog, checked against somaxconn
 
     @classmethod
     def from_settings(cls, settings: Any) -> PlanOverrides:
-        """From xcstack Settings: [server] workers / worker_cpus / pin_cpus / loop / backlog and, when the
-        inference settings define them, `workers` / `worker_cpus` of [inference]."""
+        """From xcstack Settings: [server] workers / worker_cpus / pin_cpus / loop / backlog, and
+        [inference] workers / worker_cpus (per-worker core lists); inference disabled or `mode = "inline"`
+        means no model worker processes (every planned core serves http)."""
         server = getattr(settings, "server", None)
         inference = getattr(settings, "inference", None)
 
         def ints(v: Any) -> list[int] | None:
             return [int(x) for x in v] if v is not None else None
 
+        model_workers = getattr(inference, "workers", None)
+        if inference is not None and (
+            getattr(inference, "enabled", True) is False or getattr(inference, "mode", "process") == "inline"
+        ):
+            model_workers = 0
+        raw = getattr(inference, "worker_cpus", None)
+        per_worker: list[list[int]] | None = None
+        if raw is not None:
+            per_worker = [[int(c) for c in g] if isinstance(g, list | tuple) else [int(g)] for g in raw]
         return cls(
             http_workers=getattr(server, "workers", None),
             worker_cpus=ints(getattr(server, "worker_cpus", None)),
             pin=False if getattr(server, "pin_cpus", True) is False else None,
             event_loop=getattr(server, "loop", None),
             backlog=getattr(server, "backlog", None),
-            model_workers=getattr(inference, "workers", None),
-            model_cpus=ints(getattr(inference, "worker_cpus", None)),
+            model_workers=model_workers,
+            model_worker_cpus=per_worker if model_workers != 0 else None,
         )
 
 
@@ -193,11 +204,18 @@ def _spread(cores: Sequence[int], k: int, numa: dict[str, list[int]]) -> list[in
 
 def derive_plan(
     report: PlatformReport,
-    overrides: PlanOverrides | None = None,
+    overrides: PlanOverrides | Any = None,
     *,
     model_worker_mem_bytes: int = MODEL_WORKER_MEM_BYTES,
 ) -> TuningPlan:
-    ov = overrides or PlanOverrides()
+    """The plan for `report`; `overrides` is a PlanOverrides or xcstack Settings (converted with
+    PlanOverrides.from_settings)."""
+    if overrides is None:
+        ov = PlanOverrides()
+    elif isinstance(overrides, PlanOverrides):
+        ov = overrides
+    else:
+        ov = PlanOverrides.from_settings(overrides)
     notes: list[str] = []
     warnings: list[str] = []
     overridden: list[str] = []
@@ -248,10 +266,36 @@ def derive_plan(
             warnings.append("no usable core left in worker_cpus: using the automatic plan")
     else:
         io = []
+    # explicit compute cores: per-worker lists, or a pool with one worker per core
+    model_groups: list[list[int]] | None = None
+    pool: list[int] | None = None
+    if ov.model_worker_cpus is not None and model_req != 0:
+        overridden.append("model_worker_cpus")
+        groups = []
+        for g in ov.model_worker_cpus:
+            ok = [c for c in _dedup(g) if c in usable]
+            if len(ok) < len(set(g)):
+                warnings.append(
+                    f"model worker cpus {format_cpulist(set(g) - set(ok))} are not usable by this process; ignored"
+                )
+            if ok:
+                groups.append(ok)
+        if groups:
+            model_groups = groups
+            pool = _dedup(c for g in groups for c in g)
+        else:
+            warnings.append("no usable core in the model worker cpus: using the automatic plan")
+    elif ov.model_cpus is not None and model_req != 0:
+        overridden.append("model_cpus")
+        mc = [c for c in _dedup(ov.model_cpus) if c in usable]
+        if len(mc) < len(_dedup(ov.model_cpus)):
+            warnings.append("some model worker cpus are not usable by this process; ignored")
+        pool = mc or None
     if io:
-        compute = [c for c in cores if c not in io] or [c for c in usable if c not in io]
-        if not compute:
-            compute = list(io)
+        compute = pool or [c for c in cores if c not in io] or [c for c in usable if c not in io] or list(io)
+    elif pool:
+        compute = pool
+        io = [c for c in cores if c not in pool] or [c for c in usable if c not in pool] or list(pool[:1])
     elif model_req == 0:
         io, compute = list(cores), []
     elif len(cores) == 1:
@@ -265,13 +309,6 @@ def derive_plan(
         else:
             io_count = 1 if n == 2 else max(1, math.ceil(n / 4))
         io, compute = _split(cores, io_count, res.numa_nodes)
-    if ov.model_cpus is not None:
-        overridden.append("model_cpus")
-        mc = [c for c in _dedup(ov.model_cpus) if c in usable]
-        if len(mc) < len(_dedup(ov.model_cpus)):
-            warnings.append("some model worker cpus are not usable by this process; ignored")
-        if mc:
-            compute = mc
 
     # --- counts
     if ov.http_workers is not None:
@@ -285,6 +322,8 @@ def derive_plan(
 
     if model_req is not None:
         model_n = max(0, model_req)
+    elif model_groups is not None:
+        model_n = len(model_groups)
     else:
         model_n = len(compute)
         mem = report.memory.effective_bytes
@@ -301,7 +340,8 @@ def derive_plan(
         compute = list(io)
     if model_n > len(compute) > 0:
         warnings.append(f"{model_n} model workers on {len(compute)} compute cores: workers share cores")
-    shared = bool(set(io) & set(compute[: max(model_n, 0)])) if model_n else False
+    used_compute = set(c for g in model_groups for c in g) if model_groups else set(compute[: max(model_n, 0)])
+    shared = bool(set(io) & used_compute) if model_n else False
     if shared and len(cores) == 1:
         notes.append("one usable core: http and model workers share it")
     elif shared:
@@ -313,7 +353,12 @@ def derive_plan(
         overridden.append("pin")
     if pin:
         http_cpus = [[io[i % len(io)]] for i in range(http_n)]
-        model_cpus = [[compute[i % len(compute)]] for i in range(model_n)] if compute else [[] for _ in range(model_n)]
+        if model_groups:
+            model_cpus = [list(model_groups[i % len(model_groups)]) for i in range(model_n)]
+        elif compute:
+            model_cpus = [[compute[i % len(compute)]] for i in range(model_n)]
+        else:
+            model_cpus = [[] for _ in range(model_n)]
     else:
         notes.append("CPU pinning disabled by config (server.pin_cpus = false)")
         http_cpus = [[] for _ in range(http_n)]
@@ -390,7 +435,7 @@ def derive_plan(
         model_workers=model_n,
         model_cpus=model_cpus,
         io_cores=sorted(set(io)),
-        compute_cores=sorted(set(compute[:model_n])) if model_n else [],
+        compute_cores=sorted(used_compute) if model_n else [],
         shared_cores=shared,
         event_loop=loop,
         json_library=json_lib,
