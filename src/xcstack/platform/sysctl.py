@@ -52,7 +52,7 @@ def sysctl_advice(report: PlatformReport) -> list[SysctlAdvice]:
         rec = str(max(n or 0, minimum))
         out.append(SysctlAdvice(key, have, rec, ok, why))
     have = cur.get("net.ipv4.ip_local_port_range")
-    lo_hi = [int(x) for x in have.split()[:2]] if have and len(have.split()) >= 2 else None
+    lo_hi = report.limits.ip_local_port_range
     if lo_hi:
         lo, hi = min(lo_hi[0], PORT_RANGE[0]), max(lo_hi[1], PORT_RANGE[1])
         ok = lo_hi[1] - lo_hi[0] + 1 >= PORT_RANGE_MIN_SIZE
