@@ -77,6 +77,7 @@ class Job:
     results: list[Any] = field(default_factory=list)
     remaining: int = 0
     cancelled: bool = False
+    on_cancel: Callable[[Job], None] | None = None
 
     def __post_init__(self) -> None:
         self.results = [None] * self.count
@@ -87,9 +88,14 @@ class Job:
         return self.cancelled or self.future.done()
 
     def cancel(self) -> None:
+        """The client left: its queued rows leave the queue now (and free their capacity)."""
+        if self.cancelled:
+            return
         self.cancelled = True
         if not self.future.done():
             self.future.cancel()
+        if self.on_cancel is not None:
+            self.on_cancel(self)
 
     def fail(self, exc: BaseException) -> None:
         if not self.future.done():
@@ -178,7 +184,7 @@ class Batcher:
                 f"model {self.name}: queue full ({self._queued_rows} rows queued, limit {self.params.max_queue})"
             )
         fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        job = Job(fut, deadline, len(entries))
+        job = Job(fut, deadline, len(entries), on_cancel=self._discard)
         if not entries:
             fut.set_result([])
             return job
@@ -189,6 +195,15 @@ class Batcher:
         metrics.QUEUE_ROWS.labels(self.name).set(self._queued_rows)
         self._wakeup.set()
         return job
+
+    def _discard(self, job: Job) -> None:
+        before = len(self._queue)
+        self._queue = collections.deque(it for it in self._queue if it.job is not job)
+        if len(self._queue) != before:
+            self._queued_rows = sum(i.rows for i in self._queue)
+            metrics.DROPPED.labels(self.name, "cancelled").inc(before - len(self._queue))
+            metrics.QUEUE_ROWS.labels(self.name).set(self._queued_rows)
+            self._wakeup.set()
 
     # --- the loop --------------------------------------------------------------------------------
     def _purge(self) -> None:
