@@ -259,3 +259,25 @@ def test_inline_or_disabled_inference_gives_every_core_to_http(tmp_path: os.Path
     assert ov.model_workers == 0
     p = derive_plan(report(list(range(4))), ov)
     assert p.model_workers == 0 and p.http_cpus == [[0], [1], [2], [3]]
+
+
+def test_smt_io_workers_share_a_physical_core_not_with_model_workers() -> None:
+    # Intel-style numbering: cpu i and i+4 are the two threads of physical core i
+    r = report(list(range(8)))
+    r = dataclasses.replace(r, cpus=dataclasses.replace(r.cpus, smt_siblings=[[i, i + 4] for i in range(4)]))
+    p = derive_plan(r)
+    assert p.http_cpus == [[0], [4]]
+    assert sorted(flat(p.model_cpus)) == [1, 2, 3, 5, 6, 7]
+    # a quota of 4 cores takes 4 distinct physical cores
+    r2 = dataclasses.replace(r, cpus=dataclasses.replace(r.cpus, quota_cores=4.0, budget=4.0))
+    p2 = derive_plan(r2)
+    assert sorted(flat(p2.http_cpus) + flat(p2.model_cpus)) == [0, 1, 2, 3]
+
+
+def test_smt_siblings_from_sysfs() -> None:
+    r = probe(fx("loongson-3a6000-uos20"))
+    assert r.cpus.smt_siblings == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    p = derive_plan(r)
+    assert p.http_cpus == [[0], [1]]  # one physical core for I/O
+    h = probe(fx("hygon-7285-openeuler-2003"))
+    assert h.cpus.smt_siblings == [[0, 4], [1, 5]]  # 6 and 7 are outside the cpuset

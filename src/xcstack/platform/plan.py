@@ -185,6 +185,22 @@ def _split(cores: Sequence[int], io_count: int, numa: dict[str, list[int]]) -> t
     return io, compute
 
 
+def _smt_orders(usable: Sequence[int], siblings: list[list[int]]) -> tuple[list[int], dict[int, tuple[int, int]]]:
+    """(spread order: first thread of every physical core, then second threads, ...;
+    key cpu -> (physical core index, thread index) for a sibling-adjacent order)."""
+    group_of = {c: g for g in siblings for c in g}
+    key: dict[int, tuple[int, int]] = {}
+    gi = 0
+    for c in usable:  # physical cores numbered in the order their first thread appears
+        if c in key:
+            continue
+        for t, x in enumerate(group_of.get(c, [c])):
+            key.setdefault(x, (gi, t))
+        gi += 1
+    spread = sorted(usable, key=lambda c: (key[c][1], key[c][0]))
+    return spread, key
+
+
 def _spread(cores: Sequence[int], k: int, numa: dict[str, list[int]]) -> list[int]:
     """`k` of `cores`, taken round-robin over NUMA nodes so a reduced set stays balanced."""
     node_of = {c: n for n, cl in numa.items() for c in cl}
@@ -223,7 +239,11 @@ def derive_plan(
     usable = list(res.usable) or [0]
     budget = res.budget or float(len(usable))
     slots = cpu_slots(budget, len(usable))
-    cores = usable[:slots]
+    # With SMT, a reduced set takes distinct physical cores first, and the I/O / compute split runs
+    # over a sibling-adjacent order, so the http workers share physical cores with each other rather
+    # than with model workers.
+    spread, smt_key = _smt_orders(usable, res.smt_siblings)
+    cores = sorted(spread[:slots], key=lambda c: smt_key[c]) if res.smt_siblings else usable[:slots]
     if res.quota_cores is not None:
         if slots < len(usable):
             notes.append(

@@ -88,6 +88,7 @@ class CpuResources:
     budget: float = 0.0  # min(len(usable), quota_cores)
     numa_nodes: dict[str, list[int]] = field(default_factory=dict)
     threads_per_core: int | None = None
+    smt_siblings: list[list[int]] = field(default_factory=list)  # usable CPUs sharing a physical core
 
 
 @dataclass
@@ -315,9 +316,20 @@ def _cpu_resources(r: _Reader, cpu: CpuInfo, live: bool) -> CpuResources:
             if cl:
                 res.numa_nodes[entry.name.removeprefix("node")] = cl
     res.threads_per_core = cpu.threads_per_core
-    sib = parse_cpulist(r.read1(f"sys/devices/system/cpu/cpu{res.usable[0]}/topology/thread_siblings_list"))
-    if sib:
-        res.threads_per_core = len(sib)
+    usable_set = set(res.usable)
+    seen: set[int] = set()
+    for c in res.usable[:4096]:
+        if c in seen:
+            continue
+        sib = parse_cpulist(r.read1(f"sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list"))
+        if not sib:
+            continue
+        if c == res.usable[0]:
+            res.threads_per_core = len(sib)
+        group = [x for x in sib if x in usable_set]
+        seen.update(group)
+        if len(group) > 1:
+            res.smt_siblings.append(group)
     return res
 
 
