@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import uuid
 from pathlib import Path
@@ -258,7 +259,7 @@ async def test_password_change_history_and_must_change(service: SecurityService)
     await service.change_password(p, one_time, pws[0])
     p = await service.authenticate(login["token"])
     assert p is not None and p.restricted is None
-    for prev, new in zip(pws, pws[1:], strict=False):
+    for prev, new in itertools.pairwise(pws):
         await service.change_password(p, prev, new)
     with pytest.raises(PasswordPolicyError, match="last 5"):
         await service.change_password(p, pws[5], pws[2])  # one of the last five

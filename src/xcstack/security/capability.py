@@ -1,0 +1,223 @@
+"""The security capability: wires the audit log, the security service, the middleware and routes.
+
+What `app.py` uses: `create(ctx)` returns a `SecurityCapability` (None when `[security] enabled =
+false`) with `routes()`, `middleware() -> list[Middleware]` (one `SecurityMiddleware`), `start()`,
+`stop()`, `ready()`. It publishes on the context:
+
+- `ctx.provide("audit", cap.audit)`   — the `AuditLog` (for code without a request: `await append(...)`);
+- `ctx.provide("secretbox", cap.box)` — SM4-GCM `seal(plaintext, aad)` / `open(sealed, aad)` for
+  secrets at rest (upstream API keys, DB passwords).
+
+Signing (audit checkpoints, trusted-boot manifest) goes through the crypto capability's client
+(`ctx.get("crypto")`, key `[security] signing_key`) when it is there; without it an in-process
+SM2 key kept under `<data_dir>/security/` (0600) is used and a warning is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.routing import BaseRoute
+
+from xcstack.capability import AppContext
+from xcstack.errors import Forbidden, Unauthorized
+from xcstack.security.audit.export import Exporter, HttpSink, Sink, SyslogTcpSink
+from xcstack.security.audit.log import AuditLog
+from xcstack.security.keys import ensure_key, local_signer
+from xcstack.security.lockout import Lockout, RedisLockout, StateLockout
+from xcstack.security.middleware import SecurityMiddleware
+from xcstack.security.routes import build_routes
+from xcstack.security.secretbox import LocalSecretBox, SecretBox, ServiceSecretBox
+from xcstack.security.service import Principal, ReqInfo, SecurityService
+from xcstack.security.signing import ServiceSigner, Signer
+
+log = logging.getLogger("xcstack.security")
+
+SECRETBOX_KEY = "security-secrets"
+
+
+def local_secretbox(ctx_settings: Any) -> LocalSecretBox:
+    """SM4 key derived from the crypto master key (HMAC-SM3), for when the crypto owner is absent."""
+    from xcstack.crypto.keystore import load_master_key
+    from xcstack.crypto.sm import hmac_sm3
+
+    master = load_master_key(ctx_settings.crypto, ctx_settings.data_dir)
+    return LocalSecretBox(hmac_sm3(master, b"xcstack-security-secretbox-v1")[:16])
+
+
+class SecurityCapability:
+    name = "security"
+
+    def __init__(
+        self,
+        ctx: AppContext,
+        *,
+        signer: Signer | None = None,
+        secretbox: SecretBox | None = None,
+        lockout: Lockout | None = None,
+        clock: Callable[[], float] = time.time,
+        print_bootstrap: Callable[[str], None] | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings.security
+        self.data_dir = Path(ctx.settings.data_dir)
+        self.audit_root = Path(self.settings.audit.dir or self.data_dir / "audit")
+        self.clock = clock
+        self._signer = signer
+        self._print = print_bootstrap or (lambda s: print(s, file=sys.stderr, flush=True))
+        crypto = ctx.get("crypto")
+        if secretbox is None:
+            secretbox = ServiceSecretBox(crypto, SECRETBOX_KEY) if crypto is not None else None
+        self.box: SecretBox | None = secretbox
+        self.audit = AuditLog(self.audit_root, self.settings.audit, signer=None, clock=clock)
+        s = self.settings
+        if lockout is None:
+            if s.redis_url is not None:
+                lockout = RedisLockout(s.redis_url.get_secret_value(), s.redis_prefix, s.lockout_threshold,
+                                       s.lockout_s)
+            else:
+                lockout = StateLockout(ctx.state, s.lockout_threshold, s.lockout_s, clock)
+        self.service = SecurityService(s, ctx.state, _LazyBox(self), lockout, self.audit, clock)
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._exporters: list[Exporter] = []
+        self.trust_monitor: Any = None
+        ctx.provide("audit", self.audit)
+        ctx.provide("secretbox", _LazyBox(self))
+
+    # -- Capability protocol ---------------------------------------------------------------------
+    def routes(self) -> Sequence[BaseRoute]:
+        return build_routes(self)
+
+    def middleware(self) -> list[Middleware]:
+        return [Middleware(SecurityMiddleware, security=self)]
+
+    @property
+    def signer(self) -> Signer | None:
+        return self._signer
+
+    async def start(self) -> None:
+        if self._signer is None:
+            crypto = self.ctx.get("crypto")
+            if crypto is not None:
+                await ensure_key(crypto, self.settings.signing_key, "sm2")
+                if isinstance(self.box, ServiceSecretBox):
+                    await ensure_key(crypto, SECRETBOX_KEY, "sm4")
+                self._signer = ServiceSigner(crypto, self.settings.signing_key)
+            else:
+                log.warning("no crypto capability: audit checkpoints are signed with a local SM2 key file")
+                self._signer = await asyncio.to_thread(local_signer, self.data_dir, self.settings.signing_key)
+        if self.box is None:
+            self.box = await asyncio.to_thread(local_secretbox, self.ctx.settings)
+        self.audit.signer = self._signer
+        await self.audit.open()
+        await self.service.init()
+        created = await self.service.bootstrap()
+        if created:
+            lines = ["", "=" * 72, "xcstack: first start — administrator accounts created (三权分立).",
+                     "One-time passwords, shown once; each must be changed at first login:"]
+            lines += [f"  {name:<10} role {role:<9} password {pw}" for name, role, pw in created]
+            lines += ["=" * 72, ""]
+            self._print("\n".join(lines))
+        a = self.settings.audit
+        sinks: list[Sink] = []
+        if a.export_syslog:
+            sinks.append(SyslogTcpSink(a.export_syslog, a.export_timeout_s))
+        if a.export_http:
+            sinks.append(HttpSink(a.export_http, a.export_timeout_s))
+        loop = asyncio.get_running_loop()
+        for sink in sinks:
+            exp = Exporter(self.audit.dir, sink, a.export_batch)
+            self._exporters.append(exp)
+            self._tasks.append(loop.create_task(exp.run_forever(a.export_interval_s)))
+        self._tasks.append(loop.create_task(self._retention_loop()))
+        from xcstack.security.trust import TrustMonitor
+
+        self.trust_monitor = TrustMonitor(self.ctx.settings, self.audit, self._signer)
+        if self.trust_monitor.enabled:
+            self._tasks.append(loop.create_task(self.trust_monitor.run()))
+
+    async def _retention_loop(self) -> None:
+        while True:
+            try:
+                floor = min((e.cursor for e in self._exporters), default=None)
+                await self.audit.purge_expired(floor)
+            except Exception as exc:
+                log.error("audit retention pass failed: %s", exc)
+            await asyncio.sleep(3600)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks.clear()
+        for e in self._exporters:
+            with contextlib.suppress(Exception):
+                await e.run_once()  # flush what is left, bounded by the sink timeout
+            await e.sink.close()
+        await self.audit.close()
+        await self.service.lockout.close()
+
+    async def ready(self) -> tuple[bool, str]:
+        if self.audit._thread is None or not self.audit._thread.is_alive():
+            return False, "audit log writer is not running"
+        return True, f"audit chain {self.audit.chain} at seq {self.audit.durable_seq}"
+
+    # -- guard seam ------------------------------------------------------------------------------
+    async def authorizer(self, request: Request, resource: str, action: str) -> None:
+        pr = request.scope.get("xc.principal")
+        if not isinstance(pr, Principal):
+            raise Unauthorized("authentication required", code="unauthorized")
+        if not await self.service.is_allowed(pr, resource, action):
+            await self.service.audit(pr.name, "access.denied", resource, "denied", _info(request),
+                                     {"action": action, "roles": list(pr.roles)})
+            raise Forbidden(f"permission denied: {action} on {resource}", code="forbidden")
+
+    async def audit_sink(
+        self, request: Request, action: str, resource: str, outcome: str, detail: dict[str, Any] | None
+    ) -> None:
+        pr = request.scope.get("xc.principal")
+        actor = pr.name if isinstance(pr, Principal) else "anonymous"
+        await self.service.audit(actor, action, resource, outcome, _info(request), detail)
+
+    async def sig_verify(self, key_id: str, message: bytes, signature: bytes) -> bool:
+        if self._signer is None:
+            return False
+        return await self._signer.verify(message, signature)
+
+
+def _info(request: Request) -> ReqInfo:
+    ip = request.scope.get("xc.client_ip") or (request.client.host if request.client else None)
+    return ReqInfo(ip, request.scope.get("xc.request_id"))
+
+
+class _LazyBox:
+    """The secret box resolved at start (the crypto client may be provided after create)."""
+
+    def __init__(self, cap: SecurityCapability) -> None:
+        self.cap = cap
+
+    async def seal(self, plaintext: bytes | bytearray, aad: bytes) -> bytes:
+        assert self.cap.box is not None, "security capability not started"
+        return await self.cap.box.seal(plaintext, aad)
+
+    async def open(self, sealed: bytes, aad: bytes) -> bytearray:
+        assert self.cap.box is not None, "security capability not started"
+        return await self.cap.box.open(sealed, aad)
+
+
+def create(ctx: AppContext) -> SecurityCapability | None:
+    if not ctx.settings.security.enabled:
+        log.warning("[security] enabled = false: no authentication, no RBAC, no audit log")
+        return None
+    return SecurityCapability(ctx)

@@ -1,0 +1,211 @@
+"""The security ASGI middleware: authentication, RBAC, and one durable audit record per API call.
+
+For every http/websocket request but the public paths (`/healthz`, `/readyz`, `/metrics` when
+`metrics_public`, and `POST /v1/auth/login`):
+
+1. authenticates the bearer token (session or API key); none or invalid → 401 + audit record;
+2. puts the principal at `scope["xc.principal"]` (`.id`, `.name`, `.roles`, `.kind`) and installs
+   `scope["xc.authorizer"]` / `scope["xc.audit"]` for `security.guard.authorize` / `audit`;
+3. finds the route the router will pick (same matching as Starlette, through Mounts) and checks
+   its permission: the endpoint's `@requires(resource, action)` mark, or by default
+   `("route:<path template>", "<method>")` — deny by default, every denial audited (403);
+4. a session restricted to a password change or TOTP enrolment may only use `/v1/auth/*`;
+5. writes the API-call record (who, method, route, status, ip, request id) and waits until it is
+   durable before the response head goes out; a response that never started is recorded as an
+   error. If the audit log cannot write, the request fails with 503 (fail closed).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import Counter
+from starlette.routing import Match, Mount
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from xcstack.errors import Forbidden, Unauthorized, XCError
+from xcstack.httputil import dumps
+from xcstack.security.guard import permission_of
+from xcstack.security.service import Principal, ReqInfo
+
+if TYPE_CHECKING:
+    from xcstack.security.capability import SecurityCapability
+
+log = logging.getLogger("xcstack.security")
+
+AUTH_TOTAL = Counter("xc_security_auth_total", "Request authentication outcomes", ["outcome"])
+DENIALS = Counter("xc_security_denials_total", "Requests denied by RBAC", ["reason"])
+
+SELF_SERVICE_PREFIX = "/v1/auth/"
+PUBLIC_ROUTES = {("POST", "/v1/auth/login")}
+
+
+def client_ip(scope: Scope, trust_proxy: bool) -> str | None:
+    if trust_proxy:
+        for k, v in scope.get("headers", ()):
+            if k == b"x-forwarded-for":
+                return v.decode("latin-1").split(",")[0].strip()[:64] or None
+    client = scope.get("client")
+    return str(client[0]) if client else None
+
+
+def bearer(scope: Scope) -> str | None:
+    for k, v in scope.get("headers", ()):
+        if k == b"authorization":
+            raw = v.decode("latin-1")
+            if raw[:7].lower() == "bearer ":
+                return raw[7:].strip()
+            return None
+    return None
+
+
+def resolve_route(app: Any, scope: Scope) -> tuple[Any, str] | None:
+    """(endpoint, path template) of the route Starlette's router would choose, or None."""
+    routes = getattr(getattr(app, "router", None), "routes", None)
+    if routes is None:
+        routes = getattr(app, "routes", None)
+    return _walk(routes or [], dict(scope), "")
+
+
+def _walk(routes: list[Any], scope: dict[str, Any], prefix: str) -> tuple[Any, str] | None:
+    partial: tuple[Any, str] | None = None
+    for route in routes:
+        try:
+            match, child = route.matches(scope)
+        except Exception:
+            continue
+        if match == Match.NONE:
+            continue
+        if isinstance(route, Mount):
+            sub = dict(scope)
+            sub.update(child)
+            found = _walk(list(route.routes), sub, prefix + route.path)
+            if found is not None:
+                return found
+            continue
+        found = (getattr(route, "endpoint", None), prefix + getattr(route, "path", ""))
+        if match == Match.FULL:
+            return found
+        partial = partial or found  # path matches, method does not: Starlette answers 405
+    return partial
+
+
+async def send_error(send: Send, exc: XCError, request_id: str | None) -> None:
+    headers = [(b"content-type", b"application/json")]
+    headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+    if request_id:
+        headers.append((b"x-request-id", request_id.encode()))
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": dumps(exc.body())})
+
+
+class SecurityMiddleware:
+    def __init__(self, app: ASGIApp, security: SecurityCapability) -> None:
+        self.app = app
+        self.sec = security
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        sec = self.sec
+        settings = sec.settings
+        scope["xc.authorizer"] = sec.authorizer
+        scope["xc.audit"] = sec.audit_sink
+        path: str = scope["path"]
+        method: str = scope.get("method", "GET")
+        if path in settings.public_paths or (path == "/metrics" and settings.metrics_public) or (
+            (method, path) in PUBLIC_ROUTES
+        ):
+            await self.app(scope, receive, send)
+            return
+        rid = scope.get("xc.request_id")
+        info = ReqInfo(client_ip(scope, settings.trust_proxy_headers), rid)
+        scope["xc.client_ip"] = info.ip
+        try:
+            token = bearer(scope)
+            principal = await sec.service.authenticate(token) if token else None
+            if principal is None:
+                AUTH_TOTAL.labels("denied").inc()
+                await sec.service.audit("anonymous", "auth.denied", f"route:{path[:256]}", "denied", info,
+                                        {"method": method, "reason": "invalid token" if token else "no token"})
+                raise Unauthorized("authentication required: send 'Authorization: Bearer <token>'",
+                                   code="unauthorized", headers={"WWW-Authenticate": 'Bearer realm="xcstack"'})
+            AUTH_TOTAL.labels("ok").inc()
+            scope["xc.principal"] = principal
+            found = resolve_route(scope.get("app"), scope)
+            template = found[1] if found else path
+            if found is not None:
+                await self._check(principal, found, method, info)
+        except XCError as exc:
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            await send_error(send, exc, rid)
+            return
+        await self._call_audited(scope, receive, send, principal, method, template, info)
+
+    async def _check(self, principal: Principal, found: tuple[Any, str], method: str, info: ReqInfo) -> None:
+        endpoint, template = found
+        self_service = template.startswith(SELF_SERVICE_PREFIX)
+        if principal.restricted and not self_service:
+            DENIALS.labels("restricted").inc()
+            await self.sec.service.audit(principal.name, "access.denied", f"route:{template}", "denied", info,
+                                         {"method": method, "reason": principal.restricted})
+            code = f"{principal.restricted}_required"
+            raise Forbidden(f"this session may only be used to complete: {principal.restricted.replace('_', ' ')}",
+                            code=code)
+        if self_service:
+            return
+        perm = permission_of(endpoint) or (f"route:{template}", method.lower())
+        if not await self.sec.service.is_allowed(principal, perm[0], perm[1]):
+            DENIALS.labels("rbac").inc()
+            await self.sec.service.audit(principal.name, "access.denied", perm[0], "denied", info,
+                                         {"method": method, "route": template, "action": perm[1],
+                                          "roles": list(principal.roles)})
+            raise Forbidden(f"permission denied: {perm[1]} on {perm[0]}", code="forbidden")
+
+    async def _call_audited(
+        self, scope: Scope, receive: Receive, send: Send, principal: Principal, method: str, template: str,
+        info: ReqInfo,
+    ) -> None:
+        if not self.sec.settings.audit.log_api_calls:
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def record(status: int) -> None:
+            outcome = "success" if status < 400 else ("denied" if status in (401, 403) else "failure")
+            await self.sec.service.audit(principal.name, "api.call", f"route:{template}", outcome, info,
+                                         {"method": method, "status": status})
+
+        async def audited_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start" and not started:
+                started = True
+                try:
+                    await record(int(message["status"]))  # durable before the head goes out
+                except XCError as exc:
+                    log.error("audit unavailable, refusing the response: %s", exc.message)
+                    await send_error(send, exc, info.request_id)
+                    raise _AuditFailed() from None
+            elif message["type"] == "websocket.accept" and not started:
+                started = True
+                await record(101)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, audited_send)
+        except _AuditFailed:
+            return
+        finally:
+            if not started:
+                try:
+                    await record(500)
+                except Exception:
+                    log.exception("audit record for a failed request could not be written")
+
+
+class _AuditFailed(Exception):
+    pass

@@ -1,0 +1,61 @@
+"""Wire schemas of the security endpoints."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+NAME = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoginRequest(Strict):
+    username: str = Field(min_length=1, max_length=64)
+    password: str = Field(min_length=1, max_length=1024)
+    totp: str | None = Field(default=None, max_length=16)
+    recovery_code: str | None = Field(default=None, max_length=64)
+
+
+class PasswordChange(Strict):
+    old_password: str = Field(min_length=1, max_length=1024)
+    new_password: str = Field(min_length=1, max_length=1024)
+
+
+class TotpConfirm(Strict):
+    code: str = Field(min_length=6, max_length=16)
+
+
+class UserCreate(Strict):
+    name: str = Field(pattern=NAME)
+    roles: list[str] = Field(default_factory=list, max_length=16)
+    kind: Literal["human", "service"] = "human"
+    password: str | None = Field(default=None, max_length=1024)
+
+
+class RolesSet(Strict):
+    roles: list[str] = Field(max_length=16)
+
+
+class RoleCreate(Strict):
+    name: str = Field(pattern=NAME)
+    allow: list[tuple[str, str]] = Field(min_length=1, max_length=256)
+    deny: list[tuple[str, str]] = Field(default_factory=list, max_length=256)
+    description: str = Field(default="", max_length=256)
+
+
+class ApiKeyCreate(Strict):
+    name: str = Field(pattern=NAME)
+    roles: list[str] = Field(min_length=1, max_length=16)
+    days: int | None = Field(default=None, ge=1, le=3650)
+
+
+class AuditQuery(Strict):
+    chain: str | None = Field(default=None, max_length=128)
+    after_seq: int = Field(default=0, ge=0)
+    limit: int = Field(default=100, ge=1, le=1000)
+    action: str | None = Field(default=None, max_length=64)
+    actor: str | None = Field(default=None, max_length=128)

@@ -1,0 +1,219 @@
+"""HTTP adapter of the security capability.
+
+Self-service (any authenticated principal, also a restricted session):
+  POST /v1/auth/login (public) · POST /v1/auth/logout · GET /v1/auth/me · POST /v1/auth/password
+  POST /v1/auth/totp/enroll · POST /v1/auth/totp/confirm
+Administration (RBAC):
+  GET/POST /v1/security/users · DELETE /v1/security/users/{name}
+  POST /v1/security/users/{name}/disable|enable|reset-password|reset-totp      security.user
+  PUT /v1/security/users/{name}/roles                                          security.role:assign
+  GET/POST /v1/security/roles · DELETE /v1/security/roles/{name}               security.role
+  GET/POST /v1/security/keys · DELETE /v1/security/keys/{id}                   security.apikey
+Audit (auditor only):
+  GET /v1/audit/records · POST /v1/audit/verify · GET /v1/audit/chains          audit:read / audit:verify
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from xcstack.errors import BadRequest, NotFound, Unauthorized
+from xcstack.httputil import JSONResponse, parse_model, read_model
+from xcstack.security import protocol as p
+from xcstack.security.audit import record as rec
+from xcstack.security.audit.log import list_chains, list_segments
+from xcstack.security.audit.verify import verify_chain
+from xcstack.security.guard import requires
+from xcstack.security.service import Principal, ReqInfo
+
+if TYPE_CHECKING:
+    from xcstack.security.capability import SecurityCapability
+
+
+def _principal(request: Request) -> Principal:
+    pr = request.scope.get("xc.principal")
+    if not isinstance(pr, Principal):
+        raise Unauthorized("authentication required", code="unauthorized")
+    return pr
+
+
+def _info(request: Request) -> ReqInfo:
+    ip = request.scope.get("xc.client_ip") or (request.client.host if request.client else None)
+    return ReqInfo(ip, request.scope.get("xc.request_id"))
+
+
+def build_routes(cap: SecurityCapability) -> list[BaseRoute]:
+    svc = cap.service
+
+    async def login(request: Request) -> Response:
+        body = await read_model(request, p.LoginRequest)
+        out = await svc.login(body.username, body.password, body.totp, body.recovery_code, _info(request))
+        return JSONResponse(out)
+
+    async def logout(request: Request) -> Response:
+        await svc.logout(_principal(request), _info(request))
+        return JSONResponse({"ok": True})
+
+    async def me(request: Request) -> Response:
+        return JSONResponse(_principal(request).to_dict())
+
+    async def password(request: Request) -> Response:
+        body = await read_model(request, p.PasswordChange)
+        await svc.change_password(_principal(request), body.old_password, body.new_password, _info(request))
+        return JSONResponse({"ok": True})
+
+    async def totp_enroll(request: Request) -> Response:
+        return JSONResponse(await svc.totp_begin(_principal(request), _info(request)))
+
+    async def totp_confirm(request: Request) -> Response:
+        body = await read_model(request, p.TotpConfirm)
+        codes = await svc.totp_confirm(_principal(request), body.code, _info(request))
+        return JSONResponse({"recovery_codes": codes})
+
+    @requires("security.user", "read")
+    async def users_list(request: Request) -> Response:
+        return JSONResponse({"users": await svc.list_users()})
+
+    @requires("security.user", "write")
+    async def users_create(request: Request) -> Response:
+        body = await read_model(request, p.UserCreate)
+        user, one_time = await svc.create_user(_principal(request), body.name, body.roles, body.kind, body.password,
+                                               _info(request))
+        out: dict[str, Any] = {"user": user}
+        if one_time:
+            out["one_time_password"] = one_time
+        return JSONResponse(out, status_code=201)
+
+    @requires("security.user", "write")
+    async def users_delete(request: Request) -> Response:
+        await svc.delete_user(_principal(request), request.path_params["name"], _info(request))
+        return JSONResponse({"ok": True})
+
+    @requires("security.user", "write")
+    async def users_action(request: Request) -> Response:
+        name, action = request.path_params["name"], request.path_params["action"]
+        pr, info = _principal(request), _info(request)
+        if action in ("disable", "enable"):
+            await svc.set_disabled(pr, name, action == "disable", info)
+            return JSONResponse({"ok": True})
+        if action == "reset-password":
+            return JSONResponse({"one_time_password": await svc.reset_password(pr, name, info)})
+        if action == "reset-totp":
+            await svc.totp_reset(pr, name, info)
+            return JSONResponse({"ok": True})
+        raise NotFound(f"no user action {action!r}", code="not_found")
+
+    @requires("security.role", "assign")
+    async def users_roles(request: Request) -> Response:
+        body = await read_model(request, p.RolesSet)
+        await svc.set_roles(_principal(request), request.path_params["name"], body.roles, _info(request))
+        return JSONResponse({"ok": True})
+
+    @requires("security.role", "read")
+    async def roles_list(request: Request) -> Response:
+        return JSONResponse({"roles": await svc.list_roles()})
+
+    @requires("security.role", "write")
+    async def roles_create(request: Request) -> Response:
+        body = await read_model(request, p.RoleCreate)
+        role = await svc.create_role(_principal(request), body.name, list(body.allow), list(body.deny),
+                                     body.description, _info(request))
+        return JSONResponse(role, status_code=201)
+
+    @requires("security.role", "write")
+    async def roles_delete(request: Request) -> Response:
+        await svc.delete_role(_principal(request), request.path_params["name"], _info(request))
+        return JSONResponse({"ok": True})
+
+    @requires("security.apikey", "read")
+    async def keys_list(request: Request) -> Response:
+        return JSONResponse({"keys": await svc.list_api_keys()})
+
+    @requires("security.apikey", "write")
+    async def keys_create(request: Request) -> Response:
+        body = await read_model(request, p.ApiKeyCreate)
+        out = await svc.create_api_key(_principal(request), body.name, body.roles, body.days, _info(request))
+        return JSONResponse(out, status_code=201)
+
+    @requires("security.apikey", "write")
+    async def keys_revoke(request: Request) -> Response:
+        await svc.revoke_api_key(_principal(request), request.path_params["id"], _info(request))
+        return JSONResponse({"ok": True})
+
+    @requires("audit", "read")
+    async def audit_chains(request: Request) -> Response:
+        chains = [{"chain": d.name, "segments": [s.name for _, s in list_segments(d)]}
+                  for d in list_chains(cap.audit_root)]
+        return JSONResponse({"chains": chains})
+
+    @requires("audit", "read")
+    async def audit_records(request: Request) -> Response:
+        q = parse_model(dict(request.query_params), p.AuditQuery)
+        records = await asyncio.to_thread(_read_records, cap, q)
+        await svc.audit(_principal(request).name, "audit.read", f"audit:{q.chain or '*'}", "success", _info(request),
+                        {"after_seq": q.after_seq, "returned": len(records)})
+        return JSONResponse({"records": records})
+
+    @requires("audit", "verify")
+    async def audit_verify(request: Request) -> Response:
+        reports = [(await verify_chain(d, cap.sig_verify)).to_dict() for d in list_chains(cap.audit_root)]
+        ok = all(r["ok"] for r in reports)
+        await svc.audit(_principal(request).name, "audit.verify", "audit:*", "success" if ok else "failure",
+                        _info(request), {"chains": len(reports), "ok": ok})
+        return JSONResponse({"ok": ok, "chains": reports})
+
+    return [
+        Route("/v1/auth/login", login, methods=["POST"]),
+        Route("/v1/auth/logout", logout, methods=["POST"]),
+        Route("/v1/auth/me", me, methods=["GET"]),
+        Route("/v1/auth/password", password, methods=["POST"]),
+        Route("/v1/auth/totp/enroll", totp_enroll, methods=["POST"]),
+        Route("/v1/auth/totp/confirm", totp_confirm, methods=["POST"]),
+        Route("/v1/security/users", users_list, methods=["GET"]),
+        Route("/v1/security/users", users_create, methods=["POST"]),
+        Route("/v1/security/users/{name}", users_delete, methods=["DELETE"]),
+        Route("/v1/security/users/{name}/roles", users_roles, methods=["PUT"]),
+        Route("/v1/security/users/{name}/{action}", users_action, methods=["POST"]),
+        Route("/v1/security/roles", roles_list, methods=["GET"]),
+        Route("/v1/security/roles", roles_create, methods=["POST"]),
+        Route("/v1/security/roles/{name}", roles_delete, methods=["DELETE"]),
+        Route("/v1/security/keys", keys_list, methods=["GET"]),
+        Route("/v1/security/keys", keys_create, methods=["POST"]),
+        Route("/v1/security/keys/{id}", keys_revoke, methods=["DELETE"]),
+        Route("/v1/audit/chains", audit_chains, methods=["GET"]),
+        Route("/v1/audit/records", audit_records, methods=["GET"]),
+        Route("/v1/audit/verify", audit_verify, methods=["POST"]),
+    ]
+
+
+def _read_records(cap: SecurityCapability, q: p.AuditQuery) -> list[dict[str, Any]]:
+    chains = list_chains(cap.audit_root)
+    if q.chain is not None:
+        chains = [c for c in chains if c.name == q.chain]
+        if not chains:
+            raise NotFound(f"no audit chain {q.chain!r}", code="not_found")
+    elif len(chains) > 1:
+        raise BadRequest("several audit chains exist: pass ?chain=<name> (GET /v1/audit/chains lists them)",
+                         code="chain_required")
+    out: list[dict[str, Any]] = []
+    if not chains:
+        return out
+    for first, path in list_segments(chains[0]):
+        data = path.read_bytes()
+        seq = first
+        for line in data.split(b"\n")[:-1]:
+            if seq > q.after_seq:
+                obj = rec.loads(line)
+                if (q.action is None or obj.get("action") == q.action) and (
+                    q.actor is None or obj.get("actor") == q.actor
+                ):
+                    out.append(obj)
+                    if len(out) >= q.limit:
+                        return out
+            seq += 1
+    return out
