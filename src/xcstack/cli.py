@@ -12,7 +12,13 @@ from collections.abc import Sequence
 from xcstack.config import ConfigError, load_settings, masked_dump
 
 # Modules exposing `register(subparsers: argparse._SubParsersAction) -> None`.
-CLI_MODULES: list[str] = ["xcstack.inference.cli", "xcstack.gateway.cli", "xcstack.platform.cli", "xcstack.crypto.cli"]
+CLI_MODULES: list[str] = [
+    "xcstack.inference.cli",
+    "xcstack.gateway.cli",
+    "xcstack.platform.cli",
+    "xcstack.crypto.cli",
+    "xcstack.supply.cli",
+]
 
 
 def _config_show(args: argparse.Namespace) -> int:
