@@ -181,14 +181,14 @@ def make_app(bridge: Bridge, deny: set[str] | None = None) -> Starlette:
 
 
 @contextlib.asynccontextmanager
-async def serve(app: Any) -> AsyncIterator[str]:
+async def serve(app: Any, lifespan: str = "off") -> AsyncIterator[str]:
     import uvicorn
 
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", loop="asyncio")
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan=lifespan, loop="asyncio")
     server = uvicorn.Server(config)
     task = asyncio.get_running_loop().create_task(server.serve())
-    for _ in range(200):
+    for _ in range(500):
         if server.started:
             break
         await asyncio.sleep(0.02)
