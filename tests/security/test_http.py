@@ -299,3 +299,28 @@ def test_secrets_never_in_logs_audit_or_config_dump(data_dir: Path, caplog: pyte
         assert secret not in logs
         assert secret.encode() not in blob
     assert tok.encode() not in (data_dir / "state.db").read_bytes()
+
+
+def test_with_crypto_capability_signs_and_seals_through_the_crypto_client(data_dir: Path) -> None:
+    from xcstack.security.secretbox import ServiceSecretBox
+    from xcstack.security.signing import ServiceSigner
+
+    settings = load_settings(None, data_dir=data_dir, crypto={"access": "direct"})
+    app = create_app(settings, ["xcstack.crypto.capability", *MODULES])
+    with TestClient(app, raise_server_exceptions=False) as c:
+        cap = _cap(app)
+        assert isinstance(cap.signer, ServiceSigner) and isinstance(cap.box, ServiceSecretBox)
+        _run(c, cap.service.create_user(SYSTEM, "hum", [], kind="human", password=PW))
+        _run(c, cap.service.create_user(SYSTEM, "aud2", ["auditor"], kind="service", password=PW))
+        tok = c.post("/v1/auth/login", json={"username": "hum", "password": PW}).json()["token"]
+        h = {"Authorization": f"Bearer {tok}"}
+        enrol = c.post("/v1/auth/totp/enroll", headers=h).json()
+        row = _run(c, cap.service.get_user("hum"))
+        assert enrol["secret"] not in row["totp_secret"]
+        assert c.post("/v1/auth/totp/confirm", headers=h, json={"code": pyotp.TOTP(enrol["secret"]).now()}).is_success
+        _run(c, cap.audit.checkpoint())
+        atok = c.post("/v1/auth/login", json={"username": "aud2", "password": PW}).json()["token"]
+        r = c.post("/v1/audit/verify", headers={"Authorization": f"Bearer {atok}"})
+        assert r.status_code == 200, r.text
+        (chain,) = r.json()["chains"]
+        assert r.json()["ok"] and chain["signatures_checked"] and chain["checkpoints"] >= 2

@@ -1,0 +1,283 @@
+"""`xcstack user ...`, `xcstack audit verify|export`, `xcstack trust seal|verify`.
+
+User commands act as the local system administrator (whoever can run them can read the state
+store) and are audited like HTTP administration (actor `cli:<os user>`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import json
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from xcstack.config import load_settings
+from xcstack.errors import XCError
+
+if TYPE_CHECKING:
+    from xcstack.config import Settings
+    from xcstack.security.service import SecurityService
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    # -- user --
+    p = sub.add_parser("user", help="users, roles, passwords, TOTP (as the local administrator)")
+    us = p.add_subparsers(dest="user_command", required=True)
+    x = us.add_parser("list", help="list users")
+    x.set_defaults(func=_cmd(_user_list))
+    x = us.add_parser("create", help="create a user; prints a one-time password")
+    x.add_argument("name")
+    x.add_argument("--role", action="append", default=[], help="role (repeatable)")
+    x.add_argument("--kind", choices=["human", "service"], default="human")
+    x.set_defaults(func=_cmd(_user_create))
+    for verb in ("disable", "enable", "delete", "reset-password", "reset-totp"):
+        x = us.add_parser(verb, help=f"{verb.replace('-', ' ')} a user")
+        x.add_argument("name")
+        x.set_defaults(func=_cmd(_user_action), verb=verb)
+    x = us.add_parser("set-roles", help="replace a user's roles")
+    x.add_argument("name")
+    x.add_argument("roles", nargs="*")
+    x.set_defaults(func=_cmd(_user_roles))
+    x = us.add_parser("totp", help="enrol TOTP: prints the otpauth URI and a terminal QR code")
+    x.add_argument("name")
+    x.add_argument("--code", help="first code from the authenticator (asked for when omitted)")
+    x.set_defaults(func=_cmd(_user_totp))
+    x = us.add_parser("bootstrap", help="create the three administrators if no user exists yet")
+    x.set_defaults(func=_cmd(_user_bootstrap))
+    # -- audit --
+    p = sub.add_parser("audit", help="the audit log")
+    aus = p.add_subparsers(dest="audit_command", required=True)
+    x = aus.add_parser("verify", help="verify every chain; exit 1 naming the first bad position")
+    x.add_argument("--dir", type=Path, help="audit directory (default from config)")
+    x.add_argument("--chain", help="only this chain")
+    x.add_argument("--no-signatures", action="store_true", help="skip SM2 checkpoint signature checks")
+    x.add_argument("--json", action="store_true")
+    x.set_defaults(func=_cmd(_audit_verify, needs_service=False))
+    x = aus.add_parser("export", help="send records after the persisted cursor to a collector")
+    x.add_argument("--syslog", help="tcp://host:port (RFC 5424)")
+    x.add_argument("--http", help="http(s)://collector/path")
+    x.add_argument("--dir", type=Path)
+    x.set_defaults(func=_cmd(_audit_export, needs_service=False))
+    # -- trust --
+    p = sub.add_parser("trust", help="trusted boot: seal or verify the installation")
+    ts = p.add_subparsers(dest="trust_command", required=True)
+    x = ts.add_parser("seal", help="write the SM2-signed manifest of SM3 hashes")
+    x.set_defaults(func=_cmd(_trust_seal, needs_service=False))
+    x = ts.add_parser("verify", help="check the installation against the manifest")
+    x.set_defaults(func=_cmd(_trust_verify, needs_service=False))
+
+
+Handler = Callable[[argparse.Namespace, "Settings", Any], Awaitable[int]]
+
+
+def _cmd(fn: Handler, needs_service: bool = True) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        settings = load_settings(args.config)
+
+        async def main() -> int:
+            if not needs_service:
+                return await fn(args, settings, None)
+            async with cli_service(settings) as svc:
+                return await fn(args, settings, svc)
+
+        try:
+            return asyncio.run(main())
+        except XCError as exc:
+            print(f"xcstack: {exc.message} ({exc.code})", file=sys.stderr)
+            return 1
+
+    return run
+
+
+@contextlib.asynccontextmanager
+async def cli_service(settings: Settings) -> AsyncIterator[SecurityService]:
+    from xcstack.security.audit.log import AuditLog
+    from xcstack.security.keys import offline_signer
+    from xcstack.security.lockout import Lockout, RedisLockout, StateLockout
+    from xcstack.security.secretbox import SecretBox, ServiceSecretBox
+    from xcstack.security.service import SecurityService
+    from xcstack.state.store import StateStore
+
+    s = settings.security
+    url = settings.state.url.get_secret_value() if settings.state.url else None
+    store = StateStore(url, settings.data_dir, pool_size=2)
+    async with offline_signer(settings) as signer:
+        box: SecretBox
+        client = getattr(signer, "_client", None)
+        if client is not None:
+            from xcstack.security.capability import SECRETBOX_KEY
+            from xcstack.security.keys import ensure_key
+
+            await ensure_key(client, SECRETBOX_KEY, "sm4")
+            box = ServiceSecretBox(client, SECRETBOX_KEY)
+        else:
+            from xcstack.security.capability import local_secretbox
+
+            box = local_secretbox(settings)
+        lockout: Lockout = (RedisLockout(s.redis_url.get_secret_value(), s.redis_prefix, s.lockout_threshold,
+                                         s.lockout_s)
+                            if s.redis_url else StateLockout(store, s.lockout_threshold, s.lockout_s))
+        audit = AuditLog(Path(s.audit.dir or settings.data_dir / "audit"), s.audit, signer=signer)
+        await audit.open()
+        svc = SecurityService(s, store, box, lockout, audit)
+        try:
+            await svc.init()
+            yield svc
+        finally:
+            await audit.close()
+            await lockout.close()
+            await store.close()
+
+
+def _actor() -> Any:
+    from xcstack.security.service import Principal
+
+    return Principal("cli", f"cli:{getpass.getuser()}", (), kind="system")
+
+
+async def _user_list(args: argparse.Namespace, settings: Settings, svc: SecurityService) -> int:
+    for u in await svc.list_users():
+        flags = [f for f, on in (("disabled", u["disabled"]), ("must-change", u["must_change_password"]),
+                                 ("totp", u["totp_enabled"])) if on]
+        print(f"{u['name']:<24} {u['kind']:<8} {','.join(u['roles']) or '-':<24} {' '.join(flags)}")
+    return 0
+
+
+async def _user_create(args: argparse.Namespace, settings: Settings, svc: SecurityService) -> int:
+    _, one_time = await svc.create_user(_actor(), args.name, args.role, args.kind)
+    print(f"user {args.name} created; one-time password (shown once, must be changed at first login):")
+    print(f"  {one_time}")
+    return 0
+
+
+async def _user_action(args: argparse.Namespace, settings: Settings, svc: SecurityService) -> int:
+    actor = _actor()
+    if args.verb in ("disable", "enable"):
+        await svc.set_disabled(actor, args.name, args.verb == "disable")
+    elif args.verb == "delete":
+        await svc.delete_user(actor, args.name)
+    elif args.verb == "reset-password":
+        pw = await svc.reset_password(actor, args.name)
+        print(f"one-time password for {args.name} (shown once, must be changed at next login):\n  {pw}")
+    elif args.verb == "reset-totp":
+        await svc.totp_reset(actor, args.name)
+    print(f"{args.verb}: {args.name}: done")
+    return 0
+
+
+async def _user_roles(args: argparse.Namespace, settings: Settings, svc: SecurityService) -> int:
+    await svc.set_roles(_actor(), args.name, list(args.roles))
+    print(f"roles of {args.name}: {', '.join(args.roles) or '(none)'}")
+    return 0
+
+
+async def _user_totp(args: argparse.Namespace, settings: Settings, svc: SecurityService) -> int:
+    from xcstack.security.service import Principal
+
+    user = await svc.get_user(args.name)
+    if user is None:
+        print(f"xcstack: no user {args.name!r}", file=sys.stderr)
+        return 1
+    who = Principal(user["id"], user["name"], tuple(json.loads(user["roles"])))
+    info = await svc.totp_begin(who)
+    print(info["qr"])
+    print(f"otpauth URI: {info['otpauth_uri']}")
+    code = args.code or (await asyncio.to_thread(input, "first 6-digit code from the authenticator: ")).strip()
+    codes = await svc.totp_confirm(who, code)
+    print("TOTP enabled. Recovery codes (each works once; store them offline, they are shown once):")
+    for c in codes:
+        print(f"  {c}")
+    return 0
+
+
+async def _user_bootstrap(args: argparse.Namespace, settings: Settings, svc: SecurityService) -> int:
+    created = await svc.bootstrap()
+    if not created:
+        print("users exist already; nothing created")
+        return 0
+    print("administrator accounts created (三权分立); one-time passwords, shown once:")
+    for name, role, pw in created:
+        print(f"  {name:<10} role {role:<9} password {pw}")
+    return 0
+
+
+async def _audit_verify(args: argparse.Namespace, settings: Settings, _: Any) -> int:
+    from xcstack.security.audit.log import list_chains
+    from xcstack.security.audit.verify import verify_chain
+    from xcstack.security.keys import KeyVerifier
+
+    root = args.dir or settings.security.audit.dir or settings.data_dir / "audit"
+    chains = [c for c in list_chains(Path(root)) if args.chain is None or c.name == args.chain]
+    if not chains:
+        print(f"xcstack: no audit chains under {root}", file=sys.stderr)
+        return 1
+    verifier = None if args.no_signatures else KeyVerifier(settings)
+    reports = [await verify_chain(c, verifier) for c in chains]
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2, ensure_ascii=False))
+    else:
+        for r in reports:
+            status = "OK " if r.ok else "BAD"
+            sig = "signatures checked" if r.signatures_checked else "signatures NOT checked"
+            print(f"{status} chain {r.chain}: {r.records} records, seq {r.first_seq}..{r.last_seq}, "
+                  f"{r.checkpoints} checkpoints (signed up to {r.signed_seq}, {sig})")
+            for w in r.warnings:
+                print(f"    warning: {w}")
+            if r.problem is not None:
+                print(f"    {r.problem}")
+    return 0 if all(r.ok for r in reports) else 1
+
+
+async def _audit_export(args: argparse.Namespace, settings: Settings, _: Any) -> int:
+    from xcstack.security.audit.export import Exporter, HttpSink, Sink, SyslogTcpSink
+    from xcstack.security.audit.log import list_chains
+
+    a = settings.security.audit
+    syslog, http = args.syslog or a.export_syslog, args.http or a.export_http
+    if not syslog and not http:
+        print("xcstack: give --syslog and/or --http (or [security.audit] export_*)", file=sys.stderr)
+        return 2
+    root = Path(args.dir or a.dir or settings.data_dir / "audit")
+    total = 0
+    for chain in list_chains(root):
+        sinks: list[Sink] = []
+        if syslog:
+            sinks.append(SyslogTcpSink(syslog, a.export_timeout_s))
+        if http:
+            sinks.append(HttpSink(http, a.export_timeout_s))
+        for sink in sinks:
+            try:
+                n = await Exporter(chain, sink, a.export_batch).run_once()
+            finally:
+                await sink.close()
+            print(f"chain {chain.name} -> {sink.name}: {n} records")
+            total += n
+    return 0
+
+
+async def _trust_seal(args: argparse.Namespace, settings: Settings, _: Any) -> int:
+    from xcstack.security.keys import offline_signer
+    from xcstack.security.trust import manifest_path, seal
+
+    async with offline_signer(settings) as signer:
+        manifest = await seal(settings, signer, args.config)
+    print(f"sealed {len(manifest['files'])} files into {manifest_path(settings)} (key {manifest['key_id']})")
+    return 0
+
+
+async def _trust_verify(args: argparse.Namespace, settings: Settings, _: Any) -> int:
+    from xcstack.security.keys import KeyVerifier
+    from xcstack.security.trust import verify
+
+    report = await verify(settings, KeyVerifier(settings))
+    if report.ok:
+        print(f"OK: {report.files} files match the signed manifest")
+        return 0
+    for p in report.problems:
+        print(f"MISMATCH {p}")
+    return 1
