@@ -25,7 +25,12 @@ if TYPE_CHECKING:
     from xcstack.state.store import StateStore
 
 # Order matters: a capability may `get` services that an earlier one `provide`d at create time.
-CAPABILITY_MODULES: list[str] = ["xcstack.crypto.capability", "xcstack.gateway.capability", "xcstack.db.capability"]
+CAPABILITY_MODULES: list[str] = [
+    "xcstack.crypto.capability",
+    "xcstack.security.capability",
+    "xcstack.gateway.capability",
+    "xcstack.db.capability",
+]
 
 
 @runtime_checkable
