@@ -18,6 +18,7 @@ CLI_MODULES: list[str] = [
     "xcstack.platform.cli",
     "xcstack.crypto.cli",
     "xcstack.supply.cli",
+    "xcstack.security.cli",
 ]
 
 
