@@ -143,3 +143,45 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
 def pkcs11_crypto(softhsm: dict[str, str], **extra: Any) -> dict[str, Any]:
     return {"backend": "pkcs11", "pkcs11": {"library": softhsm["library"], "token_label": "xcstack",
                                             "pin": SOFTHSM_PIN, **extra}}
+
+
+# ---- software SDF device (GM/T 0018) ---------------------------------------------------------------
+SDF_SOURCE = Path(__file__).parent / "sdf_soft" / "softsdf.c"
+
+
+def build_softsdf(out_dir: Path, max_bits: int = 512) -> Path:
+    import shutil
+
+    if not shutil.which("gcc") or not Path("/usr/include/openssl/evp.h").exists():
+        pytest.skip("gcc or OpenSSL headers missing (scripts/services/crypto.sh installs libssl-dev)")
+    lib = out_dir / f"libsoftsdf{max_bits}.so"
+    if not lib.exists():
+        subprocess.run(
+            ["gcc", "-O2", "-shared", "-fPIC", f"-DECCREF_MAX_BITS={max_bits}", "-o", str(lib), str(SDF_SOURCE),
+             "-lcrypto"],
+            check=True, capture_output=True,
+        )
+    return lib
+
+
+@pytest.fixture(scope="session")
+def softsdf(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The software SDF library, compiled once per session; device state in a temp dir."""
+    build = tmp_path_factory.mktemp("softsdf-build")
+    state = tmp_path_factory.mktemp("softsdf-state")
+    lib = build_softsdf(build)
+    old = {k: os.environ.get(k) for k in ("SOFTSDF_DIR", "SOFTSDF_PASSWORD")}
+    os.environ["SOFTSDF_DIR"] = str(state)
+    os.environ["SOFTSDF_PASSWORD"] = "device-pw"
+    try:
+        yield {"library": str(lib), "SOFTSDF_DIR": str(state), "SOFTSDF_PASSWORD": "device-pw", "build": str(build)}
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def sdf_crypto(softsdf: dict[str, str], **extra: Any) -> dict[str, Any]:
+    return {"backend": "sdf", "sdf": {"library": softsdf["library"], "key_password": "device-pw", **extra}}

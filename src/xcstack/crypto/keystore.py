@@ -264,6 +264,13 @@ class Keystore:
         await self.store.transaction(run)
         self._cache.pop(rec.name, None)
 
+    async def handles(self, backend: str) -> frozenset[str]:
+        """Device handles used by any key version of `backend` (active or retired)."""
+        rows = await self.store.fetchall(
+            "SELECT DISTINCT handle FROM crypto_keys WHERE backend = ? AND handle IS NOT NULL", (backend,)
+        )
+        return frozenset(str(r["handle"]) for r in rows)
+
     async def list(self) -> list[dict[str, Any]]:
         rows = await self.store.fetchall(
             "SELECT name, kind, backend, algorithm, MAX(version) AS version, COUNT(*) AS versions, "

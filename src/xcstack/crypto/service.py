@@ -234,7 +234,8 @@ class CryptoService:
             from xcstack.crypto.errors import KeyExists
 
             raise KeyExists(f"key {name!r} already exists (use rotate for a new version)")
-        mat = await asyncio.to_thread(self.backend.generate, name, version, kind)
+        taken = await self.keystore.handles(self.backend.name)
+        mat = await asyncio.to_thread(self.backend.generate, name, version, kind, taken)
         rec = new_record(name, version, kind, self.backend.name, mat.algorithm, mat.public_key, mat.sealed, mat.handle)
         await self.keystore.insert(rec, must_be_new=not rotate)
         return rec

@@ -22,7 +22,8 @@ class Backend(ABC):
     name: str = "?"
 
     @abstractmethod
-    def generate(self, name: str, version: int, kind: str) -> KeyMaterial: ...
+    def generate(self, name: str, version: int, kind: str, taken: frozenset[str] = frozenset()) -> KeyMaterial:
+        """Create key material; `taken`: device handles already used by other keys (SDF indexes)."""
 
     @abstractmethod
     def sign(self, rec: KeyRecord, data: bytes, uid: bytes) -> bytes:

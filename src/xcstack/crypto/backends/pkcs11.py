@@ -137,7 +137,7 @@ class Pkcs11Backend(Backend):
         return data
 
     # -- operations -----------------------------------------------------------------------------
-    def generate(self, name: str, version: int, kind: str) -> KeyMaterial:
+    def generate(self, name: str, version: int, kind: str, taken: frozenset[str] = frozenset()) -> KeyMaterial:
         P, cfg, label = self.P, self.cfg, _label(name, version)
         key_id = hashlib.sha256(label.encode()).digest()[:16]
         common = [(P.CKA_TOKEN, True), (P.CKA_LABEL, label), (P.CKA_ID, key_id)]

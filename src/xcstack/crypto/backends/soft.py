@@ -32,7 +32,7 @@ class SoftBackend(Backend):
     def master_key(self) -> bytes:
         return self._mk
 
-    def generate(self, name: str, version: int, kind: str) -> KeyMaterial:
+    def generate(self, name: str, version: int, kind: str, taken: frozenset[str] = frozenset()) -> KeyMaterial:
         aad = seal_aad(name, version, kind)
         if kind == "sm2":
             key = sm.SM2PrivateKey.generate()
