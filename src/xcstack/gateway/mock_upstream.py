@@ -66,6 +66,7 @@ class MockConfig:
 @dataclass
 class MockStats:
     requests: int = 0
+    unauthorized: int = 0
     completed: int = 0
     in_flight: int = 0
     disconnects: int = 0
@@ -218,6 +219,7 @@ class MockProtocol(asyncio.Protocol):
             return
         cfg = st.config
         if cfg.api_key and req.headers.get(b"authorization", b"") != b"Bearer " + cfg.api_key.encode():
+            st.stats.unauthorized += 1
             self._write_simple(401, {"error": {"message": "bad api key", "type": "authentication_error"}})
             return
         if path == b"/v1/models":
@@ -404,6 +406,7 @@ class MockProtocol(asyncio.Protocol):
             self._write_simple(200, st.last)
         elif path == b"/mock/reset" and req.method == b"POST":
             st.stats = MockStats(in_flight=st.stats.in_flight)
+            st.ids = itertools.count(1)
             st.last = {}
             self._write_simple(200, {"ok": True})
         elif path == b"/mock/config" and req.method == b"POST":

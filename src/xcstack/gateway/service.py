@@ -40,6 +40,7 @@ _SSE_HEADERS = [
 _JSON_CT = (b"content-type", b"application/json")
 _DONE = b"data: [DONE]\n\n"
 _MAX_UNARY_BYTES = 256 * 1024 * 1024
+_SEND_SLICE = 16 * 1024
 
 
 class ClientGone(Exception):
@@ -545,8 +546,15 @@ class GatewayService:
                 if cut:
                     out = state.process(buf[:cut])
                     buf = buf[cut:]
-                    if out:
-                        await send({"type": "http.response.body", "body": out, "more_body": True})
+                    if len(out) <= _SEND_SLICE:
+                        if out:
+                            await send({"type": "http.response.body", "body": out, "more_body": True})
+                    else:  # slices: the server waits for the client between them (bounded buffer)
+                        for i in range(0, len(out), _SEND_SLICE):
+                            await send({"type": "http.response.body", "body": out[i:i + _SEND_SLICE],
+                                        "more_body": True})
+                            if wd.reason is not None:
+                                break
                 elif len(buf) > max_event:
                     error = UpstreamError(f"upstream sent an SSE event over {max_event} bytes",
                                           code=p.STREAM_INTERRUPTED)

@@ -73,6 +73,11 @@ class UpstreamSettings(BaseModel):
     max_concurrency: int = Field(default=256, ge=1, le=100_000, description="requests in flight to this upstream")
     max_queue: int = Field(default=256, ge=0, le=100_000, description="requests waiting for a slot of this upstream")
     timeouts: TimeoutSettings = TimeoutSettings()
+    recv_buffer_bytes: int | None = Field(
+        default=65536, ge=4096, le=64 * 1024 * 1024,
+        description="SO_RCVBUF of upstream connections: bounds per-stream memory when clients are slow; "
+        "None lets the kernel auto-tune (better for large answers over high-latency links)",
+    )
     embeddings: bool = Field(default=True, description="forward /v1/embeddings for this upstream's models")
 
     @field_validator("name")

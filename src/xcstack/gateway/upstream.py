@@ -4,7 +4,10 @@ per-upstream concurrency gate and circuit breaker, one aiohttp keep-alive pool p
 from __future__ import annotations
 
 import random
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
@@ -48,14 +51,15 @@ class Upstream:
     async def start(self) -> None:
         if self.session is None:
             conn = aiohttp.TCPConnector(
-                limit=self.cfg.max_concurrency, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300
+                limit=self.cfg.max_concurrency, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300,
+                socket_factory=_socket_factory(self.cfg.recv_buffer_bytes) if self.cfg.recv_buffer_bytes else None,
             )
             self.session = aiohttp.ClientSession(
                 connector=conn,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeouts.connect_s,
                                               connect=self.timeouts.connect_s + self.timeouts.ttfb_s),
                 auto_decompress=False,
-                read_bufsize=2**16,
+                read_bufsize=2**14,
                 skip_auto_headers=("User-Agent",),
             )
 
@@ -63,6 +67,25 @@ class Upstream:
         if self.session is not None:
             await self.session.close()
             self.session = None
+
+
+def _socket_factory(rcvbuf: int) -> Callable[[Any], socket.socket]:
+    """Sockets with a fixed receive buffer: bounds how much one upstream read can deliver (and so
+    the memory a stream to a slow client holds) instead of letting the kernel grow it to megabytes."""
+
+    def make(addr_info: Any) -> socket.socket:
+        family, type_, proto = addr_info[0], addr_info[1], addr_info[2]
+        sock = socket.socket(family=family, type=type_, proto=proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            if family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    return make
 
 
 @dataclass(frozen=True)
