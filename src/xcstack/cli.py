@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from xcstack.config import ConfigError, load_settings, masked_dump
 
@@ -31,7 +33,10 @@ def _config_show(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from xcstack.supervisor import serve
 
-    return serve(load_settings(args.config))
+    settings = load_settings(args.config)
+    if args.config:  # workers load the same file
+        os.environ["XC_CONFIG"] = str(Path(args.config).resolve())
+    return serve(settings)
 
 
 def build_parser() -> argparse.ArgumentParser:

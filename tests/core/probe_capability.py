@@ -42,7 +42,7 @@ class ProbeCapability:
         return JSONResponse({"slept": True})
 
     async def block(self, request: Request) -> Response:
-        time.sleep(float(request.query_params.get("s", "0.2")))  # deliberately blocks the loop
+        time.sleep(float(request.query_params.get("s", "0.2")))  # noqa: ASYNC251 - deliberately blocks the loop
         return JSONResponse({"blocked": True})
 
     async def crash(self, request: Request) -> Response:
