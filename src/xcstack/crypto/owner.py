@@ -103,7 +103,23 @@ def run_owner(settings: Settings, index: int = 0) -> None:
                 loop.add_signal_handler(sig, stop.set)
         await serve_owner(settings, stop)
 
-    asyncio.run(main())
+    if _want_uvloop(settings):
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+
+
+def _want_uvloop(settings: Settings) -> bool:
+    """The owner runs the same loop as the http workers (uvloop unless `[server] loop = "asyncio"`)."""
+    if settings.server.loop == "asyncio":
+        return False
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def main() -> None:  # `python -m xcstack.crypto.owner` (tests, manual runs)

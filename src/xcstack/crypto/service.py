@@ -54,6 +54,20 @@ OP_SECONDS = Histogram(
     buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1, 5),
 )
 
+_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
+
+def _observe(op: str, backend: str, outcome: str, seconds: float) -> None:
+    key = (op, backend, outcome)
+    pair = _children.get(key)
+    if pair is None:
+        if len(_children) > 1000:  # bounded: op names are validated, outcomes are error codes
+            _children.clear()
+        pair = _children[key] = (OPS_TOTAL.labels(op, backend, outcome), OP_SECONDS.labels(op, backend))
+    pair[0].inc()
+    pair[1].observe(seconds)
+
+
 OFFLOAD_BYTES = 64 * 1024  # inputs above this run on a thread so the event loop keeps moving
 MAX_RANDOM = 4096
 Meta = dict[str, Any]
@@ -119,8 +133,7 @@ class CryptoService:
             outcome = "error"
             raise
         finally:
-            OPS_TOTAL.labels(op, self.backend.name, outcome).inc()
-            OP_SECONDS.labels(op, self.backend.name).observe(time.perf_counter() - t0)
+            _observe(str(op), self.backend.name, outcome, time.perf_counter() - t0)
 
     async def _run(self, size: int, fn: Callable[[], Any]) -> Any:
         if size > OFFLOAD_BYTES:
