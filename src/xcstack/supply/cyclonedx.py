@@ -116,11 +116,16 @@ def _refs(urls: dict[str, str]) -> list[ExternalReference]:
     return out
 
 
-def _lib_file(lib: NativeLib, parent_ref: str) -> Component:
+def _lib_file(lib: NativeLib, parent_ref: str, supplier: OrganizationalEntity | None = None,
+              version: str | None = None) -> Component:
+    """A loaded library as a `file` component; supplier and version are those of the package that
+    installed it (NTIA asks both of every component)."""
     hashes = [HashType(alg=HashAlgorithm.SHA_256, content=lib.sha256)] if lib.sha256 else None
     return Component(
         type=ComponentType.FILE,
         name=lib.path,
+        version=version,
+        supplier=supplier,
         bom_ref=f"{parent_ref}#file:{lib.path}",
         hashes=hashes,
         properties=_props([("loaded", "true"), ("size", lib.size)]),
@@ -139,7 +144,8 @@ def os_purl(pkg: OsPackage, os_id: str, os_version: str) -> str:
 def _dist_component(d: PyDist, files: bool, libs: list[NativeLib], ctype: ComponentType) -> Component:
     ref = d.purl
     hashes = [HashType(alg=HashAlgorithm.SHA_256, content=d.tree_hash)] if d.tree_hash else None
-    nested: list[Component] = [_lib_file(lib, ref) for lib in libs]
+    supplier = _entity(d.supplier)
+    nested: list[Component] = [_lib_file(lib, ref, supplier, d.version) for lib in libs]
     if files:
         lib_names = {lib.path for lib in libs}
         base = os.path.realpath(d.location)
@@ -148,6 +154,7 @@ def _dist_component(d: PyDist, files: bool, libs: list[NativeLib], ctype: Compon
             if absolute in lib_names or not fe.sha256:
                 continue
             nested.append(Component(type=ComponentType.FILE, name=fe.path, bom_ref=f"{ref}#file:{fe.path}",
+                                    version=d.version, supplier=supplier,
                                     hashes=[HashType(alg=HashAlgorithm.SHA_256, content=fe.sha256)]))
     authors = [OrganizationalContact(name=a.name, email=a.email) for a in d.authors[:20] if a.email or a.name]
     return Component(
@@ -156,7 +163,7 @@ def _dist_component(d: PyDist, files: bool, libs: list[NativeLib], ctype: Compon
         version=d.version,
         bom_ref=ref,
         purl=PackageURL.from_string(d.purl),
-        supplier=_entity(d.supplier),
+        supplier=supplier,
         authors=authors or None,
         description=d.summary[:1000] or None,
         licenses=_licenses(d.license),
@@ -168,12 +175,16 @@ def _dist_component(d: PyDist, files: bool, libs: list[NativeLib], ctype: Compon
             ("record:sha256", d.record_sha256),
             ("record:files", len(d.files)),
             ("license:source", d.license.source),
+            ("supplier:source", d.supplier.source if d.supplier else None),
             ("installer", d.installer),
             ("editable", "true" if d.editable else None),
             ("location", d.location),
             ("extras", ",".join(sorted(d.extras)) or None),
         ]),
     )
+
+
+_PSF = OrganizationalEntity(name="Python Software Foundation", urls=[XsUri("https://www.python.org")])
 
 
 def build_bom(inv: Inventory, *, supplier: str, supplier_url: str | None = None, include_files: bool = False,
@@ -239,10 +250,10 @@ def build_bom(inv: Inventory, *, supplier: str, supplier_url: str | None = None,
         bom_ref=interp_ref,
         purl=PackageURL(type="generic", name=it.implementation.lower(), version=it.version),
         cpe=f"cpe:2.3:a:python:python:{it.version}:*:*:*:*:*:*:*" if it.implementation == "CPython" else None,
-        supplier=OrganizationalEntity(name="Python Software Foundation", urls=[XsUri("https://www.python.org")]),
+        supplier=_PSF,
         licenses=[DisjunctiveLicense(id="PSF-2.0")] if it.implementation == "CPython" else None,
         hashes=[HashType(alg=HashAlgorithm.SHA_256, content=it.sha256)],
-        components=[_lib_file(lib, interp_ref) for lib in interp_libs] or None,
+        components=[_lib_file(lib, interp_ref, _PSF, it.version) for lib in interp_libs] or None,
         properties=_props([("hash:SM3", it.sm3), ("path", it.path), ("size", it.size), ("cache-tag", it.cache_tag)]),
     )
     bom.components.add(interp)
@@ -285,7 +296,8 @@ def build_bom(inv: Inventory, *, supplier: str, supplier_url: str | None = None,
             supplier=_entity(_maint(pkg.maintainer), fallback=plat.os_name),
             licenses=_licenses(pkg.license),
             external_references=_refs({"homepage": pkg.homepage}) if pkg.homepage else None,
-            components=[_lib_file(lib, ref) for lib in libs],
+            components=[_lib_file(lib, ref, _entity(_maint(pkg.maintainer), fallback=plat.os_name), pkg.version)
+                        for lib in libs],
             properties=_props([("package-manager", pkg.manager), ("source-package", pkg.source),
                                ("license:source", pkg.license.source)]),
         )
@@ -293,8 +305,7 @@ def build_bom(inv: Inventory, *, supplier: str, supplier_url: str | None = None,
         bom.components.add(comp)
     loose_comps: list[Component] = []
     for lib in loose:
-        comp = _lib_file(lib, "unowned")
-        comp.supplier = OrganizationalEntity(name="unknown (no package owns this file)")
+        comp = _lib_file(lib, "unowned", OrganizationalEntity(name="unknown (no package owns this file)"))
         loose_comps.append(comp)
         bom.components.add(comp)
 
@@ -331,7 +342,8 @@ def _model_component(m: Model) -> Component:
     ref = f"model:{m.name}"
     th = tree_hash(FileEntry(f.path, f.sha256, f.size) for f in m.files)
     files = [
-        Component(type=ComponentType.FILE, name=f.path, bom_ref=f"{ref}#file:{f.path}",
+        Component(type=ComponentType.FILE, name=f.path, bom_ref=f"{ref}#file:{f.path}", version=m.version,
+                  supplier=_entity(m.supplier, fallback="unknown (model files carry no supplier)"),
                   hashes=[HashType(alg=HashAlgorithm.SHA_256, content=f.sha256)],
                   properties=_props([("hash:SM3", f.sm3), ("size", f.size)]))
         for f in m.files
@@ -363,7 +375,8 @@ def summary(doc: dict[str, Any]) -> dict[str, int]:
         for c in items:
             counts["components"] += 1
             counts["fields"] += _leaves(c) - _leaves({"components": c.get("components", [])})
-            counts["with_supplier"] += 1 if c.get("supplier") else 0
+            sup = (c.get("supplier") or {}).get("name", "")
+            counts["with_supplier"] += 1 if sup and not sup.startswith("unknown") else 0
             counts["with_hashes"] += 1 if c.get("hashes") else 0
             counts["with_license"] += 1 if c.get("licenses") else 0
             walk(c.get("components", []))

@@ -54,6 +54,7 @@ class Party:
     name: str
     email: str | None = None
     url: str | None = None
+    source: str = "metadata"  # metadata | project-url | known
 
 
 @dataclass
@@ -237,7 +238,7 @@ def _parties(name_field: str | None, email_field: str | None) -> list[Party]:
 # Suppliers of distributions whose metadata names nobody (checked by hand against their own text).
 KNOWN_SUPPLIERS: dict[str, Party] = {
     # dmPython's description: "模块由达梦数据库维护" (maintained by Dameng)
-    "dmpython": Party("Dameng Database Co., Ltd.", None, "https://www.dameng.com"),
+    "dmpython": Party("Dameng Database Co., Ltd.", None, "https://www.dameng.com", "known"),
 }
 
 _HOST_ORG = re.compile(r"^https?://(?:www\.)?(github\.com|gitlab\.com|gitee\.com|bitbucket\.org)/([^/#?]+)", re.I)
@@ -247,11 +248,11 @@ def _supplier_from_url(urls: Iterable[str]) -> Party | None:
     for url in urls:
         m = _HOST_ORG.match(url)
         if m:
-            return Party(m.group(2), None, f"https://{m.group(1).lower()}/{m.group(2)}")
+            return Party(m.group(2), None, f"https://{m.group(1).lower()}/{m.group(2)}", "project-url")
     for url in urls:
         m2 = re.match(r"^https?://([^/]+)", url)
         if m2 and "pypi.org" not in m2.group(1) and "readthedocs" not in m2.group(1):
-            return Party(m2.group(1), None, f"https://{m2.group(1)}")
+            return Party(m2.group(1), None, f"https://{m2.group(1)}", "project-url")
     return None
 
 
