@@ -96,6 +96,7 @@ class JobManager:
 
     async def stop(self) -> None:
         self._stopping = True
+        ids = list(self._running)
         for t in self._tasks:
             t.cancel()
         running = list(self._running.values())
@@ -104,7 +105,6 @@ class JobManager:
         await asyncio.gather(*self._tasks, *running, return_exceptions=True)
         self._tasks = []
         # Jobs interrupted by shutdown go back to the queue at once (no lease wait).
-        ids = list(self._running)
         self._running.clear()
         if ids:
             with contextlib.suppress(Exception):
