@@ -88,7 +88,8 @@ class XCStackApp:
         self.lag = LoopLagMonitor(settings.observability.loop_lag_interval_s)
         self.ctx.provide("loop_lag", self.lag)
         self.capabilities: list[Capability] = []
-        for name in CAPABILITY_MODULES if capability_modules is None else capability_modules:
+        modules = [*CAPABILITY_MODULES, *settings.server.plugins] if capability_modules is None else capability_modules
+        for name in modules:
             cap = importlib.import_module(name).create(self.ctx)
             if cap is not None:
                 self.capabilities.append(cap)

@@ -6,6 +6,7 @@ fails at start-up with `ConfigError`, whose message names every bad key and the 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tomllib
 from pathlib import Path
@@ -46,6 +47,21 @@ class ServerSettings(BaseModel):
     respawn_backoff_max_s: float = Field(10.0, gt=0)
     pin_cpus: bool = Field(True, description="apply the tuning plan's CPU affinity")
     worker_cpus: list[int] | None = Field(None, description="override: cores the http workers may use")
+    plugins: list[str] = Field(
+        default_factory=list, description="extra capability modules (`create(ctx)`), loaded after the built-in ones"
+    )
+
+    @field_validator("plugins")
+    @classmethod
+    def _importable(cls, v: list[str]) -> list[str]:
+        for name in v:
+            try:
+                found = importlib.util.find_spec(name) is not None
+            except ModuleNotFoundError:
+                found = False
+            if not found:
+                raise ValueError(f"module {name!r} cannot be imported")
+        return v
 
 
 class ObservabilitySettings(BaseModel):

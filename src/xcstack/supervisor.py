@@ -28,7 +28,6 @@ from typing import Any
 from xcstack.capability import CAPABILITY_MODULES, SideProcessSpec
 from xcstack.config import Settings
 from xcstack.observability.logs import setup_logging
-from xcstack.observability.metrics import mark_process_dead
 
 log = logging.getLogger("xcstack.supervisor")
 
@@ -112,7 +111,7 @@ class Child:
 class Supervisor:
     def __init__(self, settings: Settings, modules: Sequence[str] | None = None) -> None:
         self.settings = settings
-        self.modules = list(CAPABILITY_MODULES if modules is None else modules)
+        self.modules = list([*CAPABILITY_MODULES, *settings.server.plugins] if modules is None else modules)
         self.layout = derive_layout(settings)
         self.sock: socket.socket | None = None
         self.http: list[Child] = []
@@ -156,6 +155,8 @@ class Supervisor:
     def _reap(self, child: Child) -> None:
         """A child died on its own: schedule its restart with backoff."""
         assert child.proc is not None
+        from xcstack.observability.metrics import CHILD_RESTARTS, mark_process_dead
+
         code = child.proc.returncode
         mark_process_dead(child.proc.pid)
         if child.ready_r is not None:
@@ -166,8 +167,6 @@ class Supervisor:
         delay = min(self.settings.server.respawn_backoff_max_s, 0.1 * (2 ** child.failures)) if child.failures else 0.0
         child.restart_at = time.monotonic() + delay
         child.proc = None
-        from xcstack.observability.metrics import CHILD_RESTARTS
-
         CHILD_RESTARTS.labels(child.kind).inc()
         log.warning("%s exited with %s after %.1fs; restarting in %.2fs", child.label, code, ran, delay)
 
@@ -205,6 +204,8 @@ class Supervisor:
                 log.error("%s did not stop within %.0fs; killing it", child.label, grace)
                 child.proc.kill()
                 child.proc.wait()
+            from xcstack.observability.metrics import mark_process_dead
+
             mark_process_dead(child.proc.pid)
             if child.ready_r is not None:
                 os.close(child.ready_r)
@@ -229,7 +230,6 @@ class Supervisor:
     # -- main loop -----------------------------------------------------------------------------
     def run(self) -> int:
         srv = self.settings.server
-        prepare_metrics_dir(self.settings.data_dir)
         self.sock = bind_socket(srv.host, srv.port, srv.backlog)
         host, port = self.sock.getsockname()[:2]
         worker_argv = [sys.executable, "-m", "xcstack.worker"]
@@ -295,6 +295,6 @@ def print_banner(settings: Settings, host: str, port: int, workers: int, sides: 
 
 def serve(settings: Settings) -> int:
     setup_logging(settings.observability.log_level, settings.observability.log_json)
-    if settings.data_dir:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    prepare_metrics_dir(settings.data_dir)  # before prometheus_client is imported anywhere here
     return Supervisor(settings).run()

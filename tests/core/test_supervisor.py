@@ -1,0 +1,128 @@
+"""The supervisor for real: respawn, graceful drain on SIGTERM, zero-error rolling restart on SIGHUP,
+with both http servers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.core.served import Served
+
+SERVERS = ["uvicorn", "granian"]
+
+
+@pytest.fixture
+def serve_factory(data_dir: Path) -> Iterator[type[Served]]:
+    started: list[Served] = []
+
+    class Tracked(Served):
+        def start(self, timeout: float = 90.0) -> Served:
+            started.append(self)
+            return super().start(timeout)
+
+    yield Tracked
+    for s in started:
+        s.stop()
+
+
+def wait_for(pred: object, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not reached in time")
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_killed_worker_is_respawned(serve_factory: type[Served], data_dir: Path, server: str) -> None:
+    s = serve_factory(data_dir, workers=2, server=server).start()
+    pids = s.worker_pids()
+    assert len(pids) == 2
+    victim = min(pids)
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(s.worker_pids()) == 2 and victim not in s.worker_pids())
+    wait_for(lambda: s.status("/healthz") == 200)
+    assert all(s.status("/healthz") == 200 for _ in range(20))
+    assert any("exited with" in line and "restarting" in line for line in s.output)
+
+
+async def _slow_requests(base: str, n: int, seconds: float) -> list[int]:
+    async with aiohttp.ClientSession() as session:
+        async def one() -> int:
+            async with session.get(f"{base}/v1/slow", params={"s": str(seconds)}) as r:
+                await r.read()
+                return r.status
+
+        return list(await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_sigterm_drains_inflight_requests(serve_factory: type[Served], data_dir: Path, server: str) -> None:
+    s = serve_factory(data_dir, workers=1, server=server).start()
+
+    async def scenario() -> list[int]:
+        task = asyncio.create_task(_slow_requests(s.base, 8, 2.0))
+        await asyncio.sleep(0.7)  # all 8 are in flight now
+        t0 = time.monotonic()
+        s.signal(signal.SIGTERM)
+        statuses = await task
+        assert time.monotonic() - t0 < 10
+        return statuses
+
+    statuses = asyncio.run(scenario())
+    assert statuses == [200] * 8, statuses
+    assert s.proc is not None
+    assert s.proc.wait(20) == 0
+    with pytest.raises(OSError):  # the socket is closed once drained
+        socket.create_connection(("127.0.0.1", s.port), timeout=2).close()
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_sighup_rolling_restart_has_zero_failed_requests(
+    serve_factory: type[Served], data_dir: Path, server: str
+) -> None:
+    s = serve_factory(data_dir, workers=2, server=server).start()
+    before = s.worker_pids()
+
+    async def load(stop_after: float) -> tuple[int, list[str]]:
+        ok, errors = 0, []
+        deadline = time.monotonic() + stop_after
+        connector = aiohttp.TCPConnector(force_close=True)  # new connection each request
+        async with aiohttp.ClientSession(connector=connector) as session:
+            async def worker() -> None:
+                nonlocal ok
+                while time.monotonic() < deadline:
+                    try:
+                        async with session.get(f"{s.base}/v1/slow", params={"s": "0.05"}) as r:
+                            await r.read()
+                            if r.status == 200:
+                                ok += 1
+                            else:
+                                errors.append(f"status {r.status}")
+                    except Exception as exc:
+                        errors.append(repr(exc))
+
+            await asyncio.gather(*(worker() for _ in range(8)))
+        return ok, errors
+
+    async def scenario() -> tuple[int, list[str]]:
+        task = asyncio.create_task(load(12.0))
+        await asyncio.sleep(1.0)
+        s.signal(signal.SIGHUP)
+        return await task
+
+    ok, errors = asyncio.run(scenario())
+    after = s.worker_pids()
+    assert errors == [], errors[:5]
+    assert ok > 100
+    assert len(after) == 2 and not (before & after), "every worker was replaced"
+    assert any("reload: done" in line for line in s.output)
