@@ -244,3 +244,39 @@ async def test_queue_bound_rejects_fast(tmp_path: Path) -> None:
             log._enqueue(None)  # type: ignore[arg-type]
         log._pending.clear()
     log.close_blocking()
+
+
+async def test_parallel_verify_matches_sequential(tmp_path: Path, signer: SoftSM2Signer,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from xcstack.security.audit import verify as v
+
+    log = AuditLog(tmp_path, AuditSettings(segment_max_bytes=16384), chain="pv", signer=signer)
+    await log.open()
+    await asyncio.gather(*[log.append(actor="u", action="api.call", resource=f"/p/{i}", outcome="success")
+                           for i in range(400)])
+    await log.close()
+    seq_report, seq_seen = v.scan_chain(tmp_path / "pv", workers=1)
+    monkeypatch.setattr(v, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(v, "CHUNK_BYTES", 5000)
+    called = []
+    real = v._scan_parallel
+
+    def spy(*a, **k):  # type: ignore[no-untyped-def]
+        out = real(*a, **k)
+        called.append(out is not None)
+        return out
+
+    monkeypatch.setattr(v, "_scan_parallel", spy)
+    par_report, par_seen = v.scan_chain(tmp_path / "pv", workers=2)
+    assert called == [True]
+    assert par_report.to_dict() == seq_report.to_dict() and par_seen == seq_seen and par_report.ok
+    # tampering in a middle chunk: the parallel pass gives up, the sequential pass names the record
+    segs = list_segments(tmp_path / "pv")
+    _, path = segs[len(segs) // 2]
+    lines = path.read_bytes().splitlines(keepends=True)
+    bad_seq = rec.loads(lines[3])["seq"]
+    lines[3] = lines[3].replace(b'"outcome":"success"', b'"outcome":"failure"')
+    path.write_bytes(b"".join(lines))
+    report, _ = v.scan_chain(tmp_path / "pv", workers=2)
+    assert called == [True, False]
+    assert report.problem is not None and report.problem.seq == bad_seq

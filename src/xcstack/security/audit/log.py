@@ -338,13 +338,20 @@ class AuditLog:
                 del self._pending[: self.settings.max_batch]
             self._commit(batch)
 
+    def _write_all(self, data: bytes) -> None:
+        assert self._fd is not None
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+
     def _commit(self, batch: list[_Item]) -> None:
-        start_seq, start_prev = self.seq, self.prev
         outcome: list[int | BaseException] = []
         try:
             now = self.clock()
             ts = utc_ts(now)
-            if self._seg_size >= self.settings.segment_max_bytes or (
+            limit = self.settings.segment_max_bytes
+            if self._seg_size >= limit or (
                 self._seg_size > 0 and now - self._seg_opened >= self.settings.rotate_interval_s
             ):
                 self._rotate()
@@ -352,6 +359,12 @@ class AuditLog:
             size = 0
             seq, prev = self.seq, self.prev
             for item in batch:
+                if chunks and self._seg_size + size >= limit:  # rotate inside a large batch too
+                    self._write_all(b"".join(chunks))
+                    self._seg_size += size
+                    self.seq, self.prev = seq, prev
+                    self._rotate()
+                    chunks, size = [], 0
                 seq += 1
                 r = item.record
                 r["seq"] = seq
@@ -361,28 +374,25 @@ class AuditLog:
                 chunks.append(line)
                 size += len(line)
                 outcome.append(seq)
-            data = b"".join(chunks)
+            if chunks:
+                self._write_all(b"".join(chunks))
+                self._seg_size += size
             assert self._fd is not None
-            view = memoryview(data)
-            while view:
-                n = os.write(self._fd, view)
-                view = view[n:]
             if self.settings.sync == "fsync":
                 os.fsync(self._fd)
             else:
                 os.fdatasync(self._fd)
             self.seq, self.prev = seq, prev
-            self._seg_size += size
             self.durable_seq, self.durable_hash = seq, prev
             self.appended_total += len(batch)
-        except BaseException as exc:  # fail every caller of the batch; roll the file back
+        except BaseException as exc:  # fail every caller of the batch, then re-read the head from disk
             log.error("audit write failed: %s", exc)
-            self.seq, self.prev = start_seq, start_prev
-            with contextlib.suppress(Exception):
-                if self._fd is not None and self._seg_path is not None:
-                    os.ftruncate(self._fd, self._seg_size)
             err = AuditUnavailable(f"audit log write failed: {exc.__class__.__name__}")
             outcome = [err] * len(batch)
+            try:
+                self._reload()
+            except Exception as exc2:
+                log.error("audit log could not re-read its chain head: %s", exc2)
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], int | BaseException]]] = {}
         for item, res in zip(batch, outcome, strict=True):
             if item.loop is None:
@@ -397,6 +407,15 @@ class AuditLog:
         for loop, results in by_loop.items():
             with contextlib.suppress(RuntimeError):  # loop closed: nobody is waiting any more
                 loop.call_soon_threadsafe(_resolve, results)
+
+    def _reload(self) -> None:
+        """After a failed write: some records of the batch may be on disk (never acknowledged; that
+        is allowed), so continue from what the files really hold."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        self._recover()
 
     def _rotate(self) -> None:
         assert self._fd is not None

@@ -15,6 +15,7 @@ Detected, per chain:
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,88 +76,51 @@ class ChainReport:
         }
 
 
-def scan_chain(chain_dir: Path) -> tuple[ChainReport, dict[int, str]]:
+@dataclass
+class _Scan:
+    records: int = 0
+    expected: int = 0  # the next seq
+    prev: bytes = rec.GENESIS
+    anchor: tuple[int, str] | None = None  # (first seq, prev_hash) when the chain starts after a purge
+    purges: dict[int, str] = field(default_factory=dict)
+    seen: dict[int, str] = field(default_factory=dict)
+    problem: Problem | None = None
+
+
+PARALLEL_MIN_BYTES = 16 * 1024 * 1024
+CHUNK_BYTES = 8 * 1024 * 1024
+
+
+def scan_chain(chain_dir: Path, workers: int | None = None) -> tuple[ChainReport, dict[int, str]]:
     """Verify the hash chain of one directory (blocking). Returns the report and the hash of each
-    record named by a checkpoint or a purge anchor (for the signature pass)."""
+    record named by a checkpoint (for the signature pass).
+
+    Large chains are verified in parallel (`workers` processes; default: the CPUs this process may
+    use): chunks of segments are checked independently, each from the prev_hash its first record
+    states, then stitched (each chunk's first prev_hash must equal the previous chunk's last hash
+    and sequence numbers must continue). Any failure falls back to the sequential scan, which names
+    the exact first bad position."""
     chain = chain_dir.name
     report = ChainReport(chain)
     cps = _read_checkpoints(chain_dir / CHECKPOINTS, report)
     want = {cp["seq"] for cp in cps}
-    seen_hashes: dict[int, str] = {}
     segs = list_segments(chain_dir)
-    expected = 0  # next seq
-    prev = rec.GENESIS
-    anchor: tuple[int, str] | None = None  # (first seq, prev_hash) when the chain starts after a purge
-    purges: dict[int, str] = {}
-    loads = rec.loads
-    check = rec.check
-    for idx, (first, path) in enumerate(segs):
-        data = path.read_bytes()
-        name = path.name
-        if idx == 0:
-            expected = first
-            if first != 1:
-                head = data[: data.find(b"\n")]
-                try:
-                    prev_hex = loads(head)["prev_hash"]
-                    prev = bytes.fromhex(prev_hex)
-                except Exception:
-                    report.problem = Problem(chain, first, name, 1, 0, "malformed first record")
-                    return report, seen_hashes
-                anchor = (first, prev_hex)
-        elif first != expected:
-            report.problem = Problem(chain, expected, name, 1, 0,
-                                     f"segment starts at seq {first}, expected {expected} (segment deleted or renamed)")
-            return report, seen_hashes
-        pos = 0
-        lineno = 0
-        size = len(data)
-        while pos < size:
-            lineno += 1
-            nl = data.find(b"\n", pos)
-            if nl < 0:
-                report.problem = Problem(chain, expected, name, lineno, pos, "truncated record (no end of line)")
-                return report, seen_hashes
-            line = data[pos:nl]
-            digest = check(line, prev)
-            if digest is None:
-                reason = "record hash mismatch (modified record, or the previous record was changed)"
-                try:
-                    obj = loads(line)
-                    seq = obj.get("seq")
-                    if seq != expected:
-                        if isinstance(seq, int) and seq > expected:
-                            reason = f"sequence gap: expected seq {expected}, found {seq} (record deleted)"
-                        else:
-                            reason = f"sequence out of order: expected seq {expected}, found {seq} (reordered)"
-                    elif obj.get("prev_hash") != prev.hex():
-                        reason = "prev_hash does not match the previous record (deleted or reordered record)"
-                except Exception:
-                    reason = "malformed record"
-                report.problem = Problem(chain, expected, name, lineno, pos, reason)
-                return report, seen_hashes
-            # The hash covers the body, so seq and prev_hash are authentic once it matches; the seq
-            # must still be the next one (a record re-chained by a forger who recomputed hashes).
-            seq_at = line.rfind(b'"seq":')
-            seq_end = line.find(b",", seq_at)
-            try:
-                seq = int(line[seq_at + 6 : seq_end])
-            except ValueError:
-                seq = -1
-            if seq != expected:
-                report.problem = Problem(chain, expected, name, lineno, pos,
-                                         f"sequence break: expected seq {expected}, found {seq}")
-                return report, seen_hashes
-            if seq in want:
-                seen_hashes[seq] = digest.hex()
-            if b'"action":"audit.purge"' in line:
-                with_detail = loads(line).get("detail") or {}
-                if isinstance(with_detail.get("last_seq"), int):
-                    purges[with_detail["last_seq"]] = str(with_detail.get("last_hash"))
-            prev = digest
-            expected += 1
-            report.records += 1
-            pos = nl + 1
+    st: _Scan | None = None
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if workers > 1 and sum(p.stat().st_size for _, p in segs) >= PARALLEL_MIN_BYTES:
+        try:
+            st = _scan_parallel(segs, want, workers)
+        except Exception:
+            st = None
+    if st is None:
+        st = _scan_sequential(chain, segs, want)
+    report.records = st.records
+    seen_hashes = st.seen
+    if st.problem is not None:
+        report.problem = st.problem
+        return report, seen_hashes
+    expected, prev, anchor, purges = st.expected, st.prev, st.anchor, st.purges
     report.first_seq = segs[0][0] if segs else 0
     report.last_seq = expected - 1 if segs else 0
     report.last_hash = prev.hex() if segs else ""
@@ -192,6 +156,167 @@ def scan_chain(chain_dir: Path) -> tuple[ChainReport, dict[int, str]]:
                                      msg + " and no writer holds the chain (forged append, or a crash not yet "
                                      "recovered: restart the server or run `xcstack audit verify` after it)")
     return report, seen_hashes
+
+
+def _scan_sequential(chain: str, segs: list[tuple[int, Path]], want: set[int]) -> _Scan:
+    st = _Scan()
+    expected = 0
+    prev = rec.GENESIS
+    loads = rec.loads
+    check = rec.check
+    for idx, (first, path) in enumerate(segs):
+        data = path.read_bytes()
+        name = path.name
+        if idx == 0:
+            expected = first
+            if first != 1:
+                head = data[: data.find(b"\n")]
+                try:
+                    prev_hex = loads(head)["prev_hash"]
+                    prev = bytes.fromhex(prev_hex)
+                except Exception:
+                    st.problem = Problem(chain, first, name, 1, 0, "malformed first record")
+                    return st
+                st.anchor = (first, prev_hex)
+        elif first != expected:
+            st.problem = Problem(chain, expected, name, 1, 0,
+                                 f"segment starts at seq {first}, expected {expected} (segment deleted or renamed)")
+            return st
+        pos = 0
+        lineno = 0
+        size = len(data)
+        while pos < size:
+            lineno += 1
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                st.problem = Problem(chain, expected, name, lineno, pos, "truncated record (no end of line)")
+                return st
+            line = data[pos:nl]
+            digest = check(line, prev)
+            if digest is None:
+                reason = "record hash mismatch (modified record, or the previous record was changed)"
+                try:
+                    obj = loads(line)
+                    seq = obj.get("seq")
+                    if seq != expected:
+                        if isinstance(seq, int) and seq > expected:
+                            reason = f"sequence gap: expected seq {expected}, found {seq} (record deleted)"
+                        else:
+                            reason = f"sequence out of order: expected seq {expected}, found {seq} (reordered)"
+                    elif obj.get("prev_hash") != prev.hex():
+                        reason = "prev_hash does not match the previous record (deleted or reordered record)"
+                except Exception:
+                    reason = "malformed record"
+                st.problem = Problem(chain, expected, name, lineno, pos, reason)
+                return st
+            # The hash covers the body, so seq and prev_hash are authentic once it matches; the seq
+            # must still be the next one (a record re-chained by a forger who recomputed hashes).
+            seq_at = line.rfind(b'"seq":')
+            seq_end = line.find(b",", seq_at)
+            try:
+                seq = int(line[seq_at + 6 : seq_end])
+            except ValueError:
+                seq = -1
+            if seq != expected:
+                st.problem = Problem(chain, expected, name, lineno, pos,
+                                         f"sequence break: expected seq {expected}, found {seq}")
+                return st
+            if seq in want:
+                st.seen[seq] = digest.hex()
+            if b'"action":"audit.purge"' in line:
+                with_detail = loads(line).get("detail") or {}
+                if isinstance(with_detail.get("last_seq"), int):
+                    st.purges[with_detail["last_seq"]] = str(with_detail.get("last_hash"))
+            prev = digest
+            expected += 1
+            st.records += 1
+            pos = nl + 1
+    st.expected, st.prev = expected, prev
+    return st
+
+
+def _chunks(segs: list[tuple[int, Path]]) -> list[tuple[str, int, int, bool]]:
+    """(path, start, end, first chunk of its segment) byte ranges aligned to record starts."""
+    out: list[tuple[str, int, int, bool]] = []
+    for _, path in segs:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            start = 0
+            while start < size:
+                end = min(size, start + CHUNK_BYTES)
+                if end < size:
+                    fh.seek(end)
+                    rest = fh.read(1 << 16)
+                    nl = rest.find(b"\n")
+                    end = size if nl < 0 else end + nl + 1
+                out.append((str(path), start, end, start == 0))
+                start = end
+    return out
+
+
+def _check_chunk(task: tuple[str, int, int, bool, frozenset[int]]) -> tuple[Any, ...] | None:
+    """Verify one chunk on its own; None when anything is off (the caller rescans sequentially)."""
+    path, start, end, _, want = task
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        data = fh.read(end - start)
+    if not data.endswith(b"\n"):
+        return None
+    lines = data[:-1].split(b"\n")
+    first = rec.loads(lines[0])
+    prev = bytes.fromhex(first["prev_hash"])
+    first_prev = first["prev_hash"]
+    seq0 = int(first["seq"])
+    expected = seq0
+    check = rec.check
+    seen: dict[int, str] = {}
+    purges: dict[int, str] = {}
+    for line in lines:
+        digest = check(line, prev)
+        if digest is None:
+            return None
+        seq_at = line.rfind(b'"seq":')
+        if int(line[seq_at + 6 : line.find(b",", seq_at)]) != expected:
+            return None
+        if expected in want:
+            seen[expected] = digest.hex()
+        if b'"action":"audit.purge"' in line:
+            d = rec.loads(line).get("detail") or {}
+            if isinstance(d.get("last_seq"), int):
+                purges[d["last_seq"]] = str(d.get("last_hash"))
+        prev = digest
+        expected += 1
+    return seq0, first_prev, expected, prev, seen, purges
+
+
+def _scan_parallel(segs: list[tuple[int, Path]], want: set[int], workers: int) -> _Scan | None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    chunks = _chunks(segs)
+    first_of_seg = {str(p): first for first, p in segs}
+    tasks = [(p, a, b, f, frozenset(want)) for p, a, b, f in chunks]
+    with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(_check_chunk, tasks))
+    st = _Scan()
+    for i, (task, res) in enumerate(zip(tasks, results, strict=True)):
+        if res is None:
+            return None
+        seq0, first_prev, nxt, last, seen, purges = res
+        if task[3] and first_of_seg[task[0]] != seq0:
+            return None
+        if i == 0:
+            if seq0 != 1:
+                st.anchor = (seq0, first_prev)
+            elif first_prev != rec.GENESIS.hex():
+                return None
+        elif seq0 != st.expected or first_prev != st.prev.hex():
+            return None
+        st.records += nxt - seq0
+        st.expected, st.prev = nxt, last
+        st.seen.update(seen)
+        st.purges.update(purges)
+    return st
 
 
 def _read_checkpoints(path: Path, report: ChainReport) -> list[dict[str, Any]]:

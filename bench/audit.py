@@ -1,0 +1,206 @@
+"""Audit log benchmark: durable appends/s from 64 concurrent writers, and verify rate, against
+SQLite WAL with the same durability and plain JSON lines without fsync (the upper bound), in one run.
+
+    .venv/bin/python bench/audit.py [--records 100000] [--writers 64] [--sqlite-records 3000]
+
+"Durable" means every acknowledged record has been fdatasync'ed (xcstack: group commit by its
+writer thread; SQLite: WAL with synchronous=FULL, a COMMIT per record, and also one COMMIT per
+batch = the same group commit xcstack does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import table, write_section
+from xcstack.security.audit.log import AuditLog
+from xcstack.security.audit.verify import scan_chain, verify_chain
+from xcstack.security.settings import AuditSettings
+from xcstack.security.signing import SoftSM2Signer
+
+CPU: dict[str, float] = {}
+
+
+def _event(w: int, i: int) -> dict[str, object]:
+    return {"actor": f"user{w}", "action": "api.call", "resource": "route:/v1/chat/completions",
+            "outcome": "success", "ip": "10.1.2.3", "request_id": f"r-{w}-{i}",
+            "detail": {"method": "POST", "status": 200}}
+
+
+async def bench_xcstack(root: Path, records: int, writers: int) -> tuple[float, float, float, int]:
+    signer = SoftSM2Signer("bench")
+    log = AuditLog(root, AuditSettings(checkpoint_interval_s=1.0), chain="bench", signer=signer)
+    await log.open()
+    per = records // writers
+
+    async def writer(w: int) -> None:
+        for i in range(per):
+            e = _event(w, i)
+            await log.append(actor=str(e["actor"]), action=str(e["action"]), resource=str(e["resource"]),
+                             outcome=str(e["outcome"]), ip=str(e["ip"]), request_id=str(e["request_id"]),
+                             detail=e["detail"])  # type: ignore[arg-type]
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    await asyncio.gather(*[writer(w) for w in range(writers)])
+    append_s, append_cpu = time.perf_counter() - t0, time.process_time() - c0
+    await log.close()
+    t0, c0 = time.perf_counter(), time.process_time()
+    report, _ = scan_chain(root / "bench")
+    verify_s, verify_cpu = time.perf_counter() - t0, time.process_time() - c0
+    CPU["append_us"] = append_cpu / (per * writers) * 1e6
+    CPU["verify_us"] = verify_cpu / max(1, report.records) * 1e6
+    assert report.ok, report.problem
+
+    async def sig(k: str, m: bytes, s: bytes) -> bool:
+        return await signer.verify(m, s)
+
+    t0 = time.perf_counter()
+    full = await verify_chain(root / "bench", sig)
+    full_s = time.perf_counter() - t0
+    assert full.ok, full.problem
+    return per * writers / append_s, report.records / verify_s, report.records / full_s, report.records
+
+
+def bench_sqlite(path: Path, records: int, writers: int, group: bool) -> float:
+    """64 writers; each waits until its row is committed durably (WAL, synchronous=FULL)."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("CREATE TABLE audit (seq INTEGER PRIMARY KEY, ts REAL, body TEXT)")
+    lock = threading.Lock()
+    pending: list[tuple[str, threading.Event]] = []
+    cond = threading.Condition(lock)
+    stop = False
+
+    def committer() -> None:  # group commit: one transaction per batch of waiting writers
+        while True:
+            with cond:
+                while not pending and not stop:
+                    cond.wait()
+                if not pending and stop:
+                    return
+                batch = pending[:]
+                pending.clear()
+            conn.execute("BEGIN")
+            conn.executemany("INSERT INTO audit (ts, body) VALUES (?, ?)", [(time.time(), b) for b, _ in batch])
+            conn.execute("COMMIT")
+            for _, ev in batch:
+                ev.set()
+
+    per = records // writers
+
+    def writer_group(w: int) -> None:
+        for i in range(per):
+            ev = threading.Event()
+            with cond:
+                pending.append((json.dumps(_event(w, i)), ev))
+                cond.notify()
+            ev.wait()
+
+    def writer_each(w: int) -> None:
+        for i in range(per):
+            with lock:
+                conn.execute("BEGIN")
+                conn.execute("INSERT INTO audit (ts, body) VALUES (?, ?)", (time.time(), json.dumps(_event(w, i))))
+                conn.execute("COMMIT")
+
+    th = threading.Thread(target=committer, daemon=True)
+    if group:
+        th.start()
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(writers) as pool:
+        list(pool.map(writer_group if group else writer_each, range(writers)))
+    elapsed = time.perf_counter() - t0
+    with cond:
+        stop = True
+        cond.notify_all()
+    if group:
+        th.join()
+    conn.close()
+    return per * writers / elapsed
+
+
+async def bench_jsonl(path: Path, records: int, writers: int) -> float:
+    fh = open(path, "a")  # noqa: ASYNC230
+    per = records // writers
+
+    async def writer(w: int) -> None:
+        for i in range(per):
+            fh.write(json.dumps(_event(w, i)) + "\n")
+            if i % 64 == 0:
+                await asyncio.sleep(0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*[writer(w) for w in range(writers)])
+    fh.flush()
+    elapsed = time.perf_counter() - t0
+    fh.close()
+    return per * writers / elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--records", type=int, default=100_000)
+    ap.add_argument("--writers", type=int, default=64)
+    ap.add_argument("--sqlite-records", type=int, default=3_000, help="per-record-commit SQLite is slow")
+    ap.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="xc-bench-audit-", dir=os.environ.get("XC_BENCH_DIR")) as tmp:
+        root = Path(tmp)
+        x_append, x_verify, x_full, n = asyncio.run(bench_xcstack(root / "audit", args.records, args.writers))
+        sq_group = bench_sqlite(root / "g.db", args.records, args.writers, group=True)
+        sq_each = bench_sqlite(root / "e.db", args.sqlite_records, args.writers, group=False)
+        jl = asyncio.run(bench_jsonl(root / "plain.jsonl", args.records, args.writers))
+    rows = [
+        ["xcstack audit log (SM3 chain, group commit, fdatasync)", f"{x_append:,.0f}", "yes",
+         f"{x_append / sq_group:.2f}x"],
+        ["SQLite WAL, synchronous=FULL, group commit (one COMMIT per batch)", f"{sq_group:,.0f}", "yes", "1.00x"],
+        ["SQLite WAL, synchronous=FULL, COMMIT per record", f"{sq_each:,.0f}", "yes", f"{sq_each / sq_group:.2f}x"],
+        ["JSON lines, no fsync (upper bound, not durable)", f"{jl:,.0f}", "no", f"{jl / sq_group:.2f}x"],
+    ]
+    verify_rows = [
+        ["hash chain only (SM3 per record via `cryptography`, seq checks)", f"{x_verify:,.0f}"],
+        ["hash chain + SM2 checkpoint signatures", f"{x_full:,.0f}"],
+    ]
+    target_a = "met" if x_append >= 20_000 else "NOT met"
+    target_v = "met" if x_verify >= 200_000 else "NOT met"
+    body = f"""## Audit log (`bench/audit.py`)
+
+{args.writers} concurrent writers, ~250-byte records; a writer's `await append()` returns only when its
+record is durable. {args.records:,} records for xcstack / JSON lines / SQLite group commit,
+{args.sqlite_records:,} for SQLite commit-per-record.
+
+{table(["appends", "records/s", "durable", "vs SQLite group commit"], rows)}
+
+Verify ({n:,} records, one chain, one core):
+
+{table(["verify", "records/s"], verify_rows)}
+
+CPU cost (process time, all threads; robust to a busy machine): {CPU["append_us"]:.1f} µs per durable
+append (= {1e6 / CPU["append_us"]:,.0f} appends per CPU-second), {CPU["verify_us"]:.1f} µs per verified record
+(= {1e6 / CPU["verify_us"]:,.0f} records per CPU-second). SM3 alone through `cryptography` costs
+≈ 2.9 µs for a ~390-byte record here (≈ 2.3 µs through hashlib/OpenSSL), which caps single-core
+verification near 300,000 records/s before any parsing.
+
+Targets: ≥ 20,000 durable appends/s — **{target_a}** ({x_append:,.0f}/s); verify ≥ 200,000 records/s —
+**{target_v}** ({x_verify:,.0f}/s). Measured on a shared 2-core machine with other engineers' jobs
+running: read the ratios, not the absolute numbers.
+"""
+    print(body)
+    if not args.no_write:
+        write_section("audit", "python bench/audit.py", body)
+
+
+if __name__ == "__main__":
+    main()
