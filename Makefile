@@ -29,6 +29,7 @@ $(DEV_STAMP): pyproject.toml | $(BIN)/python
 	touch $@ $(RUN_STAMP)
 
 run: $(RUN_STAMP)
+	$(BIN)/xcstack model import-default --if-missing
 	$(BIN)/xcstack serve
 
 services: $(DEV_STAMP)
