@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -276,7 +277,7 @@ class CryptoService:
         return {"record": info}, b""
 
     async def _ping(self, meta: Meta, payload: memoryview) -> tuple[Meta, bytes]:
-        return {"backend": self.backend.name}, b""
+        return {"backend": self.backend.name, "pid": os.getpid()}, b""
 
     def close(self) -> None:
         self.backend.close()
