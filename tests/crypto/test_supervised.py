@@ -40,11 +40,15 @@ async def _ping_pid(c: OwnerClient, timeout: float) -> int:
             await asyncio.sleep(0.1)
 
 
+def _start(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", SERVE], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
 @pytest.mark.slow
 async def test_supervisor_respawns_killed_owner(data_dir: Path) -> None:
     env = owner_env(data_dir, XC_SERVER__PORT=str(free_port()), XC_SERVER__WORKERS="1")
-    proc = subprocess.Popen([sys.executable, "-c", SERVE], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = _start(env)
     settings = load_settings(None, data_dir=data_dir, crypto={"call_timeout_s": 2.0})
     c = OwnerClient(socket_path(settings), settings.crypto)
     try:
