@@ -5,8 +5,10 @@ false`) with `routes()`, `middleware() -> list[Middleware]` (one `SecurityMiddle
 `stop()`, `ready()`. It publishes on the context:
 
 - `ctx.provide("audit", cap.audit)`   — the `AuditLog` (for code without a request: `await append(...)`);
-- `ctx.provide("secretbox", cap.box)` — SM4-GCM `seal(plaintext, aad)` / `open(sealed, aad)` for
-  secrets at rest (upstream API keys, DB passwords).
+- `ctx.provide("secretbox", ...)` — SM4-GCM `seal(plaintext, aad)` / `open(sealed, aad)`;
+- `ctx.provide("secrets", cap.secrets)` — named secrets at rest: `await secrets.resolve("secret:NAME")`
+  for upstream API keys and DB passwords referenced from config (see `security/secrets.py`);
+  usable after the security capability started (its migrations create the table).
 
 Signing (audit checkpoints, trusted-boot manifest) goes through the crypto capability's client
 (`ctx.get("crypto")`, key `[security] signing_key`) when it is there; without it an in-process
@@ -37,6 +39,7 @@ from xcstack.security.lockout import Lockout, RedisLockout, StateLockout
 from xcstack.security.middleware import SecurityMiddleware
 from xcstack.security.routes import build_routes
 from xcstack.security.secretbox import LocalSecretBox, SecretBox, ServiceSecretBox
+from xcstack.security.secrets import SecretStore
 from xcstack.security.service import Principal, ReqInfo, SecurityService
 from xcstack.security.signing import ServiceSigner, Signer
 
@@ -92,6 +95,8 @@ class SecurityCapability:
         self.trust_monitor: Any = None
         ctx.provide("audit", self.audit)
         ctx.provide("secretbox", _LazyBox(self))
+        self.secrets = SecretStore(ctx.state, _LazyBox(self), clock)
+        ctx.provide("secrets", self.secrets)
 
     # -- Capability protocol ---------------------------------------------------------------------
     def routes(self) -> Sequence[BaseRoute]:

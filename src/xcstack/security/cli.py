@@ -49,6 +49,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     x.set_defaults(func=_cmd(_user_totp))
     x = us.add_parser("bootstrap", help="create the three administrators if no user exists yet")
     x.set_defaults(func=_cmd(_user_bootstrap))
+    # -- secrets --
+    p = sub.add_parser("secret", help="named secrets at rest (SM4-GCM): reference them in config as secret:NAME")
+    ss = p.add_subparsers(dest="secret_command", required=True)
+    x = ss.add_parser("set", help="store a secret (asked for without echo; or --stdin)")
+    x.add_argument("name")
+    x.add_argument("--stdin", action="store_true", help="read the value from standard input")
+    x.set_defaults(func=_cmd(_secret_set))
+    x = ss.add_parser("list", help="names of the stored secrets (never the values)")
+    x.set_defaults(func=_cmd(_secret_list))
+    x = ss.add_parser("delete", help="delete a secret")
+    x.add_argument("name")
+    x.set_defaults(func=_cmd(_secret_delete))
     # -- audit --
     p = sub.add_parser("audit", help="the audit log")
     aus = p.add_subparsers(dest="audit_command", required=True)
@@ -203,6 +215,49 @@ async def _user_bootstrap(args: argparse.Namespace, settings: Settings, svc: Sec
     print("administrator accounts created (三权分立); one-time passwords, shown once:")
     for name, role, pw in created:
         print(f"  {name:<10} role {role:<9} password {pw}")
+    return 0
+
+
+def _secret_store(svc: SecurityService) -> Any:
+    from xcstack.security.secrets import SecretStore
+
+    return SecretStore(svc.store, svc.box)
+
+
+async def _secret_set(args: argparse.Namespace, settings: Settings, svc: SecurityService) -> int:
+    from xcstack.security.secretbox import zero
+
+    store = _secret_store(svc)
+    store.check_name(args.name)
+    if args.stdin:
+        raw = await asyncio.to_thread(sys.stdin.buffer.read)
+        value = bytearray(raw.rstrip(b"\r\n"))
+    else:
+        value = bytearray((await asyncio.to_thread(getpass.getpass, f"value of {args.name}: ")).encode())
+    if not value:
+        print("xcstack: empty value", file=sys.stderr)
+        return 2
+    try:
+        await store.set(args.name, value)
+    finally:
+        zero(value)
+    await svc.audit(_actor().name, "secret.set", f"secret:{args.name}", "success")
+    print(f"secret {args.name} stored (SM4-GCM); reference it in config as \"secret:{args.name}\"")
+    return 0
+
+
+async def _secret_list(args: argparse.Namespace, settings: Settings, svc: SecurityService) -> int:
+    for row in await _secret_store(svc).names():
+        print(row["name"])
+    return 0
+
+
+async def _secret_delete(args: argparse.Namespace, settings: Settings, svc: SecurityService) -> int:
+    if not await _secret_store(svc).delete(args.name):
+        print(f"xcstack: no secret named {args.name!r}", file=sys.stderr)
+        return 1
+    await svc.audit(_actor().name, "secret.delete", f"secret:{args.name}", "success")
+    print(f"secret {args.name} deleted")
     return 0
 
 
