@@ -121,3 +121,33 @@ async def test_no_owner_at_all(data_dir: Path) -> None:
 async def test_owner_socket_is_private(owner: OwnerProc) -> None:
     assert (owner.sock.stat().st_mode & 0o777) == 0o600
     assert (owner.sock.parent.stat().st_mode & 0o777) == 0o700
+
+
+async def test_owner_stderr_has_no_gmssl_trace_noise(data_dir: Path) -> None:
+    """Failed SM2 verifies/decrypts make GmSSL print a call trace; the owner filters it out."""
+    from .conftest import owner_env
+
+    o = OwnerProc(data_dir, owner_env(data_dir))
+    o.start()
+    c = client_for(o)
+    try:
+        await c.create_key("noisy", "sm2")
+        sig = await c.sign("noisy", b"m", fmt="raw")
+        bad = sig[:-1] + bytes([sig[-1] ^ 1])
+        for _ in range(5):
+            assert not await c.verify("noisy", b"m", bad, fmt="raw")
+        assert await c.verify("noisy", b"m", sig, fmt="raw")
+    finally:
+        await c.close()
+        o.stop()
+    assert o.proc is not None and o.proc.stderr is not None
+    err = o.proc.stderr.read().decode()
+    assert "GmSSL" not in err and "sm2_do_verify" not in err, err[-1000:]
+
+
+def test_filter_regex_matches_gmssl_trace_only() -> None:
+    from xcstack.crypto.owner import _GMSSL_TRACE
+
+    assert _GMSSL_TRACE.match(b"/project/GmSSL/src/sm2_sign.c:328:sm2_do_verify():")
+    assert _GMSSL_TRACE.match(b"/project/GmSSL/src/sm2_enc.c:527:sm2_decrypt():")
+    assert not _GMSSL_TRACE.match(b'{"level":"ERROR","msg":"something else"}')

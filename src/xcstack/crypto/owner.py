@@ -17,9 +17,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from prometheus_client import Counter
 
 from xcstack.crypto.backends import open_backend
 from xcstack.crypto.keystore import Keystore
@@ -32,6 +36,58 @@ if TYPE_CHECKING:
     from xcstack.config import Settings
 
 log = logging.getLogger("xcstack.crypto.owner")
+
+NATIVE_TRACE_DROPPED = Counter(
+    "xc_crypto_native_trace_lines_dropped_total", "GmSSL call-trace lines removed from the HSM owner's stderr"
+)
+# GmSSL (inside gmssl-pyx) prints its call trace on every failed SM2 verify/decrypt, e.g.
+# "/project/GmSSL/src/sm2_sign.c:328:sm2_do_verify():" - noise that bad input could flood logs with.
+_GMSSL_TRACE = re.compile(rb"^\S*GmSSL/src/[\w./-]+\.c:\d+:\w+\(\):\s*$")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def filter_native_stderr() -> bool:
+    """Route fd 2 through a thread that drops GmSSL trace lines and passes everything else on.
+    If the thread ever fails, fd 2 is restored, so no writer can block on a dead pipe."""
+    try:
+        r, w = os.pipe()
+        saved = os.dup(2)
+    except OSError:
+        return False
+    os.dup2(w, 2)
+    os.close(w)
+
+    def pump() -> None:
+        buf = b""
+        try:
+            while True:
+                chunk = os.read(r, 65536)
+                if not chunk:
+                    break
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                keep = [ln for ln in lines if not _GMSSL_TRACE.match(ln)]
+                if len(keep) != len(lines):
+                    NATIVE_TRACE_DROPPED.inc(len(lines) - len(keep))
+                if keep:
+                    _write_all(saved, b"\n".join(keep) + b"\n")
+                if len(buf) > 65536:  # a very long unterminated line: pass it on as is
+                    _write_all(saved, buf)
+                    buf = b""
+        except Exception:
+            pass
+        finally:
+            os.dup2(saved, 2)
+            os.close(r)
+
+    threading.Thread(target=pump, name="xc-stderr-filter", daemon=True).start()
+    return True
 
 
 def socket_path(settings: Settings) -> Path:
@@ -94,6 +150,7 @@ async def serve_owner(settings: Settings, stop: asyncio.Event | None = None) -> 
 def run_owner(settings: Settings, index: int = 0) -> None:
     """Side-process entry point (`xcstack.crypto.owner:run_owner`)."""
     logging.basicConfig(level=getattr(logging, settings.observability.log_level, logging.INFO))
+    filter_native_stderr()
 
     async def main() -> None:
         stop = asyncio.Event()
