@@ -188,3 +188,12 @@ def test_upstream_4xx_is_relayed_not_retried(gateway_factory: Any, mocks: list[M
     assert r.status_code == 401
     assert mocks[0].stats()["unauthorized"] + mocks[1].stats()["unauthorized"] == 1  # not retried
     assert "bad api key" in r.text
+
+
+def test_embeddings_not_forwarded_to_upstream_with_embeddings_off(gateway_factory: Any, mock: MockUpstream) -> None:
+    gw = gateway_factory([upstream(mock, embeddings=False)])
+    with pytest.raises(openai.NotFoundError):
+        client(gw).embeddings.create(model="mock-model", input="x")
+    assert mock.stats()["requests"] == 0
+    # chat still goes to it
+    assert client(gw).chat.completions.create(model="mock-model", messages=MSG, max_tokens=1).choices

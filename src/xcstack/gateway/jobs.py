@@ -220,7 +220,7 @@ class JobManager:
         wd = Watchdog()
         try:
             pr = self.service.prepare_data(endpoint, body, dumps(body), job["owner"])
-            if not self.service.router.has(pr.model):
+            if not self.service.router.has(pr.model, endpoint.path == "/v1/embeddings"):
                 raise NotFound(f"model {pr.model!r} is not served here", code=p.MODEL_NOT_FOUND)
             http_status, payload = await self.service.complete(pr, wd)
             if http_status < 400:
@@ -274,7 +274,7 @@ class JobManager:
         body["stream"] = False
         body.pop("stream_options", None)
         pr = self.service.prepare_data(endpoint, body, b"", owner)
-        if not self.service.router.has(pr.model):
+        if not self.service.router.has(pr.model, endpoint.path == "/v1/embeddings"):
             raise NotFound(f"model {pr.model!r} is not served by an upstream; see GET /v1/models",
                            code=p.MODEL_NOT_FOUND, param="body.model")
         await self.service.limiter.check(owner, pr.estimate)

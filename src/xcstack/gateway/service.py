@@ -234,7 +234,7 @@ class GatewayService:
         try:
             raw = await read_body(receive, self.max_body, scope)
             pr = self.prepare(endpoint, raw, key_id(scope))
-            if not self.router.has(pr.model):
+            if not self.router.has(pr.model, endpoint is EMBEDDINGS):
                 if endpoint is EMBEDDINGS and self.services.get("local_embedder") is not None:
                     self._count(endpoint.label, "-", await self._local_embeddings(pr, send))
                     return
@@ -292,7 +292,7 @@ class GatewayService:
         """Send the request to the best candidate; on connect error, timeout, 5xx or 429 before
         the first byte, retry on the next one (bounded, jittered backoff). Returns with the
         upstream's slot held (release with `finish`)."""
-        candidates = self.router.candidates(pr.model)
+        candidates = self.router.candidates(pr.model, pr.endpoint is EMBEDDINGS)
         last: XCError | None = None
         retry_after = 0.0
         tried = 0

@@ -103,15 +103,18 @@ class Router:
                 self.routes.setdefault(m, []).append(Target(up, m))
             for alias, target in up.cfg.aliases.items():
                 self.routes.setdefault(alias, []).append(Target(up, target))
+        # /v1/embeddings goes only to upstreams that allow it (`embeddings = true`)
+        self.embedding_routes = {m: [t for t in ts if t.upstream.cfg.embeddings] for m, ts in self.routes.items()}
+        self.embedding_routes = {m: ts for m, ts in self.embedding_routes.items() if ts}
 
-    def has(self, model: str) -> bool:
-        return model in self.routes
+    def has(self, model: str, embeddings: bool = False) -> bool:
+        return model in (self.embedding_routes if embeddings else self.routes)
 
-    def candidates(self, model: str) -> list[Target]:
+    def candidates(self, model: str, embeddings: bool = False) -> list[Target]:
         """Candidates in the order to try: available (breaker) first, least weighted load first,
         ties broken at random; upstreams whose breaker is open come last (they are skipped unless
         their open time has passed)."""
-        targets = self.routes.get(model)
+        targets = (self.embedding_routes if embeddings else self.routes).get(model)
         if not targets:
             return []
         if len(targets) == 1:
