@@ -38,7 +38,9 @@ class ServerSettings(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    http_server: Literal["granian", "uvicorn"] = "uvicorn"
+    http_server: Literal["granian", "uvicorn"] = Field(
+        "granian", description="granian measured faster (docs/benchmarks.md#http_stack); uvicorn is the fallback"
+    )
     workers: int | None = Field(None, ge=1, le=512, description="http workers; default from the tuning plan")
     loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     backlog: int = Field(2048, ge=16)

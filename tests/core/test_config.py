@@ -20,7 +20,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_defaults_are_embedded() -> None:
     s = load_settings()
-    assert (s.server.host, s.server.port) == ("127.0.0.1", 8000)
+    assert (s.server.host, s.server.port, s.server.http_server) == ("127.0.0.1", 8000, "granian")
     assert s.state.url is None
 
 
