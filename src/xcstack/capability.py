@@ -30,6 +30,7 @@ CAPABILITY_MODULES: list[str] = [
     "xcstack.security.capability",
     "xcstack.gateway.capability",
     "xcstack.db.capability",
+    "xcstack.inference.capability",
 ]
 
 

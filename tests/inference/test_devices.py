@@ -132,6 +132,7 @@ def test_side_processes_follow_plan_and_config(model_repo: Path, tmp_path: Path)
     [spec2] = side_processes(s2, plan)
     assert spec2.instances == 1 and [list(c) for c in spec2.cpus] == [[0]]
     assert side_processes(inference_settings(tmp_path, model_repo, mode="inline"), plan) == []
+    assert side_processes(inference_settings(tmp_path, tmp_path / "empty"), plan) == []  # no model, no process
 
 
 def test_bad_inference_settings_fail_with_key_and_reason(tmp_path: Path) -> None:

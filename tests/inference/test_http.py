@@ -240,8 +240,6 @@ def test_infer_oversize_body_is_413(client: TestClient) -> None:
 
 
 def test_local_embedder_service(client: TestClient) -> None:
-    import asyncio
-
     xc = client.app.state.xc  # type: ignore[attr-defined]
     fn = xc.ctx.get("local_embedder")
     assert fn is not None
@@ -249,5 +247,32 @@ def test_local_embedder_service(client: TestClient) -> None:
     async def go() -> tuple[Any, Any]:
         return await fn(None, ["a", "b"])  # type: ignore[no-any-return]
 
-    vecs, usage = client.portal.call(go) if hasattr(client, "portal") and client.portal else asyncio.run(go())
+    vecs, usage = client.portal.call(go)  # type: ignore[union-attr]
     assert np.asarray(vecs).shape == (2, 384) and usage["total_tokens"] == usage["prompt_tokens"] > 0
+
+
+def test_services_for_other_capabilities(client: TestClient) -> None:
+    xc = client.app.state.xc  # type: ignore[attr-defined]
+    assert set(xc.ctx.get("local_models")()) == {MODEL, MODEL + "-int8"}
+    assert xc.ctx.get("local_embedding_models")(None) is True
+    assert xc.ctx.get("local_embedding_models")("gpt-4o") is False
+    full = xc.ctx.get("local_embeddings")
+
+    async def go() -> Any:
+        return await full({"input": ["a"], "encoding_format": "base64"})
+
+    out = client.portal.call(go)  # type: ignore[union-attr]
+    assert isinstance(out["data"][0]["embedding"], str) and out["usage"]["total_tokens"] > 0
+
+
+def test_embeddings_route_yields_to_the_gateway(model_repo: Path, tmp_path: Path) -> None:
+    from xcstack.capability import AppContext
+    from xcstack.inference.capability import create
+
+    settings = inference_settings(tmp_path, model_repo, mode="inline")
+    ctx = AppContext(settings=settings, state=None)  # type: ignore[arg-type]
+    ctx.provide("gateway.upstream_models", lambda: set())
+    cap = create(ctx)
+    assert cap is not None
+    paths = {getattr(r, "path", "") for r in cap.routes()}
+    assert "/v1/embeddings" not in paths and "/v2/models/{name}/infer" in paths

@@ -59,7 +59,8 @@ class InferenceCapability:
 
     async def ready(self) -> tuple[bool, str]:
         if not self.repo.models():
-            return False, f"no usable model in {self.repo.root} (run: xcstack model import-default)"
+            # nothing to serve is not a failure of the node: the other capabilities keep it useful
+            return True, f"no model in {self.repo.root} (run: xcstack model import-default)"
         return await self.backend.ready()
 
     def loaded_models(self) -> set[str]:
@@ -103,6 +104,20 @@ class InferenceCapability:
                              code="invalid_parameter", param="dimensions")
         return await self.embed(model, texts)
 
+    async def embeddings_body(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The whole OpenAI /v1/embeddings exchange for a local model: request dict -> response dict
+        (validation, limits, encoding_format, usage); raises XCError. For a combined dispatcher."""
+        from xcstack.httputil import parse_model
+        from xcstack.inference.protocol import embeddings_response
+
+        req = parse_model(body, EmbeddingsRequest)
+        name = req.model or self.settings.default_embedding_model
+        vectors, usage = await self.embed_request(name, req)
+        return embeddings_response(name, vectors, usage["prompt_tokens"], req.encoding_format)
+
+    def model_names(self) -> list[str]:
+        return [m.name for m in self.repo.models()]
+
     def handles_embedding_model(self, model: str | None) -> bool:
         """For a combined /v1/embeddings: True when `model` (or the default) is a local embedding model."""
         entry = self.repo.get(model or self.settings.default_embedding_model)
@@ -112,11 +127,16 @@ class InferenceCapability:
 def create(ctx: AppContext) -> InferenceCapability | None:
     if not ctx.settings.inference.enabled:
         return None
-    gateway_has_embeddings = ctx.get("gateway_embeddings") is not None
-    cap = InferenceCapability(ctx.settings, mount_embeddings=not gateway_has_embeddings)
+    # The gateway owns /v1/embeddings when it is in the app (it sends models no upstream serves to
+    # `local_embedder`); otherwise this capability mounts its own. Needs the gateway listed first in
+    # CAPABILITY_MODULES (it publishes "gateway.upstream_models" at create time).
+    gateway_on = ctx.get("gateway.upstream_models") is not None
+    cap = InferenceCapability(ctx.settings, mount_embeddings=not gateway_on)
     ctx.provide("local_embedder", cap.embed)
-    ctx.provide("local_embeddings_endpoint", _endpoint(cap))
+    ctx.provide("local_embeddings", cap.embeddings_body)
+    ctx.provide("local_models", cap.model_names)
     ctx.provide("local_embedding_models", cap.handles_embedding_model)
+    ctx.provide("local_embeddings_endpoint", _endpoint(cap))
     return cap
 
 
@@ -132,8 +152,9 @@ def side_processes(settings: Settings, plan: Any) -> list[SideProcessSpec]:
     if not inf.enabled or inf.mode != "process":
         return []
     n = worker_count(settings, plan)
-    if n <= 0:
-        return []
+    repo = ModelRepository(inf.repository_dir(settings.data_dir)).scan()
+    if n <= 0 or not repo.models():
+        return []  # nothing to serve: no idle processes (import a model, then restart or SIGHUP)
     cpus = worker_cpus(settings, plan)
 
     def ready(index: int) -> bool:
