@@ -108,3 +108,20 @@ def test_metrics_parse_and_include_loop_lag(client: TestClient) -> None:
     lag = {s.labels["le"]: s.value for s in families["xc_event_loop_lag_seconds"].samples
            if s.name.endswith("_bucket")}
     assert lag["+Inf"] > lag["0.1"], "the 150 ms block must appear as a lag sample above 100 ms"
+
+
+def test_json_logs_carry_the_request_id(client: TestClient, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import logging
+
+    from xcstack.observability.logs import setup_logging
+
+    setup_logging("INFO", json_format=True)
+    try:
+        client.post("/v1/echo", json={"text": "a"}, headers={"X-Request-Id": "log-check-1"})
+        lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+        access = [entry for entry in lines if entry.get("logger") == "xcstack.access"]
+        assert access and access[-1]["request_id"] == "log-check-1"
+        assert access[-1]["status"] == 200 and access[-1]["route"] == "/v1/echo"
+    finally:
+        logging.getLogger().handlers.clear()

@@ -126,3 +126,26 @@ def test_sighup_rolling_restart_has_zero_failed_requests(
     assert ok > 100
     assert len(after) == 2 and not (before & after), "every worker was replaced"
     assert any("reload: done" in line for line in s.output)
+
+
+def _affinity(pid: int) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError("no Cpus_allowed_list")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable cores")
+def test_workers_are_pinned_by_plan_and_config(serve_factory: type[Served], data_dir: Path) -> None:
+    s = serve_factory(data_dir, workers=1).start()
+    (pid,) = s.worker_pids()
+    from xcstack.config import load_settings
+    from xcstack.supervisor import derive_layout
+
+    planned = derive_layout(load_settings(server={"workers": 1})).http_cpus[0]
+    assert planned, "the plan pins the http worker on a machine with two cores"
+    assert _affinity(pid) == ",".join(str(c) for c in planned)
+    s.stop()
+    s2 = serve_factory(data_dir, workers=1, env={"XC_SERVER__WORKER_CPUS": "[1]"}).start()
+    (pid2,) = s2.worker_pids()
+    assert _affinity(pid2) == "1"
