@@ -78,3 +78,30 @@ async def test_cancelled_caller_rows_never_run_and_full_queue_is_fast(core_serve
     await first
     doomed_ids = {tuple(s) for s in core.models[MODEL].model.tokenize(["doomed one", "doomed two"])}
     assert all(tuple(d) not in doomed_ids for batch in seen for d in batch)
+
+
+async def test_drain_refuses_new_work_and_finishes_queued(core_server: Any) -> None:
+    core, client = core_server
+    batcher = core.models[MODEL].batcher
+    gate = threading.Event()
+    real_run = batcher._run
+
+    def gated(batch: list[Any]) -> Any:
+        gate.wait(5)
+        return real_run(batch)
+
+    batcher._run = gated
+    queued = [asyncio.create_task(client.call("embed", {"model": MODEL, "texts": [f"q{i}"], "timeout": 5}))
+              for i in range(2)]
+    await asyncio.sleep(0.1)
+    drain = asyncio.create_task(core.drain(5))
+    await asyncio.sleep(0.05)
+    with pytest.raises(IPCRemoteError) as info:
+        await client.call("embed", {"model": MODEL, "texts": ["late"]})
+    assert info.value.code == "worker_stopping" and info.value.retriable
+    assert not drain.done()
+    gate.set()
+    assert await drain is True
+    for t in queued:
+        meta, _ = await t
+        assert meta["shape"] == [1, 384]

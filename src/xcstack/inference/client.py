@@ -139,6 +139,9 @@ class ProcessBackend:
                     f"model {model}: no answer within {timeout:.3g}s", code="inference_timeout"
                 ) from None
             except IPCRemoteError as exc:
+                if exc.code == "worker_stopping":  # draining: another holder may take it
+                    last = exc
+                    continue
                 raise http_error(exc.code, exc.message, exc.retriable, self.settings.retry_after_s) from None
         raise Overloaded(
             f"model {model}: model worker unavailable ({last}); retry", code="model_worker_unavailable",

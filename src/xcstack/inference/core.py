@@ -97,6 +97,7 @@ class WorkerCore:
         self.models: dict[str, Loaded] = {}
         self.errors: dict[str, str] = {}
         self._pending: list[tuple[ModelConfig, OrtModel]] = []
+        self.draining = False
 
     def assigned(self) -> list[ModelConfig]:
         out = []
@@ -131,12 +132,25 @@ class WorkerCore:
             self.models[cfg.name] = Loaded(m, b, cfg)
         self._pending = []
 
+    async def drain(self, timeout: float) -> bool:
+        """Stop taking requests (callers get retriable `worker_stopping` and go elsewhere) and wait up to
+        `timeout` seconds for queued and running batches to finish. True if everything finished."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(m.batcher.queued_rows == 0 and not m.batcher.busy for m in self.models.values()):
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
     async def close(self) -> None:
         for loaded in self.models.values():
             await loaded.batcher.close()
         self.models.clear()
 
     def _get(self, name: str) -> Loaded:
+        if self.draining:
+            raise CoreError("worker_stopping", f"model worker {self.worker_index} is stopping; retry", True)
         loaded = self.models.get(name)
         if loaded is None:
             if name in self.errors:

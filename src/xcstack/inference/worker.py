@@ -112,6 +112,10 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
+        # drain: new calls are refused as retriable (the http side tries another worker), work already
+        # queued finishes within the grace period, then the socket closes
+        drained = await core.drain(min(settings.server.graceful_timeout_s, settings.inference.request_timeout_s))
+        log.info("model worker %d stopping (%s)", index, "drained" if drained else "grace period over")
     finally:
         await server.close()
         await core.close()
