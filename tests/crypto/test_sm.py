@@ -323,3 +323,36 @@ def test_sm2_signature_verifies_with_openssl(tmp_path: pytest.TempPathFactory) -
         capture_output=True, text=True,
     )
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "3007020101020101" + "00",  # trailing byte after the sequence
+        "30070201010202ff01",  # negative s
+        "300702020001020101",  # r not minimal (00 before a byte < 0x80)
+        "30818602010102810101",  # long-form length
+        "3006020101040101",  # s is an OCTET STRING
+        "3006020101020100",  # s == 0
+        "30060201010201",  # truncated
+    ],
+)
+def test_sig_der_strict_rejections(bad: str) -> None:
+    with pytest.raises(MalformedSignature):
+        sm.sig_der_to_raw(bytes.fromhex(bad))
+
+
+def test_sig_der_raw_agree_with_independent_encoder() -> None:
+    """Our DER matches cryptography's encode_dss_signature for many (r, s), incl. high-bit values."""
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+
+    for _ in range(200):
+        raw = sm.random_bytes(64)
+        r, s = int.from_bytes(raw[:32], "big") % (sm.N - 1) + 1, int.from_bytes(raw[32:], "big") % (sm.N - 1) + 1
+        raw = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        der = sm.sig_raw_to_der(raw)
+        assert der == encode_dss_signature(r, s)
+        assert decode_dss_signature(der) == (r, s)
+        assert sm.sig_der_to_raw(der) == raw
+    small = (1).to_bytes(32, "big") + (0x80).to_bytes(32, "big")
+    assert sm.sig_raw_to_der(small) == encode_dss_signature(1, 0x80)

@@ -312,31 +312,51 @@ def _der_read_uint(buf: bytes, pos: int) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 # SM2 encodings
 # ---------------------------------------------------------------------------------------------
+def _sig_int(b: bytes) -> bool:
+    """A DER INTEGER body that is positive and minimally encoded."""
+    return bool(b) and not b[0] & 0x80 and not (len(b) > 1 and b[0] == 0 and not b[1] & 0x80)
+
+
 def sig_der_to_raw(der: bytes, n: int = N) -> bytes:
-    """DER SEQUENCE{r, s} -> 64-byte r||s (`n`: the curve order; SM2 by default, any 256-bit curve)."""
-    try:
-        body, end = _der_read(bytes(der), 0, 0x30)
-        if end != len(der):
-            raise _DerError("trailing data")
-        r, pos = _der_read_uint(body, 0)
-        s, pos = _der_read_uint(body, pos)
-        if pos != len(body):
-            raise _DerError("trailing data in sequence")
-    except _DerError as exc:
-        raise MalformedSignature(f"signature is not valid DER: {exc}") from None
+    """DER SEQUENCE{r, s} -> 64-byte r||s (`n`: the curve order; SM2 by default, any 256-bit curve).
+    Strict: a 256-bit signature is at most 72 bytes, so every length is short-form."""
+    d = bytes(der)
+    size = len(d)
+    if not 8 <= size <= 72 or d[0] != 0x30 or d[1] != size - 2 or d[2] != 0x02:
+        raise MalformedSignature("signature is not valid DER SEQUENCE{r, s}")
+    lr = d[3]
+    p = 4 + lr
+    if not 1 <= lr <= 33 or p + 2 > size or d[p] != 0x02:
+        raise MalformedSignature("signature is not valid DER SEQUENCE{r, s}")
+    ls = d[p + 1]
+    if not 1 <= ls <= 33 or p + 2 + ls != size:
+        raise MalformedSignature("signature is not valid DER SEQUENCE{r, s}")
+    rb, sb = d[4:p], d[p + 2 :]
+    if not (_sig_int(rb) and _sig_int(sb)):
+        raise MalformedSignature("signature integers are negative or not minimally encoded")
+    r, s = int.from_bytes(rb, "big"), int.from_bytes(sb, "big")
     if not (0 < r < n and 0 < s < n):
         raise MalformedSignature("signature r or s is out of range")
     return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+
+def _der_uint32(b: bytes) -> bytes:
+    b = b.lstrip(b"\0") or b"\0"
+    if b[0] & 0x80:
+        b = b"\0" + b
+    return b"\x02" + bytes([len(b)]) + b
 
 
 def sig_raw_to_der(raw: bytes, n: int = N) -> bytes:
     """64-byte r||s -> DER SEQUENCE{r, s}."""
     if len(raw) != 64:
         raise MalformedSignature(f"raw signature must be 64 bytes (r||s), got {len(raw)}")
+    raw = bytes(raw)
     r, s = int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")
     if not (0 < r < n and 0 < s < n):
         raise MalformedSignature("signature r or s is out of range")
-    return _der_tlv(0x30, _der_int(r) + _der_int(s))
+    body = _der_uint32(raw[:32]) + _der_uint32(raw[32:])
+    return b"\x30" + bytes([len(body)]) + body
 
 
 def ct_der_to_c1c3c2(der: bytes) -> bytes:
