@@ -356,3 +356,21 @@ def test_sig_der_raw_agree_with_independent_encoder() -> None:
         assert sm.sig_der_to_raw(der) == raw
     small = (1).to_bytes(32, "big") + (0x80).to_bytes(32, "big")
     assert sm.sig_raw_to_der(small) == encode_dss_signature(1, 0x80)
+
+
+def test_sm2_signatures_interop_with_tongsuo_both_ways() -> None:
+    """A second independent implementation: Tongsuo (OpenSSL fork) via tongsuopy, default user id."""
+    ec = pytest.importorskip("tongsuopy.crypto.asymciphers.ec")
+    from tongsuopy.crypto import hashes, serialization
+
+    theirs = ec.generate_private_key(ec.SM2())
+    sig = theirs.sign(b"hello", ec.ECDSA(hashes.SM3()))
+    pem = theirs.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    pub = sm.SM2PublicKey.from_pem(pem)
+    assert pub.verify(b"hello", sig)
+    assert not pub.verify(b"hellO", sig)
+    d = theirs.private_numbers().private_value.to_bytes(32, "big")
+    assert sm.SM2PrivateKey.from_bytes(d).public_key == pub
+    ours = sm.SM2PrivateKey.generate()
+    tpub = serialization.load_pem_public_key(ours.public_key.to_pem().encode())
+    tpub.verify(ours.sign(b"hello"), b"hello", ec.ECDSA(hashes.SM3()))  # raises if invalid
