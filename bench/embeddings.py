@@ -110,7 +110,7 @@ SERVER = textwrap.dedent(
     from xcstack.app import create_app
     from xcstack.config import load_settings
     settings = load_settings(data_dir=sys.argv[1], observability={"loop_lag_interval_s": 0.01,
-                             "access_log": False}, inference={"workers": 1, "mode": "process"})
+                             "access_log": False}, inference={"workers": int(sys.argv[3]), "mode": "process"})
     app = create_app(settings, ["xcstack.inference.capability"])
     import asyncio, time
     samples = []
@@ -138,10 +138,11 @@ SERVER = textwrap.dedent(
 WORKER = textwrap.dedent(
     """
     import os, sys
-    os.sched_setaffinity(0, {1})
+    index, total = int(sys.argv[2]), int(sys.argv[3])
+    os.sched_setaffinity(0, {1 - index % 2})  # worker 0 on core 1; worker 1 shares core 0 with the http worker
     from xcstack.config import load_settings
     from xcstack.inference.worker import main
-    main(load_settings(data_dir=sys.argv[1], inference={"workers": 1, "mode": "process"}), 0)
+    main(load_settings(data_dir=sys.argv[1], inference={"workers": total, "mode": "process"}), index)
     """
 )
 
@@ -177,11 +178,13 @@ def single_inference_ms(repo: Path, name: str) -> float:
     return statistics.median(times) * 1000
 
 
-async def bench_xcstack(data: Path, models: list[str]) -> dict[str, Any]:
+async def bench_xcstack(data: Path, models: list[str], workers: int) -> dict[str, Any]:
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}
-    worker = subprocess.Popen([sys.executable, "-c", WORKER, str(data)], env=env)  # noqa: ASYNC220
-    server = subprocess.Popen([sys.executable, "-c", SERVER, str(data), str(port)], env=env)  # noqa: ASYNC220
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(data), str(i), str(workers)], env=env)  # noqa: ASYNC220
+             for i in range(workers)]
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(data), str(port), str(workers)],  # noqa: ASYNC220
+                              env=env)
     url = f"http://127.0.0.1:{port}"
     results: dict[str, Any] = {}
     try:
@@ -197,11 +200,11 @@ async def bench_xcstack(data: Path, models: list[str]) -> dict[str, Any]:
                     async with s.get(f"{url}/bench/looplag?q=0.99") as r:
                         res["lag_p99"] = (await r.json())["p"] * 1000
                     results[f"{model}@{c}"] = res
-                    print(f"xcstack {model} c={c}: {res}", file=sys.stderr)
+                    print(f"xcstack {model} workers={workers} c={c}: {res}", file=sys.stderr)
     finally:
-        for p in (server, worker):
+        for p in (server, *procs):
             p.send_signal(signal.SIGTERM)
-        for p in (server, worker):
+        for p in (server, *procs):
             try:
                 p.wait(15)
             except subprocess.TimeoutExpired:
@@ -266,7 +269,8 @@ async def main() -> int:
     import_default(data / "models", if_missing=True)
     models = [DEFAULT_MODEL_NAME, DEFAULT_INT8_NAME]
     single = {m: single_inference_ms(data / "models", m) for m in models}
-    xc = await bench_xcstack(data, models)
+    xc = await bench_xcstack(data, models, 1)
+    xc2 = await bench_xcstack(data, models, 2)
     inf, inf_note = await bench_infinity(default_source())
     st = bench_st(default_source())
 
@@ -277,6 +281,12 @@ async def main() -> int:
             if r:
                 rows.append([f"xcstack {m}", c, f"{r['rps']:.0f}", f"{r['p50']:.1f}", f"{r['p99']:.1f}",
                              f"{r['lag_p99']:.2f}", r["errors"]])
+    for m in models:
+        for c in CONCURRENCY:
+            r = xc2.get(f"{m}@{c}")
+            if r:
+                rows.append([f"xcstack {m}, 2 model workers", c, f"{r['rps']:.0f}", f"{r['p50']:.1f}",
+                             f"{r['p99']:.1f}", f"{r['lag_p99']:.2f}", r["errors"]])
     for c in CONCURRENCY:
         r = inf.get(f"infinity@{c}")
         if r:
@@ -300,13 +310,19 @@ async def main() -> int:
                       f"{single[m]:.1f} ms = **{c1['p99'] / single[m]:.2f}x** (target < 2x)")
         worst_lag = max(xc[f"{m}@{c}"]["lag_p99"] for c in CONCURRENCY if f"{m}@{c}" in xc)
         checks.append(f"- {m}: worst http-worker loop-lag p99 = **{worst_lag:.2f} ms** (target < 5 ms)")
+        two = xc2.get(f"{m}@{CONCURRENCY[-1]}")
+        if two:
+            checks.append(f"- {m}, 2 model workers: c={CONCURRENCY[-1]} / c={CONCURRENCY[0]} (1 worker) = "
+                          f"**{two['rps'] / c1['rps']:.2f}x**"
+                          + (f", vs infinity-emb **{two['rps'] / inf_max['rps']:.2f}x**" if inf_max else ""))
 
     body = "\n".join([
         "## Embeddings (inference)",
         "",
         "1-sentence `/v1/embeddings` requests (10–20 tokens) from an aiohttp load generator in this process, "
         f"{SECONDS:g} s per point. xcstack: one http worker (uvloop, core 0) + one model worker (core 1), the "
-        "2-core tuning plan; infinity-emb pinned to core 1 with its own HTTP server on the same core; "
+        "2-core tuning plan; the '2 model workers' rows add a second model worker on core 0 next to the http "
+        "worker (`[inference] workers = 2`); infinity-emb pinned to core 1 with its own HTTP server on the same core; "
         "sentence-transformers in-process on core 1. The load generator shares the 2 cores: absolute figures are "
         "low, ratios are what to read. Shared, noisy machine.",
         "",

@@ -7,6 +7,7 @@ it from a combined `/v1/embeddings` dispatcher (local model names here, upstream
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,13 @@ from xcstack.security.guard import authorize, requires
 
 if TYPE_CHECKING:
     from xcstack.inference.capability import InferenceCapability
+
+
+OFFLOAD_BYTES = 256 * 1024  # bodies/results above this are decoded/encoded off the event loop
+
+
+def _decode(body: bytes, encoding: str | None, limit: int, hlen: str | None, cfg: Any) -> Any:
+    return decode_infer_request(decompress(body, encoding, limit), hlen, cfg)
 
 
 Endpoint = Callable[[Any, Request], Awaitable[Response]]
@@ -127,8 +135,12 @@ class InferenceRoutes:
         body = await request.body()
         if len(body) > limit:
             raise PayloadTooLarge(f"request body is {len(body)} bytes; the inference limit is {limit}")
-        body = decompress(body, request.headers.get("content-encoding"), limit)
-        req = decode_infer_request(body, request.headers.get(HEADER_LENGTH), cfg)
+        encoding, hlen = request.headers.get("content-encoding"), request.headers.get(HEADER_LENGTH)
+        if len(body) > OFFLOAD_BYTES or encoding:
+            # validating (finite, ranges) or inflating megabytes would stall the loop: do it in a thread
+            req = await asyncio.to_thread(_decode, body, encoding, limit, hlen, cfg)
+        else:
+            req = decode_infer_request(body, hlen, cfg)
         try:
             results = await self.cap.backend.infer(
                 cfg.name, req.inputs, [n for n, _ in req.outputs], self.cap.settings.request_timeout_s
@@ -137,7 +149,10 @@ class InferenceRoutes:
             metrics.REQUESTS.labels(cfg.name, "kserve", "error").inc()
             raise
         metrics.REQUESTS.labels(cfg.name, "kserve", "ok").inc()
-        payload, headers = encode_infer_response(cfg.name, req.id, results, req.outputs)
+        if sum(a.nbytes for a in results.values()) > OFFLOAD_BYTES:
+            payload, headers = await asyncio.to_thread(encode_infer_response, cfg.name, req.id, results, req.outputs)
+        else:
+            payload, headers = encode_infer_response(cfg.name, req.id, results, req.outputs)
         media = headers.pop("content-type")
         return Response(payload, media_type=media, headers=headers)
 
