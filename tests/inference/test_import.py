@@ -101,3 +101,32 @@ def test_cli_import_default_if_missing_is_idempotent(model_repo: Path, tmp_path:
     assert out.returncode == 0, out.stderr
     assert {m["name"]: m["state"] for m in json.loads(out.stdout)} == {
         "all-minilm-l6-v2": "READY", "all-minilm-l6-v2-int8": "READY"}
+
+
+def test_cli_import_prefixed_checkpoint(tmp_path: Path, model_repo: Path) -> None:
+    """`xcstack model import SRC --name N --int8`: a checkpoint with `bert.`-prefixed weights (the
+    BertModel-with-head layout) imports too, and gives the same vectors."""
+    from safetensors.numpy import load_file, save_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    base = default_source()
+    for f in ("config.json", "tokenizer.json"):
+        (src / f).write_bytes((base / f).read_bytes())
+    weights = load_file(str(base / "model.safetensors"))
+    save_file({f"bert.{k}": v for k, v in weights.items()}, str(src / "model.safetensors"))
+    repo = tmp_path / "repo"
+    out = subprocess.run(
+        [sys.executable, "-m", "xcstack", "model", "import", str(src), "--name", "mini", "--int8",
+         "--repository", str(repo)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert (repo / "mini" / "model.onnx").is_file() and (repo / "mini-int8" / "model.onnx").is_file()
+    a = _embed(repo, "mini", ["prefix test 前缀"])
+    b = _embed(model_repo, "all-minilm-l6-v2", ["prefix test 前缀"])
+    assert float((a * b).sum()) > 0.99999
+    # a broken source is a clear one-line error, exit 1
+    out = subprocess.run([sys.executable, "-m", "xcstack", "model", "import", str(tmp_path / "nope"),
+                          "--repository", str(repo)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "config.json not found" in out.stderr
