@@ -25,7 +25,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "src"))
 
 from _report import table, write_section  # noqa: E402
-
 from xcstack.supply.cyclonedx import summary  # noqa: E402
 
 VENV_PY = ROOT / ".venv" / "bin" / "python"
