@@ -280,3 +280,19 @@ async def test_parallel_verify_matches_sequential(tmp_path: Path, signer: SoftSM
     report, _ = v.scan_chain(tmp_path / "pv", workers=2)
     assert called == [True, False]
     assert report.problem is not None and report.problem.seq == bad_seq
+
+
+def test_fast_sm3_path_equals_the_crypto_adapter() -> None:
+    from xcstack.crypto.sm import sm3
+
+    prev = bytes(range(32))
+    line, digest = rec.encode({"actor": "a", "action": "b", "seq": 1}, prev)
+    body = line.rstrip(b"\n")[: -rec.HASH_SUFFIX_LEN] + b"}"
+    assert digest == sm3(body + prev)
+    assert rec.check(line.rstrip(b"\n"), prev) == digest
+    assert rec.check(line.rstrip(b"\n"), bytes(32)) is None
+    # GB/T 32905 test vector through the same path
+    assert rec._BASE.copy().finalize() == sm3(b"")
+    h = rec._BASE.copy()
+    h.update(b"abc")
+    assert h.finalize().hex() == "66c7f0f462eeedd9d1f2d46bdc10e4e24167c4875cf2f7a2297da02b8f4ba8e0"

@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from cryptography.hazmat.primitives import hashes as _hashes
+
 from xcstack.crypto.sm import sm3 as _sm3
 
 try:
@@ -41,11 +43,20 @@ HASH_SUFFIX_LEN = len(b',"hash":"') + 64 + len(b'"}')  # 75
 _HASH_PREFIX = b',"hash":"'
 
 
+# The hot loops (append, verify) copy a pre-initialised SM3 context instead of building one per
+# record: the same primitive as `xcstack.crypto.sm.sm3` (cryptography / OpenSSL), ~25% cheaper per
+# ~400-byte record. tests/security check both give the same digests.
+_BASE = _hashes.Hash(_hashes.SM3())
+
+
 def encode(record: dict[str, Any], prev: bytes) -> tuple[bytes, bytes]:
     """(line including the trailing newline, raw 32-byte hash) for `record` chained after `prev`."""
     record["prev_hash"] = prev.hex()
     body = canonical(record)
-    digest = sm3(body + prev)
+    h = _BASE.copy()
+    h.update(body)
+    h.update(prev)
+    digest = h.finalize()
     return body[:-1] + _HASH_PREFIX + digest.hex().encode() + b'"}\n', digest
 
 
@@ -59,13 +70,17 @@ def split(line: bytes) -> tuple[bytes, bytes] | None:
 
 
 def check(line: bytes, prev: bytes) -> bytes | None:
-    """The raw hash of `line` when it verifies after `prev`, else None."""
-    parts = split(line)
-    if parts is None:
+    """The raw hash of `line` (without its newline) when it verifies after `prev`, else None."""
+    if len(line) <= HASH_SUFFIX_LEN + 2 or line[-HASH_SUFFIX_LEN : -HASH_SUFFIX_LEN + 9] != _HASH_PREFIX:
         return None
-    body, hex_hash = parts
-    digest = sm3(body + prev)
-    if digest.hex().encode() != hex_hash:
+    if line[-2:] != b'"}':
+        return None
+    h = _BASE.copy()
+    h.update(line[:-HASH_SUFFIX_LEN])
+    h.update(b"}")
+    h.update(prev)
+    digest = h.finalize()
+    if digest.hex().encode() != line[-66:-2]:
         return None
     return digest
 

@@ -87,7 +87,7 @@ class _Scan:
     problem: Problem | None = None
 
 
-PARALLEL_MIN_BYTES = 16 * 1024 * 1024
+PARALLEL_MIN_BYTES = 256 * 1024 * 1024  # below this, process start-up costs more than it saves
 CHUNK_BYTES = 8 * 1024 * 1024
 
 
@@ -182,57 +182,61 @@ def _scan_sequential(chain: str, segs: list[tuple[int, Path]], want: set[int]) -
             st.problem = Problem(chain, expected, name, 1, 0,
                                  f"segment starts at seq {first}, expected {expected} (segment deleted or renamed)")
             return st
-        pos = 0
-        lineno = 0
-        size = len(data)
-        while pos < size:
-            lineno += 1
-            nl = data.find(b"\n", pos)
-            if nl < 0:
-                st.problem = Problem(chain, expected, name, lineno, pos, "truncated record (no end of line)")
-                return st
-            line = data[pos:nl]
+        lines = data.split(b"\n")
+        torn = lines.pop()  # b"" when the file ends with a newline
+        base_seq = expected
+        for i, line in enumerate(lines):
             digest = check(line, prev)
-            if digest is None:
-                reason = "record hash mismatch (modified record, or the previous record was changed)"
+            seq = -1
+            if digest is not None:
+                # The hash covers the body, so seq and prev_hash are authentic once it matches; the
+                # seq must still be the next one (a record re-chained by a forger recomputing hashes).
+                seq_at = line.rfind(b'"seq":', -200)
                 try:
-                    obj = loads(line)
-                    seq = obj.get("seq")
-                    if seq != expected:
-                        if isinstance(seq, int) and seq > expected:
-                            reason = f"sequence gap: expected seq {expected}, found {seq} (record deleted)"
-                        else:
-                            reason = f"sequence out of order: expected seq {expected}, found {seq} (reordered)"
-                    elif obj.get("prev_hash") != prev.hex():
-                        reason = "prev_hash does not match the previous record (deleted or reordered record)"
-                except Exception:
-                    reason = "malformed record"
-                st.problem = Problem(chain, expected, name, lineno, pos, reason)
-                return st
-            # The hash covers the body, so seq and prev_hash are authentic once it matches; the seq
-            # must still be the next one (a record re-chained by a forger who recomputed hashes).
-            seq_at = line.rfind(b'"seq":')
-            seq_end = line.find(b",", seq_at)
-            try:
-                seq = int(line[seq_at + 6 : seq_end])
-            except ValueError:
-                seq = -1
-            if seq != expected:
-                st.problem = Problem(chain, expected, name, lineno, pos,
-                                         f"sequence break: expected seq {expected}, found {seq}")
+                    seq = int(line[seq_at + 6 : line.find(b",", seq_at)])
+                except ValueError:
+                    seq = -1
+            if digest is None or seq != expected:
+                pos = sum(len(x) + 1 for x in lines[:i])
+                if digest is None:
+                    reason = _mismatch_reason(line, expected, prev)
+                else:
+                    reason = f"sequence break: expected seq {expected}, found {seq}"
+                st.records += expected - base_seq
+                st.problem = Problem(chain, expected, name, i + 1, pos, reason)
                 return st
             if seq in want:
                 st.seen[seq] = digest.hex()
-            if b'"action":"audit.purge"' in line:
+            if line.startswith(b'{"action":"audit.purge"'):
                 with_detail = loads(line).get("detail") or {}
                 if isinstance(with_detail.get("last_seq"), int):
                     st.purges[with_detail["last_seq"]] = str(with_detail.get("last_hash"))
             prev = digest
             expected += 1
-            st.records += 1
-            pos = nl + 1
+        st.records += expected - base_seq
+        if torn:
+            st.problem = Problem(chain, expected, name, len(lines) + 1, len(data) - len(torn),
+                                 "truncated record (no end of line)")
+            return st
     st.expected, st.prev = expected, prev
     return st
+
+
+def _mismatch_reason(line: bytes, expected: int, prev: bytes) -> str:
+    reason = "record hash mismatch (modified record, or the previous record was changed)"
+    try:
+        obj = rec.loads(line)
+        seq = obj.get("seq")
+        if seq != expected:
+            if isinstance(seq, int) and seq > expected:
+                reason = f"sequence gap: expected seq {expected}, found {seq} (record deleted or reordered)"
+            else:
+                reason = f"sequence out of order: expected seq {expected}, found {seq} (reordered)"
+        elif obj.get("prev_hash") != prev.hex():
+            reason = "prev_hash does not match the previous record (deleted or reordered record)"
+    except Exception:
+        reason = "malformed record"
+    return reason
 
 
 def _chunks(segs: list[tuple[int, Path]]) -> list[tuple[str, int, int, bool]]:
@@ -275,12 +279,12 @@ def _check_chunk(task: tuple[str, int, int, bool, frozenset[int]]) -> tuple[Any,
         digest = check(line, prev)
         if digest is None:
             return None
-        seq_at = line.rfind(b'"seq":')
+        seq_at = line.rfind(b'"seq":', -200)
         if int(line[seq_at + 6 : line.find(b",", seq_at)]) != expected:
             return None
         if expected in want:
             seen[expected] = digest.hex()
-        if b'"action":"audit.purge"' in line:
+        if line.startswith(b'{"action":"audit.purge"'):
             d = rec.loads(line).get("detail") or {}
             if isinstance(d.get("last_seq"), int):
                 purges[d["last_seq"]] = str(d.get("last_hash"))
