@@ -66,7 +66,7 @@ class MockUpstream:
         self.port = free_port()
         cmd = [sys.executable, "-m", "xcstack.gateway.cli", "mock-upstream", "--port", str(self.port),
                "--name", name, "--models", "mock-model,other-model", *(extra or [])]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(self.port, proc=self.proc)
 
     @property
@@ -217,15 +217,17 @@ def gateway(gateway_factory: Any, mock: MockUpstream) -> GatewayServer:
 class GatewayProcess:
     """The gateway in its own process (for RSS and kill/restart tests): tests/gateway/_serve.py."""
 
-    def __init__(self, config: Path, port: int | None = None) -> None:
+    def __init__(self, config: Path, port: int | None = None, server: str = "uvicorn") -> None:
         self.config = config
+        self.server = server
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> GatewayProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "_serve.py"), str(self.config), str(self.port)],
-                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        cmd = [sys.executable, str(HERE / "_serve.py"), str(self.config), str(self.port), self.server]
+        with open(self.config.with_suffix(".log"), "ab") as log:  # a pipe nobody reads could fill up
+            self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
         wait_port(self.port, proc=self.proc)
         return self
 

@@ -197,3 +197,22 @@ def test_embeddings_not_forwarded_to_upstream_with_embeddings_off(gateway_factor
     assert mock.stats()["requests"] == 0
     # chat still goes to it
     assert client(gw).chat.completions.create(model="mock-model", messages=MSG, max_tokens=1).choices
+
+
+def test_published_services(gateway: GatewayServer) -> None:
+    ctx = gateway.capability.ctx
+    assert {"mock-model", "other-model", "mock-alias"} <= ctx.get("gateway.upstream_models")()
+
+    async def call() -> tuple[int, bytes]:
+        fn = ctx.get("gateway.complete")
+        return await fn("/v1/chat/completions", {"model": "mock-alias", "messages": MSG, "max_tokens": 2})  # type: ignore[no-any-return]
+
+    status, body = gateway.call(call)
+    assert status == 200 and b"xxx xxx " in body
+
+    ctx.services["local_models"] = lambda: ["bge-small-zh", "mock-model"]
+    try:
+        ids = [m.id for m in client(gateway).models.list()]
+    finally:
+        del ctx.services["local_models"]
+    assert "bge-small-zh" in ids and ids.count("mock-model") == 1

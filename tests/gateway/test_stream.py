@@ -10,6 +10,7 @@ import re
 import socket
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -178,3 +179,19 @@ async def test_slow_client_backpressure_reaches_the_upstream(gateway: GatewaySer
     # without backpressure the gateway would have pulled all 64 MB within the 2 s
     assert sent_mb < 16, f"upstream generated {sent_mb:.1f} MB for a client that read {got / 2**20:.2f} MB"
     assert await asyncio.to_thread(gateway.wait_idle) == 0
+
+
+async def test_granian_streams_and_disconnects_close_upstream(tmp_path: Path, mock: MockUpstream) -> None:
+    """The same relay under Granian (the other supported server)."""
+    cfg = write_config(tmp_path / "gw.toml", tmp_path / "data", {"upstreams": [upstream(mock)]})
+    gp = GatewayProcess(cfg, server="granian").start()
+    try:
+        async with httpx.AsyncClient(timeout=10) as c:
+            r = await c.post(gp.base_url + "/chat/completions",
+                             json={"model": "mock-model", "messages": MSG, "stream": True, "max_tokens": 3})
+            assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+        srv = SimpleNamespace(port=gp.port)
+        delays = [await _disconnect_trial(srv, mock, i) for i in range(10)]  # type: ignore[arg-type]
+        assert max(delays) < 0.1, [round(d * 1000) for d in delays]
+    finally:
+        gp.stop()
