@@ -276,3 +276,17 @@ def test_embeddings_route_yields_to_the_gateway(model_repo: Path, tmp_path: Path
     assert cap is not None
     paths = {getattr(r, "path", "") for r in cap.routes()}
     assert "/v1/embeddings" not in paths and "/v2/models/{name}/infer" in paths
+
+
+def test_infer_text_input_json_and_bad_utf8(client: TestClient) -> None:
+    r = client.post(f"/v2/models/{MODEL}/infer", json={"inputs": [
+        {"name": "text", "datatype": "BYTES", "shape": [2], "data": ["你好", "hello"]}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"][0]["shape"] == [2, 384]
+    bad = struct.pack("<I", 2) + b"\xff\xfe"
+    body, headers = binary_body([("text", "BYTES", [1], bad)])
+    e = err(client.post(f"/v2/models/{MODEL}/infer", content=body, headers=headers), 400, "invalid_data")
+    assert e["param"] == "text"
+    # text and token tensors together: too many inputs for the text form
+    body, headers = binary_body([("text", "BYTES", [1], struct.pack("<I", 1) + b"a"), ids_input(GOOD_IDS)])
+    err(client.post(f"/v2/models/{MODEL}/infer", content=body, headers=headers), 400, "too_many_inputs")

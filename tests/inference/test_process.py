@@ -126,3 +126,20 @@ def test_killed_worker_gives_retriable_503_then_recovers(process_stack: Any) -> 
         assert "Retry-After" in headers
         assert body["error"]["code"] in ("model_worker_unavailable", "worker_stopping"), body
     assert [r[0] for r in up] == [200] * 8
+
+
+def test_tritonclient_bytes_text_input(process_stack: Any, reference: Any) -> None:
+    """A text model takes its BYTES `text` input alone: KServe clients embed text without a tokenizer."""
+    import tritonclient.http as httpclient
+
+    _settings, _workers, server = process_stack
+    sentences, ref = reference
+    c = httpclient.InferenceServerClient(url=f"127.0.0.1:{server.port}")
+    assert c.get_model_metadata(MODEL)["parameters"]["text_input"] == "text"
+    for binary in (True, False):
+        inp = httpclient.InferInput("text", [4], "BYTES")
+        inp.set_data_from_numpy(np.array([s.encode() for s in sentences[6:10]], dtype=object), binary_data=binary)
+        emb = c.infer(MODEL, [inp]).as_numpy("embeddings")
+        cos = (emb * ref[6:10]).sum(1) / np.linalg.norm(ref[6:10], axis=1)
+        assert emb.shape == (4, 384) and cos.min() > 0.9999, cos
+    c.close()

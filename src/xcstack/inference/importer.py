@@ -307,6 +307,7 @@ def model_config(name: str, facts: dict[str, Any], *, quantized: str | None, sou
         "outputs": [{"name": "embeddings", "datatype": "FP32", "shape": [-1, facts["dimensions"]]}],
         "max_batch_size": 32,
         "tokenizer": "tokenizer.json",
+        "text_input": "text",
         "max_seq_length": facts["max_seq_length"],
         "dimensions": facts["dimensions"],
         "source": {"path": source, "quantization": quantized, "pooling": facts["pooling"]},

@@ -30,6 +30,7 @@ class InferRequest:
     inputs: dict[str, np.ndarray]
     outputs: list[tuple[str, bool]]  # (name, binary?)
     id: str | None
+    texts: list[str] | None = None  # text models: the BYTES `text_input` instead of token tensors
 
 
 def _bad(message: str, code: str, tensor: str | None = None) -> BadRequest:
@@ -74,6 +75,11 @@ def decode_infer_request(body: bytes, header_length: str | None, cfg: ModelConfi
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise _bad("'inputs' must be a non-empty list", "missing_input")
     specs = {t.name: t for t in cfg.inputs}
+    text_spec: TensorSpec | None = None
+    if cfg.text_input and any(isinstance(r, dict) and r.get("name") == cfg.text_input for r in raw_inputs):
+        # a text model's virtual input: BYTES [n] of UTF-8 sentences, tokenized by the model worker
+        text_spec = TensorSpec(name=cfg.text_input, datatype="BYTES", shape=[-1])
+        specs = {cfg.text_input: text_spec}
     if len(raw_inputs) > len(specs):
         raise _bad(f"{len(raw_inputs)} inputs given; model {cfg.name} takes {len(specs)} ({', '.join(specs)})",
                    "too_many_inputs")
@@ -121,7 +127,15 @@ def decode_infer_request(body: bytes, header_length: str | None, cfg: ModelConfi
     rows = {a.shape[0] for a in inputs.values()}
     if len(rows) > 1:
         raise _bad(f"inputs disagree on the batch dimension: {sorted(rows)}", "invalid_shape")
-    return InferRequest(inputs, _outputs(header, cfg), str(header["id"]) if "id" in header else None)
+    rid = str(header["id"]) if "id" in header else None
+    if text_spec is not None:
+        name = text_spec.name
+        try:
+            texts = [b.decode("utf-8") if isinstance(b, bytes) else str(b) for b in inputs[name].reshape(-1)]
+        except UnicodeDecodeError:
+            raise _bad(f"input '{name}': elements must be UTF-8 text", "invalid_data", name) from None
+        return InferRequest({}, _outputs(header, cfg), rid, texts)
+    return InferRequest(inputs, _outputs(header, cfg), rid)
 
 
 def _check_shape(shape: Any, spec: TensorSpec, cfg: ModelConfig, name: str) -> list[int]:

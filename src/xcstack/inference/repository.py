@@ -97,6 +97,9 @@ class ModelConfig(BaseModel):
     batching: BatchingConfig = BatchingConfig()  # type: ignore[call-arg]
     instance: InstanceConfig = InstanceConfig()  # type: ignore[call-arg]
     tokenizer: str | None = None
+    text_input: str | None = Field(
+        None, min_length=1, max_length=128, description="text models: a BYTES [n] input name accepted by /v2 infer"
+    )
     max_seq_length: int = Field(256, ge=1, le=8192)
     dimensions: int | None = Field(None, ge=1, le=65536)
     source: dict[str, Any] = Field(default_factory=dict)
@@ -116,6 +119,8 @@ class ModelConfig(BaseModel):
                 raise ValueError(f"duplicate tensor names in {names}")
         if self.kind == "embedding" and not self.tokenizer:
             raise ValueError("an embedding model needs `tokenizer`")
+        if self.text_input and (not self.tokenizer or self.text_input in {t.name for t in self.inputs}):
+            raise ValueError("text_input needs a tokenizer and a name that is not one of `inputs`")
         return self
 
     def batching_params(self, defaults: BatchingDefaults) -> BatchParams:
@@ -142,8 +147,10 @@ class ModelConfig(BaseModel):
         return ids[pos % len(ids)]
 
     def metadata(self) -> dict[str, Any]:
-        """KServe v2 model metadata."""
+        """KServe v2 model metadata (a text model also takes `text_input` alone: BYTES [-1])."""
+        extra: dict[str, Any] = {"parameters": {"text_input": self.text_input}} if self.text_input else {}
         return {
+            **extra,
             "name": self.name,
             "versions": ["1"],
             "platform": "onnxruntime_onnx",

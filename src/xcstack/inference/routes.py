@@ -12,11 +12,12 @@ import functools
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from xcstack.errors import NotFound, Overloaded, PayloadTooLarge, XCError
+from xcstack.errors import BadRequest, NotFound, Overloaded, PayloadTooLarge, XCError
 from xcstack.httputil import JSONResponse, content_length, read_model
 from xcstack.inference import metrics
 from xcstack.inference.protocol import (
@@ -141,10 +142,16 @@ class InferenceRoutes:
             req = await asyncio.to_thread(_decode, body, encoding, limit, hlen, cfg)
         else:
             req = decode_infer_request(body, hlen, cfg)
+        timeout = self.cap.settings.request_timeout_s
         try:
-            results = await self.cap.backend.infer(
-                cfg.name, req.inputs, [n for n, _ in req.outputs], self.cap.settings.request_timeout_s
-            )
+            if req.texts is not None:
+                if len(req.texts) > self.cap.settings.max_inputs:
+                    raise BadRequest(f"input '{cfg.text_input}': {len(req.texts)} texts; the limit is "
+                                     f"{self.cap.settings.max_inputs}", code="too_many_inputs", param=cfg.text_input)
+                vectors, _tokens = await self.cap.backend.embed(cfg.name, req.texts, timeout)
+                results = {cfg.outputs[0].name: np.ascontiguousarray(vectors, dtype=np.float32)}
+            else:
+                results = await self.cap.backend.infer(cfg.name, req.inputs, [n for n, _ in req.outputs], timeout)
         except Exception:
             metrics.REQUESTS.labels(cfg.name, "kserve", "error").inc()
             raise
