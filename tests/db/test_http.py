@@ -115,7 +115,7 @@ async def test_slow_client_backpressure_and_disconnect(sqlite_path: str, monkeyp
             assert pulled[0] - stalled < 50
             r.close()  # the client goes away mid-stream
         # the stream is abandoned: the statement is interrupted and its connection replaced
-        assert await until(lambda: sum(db.live()) == 2 and len(db.pools[0].idle) == 2, timeout=10)
+        assert await until(lambda: sum(db.live()) == 2 and db.pools[0].idle_workers() == 2, timeout=10)
         after = pulled[0]
         await asyncio.sleep(0.3)
         assert pulled[0] == after
@@ -150,7 +150,7 @@ async def test_postgres_over_http_with_disconnect(pg: str, tmp_path: Path) -> No
         assert await until(lambda: not pg_admin_query(
             "SELECT 1 FROM pg_stat_activity WHERE pid = ANY(%s) AND query LIKE %s AND state <> 'idle'",
             old, "%generate_series%"), timeout=10)
-        assert await until(lambda: sum(db.live()) == 2 and len(db.pools[0].idle) == 2, timeout=10)
+        assert await until(lambda: sum(db.live()) == 2 and db.pools[0].idle_workers() == 2, timeout=10)
         async with aiohttp.ClientSession() as s:
             st, _, raw = await _post(s, f"{base}/v1/db/pghttp/item", {"params": {"id": 6}})
             assert st == 200

@@ -18,7 +18,7 @@ K = ErrorKind
 
 def test_every_profile_is_described() -> None:
     rows = {r["driver"]: r for r in describe()}
-    assert set(rows) == {"sqlite", "postgres", "kingbase", "mysql", "dm", "gbase8s"}
+    assert set(rows) == {"sqlite", "postgres", "kingbase", "mysql", "mysqlclient", "dm", "gbase8s"}
     assert rows["postgres"]["cancel"] == "protocol" and rows["mysql"]["cancel"] == "kill_query"
     assert rows["dm"]["paramstyle"] == "qmark" and rows["kingbase"]["paramstyle"] == "pyformat"
     for name in PROFILES:

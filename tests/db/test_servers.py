@@ -18,12 +18,12 @@ from tests.db.conftest import MY_DSN, PG_DSN, item_queries, my_admin_query, pg_a
 from xcstack.db.bridge import Bridge
 from xcstack.errors import Conflict, GatewayTimeout, Overloaded
 
-KINDS = ["postgres", "kingbase", "mysql"]
+KINDS = ["postgres", "kingbase", "mysql", "mysqlclient"]
 _n = itertools.count()
 
 
 def _cfg(kind: str, **kw: Any) -> dict[str, Any]:
-    if kind == "mysql":
+    if kind in ("mysql", "mysqlclient"):
         dsn, sleep, qk = MY_DSN, "SELECT SLEEP(:s) AS slept", "my"
     else:
         dsn, sleep, qk = PG_DSN, "SELECT pg_sleep(:s)::text AS slept", "pg"
@@ -34,9 +34,11 @@ def _cfg(kind: str, **kw: Any) -> dict[str, Any]:
 @pytest.fixture(params=KINDS)
 async def bridge(request: pytest.FixtureRequest) -> AsyncIterator[tuple[str, Bridge]]:
     kind = request.param
-    request.getfixturevalue("mysql" if kind == "mysql" else "pg")
+    request.getfixturevalue("mysql" if kind.startswith("mysql") else "pg")
     if kind == "kingbase":
         pytest.importorskip("ksycopg2")
+    if kind == "mysqlclient":
+        pytest.importorskip("MySQLdb", reason="optional mysqlclient not installed: pip install 'xcstack[mysqlclient]'")
     cfg = _cfg(kind, pool_size=4, reconnect_backoff_initial_s=0.02, reconnect_backoff_max_s=0.5)
     async with running_bridge(cfg) as b:
         yield kind, b
@@ -46,7 +48,7 @@ def running(kind: str, ids: list[Any], needle: str) -> list[Any]:
     """Server sessions among `ids` that are still running a statement containing `needle`."""
     if not ids:
         return []
-    if kind == "mysql":
+    if kind.startswith("mysql"):
         rows = my_admin_query(
             "SELECT ID, INFO FROM information_schema.PROCESSLIST WHERE ID IN (" + ",".join(str(int(i)) for i in ids)
             + ") AND INFO LIKE %s", f"%{needle}%")
@@ -60,7 +62,7 @@ def running(kind: str, ids: list[Any], needle: str) -> list[Any]:
 def alive(kind: str, ids: list[Any]) -> list[Any]:
     if not ids:
         return []
-    if kind == "mysql":
+    if kind.startswith("mysql"):
         rows = my_admin_query("SELECT ID FROM information_schema.PROCESSLIST WHERE ID IN ("
                               + ",".join(str(int(i)) for i in ids) + ")")
     else:
@@ -70,7 +72,7 @@ def alive(kind: str, ids: list[Any]) -> list[Any]:
 
 def kill(kind: str, ids: list[Any]) -> None:
     for i in ids:
-        if kind == "mysql":
+        if kind.startswith("mysql"):
             try:
                 my_admin_query(f"KILL {int(i)}")
             except Exception:  # already gone
@@ -128,7 +130,7 @@ async def test_slow_query_is_cancelled_server_side(bridge: tuple[str, Bridge]) -
     results = await asyncio.gather(*(db.query("sleep", {"s": 20}) for _ in range(2)), return_exceptions=True)
     assert all(isinstance(r, GatewayTimeout) and r.code == "query_timeout" for r in results), results
     assert time.monotonic() - t0 < 2.0
-    needle = "SLEEP(" if kind == "mysql" else "pg_sleep"
+    needle = "SLEEP(" if kind.startswith("mysql") else "pg_sleep"
     # the statements stop on the server (cancel / KILL QUERY), long before their 20 s
     assert await until(lambda: not running(kind, old, needle), timeout=5), running(kind, old, needle)
     # and the cancelled connections are not reused: two sessions were replaced

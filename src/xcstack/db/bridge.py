@@ -4,14 +4,18 @@ Per configured database (per shard), a bounded pool of dedicated worker threads;
 exactly one connection for its whole life (connection affinity: a connection never crosses
 threads). The event loop never calls the driver. A call goes:
 
-    acquire an idle worker (bounded wait -> 503) -> put the job in that worker's inbox
-    -> the worker runs it in its thread -> result handed back with one batched loop wake-up.
+    job into the shard's queue (bounded: full -> 503) -> the next free worker takes it, runs it
+    in its own thread, and takes the next job at once -> the result is handed back to the loop
+    with one batched wake-up (many results, one `call_soon_threadsafe`).
 
-Timeouts: a timer on the loop marks the job timed out, answers 504 at once and sends the profile's
-server-side cancel (psycopg cancel, `KILL QUERY` from a side connection, ...) from a canceller
-thread; the worker then discards that connection and opens a fresh one: a connection that was
-cancelled, lost, or abandoned by its caller is never reused. Lost connections are replaced with
-exponential backoff; while no connection is live, callers get 503 `db_unavailable` at once.
+A job not started within `pool_wait_timeout_s` is withdrawn (503 + Retry-After). A job's state
+(queued / running / done / abandoned) changes under its own lock, so "withdrawn", "timed out" and
+"finished" can never both happen. Timeouts: a timer on the loop marks a running job abandoned,
+answers 504 at once and sends the profile's server-side cancel (psycopg cancel, `KILL QUERY` from
+a side connection, ...) from a canceller thread; the worker then discards that connection and opens
+a fresh one: a connection that was cancelled, lost, or abandoned by its caller is never reused.
+Lost connections are replaced with exponential backoff; while no connection is live, callers get
+503 `db_unavailable` at once. Transactions pin one worker (and so one connection) until they end.
 """
 
 from __future__ import annotations
@@ -76,22 +80,60 @@ class _Completions:
                 log.exception("db bridge: completion callback failed")
 
 
+QUEUED, RUNNING, DONE, WITHDRAWN, ABANDONED = range(5)
+
+
 class _Job:
-    """One unit of work for a worker. `op` runs in the worker thread with (profile, conn)."""
+    """One unit of work. `op(profile, conn)` runs in a worker thread."""
 
-    __slots__ = ("abandoned", "fut", "op", "release", "retriable", "stream_credits", "worker")
+    __slots__ = ("fut", "handle", "lock", "op", "pin", "retriable", "started", "state", "stream_credits", "tx",
+                 "unpin", "worker")
 
-    def __init__(self, op: Callable[[DriverProfile, Any], Any], *, retriable: bool, release: bool) -> None:
+    def __init__(
+        self, op: Callable[[DriverProfile, Any], Any], *, retriable: bool, pin: bool = False, unpin: bool = False,
+        tx: Any = None,
+    ) -> None:
         self.op = op
         self.retriable = retriable
-        self.release = release
-        self.abandoned = False  # timed out or caller gone: the connection is tainted
+        self.pin = pin  # a transaction's first job: its worker serves only this transaction until unpin
+        self.unpin = unpin
+        self.tx = tx
+        self.lock = threading.Lock()
+        self.state = QUEUED
+        self.started = 0.0
         self.fut: asyncio.Future[Any] | None = None
+        self.handle: asyncio.TimerHandle | None = None
         self.worker: _Worker | None = None
         self.stream_credits: queue.SimpleQueue[bool] | None = None
 
+    def try_start(self, worker: _Worker) -> bool:  # worker thread
+        with self.lock:
+            if self.state != QUEUED:
+                return False
+            self.state = RUNNING
+            self.worker = worker
+            self.started = time.monotonic()
+            return True
 
-_RECYCLE = object()
+    def try_withdraw(self) -> bool:  # loop thread: True if it had not started
+        with self.lock:
+            if self.state == QUEUED:
+                self.state = WITHDRAWN
+                return True
+            return False
+
+    def try_finish(self) -> bool:  # worker thread: False if the caller abandoned it meanwhile
+        with self.lock:
+            if self.state == RUNNING:
+                self.state = DONE
+                return True
+            return False
+
+    @property
+    def abandoned(self) -> bool:
+        return self.state == ABANDONED
+
+
 _STOP = object()
 
 
@@ -101,25 +143,49 @@ class _Worker(threading.Thread):
     def __init__(self, pool: _Pool, index: int) -> None:
         super().__init__(name=f"xc-db-{pool.label}-{index}", daemon=True)
         self.pool = pool
-        self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()  # a pinning transaction's jobs
         self.conn: Any = None
         self.session: Any = None
+        self.conn_lock = threading.Lock()  # close vs. a cancel in flight from the canceller thread
         self.connected = False  # loop-side view: counted in pool.live
-        self.held = False  # loop-side: out of the idle stack
+        self.busy = False
+        self.pin_owner: Any = None
 
     # --- thread side ------------------------------------------------------------------------
     def run(self) -> None:
+        pool = self.pool
+        jobs = pool.jobs
+        idle_ping = pool.cfg.health_interval_s or None
         self._connect_loop()
-        while True:
-            item = self.inbox.get()
+        while not pool.stopping.is_set():
+            try:
+                if self.pin_owner is not None:
+                    item = self.inbox.get(timeout=pool.tx_idle_timeout)
+                else:
+                    item = jobs.get(timeout=idle_ping)
+            except queue.Empty:
+                if self.pin_owner is not None:  # a transaction left its connection idle too long
+                    log.warning("db %s: transaction idle for %ss; rolled back", pool.label, pool.tx_idle_timeout)
+                    self.pin_owner = None
+                    self._recycle()
+                else:
+                    self._ping()
+                continue
             if item is _STOP:
                 break
-            if item is _RECYCLE:
-                self._drop()
+            if self.conn is None:  # cannot happen between jobs, but never run a job without a connection
+                jobs.put(item)
                 self._connect_loop()
                 continue
             self._run_job(item)
         self._drop()
+
+    def _ping(self) -> None:
+        try:
+            self.pool.profile.ping(self.conn)
+        except Exception as exc:
+            log.info("db %s: health check failed (%s); reconnecting", self.pool.label, _one_line(exc))
+            self._recycle()
 
     def _connect_once(self) -> bool:
         pool = self.pool
@@ -155,96 +221,117 @@ class _Worker(threading.Thread):
 
     def _drop(self) -> None:
         if self.conn is not None:
-            self.pool.profile.close(self.conn)
-            self.conn = None
-            self.session = None
+            with self.conn_lock:  # waits for a cancel that is using this connection
+                self.pool.profile.close(self.conn)
+                self.conn = None
+                self.session = None
             self.pool.completions.push(self.pool._on_dropped, self)
-
-    def _run_job(self, job: _Job) -> None:
-        pool = self.pool
-        profile = pool.profile
-        attempts = 0
-        while True:
-            if self.conn is None:  # lost between jobs (should not happen): report and reconnect
-                pool.completions.push(pool._deliver, job, False, (ErrorKind.CONNECTION_LOST, None), True)
-                self._connect_loop()
-                return
-            try:
-                value = job.op(profile, self.conn)
-            except Exception as exc:
-                if job.abandoned:
-                    self._recycle()
-                    return
-                kind = profile.classify(exc)
-                if kind is ErrorKind.CONNECTION_LOST:
-                    self._drop()
-                    if job.retriable and attempts < pool.cfg.retries and self._connect_once():
-                        attempts += 1
-                        pool.completions.push(pool._on_retry, self)
-                        continue
-                    pool.completions.push(pool._deliver, job, False, (kind, exc), True)
-                    self._connect_loop()
-                    return
-                pool.completions.push(pool._deliver, job, False, (kind, exc), False)
-                return
-            if job.abandoned:
-                self._recycle()
-                return
-            if isinstance(value, _StreamState):
-                self._pump(job, value)
-                return
-            pool.completions.push(pool._deliver, job, True, value, False)
-            return
 
     def _recycle(self) -> None:
         self._drop()
         self._connect_loop()
 
-    def _pump(self, job: _Job, state: _StreamState) -> None:
+    def _run_job(self, job: _Job) -> None:
+        if not job.try_start(self):
+            return  # withdrawn while queued: its caller already has an answer
+        if job.pin:
+            self.pin_owner = job.tx
+        self.busy = True
+        ok = False
+        try:
+            ok = self._execute(job)
+        finally:
+            self.busy = False
+            if job.unpin or (job.pin and not ok):
+                self.pin_owner = None
+
+    def _execute(self, job: _Job) -> bool:
+        """Run the job; True when it succeeded and its connection stays in service."""
+        pool = self.pool
+        profile = pool.profile
+        attempts = 0
+        while True:
+            try:
+                value = job.op(profile, self.conn)
+            except Exception as exc:
+                kind = profile.classify(exc)
+                if kind is ErrorKind.CONNECTION_LOST:
+                    self._drop()
+                    if job.retriable and attempts < pool.cfg.retries and job.state == RUNNING and self._connect_once():
+                        attempts += 1
+                        pool.completions.push(pool._on_retry, self)
+                        continue
+                    self._fail(job, kind, exc)
+                    self.pin_owner = None
+                    self._connect_loop()
+                    return False
+                if not job.try_finish():
+                    self._abandoned()
+                    return False
+                pool.completions.push(pool._deliver, job, False, (kind, exc))
+                return False
+            if isinstance(value, _StreamState):
+                return self._pump(job, value)
+            if not job.try_finish():
+                self._abandoned()
+                return False
+            pool.completions.push(pool._deliver, job, True, value)
+            return True
+
+    def _fail(self, job: _Job, kind: ErrorKind, exc: BaseException) -> None:
+        if job.try_finish():
+            self.pool.completions.push(self.pool._deliver, job, False, (kind, exc))
+
+    def _abandoned(self) -> None:
+        """The caller gave up (timeout, cancel, early stream close): never reuse this connection."""
+        self.pin_owner = None
+        self._recycle()
+
+    def _pump(self, job: _Job, state: _StreamState) -> bool:
         """Send row batches one at a time; wait for the consumer's credit before the next (backpressure)."""
         pool = self.pool
         credits = job.stream_credits
         assert credits is not None
         it = state.batches
         ok = True
-        try:
-            pool.completions.push(pool._stream_batch, job, state.columns, None)
-            while True:
-                try:
-                    more = credits.get(timeout=pool.cfg.stream_idle_timeout_s)
-                except queue.Empty:
-                    more = False
-                if not more or job.abandoned:
-                    ok = False
-                    break
-                try:
-                    batch = next(it, None)
-                except Exception as exc:
-                    kind = pool.profile.classify(exc)
-                    pool.completions.push(pool._stream_error, job, kind, exc)
-                    ok = kind is not ErrorKind.CONNECTION_LOST and kind is not ErrorKind.TIMEOUT
-                    break
-                pool.completions.push(pool._stream_batch, job, None, batch)
-                if batch is None:
-                    break
-        finally:
-            if ok:
-                try:
-                    close = getattr(it, "close", None)
-                    if close is not None:
-                        close()
-                except Exception:
-                    ok = False
-        if ok and not job.abandoned:
-            pool.completions.push(pool._stream_done, job, self)
-        else:
-            pool.completions.push(pool._stream_done, job, None)
-            self._drop()  # first the connection, so closing the cursor below cannot block on it
-            with contextlib.suppress(Exception):
+        pool.completions.push(pool._stream_batch, job, state.columns, None)
+        while True:
+            try:
+                more = credits.get(timeout=pool.cfg.stream_idle_timeout_s)
+            except queue.Empty:
+                more = False
+            if not more or job.state != RUNNING:
+                ok = False
+                break
+            try:
+                batch = next(it, None)
+            except Exception as exc:
+                kind = pool.profile.classify(exc)
+                pool.completions.push(pool._stream_error, job, kind, exc)
+                ok = False
+                break
+            pool.completions.push(pool._stream_batch, job, None, batch)
+            if batch is None:
+                break
+        if ok:
+            try:
                 close = getattr(it, "close", None)
                 if close is not None:
                     close()
-            self._connect_loop()
+            except Exception:
+                ok = False
+        if ok and job.try_finish():
+            return True
+        with job.lock:
+            if job.state == RUNNING:
+                job.state = DONE
+        self._drop()  # first the connection, so closing the cursor below cannot block on it
+        with contextlib.suppress(Exception):
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+        self._connect_loop()
+        return False
 
 
 @dataclass
@@ -254,7 +341,7 @@ class _StreamState:
 
 
 class _Pool:
-    """The workers of one database shard, and the loop-side bookkeeping (idle stack, waiters)."""
+    """The workers of one database shard, their job queue, and the loop-side bookkeeping."""
 
     def __init__(
         self, database: str, shard: int, dsn: str, cfg: DatabaseSettings, profile: DriverProfile,
@@ -266,21 +353,20 @@ class _Pool:
         self.cfg = cfg
         self.profile = profile
         self.io_timeout = io_timeout
+        self.tx_idle_timeout = cfg.query_timeout_s * 2 + 30
         self.app_name = f"{cfg.application_name}:{database}"[:60]
         self.canceller = canceller
         self.stopping = threading.Event()
+        self.jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.workers: list[_Worker] = []
-        self.idle: list[_Worker] = []  # LIFO: hot connections stay hot
-        self.waiters: collections.deque[asyncio.Future[_Worker]] = collections.deque()
         self.live = 0
+        self.down = False  # the latest connect attempt failed and no connection is live
         self.attempted: set[int] = set()
         self.last_error_at = 0.0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.completions: _Completions
         self._first_round = asyncio.Event()
-        self.down = False  # the latest connect attempt failed and no connection is live
         self.mq: dict[str, Any] = {
-            "wait": m.POOL_WAIT_SECONDS.labels(database),
             "reconnects": m.RECONNECTS.labels(database),
             "cancels": m.CANCELS.labels(database),
         }
@@ -291,7 +377,6 @@ class _Pool:
         self.completions = _Completions(self.loop)
         for i in range(self.cfg.pool_size):
             w = _Worker(self, i)
-            w.held = True  # not idle until its connection is up
             self.workers.append(w)
             w.start()
 
@@ -302,16 +387,30 @@ class _Pool:
 
     async def stop(self, timeout: float) -> None:
         self.stopping.set()
+        self._fail_queued(lambda: dberr.unavailable(self.database, 1))
         for w in self.workers:
+            self.jobs.put(_STOP)
             w.inbox.put(_STOP)
-        while self.waiters:
-            f = self.waiters.popleft()
-            if not f.done():
-                f.set_exception(dberr.unavailable(self.database, 1))
         deadline = time.monotonic() + timeout
+        loop = asyncio.get_running_loop()
         for w in self.workers:
             remaining = max(0.0, deadline - time.monotonic())
-            await asyncio.get_running_loop().run_in_executor(None, w.join, remaining)
+            await loop.run_in_executor(None, w.join, remaining)
+
+    def _fail_queued(self, make: Callable[[], XCError]) -> None:
+        kept: list[Any] = []
+        while True:
+            try:
+                item = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Job):
+                if item.try_withdraw() and item.fut is not None and not item.fut.done():
+                    item.fut.set_exception(make())
+            else:
+                kept.append(item)
+        for item in kept:
+            self.jobs.put(item)
 
     # --- loop-side callbacks (called via completions) -------------------------------------------
     def _on_ready(self, w: _Worker) -> None:
@@ -320,17 +419,13 @@ class _Pool:
             self.live += 1
         self.down = False
         self._mark_attempt(w)
-        self._release(w)
 
     def _on_connect_failed(self, w: _Worker) -> None:
         self.last_error_at = time.monotonic()
         self._mark_attempt(w)
         if self.live == 0:
             self.down = True  # nobody can serve: fail the queue now instead of letting it time out
-            while self.waiters:
-                f = self.waiters.popleft()
-                if not f.done():
-                    f.set_exception(dberr.unavailable(self.database, self.cfg.reconnect_backoff_max_s))
+            self._fail_queued(lambda: dberr.unavailable(self.database, self.cfg.reconnect_backoff_max_s))
 
     def _mark_attempt(self, w: _Worker) -> None:
         if len(self.attempted) < len(self.workers):
@@ -349,23 +444,13 @@ class _Pool:
             w.connected = True
             self.live += 1
 
-    def _deliver(self, job: _Job, ok: bool, value: Any, dropped: bool) -> None:
-        w = job.worker
-        assert w is not None
-        if job.abandoned:
-            if not dropped:
-                w.inbox.put(_RECYCLE)
-            return
+    def _deliver(self, job: _Job, ok: bool, value: Any) -> None:
         fut = job.fut
         if fut is not None and not fut.done():
             if ok:
                 fut.set_result(value)
             else:
                 fut.set_exception(_Failure(*value))
-        if dropped:
-            return  # the worker reconnects and announces itself
-        if job.release:
-            self._release(w)
 
     def _stream_batch(self, job: _Job, columns: list[str] | None, batch: list[Row] | None) -> None:
         fut = job.fut
@@ -377,77 +462,56 @@ class _Pool:
         if fut is not None and not fut.done():
             fut.set_exception(_Failure(kind, exc))
 
-    def _stream_done(self, job: _Job, w: _Worker | None) -> None:
-        if w is not None:
-            self._release(w)
+    # --- submitting and timing jobs -------------------------------------------------------------
+    def idle_workers(self) -> int:
+        return sum(1 for w in self.workers if w.connected and not w.busy and w.pin_owner is None)
 
-    # --- acquire / release ----------------------------------------------------------------------
-    def _release(self, w: _Worker) -> None:
-        if self.stopping.is_set():
-            return
-        waiters = self.waiters
-        while waiters:
-            f = waiters.popleft()
-            if not f.done():
-                f.set_result(w)
-                return
-        w.held = False
-        self.idle.append(w)
-
-    async def acquire(self, timeout: float) -> _Worker:
-        if self.idle:
-            w = self.idle.pop()
-            w.held = True
-            return w
-        if self.stopping.is_set() or (self.live == 0 and self.down):
-            m.REJECTS.labels(self.database, "unavailable").inc()
-            raise dberr.unavailable(self.database, self.cfg.reconnect_backoff_max_s)
-        if len(self.waiters) >= self.cfg.max_waiting:
-            m.REJECTS.labels(self.database, "queue_full").inc()
-            raise dberr.pool_exhausted(self.database, 0.0, timeout)
+    async def run(
+        self, job: _Job, timeout: float, on_timeout: Callable[[], XCError], target: _Worker | None = None
+    ) -> Any:
+        """Queue `job` (or hand it to the pinned `target`) and wait for its result."""
         loop = self.loop
-        assert loop is not None
-        fut: asyncio.Future[_Worker] = loop.create_future()
-        self.waiters.append(fut)
-        handle = loop.call_later(timeout, _expire, fut)
-        t0 = loop.time()
-        try:
-            w = await fut
-        except asyncio.CancelledError:
-            self._unwait(fut)
-            raise
-        except _Expired:
-            m.REJECTS.labels(self.database, "wait_timeout").inc()
-            raise dberr.pool_exhausted(self.database, timeout, timeout) from None
-        finally:
-            handle.cancel()
-        self.mq["wait"].observe(loop.time() - t0)
-        w.held = True
-        return w
-
-    def _unwait(self, fut: asyncio.Future[_Worker]) -> None:
-        with contextlib.suppress(ValueError):
-            self.waiters.remove(fut)
-        if fut.done() and not fut.cancelled() and fut.exception() is None:
-            self._release(fut.result())  # handed a worker just as we gave up: pass it on
-
-    # --- running jobs ---------------------------------------------------------------------------
-    async def run(self, job: _Job, worker: _Worker, timeout: float, on_timeout: Callable[[], XCError]) -> Any:
-        loop = self.loop
-        assert loop is not None
+        assert loop is not None, "database not started"
+        if target is None:
+            if self.live == 0 and (self.down or self.stopping.is_set()):
+                m.REJECTS.labels(self.database, "unavailable").inc()
+                raise dberr.unavailable(self.database, self.cfg.reconnect_backoff_max_s)
+            if self.jobs.qsize() >= self.cfg.max_waiting and self.idle_workers() == 0:
+                m.REJECTS.labels(self.database, "queue_full").inc()
+                raise dberr.pool_exhausted(self.database, 0.0, self.cfg.pool_wait_timeout_s)
         fut: asyncio.Future[Any] = loop.create_future()
         job.fut = fut
-        job.worker = worker
-        worker.inbox.put(job)
-        handle = loop.call_later(timeout, self._timeout, job, on_timeout)
+        if target is None:
+            self.jobs.put(job)
+            first = min(self.cfg.pool_wait_timeout_s, timeout)
+        else:
+            target.inbox.put(job)
+            first = timeout
+        job.handle = loop.call_later(first, self._first_timer, job, timeout, on_timeout)
         try:
             return await fut
         except asyncio.CancelledError:
-            if not fut.done() or fut.cancelled():
-                self.abandon(job)
+            self.abandon(job)
             raise
         finally:
-            handle.cancel()
+            if job.handle is not None:
+                job.handle.cancel()
+
+    def _first_timer(self, job: _Job, timeout: float, on_timeout: Callable[[], XCError]) -> None:
+        fut = job.fut
+        if fut is None or fut.done():
+            return
+        if job.try_withdraw():  # never started: no connection freed up in time
+            m.REJECTS.labels(self.database, "wait_timeout").inc()
+            wait = min(self.cfg.pool_wait_timeout_s, timeout)
+            fut.set_exception(dberr.pool_exhausted(self.database, wait, self.cfg.pool_wait_timeout_s))
+            return
+        remaining = job.started + timeout - time.monotonic()
+        if remaining <= 0:
+            self._timeout(job, on_timeout)
+        else:
+            assert self.loop is not None
+            job.handle = self.loop.call_later(remaining, self._timeout, job, on_timeout)
 
     def _timeout(self, job: _Job, make_error: Callable[[], XCError]) -> None:
         fut = job.fut
@@ -457,37 +521,35 @@ class _Pool:
         fut.set_exception(make_error())
 
     def abandon(self, job: _Job) -> None:
-        """The caller stopped waiting: cancel server-side and never reuse this connection."""
-        if job.abandoned:
-            return
-        job.abandoned = True
+        """The caller stopped waiting: withdraw a queued job; cancel a running one server-side (its
+        connection is then never reused)."""
+        with job.lock:
+            state = job.state
+            if state == QUEUED:
+                job.state = WITHDRAWN
+                return
+            if state != RUNNING:
+                return
+            job.state = ABANDONED
         w = job.worker
-        if w is None:
-            return
         if job.stream_credits is not None:
             job.stream_credits.put(False)
+        if w is None:
+            return
         conn, session = w.conn, w.session
         if conn is None:
             return
         self.mq["cancels"].inc()
-        self.canceller.submit(self._cancel, conn, session)
+        self.canceller.submit(self._cancel, w, conn, session)
 
-    def _cancel(self, conn: Any, session: Any) -> None:  # canceller thread
-        try:
-            self.profile.cancel(conn, session, self.dsn, timeout=min(5.0, self.cfg.connect_timeout_s))
-        except Exception as exc:
-            log.info("db %s: cancel of session %s failed: %s", self.label, session, _one_line(exc))
-
-    async def ping_idle(self) -> None:
-        """Health-check idle connections (a lost one is replaced before a caller meets it)."""
-        for _ in range(len(self.idle)):
-            if not self.idle:
-                return
-            w = self.idle.pop(0)  # oldest first
-            w.held = True
-            job = _Job(lambda p, c: p.ping(c), retriable=False, release=True)
-            with contextlib.suppress(Exception):
-                await self.run(job, w, self.cfg.connect_timeout_s, lambda: dberr.unavailable(self.database, 1))
+    def _cancel(self, w: _Worker, conn: Any, session: Any) -> None:  # canceller thread
+        with w.conn_lock:
+            if w.conn is not conn:
+                return  # already closed and replaced: nothing left to cancel
+            try:
+                self.profile.cancel(conn, session, self.dsn, timeout=min(5.0, self.cfg.connect_timeout_s))
+            except Exception as exc:
+                log.info("db %s: cancel of session %s failed: %s", self.label, session, _one_line(exc))
 
 
 class _Failure(Exception):
@@ -497,15 +559,6 @@ class _Failure(Exception):
         super().__init__(kind, exc)
         self.kind = kind
         self.exc = exc
-
-
-class _Expired(Exception):
-    pass
-
-
-def _expire(fut: asyncio.Future[Any]) -> None:
-    if not fut.done():
-        fut.set_exception(_Expired())
 
 
 def _one_line(exc: BaseException) -> str:
@@ -571,7 +624,9 @@ class Database:
         pools = self.pools
         with contextlib.suppress(Exception):  # set_function is unavailable in multiprocess mode
             m.POOL_UP.labels(name).set_function(lambda: sum(p.live for p in pools))
-            m.POOL_BUSY.labels(name).set_function(lambda: sum(max(0, p.live - len(p.idle)) for p in pools))
+            m.POOL_BUSY.labels(name).set_function(
+                lambda: sum(1 for p in pools for w in p.workers if w.busy or w.pin_owner is not None)
+            )
 
     # --- life ----------------------------------------------------------------------------------
     async def start(self, wait: float = 5.0) -> None:
@@ -629,10 +684,9 @@ class Database:
         t0 = loop.time()
         outcome = "error"
         try:
-            worker = await pool.acquire(min(t, self.cfg.pool_wait_timeout_s))
-            job = _Job(op, retriable=q.read_only, release=True)
+            job = _Job(op, retriable=q.read_only)
             try:
-                result: QueryResult = await pool.run(job, worker, t, lambda: dberr.query_timeout(self.name, q.name, t))
+                result: QueryResult = await pool.run(job, t, lambda: dberr.query_timeout(self.name, q.name, t))
             except _Failure as f:
                 raise dberr.from_driver(f.kind, self.name, q.name, f.exc or ConnectionError("lost")) from None
             outcome = "ok"
@@ -668,12 +722,11 @@ class Database:
             cols, batches = profile.stream(conn, sql, values, batch_rows)
             return _StreamState(cols, batches)
 
-        worker = await pool.acquire(min(t, self.cfg.pool_wait_timeout_s))
-        job = _Job(op, retriable=False, release=True)  # release: used only if the statement fails
+        job = _Job(op, retriable=False)
         job.stream_credits = queue.SimpleQueue()
         stream = RowStream(self, q, pool, job, t)
         try:
-            cols, _ = await pool.run(job, worker, t, stream._timeout_error)
+            cols, _ = await pool.run(job, t, stream._timeout_error)
         except _Failure as f:
             self._count(q.name, "error")
             raise dberr.from_driver(f.kind, self.name, q.name, f.exc or ConnectionError("lost")) from None
@@ -767,27 +820,25 @@ class Transaction:
         self.done = False
 
     async def __aenter__(self) -> Transaction:
-        self.worker = await self.pool.acquire(min(self.timeout, self.db.cfg.pool_wait_timeout_s))
-        try:
-            await self._job(lambda p, c: p.begin(c), "begin", release=False)
-        except BaseException:
-            if not self.broken:
-                self.pool._release(self.worker)
-            raise
+        job = _Job(lambda p, c: p.begin(c), retriable=False, pin=True, tx=self)
+        await self._run(job, "begin")
+        self.worker = job.worker
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None, tb: Any) -> None:
-        if self.broken or self.done:
+        if self.broken or self.done or self.worker is None:
             return
         self.done = True
         if et is None:
-            await self._job(lambda p, c: p.commit(c), "commit", release=True)
+            await self._run(_Job(lambda p, c: p.commit(c), retriable=False, unpin=True), "commit", self.worker)
         else:
             with contextlib.suppress(Exception):
-                await self._job(lambda p, c: p.rollback(c), "rollback", release=True)
+                await self._run(_Job(lambda p, c: p.rollback(c), retriable=False, unpin=True), "rollback",
+                                self.worker)
 
     async def query(self, name: str, params: Any = None) -> QueryResult:
-        if self.broken or self.done or self.worker is None:
+        w = self.worker
+        if self.broken or self.done or w is None or w.pin_owner is not self:
             raise dberr.DbError("the transaction is over (failed, committed or rolled back)", code="transaction_closed")
         q = self.db.query_named(name)
         values = q.validate(params)
@@ -797,24 +848,21 @@ class Transaction:
                              code="shard_mismatch")
         if len(q.statements) != 1:
             raise BadRequest(f"query {name} is itself a transaction", code="nested_transaction")
-        result: QueryResult = await self._job(_query_op(q.statements[0], values, q.max_rows), q.name, release=False)
+        job = _Job(_query_op(q.statements[0], values, q.max_rows), retriable=False)
+        result: QueryResult = await self._run(job, q.name, w)
         return result
 
-    async def _job(self, op: Callable[[DriverProfile, Any], Any], what: str, *, release: bool) -> Any:
-        assert self.worker is not None
-        job = _Job(op, retriable=False, release=release)
+    async def _run(self, job: _Job, what: str, target: _Worker | None = None) -> Any:
         try:
             return await self.pool.run(
-                job, self.worker, self.timeout, lambda: dberr.query_timeout(self.db.name, what, self.timeout)
+                job, self.timeout, lambda: dberr.query_timeout(self.db.name, what, self.timeout), target
             )
         except _Failure as f:
             if f.kind is ErrorKind.CONNECTION_LOST:
-                self.broken = True  # the worker is reconnecting; it announces itself
-            elif release:
-                self.done = True  # a failed commit/rollback released the worker
+                self.broken = True  # the worker unpinned itself and is reconnecting
             raise dberr.from_driver(f.kind, self.db.name, what, f.exc or ConnectionError("lost")) from None
         except BaseException:
-            if job.abandoned:
+            if job.state == ABANDONED:
                 self.broken = True  # timed out / cancelled: the worker recycles its connection
             raise
 
@@ -828,7 +876,6 @@ class Bridge:
         self.databases: dict[str, Database] = {
             name: Database(name, cfg, self._canceller) for name, cfg in settings.databases.items()
         }
-        self._health: asyncio.Task[None] | None = None
 
     def database(self, name: str) -> Database:
         db = self.databases.get(name)
@@ -841,32 +888,10 @@ class Bridge:
 
     async def start(self, wait: float = 5.0) -> None:
         await asyncio.gather(*(db.start(wait) for db in self.databases.values()))
-        self._health = asyncio.get_running_loop().create_task(self._health_loop(), name="xc-db-health")
 
     async def stop(self, timeout: float = 5.0) -> None:
-        if self._health is not None:
-            self._health.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health
         await asyncio.gather(*(db.stop(timeout) for db in self.databases.values()))
         self._canceller.shutdown(wait=False, cancel_futures=True)
-
-    async def _health_loop(self) -> None:
-        intervals = [db.cfg.health_interval_s for db in self.databases.values() if db.cfg.health_interval_s > 0]
-        if not intervals:
-            return
-        tick = min(intervals)
-        last: dict[str, float] = {}
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(tick)
-            for db in self.databases.values():
-                iv = db.cfg.health_interval_s
-                if iv <= 0 or loop.time() - last.get(db.name, 0.0) < iv:
-                    continue
-                last[db.name] = loop.time()
-                for p in db.pools:
-                    await p.ping_idle()
 
     def ready(self) -> tuple[bool, str]:
         down = [f"{db.name}#{i}" for db in self.databases.values() for i, n in enumerate(db.live()) if n == 0]

@@ -515,11 +515,53 @@ class MySQLProfile(DriverProfile):
                 if code in codes:
                     return kind
         mod = self.mod
-        if isinstance(exc, mod.err.InterfaceError) or isinstance(exc, ConnectionError | OSError):
+        if isinstance(exc, mod.InterfaceError) or isinstance(exc, ConnectionError | OSError):
             return ErrorKind.CONNECTION_LOST
-        if isinstance(exc, mod.err.OperationalError) and (code is None or code >= 2000):
+        if isinstance(exc, mod.OperationalError) and (code is None or code >= 2000):
             return ErrorKind.CONNECTION_LOST  # client-side (CR_*) errors: the link is gone
         return _classify_dbapi_class(exc) if code is None or code >= 2000 else _kind_not_lost(exc)
+
+
+class MySQLClientProfile(MySQLProfile):
+    """The same MySQL family through mysqlclient (MySQLdb, C): parses in C and releases the GIL
+    while it waits on the network, so worker threads hold the GIL far less than with pymysql."""
+
+    name = "mysqlclient"
+    module_name = "MySQLdb"
+    extra = "mysqlclient"
+
+    def _params(self, dsn: str) -> dict[str, Any]:
+        kw = super()._params(dsn)
+        kw["passwd"] = kw.pop("password")
+        db = kw.pop("database")
+        if db:
+            kw["db"] = db
+        return kw
+
+    def connect(self, dsn: str, *, connect_timeout: float, app_name: str, io_timeout: float) -> Any:
+        return self.mod.connect(
+            **self._params(dsn),
+            autocommit=True,
+            connect_timeout=max(1, int(connect_timeout + 0.999)),
+            read_timeout=max(1, int(io_timeout + 0.999)),
+            write_timeout=max(1, int(io_timeout + 0.999)),
+        )
+
+    def cancel(self, conn: Any, session_id: Any, dsn: str, *, timeout: float) -> bool:
+        if session_id is None:
+            return False
+        t = max(1, int(timeout + 0.999))
+        side = self.mod.connect(**self._params(dsn), connect_timeout=t, read_timeout=t, autocommit=True)
+        try:
+            cur = side.cursor()
+            cur.execute(f"KILL QUERY {int(session_id)}")
+            cur.close()
+        finally:
+            side.close()
+        return True
+
+    def close(self, conn: Any) -> None:
+        DriverProfile.close(self, conn)
 
 
 def _kind_not_lost(exc: BaseException) -> ErrorKind:
@@ -699,7 +741,9 @@ class GBase8sProfile(DriverProfile):
 
 
 PROFILES: dict[str, type[DriverProfile]] = {
-    p.name: p for p in (SQLiteProfile, PostgresProfile, KingbaseProfile, MySQLProfile, DMProfile, GBase8sProfile)
+    p.name: p
+    for p in (SQLiteProfile, PostgresProfile, KingbaseProfile, MySQLProfile, MySQLClientProfile, DMProfile,
+              GBase8sProfile)
 }
 
 _lock = threading.Lock()

@@ -2,7 +2,7 @@
 
 ```toml
 [db.databases.main]
-driver = "postgres"                  # sqlite | postgres | kingbase | mysql | dm | gbase8s
+driver = "postgres"                  # sqlite | postgres | kingbase | mysql | mysqlclient | dm | gbase8s
 dsn = "postgresql://app@127.0.0.1/app"
 pool_size = 8
 
@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-DriverName = Literal["sqlite", "postgres", "kingbase", "mysql", "dm", "gbase8s"]
+DriverName = Literal["sqlite", "postgres", "kingbase", "mysql", "mysqlclient", "dm", "gbase8s"]
 ParamType = Literal["int", "float", "decimal", "str", "bool", "date", "datetime", "time", "uuid"]
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$")
