@@ -60,10 +60,12 @@ async def bench_xcstack(root: Path, records: int, writers: int) -> tuple[float, 
     verify_s, verify_cpu = time.perf_counter() - t0, time.process_time() - c0
     from xcstack.security.audit import verify as verify_mod
 
+    saved = verify_mod.PARALLEL_MIN_BYTES
     verify_mod.PARALLEL_MIN_BYTES = 0  # force the parallel path for this row
     t0 = time.perf_counter()
     par, _ = scan_chain(root / "bench")
     CPU["parallel_rate"] = par.records / (time.perf_counter() - t0)
+    verify_mod.PARALLEL_MIN_BYTES = saved
     assert par.ok and par.records == report.records
     CPU["append_us"] = append_cpu / (per * writers) * 1e6
     CPU["verify_us"] = verify_cpu / max(1, report.records) * 1e6
@@ -158,43 +160,71 @@ async def bench_jsonl(path: Path, records: int, writers: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--records", type=int, default=200_000)
+    ap.add_argument("--records", type=int, default=100_000, help="per round")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     ap.add_argument("--writers", type=int, default=64)
     ap.add_argument("--sqlite-records", type=int, default=3_000, help="per-record-commit SQLite is slow")
     ap.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     args = ap.parse_args()
+    xs: list[tuple[float, float, float, int]] = []
+    sqs: list[float] = []
+    par: list[float] = []
+    cpu_a: list[float] = []
+    cpu_v: list[float] = []
     with tempfile.TemporaryDirectory(prefix="xc-bench-audit-", dir=os.environ.get("XC_BENCH_DIR")) as tmp:
         root = Path(tmp)
-        x_append, x_verify, x_full, n = asyncio.run(bench_xcstack(root / "audit", args.records, args.writers))
-        sq_group = bench_sqlite(root / "g.db", args.records, args.writers, group=True)
+        for r in range(args.rounds):  # interleaved, so both sides see the same machine load
+            xs.append(asyncio.run(bench_xcstack(root / f"audit{r}", args.records, args.writers)))
+            par.append(CPU["parallel_rate"])
+            cpu_a.append(CPU["append_us"])
+            cpu_v.append(CPU["verify_us"])
+            sqs.append(bench_sqlite(root / f"g{r}.db", args.records, args.writers, group=True))
         sq_each = bench_sqlite(root / "e.db", args.sqlite_records, args.writers, group=False)
         jl = asyncio.run(bench_jsonl(root / "plain.jsonl", args.records, args.writers))
+
+    def med(v: list[float]) -> float:
+        return sorted(v)[len(v) // 2]
+
+    def rng(v: list[float]) -> str:
+        return f"{min(v):,.0f}–{max(v):,.0f}"
+
+    appends = [x[0] for x in xs]
+    verifies = [x[1] for x in xs]
+    fulls = [x[2] for x in xs]
+    x_append, x_verify, x_full, n = med(appends), med(verifies), med(fulls), xs[0][3]
+    sq_group = med(sqs)
+    CPU["append_us"], CPU["verify_us"], CPU["parallel_rate"] = med(cpu_a), med(cpu_v), med(par)
     rows = [
-        ["xcstack audit log (SM3 chain, group commit, fdatasync)", f"{x_append:,.0f}", "yes",
+        ["xcstack audit log (SM3 chain, group commit, fdatasync)", f"{x_append:,.0f}", rng(appends), "yes",
          f"{x_append / sq_group:.2f}x"],
-        ["SQLite WAL, synchronous=FULL, group commit (one COMMIT per batch)", f"{sq_group:,.0f}", "yes", "1.00x"],
-        ["SQLite WAL, synchronous=FULL, COMMIT per record", f"{sq_each:,.0f}", "yes", f"{sq_each / sq_group:.2f}x"],
-        ["JSON lines, no fsync (upper bound, not durable)", f"{jl:,.0f}", "no", f"{jl / sq_group:.2f}x"],
+        ["SQLite WAL, synchronous=FULL, group commit (one COMMIT per batch)", f"{sq_group:,.0f}", rng(sqs), "yes",
+         "1.00x"],
+        ["SQLite WAL, synchronous=FULL, COMMIT per record", f"{sq_each:,.0f}", "1 run", "yes",
+         f"{sq_each / sq_group:.2f}x"],
+        ["JSON lines, no fsync (upper bound, not durable)", f"{jl:,.0f}", "1 run", "no", f"{jl / sq_group:.2f}x"],
     ]
     verify_rows = [
-        ["hash chain, 1 process (SM3 per record via `cryptography`, seq checks)", f"{x_verify:,.0f}"],
-        [f"hash chain, parallel ({os.cpu_count()} CPUs, spawn start-up included)", f"{CPU['parallel_rate']:,.0f}"],
-        ["parallel hash chain + SM2 checkpoint signatures (`xcstack audit verify`)", f"{x_full:,.0f}"],
+        ["hash chain, 1 process (SM3 per record via `cryptography`, seq checks)", f"{x_verify:,.0f}", rng(verifies)],
+        [f"hash chain, parallel ({os.cpu_count()} CPUs, spawn start-up included)", f"{CPU['parallel_rate']:,.0f}",
+         rng(par)],
+        ["hash chain + SM2 checkpoint signatures (`xcstack audit verify`)", f"{x_full:,.0f}", rng(fulls)],
     ]
     target_a = "met" if x_append >= 20_000 else "NOT met"
     best_v = max(x_verify, CPU["parallel_rate"], x_full)
+    best_round_v = max([*verifies, *par, *fulls])
     target_v = "met" if best_v >= 200_000 else "NOT met"
     body = f"""## Audit log (`bench/audit.py`)
 
 {args.writers} concurrent writers, ~250-byte records; a writer's `await append()` returns only when its
-record is durable. {args.records:,} records for xcstack / JSON lines / SQLite group commit,
-{args.sqlite_records:,} for SQLite commit-per-record.
+record is durable. {args.rounds} interleaved rounds of {args.records:,} records for xcstack and SQLite
+group commit (median and range), {args.records:,} for JSON lines, {args.sqlite_records:,} for SQLite
+commit-per-record.
 
-{table(["appends", "records/s", "durable", "vs SQLite group commit"], rows)}
+{table(["appends", "records/s (median)", "range", "durable", "vs SQLite group commit"], rows)}
 
 Verify ({n:,} records, one chain):
 
-{table(["verify", "records/s"], verify_rows)}
+{table(["verify", "records/s (median)", "range"], verify_rows)}
 
 CPU cost (process time, all threads; robust to a busy machine): {CPU["append_us"]:.1f} µs per durable
 append (= {1e6 / CPU["append_us"]:,.0f} appends per CPU-second), {CPU["verify_us"]:.1f} µs per verified record
@@ -206,8 +236,10 @@ chains far larger than this one or on machines with idle cores, so `audit verify
 256 MiB of segments on.
 
 Targets: ≥ 20,000 durable appends/s — **{target_a}** ({x_append:,.0f}/s); verify ≥ 200,000 records/s —
-**{target_v}** (best {best_v:,.0f}/s). Measured on a shared 2-core machine with other engineers' jobs
-running: read the ratios, not the absolute numbers.
+**{target_v}** (median {best_v:,.0f}/s; best round {best_round_v:,.0f}/s). Measured on a shared
+2-core machine with other engineers' jobs running (load average 3-7 during these runs): the wall
+rates swing 2-3x between rounds; the CPU cost per record above is the stable figure, and by it one
+free core verifies ~{1e6 / CPU["verify_us"]:,.0f} records/s.
 """
     print(body)
     if not args.no_write:
