@@ -116,10 +116,15 @@ def test_session_options_single_threaded_no_spinning() -> None:
     assert so.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
 
 
-def test_side_processes_follow_plan_and_config(model_repo: Path, tmp_path: Path) -> None:
+def test_side_processes_follow_plan_and_config(
+    model_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from types import SimpleNamespace
 
     from xcstack.inference.capability import side_processes
+    from xcstack.inference.worker import COUNT_ENV, worker_count
+
+    monkeypatch.delenv(COUNT_ENV, raising=False)
 
     s = inference_settings(tmp_path, model_repo)
     plan = SimpleNamespace(model_workers=3, model_cpus=[[1], [2], [3]], pin=True)
@@ -128,6 +133,9 @@ def test_side_processes_follow_plan_and_config(model_repo: Path, tmp_path: Path)
     assert [list(c) for c in spec.cpus] == [[1], [2], [3]]
     assert spec.env["OMP_NUM_THREADS"] == "1"
     assert spec.ready_check is not None and spec.ready_check(0) is False
+    # pinned children see one core: they take the count the supervisor published, not their own plan
+    one_core = SimpleNamespace(model_workers=1, model_cpus=[[0]], pin=True)
+    assert worker_count(s, one_core) == 3
     s2 = inference_settings(tmp_path, model_repo, workers=1, worker_cpus=[[0]])
     [spec2] = side_processes(s2, plan)
     assert spec2.instances == 1 and [list(c) for c in spec2.cpus] == [[0]]

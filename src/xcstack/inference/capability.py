@@ -8,6 +8,7 @@ OpenAI embeddings routes, and the `local_embedder` service for other capabilitie
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,15 @@ from xcstack.inference import metrics
 from xcstack.inference.client import Backend, InlineBackend, ProcessBackend
 from xcstack.inference.protocol import EmbeddingsRequest, texts_of
 from xcstack.inference.repository import ModelRepository
-from xcstack.inference.worker import WORKER_ENV, current_plan, socket_path, worker_count, worker_cpus
+from xcstack.inference.worker import (
+    COUNT_ENV,
+    WORKER_ENV,
+    _count_known,
+    current_plan,
+    socket_path,
+    worker_count,
+    worker_cpus,
+)
 
 if TYPE_CHECKING:
     from xcstack.config import Settings
@@ -38,7 +47,7 @@ class InferenceCapability:
         if backend is None:
             n = total_workers
             if n is None and self.settings.mode == "process":
-                n = worker_count(settings, None if self.settings.workers else current_plan(settings))
+                n = worker_count(settings, None if _count_known(settings) else current_plan(settings))
             if self.settings.mode == "inline" or not n:
                 backend = InlineBackend(self.repo, self.settings)
             else:
@@ -154,7 +163,11 @@ def side_processes(settings: Settings, plan: Any) -> list[SideProcessSpec]:
     n = worker_count(settings, plan)
     repo = ModelRepository(inf.repository_dir(settings.data_dir)).scan()
     if n <= 0 or not repo.models():
-        return []  # nothing to serve: no idle processes (import a model, then restart or SIGHUP)
+        n = 0  # nothing to serve: no idle processes (import a model, then restart)
+    # children (http workers, model workers) inherit the count instead of re-deriving the plan
+    os.environ[COUNT_ENV] = str(n)
+    if n == 0:
+        return []
     cpus = worker_cpus(settings, plan)
 
     def ready(index: int) -> bool:

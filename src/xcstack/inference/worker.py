@@ -46,8 +46,14 @@ def current_plan(settings: Settings) -> Any:
         return None
 
 
+# Set by `side_processes` in the supervisor and inherited by every child: pinned children would
+# otherwise re-derive the plan from their own (narrower) CPU affinity and disagree on the count.
+COUNT_ENV = "XC_INFERENCE_MODEL_WORKERS"
+
+
 def worker_count(settings: Settings, plan: Any = None) -> int:
-    """Model workers: [inference] workers / worker_cpus, else the tuning plan, else cores - 1 (>= 1).
+    """Model workers: [inference] workers / worker_cpus, else the count the supervisor published, else
+    the tuning plan, else cores - 1 (>= 1).
 
     0 means the plan leaves no model workers: the http workers then run models inline."""
     inf = settings.inference
@@ -55,10 +61,18 @@ def worker_count(settings: Settings, plan: Any = None) -> int:
         return inf.workers
     if inf.worker_cpus is not None:
         return len(inf.worker_cpus)
+    published = os.environ.get(COUNT_ENV, "")
+    if published.isdigit():
+        return int(published)
     n = getattr(plan, "model_workers", None)
     if isinstance(n, int) and n >= 0:
         return n
     return max(1, (os.cpu_count() or 2) - 1)
+
+
+def _count_known(settings: Settings) -> bool:
+    inf = settings.inference
+    return inf.workers is not None or inf.worker_cpus is not None or os.environ.get(COUNT_ENV, "").isdigit()
 
 
 def worker_cpus(settings: Settings, plan: Any = None) -> list[list[int]]:
@@ -97,7 +111,7 @@ async def serve(
 
     repo = ModelRepository(settings.inference.repository_dir(settings.data_dir)).scan()
     if total is None:
-        total = worker_count(settings, None if settings.inference.workers else current_plan(settings))
+        total = worker_count(settings, None if _count_known(settings) else current_plan(settings))
     core = WorkerCore(repo, settings.inference, worker_index=index, total_workers=max(1, total))
     core.load()  # load + warm once, before the socket exists: callers see "unavailable" until ready
     core.start()
