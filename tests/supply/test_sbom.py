@@ -173,14 +173,40 @@ def test_libraries_of_another_process_via_pid() -> None:
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
     try:
         assert child.stdout is not None and child.stdout.readline() == b"ok\n"
-        inv = collect(pid=child.pid, native=True, native_modules=())
+        inv = collect(pids=[child.pid], native=True, native_modules=())
         names = [lib.name for lib in inv.native_libs]
         assert any(n.startswith("_ssl") for n in names), names
         assert any(n.startswith("_sqlite3") for n in names), names
-        assert inv.pid == child.pid
+        assert inv.pids == [child.pid]
+        assert all(lib.pids == [child.pid] for lib in inv.native_libs)
+        assert inv.interpreter.path == os.path.realpath(sys.executable)
     finally:
         child.kill()
         child.wait()
+
+
+def test_pid_auto_finds_xcstack_processes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from xcstack.supply.inventory import find_xcstack_pids
+
+    assert main(["sbom", "--pid", "auto", "--data-dir", str(tmp_path), "-o", str(tmp_path / "o")]) in (0, 2)
+    # a process whose command line is that of an xcstack worker is found
+    code = "import ssl, sys; sys.stdout.write('ok\\n'); sys.stdout.flush(); import time; time.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", code, "-m", "xcstack.worker"], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"ok\n"
+        assert child.pid in find_xcstack_pids()
+        out = tmp_path / "auto.cdx.json"
+        assert main(["sbom", "--pid", "auto", "--pid", str(child.pid), "--format", "cyclonedx", "-o", str(out),
+                     "--data-dir", str(tmp_path)]) == 0
+        doc = json.loads(out.read_text())
+        loaded_by = {p["value"] for c in iter_components(doc) for p in c.get("properties", [])
+                     if p["name"] == "xcstack:loaded-by"}
+        assert any(str(child.pid) in v.split(",") for v in loaded_by)
+    finally:
+        child.kill()
+        child.wait()
+    assert main(["sbom", "--pid", "999999999", "--data-dir", str(tmp_path)]) == 2
+    assert "no such process" in capsys.readouterr().err
 
 
 def test_dpkg_queries_are_batched(monkeypatch: pytest.MonkeyPatch) -> None:

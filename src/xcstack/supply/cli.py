@@ -34,7 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--format", choices=FORMATS, default="both")
     p.add_argument("-o", "--output", default=None,
                    help="file for one format ('-' = stdout), directory for both; default <data_dir>/sbom")
-    p.add_argument("--pid", type=int, default=None, help="read loaded libraries from this process (default: self)")
+    p.add_argument("--pid", action="append", default=None, metavar="PID|auto",
+                   help="read loaded libraries from this process (repeatable); 'auto': every process of the "
+                        "running xcstack (supervisor, http/model workers, HSM owner); default: this process "
+                        "after importing the server's native modules")
     p.add_argument("--no-native", action="store_true", help="leave out loaded native libraries")
     p.add_argument("--files", action="store_true", default=None, help="embed every installed file's SHA-256")
     p.add_argument("--data-dir", type=Path, default=None, help="override data_dir (models are read from it)")
@@ -77,7 +80,7 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def generate(settings: Any, *, fmt: str = "both", pid: int | None = None, native: bool = True,
+def generate(settings: Any, *, fmt: str = "both", pids: list[int] | None = None, native: bool = True,
              include_files: bool = False, data_dir: Path | None = None,
              timings: dict[str, float] | None = None) -> dict[str, str]:
     """Collect, build and validate; returns {format: JSON text}. Raises SbomValidationError."""
@@ -88,7 +91,7 @@ def generate(settings: Any, *, fmt: str = "both", pid: int | None = None, native
 
     sup = settings.supply
     t0 = time.perf_counter()
-    inv = collect(data_dir=data_dir if data_dir is not None else settings.data_dir, pid=pid, native=native,
+    inv = collect(data_dir=data_dir if data_dir is not None else settings.data_dir, pids=pids, native=native,
                   native_modules=sup.native_modules, author=sup.author, os_timeout=sup.os_query_timeout_s)
     for w in inv.warnings:
         print(f"xcstack sbom: note: {w}", file=sys.stderr)
@@ -140,7 +143,11 @@ def run(args: argparse.Namespace) -> int:
             if args.audit is not None and fmt == "spdx":
                 fmt = "both"  # the audit reads the CycloneDX document
             include_files = sup.include_files if args.files is None else bool(args.files)
-            docs = generate(settings, fmt=fmt, pid=args.pid, native=not args.no_native,
+            pids = _pids(args.pid)
+            if pids == []:
+                print("xcstack sbom: --pid auto: no running xcstack process found", file=sys.stderr)
+                return 2
+            docs = generate(settings, fmt=fmt, pids=pids, native=not args.no_native,
                             include_files=include_files, data_dir=args.data_dir, timings=timings)
             if args.output is not None or args.audit is None:
                 _emit(docs, args, settings)
@@ -154,6 +161,23 @@ def run(args: argparse.Namespace) -> int:
     except SupplyError as exc:
         print(f"xcstack sbom: {exc}", file=sys.stderr)
         return 2
+
+
+def _pids(values: list[str] | None) -> list[int] | None:
+    """None: this process; [] : 'auto' found nothing."""
+    if not values:
+        return None
+    from xcstack.supply.inventory import find_xcstack_pids
+
+    out: list[int] = []
+    for v in values:
+        if v == "auto":
+            out.extend(find_xcstack_pids())
+        elif v.isdigit() and Path(f"/proc/{v}").is_dir():
+            out.append(int(v))
+        else:
+            raise SupplyError(f"--pid {v}: no such process (give a pid or 'auto')")
+    return list(dict.fromkeys(out))
 
 
 def _emit(docs: dict[str, str], args: argparse.Namespace, settings: Any) -> None:

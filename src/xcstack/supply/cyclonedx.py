@@ -128,7 +128,8 @@ def _lib_file(lib: NativeLib, parent_ref: str, supplier: OrganizationalEntity | 
         supplier=supplier,
         bom_ref=f"{parent_ref}#file:{lib.path}",
         hashes=hashes,
-        properties=_props([("loaded", "true"), ("size", lib.size)]),
+        properties=_props([("loaded", "true"), ("size", lib.size),
+                           ("loaded-by", ",".join(map(str, lib.pids)) or None)]),
     )
 
 
@@ -226,7 +227,7 @@ def build_bom(inv: Inventory, *, supplier: str, supplier_url: str | None = None,
         component=root,
         lifecycles=[PredefinedLifecycle(LifecyclePhase.OPERATIONS)],
         properties=_props([
-            ("pid", inv.pid),
+            ("pids", ",".join(map(str, inv.pids))),
             ("hostname", plat.hostname),
             ("ntia", "supplier,name,version,identifiers,dependencies,author,timestamp"),
         ]),

@@ -28,9 +28,10 @@ import os
 import platform as pyplatform
 import re
 import socket
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -109,6 +110,7 @@ class NativeLib:
     size: int | None
     py_dist: str | None = None  # canonical name of the Python distribution that installed it
     sha1: str | None = None
+    pids: list[int] = field(default_factory=list)  # processes that have it mapped
     os_package: OsPackage | None = None
 
     @property
@@ -160,7 +162,7 @@ class Inventory:
     platform: PlatformInfo
     native_libs: list[NativeLib]
     models: list[Model]
-    pid: int | None
+    pids: list[int]
     root_key: str | None
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -394,19 +396,45 @@ def resolve_dependencies(dists: dict[str, PyDist]) -> None:
 
 
 # --- interpreter, platform, models -----------------------------------------------------------------------
-def interpreter_info() -> Interpreter:
-    exe = os.path.realpath(sys.executable)
+def interpreter_info(exe: str | None = None, timeout: float = 10.0) -> Interpreter:
+    """The interpreter binary `exe` (default: this one); another binary is asked for its version."""
+    own = os.path.realpath(sys.executable)
+    exe = os.path.realpath(exe) if exe else own
     sha, sm3, size, sha1 = hash_file(exe, sm3=True)
-    return Interpreter(
-        implementation=pyplatform.python_implementation(),
-        version=pyplatform.python_version(),
-        path=exe,
-        sha256=sha,
-        sm3=sm3 or "",
-        size=size,
-        cache_tag=sys.implementation.cache_tag,
-        sha1=sha1,
-    )
+    impl, version = pyplatform.python_implementation(), pyplatform.python_version()
+    tag: str | None = sys.implementation.cache_tag
+    if exe != own:
+        impl, version, tag = "CPython", "unknown", None
+        try:
+            out = subprocess.run([exe, "-I", "-S", "-c", "import platform, sys; print(platform.python_implementation(),"
+                                  " platform.python_version(), sys.implementation.cache_tag)"],
+                                 capture_output=True, text=True, timeout=timeout, check=True).stdout.split()
+            if len(out) == 3:
+                impl, version, tag = out
+        except (OSError, ValueError, subprocess.SubprocessError):
+            pass
+    return Interpreter(implementation=impl, version=version, path=exe, sha256=sha, sm3=sm3 or "", size=size,
+                       cache_tag=tag, sha1=sha1)
+
+
+def find_xcstack_pids() -> list[int]:
+    """Processes of a running xcstack: the supervisor (`xcstack serve`) and its workers
+    (`python -m xcstack.worker ...`: http workers, model workers, the HSM owner)."""
+    found: list[int] = []
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in argv if a]
+        if "xcstack.worker" in args or any(
+            os.path.basename(a) == "xcstack" and "serve" in args[i + 1 :] for i, a in enumerate(args[:3])
+        ):
+            found.append(int(entry.name))
+    return sorted(found)
 
 
 def platform_info() -> PlatformInfo:
@@ -516,7 +544,7 @@ def default_author() -> str:
 def collect(
     *,
     data_dir: Path | None = None,
-    pid: int | None = None,
+    pids: Sequence[int] | None = None,
     native: bool = True,
     native_modules: Iterable[str] = (),
     author: str | None = None,
@@ -524,26 +552,39 @@ def collect(
     dist_paths: list[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Inventory:
-    """Gather the inventory. pid None: this process, after importing `native_modules`."""
+    """Gather the inventory. pids None/empty: this process, after importing `native_modules`; else the
+    union of the libraries those processes have mapped."""
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     warnings: list[str] = []
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="xc-sbom") as pool:
-        f_interp = pool.submit(interpreter_info)
+        exe: str | None = None
+        if pids:
+            try:
+                exe = os.readlink(f"/proc/{pids[0]}/exe")
+            except OSError as exc:
+                warnings.append(f"cannot read the executable of pid {pids[0]}: {exc}")
+        f_interp = pool.submit(interpreter_info, exe)
         f_platform = pool.submit(platform_info)
         lib_futures: dict[str, Future[tuple[str, str | None, int, str]]] = {}
-        paths: list[str] = []
+        path_pids: dict[str, list[int]] = {}
         if native:
-            if pid is None:
+            if not pids:
                 failed = import_native_modules(native_modules)
                 if failed:
                     warnings.append("native modules not importable here: " + ", ".join(failed))
-            try:
-                paths = mapped_files(pid if pid is not None else "self")
-            except OSError as exc:
-                warnings.append(f"cannot read /proc/{pid or 'self'}/maps: {exc}")
-            for p in paths:
+            for target in list(pids) if pids else ["self"]:
+                try:
+                    mapped = mapped_files(target)
+                except OSError as exc:
+                    warnings.append(f"cannot read /proc/{target}/maps: {exc}")
+                    continue
+                who = os.getpid() if target == "self" else int(target)
+                for p in mapped:
+                    path_pids.setdefault(os.path.realpath(p), []).append(who)
+            for p in path_pids:
                 lib_futures[p] = pool.submit(hash_file, p, False)
+        paths = list(path_pids)
         timings["native_discovery_s"] = time.perf_counter() - t0
         # model files
         model_jobs: list[tuple[str, Path, list[tuple[Path, Future[tuple[str, str | None, int, str]]]]]] = []
@@ -566,13 +607,12 @@ def collect(
         libs: list[NativeLib] = []
         unowned: list[str] = []
         for p in paths:
-            real = os.path.realpath(p)
-            owner = by_real.get(real) or by_real.get(p)
-            libs.append(NativeLib(real, None, None, owner))
+            owner = by_real.get(p)
+            libs.append(NativeLib(p, None, None, owner, pids=path_pids[p]))
             if owner is None:
-                unowned.append(real)
+                unowned.append(p)
         t2 = time.perf_counter()
-        exe_real = os.path.realpath(sys.executable) if pid is None else None
+        exe_real = os.path.realpath(exe or sys.executable)
         owners = os_owners([u for u in unowned if u != exe_real], plat.os_family, os_timeout) if unowned else {}
         timings["os_packages_s"] = time.perf_counter() - t2
         for lib in libs:
@@ -604,7 +644,7 @@ def collect(
         platform=plat,
         native_libs=libs,
         models=models,
-        pid=pid if pid is not None else os.getpid(),
+        pids=list(pids) if pids else [os.getpid()],
         root_key=root_key,
         timings=timings,
         warnings=warnings,

@@ -93,7 +93,7 @@ def build_document(inv: Inventory, *, supplier: str, tool_version: str = "0") ->
         document_namespace=f"https://spdx.org/spdxdocs/xcstack-{uuid.uuid4()}",
         creators=[tool, Actor(ActorType.PERSON, inv.author), Actor(ActorType.ORGANIZATION, supplier)],
         created=created,
-        creator_comment=f"Generated from the running installation (pid {inv.pid}).",
+        creator_comment=f"Generated from the running installation (pids {', '.join(map(str, inv.pids))}).",
     )
     lic = _Licenses()
     packages: list[Package] = []
