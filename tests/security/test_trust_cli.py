@@ -202,3 +202,11 @@ def test_user_totp_cli_prints_uri_and_qr(tmp_path: Path, monkeypatch: pytest.Mon
     assert _cli("user", "totp", "hank") == 0
     out = capsys.readouterr().out
     assert "Recovery codes" in out and secrets_seen
+
+
+def test_runtime_monitors_of_several_workers_take_turns(sealed: tuple[Path, Path, Path]) -> None:
+    _, cfg, _ = sealed
+    settings = load_settings(cfg)
+    a, b = trust.TrustMonitor(settings, None, None), trust.TrustMonitor(settings, None, None)
+    assert a._my_turn() is True
+    assert b._my_turn() is False  # within the interval: the other worker verified already

@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.routing import BaseRoute
 
 from xcstack.capability import AppContext
-from xcstack.errors import Forbidden, Unauthorized
+from xcstack.errors import Forbidden, Unauthorized, XCError
 from xcstack.security.audit.export import Exporter, HttpSink, Sink, SyslogTcpSink
 from xcstack.security.audit.log import AuditLog
 from xcstack.security.keys import ensure_key, local_signer
@@ -113,9 +113,12 @@ class SecurityCapability:
         if self._signer is None:
             crypto = self.ctx.get("crypto")
             if crypto is not None:
-                await ensure_key(crypto, self.settings.signing_key, "sm2")
-                if isinstance(self.box, ServiceSecretBox):
-                    await ensure_key(crypto, SECRETBOX_KEY, "sm4")
+                try:
+                    await ensure_key(crypto, self.settings.signing_key, "sm2")
+                    if isinstance(self.box, ServiceSecretBox):
+                        await ensure_key(crypto, SECRETBOX_KEY, "sm4")
+                except XCError as exc:  # owner not up yet: keys are created by whoever comes first
+                    log.warning("could not ensure security keys in the keystore yet: %s", exc.message)
                 self._signer = ServiceSigner(crypto, self.settings.signing_key)
             else:
                 log.warning("no crypto capability: audit checkpoints are signed with a local SM2 key file")

@@ -248,10 +248,36 @@ class TrustMonitor:
         self.last = report
         return report
 
+    def _my_turn(self) -> bool:
+        """Several workers run a monitor; one verification per interval is enough. A stamp file
+        (updated under flock) says when the last one ran."""
+        import fcntl
+
+        stamp = manifest_path(self.settings).with_name(".last-verify")
+        interval = self.settings.security.trust_interval_s
+        try:
+            fd = os.open(stamp, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return True
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            if time.time() - os.fstat(fd).st_mtime < interval * 0.9 and os.fstat(fd).st_size:
+                return False
+            os.pwrite(fd, b"x", 0)
+            os.utime(fd)
+            return True
+        finally:
+            os.close(fd)
+
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.settings.security.trust_interval_s)
             try:
+                if not await asyncio.to_thread(self._my_turn):
+                    continue
                 await self.check()
             except asyncio.CancelledError:
                 raise

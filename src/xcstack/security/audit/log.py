@@ -200,7 +200,11 @@ class AuditLog:
             detail={"pid": os.getpid()},
         )
         if self.signer is not None:
-            await self.checkpoint()
+            try:
+                await self.checkpoint()
+            except Exception as exc:  # the HSM owner may still be starting: the loop retries
+                log.warning("audit chain %s: first checkpoint failed (%s); retrying in the background",
+                            self.chain, exc)
             self._cp_task = asyncio.get_running_loop().create_task(self._checkpoint_loop())
 
     def _take_chain(self) -> None:
