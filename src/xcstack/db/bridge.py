@@ -154,31 +154,52 @@ class _Worker(threading.Thread):
     # --- thread side ------------------------------------------------------------------------
     def run(self) -> None:
         pool = self.pool
-        jobs = pool.jobs
-        idle_ping = pool.cfg.health_interval_s or None
         self._connect_loop()
         while not pool.stopping.is_set():
-            try:
-                if self.pin_owner is not None:
-                    item = self.inbox.get(timeout=pool.tx_idle_timeout)
-                else:
-                    item = jobs.get(timeout=idle_ping)
-            except queue.Empty:
-                if self.pin_owner is not None:  # a transaction left its connection idle too long
-                    log.warning("db %s: transaction idle for %ss; rolled back", pool.label, pool.tx_idle_timeout)
-                    self.pin_owner = None
-                    self._recycle()
-                else:
-                    self._ping()
+            item = self._next()
+            if item is None:
                 continue
             if item is _STOP:
                 break
-            if self.conn is None:  # cannot happen between jobs, but never run a job without a connection
-                jobs.put(item)
+            if self.conn is None:  # cannot happen between jobs; never run a job without a connection
+                pool.completions.push(pool._deliver, item, False, (ErrorKind.CONNECTION_LOST, None))
                 self._connect_loop()
                 continue
             self._run_job(item)
         self._drop()
+
+    def _next(self) -> Any:
+        """The next job: a pinning transaction's, else a queued one, else wait as idle (LIFO, so a
+        lightly loaded pool keeps reusing its hottest thread). None: nothing to run this turn."""
+        pool = self.pool
+        if self.pin_owner is not None:
+            try:
+                return self.inbox.get(timeout=pool.tx_idle_timeout)
+            except queue.Empty:  # a transaction left its connection idle too long
+                log.warning("db %s: transaction idle for %ss; rolled back", pool.label, pool.tx_idle_timeout)
+                self.pin_owner = None
+                self._recycle()
+                return None
+        with pool.lock:
+            waiting = pool.waiting
+            while waiting:
+                job = waiting.popleft()
+                if job.state == QUEUED:
+                    return job
+            pool.idle.append(self)
+        try:
+            return self.inbox.get(timeout=pool.cfg.health_interval_s or None)
+        except queue.Empty:
+            with pool.lock:
+                try:
+                    pool.idle.remove(self)
+                    pinging = True
+                except ValueError:
+                    pinging = False  # a job is on its way to the inbox
+            if not pinging:
+                return self.inbox.get()
+            self._ping()
+            return None
 
     def _ping(self) -> None:
         try:
@@ -357,7 +378,9 @@ class _Pool:
         self.app_name = f"{cfg.application_name}:{database}"[:60]
         self.canceller = canceller
         self.stopping = threading.Event()
-        self.jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.lock = threading.Lock()  # guards `idle` and `waiting` (loop thread and workers)
+        self.idle: list[_Worker] = []  # LIFO
+        self.waiting: collections.deque[_Job] = collections.deque()  # jobs no free worker took yet
         self.workers: list[_Worker] = []
         self.live = 0
         self.down = False  # the latest connect attempt failed and no connection is live
@@ -389,7 +412,6 @@ class _Pool:
         self.stopping.set()
         self._fail_queued(lambda: dberr.unavailable(self.database, 1))
         for w in self.workers:
-            self.jobs.put(_STOP)
             w.inbox.put(_STOP)
         deadline = time.monotonic() + timeout
         loop = asyncio.get_running_loop()
@@ -398,19 +420,12 @@ class _Pool:
             await loop.run_in_executor(None, w.join, remaining)
 
     def _fail_queued(self, make: Callable[[], XCError]) -> None:
-        kept: list[Any] = []
-        while True:
-            try:
-                item = self.jobs.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, _Job):
-                if item.try_withdraw() and item.fut is not None and not item.fut.done():
-                    item.fut.set_exception(make())
-            else:
-                kept.append(item)
-        for item in kept:
-            self.jobs.put(item)
+        with self.lock:
+            jobs = list(self.waiting)
+            self.waiting.clear()
+        for job in jobs:
+            if job.try_withdraw() and job.fut is not None and not job.fut.done():
+                job.fut.set_exception(make())
 
     # --- loop-side callbacks (called via completions) -------------------------------------------
     def _on_ready(self, w: _Worker) -> None:
@@ -464,7 +479,7 @@ class _Pool:
 
     # --- submitting and timing jobs -------------------------------------------------------------
     def idle_workers(self) -> int:
-        return sum(1 for w in self.workers if w.connected and not w.busy and w.pin_owner is None)
+        return len(self.idle)
 
     async def run(
         self, job: _Job, timeout: float, on_timeout: Callable[[], XCError], target: _Worker | None = None
@@ -472,21 +487,25 @@ class _Pool:
         """Queue `job` (or hand it to the pinned `target`) and wait for its result."""
         loop = self.loop
         assert loop is not None, "database not started"
+        fut: asyncio.Future[Any] = loop.create_future()
+        job.fut = fut
         if target is None:
             if self.live == 0 and (self.down or self.stopping.is_set()):
                 m.REJECTS.labels(self.database, "unavailable").inc()
                 raise dberr.unavailable(self.database, self.cfg.reconnect_backoff_max_s)
-            if self.jobs.qsize() >= self.cfg.max_waiting and self.idle_workers() == 0:
-                m.REJECTS.labels(self.database, "queue_full").inc()
-                raise dberr.pool_exhausted(self.database, 0.0, self.cfg.pool_wait_timeout_s)
-        fut: asyncio.Future[Any] = loop.create_future()
-        job.fut = fut
-        if target is None:
-            self.jobs.put(job)
+            with self.lock:
+                if self.idle:
+                    target = self.idle.pop()
+                elif len(self.waiting) < self.cfg.max_waiting:
+                    self.waiting.append(job)
+                else:
+                    m.REJECTS.labels(self.database, "queue_full").inc()
+                    raise dberr.pool_exhausted(self.database, 0.0, self.cfg.pool_wait_timeout_s)
             first = min(self.cfg.pool_wait_timeout_s, timeout)
         else:
-            target.inbox.put(job)
             first = timeout
+        if target is not None:
+            target.inbox.put(job)
         job.handle = loop.call_later(first, self._first_timer, job, timeout, on_timeout)
         try:
             return await fut
