@@ -308,3 +308,33 @@ def test_fast_and_stock_validators_agree(cdx: dict[str, Any], tmp_path: Path) ->
         except SbomValidationError:
             ours[name] = False
     assert stock == ours == {"good": True, "bad_iri": False, "dup": False}
+
+
+def test_diff_reports_in_place_changes_and_upgrades(cdx: dict[str, Any], tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from xcstack.supply.diff import diff_documents
+
+    assert not diff_documents(cdx, copy.deepcopy(cdx)).changed
+    new = copy.deepcopy(cdx)
+    comps = _by_name(new)
+    comps["packaging"]["hashes"][0]["content"] = "0" * 64  # same version, different files: tampering
+    comps["starlette"]["version"] = "999.0"  # an upgrade
+    crypto_libs = comps["cryptography"]["components"]
+    crypto_libs[0]["hashes"][0]["content"] = "1" * 64  # a loaded library replaced in place
+    gone = next(c for c in new["components"] if c.get("purl", "").startswith("pkg:pypi/pyotp@"))
+    new["components"].remove(gone)
+    rep = diff_documents(cdx, new)
+    kinds = {(c.kind, c.key.split(" ")[-1] if c.key.startswith("file ") else c.key) for c in rep.changes}
+    assert ("content", "library:packaging") in kinds
+    assert ("version", "library:starlette") in kinds
+    assert ("removed", f"library:{gone['name']}") in kinds
+    assert ("content", crypto_libs[0]["name"]) in kinds
+    # the CLI: an unchanged installation diffs clean against its own SBOM (run-specific fields ignored)
+    base = tmp_path / "base.cdx.json"
+    assert main(["sbom", "--format", "cyclonedx", "-o", str(base), "--no-native", "--data-dir", str(tmp_path)]) == 0
+    assert main(["sbom", "--diff", str(base), "--no-native", "--data-dir", str(tmp_path)]) == 0
+    tampered = json.loads(base.read_text())
+    _by_name(tampered)["packaging"]["hashes"][0]["content"] = "0" * 64
+    base.write_text(json.dumps(tampered))
+    assert main(["sbom", "--diff", str(base), "--no-native", "--data-dir", str(tmp_path)]) == 1
+    assert "library:packaging" in capsys.readouterr().out

@@ -5,8 +5,10 @@
     xcstack sbom --pid 1234                   # libraries loaded by a running worker
     xcstack sbom --audit /srv/osv             # generate, then audit (no files written unless -o)
     xcstack sbom --sbom other.cdx.json --audit /srv/osv.zip --severity critical
+    xcstack sbom --diff /var/lib/xcstack/sbom/baseline.cdx.json   # what changed since the baseline
 
-Exit status: 0 ok; 1 the audit found a vulnerability at/above the threshold or a license violation;
+Exit status: 0 ok; 1 the audit found a vulnerability at/above the threshold or a license violation,
+or --diff found a change;
 2 bad input (config, unreadable advisories, a document that fails schema validation: nothing written).
 """
 
@@ -51,7 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--license-allow", action="append", default=None, metavar="SPDX", help="allowed license/glob")
     p.add_argument("--license-deny", action="append", default=None, metavar="SPDX", help="denied license/glob")
     p.add_argument("--unknown-license", choices=("allow", "warn", "deny"), default=None)
-    p.add_argument("--report", type=Path, default=None, help="write the audit report as JSON here")
+    p.add_argument("--diff", type=Path, default=None, metavar="OLD.cdx.json",
+                   help="compare with an earlier CycloneDX SBOM; exit 1 when anything changed")
+    p.add_argument("--report", type=Path, default=None, help="write the audit (or diff) report as JSON here")
     p.add_argument("--timings", action="store_true", help="print where the time went (stderr)")
     p.set_defaults(func=run)
 
@@ -128,9 +132,9 @@ def run(args: argparse.Namespace) -> int:
     timings: dict[str, float] = {}
     try:
         if args.sbom_in is not None:
-            if args.audit is None and not (args.license_allow or args.license_deny or sup.license_allow
-                                           or sup.license_deny):
-                print("xcstack sbom: --sbom needs --audit or a license policy", file=sys.stderr)
+            policy = bool(args.license_allow or args.license_deny or sup.license_allow or sup.license_deny)
+            if args.audit is None and args.diff is None and not policy:
+                print("xcstack sbom: --sbom needs --audit, --diff or a license policy", file=sys.stderr)
                 return 2
             try:
                 docs = {"cyclonedx": args.sbom_in.read_text(encoding="utf-8")}
@@ -140,8 +144,8 @@ def run(args: argparse.Namespace) -> int:
                 return 2
         else:
             fmt = args.format
-            if args.audit is not None and fmt == "spdx":
-                fmt = "both"  # the audit reads the CycloneDX document
+            if (args.audit is not None or args.diff is not None) and fmt == "spdx":
+                fmt = "both"  # the audit and the diff read the CycloneDX document
             include_files = sup.include_files if args.files is None else bool(args.files)
             pids = _pids(args.pid)
             if pids == []:
@@ -149,10 +153,12 @@ def run(args: argparse.Namespace) -> int:
                 return 2
             docs = generate(settings, fmt=fmt, pids=pids, native=not args.no_native,
                             include_files=include_files, data_dir=args.data_dir, timings=timings)
-            if args.output is not None or args.audit is None:
+            if args.output is not None or (args.audit is None and args.diff is None):
                 _emit(docs, args, settings)
         if args.timings and timings:
             print("timings: " + ", ".join(f"{k}={v:.3f}s" for k, v in timings.items()), file=sys.stderr)
+        if args.diff is not None:
+            return _diff(docs["cyclonedx"], args)
         advisories = args.audit if args.audit is not None else None
         policy_given = bool(args.license_allow or args.license_deny or sup.license_allow or sup.license_deny)
         if advisories is None and not policy_given:
@@ -197,6 +203,21 @@ def _emit(docs: dict[str, str], args: argparse.Namespace, settings: Any) -> None
         target = outdir / FILENAMES[f]
         _write_atomic(target, docs[f])
         print(f"wrote {target}", file=sys.stderr)
+
+
+def _diff(cyclonedx_text: str, args: argparse.Namespace) -> int:
+    from xcstack.supply.diff import diff_documents
+
+    try:
+        old = json.loads(args.diff.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        print(f"xcstack sbom: --diff {args.diff}: {exc}", file=sys.stderr)
+        return 2
+    report = diff_documents(old, json.loads(cyclonedx_text))
+    print(report.render())
+    if args.report is not None:
+        _write_atomic(args.report, json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    return 1 if report.changed else 0
 
 
 def _audit(cyclonedx_text: str, advisories: Path | None, args: argparse.Namespace, settings: Any) -> int:
