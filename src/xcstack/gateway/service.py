@@ -157,6 +157,7 @@ class GatewayService:
         self.created = int(time.time())
         self._m_requests: dict[tuple[str, str, int], Any] = {}
         self._m_ttft: dict[str, Any] = {}
+        self._m_tokens: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     async def start(self) -> None:
         for up in self.upstreams:
@@ -467,9 +468,16 @@ class GatewayService:
         pt = usage.get("prompt_tokens") or 0
         ct = usage.get("completion_tokens") or 0
         if isinstance(pt, int) and isinstance(ct, int):
-            metrics.TOKENS.labels(pr.key, pr.model, "prompt").inc(pt)
+            k = (pr.key, pr.model)
+            children = self._m_tokens.get(k)
+            if children is None:
+                if len(self._m_tokens) > 10_000:
+                    self._m_tokens.clear()
+                children = self._m_tokens[k] = (metrics.TOKENS.labels(pr.key, pr.model, "prompt"),
+                                                metrics.TOKENS.labels(pr.key, pr.model, "completion"))
+            children[0].inc(pt)
             if ct:
-                metrics.TOKENS.labels(pr.key, pr.model, "completion").inc(ct)
+                children[1].inc(ct)
             total = usage.get("total_tokens")
             actual = total if isinstance(total, int) else pt + ct
             await self.limiter.charge(pr.key, actual - pr.estimate)
