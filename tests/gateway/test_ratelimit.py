@@ -115,3 +115,32 @@ async def test_redis_down_falls_back_to_local_buckets() -> None:
         assert getattr(ei.value, "status", 0) == 429
     finally:
         await rl.close()
+
+
+def test_requests_refused_by_admission_do_not_count_against_the_key(gateway_factory: Any, mock: MockUpstream
+                                                                   ) -> None:
+    gw = gateway_factory([upstream(mock)], max_in_flight=1, max_queue=0, rate_limit={"requests_per_minute": 2})
+
+    async def go() -> list[int]:
+        async with httpx.AsyncClient(timeout=10, headers={"Authorization": "Bearer k"}) as c:
+            slow = asyncio.create_task(c.post(gw.base_url + "/chat/completions",
+                                              json={**BODY, "mock": {"ttft_s": 0.4}}))
+            await asyncio.sleep(0.15)
+            busy = [(await c.post(gw.base_url + "/chat/completions", json=BODY)).status_code for _ in range(3)]
+            await slow
+            after = (await c.post(gw.base_url + "/chat/completions", json=BODY)).status_code
+            return [*busy, after]
+
+    assert asyncio.run(go()) == [503, 503, 503, 200]  # the 503s gave their request back
+
+
+async def test_redis_refund(redis_prefix: str) -> None:
+    rl = RateLimiter(RateLimitSettings(requests_per_minute=1), REDIS, redis_prefix)
+    try:
+        await rl.check("k", 1)
+        await rl.refund("k", 1)
+        await rl.check("k", 1)  # the refunded request is available again
+        with pytest.raises(Exception):  # noqa: B017
+            await rl.check("k", 1)
+    finally:
+        await rl.close()

@@ -94,13 +94,17 @@ class LocalLimiter:
             tb.level -= tokens
         return 0, 0.0
 
-    def charge(self, key: str, lim: Limits, tokens: int) -> None:
-        if not lim.tpm or not tokens:
-            return
+    def charge(self, key: str, lim: Limits, tokens: int, requests: int = 0) -> None:
+        """Take `tokens` (and `requests`) without checking; negative values give back."""
         now = time.monotonic()
-        tb = self._bucket(self._tok, key, lim.tok_cap, now)
-        tb.refill(lim.tok_cap, lim.tpm / 60.0, now)
-        tb.level -= tokens
+        if lim.tpm and tokens:
+            tb = self._bucket(self._tok, key, lim.tok_cap, now)
+            tb.refill(lim.tok_cap, lim.tpm / 60.0, now)
+            tb.level = min(lim.tok_cap, tb.level - tokens)
+        if lim.rpm and requests:
+            rb = self._bucket(self._req, key, lim.req_cap, now)
+            rb.refill(lim.req_cap, lim.rpm / 60.0, now)
+            rb.level = min(lim.req_cap, rb.level - requests)
 
 
 # KEYS: request bucket, token bucket. ARGV: req_cap, req_rate, tok_cap, tok_rate, req_cost, tok_cost,
@@ -129,11 +133,11 @@ if mode == 0 then
   if tcap > 0 and k < need then return {2, tostring((need - k) / trate)} end
 end
 if rcap > 0 and rcost ~= 0 then
-  redis.call('HSET', KEYS[1], 'v', tostring(r - rcost), 't', tostring(now))
+  redis.call('HSET', KEYS[1], 'v', tostring(math.min(rcap, r - rcost)), 't', tostring(now))
   redis.call('EXPIRE', KEYS[1], ttl)
 end
 if tcap > 0 and tcost ~= 0 then
-  redis.call('HSET', KEYS[2], 'v', tostring(k - tcost), 't', tostring(now))
+  redis.call('HSET', KEYS[2], 'v', tostring(math.min(tcap, k - tcost)), 't', tostring(now))
   redis.call('EXPIRE', KEYS[2], ttl)
 end
 return {0, '0'}
@@ -187,6 +191,14 @@ class RateLimiter:
             return
         await self._run(key, lim, 0, delta_tokens, 1)
 
+    async def refund(self, key: str, est_tokens: int) -> None:
+        """Give back what `check` took for a request that was then not served (e.g. 503)."""
+        if not self.enabled:
+            return
+        lim = self.limits(key)
+        if lim.rpm or lim.tpm:
+            await self._run(key, lim, -1, -est_tokens, 1)
+
     async def _run(self, key: str, lim: Limits, req: int, tokens: int, mode: int) -> tuple[int, float]:
         if self._script is not None:
             try:
@@ -200,7 +212,7 @@ class RateLimiter:
                 metrics.RATE_LIMIT_BACKEND_ERRORS.inc()
                 log.warning("redis rate limiter failed (%s); using local buckets", exc)
         if mode == 1:
-            self.local.charge(key, lim, tokens)
+            self.local.charge(key, lim, tokens, req)
             return 0, 0.0
         return self.local.check(key, lim, tokens)
 

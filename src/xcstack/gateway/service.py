@@ -243,7 +243,11 @@ class GatewayService:
                                code=p.MODEL_NOT_FOUND, param="model")
             await self._authorize(scope, receive, pr.model)
             await self.limiter.check(pr.key, pr.estimate)
-            await self._admit()
+            try:
+                await self._admit()
+            except XCError:
+                await self.limiter.refund(pr.key, pr.estimate)  # not served: not counted
+                raise
         except ClientGone:
             metrics.DISCONNECTS.labels(endpoint.label).inc()
             self._count(endpoint.label, "-", 499)
