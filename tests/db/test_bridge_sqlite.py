@@ -151,6 +151,25 @@ async def test_python_transaction_keeps_one_connection(sqlite_path: str) -> None
         assert await until(lambda: db.pools[0].idle_workers() == 4)  # every worker is free again, none pinned
 
 
+async def test_idle_transaction_is_rolled_back_and_closed(sqlite_path: str) -> None:
+    from xcstack.db.errors import DbError
+
+    async with running_bridge(db_cfg(sqlite_path, pool_size=2, transaction_idle_timeout_s=0.3)) as b:
+        db = b.database("lite")
+        await db.query("setup")
+        with pytest.raises(DbError) as exit_error:
+            async with db.transaction() as tx:
+                await tx.query("put", {"k": "idle-tx", "v": 1})
+                await asyncio.sleep(0.8)  # the caller forgot its transaction
+                with pytest.raises(DbError) as ei:
+                    await tx.query("put", {"k": "after", "v": 2})
+                assert ei.value.code == "transaction_closed"
+        assert exit_error.value.code == "transaction_closed"  # the block cannot end as if committed
+        assert (await db.query("get", {"k": "idle-tx"})).rows == []  # rolled back
+        assert (await db.query("get", {"k": "after"})).rows == []  # never ran in autocommit
+        assert await until(lambda: db.pools[0].idle_workers() == 2)
+
+
 async def test_connections_never_cross_threads(sqlite_path: str) -> None:
     """sqlite3 connections are thread-checked: any use outside the owner thread would raise."""
     async with running_bridge(db_cfg(sqlite_path, pool_size=3)) as b:

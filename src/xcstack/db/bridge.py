@@ -255,6 +255,12 @@ class _Worker(threading.Thread):
     def _run_job(self, job: _Job) -> None:
         if not job.try_start(self):
             return  # withdrawn while queued: its caller already has an answer
+        if job.tx is not None and not job.pin and self.pin_owner is not job.tx:
+            # the transaction was ended here (idle too long, connection replaced): never run its
+            # statements outside it, in autocommit
+            if job.try_finish():
+                self.pool.completions.push(self.pool._deliver, job, False, (ErrorKind.OTHER, TransactionClosed()))
+            return
         if job.pin:
             self.pin_owner = job.tx
         self.busy = True
@@ -374,7 +380,7 @@ class _Pool:
         self.cfg = cfg
         self.profile = profile
         self.io_timeout = io_timeout
-        self.tx_idle_timeout = cfg.query_timeout_s * 2 + 30
+        self.tx_idle_timeout = cfg.transaction_idle_timeout_s
         self.app_name = f"{cfg.application_name}:{database}"[:60]
         self.canceller = canceller
         self.stopping = threading.Event()
@@ -569,6 +575,10 @@ class _Pool:
                 self.profile.cancel(conn, session, self.dsn, timeout=min(5.0, self.cfg.connect_timeout_s))
             except Exception as exc:
                 log.info("db %s: cancel of session %s failed: %s", self.label, session, _one_line(exc))
+
+
+class TransactionClosed(Exception):
+    """A statement of a transaction that its connection no longer holds."""
 
 
 class _Failure(Exception):
@@ -845,6 +855,8 @@ class Transaction:
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None, tb: Any) -> None:
+        if self.broken and et is None:  # never let a block end as if it had committed
+            raise dberr.DbError("the transaction was not committed: it failed earlier", code="transaction_closed")
         if self.broken or self.done or self.worker is None:
             return
         self.done = True
@@ -858,6 +870,7 @@ class Transaction:
     async def query(self, name: str, params: Any = None) -> QueryResult:
         w = self.worker
         if self.broken or self.done or w is None or w.pin_owner is not self:
+            self.broken = self.broken or not self.done
             raise dberr.DbError("the transaction is over (failed, committed or rolled back)", code="transaction_closed")
         q = self.db.query_named(name)
         values = q.validate(params)
@@ -872,11 +885,16 @@ class Transaction:
         return result
 
     async def _run(self, job: _Job, what: str, target: _Worker | None = None) -> Any:
+        job.tx = self
         try:
             return await self.pool.run(
                 job, self.timeout, lambda: dberr.query_timeout(self.db.name, what, self.timeout), target
             )
         except _Failure as f:
+            if isinstance(f.exc, TransactionClosed):
+                self.broken = True
+                raise dberr.DbError("the transaction is over (idle too long or its connection was replaced)",
+                                    code="transaction_closed") from None
             if f.kind is ErrorKind.CONNECTION_LOST:
                 self.broken = True  # the worker unpinned itself and is reconnecting
             raise dberr.from_driver(f.kind, self.db.name, what, f.exc or ConnectionError("lost")) from None

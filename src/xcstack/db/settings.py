@@ -147,6 +147,9 @@ class DatabaseSettings(BaseModel):
     stream_batch_rows: int = Field(500, ge=1, le=100_000, description="rows fetched per batch when streaming")
     stream_idle_timeout_s: float = Field(30.0, gt=0, le=3600, description="slow stream consumer: give up")
     health_interval_s: float = Field(30.0, ge=0, le=3600, description="ping idle connections; 0: never")
+    transaction_idle_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="a transaction idle this long between statements is rolled back"
+    )
     application_name: str = Field("xcstack", max_length=60)
     queries: dict[str, QuerySettings] = Field(default_factory=dict)
 
