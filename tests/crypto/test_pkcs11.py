@@ -162,3 +162,57 @@ async def test_pkcs11_through_owner_process(data_dir: Path, softhsm: dict[str, s
     finally:
         await c.close()
         owner.stop()
+
+
+async def test_pkcs11_fast_path_matches_pykcs11_path(p11: CryptoService) -> None:
+    """The ctypes C_Sign/C_Verify path (GIL released) and PyKCS11's own path agree both ways."""
+    backend = p11.backend
+    assert backend.releases_gil, "SoftHSM exports C_Sign: the fast path should be on"
+    name = _unique("fast")
+    rec = await p11.create_key(name, "sm2")
+    uid = b"1234567812345678"
+    fast_sig = backend.sign(rec, b"data", uid)
+    fast = backend._fast  # type: ignore[attr-defined]
+    backend._fast = None  # type: ignore[attr-defined]
+    try:
+        assert backend.verify(rec, b"data", fast_sig, uid)
+        slow_sig = backend.sign(rec, b"data", uid)
+        assert not backend.verify(rec, b"datA", slow_sig, uid)
+    finally:
+        backend._fast = fast  # type: ignore[attr-defined]
+    assert backend.verify(rec, b"data", slow_sig, uid)
+    assert not backend.verify(rec, b"data", slow_sig[:-1] + bytes([slow_sig[-1] ^ 1]), uid)
+
+
+async def test_pkcs11_concurrent_requests_use_device_thread(p11: CryptoService) -> None:
+    name = _unique("conc")
+    await p11.create_key(name, "sm2")
+    submitted = []
+    real_submit = p11._submit
+
+    def counting(executor, fn):  # type: ignore[no-untyped-def]
+        submitted.append(1)
+        return real_submit(executor, fn)
+
+    p11._submit = counting  # type: ignore[method-assign]
+    await op(p11, "sign", b"alone", key=name)
+    assert not submitted  # a lone request runs inline: no thread hand-off latency
+    datas = [os.urandom(16) for _ in range(64)]
+    results = await asyncio.gather(*(op(p11, "sign", d, key=name) for d in datas))
+    assert len(submitted) >= 60  # concurrent requests go to the device thread
+    checks = await asyncio.gather(
+        *(op(p11, "verify", d, key=name, sig=r[1]) for d, r in zip(datas, results, strict=True))
+    )
+    assert all(c[0]["valid"] for c in checks)
+    assert p11._device_jobs == 0 and p11._active == 0
+    # callers that give up mid-flight leave no stuck accounting behind
+    tasks = [asyncio.create_task(op(p11, "sign", d, key=name)) for d in datas]
+    await asyncio.sleep(0)
+    for t in tasks[::2]:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for _ in range(100):
+        if p11._device_jobs == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert p11._device_jobs == 0 and p11._active == 0

@@ -28,8 +28,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from prometheus_client import Counter, Histogram
@@ -100,6 +102,13 @@ class CryptoService:
         self.backend = backend
         self.settings = settings
         self.default_uid = settings.default_uid.encode("utf-8")
+        # one device thread: GIL-releasing backends (ctypes) overlap device time with IPC work
+        self._device: ThreadPoolExecutor | None = (
+            ThreadPoolExecutor(1, thread_name_prefix="xc-crypto-device") if backend.releases_gil else None
+        )
+        self._active = 0  # requests inside handle() right now
+        self._device_jobs = 0  # calls submitted to the device thread and not finished
+        self._jobs_lock = threading.Lock()
         self._ops: dict[str, Handler] = {
             "sign": CryptoService._sign,
             "verify": CryptoService._verify,
@@ -125,7 +134,12 @@ class CryptoService:
             raise InputTooLarge(f"input is {len(payload)} bytes; the limit is {self.settings.max_input_bytes}")
         t0 = time.perf_counter()
         outcome = "ok"
+        self._active += 1
         try:
+            if self._device is not None:
+                # let the other requests that arrived in this batch register first, so `_run` sees
+                # the real concurrency (pipelined requests become ready together)
+                await asyncio.sleep(0)
             return await fn(self, meta, memoryview(payload))
         except XCError as exc:
             outcome = exc.code
@@ -134,12 +148,38 @@ class CryptoService:
             outcome = "error"
             raise
         finally:
+            self._active -= 1
             _observe(str(op), self.backend.name, outcome, time.perf_counter() - t0)
 
     async def _run(self, size: int, fn: Callable[[], Any]) -> Any:
+        if self._device is not None and (self._active > 1 or self._device_jobs or size > OFFLOAD_BYTES):
+            # concurrent requests: the device thread works (GIL released in C) while the loop serves IPC
+            return await self._submit(self._device, fn)
+        if self._device is not None:
+            return fn()  # a lone request: inline, no thread hand-off latency
         if size > OFFLOAD_BYTES:
             return await asyncio.to_thread(fn)
         return fn()
+
+    def _submit(self, executor: ThreadPoolExecutor, fn: Callable[[], Any]) -> asyncio.Future[Any]:
+        """Run `fn` on the device thread; `_device_jobs` counts it until it really finished (or was
+        cancelled before it started), also when the waiting caller went away."""
+        with self._jobs_lock:
+            self._device_jobs += 1
+
+        def job() -> Any:
+            try:
+                return fn()
+            finally:
+                self._job_finished()
+
+        cf = executor.submit(job)
+        cf.add_done_callback(lambda f: self._job_finished() if f.cancelled() else None)
+        return asyncio.wrap_future(cf)
+
+    def _job_finished(self) -> None:
+        with self._jobs_lock:
+            self._device_jobs -= 1
 
     def _uid(self, meta: Meta) -> bytes:
         uid = _as_bytes(meta.get("uid"), "uid") or self.default_uid
@@ -280,6 +320,9 @@ class CryptoService:
         return {"backend": self.backend.name, "pid": os.getpid()}, b""
 
     def close(self) -> None:
+        if self._device is not None:
+            self._device.shutdown(wait=True)
+            self._device = None
         self.backend.close()
 
 

@@ -20,6 +20,9 @@ class KeyMaterial(NamedTuple):
 
 class Backend(ABC):
     name: str = "?"
+    # True when the device calls release the GIL (ctypes): the owner then runs them on one device
+    # thread so its event loop serves IPC in parallel. False: calls run inline (they hold the GIL).
+    releases_gil: bool = False
 
     @abstractmethod
     def generate(self, name: str, version: int, kind: str, taken: frozenset[str] = frozenset()) -> KeyMaterial:

@@ -14,6 +14,7 @@ Safety:
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import hashlib
 import os
@@ -41,6 +42,38 @@ GCM_NONCE = 12
 _init_lock = threading.Lock()
 
 
+class _CKMechanism(ctypes.Structure):
+    _fields_ = [("mechanism", ctypes.c_ulong), ("pParameter", ctypes.c_void_p), ("ulParameterLen", ctypes.c_ulong)]
+
+
+class _FastPath:
+    """C_SignInit/C_Sign and C_VerifyInit/C_Verify straight through ctypes on the library PyKCS11
+    loaded (same dlopen handle, same initialised state). ctypes releases the GIL during the call,
+    so the owner's event loop keeps serving IPC on the other core while the token signs; PyKCS11's
+    SWIG wrappers hold the GIL and copy every byte through a Python iterator."""
+
+    def __init__(self, library: str) -> None:
+        lib = ctypes.CDLL(library)
+        ul, vp, pul = ctypes.c_ulong, ctypes.c_void_p, ctypes.POINTER(ctypes.c_ulong)
+        pm = ctypes.POINTER(_CKMechanism)
+        self.sign_init, self.sign = lib.C_SignInit, lib.C_Sign
+        self.verify_init, self.verify = lib.C_VerifyInit, lib.C_Verify
+        self.sign_init.argtypes = [ul, pm, ul]
+        self.sign.argtypes = [ul, ctypes.c_char_p, ul, vp, pul]
+        self.verify_init.argtypes = [ul, pm, ul]
+        self.verify.argtypes = [ul, ctypes.c_char_p, ul, ctypes.c_char_p, ul]
+        for f in (self.sign_init, self.sign, self.verify_init, self.verify):
+            f.restype = ul
+
+    @staticmethod
+    def available(library: str) -> bool:
+        try:
+            lib = ctypes.CDLL(library)
+        except OSError:
+            return False
+        return all(hasattr(lib, n) for n in ("C_SignInit", "C_Sign", "C_VerifyInit", "C_Verify"))
+
+
 def _label(name: str, version: int) -> str:
     return f"xcstack:{name}:v{version}"
 
@@ -57,6 +90,12 @@ class Pkcs11Backend(Backend):
         self._session = session
         self._lock = threading.Lock()
         self._handles: dict[tuple[str, int, int], Any] = {}
+        self._fast: _FastPath | None = None
+        if cfg.library is not None and _FastPath.available(str(cfg.library)):
+            self._fast = _FastPath(str(cfg.library))
+            self._sh = int(session.session.value())
+            self._mechs: dict[int, _CKMechanism] = {}
+        self.releases_gil = self._fast is not None
 
     # -- opening --------------------------------------------------------------------------------
     @classmethod
@@ -181,7 +220,10 @@ class Pkcs11Backend(Backend):
         with self._lock:
             try:
                 key = self._find(rec, self.P.CKO_PRIVATE_KEY)
-                sig = bytes(self._session.sign(key, digest, self._mech(self.cfg.sign_mechanism)))
+                if self._fast is not None:
+                    sig = self._fast_sign(key, digest)
+                else:
+                    sig = bytes(self._session.sign(key, digest, self._mech(self.cfg.sign_mechanism)))
             except self.P.PyKCS11Error as exc:
                 raise self._err(exc) from None
         if len(sig) != 64:
@@ -194,11 +236,45 @@ class Pkcs11Backend(Backend):
         with self._lock:
             try:
                 key = self._find(rec, self.P.CKO_PUBLIC_KEY)
+                if self._fast is not None:
+                    return self._fast_verify(key, digest, raw_sig)
                 return bool(self._session.verify(key, digest, raw_sig, self._mech(self.cfg.sign_mechanism)))
             except self.P.PyKCS11Error as exc:
                 if exc.value in (self.P.CKR_SIGNATURE_INVALID, self.P.CKR_SIGNATURE_LEN_RANGE):
                     return False
                 raise self._err(exc) from None
+
+    def _native_mech(self, mech_id: int) -> _CKMechanism:
+        m = self._mechs.get(mech_id)
+        if m is None:
+            m = self._mechs[mech_id] = _CKMechanism(mech_id, None, 0)
+        return m
+
+    def _fast_sign(self, key: Any, digest: bytes) -> bytes:
+        assert self._fast is not None
+        rv = self._fast.sign_init(self._sh, ctypes.byref(self._native_mech(self.cfg.sign_mechanism)), int(key.value()))
+        if rv:
+            raise self.P.PyKCS11Error(rv)
+        buf = ctypes.create_string_buffer(512)
+        n = ctypes.c_ulong(512)
+        rv = self._fast.sign(self._sh, digest, len(digest), buf, ctypes.byref(n))
+        if rv:
+            raise self.P.PyKCS11Error(rv)
+        return buf.raw[: n.value]
+
+    def _fast_verify(self, key: Any, digest: bytes, sig: bytes) -> bool:
+        assert self._fast is not None
+        rv = self._fast.verify_init(
+            self._sh, ctypes.byref(self._native_mech(self.cfg.sign_mechanism)), int(key.value())
+        )
+        if rv:
+            raise self.P.PyKCS11Error(rv)
+        rv = self._fast.verify(self._sh, digest, len(digest), sig, len(sig))
+        if rv in (self.P.CKR_SIGNATURE_INVALID, self.P.CKR_SIGNATURE_LEN_RANGE):
+            return False
+        if rv:
+            raise self.P.PyKCS11Error(rv)
+        return True
 
     def _gcm(self, nonce: bytes, aad: bytes) -> Any:
         m = self.P.AES_GCM_Mechanism(nonce, aad, 128)

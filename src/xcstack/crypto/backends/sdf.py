@@ -97,6 +97,7 @@ class _Structs:
 
 class SdfBackend(Backend):
     name = "sdf"
+    releases_gil = True  # ctypes
 
     def __init__(self, lib: ctypes.CDLL, device: ctypes.c_void_p, session: ctypes.c_void_p, settings: CryptoSettings):
         self.lib = lib
