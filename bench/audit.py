@@ -215,7 +215,7 @@ def main() -> None:
     target_v = "met" if best_v >= 200_000 else "NOT met"
     body = f"""## Audit log (`bench/audit.py`)
 
-{args.writers} concurrent writers, ~250-byte records; a writer's `await append()` returns only when its
+{args.writers} concurrent writers, ~390-byte records; a writer's `await append()` returns only when its
 record is durable. {args.rounds} interleaved rounds of {args.records:,} records for xcstack and SQLite
 group commit (median and range), {args.records:,} for JSON lines, {args.sqlite_records:,} for SQLite
 commit-per-record.
