@@ -21,6 +21,7 @@ CLI_MODULES: list[str] = [
     "xcstack.crypto.cli",
     "xcstack.supply.cli",
     "xcstack.security.cli",
+    "xcstack.db.cli",
 ]
 
 
