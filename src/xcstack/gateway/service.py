@@ -266,10 +266,10 @@ class GatewayService:
             else:
                 status = await self._unary(pr, send, wd)
         finally:
-            await wd.close()
-            self.gate.release()
+            self.gate.release()  # first, and without awaiting: nothing can skip it
             metrics.IN_FLIGHT.dec()
             self._count(endpoint.label, pr.model, status)
+            await wd.close()
 
     async def _authorize(self, scope: Scope, receive: Receive, model: str) -> None:
         if scope.get("xc.authorizer") is None:
