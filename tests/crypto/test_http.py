@@ -167,3 +167,21 @@ def test_http_through_owner_process_and_owner_down(owner: OwnerProc) -> None:
         assert c.get("/readyz").status_code == 503
         owner.start()
         assert c.post("/v1/crypto/sign", json={"key": "sig", "text": "hi"}).status_code == 200
+
+
+def test_key_listing_and_public_key_endpoint(app_client: TestClient) -> None:
+    keys = app_client.get("/v1/crypto/keys").json()["keys"]
+    assert {k["name"] for k in keys} == {"sig", "enc", "mac"}
+    info = app_client.get("/v1/crypto/keys/sig").json()
+    assert info["kind"] == "sm2" and info["version"] == 1
+    pub = sm.SM2PublicKey.from_pem(info["pem"])
+    s = app_client.post("/v1/crypto/sign", json={"key": "sig", "text": "x"}).json()["signature"]
+    assert pub.verify(b"x", base64.b64decode(s))
+    sym = app_client.get("/v1/crypto/keys/enc").json()
+    assert sym["kind"] == "sm4" and sym["pem"] is None
+    err(app_client.get("/v1/crypto/keys/nope"), 404, "key_not_found")
+    err(app_client.get("/v1/crypto/keys/sig?version=x"), 400, "invalid_parameter")
+    err(app_client.get("/v1/crypto/keys/sig?version=7"), 404, "key_not_found")
+    err(app_client.get("/v1/crypto/keys/bad%20name"), 400, "invalid_crypto_input")
+    assert permission_of(CryptoRoutes.list_keys) == ("crypto", "list")
+    assert permission_of(CryptoRoutes.key_info) == ("crypto", "read")

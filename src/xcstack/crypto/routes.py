@@ -13,7 +13,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from xcstack.crypto.client import CryptoClient
-from xcstack.crypto.errors import InputTooLarge
+from xcstack.crypto.errors import InputTooLarge, WrongKeyType
+from xcstack.crypto.keystore import check_name
 from xcstack.crypto.protocol import (
     DecryptRequest,
     EncryptRequest,
@@ -26,6 +27,7 @@ from xcstack.crypto.protocol import (
     b64decode,
 )
 from xcstack.crypto.settings import CryptoSettings
+from xcstack.errors import BadRequest
 from xcstack.httputil import JSONResponse, read_model
 from xcstack.security.guard import authorize, requires
 
@@ -44,6 +46,8 @@ class CryptoRoutes:
             Route("/v1/crypto/hash", self.hash, methods=["POST"]),
             Route("/v1/crypto/hmac", self.hmac, methods=["POST"]),
             Route("/v1/crypto/random", self.random, methods=["POST"]),
+            Route("/v1/crypto/keys", self.list_keys, methods=["GET"]),
+            Route("/v1/crypto/keys/{name}", self.key_info, methods=["GET"]),
         ]
 
     def _sized(self, data: bytes) -> bytes:
@@ -115,6 +119,30 @@ class CryptoRoutes:
         await authorize(request, f"key:{body.key}", "hmac")
         m, mac = await self.client.call("hmac", {"key": body.key}, self._sized(body.payload()))
         return JSONResponse({"key": body.key, "version": m["version"], "algorithm": m["algorithm"], "mac": mac.hex()})
+
+    @requires("crypto", "list")
+    async def list_keys(self, request: Request) -> Response:
+        return JSONResponse({"keys": await self.client.list_keys()})
+
+    @requires("crypto", "read")
+    async def key_info(self, request: Request) -> Response:
+        """Public information of a key (kind, versions, public key PEM for SM2): what verifiers need."""
+        name = request.path_params["name"]
+        check_name(name)
+        await authorize(request, f"key:{name}", "read")
+        raw = request.query_params.get("version")
+        if raw is not None and not raw.isdigit():
+            raise BadRequest("version must be a positive integer", code="invalid_parameter", param="version")
+        version = int(raw) if raw else None
+        try:
+            info = await self.client.public_key(name, version)
+        except WrongKeyType:
+            m, _ = await self.client.call("list_keys")
+            for k in m["keys"]:
+                if k["name"] == name:
+                    return JSONResponse({**k, "public_key": None, "pem": None})
+            raise
+        return JSONResponse(info)
 
     @requires("crypto", "random")
     async def random(self, request: Request) -> Response:
