@@ -158,9 +158,13 @@ async def _xc_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
-def make_app(bridge: Bridge, deny: set[str] | None = None) -> Starlette:
-    """My routes plus what app.py does for them (XCError -> JSON) and a test authorizer."""
+def make_app(bridge: Bridge, deny: set[str] | None = None, audit_log: list[Any] | None = None) -> Starlette:
+    """My routes plus what app.py does for them (XCError -> JSON), a test authorizer and audit sink."""
     denied = deny or set()
+    events = audit_log if audit_log is not None else []
+
+    async def audit_sink(request: Request, action: str, resource: str, outcome: str, detail: Any) -> None:
+        events.append((action, resource, outcome, detail))
 
     async def authorizer(request: Request, resource: str, action: str) -> None:
         if resource in denied:
@@ -174,6 +178,7 @@ def make_app(bridge: Bridge, deny: set[str] | None = None) -> Starlette:
 
         async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
             scope["xc.authorizer"] = authorizer
+            scope["xc.audit"] = audit_sink
             await self.inner(scope, receive, send)
 
     app.add_middleware(Inject)

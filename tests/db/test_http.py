@@ -27,6 +27,8 @@ def lite(path: str, **kw: Any) -> dict[str, Any]:
                                                                          "default": ""}}, "stream_max_rows": 250},
         "secret": {"sql": "SELECT 42 AS answer", "permission": "query:lite/secret"},
         "code": {"sql": "SELECT :c AS c", "params": {"c": {"type": "str", "pattern": "[A-Z]{3}"}}},
+        "mk": {"sql": "CREATE TABLE IF NOT EXISTS xcdb_w (k TEXT PRIMARY KEY)"},
+        "put": {"sql": "INSERT INTO xcdb_w (k) VALUES (:k)", "params": {"k": {"type": "str"}}},
     }, **kw}}
 
 
@@ -154,3 +156,20 @@ async def test_postgres_over_http_with_disconnect(pg: str, tmp_path: Path) -> No
         async with aiohttp.ClientSession() as s:
             st, _, raw = await _post(s, f"{base}/v1/db/pghttp/item", {"params": {"id": 6}})
             assert st == 200
+
+
+async def test_writes_are_audited_with_outcome(sqlite_path: str) -> None:
+    events: list[Any] = []
+    async with running_bridge(lite(sqlite_path)) as b, serve(make_app(b, audit_log=events)) as base, \
+            aiohttp.ClientSession() as s:
+        assert (await _post(s, f"{base}/v1/db/lite/mk", {}))[0] == 200
+        st, _, raw = await _post(s, f"{base}/v1/db/lite/put", {"params": {"k": "secret-value"}})
+        assert st == 200 and json.loads(raw) == {"database": "lite", "query": "put", "rowcount": 1}
+        st, _, raw = await _post(s, f"{base}/v1/db/lite/put", {"params": {"k": "secret-value"}})
+        assert st == 409
+        assert (await _post(s, f"{base}/v1/db/lite/seq", {"params": {"n": 1}}))[0] == 200  # reads: not audited
+    assert events[1:] == [
+        ("db.execute", "query:lite/put", "ok", {"rowcount": 1}),
+        ("db.execute", "query:lite/put", "error", {"code": "constraint_violation"}),
+    ]
+    assert "secret-value" not in repr(events)

@@ -102,12 +102,19 @@ def build_routes(bridge: Bridge, max_body_bytes: int) -> list[BaseRoute]:
                 raise BadRequest(f"malformed JSON: {exc}", code="invalid_json") from None
         body = parse_model(data, QueryRequest)
         stream = body.stream or NDJSON in request.headers.get("accept", "")
-        if not q.read_only:
-            await audit(request, "db.query", f"query:{database}/{name}", "attempt", None)
         if stream:
             rs = await db.stream(name, body.params)
             return NDJSONRowResponse(rs)
-        result = await db.query(name, body.params)
+        if q.read_only:
+            result = await db.query(name, body.params)
+        else:  # writes are audited with their outcome (never with parameter values)
+            resource = f"query:{database}/{name}"
+            try:
+                result = await db.query(name, body.params)
+            except XCError as exc:
+                await audit(request, "db.execute", resource, "error", {"code": exc.code})
+                raise
+            await audit(request, "db.execute", resource, "ok", {"rowcount": result.rowcount})
         return Response(dumps(result_body(database, name, result)), media_type="application/json")
 
     return [Route("/v1/db/{database}/{query}", run_query, methods=["POST"], name="db_query")]
