@@ -310,3 +310,33 @@ async def test_separation_of_duties(service: SecurityService) -> None:
     assert not await service.is_allowed(ops, "security.role", "assign")
     with pytest.raises(Forbidden):  # sysadmin creates accounts, but cannot hand out roles
         await service.create_user(ops, "y", ["auditor"], password=GOOD, kind="service")
+
+
+async def test_auth_cache_bounds_revocation_delay_across_workers(service: SecurityService, state: object,
+                                                                 clock: FakeClock) -> None:
+    from xcstack.security.lockout import StateLockout
+    from xcstack.security.secretbox import LocalSecretBox
+
+    other = SecurityService(service.settings, state, LocalSecretBox(b"k" * 16),  # type: ignore[arg-type]
+                            StateLockout(state, 5, 900, clock), None, clock)  # type: ignore[arg-type]
+    await _user(service)
+    await _user(service, "root2", ["sysadmin"])
+    tok = (await service.login("bob", GOOD))["token"]
+    assert await other.authenticate(tok) is not None  # "another worker" caches the check
+    root = await service.authenticate((await service.login("root2", GOOD))["token"])
+    assert root is not None
+    await service.set_disabled(root, "bob", True)
+    assert await service.authenticate(tok) is None  # the revoking process: at once
+    clock.advance(service.settings.auth_cache_s)
+    assert await other.authenticate(tok) is None  # the other process: within auth_cache_s
+
+
+async def test_login_flood_is_bounded(service: SecurityService) -> None:
+    from xcstack.errors import Overloaded
+
+    await _user(service)
+    service._kdf_slots = __import__("asyncio").Semaphore(0)  # every slot busy
+    service.kdf_wait_s = 0.05
+    with pytest.raises(Overloaded) as exc:
+        await service.login("bob", GOOD)
+    assert exc.value.status == 503 and exc.value.code == "auth_overloaded"

@@ -10,15 +10,16 @@ import asyncio
 import base64
 import hmac
 import json
+import os
 import secrets
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from xcstack.crypto.sm import sm3
-from xcstack.errors import BadRequest, Conflict, Forbidden, NotFound, RateLimited, Unauthorized
+from xcstack.errors import BadRequest, Conflict, Forbidden, NotFound, Overloaded, RateLimited, Unauthorized
 from xcstack.security import passwords, totp
 from xcstack.security.audit.log import AuditLog
 from xcstack.security.lockout import Lockout, identity_key
@@ -28,6 +29,7 @@ from xcstack.security.settings import SecuritySettings
 from xcstack.security.store import MIGRATIONS
 from xcstack.state.store import StateStore, Tx
 
+T = TypeVar("T")
 SESSION_PREFIX = "xcs_"
 KEY_PREFIX = "xck_"
 TOUCH_EVERY_S = 30.0  # last_seen is written at most this often per session (idle-timeout granularity)
@@ -92,6 +94,27 @@ class SecurityService:
         self.clock = clock
         self._roles = _RoleCache()
         self.role_cache_ttl_s = 2.0
+        # token hash -> (checked at, principal): bounds the state-store reads per request
+        self._auth_cache: dict[str, tuple[float, Principal]] = {}
+        self._kdf_slots = asyncio.Semaphore(max(2, os.cpu_count() or 1))
+        self.kdf_wait_s = 5.0
+
+    async def _kdf(self, fn: Callable[..., T], *args: Any) -> T:
+        """Password hashing (tens of ms of CPU) in a thread, at most a few at once: a login flood
+        gets 503 instead of starving the pool every request shares."""
+        try:
+            await asyncio.wait_for(self._kdf_slots.acquire(), self.kdf_wait_s)
+        except TimeoutError:
+            raise Overloaded("too many logins in progress; retry shortly", code="auth_overloaded",
+                             retry_after=1) from None
+        try:
+            return await asyncio.to_thread(fn, *args)
+        finally:
+            self._kdf_slots.release()
+
+    def forget_sessions(self) -> None:
+        """Drop this process's authentication cache (after revocations and role changes)."""
+        self._auth_cache.clear()
 
     async def init(self) -> None:
         await self.store.migrate("security", MIGRATIONS)
@@ -122,7 +145,7 @@ class SecurityService:
         prepared = []
         for name, role in names:
             pw = passwords.generate_password()
-            h = await asyncio.to_thread(passwords.hash_password, pw, self.settings.password_hash,
+            h = await self._kdf(passwords.hash_password, pw, self.settings.password_hash,
                                         self.settings.pbkdf2_iterations)
             prepared.append((name, role, pw, h))
 
@@ -197,7 +220,7 @@ class SecurityService:
         else:
             passwords.check_policy(password, name, self.settings.password_min_length,
                                    self.settings.password_min_classes)
-        h = await asyncio.to_thread(passwords.hash_password, password, self.settings.password_hash,
+        h = await self._kdf(passwords.hash_password, password, self.settings.password_hash,
                                     self.settings.pbkdf2_iterations)
         now = self.clock()
         uid = uuid.uuid4().hex
@@ -239,6 +262,7 @@ class SecurityService:
                 tx.execute("DELETE FROM sec_sessions WHERE user_id = ?", (user["id"],))
 
         await self.store.transaction(run)
+        self.forget_sessions()
         await self.audit(actor.name, "user.disable" if disabled else "user.enable", f"user:{name}", "success", info)
 
     async def delete_user(self, actor: Principal, name: str, info: ReqInfo | None = None) -> None:
@@ -252,12 +276,14 @@ class SecurityService:
                 tx.execute(sql, (user["id"],))
 
         await self.store.transaction(run)
+        self.forget_sessions()
         await self.audit(actor.name, "user.delete", f"user:{name}", "success", info)
 
     async def set_roles(self, actor: Principal, name: str, roles: list[str], info: ReqInfo | None = None) -> None:
         user = await self._require_user(name)
         await self._check_roles(roles)
         await self.store.execute("UPDATE sec_users SET roles = ? WHERE id = ?", (json.dumps(roles), user["id"]))
+        self.forget_sessions()
         await self.audit(actor.name, "user.roles", f"user:{name}", "success", info,
                          {"old": json.loads(user["roles"]), "new": roles})
 
@@ -265,7 +291,7 @@ class SecurityService:
         """A new one-time password (must be changed at next login); the user's sessions are revoked."""
         user = await self._require_user(name)
         pw = passwords.generate_password()
-        h = await asyncio.to_thread(passwords.hash_password, pw, self.settings.password_hash,
+        h = await self._kdf(passwords.hash_password, pw, self.settings.password_hash,
                                     self.settings.pbkdf2_iterations)
         now = self.clock()
 
@@ -276,6 +302,7 @@ class SecurityService:
 
         await self.store.transaction(run)
         await self.lockout.reset(identity_key(name))
+        self.forget_sessions()
         await self.audit(actor.name, "user.password_reset", f"user:{name}", "success", info)
         return pw
 
@@ -297,7 +324,7 @@ class SecurityService:
         user = await self.get_user(username)
         stored = user["pw_hash"] if user and user["pw_hash"] else passwords.dummy_hash(
             self.settings.password_hash, self.settings.pbkdf2_iterations)
-        ok = await asyncio.to_thread(passwords.verify_password, password, stored)
+        ok = await self._kdf(passwords.verify_password, password, stored)
         if not ok or user is None or user["disabled"]:
             await self._fail(key, username, resource, info, "bad_password" if user else "unknown_user")
             raise InvalidCredentials("invalid user name or password")
@@ -374,12 +401,29 @@ class SecurityService:
 
     # -- sessions ----------------------------------------------------------------------------------------
     async def authenticate(self, token: str) -> Principal | None:
-        """The principal of a bearer token (session or API key), or None."""
-        if token.startswith(KEY_PREFIX):
-            return await self._auth_key(token)
-        if not token.startswith(SESSION_PREFIX) or len(token) > 128:
+        """The principal of a bearer token (session or API key), or None.
+
+        A successful check is cached in this process for `auth_cache_s` (default 1 s), so a busy
+        client costs one state-store read per second, not one per request. Revocations made in this
+        process clear the cache at once; other workers and nodes see them within `auth_cache_s`."""
+        if len(token) > 128 or not token.startswith((KEY_PREFIX, SESSION_PREFIX)):
             return None
         th = token_hash(token)
+        now = self.clock()
+        ttl = self.settings.auth_cache_s
+        hit = self._auth_cache.get(th)
+        if hit is not None and 0 <= now - hit[0] < ttl:
+            return hit[1]
+        principal = await (self._auth_key(token) if token.startswith(KEY_PREFIX) else self._auth_session(th))
+        if principal is None:
+            self._auth_cache.pop(th, None)
+        elif ttl > 0:
+            if len(self._auth_cache) >= 100_000:
+                self._auth_cache.clear()
+            self._auth_cache[th] = (now, principal)
+        return principal
+
+    async def _auth_session(self, th: str) -> Principal | None:
         row = await self.store.fetchone(
             "SELECT s.user_id, s.created_at, s.last_seen, s.restricted, u.name, u.roles, u.disabled "
             "FROM sec_sessions s JOIN sec_users u ON u.id = s.user_id WHERE s.token_hash = ?", (th,)
@@ -401,6 +445,7 @@ class SecurityService:
     async def logout(self, principal: Principal, info: ReqInfo | None = None) -> None:
         if principal.session:
             await self.store.execute("DELETE FROM sec_sessions WHERE token_hash = ?", (principal.session,))
+        self.forget_sessions()
         await self.audit(principal.name, "auth.logout", f"user:{principal.name}", "success", info)
 
     async def change_password(self, principal: Principal, old: str, new: str, info: ReqInfo | None = None) -> None:
@@ -408,7 +453,7 @@ class SecurityService:
             raise Forbidden("API keys have no password", code="forbidden")
         user = await self._require_user(principal.name)
         resource = f"user:{principal.name}"
-        if not await asyncio.to_thread(passwords.verify_password, old, user["pw_hash"]):
+        if not await self._kdf(passwords.verify_password, old, user["pw_hash"]):
             await self._fail(identity_key(principal.name), principal.name, resource, info, "bad_old_password")
             await self.audit(principal.name, "user.password_change", resource, "failure", info,
                              {"reason": "bad_old_password"})
@@ -421,14 +466,14 @@ class SecurityService:
                 (user["id"], self.settings.password_history),
             )
             for h in [user["pw_hash"], *[r["pw_hash"] for r in history]]:
-                if await asyncio.to_thread(passwords.verify_password, new, h):
+                if await self._kdf(passwords.verify_password, new, h):
                     raise passwords.PasswordPolicyError(
                         f"password must differ from the last {self.settings.password_history} passwords")
         except passwords.PasswordPolicyError as exc:
             await self.audit(principal.name, "user.password_change", resource, "failure", info,
                              {"reason": exc.message})
             raise
-        h = await asyncio.to_thread(passwords.hash_password, new, self.settings.password_hash,
+        h = await self._kdf(passwords.hash_password, new, self.settings.password_hash,
                                     self.settings.pbkdf2_iterations)
         now = self.clock()
         keep = self.settings.password_history
@@ -451,6 +496,7 @@ class SecurityService:
             tx.execute("UPDATE sec_sessions SET restricted = ? WHERE token_hash = ?", (nxt, principal.session or ""))
 
         await self.store.transaction(run)
+        self.forget_sessions()
         await self.audit(principal.name, "user.password_change", resource, "success", info)
 
     # -- TOTP enrolment -----------------------------------------------------------------------------------
@@ -485,6 +531,7 @@ class SecurityService:
                        (user["id"], "totp_enrollment"))
 
         await self.store.transaction(run)
+        self.forget_sessions()
         await self.audit(principal.name, "user.totp_enabled", f"user:{principal.name}", "success", info)
         return codes
 
@@ -494,6 +541,7 @@ class SecurityService:
             "UPDATE sec_users SET totp_enabled = 0, totp_secret = NULL, recovery = NULL, totp_last_step = 0 "
             "WHERE id = ?", (user["id"],))
         await self.store.execute("DELETE FROM sec_sessions WHERE user_id = ?", (user["id"],))
+        self.forget_sessions()
         await self.audit(actor.name, "user.totp_reset", f"user:{name}", "success", info)
 
     # -- API keys ----------------------------------------------------------------------------------------
@@ -530,6 +578,7 @@ class SecurityService:
         n = await self.store.execute("UPDATE sec_api_keys SET revoked = 1 WHERE id = ?", (kid,))
         if n == 0:
             raise NotFound(f"no API key {kid!r}", code="apikey_not_found")
+        self.forget_sessions()
         await self.audit(actor.name, "apikey.revoke", f"apikey:{kid}", "success", info)
 
     async def _auth_key(self, token: str) -> Principal | None:

@@ -78,6 +78,7 @@ class SecuritySettings(BaseModel):
     session_idle_s: float = Field(default=900.0, ge=1.0, le=86400.0)
     session_absolute_s: float = Field(default=43200.0, ge=1.0, le=7 * 86400.0)
     api_key_max_days: int = Field(default=365, ge=1, le=3650)
+    auth_cache_s: float = Field(default=1.0, ge=0, le=60, description="per-process cache of token checks")
     # -- http --
     public_paths: list[str] = Field(default_factory=lambda: ["/healthz", "/readyz"])
     metrics_public: bool = Field(default=False, description="serve /metrics without authentication")
