@@ -88,12 +88,12 @@ def tree_rss_mb(pid: int) -> float:
 
 
 # -- the gateway under test (this script re-executes itself with --serve) -----------------------
-def serve_gateway(config: str, port: int) -> None:
+def serve_gateway(config: str, port: int, server: str = "uvicorn") -> None:
     os.sched_setaffinity(0, {CPU_GATEWAY})
     from xcstack.app import create_app
     from xcstack.config import load_settings
     from xcstack.observability.logs import setup_logging
-    from xcstack.worker import run_uvicorn
+    from xcstack.worker import run_granian, run_uvicorn
 
     settings = load_settings(config)
     setup_logging(settings.observability.log_level, settings.observability.log_json)
@@ -101,8 +101,9 @@ def serve_gateway(config: str, port: int) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))
     sock.listen(settings.server.backlog)
+    sock.set_inheritable(True)
     app = create_app(settings, capability_modules=["xcstack.gateway.capability"])
-    run_uvicorn(settings, sock, app)
+    (run_granian if server == "granian" else run_uvicorn)(settings, sock, app)
 
 
 # -- load generation ------------------------------------------------------------------------------
@@ -265,16 +266,26 @@ def start_litellm(venv: Path, upstream: str, work: Path) -> tuple[Proc, str] | N
     return proc, f"http://127.0.0.1:{port}/v1"
 
 
+def measure(name: str, base: str, results: dict[str, dict[str, Any]], duration: float) -> None:
+    url = base + "/chat/completions"
+    load(url, 16, 2)  # warm-up
+    r: dict[str, Any] = {"c64": load(url, 64, duration), "c1": load(url, 1, max(3.0, duration / 2))}
+    r["stream"] = stream_rate(url, 16, max(3.0, duration / 2))
+    results[name] = r
+    print(name, r, flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per c=64 measurement")
     ap.add_argument("--litellm-venv", default=str(ROOT / ".bench" / "litellm-venv"))
     ap.add_argument("--no-litellm", action="store_true")
     ap.add_argument("--no-write", action="store_true", help="print, do not update docs/benchmarks.md")
-    ap.add_argument("--serve", nargs=2, metavar=("CONFIG", "PORT"), help=argparse.SUPPRESS)
+    ap.add_argument("--servers", default="uvicorn,granian", help="http servers to run xcstack under")
+    ap.add_argument("--serve", nargs="+", metavar="CONFIG PORT [SERVER]", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
-        serve_gateway(args.serve[0], int(args.serve[1]))
+        serve_gateway(args.serve[0], int(args.serve[1]), args.serve[2] if len(args.serve) > 2 else "uvicorn")
         return 0
     if (os.cpu_count() or 1) < 2:
         print("needs 2 cores", file=sys.stderr)
@@ -290,32 +301,25 @@ def main() -> int:
         upstream = f"http://127.0.0.1:{up_port}/v1"
         wait_http(f"http://127.0.0.1:{up_port}/health", 30, mock.p)
 
-        gw_port = free_port()
         cfg = work / "xcstack.toml"
         cfg.write_text(
             f'data_dir = "{work / "data"}"\n\n[observability]\naccess_log = false\n\n'
             "[[gateway.upstreams]]\n"
             f'name = "mock"\nbase_url = "{upstream}"\nmodels = ["mock-model"]\n'
         )
-        gw = Proc([sys.executable, str(Path(__file__).resolve()), "--serve", str(cfg), str(gw_port)], CPU_GATEWAY,
-                  {"PYTHONPATH": str(ROOT / "src")}, work / "xcstack.log")
-        procs.append(gw)
-        wait_http(f"http://127.0.0.1:{gw_port}/healthz", 60, gw.p)
-        targets: dict[str, str] = {"upstream direct": upstream, "xcstack": f"http://127.0.0.1:{gw_port}/v1"}
-
         results: dict[str, dict[str, Any]] = {}
-        for name, base in list(targets.items()):
-            url = base + "/chat/completions"
-            load(url, 16, 2)  # warm-up
-            r: dict[str, Any] = {"c64": load(url, 64, args.duration), "c1": load(url, 1, max(3.0, args.duration / 2))}
-            r["stream"] = stream_rate(url, 16, max(3.0, args.duration / 2))
-            if name == "xcstack":
-                r["rss"] = (rss_mb(gw.p.pid), rss_mb(gw.p.pid, "VmHWM"))
-            results[name] = r
-            print(name, {k: v for k, v in r.items()}, flush=True)
-
-        gw.stop()
-        procs.remove(gw)
+        measure("upstream direct", upstream, results, args.duration)
+        for server in args.servers.split(","):
+            gw_port = free_port()
+            gw = Proc([sys.executable, str(Path(__file__).resolve()), "--serve", str(cfg), str(gw_port), server],
+                      CPU_GATEWAY, {"PYTHONPATH": str(ROOT / "src")}, work / f"xcstack-{server}.log")
+            procs.append(gw)
+            wait_http(f"http://127.0.0.1:{gw_port}/healthz", 60, gw.p)
+            name = "xcstack" if server == "uvicorn" else f"xcstack ({server})"
+            measure(name, f"http://127.0.0.1:{gw_port}/v1", results, args.duration)
+            results[name]["rss"] = (rss_mb(gw.p.pid), rss_mb(gw.p.pid, "VmHWM"))
+            gw.stop()
+            procs.remove(gw)
         if not args.no_litellm:
             started = start_litellm(Path(args.litellm_venv), upstream, work)
             if started is None:
@@ -325,7 +329,8 @@ def main() -> int:
                 procs.append(lp)
                 url = lbase + "/chat/completions"
                 load(url, 4, 3)
-                r = {"c64": load(url, 64, args.duration * 2), "c1": load(url, 1, max(3.0, args.duration / 2))}
+                r: dict[str, Any] = {"c64": load(url, 64, args.duration * 2),
+                                     "c1": load(url, 1, max(3.0, args.duration / 2))}
                 r["stream"] = stream_rate(url, 16, max(3.0, args.duration / 2))
                 r["rss"] = (tree_rss_mb(lp.p.pid), 0.0)
                 results["LiteLLM proxy"] = r
@@ -359,7 +364,8 @@ def report(res: dict[str, dict[str, Any]], duration: float) -> str:
             c64.errors + c1.errors + r["stream"][1],
         ])
     lines = [
-        "One gateway worker pinned to core 0; the mock upstream (`xcstack mock-upstream`, a test double: 16-token "
+        "One gateway worker (uvicorn + uvloop + httptools unless named; `[observability] access_log = false`) "
+        "pinned to core 0; the mock upstream (`xcstack mock-upstream`, a test double: 16-token "
         f"answers, no delay) and the load generator ({'wrk' if shutil.which('wrk') else 'an aiohttp client'}) on "
         f"core 1. Non-streamed chat completions; streams are {STREAM_TOKENS} tokens, 16 concurrent clients. "
         "Latency in ms; *added* = proxy minus upstream direct at the same concurrency. RSS in MB after the run. "
