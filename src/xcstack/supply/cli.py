@@ -103,20 +103,19 @@ def generate(settings: Any, *, fmt: str = "both", pids: list[int] | None = None,
     out: dict[str, str] = {}
     version = _tool_version()
     if fmt in ("cyclonedx", "both"):
-        bom = cdx.build_bom(inv, supplier=sup.supplier, supplier_url=sup.supplier_url, include_files=include_files,
-                            tool_version=version)
-        text = cdx.to_json(bom, indent=2)
+        doc = cdx.document(inv, supplier=sup.supplier, supplier_url=sup.supplier_url, include_files=include_files,
+                           tool_version=version)
         t2 = time.perf_counter()
-        validate_cyclonedx(text)
-        out["cyclonedx"] = text
+        validate_cyclonedx(doc)
+        out["cyclonedx"] = json.dumps(doc, indent=2, ensure_ascii=False)
         if timings is not None:
             timings["cyclonedx_build_s"] = t2 - t1
             timings["cyclonedx_validate_s"] = time.perf_counter() - t2
     if fmt in ("spdx", "both"):
         t3 = time.perf_counter()
-        doc = spdx.build_document(inv, supplier=sup.supplier, tool_version=version)
-        validate_spdx(doc)
-        out["spdx"] = spdx.to_json(doc)
+        sdoc = spdx.build_document(inv, supplier=sup.supplier, tool_version=version)
+        validate_spdx(sdoc)
+        out["spdx"] = spdx.to_json(sdoc)
         if timings is not None:
             timings["spdx_s"] = time.perf_counter() - t3
     if timings is not None:

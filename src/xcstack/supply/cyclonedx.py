@@ -17,6 +17,7 @@ CycloneDX has no SM3 hash algorithm: SM3 digests travel as properties `xcstack:h
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -142,21 +143,11 @@ def os_purl(pkg: OsPackage, os_id: str, os_version: str) -> str:
                           qualifiers=qualifiers))
 
 
-def _dist_component(d: PyDist, files: bool, libs: list[NativeLib], ctype: ComponentType) -> Component:
+def _dist_component(d: PyDist, libs: list[NativeLib], ctype: ComponentType) -> Component:
     ref = d.purl
     hashes = [HashType(alg=HashAlgorithm.SHA_256, content=d.tree_hash)] if d.tree_hash else None
     supplier = _entity(d.supplier)
     nested: list[Component] = [_lib_file(lib, ref, supplier, d.version) for lib in libs]
-    if files:
-        lib_names = {lib.path for lib in libs}
-        base = os.path.realpath(d.location)
-        for fe in d.files:
-            absolute = os.path.normpath(os.path.join(base, fe.path))
-            if absolute in lib_names or not fe.sha256:
-                continue
-            nested.append(Component(type=ComponentType.FILE, name=fe.path, bom_ref=f"{ref}#file:{fe.path}",
-                                    version=d.version, supplier=supplier,
-                                    hashes=[HashType(alg=HashAlgorithm.SHA_256, content=fe.sha256)]))
     authors = [OrganizationalContact(name=a.name, email=a.email) for a in d.authors[:20] if a.email or a.name]
     return Component(
         type=ctype,
@@ -188,8 +179,7 @@ def _dist_component(d: PyDist, files: bool, libs: list[NativeLib], ctype: Compon
 _PSF = OrganizationalEntity(name="Python Software Foundation", urls=[XsUri("https://www.python.org")])
 
 
-def build_bom(inv: Inventory, *, supplier: str, supplier_url: str | None = None, include_files: bool = False,
-              tool_version: str = "0") -> Bom:
+def build_bom(inv: Inventory, *, supplier: str, supplier_url: str | None = None, tool_version: str = "0") -> Bom:
     plat = inv.platform
     libs_by_dist: dict[str, list[NativeLib]] = {}
     libs_by_pkg: dict[str, list[NativeLib]] = {}
@@ -212,7 +202,7 @@ def build_bom(inv: Inventory, *, supplier: str, supplier_url: str | None = None,
     sup_entity = OrganizationalEntity(name=supplier, urls=[sup_url] if sup_url else None)
     root_dist = inv.dists.get(inv.root_key) if inv.root_key else None
     if root_dist is not None:
-        root = _dist_component(root_dist, include_files, libs_by_dist.get(root_dist.key, []), ComponentType.APPLICATION)
+        root = _dist_component(root_dist, libs_by_dist.get(root_dist.key, []), ComponentType.APPLICATION)
         root.supplier = _entity(root_dist.supplier) or sup_entity
     else:
         root = Component(type=ComponentType.APPLICATION, name="python-environment", bom_ref="root",
@@ -238,7 +228,7 @@ def build_bom(inv: Inventory, *, supplier: str, supplier_url: str | None = None,
     for key, d in inv.dists.items():
         if key == inv.root_key:
             continue
-        comp = _dist_component(d, include_files, libs_by_dist.get(key, []), ComponentType.LIBRARY)
+        comp = _dist_component(d, libs_by_dist.get(key, []), ComponentType.LIBRARY)
         dist_comps[key] = comp
         bom.components.add(comp)
 
@@ -365,6 +355,48 @@ def _model_component(m: Model) -> Component:
 
 def to_json(bom: Bom, indent: int | None = None) -> str:
     return JsonV1Dot6(bom).output_as_string(indent=indent)
+
+
+def document(inv: Inventory, *, supplier: str, supplier_url: str | None = None, include_files: bool = False,
+             tool_version: str = "0") -> dict[str, Any]:
+    """The CycloneDX document as data: the library's model and serializer, then (`include_files`) every
+    installed file from RECORD added as a nested `file` component. The per-file components are added as
+    plain data because the library's object model costs ~0.5 ms per component to build and serialise
+    (27k files: ~25 s measured); they have the same JSON shape it would produce."""
+    doc: dict[str, Any] = json.loads(to_json(build_bom(inv, supplier=supplier, supplier_url=supplier_url,
+                                                       tool_version=tool_version)))
+    if include_files:
+        add_files(doc, inv)
+    return doc
+
+
+def add_files(doc: dict[str, Any], inv: Inventory) -> int:
+    """Nest a `file` component (path, SHA-256 from RECORD) for every installed file of every distribution
+    (loaded libraries are already there). Returns how many were added."""
+    by_ref: dict[str, dict[str, Any]] = {c["bom-ref"]: c for c in doc.get("components", []) if "bom-ref" in c}
+    root = (doc.get("metadata") or {}).get("component")
+    if root and "bom-ref" in root:
+        by_ref[root["bom-ref"]] = root
+    added = 0
+    for d in inv.dists.values():
+        comp = by_ref.get(d.purl)
+        if comp is None:
+            continue
+        present = {c.get("name") for c in comp.get("components", [])}
+        base = os.path.realpath(d.location)
+        files: list[dict[str, Any]] = []
+        for fe in d.files:
+            if not fe.sha256 or os.path.normpath(os.path.join(base, fe.path)) in present:
+                continue
+            f: dict[str, Any] = {"type": "file", "bom-ref": f"{d.purl}#file:{fe.path}", "name": fe.path,
+                                 "version": d.version, "hashes": [{"alg": "SHA-256", "content": fe.sha256}]}
+            if "supplier" in comp:
+                f["supplier"] = comp["supplier"]
+            files.append(f)
+        if files:
+            comp.setdefault("components", []).extend(files)
+            added += len(files)
+    return added
 
 
 def summary(doc: dict[str, Any]) -> dict[str, int]:
