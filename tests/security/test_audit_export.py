@@ -122,3 +122,30 @@ async def test_http_export_at_least_once_and_cursor_persisted(tmp_path: Path) ->
     assert got[-1] == 12
     await runner.cleanup()
     await log.close()
+
+
+async def test_one_exporter_per_chain_and_sink_at_a_time(tmp_path: Path) -> None:
+    from xcstack.security.audit.export import _try_lock
+
+    log = await _chain(tmp_path, 3)
+
+    class Recorder:
+        name = "rec"
+
+        def __init__(self) -> None:
+            self.got: list[bytes] = []
+
+        async def send(self, records: list[bytes]) -> None:
+            self.got += records
+
+        async def close(self) -> None: ...
+
+    held = _try_lock(tmp_path / "c" / "export-rec.lock")  # another process is exporting
+    assert held is not None
+    sink = Recorder()
+    assert await Exporter(tmp_path / "c", sink).run_once() == 0 and sink.got == []
+    import os
+
+    os.close(held)
+    assert await Exporter(tmp_path / "c", sink).run_once() == 4
+    await log.close()

@@ -161,6 +161,18 @@ class HttpSink:
             await s.close()
 
 
+def _try_lock(path: Path) -> int | None:
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 class Exporter:
     """Ships one chain's records to one sink, from the persisted cursor on."""
 
@@ -172,7 +184,18 @@ class Exporter:
         self.errors = 0
 
     async def run_once(self) -> int:
-        """Send everything after the cursor; returns the number of records acknowledged."""
+        """Send everything after the cursor; returns the number of records acknowledged. One exporter
+        per (chain, sink) at a time across processes (flock): a concurrent run returns 0."""
+        fd = await asyncio.to_thread(_try_lock, self.chain_dir / f"export-{self.sink.name}.lock")
+        if fd is None:
+            return 0
+        try:
+            self.cursor = await asyncio.to_thread(read_cursor, self.chain_dir, self.sink.name)
+            return await self._send_all()
+        finally:
+            os.close(fd)
+
+    async def _send_all(self) -> int:
         sent = 0
         while True:
             batch = await asyncio.to_thread(read_after, self.chain_dir, self.cursor, self.batch)
