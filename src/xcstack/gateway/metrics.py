@@ -36,3 +36,14 @@ TOKENS_PER_S = Histogram(
 )
 TOKENS = Counter("xc_gateway_tokens", "Tokens by API key, model and kind (prompt/completion)", ["key", "model", "kind"])
 JOBS = Counter("xc_gateway_jobs", "Async jobs by final status", ["status"])
+
+
+def rejected(reason: str) -> None:
+    """Count a shed request here and in the project-wide `xc_rejected_total{gate, reason}`."""
+    REJECTED.labels(reason).inc()
+    try:
+        from xcstack.observability.metrics import REJECTED as SHARED
+    except ImportError:  # pragma: no cover
+        return
+    gate, _, why = reason.partition("_")
+    SHARED.labels(f"gateway.{gate}", why or reason).inc()

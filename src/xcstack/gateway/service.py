@@ -284,11 +284,11 @@ class GatewayService:
         try:
             await self.gate.acquire()
         except GateFull:
-            metrics.REJECTED.labels("global_full").inc()
+            metrics.rejected("global_full")
             raise Overloaded("the gateway is at its in-flight limit; retry later", retry_after=1.0,
                              code=p.OVERLOADED) from None
         except GateTimeout:
-            metrics.REJECTED.labels("global_timeout").inc()
+            metrics.rejected("global_timeout")
             raise Overloaded("timed out waiting for an in-flight slot; retry later", retry_after=1.0,
                              code=p.OVERLOADED) from None
 
@@ -320,7 +320,7 @@ class GatewayService:
             except (GateFull, GateTimeout):
                 up.breaker.neutral()
                 up.outcome("gate_full")
-                metrics.REJECTED.labels("upstream_full").inc()
+                metrics.rejected("upstream_full")
                 last = Overloaded(f"upstream {up.name} is at its concurrency limit", code=p.OVERLOADED)
                 continue
             up.m_in_flight.inc()
