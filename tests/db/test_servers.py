@@ -216,3 +216,32 @@ async def test_stream_over_server_cursor(bridge: tuple[str, Bridge]) -> None:
     await stream.aclose()
     assert await until(lambda: sum(db.live()) == 4, timeout=5)
     assert (await db.query("item", {"id": 3})).rows
+
+
+@pytest.mark.parametrize("kind", ["postgres", "kingbase"])
+async def test_value_rejected_by_database_is_400(pg: str, kind: str) -> None:
+    from xcstack.errors import BadRequest
+
+    if kind == "kingbase":
+        pytest.importorskip("ksycopg2")
+    cfg = {f"v{kind}": {"driver": kind, "dsn": PG_DSN, "pool_size": 1, "queries": {
+        "as_int": {"sql": "SELECT CAST(:v AS int) AS n", "params": {"v": {"type": "str"}}}}}}
+    async with running_bridge(cfg) as b:
+        db = b.database(f"v{kind}")
+        assert (await db.query("as_int", {"v": "42"})).rows == [(42,)]
+        with pytest.raises(BadRequest) as ei:
+            await db.query("as_int", {"v": "forty-two"})
+        assert ei.value.code == "invalid_parameter_value" and ei.value.status == 400
+        assert (await db.query("as_int", {"v": "7"})).rows == [(7,)]  # the connection is fine
+
+
+async def test_idle_connections_heal_without_traffic(pg: str) -> None:
+    cfg = {"heal": {"driver": "postgres", "dsn": PG_DSN, "pool_size": 2, "health_interval_s": 0.2,
+                    "reconnect_backoff_initial_s": 0.02, "queries": {"one": {"sql": "SELECT 1 AS one"}}}}
+    async with running_bridge(cfg) as b:
+        db = b.database("heal")
+        old = list(db.sessions()[0])
+        await asyncio.to_thread(kill, "postgres", old)
+        # no query is sent: the idle workers' own health checks find the dead connections
+        assert await until(lambda: len(set(db.sessions()[0]) - set(old)) == 2 and sum(db.live()) == 2, timeout=5)
+        assert (await db.query("one")).rows == [(1,)]
