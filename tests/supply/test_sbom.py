@@ -338,3 +338,18 @@ def test_diff_reports_in_place_changes_and_upgrades(cdx: dict[str, Any], tmp_pat
     base.write_text(json.dumps(tampered))
     assert main(["sbom", "--diff", str(base), "--no-native", "--data-dir", str(tmp_path)]) == 1
     assert "library:packaging" in capsys.readouterr().out
+
+
+def test_models_come_from_the_configured_model_repository(tmp_path: Path) -> None:
+    from xcstack.config import load_settings
+    from xcstack.supply.cli import generate
+
+    repo = tmp_path / "repo" / "reranker"
+    repo.mkdir(parents=True)
+    (repo / "model.onnx").write_bytes(b"onnx" * 100)
+    (repo / "xcstack-model.json").write_text('{"license": "MIT", "name": "reranker"}')
+    settings = load_settings(None, data_dir=tmp_path / "data", inference={"model_repository": tmp_path / "repo"})
+    doc = json.loads(generate(settings, fmt="cyclonedx", native=False)["cyclonedx"])
+    model = next(c for c in doc["components"] if c["type"] == "machine-learning-model")
+    assert model["name"] == "reranker" and model["licenses"][0]["license"]["id"] == "MIT"
+    assert {f["name"] for f in model["components"]} == {"model.onnx", "xcstack-model.json"}

@@ -42,7 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                         "after importing the server's native modules")
     p.add_argument("--no-native", action="store_true", help="leave out loaded native libraries")
     p.add_argument("--files", action="store_true", default=None, help="embed every installed file's SHA-256")
-    p.add_argument("--data-dir", type=Path, default=None, help="override data_dir (models are read from it)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="override data_dir (models are then read from <DIR>/models); default: [inference] "
+                        "model_repository, else <data_dir>/models")
     p.add_argument("--sbom", dest="sbom_in", type=Path, default=None,
                    help="audit this CycloneDX JSON instead of generating one")
     p.add_argument("--audit", type=Path, default=None, metavar="DIR_OR_ZIP",
@@ -95,7 +97,10 @@ def generate(settings: Any, *, fmt: str = "both", pids: list[int] | None = None,
 
     sup = settings.supply
     t0 = time.perf_counter()
-    inv = collect(data_dir=data_dir if data_dir is not None else settings.data_dir, pids=pids, native=native,
+    repo = getattr(getattr(settings, "inference", None), "model_repository", None)
+    models_dir = repo if (repo is not None and data_dir is None) else None
+    inv = collect(data_dir=data_dir if data_dir is not None else settings.data_dir, models_dir=models_dir,
+                  pids=pids, native=native,
                   native_modules=sup.native_modules, author=sup.author, os_timeout=sup.os_query_timeout_s)
     for w in inv.warnings:
         print(f"xcstack sbom: note: {w}", file=sys.stderr)

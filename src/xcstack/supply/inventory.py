@@ -10,7 +10,8 @@ thread pool while package metadata is read):
 - the interpreter binary (SHA-256 and SM3);
 - the ELF objects mapped into a process (`/proc/<pid>/maps`), each hashed and attributed to the Python
   distribution whose RECORD lists it or to the OS package that owns it;
-- model files under `<data_dir>/models` (SHA-256, SM3, license from the model card/manifest);
+- model files of the model repository (`[inference] model_repository`, default `<data_dir>/models`):
+  SHA-256, SM3, license from the model card/manifest;
 - the platform (from xcstack.platform's probe).
 """
 
@@ -544,6 +545,7 @@ def default_author() -> str:
 def collect(
     *,
     data_dir: Path | None = None,
+    models_dir: Path | None = None,
     pids: Sequence[int] | None = None,
     native: bool = True,
     native_modules: Iterable[str] = (),
@@ -588,8 +590,9 @@ def collect(
         timings["native_discovery_s"] = time.perf_counter() - t0
         # model files
         model_jobs: list[tuple[str, Path, list[tuple[Path, Future[tuple[str, str | None, int, str]]]]]] = []
-        if data_dir is not None:
-            for name, mdir, files in model_dirs(Path(data_dir) / "models"):
+        mroot = models_dir if models_dir is not None else (Path(data_dir) / "models" if data_dir is not None else None)
+        if mroot is not None:
+            for name, mdir, files in model_dirs(mroot):
                 model_jobs.append((name, mdir, [(f, pool.submit(hash_file, f, True)) for f in files]))
         # distributions (main thread, while the pool hashes)
         t1 = time.perf_counter()
