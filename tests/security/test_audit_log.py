@@ -296,3 +296,20 @@ def test_fast_sm3_path_equals_the_crypto_adapter() -> None:
     h = rec._BASE.copy()
     h.update(b"abc")
     assert h.finalize().hex() == "66c7f0f462eeedd9d1f2d46bdc10e4e24167c4875cf2f7a2297da02b8f4ba8e0"
+
+
+async def test_bad_or_huge_detail_never_fails_the_batch(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path, AuditSettings(), chain="d")
+    await log.open()
+    seqs = await asyncio.gather(
+        log.append(actor="u", action="a", resource="r", outcome="success", detail={"x": object()}),
+        log.append(actor="u", action="a", resource="r", outcome="success", detail={"big": "y" * 200_000}),
+        log.append(actor="u", action="a", resource="r", outcome="success", detail={"ok": 1}),
+    )
+    await log.close()
+    assert len(set(seqs)) == 3
+    recs = {r["seq"]: r for _, p in list_segments(tmp_path / "d") for r in map(rec.loads, p.read_bytes().splitlines())}
+    assert "unserializable" in recs[seqs[0]]["detail"]
+    assert recs[seqs[1]]["detail"] == {"truncated": True, "size": recs[seqs[1]]["detail"]["size"]}
+    assert recs[seqs[2]]["detail"] == {"ok": 1}
+    assert (await verify_chain(tmp_path / "d")).ok

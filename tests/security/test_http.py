@@ -14,9 +14,10 @@ from typing import Any
 
 import pyotp
 import pytest
+from starlette.endpoints import HTTPEndpoint
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
 
 from xcstack.app import create_app
@@ -50,12 +51,24 @@ async def boom(request: Request) -> Response:
     raise RuntimeError("kaboom")
 
 
+class KeyEndpoint(HTTPEndpoint):
+    @requires("key:demo-key", "read")
+    async def get(self, request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+
+async def raw_asgi(scope: Any, receive: Any, send: Any) -> None:  # an opaque mounted app
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": b"raw"})
+
+
 class _Demo:
     name = "demo"
 
-    def routes(self) -> list[Route]:
+    def routes(self) -> list[Any]:
         return [Route("/v1/demo/marked", marked), Route("/v1/demo/plain", plain), Route("/v1/demo/fine", fine),
-                Route("/v1/demo/boom", boom)]
+                Route("/v1/demo/boom", boom), Route("/v1/demo/ep", KeyEndpoint),
+                Mount("/v1/demo/raw", app=raw_asgi)]
 
     async def start(self) -> None: ...
 
@@ -129,6 +142,8 @@ MATRIX: list[tuple[str, str, Any, dict[str, int]]] = [
     ("GET", "/v1/demo/marked", None, {"sys": 200, "llm": 200}),
     ("GET", "/v1/demo/plain", None, {"sys": 200, "llm": 200}),
     ("GET", "/v1/demo/fine", None, {"sys": 200}),
+    ("GET", "/v1/demo/ep", None, {"sys": 200}),  # HTTPEndpoint method mark: key:demo-key
+    ("GET", "/v1/demo/raw/any/thing", None, {"sys": 200, "llm": 200}),  # opaque Mount: route permission
 ]
 
 
@@ -160,7 +175,7 @@ def test_every_route_of_the_app_requires_authentication(client: TestClient) -> N
     from starlette.routing import Route as R
 
     for route in client.app.routes:  # type: ignore[attr-defined]
-        if not isinstance(route, R):
+        if not isinstance(route, R):  # Mounts: covered by the matrix
             continue
         path = route.path.replace("{name}", "x").replace("{id}", "x").replace("{action}", "disable")
         for method in route.methods or ["GET"]:

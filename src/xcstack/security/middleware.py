@@ -80,7 +80,10 @@ def _walk(routes: list[Any], scope: dict[str, Any], prefix: str) -> tuple[Any, s
         if isinstance(route, Mount):
             sub = dict(scope)
             sub.update(child)
-            found = _walk(list(route.routes), sub, prefix + route.path)
+            inner = list(route.routes)
+            if not inner:  # an opaque mounted ASGI app: its permission is the mount's, deny by default
+                return route.app, prefix + route.path + "/{path:path}"
+            found = _walk(inner, sub, prefix + route.path)
             if found is not None:
                 return found
             continue
@@ -158,7 +161,10 @@ class SecurityMiddleware:
                             code=code)
         if self_service:
             return
-        perm = permission_of(endpoint) or (f"route:{template}", method.lower())
+        perm = permission_of(endpoint)
+        if perm is None and isinstance(endpoint, type):  # HTTPEndpoint class: marks on get/post/...
+            perm = permission_of(getattr(endpoint, method.lower(), None))
+        perm = perm or (f"route:{template}", method.lower())
         if not await self.sec.service.is_allowed(principal, perm[0], perm[1]):
             DENIALS.labels("rbac").inc()
             await self.sec.service.audit(principal.name, "access.denied", perm[0], "denied", info,

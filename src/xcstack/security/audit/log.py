@@ -44,6 +44,7 @@ log = logging.getLogger("xcstack.security.audit")
 
 SEGMENT_RE = re.compile(r"^seg-(\d{12})\.log$")
 CHECKPOINTS = "checkpoints.log"
+MAX_RECORD_BYTES = 64 * 1024
 
 
 class AuditUnavailable(Overloaded):
@@ -342,6 +343,22 @@ class AuditLog:
                 del self._pending[: self.settings.max_batch]
             self._commit(batch)
 
+    def _encode(self, r: dict[str, Any], prev: bytes) -> tuple[bytes, bytes]:
+        """Encode one record; a detail that is not JSON or too large is replaced (never fail a batch)."""
+        try:
+            line, digest = rec.encode(r, prev)
+        except (TypeError, ValueError) as exc:
+            r["detail"] = {"unserializable": f"{exc.__class__.__name__}: {str(exc)[:200]}"}
+            line, digest = rec.encode(r, prev)
+        if len(line) > MAX_RECORD_BYTES:
+            size = len(line)
+            r["detail"] = {"truncated": True, "size": size}
+            for k in ("resource", "actor", "action", "outcome", "ip", "request_id"):
+                if isinstance(r.get(k), str) and len(r[k]) > 1024:
+                    r[k] = r[k][:1024] + "…"
+            line, digest = rec.encode(r, prev)
+        return line, digest
+
     def _write_all(self, data: bytes) -> None:
         assert self._fd is not None
         view = memoryview(data)
@@ -374,7 +391,7 @@ class AuditLog:
                 r["seq"] = seq
                 r["ts"] = ts
                 r["chain"] = self.chain
-                line, prev = rec.encode(r, prev)
+                line, prev = self._encode(r, prev)
                 chunks.append(line)
                 size += len(line)
                 outcome.append(seq)
