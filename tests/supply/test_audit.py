@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import zipfile
 from pathlib import Path
@@ -132,6 +133,27 @@ def test_versions_list_and_withdrawn_and_other_ecosystems(tmp_path: Path) -> Non
            "purl": "pkg:deb/debian/libdemo1@1.2-1~deb12u1?arch=amd64&distro=debian-12"}
     rep = audit_document(sbom(lib("listed", "1.5"), lib("listed2", "1.5"), lib("gone", "1.0"), deb), db)
     assert sorted(f.advisory_id for f in rep.findings) == ["DSA-9999-1", "PYSEC-2099-1"]
+
+
+def test_os_packages_match_advisories_by_source_package(tmp_path: Path) -> None:
+    """Debian's OSV records name the source package (openssl), the SBOM the binary one (libssl3)."""
+    write_osv_layout(tmp_path, [advisory("DSA-9998-1", "openssl", [{"introduced": "0"}, {"fixed": "3.0.15-1~deb12u1"}],
+                                         eco="Debian:12")], ecosystem="Debian")  # fmt: skip
+    write_osv_layout(tmp_path, [advisory("OESA-2099-1", "openssl", [{"introduced": "0"}, {"fixed": "3.0.12-6.oe2203"}],
+                                         eco="openEuler:22.03-LTS")], ecosystem="openEuler")  # fmt: skip
+    db = AdvisoryDB.load(tmp_path)
+    deb = {"type": "library", "name": "libssl3", "version": "3.0.11-1~deb12u2", "bom-ref": "d",
+           "purl": "pkg:deb/debian/libssl3@3.0.11-1~deb12u2?arch=amd64&distro=debian-12",
+           "properties": [{"name": "xcstack:source-package", "value": "openssl"}]}
+    rpm = {"type": "library", "name": "openssl-libs", "version": "3.0.12-5.oe2203", "bom-ref": "r",
+           "purl": "pkg:rpm/openeuler/openssl-libs@3.0.12-5.oe2203?arch=x86_64&distro=openeuler-22.03",
+           "properties": [{"name": "xcstack:source-package", "value": "openssl-3.0.12-5.oe2203.src.rpm"}]}
+    rep = audit_document(sbom(deb, rpm), db)
+    assert sorted(f.advisory_id for f in rep.findings) == ["DSA-9998-1", "OESA-2099-1"]
+    fixed = copy.deepcopy(deb)
+    fixed["version"] = "3.0.15-1~deb12u1"
+    fixed["purl"] = "pkg:deb/debian/libssl3@3.0.15-1~deb12u1?arch=amd64&distro=debian-12"
+    assert audit_document(sbom(fixed), db).findings == []
 
 
 def test_only_needed_ecosystems_are_loaded(tmp_path: Path) -> None:

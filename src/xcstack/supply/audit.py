@@ -147,6 +147,10 @@ def audit_document(
             comp = purl_component(str(c.get("bom-ref") or purl), str(purl), lic_text)
             if comp is not None:
                 comps.append(comp)
+                src = source_package(c)
+                if src and src != comp.name:
+                    # Debian/openEuler advisories name the source package (openssl), not the binary (libssl3)
+                    comps.append(Component(comp.ref, comp.purl, comp.ecosystem, src, comp.version, lic_text))
         if policy is not None and c.get("type") != "file" and (purl or c.get("type") == "machine-learning-model"):
             if license_scope == "packages" and c.get("type") in {"operating-system", "platform"}:
                 continue
@@ -171,6 +175,19 @@ def audit_document(
                 else:
                     report.findings.append(f)
     return report
+
+
+def source_package(c: dict[str, Any]) -> str | None:
+    """The source package of an OS package component (property `xcstack:source-package`: a Debian source
+    name, or an RPM's SOURCERPM file name such as openssl-3.0.12-5.oe2203.src.rpm)."""
+    for prop in c.get("properties") or []:
+        if prop.get("name") == "xcstack:source-package" and prop.get("value"):
+            value = str(prop["value"]).split()[0]
+            if value.endswith(".src.rpm"):
+                parts = value[: -len(".src.rpm")].rsplit("-", 2)
+                return parts[0] if len(parts) == 3 else None
+            return value
+    return None
 
 
 def _info(text: str | None) -> LicenseInfo:
