@@ -101,6 +101,11 @@ async def test_bad_parameters_are_400(sqlite_path: str, params: dict[str, Any], 
 
 async def test_unknown_names_are_404(sqlite_path: str) -> None:
     async with running_bridge(db_cfg(sqlite_path, pool_size=1)) as b:
+        await b.query("lite/setup")  # the "database/query" form
+        assert (await b.query("lite/get", {"k": "none"})).rows == []
+        with pytest.raises(BadRequest) as bad:
+            await b.database("lite").stream("put", {"k": "a", "v": 1})  # writes never stream
+        assert bad.value.code == "not_streamable"
         with pytest.raises(NotFound) as ei:
             await b.query("lite", "nope")
         assert ei.value.code == "unknown_query"

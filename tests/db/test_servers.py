@@ -225,7 +225,8 @@ async def test_value_rejected_by_database_is_400(pg: str, kind: str) -> None:
     if kind == "kingbase":
         pytest.importorskip("ksycopg2")
     cfg = {f"v{kind}": {"driver": kind, "dsn": PG_DSN, "pool_size": 1, "queries": {
-        "as_int": {"sql": "SELECT CAST(:v AS int) AS n", "params": {"v": {"type": "str"}}}}}}
+        "as_int": {"sql": "SELECT CAST(:v AS int) AS n", "params": {"v": {"type": "str"}}},
+        "setting": {"sql": "SELECT current_setting('statement_timeout') AS t"}}}}
     async with running_bridge(cfg) as b:
         db = b.database(f"v{kind}")
         assert (await db.query("as_int", {"v": "42"})).rows == [(42,)]
@@ -233,6 +234,8 @@ async def test_value_rejected_by_database_is_400(pg: str, kind: str) -> None:
             await db.query("as_int", {"v": "forty-two"})
         assert ei.value.code == "invalid_parameter_value" and ei.value.status == 400
         assert (await db.query("as_int", {"v": "7"})).rows == [(7,)]  # the connection is fine
+        # a server-side statement_timeout backs the bridge's own timeouts (if the process dies mid-query)
+        assert (await db.query("setting")).rows[0][0] not in ("0", "0ms", "")
 
 
 async def test_idle_connections_heal_without_traffic(pg: str) -> None:

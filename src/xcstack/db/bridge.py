@@ -737,8 +737,8 @@ class Database:
         server only when the consumer asks for it (backpressure). Closing the stream early cancels
         the statement and discards the connection. Errors before the first row raise here."""
         q = self.query_named(name)
-        if len(q.statements) != 1:
-            raise BadRequest(f"query {self.name}/{name} is a transaction; it cannot stream", code="not_streamable")
+        if len(q.statements) != 1 or not q.read_only:
+            raise BadRequest(f"query {self.name}/{name} writes; only read-only queries stream", code="not_streamable")
         values = q.validate(params)
         pool = self._pool_for(q, values)
         t = timeout or q.timeout_s
@@ -918,7 +918,14 @@ class Bridge:
             raise dberr.unknown_database(name)
         return db
 
-    async def query(self, database: str, name: str, params: Any = None, *, timeout: float | None = None) -> QueryResult:
+    async def query(
+        self, database: str, name: Any = None, params: Any = None, *, timeout: float | None = None
+    ) -> QueryResult:
+        """`query("main", "user_by_id", {"id": 1})` or `query("main/user_by_id", {"id": 1})`."""
+        if (name is None or isinstance(name, dict)) and "/" in database:
+            database, name, params = *database.split("/", 1), name
+        if not isinstance(name, str):
+            raise dberr.unknown_query(database, str(name))
         return await self.database(database).query(name, params, timeout=timeout)
 
     async def start(self, wait: float = 5.0) -> None:

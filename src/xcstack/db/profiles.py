@@ -273,6 +273,7 @@ class PostgresProfile(DriverProfile):
             autocommit=True,
             connect_timeout=max(2, int(connect_timeout + 0.999)),
             application_name=app_name,
+            **_server_timeout_option(dsn, io_timeout),
             keepalives=1,
             keepalives_idle=30,
             keepalives_interval=10,
@@ -357,6 +358,15 @@ def _abort_stream(conn: Any, cur: Any) -> None:
         pass
 
 
+def _server_timeout_option(dsn: str, seconds: float) -> dict[str, str]:
+    """A server-side statement_timeout above every query's own timeout: if this process dies
+    mid-query (no one left to cancel), the server still stops the statement. A DSN that sets its
+    own `options` keeps them."""
+    if "options" in dsn:
+        return {}
+    return {"options": f"-c statement_timeout={int(seconds * 1000)}"}
+
+
 # --- KingbaseES (ksycopg2, psycopg2-compatible) ------------------------------------------------
 class KingbaseProfile(DriverProfile):
     name = "kingbase"
@@ -370,6 +380,7 @@ class KingbaseProfile(DriverProfile):
             dsn,
             connect_timeout=max(2, int(connect_timeout + 0.999)),
             application_name=app_name,
+            **_server_timeout_option(dsn, io_timeout),
             keepalives=1,
             keepalives_idle=30,
             keepalives_interval=10,
