@@ -158,12 +158,80 @@ async def bench_jsonl(path: Path, records: int, writers: int) -> float:
     return per * writers / elapsed
 
 
+async def bench_requests(data_dir: Path, secured: bool, requests: int, concurrency: int) -> float:
+    """Requests/s through the real app (ASGI calls, no HTTP server) to a trivial route: without the
+    security capability, and with it (API-key auth + RBAC + a durable api.call audit record each)."""
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from xcstack.app import create_app
+    from xcstack.config import load_settings
+    from xcstack.security.service import SYSTEM
+
+    async def ok(request: object) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    class Demo:
+        name = "benchdemo"
+
+        def routes(self) -> list[Route]:
+            return [Route("/v1/bench", ok)]
+
+        async def start(self) -> None: ...
+
+        async def stop(self) -> None: ...
+
+        async def ready(self) -> tuple[bool, str]:
+            return True, ""
+
+    mod = type(sys)("xc_bench_demo")
+    mod.create = lambda ctx: Demo()  # type: ignore[attr-defined]
+    sys.modules["xc_bench_demo"] = mod
+    settings = load_settings(None, data_dir=data_dir, crypto={"enabled": False},
+                             security={"enabled": secured})
+    app = create_app(settings, ["xcstack.security.capability", "xc_bench_demo"])
+    headers: list[tuple[bytes, bytes]] = []
+    async with app.router.lifespan_context(app):
+        if secured:
+            cap = next(c for c in app.state.xc.capabilities if c.name == "security")
+            await cap.service.create_role(SYSTEM, "bench", [("route:/v1/bench", "get")])
+            await cap.service.create_user(SYSTEM, "bench-owner", [], kind="service", password="Bench-Pass-123!")
+            owner = await cap.service.authenticate((await cap.service.login("bench-owner", "Bench-Pass-123!"))["token"])
+            key = await cap.service.create_api_key(owner, "bench", ["bench"])
+            headers = [(b"authorization", f"Bearer {key['key']}".encode())]
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+                 "scheme": "http", "path": "/v1/bench", "raw_path": b"/v1/bench", "query_string": b"",
+                 "root_path": "", "headers": headers, "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 80)}
+        statuses: list[int] = []
+
+        async def one() -> None:
+            async def receive() -> dict[str, object]:
+                return {"type": "http.request", "body": b"", "more_body": False}
+
+            async def send(msg: dict[str, object]) -> None:
+                if msg["type"] == "http.response.start":
+                    statuses.append(int(msg["status"]))  # type: ignore[call-overload]
+
+            await app(dict(scope), receive, send)
+
+        async def worker(n: int) -> None:
+            for _ in range(n):
+                await one()
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*[worker(requests // concurrency) for _ in range(concurrency)])
+        elapsed = time.perf_counter() - t0
+        assert set(statuses) == {200}, set(statuses)
+    return len(statuses) / elapsed
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--records", type=int, default=100_000, help="per round")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     ap.add_argument("--writers", type=int, default=64)
     ap.add_argument("--sqlite-records", type=int, default=3_000, help="per-record-commit SQLite is slow")
+    ap.add_argument("--requests", type=int, default=20_000, help="for the per-request overhead rows")
     ap.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     args = ap.parse_args()
     xs: list[tuple[float, float, float, int]] = []
@@ -180,6 +248,8 @@ def main() -> None:
             cpu_v.append(CPU["verify_us"])
             sqs.append(bench_sqlite(root / f"g{r}.db", args.records, args.writers, group=True))
         sq_each = bench_sqlite(root / "e.db", args.sqlite_records, args.writers, group=False)
+        plain_rps = asyncio.run(bench_requests(root / "req-plain", False, args.requests, args.writers))
+        secured_rps = asyncio.run(bench_requests(root / "req-secured", True, args.requests, args.writers))
         jl = asyncio.run(bench_jsonl(root / "plain.jsonl", args.records, args.writers))
 
     def med(v: list[float]) -> float:
@@ -225,6 +295,14 @@ commit-per-record.
 Verify ({n:,} records, one chain):
 
 {table(["verify", "records/s (median)", "range"], verify_rows)}
+
+Per-request cost of the security layer ({args.requests:,} ASGI calls from {args.writers} concurrent
+tasks to a trivial route, no HTTP server, one process):
+
+{table(["app", "requests/s", "µs per request"], [
+    ["without the security capability", f"{plain_rps:,.0f}", f"{1e6 / plain_rps:,.0f}"],
+    ["with it: API key + RBAC + durable `api.call` record", f"{secured_rps:,.0f}", f"{1e6 / secured_rps:,.0f}"],
+])}
 
 CPU cost (process time, all threads; robust to a busy machine): {CPU["append_us"]:.1f} µs per durable
 append (= {1e6 / CPU["append_us"]:,.0f} appends per CPU-second), {CPU["verify_us"]:.1f} µs per verified record

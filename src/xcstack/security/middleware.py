@@ -60,12 +60,28 @@ def bearer(scope: Scope) -> str | None:
     return None
 
 
+_ROUTE_CACHE: dict[tuple[int, str, str, str, str], tuple[Any, str] | None] = {}
+_ROUTE_CACHE_MAX = 4096
+
+
 def resolve_route(app: Any, scope: Scope) -> tuple[Any, str] | None:
-    """(endpoint, path template) of the route Starlette's router would choose, or None."""
+    """(endpoint, path template) of the route Starlette's router would choose, or None.
+
+    Cached per (app, type, method, root_path, path): routes do not change while an app runs, and
+    the walk costs about as much as the router's own matching."""
+    key = (id(app), scope["type"], scope.get("method", ""), scope.get("root_path", ""), scope["path"])
+    try:
+        return _ROUTE_CACHE[key]
+    except KeyError:
+        pass
     routes = getattr(getattr(app, "router", None), "routes", None)
     if routes is None:
         routes = getattr(app, "routes", None)
-    return _walk(routes or [], dict(scope), "")
+    found = _walk(routes or [], dict(scope), "")
+    if len(_ROUTE_CACHE) >= _ROUTE_CACHE_MAX:
+        _ROUTE_CACHE.clear()
+    _ROUTE_CACHE[key] = found
+    return found
 
 
 def _walk(routes: list[Any], scope: dict[str, Any], prefix: str) -> tuple[Any, str] | None:
