@@ -22,7 +22,7 @@ from xcstack.inference import metrics
 from xcstack.inference.core import CoreError, WorkerCore
 from xcstack.inference.repository import ModelRepository
 from xcstack.inference.settings import InferenceSettings
-from xcstack.inference.tensors import pack, unpack
+from xcstack.inference.tensors import encode_bytes_tensor, pack, unpack
 
 log = logging.getLogger("xcstack.inference")
 
@@ -164,8 +164,10 @@ class ProcessBackend:
         return True, f"{self.total} model worker(s), {len(self.holders)} model(s)"
 
     async def embed(self, model: str, texts: Sequence[str], timeout: float) -> tuple[np.ndarray, int]:
+        # texts travel in the payload (BYTES layout), never in the msgpack meta, whose size is capped
+        raw = encode_bytes_tensor(np.array([t.encode("utf-8", "surrogatepass") for t in texts], dtype=object))
         meta, payload = await self._call(
-            model, "embed", {"model": model, "texts": list(texts), "timeout": timeout}, b"", timeout
+            model, "embed", {"model": model, "count": len(texts), "timeout": timeout}, raw, timeout
         )
         arr = np.frombuffer(payload, dtype="<f4").reshape(meta["shape"])
         return arr, int(meta["tokens"])

@@ -19,7 +19,7 @@ from xcstack.inference.batcher import Batcher, BatcherError, Item
 from xcstack.inference.repository import ModelConfig, ModelRepository
 from xcstack.inference.runtime import LEDGER, ModelLoadError, OrtModel
 from xcstack.inference.settings import InferenceSettings
-from xcstack.inference.tensors import pack, unpack
+from xcstack.inference.tensors import decode_bytes_tensor, pack, unpack
 
 log = logging.getLogger("xcstack.inference")
 
@@ -219,7 +219,11 @@ class WorkerCore:
         op = meta.get("op")
         try:
             if op == "embed":
-                texts = [str(t) for t in meta["texts"]]
+                if "texts" in meta:
+                    texts = [str(t) for t in meta["texts"]]
+                else:
+                    elems = decode_bytes_tensor(payload, int(meta["count"]), "texts")
+                    texts = [b.decode("utf-8", "replace") for b in elems]
                 arr, tokens = await self.embed(str(meta["model"]), texts, float(meta.get("timeout", 30.0)))
                 arr = np.ascontiguousarray(arr, dtype=np.float32)
                 return {"shape": list(arr.shape), "tokens": tokens}, arr.tobytes()
