@@ -22,6 +22,7 @@ from xcstack.inference.settings import InferenceSettings
 from xcstack.inference.tensors import decode_bytes_tensor, pack, unpack
 
 log = logging.getLogger("xcstack.inference")
+TOKENIZE_OFFLOAD_CHARS = 64 * 1024
 
 
 class CoreError(Exception):
@@ -163,7 +164,10 @@ class WorkerCore:
         loaded = self._get(name)
         if loaded.model.tokenizer is None:
             raise CoreError("not_an_embedding_model", f"model {name} has no tokenizer; use /v2/models/{name}/infer")
-        seqs = loaded.model.tokenize(texts)
+        if sum(len(t) for t in texts) > TOKENIZE_OFFLOAD_CHARS:  # big inputs: keep the worker loop responsive
+            seqs = await asyncio.to_thread(loaded.model.tokenize, texts)
+        else:
+            seqs = loaded.model.tokenize(texts)
         tokens = sum(len(s) for s in seqs)
         entries = [(1, len(s), s) for s in seqs]
         job = self._submit(loaded, entries, timeout, None)
