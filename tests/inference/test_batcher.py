@@ -234,3 +234,15 @@ async def test_close_fails_queued_work_with_retriable_error() -> None:
         with pytest.raises(Exception) as info:
             await job.future
         assert getattr(info.value, "retriable", False)
+
+
+async def test_request_larger_than_the_queue_is_not_retriable() -> None:
+    from xcstack.inference.batcher import RequestTooLarge
+
+    b = make(Recorder(), max_queue=3)
+    try:
+        with pytest.raises(RequestTooLarge) as info:
+            b.submit([(1, 1, i) for i in range(4)], far())
+        assert not info.value.retriable
+    finally:
+        await b.close()

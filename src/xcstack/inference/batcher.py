@@ -42,6 +42,10 @@ class QueueFull(BatcherError):
     retriable = True
 
 
+class RequestTooLarge(BatcherError):
+    code = "request_too_large"
+
+
 class DeadlineExceeded(BatcherError):
     code = "deadline_exceeded"
     retriable = True
@@ -178,6 +182,10 @@ class Batcher:
         if self._closed:
             raise BatcherClosed(f"model {self.name} is unloading")
         rows = sum(e[0] for e in entries)
+        if rows > self.params.max_queue:  # would never fit: not a retriable overload
+            raise RequestTooLarge(
+                f"model {self.name}: {rows} rows in one request; the model's queue holds {self.params.max_queue}"
+            )
         if self._queued_rows + rows > self.params.max_queue:
             metrics.DROPPED.labels(self.name, "queue_full").inc(rows)
             raise QueueFull(

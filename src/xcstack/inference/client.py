@@ -32,7 +32,7 @@ def http_error(code: str, message: str, retriable: bool, retry_after: float = 1.
         return NotFound(message, code="model_not_found")
     if code in ("deadline_exceeded",):
         return GatewayTimeout(message, code="inference_timeout")
-    if code in ("not_an_embedding_model", "bad_input"):
+    if code in ("not_an_embedding_model", "bad_input", "request_too_large"):
         return BadRequest(message, code=code)
     if code == "batch_failed":
         return XCError(message, code="inference_failed", status=500)

@@ -22,7 +22,7 @@ class BatchingDefaults(BaseModel):
         " arrive during a run form the next batch), >0 trades latency for bigger batches under sparse load",
     )
     token_budget: int = Field(8192, ge=16, le=1_048_576, description="text: longest sequence x rows per run")
-    max_queue: int = Field(1024, ge=1, le=1_000_000, description="queued rows per model; full -> 503 at once")
+    max_queue: int = Field(4096, ge=1, le=1_000_000, description="queued rows per model; full -> 503 at once")
 
 
 class InferenceSettings(BaseModel):
