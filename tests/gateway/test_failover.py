@@ -190,3 +190,25 @@ def test_readyz_reflects_upstream_health(gateway_factory: Any, mock: MockUpstrea
     r = httpx.get(gw.url + "/readyz")
     assert r.status_code == 503
     assert "mock-model" in r.json()["checks"]["gateway"]["detail"]
+
+
+def test_upstream_process_killed_mid_stream(gateway_factory: Any, mock: MockUpstream) -> None:
+    victim = MockUpstream("victim")
+    try:
+        gw = gateway_factory([upstream(victim)])
+        with httpx.stream("POST", gw.base_url + "/chat/completions",
+                          json={**BODY, "max_tokens": 1000, "stream": True, "mock": {"tokens_per_s": 50}}) as r:
+            lines = r.iter_lines()
+            seen = [next(lines) for _ in range(4)]
+            assert any("xxx" in s for s in seen)
+            victim.proc.kill()  # SIGKILL the upstream while it streams
+            rest = list(lines)
+        events = [s for s in rest if s.startswith("data:")]
+        assert events[-1] == "data: [DONE]" and "stream_interrupted" in events[-2]
+        assert gw.wait_idle() == 0
+        # and with the only upstream dead, new requests fail fast with 503
+        t = time.monotonic()
+        r2 = httpx.post(gw.base_url + "/chat/completions", json=BODY)
+        assert r2.status_code == 503 and time.monotonic() - t < 1
+    finally:
+        victim.stop()
