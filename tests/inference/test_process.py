@@ -116,9 +116,17 @@ def test_killed_worker_gives_retriable_503_then_recovers(process_stack: Any) -> 
         under_load = await task
         elapsed = time.monotonic() - t0
         down = await load(8)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{server.url}/v2/models/{MODEL}/ready") as r:
+                assert r.status == 503  # no worker holds it now
+            async with s.get(f"{server.url}/v2/health/ready") as r:
+                assert r.status == 503
         await asyncio.to_thread(workers.start, 0)  # respawned (the supervisor's job in production)
         await asyncio.to_thread(workers.start, 1)
         up = await load(8)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{server.url}/v2/models/{MODEL}/ready") as r:
+                assert r.status == 200
         return under_load, elapsed, down, up
 
     under_load, elapsed, down, up = asyncio.run(scenario())

@@ -72,13 +72,6 @@ class InferenceCapability:
             return True, f"no model in {self.repo.root} (run: xcstack model import-default)"
         return await self.backend.ready()
 
-    def loaded_models(self) -> set[str]:
-        if isinstance(self.backend, InlineBackend):
-            return set(self.backend.core.models)
-        if isinstance(self.backend, ProcessBackend):
-            return set(self.backend.holders)
-        return {m.name for m in self.repo.models()}
-
     # --- services --------------------------------------------------------------------------------
     def _embedding_model(self, name: str | None) -> str:
         model = name or self.settings.default_embedding_model

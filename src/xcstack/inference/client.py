@@ -48,6 +48,8 @@ class Backend(Protocol):
 
     async def ready(self) -> tuple[bool, str]: ...
 
+    async def model_ready(self, model: str) -> bool: ...
+
     async def embed(self, model: str, texts: Sequence[str], timeout: float) -> tuple[np.ndarray, int]: ...
 
     async def infer(
@@ -68,6 +70,9 @@ class InlineBackend:
 
     async def stop(self) -> None:
         await self.core.close()
+
+    async def model_ready(self, model: str) -> bool:
+        return model in self.core.models
 
     async def ready(self) -> tuple[bool, str]:
         if self.core.errors and not self.core.models:
@@ -162,6 +167,19 @@ class ProcessBackend:
         if down:
             return False, "; ".join(down)
         return True, f"{self.total} model worker(s), {len(self.holders)} model(s)"
+
+    async def model_ready(self, model: str) -> bool:
+        """True when at least one worker holding `model` answers and has it loaded."""
+        from xcstack.ipc.channel import IPCError
+
+        for idx in self.holders.get(model, []):
+            try:
+                meta, _ = await self.clients[idx].call("health", {}, timeout=1.0)
+            except IPCError:
+                continue
+            if model in meta.get("models", {}):
+                return True
+        return False
 
     async def embed(self, model: str, texts: Sequence[str], timeout: float) -> tuple[np.ndarray, int]:
         # texts travel in the payload (BYTES layout), never in the msgpack meta, whose size is capped

@@ -115,7 +115,7 @@ class InferenceRoutes:
     @kserve_errors
     async def model_ready(self, request: Request) -> Response:
         cfg = self._config(request)
-        ok = cfg.name in self.cap.loaded_models()
+        ok = await self.cap.backend.model_ready(cfg.name)
         return JSONResponse({"name": cfg.name, "ready": ok}, status_code=200 if ok else 503)
 
     @requires("inference", "read")
