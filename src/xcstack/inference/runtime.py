@@ -186,7 +186,10 @@ class OrtModel:
                 io.bind_output(name, _ORT_DEVICE[self.kind], self.device_id)
             self.session.run_with_iobinding(io)
             values = [bufs.adopt(v) for v in io.get_outputs()]
-            result = {name: np.array(v.numpy(), copy=True) for name, v in zip(names, values, strict=True)}
+            if self.kind == "cpu":
+                result = {name: np.array(v.numpy(), copy=True) for name, v in zip(names, values, strict=True)}
+            else:  # device memory: one explicit device-to-host copy per output
+                result = dict(zip(names, io.copy_outputs_to_cpu(), strict=True))
             io.clear_binding_inputs()
             io.clear_binding_outputs()
             del values, io
