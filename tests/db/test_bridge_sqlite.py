@@ -354,3 +354,16 @@ async def test_worker_threads_stop(sqlite_path: str) -> None:
     await asyncio.sleep(0.1)
     left = {t.name for t in threading.enumerate() if t.is_alive()} - before
     assert not [n for n in left if n.startswith("xc-db-lite")], left
+
+
+async def test_stream_consumer_idle_too_long(sqlite_path: str) -> None:
+    async with running_bridge(db_cfg(sqlite_path, pool_size=1, stream_batch_rows=10, stream_idle_timeout_s=0.2)) as b:
+        db = b.database("lite")
+        await db.query("setup")
+        stream = await db.stream("seq", {"upto": 100})
+        assert len(await stream.__anext__()) == 10
+        await asyncio.sleep(0.5)
+        with pytest.raises(GatewayTimeout) as ei:
+            await stream.__anext__()
+        assert ei.value.code == "stream_idle_timeout"
+        assert (await db.query("seq", {"upto": 2})).rows == [(1,), (2,)]  # the worker is back

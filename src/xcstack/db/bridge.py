@@ -39,7 +39,7 @@ from xcstack.db.profiles import DriverProfile, ErrorKind, Row, get_profile
 from xcstack.db.queries import NamedQuery
 from xcstack.db.settings import DatabaseSettings, DbSettings
 from xcstack.db.sqlparams import CompiledSQL
-from xcstack.errors import BadRequest, XCError
+from xcstack.errors import BadRequest, GatewayTimeout, XCError
 
 log = logging.getLogger("xcstack.db")
 
@@ -496,7 +496,7 @@ class _Pool:
         fut: asyncio.Future[Any] = loop.create_future()
         job.fut = fut
         if target is None:
-            if self.live == 0 and (self.down or self.stopping.is_set()):
+            if self.stopping.is_set() or (self.live == 0 and self.down):
                 m.REJECTS.labels(self.database, "unavailable").inc()
                 raise dberr.unavailable(self.database, self.cfg.reconnect_backoff_max_s)
             with self.lock:
@@ -801,6 +801,11 @@ class RowStream:
             await self.aclose()
             raise StopAsyncIteration
         pool, job = self.pool, self.job
+        if job.state != RUNNING:  # the worker gave up on a consumer idle past stream_idle_timeout_s
+            await self.aclose()
+            raise GatewayTimeout(
+                f"stream {self.db.name}/{self.query.name} was idle longer than "
+                f"{self.db.cfg.stream_idle_timeout_s:g}s and was closed", code="stream_idle_timeout")
         loop = pool.loop
         assert loop is not None and job.stream_credits is not None
         fut: asyncio.Future[Any] = loop.create_future()
