@@ -132,12 +132,12 @@ class GatewayServer:
     """create_app(settings) with only the gateway capability, served by uvicorn (uvloop,
     httptools) on 127.0.0.1 in a background thread with its own event loop."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, modules: list[str] | None = None) -> None:
         from xcstack.app import create_app
 
         self.settings = settings
         self.port = free_port()
-        self.app = create_app(settings, capability_modules=[GATEWAY_CAP])
+        self.app = create_app(settings, capability_modules=modules or [GATEWAY_CAP])
         self.server = uvicorn.Server(uvicorn.Config(
             self.app, host="127.0.0.1", port=self.port, loop="none", http="httptools", lifespan="on",
             log_level="warning", access_log=False, timeout_keep_alive=30, backlog=4096,
@@ -167,7 +167,10 @@ class GatewayServer:
 
     @property
     def capability(self) -> Any:
-        return self.app.state.xc.capabilities[0]
+        return next(c for c in self.app.state.xc.capabilities if c.name == "gateway")
+
+    def cap(self, name: str) -> Any:
+        return next(c for c in self.app.state.xc.capabilities if c.name == name)
 
     @property
     def service(self) -> Any:

@@ -28,6 +28,7 @@ from xcstack.gateway.service import ENDPOINTS, GatewayService, _Stop, key_id
 from xcstack.gateway.settings import JobSettings
 from xcstack.gateway.watchdog import Watchdog
 from xcstack.httputil import JSONResponse, dumps, loads, read_json
+from xcstack.security.guard import authorize
 from xcstack.state.store import StateStore, Tx
 
 log = logging.getLogger("xcstack.gateway.jobs")
@@ -265,7 +266,7 @@ class JobManager:
             metrics.JOBS.labels(status).inc()
 
     # -- API ------------------------------------------------------------------------------------
-    async def submit(self, owner: str, data: Any) -> dict[str, Any]:
+    async def submit(self, owner: str, data: Any, request: Request | None = None) -> dict[str, Any]:
         from xcstack.httputil import parse_model
 
         req = parse_model(data, p.JobCreate)
@@ -277,6 +278,8 @@ class JobManager:
         if not self.service.router.has(pr.model, endpoint.path == "/v1/embeddings"):
             raise NotFound(f"model {pr.model!r} is not served by an upstream; see GET /v1/models",
                            code=p.MODEL_NOT_FOUND, param="body.model")
+        if request is not None:
+            await authorize(request, f"model:{pr.model}", "invoke")
         await self.service.limiter.check(owner, pr.estimate)
         now = time.time()
         job_id = "job_" + secrets.token_hex(12)
@@ -343,7 +346,7 @@ class JobManager:
         @_json_errors
         async def create_job(request: Request) -> Response:
             data = await read_json(request)
-            job = await self.submit(key_id(request.scope), data)
+            job = await self.submit(key_id(request.scope), data, request)
             return JSONResponse(job, status_code=202, headers={"Location": f"/v1/jobs/{job['id']}"})
 
         @_json_errors
@@ -358,8 +361,6 @@ class JobManager:
         async def list_jobs(request: Request) -> Response:
             return JSONResponse({"object": "list", "data": await self.list_jobs(key_id(request.scope))})
 
-        for fn, action in ((create_job, "invoke"), (get_job, "read"), (delete_job, "invoke"), (list_jobs, "read")):
-            fn.__xc_permission__ = ("gateway", action)  # type: ignore[attr-defined]
         return [
             Route("/v1/jobs", create_job, methods=["POST"]),
             Route("/v1/jobs", list_jobs, methods=["GET"]),

@@ -2,6 +2,10 @@
 
 The generation endpoints are raw ASGI apps (not `request_response` functions) so the service
 controls the body read, `http.disconnect` watching and the streamed `send` itself.
+
+Permissions: the routes carry no `@requires` mark, so the security middleware checks the route
+permission (`route:/v1/chat/completions`, `post`, ...); the gateway then checks the model itself
+with `authorize(request, "model:<name>", "invoke")` (also when a job is submitted).
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ class ProxyEndpoint:
     def __init__(self, service: GatewayService, endpoint: Endpoint) -> None:
         self.service = service
         self.endpoint = endpoint
-        self.__xc_permission__ = ("gateway", "invoke")  # read by the security middleware
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.service.handle(self.endpoint, scope, receive, send)
@@ -35,8 +38,6 @@ class ProxyEndpoint:
 def build_routes(service: GatewayService, jobs: JobManager | None) -> list[BaseRoute]:
     async def list_models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": service.list_models()})
-
-    list_models.__xc_permission__ = ("gateway", "read")  # type: ignore[attr-defined]
 
     routes: list[BaseRoute] = [
         Route(path, ProxyEndpoint(service, ep), methods=["POST"]) for path, ep in ENDPOINTS.items()

@@ -251,6 +251,7 @@ class GatewayService:
         except ClientGone:
             metrics.DISCONNECTS.labels(endpoint.label).inc()
             self._count(endpoint.label, "-", 499)
+            scope["xc.client_disconnected"] = True  # for outer layers: no response was sent on purpose
             return
         except XCError as err:
             self._count(endpoint.label, "-", err.status)
@@ -269,6 +270,8 @@ class GatewayService:
             self.gate.release()  # first, and without awaiting: nothing can skip it
             metrics.IN_FLIGHT.dec()
             self._count(endpoint.label, pr.model, status)
+            if status == 499:
+                scope["xc.client_disconnected"] = True  # for outer layers: no response was sent on purpose
             await wd.close()
 
     async def _authorize(self, scope: Scope, receive: Receive, model: str) -> None:
