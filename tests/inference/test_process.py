@@ -94,8 +94,12 @@ def test_concurrent_requests_are_batched_across_workers(process_stack: Any) -> N
     lag = server.app.state.xc.lag
     lag.samples.clear()
     assert asyncio.run(go()) == [200] * 64
-    # nothing in the http path blocks the loop (generous bound: the client shares this process's GIL)
-    assert lag.percentile(0.99) < 0.1, sorted(lag.samples)[-5:]
+    # nothing in the http path blocks the loop. Generous bounds: the load generator shares this process's
+    # GIL and the machine is shared, so one scheduling hiccup is tolerated (bench/embeddings.py measures
+    # the lag of a real http worker process).
+    samples = sorted(lag.samples)
+    assert len(samples) >= 2
+    assert samples[len(samples) // 2] < 0.02 and samples[-2] < 0.1, samples[-5:]
     backend = server.app.state.xc.capabilities[0].backend
     assert backend.holders[MODEL] == [0, 1]
 
