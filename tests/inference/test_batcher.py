@@ -142,7 +142,7 @@ async def test_full_queue_rejects_at_once() -> None:
         t0 = time.monotonic()
         with pytest.raises(QueueFull):
             b.submit([(1, 1, "overflow")], far())
-        assert time.monotonic() - t0 < 0.01
+        assert time.monotonic() - t0 < 0.1  # no waiting (a loaded machine may still preempt us briefly)
         run.gate.set()
         await asyncio.gather(running.future, *(h.future for h in held))
     finally:
