@@ -272,7 +272,7 @@ async def _audit_verify(args: argparse.Namespace, settings: Settings, _: Any) ->
         print(f"xcstack: no audit chains under {root}", file=sys.stderr)
         return 1
     verifier = None if args.no_signatures else KeyVerifier(settings)
-    reports = [await verify_chain(c, verifier) for c in chains]
+    reports = [await verify_chain(c, verifier, workers=0) for c in chains]
     if args.json:
         print(json.dumps([r.to_dict() for r in reports], indent=2, ensure_ascii=False))
     else:

@@ -342,8 +342,11 @@ def _read_checkpoints(path: Path, report: ChainReport) -> list[dict[str, Any]]:
     return out
 
 
-async def verify_chain(chain_dir: Path, sig_verify: SigVerify | None = None) -> ChainReport:
-    report, _ = await asyncio.to_thread(scan_chain, chain_dir)
+async def verify_chain(chain_dir: Path, sig_verify: SigVerify | None = None, workers: int = 1) -> ChainReport:
+    """`workers` > 1 (or 0: all CPUs) allows the parallel scan for large chains. It starts processes
+    with the spawn method, which re-imports the caller's `__main__`: the CLI uses it, the server
+    does not (its verify runs sequentially in a thread)."""
+    report, _ = await asyncio.to_thread(scan_chain, chain_dir, workers or None)
     if sig_verify is not None:
         report.signatures_checked = True
         for cp in _read_checkpoints(chain_dir / CHECKPOINTS, ChainReport(report.chain)):
@@ -360,5 +363,5 @@ async def verify_chain(chain_dir: Path, sig_verify: SigVerify | None = None) -> 
     return report
 
 
-async def verify_all(root: Path, sig_verify: SigVerify | None = None) -> list[ChainReport]:
-    return [await verify_chain(d, sig_verify) for d in list_chains(root)]
+async def verify_all(root: Path, sig_verify: SigVerify | None = None, workers: int = 1) -> list[ChainReport]:
+    return [await verify_chain(d, sig_verify, workers) for d in list_chains(root)]
