@@ -21,6 +21,8 @@ def test_tritonclient_health_metadata_and_infer(process_stack: Any, reference: A
     c = httpclient.InferenceServerClient(url=f"127.0.0.1:{server.port}")
     assert c.is_server_live() and c.is_server_ready()
     assert c.is_model_ready(MODEL)
+    cfg = c.get_model_config(MODEL)
+    assert cfg["max_batch_size"] == 32 and cfg["instance"]["execution_provider"] == "cpu"
     md = c.get_model_metadata(MODEL)
     assert md["name"] == MODEL and [i["name"] for i in md["inputs"]] == ["input_ids", "attention_mask"]
 

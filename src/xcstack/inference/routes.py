@@ -72,6 +72,7 @@ class InferenceRoutes:
             Route("/v2/health/ready", self.ready, methods=["GET"]),
             Route("/v2/models/{name}", self.model_metadata, methods=["GET"]),
             Route("/v2/models/{name}/ready", self.model_ready, methods=["GET"]),
+            Route("/v2/models/{name}/config", self.model_config, methods=["GET"]),
             Route("/v2/models/{name}/versions/{version}", self.model_metadata, methods=["GET"]),
             Route("/v2/models/{name}/versions/{version}/ready", self.model_ready, methods=["GET"]),
             Route("/v2/models/{name}/infer", self.infer, methods=["POST"]),
@@ -110,6 +111,14 @@ class InferenceRoutes:
         cfg = self._config(request)
         await authorize(request, f"model:{cfg.name}", "read")
         return JSONResponse(cfg.metadata())
+
+    @requires("inference", "read")
+    @kserve_errors
+    async def model_config(self, request: Request) -> Response:
+        """The model's xcstack config (Triton's /config endpoint; tritonclient get_model_config)."""
+        cfg = self._config(request)
+        await authorize(request, f"model:{cfg.name}", "read")
+        return JSONResponse(cfg.model_dump(mode="json", exclude={"source"}))
 
     @requires("inference", "read")
     @kserve_errors
