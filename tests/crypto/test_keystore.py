@@ -214,3 +214,54 @@ async def test_hash_and_hmac(service: CryptoService) -> None:
     key = service.backend._secret(rec)  # type: ignore[attr-defined]
     assert isinstance(key, bytes)
     assert (await op(service, "hmac", b"data", key="h"))[1] == sm.hmac_sm3(key, b"data")
+
+
+async def test_batch_op_runs_items_independently(service: CryptoService) -> None:
+    await service.create_key("s", "sm2")
+    await service.create_key("e", "sm4")
+    _, good_sig = await op(service, "sign", b"doc", key="s")
+    items = [
+        {"op": "sign", "key": "s"},
+        {"op": "verify", "key": "s", "sig": good_sig},
+        {"op": "sign", "key": "missing"},
+        {"op": "verify", "key": "s", "sig": b"junk"},
+        {"op": "encrypt", "key": "e"},
+        {"op": "hash"},
+        {"op": "create_key", "key": "x", "kind": "sm2"},  # not batchable
+        {"op": "sign", "key": "e"},
+    ]
+    payloads = [b"doc", b"doc", b"x", b"doc", b"secret", b"abc", b"", b"x"]
+    m, out = await op(service, "batch", b"".join(payloads), items=items, sizes=[len(p) for p in payloads])
+    res, sizes = m["results"], m["sizes"]
+    parts, pos = [], 0
+    for n in sizes:
+        parts.append(out[pos : pos + n])
+        pos += n
+    assert res[0]["version"] == 1 and sm.SM2PublicKey.from_pem(
+        (await op(service, "public_key", key="s"))[0]["record"]["pem"]
+    ).verify(b"doc", parts[0])
+    assert res[1]["valid"] is True
+    assert res[2]["error"]["code"] == "key_not_found"
+    assert res[3]["error"]["code"] == "malformed_signature"
+    assert (await op(service, "decrypt", parts[4], key="e"))[1] == b"secret"
+    assert parts[5] == sm.sm3(b"abc")
+    assert res[6]["error"]["code"] == "invalid_crypto_input"
+    assert res[7]["error"]["code"] == "wrong_key_type"
+    with pytest.raises(KeyNotFound):
+        await op(service, "public_key", key="x")  # the non-batchable item did nothing
+
+
+@pytest.mark.parametrize(
+    "items,sizes,payload",
+    [
+        ([{"op": "hash"}], [5], b"abc"),  # sizes do not add up
+        ([], [], b""),  # empty
+        ([{"op": "hash"}], [-1], b""),
+        ("nope", [1], b"a"),
+    ],
+)
+async def test_batch_op_rejects_malformed_batches(
+    service: CryptoService, items: object, sizes: object, payload: bytes
+) -> None:
+    with pytest.raises(InvalidCryptoInput):
+        await op(service, "batch", payload, items=items, sizes=sizes)

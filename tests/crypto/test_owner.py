@@ -151,3 +151,44 @@ def test_filter_regex_matches_gmssl_trace_only() -> None:
     assert _GMSSL_TRACE.match(b"/project/GmSSL/src/sm2_sign.c:328:sm2_do_verify():")
     assert _GMSSL_TRACE.match(b"/project/GmSSL/src/sm2_enc.c:527:sm2_decrypt():")
     assert not _GMSSL_TRACE.match(b'{"level":"ERROR","msg":"something else"}')
+
+
+async def test_client_batches_overlapping_calls(owner: OwnerProc) -> None:
+    c = client_for(owner)
+    try:
+        await c.create_key("b", "sm2")
+        await c.create_key("e", "sm4")
+        before = c.ipc_calls
+        datas = [os.urandom(40) for _ in range(120)]
+        sigs = await asyncio.gather(*(c.sign("b", d) for d in datas))
+        assert c.ipc_calls - before < 30, "overlapping calls should travel in batches"
+        pub = sm.SM2PublicKey.from_pem((await c.public_key("b"))["pem"])
+        assert all(pub.verify(d, s) for d, s in zip(datas, sigs, strict=True))
+        # errors stay per item inside a batch
+        results = await asyncio.gather(
+            c.sign("b", b"1"), c.sign("missing", b"2"), c.verify("b", b"3", b"junk"), c.sign("e", b"4"),
+            c.encrypt("e", b"5"), return_exceptions=True,
+        )
+        assert isinstance(results[0], bytes)
+        assert isinstance(results[1], KeyNotFound)
+        assert isinstance(results[2], MalformedSignature)
+        assert isinstance(results[3], WrongKeyType)
+        assert await c.decrypt("e", results[4]) == b"5"  # type: ignore[arg-type]
+    finally:
+        await c.close()
+
+
+async def test_batched_calls_fail_fast_when_owner_dies(owner: OwnerProc) -> None:
+    c = client_for(owner, timeout=3.0)
+    try:
+        await c.create_key("k", "sm2")
+        calls = [asyncio.create_task(c.sign("k", os.urandom(32))) for _ in range(200)]
+        await asyncio.sleep(0.005)
+        t0 = time.monotonic()
+        owner.kill()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert time.monotonic() - t0 < 2.5
+        errors = [r for r in results if isinstance(r, Exception)]
+        assert all(isinstance(e, CryptoUnavailable) for e in errors), errors[:3]
+    finally:
+        await c.close()

@@ -26,11 +26,26 @@ from pathlib import Path
 from typing import Any
 
 from xcstack.crypto.errors import BackendError, CryptoTimeout, CryptoUnavailable, rebuild_error
-from xcstack.crypto.service import CryptoService, Meta
+from xcstack.crypto.service import BATCHABLE, CryptoService, Meta
 from xcstack.crypto.settings import CryptoSettings
 from xcstack.ipc.channel import IPCClient, IPCRemoteError, IPCTimeout, IPCUnavailable
 
 ADMIN_OPS = frozenset({"create_key", "rotate_key"})  # not retried: not idempotent
+BATCH_MAX_ITEMS = 64
+BATCH_MAX_BYTES = 256 * 1024
+BATCH_ITEM_MAX_BYTES = 16 * 1024
+
+
+class _Batcher:
+    """Per event loop: calls made while another call is in flight are queued and sent together as
+    one `batch` frame on the next loop iteration (Nagle-like: a lone call goes out at once)."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[str, Meta, bytes, asyncio.Future[tuple[Meta, bytes]]]] = []
+        self.pending_bytes = 0
+        self.inflight = 0
+        self.scheduled = False
+        self.tasks: set[asyncio.Task[None]] = set()
 
 
 class CryptoClient(ABC):
@@ -161,11 +176,20 @@ class DirectClient(CryptoClient):
 class OwnerClient(CryptoClient):
     """Client of the HSM owner process over the IPC channel."""
 
-    def __init__(self, socket_path: str | Path, settings: CryptoSettings, reconnect_window_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        socket_path: str | Path,
+        settings: CryptoSettings,
+        reconnect_window_s: float = 0.5,
+        batching: bool = True,
+    ) -> None:
         self.socket_path = str(socket_path)
         self.timeout = settings.call_timeout_s
         self.reconnect_window_s = reconnect_window_s
+        self.batching = batching
         self._clients: dict[asyncio.AbstractEventLoop, IPCClient] = {}
+        self._batchers: dict[asyncio.AbstractEventLoop, _Batcher] = {}
+        self.ipc_calls = 0  # frames sent (for tests and metrics)
 
     def _ipc(self) -> IPCClient:
         loop = asyncio.get_running_loop()
@@ -177,7 +201,85 @@ class OwnerClient(CryptoClient):
         return client
 
     async def call(self, op: str, meta: Meta | None = None, payload: bytes | memoryview = b"") -> tuple[Meta, bytes]:
+        if not self.batching or op not in BATCHABLE or len(payload) > BATCH_ITEM_MAX_BYTES:
+            return await self._call(op, meta, payload)
         loop = asyncio.get_running_loop()
+        b = self._batchers.get(loop)
+        if b is None:
+            for old in [lp for lp in self._batchers if lp.is_closed()]:
+                del self._batchers[old]
+            b = self._batchers[loop] = _Batcher()
+        if b.inflight == 0 and not b.pending:
+            b.inflight += 1
+            try:
+                return await self._call(op, meta, payload)
+            finally:
+                b.inflight -= 1
+        fut: asyncio.Future[tuple[Meta, bytes]] = loop.create_future()
+        b.pending.append((op, dict(meta or {}), bytes(payload), fut))
+        b.pending_bytes += len(payload)
+        if len(b.pending) >= BATCH_MAX_ITEMS or b.pending_bytes >= BATCH_MAX_BYTES:
+            self._flush(b)
+        elif not b.scheduled:
+            b.scheduled = True
+            loop.call_soon(self._flush, b)
+        return await fut
+
+    def _flush(self, b: _Batcher) -> None:
+        b.scheduled = False
+        items, b.pending, b.pending_bytes = b.pending, [], 0
+        items = [it for it in items if not it[3].done()]  # callers that already gave up
+        if not items:
+            return
+        b.inflight += 1
+        task = asyncio.get_running_loop().create_task(self._send_batch(b, items))
+        b.tasks.add(task)
+        task.add_done_callback(b.tasks.discard)
+
+    async def _send_batch(
+        self, b: _Batcher, items: list[tuple[str, Meta, bytes, asyncio.Future[tuple[Meta, bytes]]]]
+    ) -> None:
+        try:
+            if len(items) == 1:
+                op, meta, payload, fut = items[0]
+                try:
+                    res = await self._call(op, meta, payload)
+                except Exception as exc:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                else:
+                    if not fut.done():
+                        fut.set_result(res)
+                return
+            metas = [{**meta, "op": op} for op, meta, _, _ in items]
+            sizes = [len(p) for _, _, p, _ in items]
+            try:
+                m, p = await self._call("batch", {"items": metas, "sizes": sizes}, b"".join(it[2] for it in items))
+            except Exception as exc:
+                for *_, fut in items:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                return
+            pos = 0
+            for (_, _, _, fut), r, n in zip(items, m["results"], m["sizes"], strict=True):
+                out, pos = p[pos : pos + n], pos + n
+                if fut.done():
+                    continue
+                err = r.get("error") if isinstance(r, dict) else None
+                if err is not None:
+                    code, msg = str(err.get("code", "")), str(err.get("message", ""))
+                    if err.get("retriable"):
+                        fut.set_exception(CryptoUnavailable(msg, retry_after=1))
+                    else:
+                        fut.set_exception(rebuild_error(code, msg))
+                else:
+                    fut.set_result((r, out))
+        finally:
+            b.inflight -= 1
+
+    async def _call(self, op: str, meta: Meta | None = None, payload: bytes | memoryview = b"") -> tuple[Meta, bytes]:
+        loop = asyncio.get_running_loop()
+        self.ipc_calls += 1
         deadline = loop.time() + self.timeout
         retry_until = loop.time() + min(self.reconnect_window_s, self.timeout)
         delay = 0.02
@@ -203,6 +305,10 @@ class OwnerClient(CryptoClient):
                 raise rebuild_error(exc.code, exc.message) from None
 
     async def close(self) -> None:
+        for b in self._batchers.values():
+            for t in list(b.tasks):
+                t.cancel()
+        self._batchers.clear()
         clients, self._clients = self._clients, {}
         for c in clients.values():
             with contextlib.suppress(Exception):

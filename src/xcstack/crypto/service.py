@@ -17,7 +17,13 @@ http worker calls it in-process. Both paths therefore validate, limit and fail i
 | rotate_key | key | - | record | - |
 | list_keys | - | - | keys | - |
 | public_key | key, version? | - | record (+ pem) | - |
-| ping | - | - | backend | - |
+| ping | - | - | backend, pid | - |
+| batch | items (op metas), sizes | item payloads, concatenated | results (meta or {error}), sizes | outputs |
+
+`batch` carries up to 256 small sign/verify/encrypt/decrypt/hmac/hash ops in one frame: the owner
+prepares them (key lookups), runs all their device work in one go, and answers each item on its own
+(an item's error never fails the others). `OwnerClient` forms batches by itself from calls that
+overlap, so one IPC round trip and one device hand-off serve many callers.
 
 Without an explicit `version`, verify and decrypt try the active versions newest first (rotation
 keeps old ones), so data made before a rotation still verifies/decrypts.
@@ -26,19 +32,20 @@ keeps old ones), so data made before a rotation still verifies/decrypts.
 from __future__ import annotations
 
 import asyncio
-import functools
+import logging
 import os
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client import Counter, Histogram
 
 from xcstack.crypto import sm
 from xcstack.crypto.backends.base import Backend
 from xcstack.crypto.errors import (
+    BackendError,
     DecryptionFailed,
     InputTooLarge,
     InvalidCryptoInput,
@@ -47,7 +54,7 @@ from xcstack.crypto.errors import (
 )
 from xcstack.crypto.keystore import KIND_OPS, KINDS, KeyRecord, Keystore, check_name, new_record
 from xcstack.crypto.settings import CryptoSettings
-from xcstack.errors import XCError
+from xcstack.errors import Overloaded, XCError
 
 OPS_TOTAL = Counter("xc_crypto_ops_total", "Crypto operations", ["op", "backend", "outcome"])
 OP_SECONDS = Histogram(
@@ -75,6 +82,15 @@ OFFLOAD_BYTES = 64 * 1024  # inputs above this run on a thread so the event loop
 MAX_RANDOM = 4096
 Meta = dict[str, Any]
 Handler = Callable[["CryptoService", Meta, memoryview], Awaitable[tuple[Meta, bytes]]]
+Work = Callable[[], tuple[Meta, bytes]]
+Prep = Callable[["CryptoService", Meta, memoryview], Awaitable[Work]]
+MAX_BATCH = 256
+BATCHABLE = frozenset({"sign", "verify", "encrypt", "decrypt", "hmac", "hash"})
+log = logging.getLogger("xcstack.crypto.service")
+
+
+def _error_meta(exc: XCError) -> Meta:
+    return {"error": {"code": exc.code, "message": exc.message, "retriable": isinstance(exc, Overloaded)}}
 
 
 def _as_bytes(v: Any, what: str) -> bytes:
@@ -109,13 +125,15 @@ class CryptoService:
         self._active = 0  # requests inside handle() right now
         self._device_jobs = 0  # calls submitted to the device thread and not finished
         self._jobs_lock = threading.Lock()
+        self._prep: dict[str, Prep] = {
+            "sign": CryptoService._prep_sign,
+            "verify": CryptoService._prep_verify,
+            "encrypt": CryptoService._prep_encrypt,
+            "decrypt": CryptoService._prep_decrypt,
+            "hmac": CryptoService._prep_hmac,
+            "hash": CryptoService._prep_hash,
+        }
         self._ops: dict[str, Handler] = {
-            "sign": CryptoService._sign,
-            "verify": CryptoService._verify,
-            "encrypt": CryptoService._encrypt,
-            "decrypt": CryptoService._decrypt,
-            "hmac": CryptoService._hmac,
-            "hash": CryptoService._hash,
             "random": CryptoService._random,
             "create_key": CryptoService._create_key,
             "rotate_key": CryptoService._rotate_key,
@@ -127,20 +145,29 @@ class CryptoService:
     # -- entry point ------------------------------------------------------------------------
     async def handle(self, meta: Meta, payload: memoryview | bytes) -> tuple[Meta, bytes]:
         op = meta.get("op")
+        prep = self._prep.get(op) if isinstance(op, str) else None
         fn = self._ops.get(op) if isinstance(op, str) else None
-        if fn is None:
+        if prep is None and fn is None and op != "batch":
             raise InvalidCryptoInput(f"unknown crypto operation {op!r}")
         if len(payload) > self.settings.max_input_bytes:
             raise InputTooLarge(f"input is {len(payload)} bytes; the limit is {self.settings.max_input_bytes}")
+        mv = memoryview(payload)
         t0 = time.perf_counter()
         outcome = "ok"
         self._active += 1
         try:
-            if self._device is not None:
-                # let the other requests that arrived in this batch register first, so `_run` sees
-                # the real concurrency (pipelined requests become ready together)
-                await asyncio.sleep(0)
-            return await fn(self, meta, memoryview(payload))
+            if op == "batch" or prep is not None:
+                if self._device is not None:
+                    # let the other requests that arrived together register first, so `_run` sees
+                    # the real concurrency (pipelined requests become ready in one loop iteration)
+                    await asyncio.sleep(0)
+                if op == "batch":
+                    return await self._batch(meta, mv)
+                assert prep is not None
+                work = await prep(self, meta, mv)
+                return cast("tuple[Meta, bytes]", await self._run(len(mv), work))
+            assert fn is not None
+            return await fn(self, meta, mv)
         except XCError as exc:
             outcome = exc.code
             raise
@@ -149,7 +176,8 @@ class CryptoService:
             raise
         finally:
             self._active -= 1
-            _observe(str(op), self.backend.name, outcome, time.perf_counter() - t0)
+            if op != "batch":  # batch items are counted one by one
+                _observe(str(op), self.backend.name, outcome, time.perf_counter() - t0)
 
     async def _run(self, size: int, fn: Callable[[], Any]) -> Any:
         if self._device is not None and (self._active > 1 or self._device_jobs or size > OFFLOAD_BYTES):
@@ -198,34 +226,46 @@ class CryptoService:
             raise WrongKeyType(f"key {name!r} is a {recs[0].kind} key; it cannot {op}")
         return name, recs
 
-    # -- operations -------------------------------------------------------------------------
-    async def _sign(self, meta: Meta, payload: memoryview) -> tuple[Meta, bytes]:
+    # -- operations: each prepares asynchronously (key lookup, validation) and returns the
+    # synchronous work (device call + encoding), so a batch can run all its work in one go ------
+    async def _prep_sign(self, meta: Meta, payload: memoryview) -> Work:
         name, recs = await self._key(meta, "sign")
         rec, uid, fmt = recs[0], self._uid(meta), meta.get("fmt", "der")
         if fmt not in ("der", "raw"):
             raise InvalidCryptoInput("fmt must be 'der' or 'raw'")
-        data = bytes(payload)
-        raw = await self._run(len(data), lambda: self.backend.sign(rec, data, uid))
-        sig = raw if fmt == "raw" else sm.sig_raw_to_der(raw, self.backend.curve_order(rec))
-        return {"key": name, "version": rec.version, "algorithm": rec.algorithm}, sig
+        data, n, backend = bytes(payload), self.backend.curve_order(rec), self.backend
 
-    async def _verify(self, meta: Meta, payload: memoryview) -> tuple[Meta, bytes]:
+        def work() -> tuple[Meta, bytes]:
+            raw = backend.sign(rec, data, uid)
+            sig = raw if fmt == "raw" else sm.sig_raw_to_der(raw, n)
+            return {"key": name, "version": rec.version, "algorithm": rec.algorithm}, sig
+
+        return work
+
+    async def _prep_verify(self, meta: Meta, payload: memoryview) -> Work:
         name, recs = await self._key(meta, "verify")
         uid, fmt = self._uid(meta), meta.get("fmt", "der")
         sig = _as_bytes(meta.get("sig"), "sig")
         if fmt not in ("der", "raw"):
             raise InvalidCryptoInput("fmt must be 'der' or 'raw'")
-        data = bytes(payload)
+        tries = []
         for rec in recs:
             n = self.backend.curve_order(rec)
             raw = sig if fmt == "raw" else sm.sig_der_to_raw(sig, n)
             if fmt == "raw":
                 sm.sig_raw_to_der(raw, n)  # length / range validation
-            if await self._run(len(data), functools.partial(self.backend.verify, rec, data, raw, uid)):
-                return {"key": name, "valid": True, "version": rec.version}, b""
-        return {"key": name, "valid": False, "version": None}, b""
+            tries.append((rec, raw))
+        data, backend = bytes(payload), self.backend
 
-    async def _encrypt(self, meta: Meta, payload: memoryview) -> tuple[Meta, bytes]:
+        def work() -> tuple[Meta, bytes]:
+            for rec, raw in tries:
+                if backend.verify(rec, data, raw, uid):
+                    return {"key": name, "valid": True, "version": rec.version}, b""
+            return {"key": name, "valid": False, "version": None}, b""
+
+        return work
+
+    async def _prep_encrypt(self, meta: Meta, payload: memoryview) -> Work:
         name, recs = await self._key(meta, "encrypt")
         rec, aad = recs[0], _as_bytes(meta.get("aad"), "aad")
         fmt = meta.get("fmt", "der")
@@ -233,15 +273,19 @@ class CryptoService:
             raise InvalidCryptoInput("fmt must be 'der', 'c1c3c2' or 'c1c2c3'")
         if rec.kind == "sm2" and aad:
             raise InvalidCryptoInput("SM2 encryption takes no aad")
-        data = bytes(payload)
-        ct = await self._run(len(data), lambda: self.backend.encrypt(rec, data, aad))
-        if rec.kind == "sm2" and fmt != "der":
-            ct = sm.ct_der_to_c1c3c2(ct)
-            if fmt == "c1c2c3":
-                ct = sm.ct_c1c3c2_to_c1c2c3(ct)
-        return {"key": name, "version": rec.version, "algorithm": rec.algorithm}, ct
+        data, backend = bytes(payload), self.backend
 
-    async def _decrypt(self, meta: Meta, payload: memoryview) -> tuple[Meta, bytes]:
+        def work() -> tuple[Meta, bytes]:
+            ct = backend.encrypt(rec, data, aad)
+            if rec.kind == "sm2" and fmt != "der":
+                ct = sm.ct_der_to_c1c3c2(ct)
+                if fmt == "c1c2c3":
+                    ct = sm.ct_c1c3c2_to_c1c2c3(ct)
+            return {"key": name, "version": rec.version, "algorithm": rec.algorithm}, ct
+
+        return work
+
+    async def _prep_decrypt(self, meta: Meta, payload: memoryview) -> Work:
         name, recs = await self._key(meta, "decrypt")
         aad, fmt = _as_bytes(meta.get("aad"), "aad"), meta.get("fmt", "der")
         if fmt not in ("der", "c1c3c2", "c1c2c3"):
@@ -249,25 +293,89 @@ class CryptoService:
         ct = bytes(payload)
         if recs[0].kind == "sm2" and fmt != "der":
             ct = sm.ct_c1c3c2_to_der(ct if fmt == "c1c3c2" else sm.ct_c1c2c3_to_c1c3c2(ct))
-        for rec in recs:
-            try:
-                pt = await self._run(len(ct), functools.partial(self.backend.decrypt, rec, ct, aad))
-            except DecryptionFailed:
-                continue
-            return {"key": name, "version": rec.version}, pt
-        raise DecryptionFailed()
+        backend = self.backend
 
-    async def _hmac(self, meta: Meta, payload: memoryview) -> tuple[Meta, bytes]:
+        def work() -> tuple[Meta, bytes]:
+            for rec in recs:
+                try:
+                    pt = backend.decrypt(rec, ct, aad)
+                except DecryptionFailed:
+                    continue
+                return {"key": name, "version": rec.version}, pt
+            raise DecryptionFailed()
+
+        return work
+
+    async def _prep_hmac(self, meta: Meta, payload: memoryview) -> Work:
         name, recs = await self._key(meta, "hmac")
-        rec, data = recs[0], bytes(payload)
-        mac = await self._run(len(data), lambda: self.backend.hmac(rec, data))
-        return {"key": name, "version": rec.version, "algorithm": rec.algorithm}, mac
+        rec, data, backend = recs[0], bytes(payload), self.backend
 
-    async def _hash(self, meta: Meta, payload: memoryview) -> tuple[Meta, bytes]:
+        def work() -> tuple[Meta, bytes]:
+            return {"key": name, "version": rec.version, "algorithm": rec.algorithm}, backend.hmac(rec, data)
+
+        return work
+
+    async def _prep_hash(self, meta: Meta, payload: memoryview) -> Work:
         alg = meta.get("alg", "sm3")
         if alg != "sm3":
             raise UnsupportedOperation("hash alg must be 'sm3'")
-        return {"alg": "sm3"}, await self._run(len(payload), lambda: sm.sm3(payload))
+        return lambda: ({"alg": "sm3"}, sm.sm3(payload))
+
+    # -- batches: many small ops in one IPC frame; one device hand-off for all of them ---------
+    async def _batch(self, meta: Meta, payload: memoryview) -> tuple[Meta, bytes]:
+        items, sizes = meta.get("items"), meta.get("sizes")
+        if (
+            not isinstance(items, list)
+            or not isinstance(sizes, list)
+            or len(items) != len(sizes)
+            or not 1 <= len(items) <= MAX_BATCH
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in sizes)
+            or sum(sizes) != len(payload)
+        ):
+            raise InvalidCryptoInput(f"batch needs 1..{MAX_BATCH} items and sizes that add up to the payload")
+        results: list[Meta | None] = [None] * len(items)
+        outs: list[bytes] = [b""] * len(items)
+        works: list[tuple[int, str, Work]] = []
+        pos = 0
+        for i, (m, size) in enumerate(zip(items, sizes, strict=True)):
+            part = payload[pos : pos + size]
+            pos += size
+            op = m.get("op") if isinstance(m, dict) else None
+            prep = self._prep.get(op) if isinstance(op, str) else None
+            try:
+                if prep is None:
+                    raise InvalidCryptoInput(f"operation {op!r} cannot be batched")
+                if size > self.settings.max_input_bytes:
+                    raise InputTooLarge(f"input is {size} bytes; the limit is {self.settings.max_input_bytes}")
+                works.append((i, str(op), await prep(self, m, part)))
+            except XCError as exc:
+                results[i] = _error_meta(exc)
+                _observe(str(op), self.backend.name, exc.code, 0.0)
+
+        def job() -> list[tuple[int, str, tuple[Meta, bytes] | XCError, float]]:
+            done: list[tuple[int, str, tuple[Meta, bytes] | XCError, float]] = []
+            for i, op, work in works:
+                t0 = time.perf_counter()
+                res: tuple[Meta, bytes] | XCError
+                try:
+                    res = work()
+                except XCError as exc:
+                    res = exc
+                except Exception:
+                    log.exception("crypto op %r failed in the backend (batch item)", op)
+                    res = BackendError("crypto backend failure (see the HSM owner's log)")
+                done.append((i, op, res, time.perf_counter() - t0))
+            return done
+
+        if works:
+            for i, op, res, dt in await self._run(len(payload), job):
+                if isinstance(res, XCError):
+                    results[i] = _error_meta(res)
+                    _observe(op, self.backend.name, res.code, dt)
+                else:
+                    results[i], outs[i] = res
+                    _observe(op, self.backend.name, "ok", dt)
+        return {"results": results, "sizes": [len(o) for o in outs]}, b"".join(outs)
 
     async def _random(self, meta: Meta, payload: memoryview) -> tuple[Meta, bytes]:
         n = meta.get("n")
