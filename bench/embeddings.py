@@ -331,6 +331,13 @@ async def main() -> int:
                       f"{single[m]:.1f} ms = **{c1['p99'] / single[m]:.2f}x** (target < 2x)")
         worst_lag = max(xc[f"{m}@{c}"]["lag_p99"] for c in CONCURRENCY if f"{m}@{c}" in xc)
         checks.append(f"- {m}: worst http-worker loop-lag p99 = **{worst_lag:.2f} ms** (target < 5 ms)")
+        cost1 = c1["server_cpu_ms"] + c1["worker_cpu_ms"]
+        costn = cmax["server_cpu_ms"] + cmax["worker_cpu_ms"]
+        line = (f"- {m}, by CPU cost (contention-independent): {cost1:.2f} ms/sentence at c={CONCURRENCY[0]} → "
+                f"{costn:.2f} ms at c={CONCURRENCY[-1]} = **{cost1 / costn:.2f}x** more sentences per core-second")
+        if inf_max:
+            line += f"; infinity-emb {inf_max['worker_cpu_ms']:.2f} ms = **{inf_max['worker_cpu_ms'] / costn:.2f}x**"
+        checks.append(line)
         two = xc2.get(f"{m}@{CONCURRENCY[-1]}")
         if two:
             checks.append(f"- {m}, 2 model workers: c={CONCURRENCY[-1]} / c={CONCURRENCY[0]} (1 worker) = "
