@@ -151,3 +151,24 @@ def test_bad_inference_settings_fail_with_key_and_reason(tmp_path: Path) -> None
                      ({"nope": 1}, "nope")]:
         with pytest.raises(ConfigError, match=key):
             load_settings(data_dir=tmp_path, inference=bad)
+
+
+def test_routing_goes_to_holders_least_loaded_first(model_repo: Path, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from xcstack.inference.client import ProcessBackend
+    from xcstack.inference.settings import InferenceSettings
+
+    _copy_model(model_repo, tmp_path, "everywhere")
+    _copy_model(model_repo, tmp_path, "pinned", instance={"workers": [1, 3]})
+    repo = ModelRepository(tmp_path).scan()
+    b = ProcessBackend(repo, InferenceSettings(), [str(tmp_path / f"s{i}") for i in range(4)])
+    assert b.holders == {"everywhere": [0, 1, 2, 3], "pinned": [1, 3]}
+    b.clients = [SimpleNamespace(inflight=n) for n in (5, 0, 2, 7)]  # type: ignore[misc]
+    assert b._order("everywhere")[0] == 1 and b._order("pinned") == [1, 3]
+    b.clients = [SimpleNamespace(inflight=0) for _ in range(4)]  # type: ignore[misc]
+    assert b._order("everywhere") == b._order("everywhere")  # ties: a stable hash order per model
+    from xcstack.errors import NotFound
+
+    with pytest.raises(NotFound):
+        b._order("nope")
