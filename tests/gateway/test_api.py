@@ -216,3 +216,53 @@ def test_published_services(gateway: GatewayServer) -> None:
     finally:
         del ctx.services["local_models"]
     assert "bge-small-zh" in ids and ids.count("mock-model") == 1
+
+
+def test_embeddings_local_exchange_preferred_and_default_model(gateway: GatewayServer) -> None:
+    seen: list[dict[str, Any]] = []
+
+    async def exchange(body: dict[str, Any]) -> dict[str, Any]:
+        seen.append(body)
+        return {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.5]}],
+                "model": body.get("model") or "all-minilm-l6-v2", "usage": {"prompt_tokens": 1, "total_tokens": 1}}
+
+    ctx = gateway.capability.ctx
+    ctx.services["local_embeddings"] = exchange
+    try:
+        r = httpx.post(gateway.base_url + "/embeddings", json={"input": "x"})  # no model: the local default
+        assert r.status_code == 200 and r.json()["model"] == "all-minilm-l6-v2"
+        r = httpx.post(gateway.base_url + "/embeddings", json={"model": "bge-m3", "input": "x", "dimensions": 1})
+        assert r.status_code == 200 and seen[-1]["dimensions"] == 1  # passed as is
+        up = client(gateway).embeddings.create(model="mock-model", input="x")  # upstream models still go upstream
+        assert len(up.data[0].embedding) == 8
+    finally:
+        del ctx.services["local_embeddings"]
+    assert len(seen) == 2
+
+
+def test_embeddings_local_embedder_numpy_vectors(gateway: GatewayServer) -> None:
+    import numpy as np
+
+    async def embed(model: str | None, inputs: list[str]) -> tuple[Any, dict[str, int]]:
+        return np.ones((len(inputs), 3), dtype=np.float32), {"prompt_tokens": 2, "total_tokens": 2}
+
+    gateway.capability.ctx.services["local_embedder"] = embed
+    try:
+        r = client(gateway).embeddings.create(model="local", input=["a", "b"])
+    finally:
+        del gateway.capability.ctx.services["local_embedder"]
+    assert [d.embedding for d in r.data] == [[1.0, 1.0, 1.0]] * 2
+
+
+def test_with_the_real_inference_capability(tmp_path: Any, mock: MockUpstream) -> None:
+    """The gateway owns /v1/embeddings in the full app; local names go to the inference capability."""
+    from tests.gateway.conftest import GATEWAY_CAP, make_settings
+
+    gw = GatewayServer(make_settings(tmp_path, [upstream(mock)]), [GATEWAY_CAP, "xcstack.inference.capability"])
+    gw.start()
+    try:
+        r = httpx.post(gw.base_url + "/embeddings", json={"model": "not-a-local-model", "input": "x"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert client(gw).embeddings.create(model="mock-model", input="x").data  # upstream
+    finally:
+        gw.stop()

@@ -187,6 +187,10 @@ class GatewayService:
 
     # -- request preparation --------------------------------------------------------------------
     def prepare(self, endpoint: Endpoint, raw: bytes, key: str) -> Prepared:
+        return self.prepare_data(endpoint, self._parse(raw), raw, key)
+
+    @staticmethod
+    def _parse(raw: bytes) -> dict[str, Any]:
         if not raw:
             raise BadRequest("request body is empty; JSON expected", code=p.INVALID_JSON)
         try:
@@ -195,7 +199,7 @@ class GatewayService:
             raise BadRequest(f"malformed JSON: {exc}", code=p.INVALID_JSON) from None
         if not isinstance(data, dict):
             raise BadRequest("the request body must be a JSON object", code=p.INVALID_JSON)
-        return self.prepare_data(endpoint, data, raw, key)
+        return data
 
     def prepare_data(self, endpoint: Endpoint, data: dict[str, Any], raw: bytes, key: str) -> Prepared:
         try:
@@ -234,11 +238,20 @@ class GatewayService:
     async def handle(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             raw = await read_body(receive, self.max_body, scope)
-            pr = self.prepare(endpoint, raw, key_id(scope))
-            if not self.router.has(pr.model, endpoint is EMBEDDINGS):
-                if endpoint is EMBEDDINGS and self.services.get("local_embedder") is not None:
-                    self._count(endpoint.label, "-", await self._local_embeddings(pr, send))
+            key = key_id(scope)
+            if endpoint is EMBEDDINGS:
+                data = self._parse(raw)
+                model = data.get("model")
+                local = self.services.get("local_embeddings") or self.services.get("local_embedder")
+                if local is not None and not (isinstance(model, str) and self.router.has(model, True)):
+                    # not an upstream embedding model (or no model: the local default)
+                    await self._authorize(scope, receive, model if isinstance(model, str) else "")
+                    self._count(endpoint.label, "-", await self._local_embeddings(data, key, send))
                     return
+                pr = self.prepare_data(endpoint, data, raw, key)
+            else:
+                pr = self.prepare(endpoint, raw, key)
+            if not self.router.has(pr.model, endpoint is EMBEDDINGS):
                 raise NotFound(f"model {pr.model!r} is not served here; see GET /v1/models",
                                code=p.MODEL_NOT_FOUND, param="model")
             await self._authorize(scope, receive, pr.model)
@@ -641,23 +654,33 @@ class GatewayService:
         return status
 
     # -- embeddings for local models ------------------------------------------------------------
-    async def _local_embeddings(self, pr: Prepared, send: Send) -> int:
-        embedder: LocalEmbedder | None = self.services.get("local_embedder")
-        if embedder is None:
-            raise NotFound(f"model {pr.model!r} is not served here; see GET /v1/models", code=p.MODEL_NOT_FOUND,
-                           param="model")
-        raw = pr.data["input"]
-        if isinstance(raw, str):
-            inputs = [raw]
-        elif isinstance(raw, list) and all(isinstance(x, str) for x in raw):
-            inputs = list(raw)
+    async def _local_embeddings(self, data: dict[str, Any], key: str, send: Send) -> int:
+        """/v1/embeddings for a model no upstream serves: the inference capability's
+        `local_embeddings` (whole exchange: body -> response dict) or `local_embedder`."""
+        estimate = p.estimate_prompt_tokens(data)
+        await self.limiter.check(key, estimate)
+        exchange = self.services.get("local_embeddings")
+        if exchange is not None:
+            out = await exchange(data)
         else:
-            raise BadRequest("local models take input as a string or a list of strings", code=p.INVALID_PARAMETER,
-                             param="input")
-        await self.limiter.check(pr.key, pr.estimate)
-        vectors, usage = await embedder(pr.model, inputs)
-        data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
-        await send_json(send, 200, dumps({"object": "list", "data": data, "model": pr.model, "usage": usage}))
+            embedder: LocalEmbedder = self.services["local_embedder"]
+            req = self.prepare_data(EMBEDDINGS, data, b"", key)
+            raw = data["input"]
+            if isinstance(raw, str):
+                inputs = [raw]
+            elif isinstance(raw, list) and all(isinstance(x, str) for x in raw):
+                inputs = list(raw)
+            else:
+                raise BadRequest("local models take input as a string or a list of strings",
+                                 code=p.INVALID_PARAMETER, param="input")
+            vectors, usage = await embedder(req.model, inputs)
+            rows = [v.tolist() if hasattr(v, "tolist") else v for v in vectors]
+            out = {"object": "list", "data": [{"object": "embedding", "index": i, "embedding": v}
+                                              for i, v in enumerate(rows)], "model": req.model, "usage": usage}
+        spent = out.get("usage") if isinstance(out, dict) else None
+        if isinstance(spent, dict) and isinstance(spent.get("total_tokens"), int):
+            await self.limiter.charge(key, spent["total_tokens"] - estimate)
+        await send_json(send, 200, dumps(out))
         return 200
 
     # -- models ---------------------------------------------------------------------------------
