@@ -265,3 +265,18 @@ async def test_batch_op_rejects_malformed_batches(
 ) -> None:
     with pytest.raises(InvalidCryptoInput):
         await op(service, "batch", payload, items=items, sizes=sizes)
+
+
+async def test_ops_are_counted_in_metrics(service: CryptoService) -> None:
+    from prometheus_client import REGISTRY
+
+    def count(op_: str, outcome: str) -> float:
+        v = REGISTRY.get_sample_value("xc_crypto_ops_total", {"op": op_, "backend": "soft", "outcome": outcome})
+        return v or 0.0
+
+    await service.create_key("m", "sm2")
+    ok0, nf0 = count("sign", "ok"), count("sign", "key_not_found")
+    await op(service, "sign", b"x", key="m")
+    with pytest.raises(KeyNotFound):
+        await op(service, "sign", b"x", key="nope")
+    assert count("sign", "ok") == ok0 + 1 and count("sign", "key_not_found") == nf0 + 1
