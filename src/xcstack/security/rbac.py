@@ -20,7 +20,7 @@ no custom role can undo the separation. A user may hold at most one of the three
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -88,19 +88,3 @@ def check_custom_permissions(perms: list[Perm]) -> None:
         if res.startswith(RESERVED_PREFIXES) or any(fnmatchcase(p, res) for p in _RESERVED_PROBES):
             raise ValueError(f"custom roles may not grant {res!r}: audit and security.* belong to the "
                              "built-in administrator roles (三权分立)")
-
-
-@dataclass
-class RoleCache:
-    """Roles by name (built-ins + custom ones from the state store), refreshed every few seconds."""
-
-    custom: dict[str, Role] = field(default_factory=dict)
-    loaded_at: float = 0.0
-
-    def get(self, names: list[str] | tuple[str, ...]) -> list[Role]:
-        out = []
-        for n in names:
-            r = BUILTIN_ROLES.get(n) or self.custom.get(n)
-            if r is not None:
-                out.append(r)
-        return out

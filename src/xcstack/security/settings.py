@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 
 class AuditSettings(BaseModel):
@@ -107,7 +107,8 @@ class SecuritySettings(BaseModel):
                 raise ValueError(f"{p!r}: must start with '/'")
         return v
 
-    @field_validator("session_absolute_s")
-    @classmethod
-    def _absolute(cls, v: float) -> float:
-        return v
+    @model_validator(mode="after")
+    def _timeouts(self) -> SecuritySettings:
+        if self.session_absolute_s < self.session_idle_s:
+            raise ValueError("session_absolute_s must be at least session_idle_s")
+        return self
