@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import sys
 import threading
 import time
 import zlib
@@ -367,3 +368,17 @@ async def test_stream_consumer_idle_too_long(sqlite_path: str) -> None:
             await stream.__anext__()
         assert ei.value.code == "stream_idle_timeout"
         assert (await db.query("seq", {"upto": 2})).rows == [(1,), (2,)]  # the worker is back
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are a Linux feature")
+async def test_worker_threads_run_nicer_than_the_loop(sqlite_path: str) -> None:
+    def nice_of(tid: int) -> int:
+        stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[16])  # field 19: nice
+
+    main = nice_of(threading.get_native_id())
+    async with running_bridge(db_cfg(sqlite_path, pool_size=2, worker_nice=5)) as b:
+        await b.query("lite", "setup")
+        tids = [w.native_id for w in b.database("lite").pools[0].workers]
+        assert all(t is not None and nice_of(t) == min(19, main + 5) for t in tids)
+        assert nice_of(threading.get_native_id()) == main  # the loop thread keeps its priority

@@ -150,6 +150,11 @@ class DatabaseSettings(BaseModel):
     transaction_idle_timeout_s: float = Field(
         60.0, gt=0, le=3600, description="a transaction idle this long between statements is rolled back"
     )
+    worker_nice: int = Field(
+        5, ge=0, le=19,
+        description="Linux: worker threads run this much nicer than the process, so the event loop thread "
+        "wins CPU contention (measured: loop lag p99 roughly halved at equal throughput); 0: off",
+    )
     application_name: str = Field("xcstack", max_length=60)
     queries: dict[str, QuerySettings] = Field(default_factory=dict)
 
