@@ -111,6 +111,7 @@ def test_alias_rewritten_unknown_fields_pass_through_and_upstream_key(gateway_fa
     assert last["body"]["model"] == "mock-model"
     assert last["body"]["guided_json"] == {"type": "object"} and last["body"]["top_k"] == 7
     assert last["headers"]["authorization"] == "Bearer upstream-secret"  # never the client's key
+    assert len(last["headers"]["x-request-id"]) >= 16  # the gateway's request id, for tracing
 
 
 def test_body_forwarded_byte_for_byte_when_nothing_changes(gateway: GatewayServer, mock: MockUpstream) -> None:

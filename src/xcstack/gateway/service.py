@@ -74,6 +74,7 @@ class Prepared:
     client_usage: bool
     key: str
     estimate: int
+    request_id: str | None = None
 
 
 @dataclass(slots=True)
@@ -251,6 +252,7 @@ class GatewayService:
                 pr = self.prepare_data(endpoint, data, raw, key)
             else:
                 pr = self.prepare(endpoint, raw, key)
+            pr.request_id = scope.get("xc.request_id")
             if not self.router.has(pr.model, endpoint is EMBEDDINGS):
                 raise NotFound(f"model {pr.model!r} is not served here; see GET /v1/models",
                                code=p.MODEL_NOT_FOUND, param="model")
@@ -367,8 +369,9 @@ class GatewayService:
         ok = False
         try:
             wd.set_phase(tmo.ttfb_s, "ttfb")
+            headers = up.headers if pr.request_id is None else {**up.headers, "X-Request-Id": pr.request_id}
             resp = await up.session.post(up.url(pr.endpoint.upstream_path), data=self.body_for(pr, target),
-                                         headers=up.headers)
+                                         headers=headers)
             status = resp.status
             if status >= 500 or status == 429:
                 body = await resp.content.read(64 * 1024)
