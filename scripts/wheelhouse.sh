@@ -143,10 +143,19 @@ PYEOF
 fi
 
 run cp "$whl" "$out/"
+# sdists are fetched with `--no-binary <that package>` only, so pip may prepare their metadata with
+# binary build tools (setuptools, swig, ...); `--no-binary :all:` would try to build those from source too.
+fetch_sdist() {  # name==version or a requirement
+  local pkg=${1%%[=<>!~ ;]*}
+  "$PIP" download --quiet --no-deps --no-binary "$pkg" -d "$out" "$1" \
+    || echo "wheelhouse: WARNING: no sdist of $1 on the index" >&2
+}
 if [ "$arch" != loongarch64 ]; then
   run "$PIP" download --quiet -d "$out" "${common[@]}" -r "$build/reqs.txt"
-  if [ -s "$build/sdist.txt" ]; then
-    run "$PIP" download --quiet --no-deps --no-binary :all: -d "$out" -r "$build/sdist.txt"
+  if [ "${DRY_RUN:-}" != 1 ]; then
+    while IFS= read -r req; do
+      if [ -n "$req" ]; then fetch_sdist "$req"; fi
+    done < "$build/sdist.txt"
   fi
 else
   run "$PIP" download --quiet -d "$build/x86" "${common[@]}" -r "$build/reqs.txt"
@@ -158,10 +167,41 @@ else
       version=${rest%%-*}
       case "$base" in
         *-none-any.whl) cp "$w" "$out/" ;;
-        *) "$PIP" download --quiet --no-deps --no-binary :all: -d "$out" "$name==$version" \
-             || echo "wheelhouse: WARNING: no sdist of $name==$version on the index" >&2 ;;
+        *) fetch_sdist "$name==$version" ;;
       esac
     done
+  fi
+fi
+
+# 4. what the sdists need to build offline: their [build-system] requires (setuptools and wheel when they
+#    declare none), as wheels for the target (loongarch64: pure-Python ones only; native build tools such
+#    as maturin or cmake must come from the target's distribution there).
+if [ "${DRY_RUN:-}" != 1 ] && compgen -G "$out/*.tar.gz" > /dev/null; then
+  "$py" - "$out" > "$build/buildreqs.txt" <<'PYEOF'
+import glob, sys, tarfile, tomllib
+reqs = {"setuptools>=68", "wheel"}
+for path in glob.glob(f"{sys.argv[1]}/*.tar.gz"):
+    try:
+        with tarfile.open(path) as tf:
+            member = next((m for m in tf.getmembers() if m.name.count("/") == 1
+                           and m.name.endswith("/pyproject.toml")), None)
+            if member is None:
+                continue
+            data = tomllib.load(tf.extractfile(member))
+    except (OSError, tarfile.TarError, tomllib.TOMLDecodeError):
+        continue
+    reqs.update(data.get("build-system", {}).get("requires", []))
+print("\n".join(sorted(reqs)))
+PYEOF
+  if [ "$arch" = loongarch64 ]; then
+    "$PIP" download --quiet -d "$out" --only-binary=:all: --platform any --python-version "$pyver" \
+      --implementation py --abi none -r "$build/buildreqs.txt" \
+      || echo "wheelhouse: WARNING: some build requirements have no pure-Python wheel:" \
+              "$(tr '\n' ' ' < "$build/buildreqs.txt")" >&2
+  else
+    "$PIP" download --quiet -d "$out" "${common[@]}" -r "$build/buildreqs.txt" \
+      || echo "wheelhouse: WARNING: could not fetch every build requirement:" \
+              "$(tr '\n' ' ' < "$build/buildreqs.txt")" >&2
   fi
 fi
 [ "${DRY_RUN:-}" = 1 ] || echo "wheelhouse: $(find "$out" -maxdepth 1 -type f | wc -l) files in $out"
