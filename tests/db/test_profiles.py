@@ -159,6 +159,10 @@ def test_dm_real_driver_connect_failure_is_connection_lost() -> None:
          K.TIMEOUT),
         ("[GBasedbt][GBasedbt ODBC Driver]Invalid character value SQLSTATE=22018 SQLCODE=-1213", K.DATA),
         ("[GBasedbt] other SQLSTATE=HY000 SQLCODE=-1", K.OTHER),
+        # DbtPy's own format: "<ODBC message> SQLCODE=<n>" (the SQLSTATE picks the exception class)
+        ("[GBasedbt][GBasedbt ODBC Driver][GBasedbt]Unique constraint (gbasedbt.u101_1) violated. SQLCODE=-268",
+         K.CONSTRAINT),
+        ("[GBasedbt][GBasedbt ODBC Driver]Network connection is broken. SQLCODE=-25582", K.CONNECTION_LOST),
     ],
 )
 def test_gbase8s_classification(text: str, kind: ErrorKind) -> None:
@@ -166,6 +170,18 @@ def test_gbase8s_classification(text: str, kind: ErrorKind) -> None:
         pass
 
     assert get_profile("gbase8s").classify(Error(text)) is kind
+
+
+def test_gbase8s_falls_back_on_dbapi_classes() -> None:
+    class IntegrityError(Exception):
+        pass
+
+    class OperationalError(Exception):
+        pass
+
+    p = get_profile("gbase8s")
+    assert p.classify(IntegrityError("no code here")) is K.CONSTRAINT
+    assert p.classify(OperationalError("link down")) is K.CONNECTION_LOST
 
 
 def test_gbase8s_profile_shape_and_missing_driver_hint() -> None:
