@@ -180,6 +180,15 @@ def test_threshold_decides_the_exit_status(tmp_path: Path) -> None:
     assert data["failed"] and data["vulnerabilities"][0]["severity"] == "medium"
 
 
+def test_audit_path_from_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_osv_layout(tmp_path / "osv", [advisory("GHSA-cfg-0000-0001", "demo-lib", [{"introduced": "0"}])])
+    doc = tmp_path / "app.cdx.json"
+    doc.write_text(json.dumps(sbom(lib("demo-lib", "1.0"))))
+    assert main(["sbom", "--sbom", str(doc), "--audit"]) == 2  # no [supply] advisories configured
+    monkeypatch.setenv("XC_SUPPLY__ADVISORIES", str(tmp_path / "osv"))
+    assert main(["sbom", "--sbom", str(doc), "--audit"]) == 1
+
+
 def test_unknown_severity_uses_the_configured_default(tmp_path: Path) -> None:
     db = AdvisoryDB.load(write_osv_layout(tmp_path, [advisory("OSV-1", "x", [{"introduced": "0"}], vector=None)]))
     assert audit_document(sbom(lib("x", "1")), db, unknown_severity="high").failed

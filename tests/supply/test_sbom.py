@@ -353,3 +353,15 @@ def test_models_come_from_the_configured_model_repository(tmp_path: Path) -> Non
     model = next(c for c in doc["components"] if c["type"] == "machine-learning-model")
     assert model["name"] == "reranker" and model["licenses"][0]["license"]["id"] == "MIT"
     assert {f["name"] for f in model["components"]} == {"model.onnx", "xcstack-model.json"}
+
+
+def test_missing_sbom_extra_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import xcstack.supply.cli as supply_cli
+
+    def broken(*a: Any, **kw: Any) -> dict[str, str]:
+        raise ModuleNotFoundError("No module named 'cyclonedx'", name="cyclonedx")
+
+    monkeypatch.setattr(supply_cli, "generate", broken)
+    assert main(["sbom", "--data-dir", str(tmp_path)]) == 2
+    assert "xcstack[sbom]" in capsys.readouterr().err

@@ -27,6 +27,7 @@ from xcstack.config import load_settings
 from xcstack.supply.errors import SupplyError
 
 FORMATS = ("cyclonedx", "spdx", "both")
+_FROM_CONFIG = Path("\0from-config")
 FILENAMES = {"cyclonedx": "xcstack.cdx.json", "spdx": "xcstack.spdx.json"}
 
 
@@ -47,8 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                         "model_repository, else <data_dir>/models")
     p.add_argument("--sbom", dest="sbom_in", type=Path, default=None,
                    help="audit this CycloneDX JSON instead of generating one")
-    p.add_argument("--audit", type=Path, default=None, metavar="DIR_OR_ZIP",
-                   help="offline OSV export (osv-scanner layout <ecosystem>/all.zip, or any dir/zip of OSV JSON)")
+    p.add_argument("--audit", type=Path, nargs="?", const=_FROM_CONFIG, default=None, metavar="DIR_OR_ZIP",
+                   help="offline OSV export (osv-scanner layout <ecosystem>/all.zip, or any dir/zip of OSV JSON); "
+                        "without a value: [supply] advisories")
     p.add_argument("--severity", choices=("low", "medium", "high", "critical"), default=None,
                    help="fail at or above this severity (default [supply] severity_threshold)")
     p.add_argument("--ignore", action="append", default=[], metavar="ID", help="accepted advisory id (repeatable)")
@@ -133,6 +135,11 @@ def generate(settings: Any, *, fmt: str = "both", pids: list[int] | None = None,
 def run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     sup = settings.supply
+    if args.audit == _FROM_CONFIG:
+        if sup.advisories is None:
+            print("xcstack sbom: --audit without a path needs [supply] advisories", file=sys.stderr)
+            return 2
+        args.audit = sup.advisories
     timings: dict[str, float] = {}
     try:
         if args.sbom_in is not None:
@@ -171,6 +178,16 @@ def run(args: argparse.Namespace) -> int:
     except SupplyError as exc:
         print(f"xcstack sbom: {exc}", file=sys.stderr)
         return 2
+    except ImportError as exc:
+        if exc.name and exc.name.split(".")[0] in _SBOM_EXTRA:
+            print(f"xcstack sbom: {exc.name} is missing: install the sbom extra (pip install 'xcstack[sbom]')",
+                  file=sys.stderr)
+            return 2
+        raise
+
+
+_SBOM_EXTRA = {"cyclonedx", "spdx_tools", "jsonschema", "referencing", "license_expression", "packageurl",
+               "rfc3986_validator"}
 
 
 def _pids(values: list[str] | None) -> list[int] | None:
