@@ -164,9 +164,12 @@ def rpm_owners(paths: Iterable[str], timeout: float = 30.0) -> dict[str, OsPacka
     if not paths or not shutil.which("rpm"):
         return {}
     qf = "%{NAME}\\t%{VERSION}-%{RELEASE}\\t%{ARCH}\\t%{VENDOR}\\t%{LICENSE}\\t%{URL}\\t%{SOURCERPM}\\n"
-    out = _run(["rpm", "-qf", "--qf", qf, *paths], timeout)
+    lines = _run(["rpm", "-qf", "--qf", qf, *paths], timeout).splitlines()
+    if len(lines) != len(paths):
+        # a file owned by two packages prints two lines: positions no longer line up, ask one by one
+        lines = [(_run(["rpm", "-qf", "--qf", qf, p], timeout).splitlines() or [""])[0] for p in paths]
     owners: dict[str, OsPackage] = {}
-    for path, line in zip(paths, out.splitlines(), strict=False):
+    for path, line in zip(paths, lines, strict=True):
         cols = line.split("\t")
         if len(cols) < 7 or " is not owned " in line:
             continue
