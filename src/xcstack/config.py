@@ -36,17 +36,17 @@ class ConfigError(Exception):
 class ServerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="listen address (one socket shared by all http workers)")
+    port: int = Field(8000, ge=0, le=65535, description="listen port; 0 picks a free one")
     http_server: Literal["granian", "uvicorn"] = Field(
         "granian", description="granian measured faster (docs/benchmarks.md#http_stack); uvicorn is the fallback"
     )
     workers: int | None = Field(None, ge=1, le=512, description="http workers; default from the tuning plan")
-    loop: Literal["auto", "uvloop", "asyncio"] = "auto"
-    backlog: int = Field(2048, ge=16)
-    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
-    graceful_timeout_s: float = Field(30.0, gt=0)
-    respawn_backoff_max_s: float = Field(10.0, gt=0)
+    loop: Literal["auto", "uvloop", "asyncio"] = Field("auto", description="auto: uvloop where installed")
+    backlog: int = Field(2048, ge=16, description="listen backlog (capped by net.core.somaxconn)")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
+    graceful_timeout_s: float = Field(30.0, gt=0, description="SIGTERM/SIGHUP: time in-flight requests get")
+    respawn_backoff_max_s: float = Field(10.0, gt=0, description="cap of the restart backoff of a crashing child")
     pin_cpus: bool = Field(True, description="apply the tuning plan's CPU affinity")
     worker_cpus: list[int] | None = Field(None, description="override: cores the http workers may use")
     plugins: list[str] = Field(
@@ -70,9 +70,9 @@ class ObservabilitySettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    log_json: bool = True
-    access_log: bool = True
-    loop_lag_interval_s: float = Field(0.05, gt=0, le=10)
+    log_json: bool = Field(True, description="JSON lines on stderr (else plain text)")
+    access_log: bool = Field(True, description="one log line per request, with its request id")
+    loop_lag_interval_s: float = Field(0.05, gt=0, le=10, description="tick of the event-loop lag monitor")
 
 
 class StateSettings(BaseModel):
@@ -83,7 +83,7 @@ class StateSettings(BaseModel):
     url: SecretStr | None = Field(
         None, description="postgresql://... (PostgreSQL or KingbaseES); default: SQLite under data_dir"
     )
-    pool_size: int = Field(4, ge=1, le=64)
+    pool_size: int = Field(4, ge=1, le=64, description="threads (each with its own connection)")
 
     @field_validator("url")
     @classmethod
@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     )
     _toml_path: ClassVar[Path | None] = None
 
-    data_dir: Path = Path("var")
+    data_dir: Path = Field(Path("var"), description="state, models, audit log, keys, sockets")
     server: ServerSettings = ServerSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
     state: StateSettings = StateSettings()
