@@ -1,7 +1,7 @@
 """Crash consistency: kill -9 a process during concurrent audit writes, many times over.
 
 After every kill the chain verifies (after the restart recovers the tail) and every record the
-child acknowledged is present. XC_AUDIT_CRASH_ITERATIONS=100 for the issue's full run.
+child acknowledged is present. XC_TEST_AUDIT_CRASH_ITERATIONS=100 for the issue's full run.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from xcstack.security.audit.verify import verify_chain
 from xcstack.security.settings import AuditSettings
 from xcstack.security.signing import SoftSM2Signer
 
-ITERATIONS = int(os.environ.get("XC_AUDIT_CRASH_ITERATIONS", "20"))
+ITERATIONS = int(os.environ.get("XC_TEST_AUDIT_CRASH_ITERATIONS", "20"))
 CHILD = str(Path(__file__).with_name("_crash_writer.py"))
 
 
