@@ -365,3 +365,30 @@ def test_missing_sbom_extra_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tm
     monkeypatch.setattr(supply_cli, "generate", broken)
     assert main(["sbom", "--data-dir", str(tmp_path)]) == 2
     assert "xcstack[sbom]" in capsys.readouterr().err
+
+
+def test_sign_and_verify_sbom_with_sm2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """--sign signs the written documents with the deployment's SM2 key (soft backend here); any change to
+    a document or to the signature file is caught by --verify-signature."""
+    monkeypatch.setenv("XC_DATA_DIR", str(tmp_path / "data"))
+    out = tmp_path / "sbom"
+    assert main(["sbom", "--no-native", "-o", str(out), "--sign"]) == 0, capsys.readouterr().err
+    sig = out / "xcstack.sbom.sig.json"
+    manifest = json.loads(sig.read_text())
+    assert set(manifest["files"]) == {"xcstack.cdx.json", "xcstack.spdx.json"}
+    assert manifest["key_id"] and len(manifest["sig"]) > 100
+    assert main(["sbom", "--verify-signature", str(sig)]) == 0
+    # a changed document
+    cdx = out / "xcstack.cdx.json"
+    original = cdx.read_bytes()
+    cdx.write_bytes(original.replace(b'"xcstack"', b'"xcstacK"', 1))
+    assert main(["sbom", "--verify-signature", str(sig)]) == 1
+    assert "modified since it was signed" in capsys.readouterr().out
+    cdx.write_bytes(original)
+    # a changed signature file (digest swapped to match a tampered document)
+    manifest["files"]["xcstack.cdx.json"]["size"] += 1
+    sig.write_text(json.dumps(manifest))
+    assert main(["sbom", "--verify-signature", str(sig)]) == 1
+    assert "signature invalid" in capsys.readouterr().out
+    assert main(["sbom", "--verify-signature", str(tmp_path / "nope.json")]) == 2

@@ -6,6 +6,7 @@
     xcstack sbom --audit /srv/osv             # generate, then audit (no files written unless -o)
     xcstack sbom --sbom other.cdx.json --audit /srv/osv.zip --severity critical
     xcstack sbom --diff /var/lib/xcstack/sbom/baseline.cdx.json   # what changed since the baseline
+    xcstack sbom --sign && xcstack sbom --verify-signature var/sbom/xcstack.sbom.sig.json   # SM2
 
 Exit status: 0 ok; 1 the audit found a vulnerability at/above the threshold or a license violation,
 or --diff found a change;
@@ -60,6 +61,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--diff", type=Path, default=None, metavar="OLD.cdx.json",
                    help="compare with an earlier CycloneDX SBOM; exit 1 when anything changed")
     p.add_argument("--report", type=Path, default=None, help="write the audit (or diff) report as JSON here")
+    p.add_argument("--sign", action="store_true",
+                   help="sign the written documents with SM2 ([security] signing_key): writes *.sig.json")
+    p.add_argument("--verify-signature", type=Path, default=None, metavar="SIG.json",
+                   help="check a signature file and the documents it lists; exit 1 if anything is wrong")
     p.add_argument("--timings", action="store_true", help="print where the time went (stderr)")
     p.set_defaults(func=run)
 
@@ -141,6 +146,11 @@ def run(args: argparse.Namespace) -> int:
             return 2
         args.audit = sup.advisories
     timings: dict[str, float] = {}
+    if args.verify_signature is not None:
+        return _verify_signature(args.verify_signature, settings)
+    if args.sign and args.output == "-":
+        print("xcstack sbom: --sign needs files (not -o -)", file=sys.stderr)
+        return 2
     try:
         if args.sbom_in is not None:
             policy = bool(args.license_allow or args.license_deny or sup.license_allow or sup.license_deny)
@@ -165,7 +175,9 @@ def run(args: argparse.Namespace) -> int:
             docs = generate(settings, fmt=fmt, pids=pids, native=not args.no_native,
                             include_files=include_files, data_dir=args.data_dir, timings=timings)
             if args.output is not None or (args.audit is None and args.diff is None):
-                _emit(docs, args, settings)
+                written = _emit(docs, args, settings)
+                if args.sign and written:
+                    _sign(written, args, settings)
         if args.timings and timings:
             print("timings: " + ", ".join(f"{k}={v:.3f}s" for k, v in timings.items()), file=sys.stderr)
         if args.diff is not None:
@@ -207,23 +219,58 @@ def _pids(values: list[str] | None) -> list[int] | None:
     return list(dict.fromkeys(out))
 
 
-def _emit(docs: dict[str, str], args: argparse.Namespace, settings: Any) -> None:
+def _emit(docs: dict[str, str], args: argparse.Namespace, settings: Any) -> list[Path]:
     requested = [f for f in ("cyclonedx", "spdx") if f in docs and (args.format in (f, "both"))]
     if args.output == "-":
         for f in requested:
             sys.stdout.write(docs[f])
             sys.stdout.write("\n")
-        return
+        return []
     if args.output is not None and args.format != "both":
         target = Path(args.output)
         _write_atomic(target, docs[requested[0]])
         print(f"wrote {target}", file=sys.stderr)
-        return
+        return [target]
     outdir = Path(args.output) if args.output else (settings.supply.output_dir or settings.data_dir / "sbom")
+    written: list[Path] = []
     for f in requested:
         target = outdir / FILENAMES[f]
         _write_atomic(target, docs[f])
         print(f"wrote {target}", file=sys.stderr)
+        written.append(target)
+    return written
+
+
+def _sign(written: list[Path], args: argparse.Namespace, settings: Any) -> Path:
+    import asyncio
+
+    from xcstack.supply.signature import build_manifest, sign_manifest
+
+    manifest = asyncio.run(sign_manifest(settings, build_manifest(settings, written)))
+    target = (written[0].parent / "xcstack.sbom.sig.json") if len(written) > 1 else \
+        written[0].with_name(written[0].name + ".sig.json")
+    _write_atomic(target, json.dumps(manifest, indent=2, ensure_ascii=False))
+    print(f"wrote {target} (SM2, key {manifest['key_id']})", file=sys.stderr)
+    return target
+
+
+def _verify_signature(path: Path, settings: Any) -> int:
+    import asyncio
+
+    from xcstack.supply.signature import check_files, check_signature, load_manifest
+
+    try:
+        manifest = load_manifest(path)
+    except SupplyError as exc:
+        print(f"xcstack sbom: {exc}", file=sys.stderr)
+        return 2
+    problems = [] if asyncio.run(check_signature(settings, manifest)) else [
+        f"{path}: signature invalid (file altered, or signed by another key)"]
+    problems += check_files(path, manifest)
+    for p in problems:
+        print(f"FAIL {p}")
+    print(f"signature: {'FAIL' if problems else 'ok'} ({path})")
+    return 1 if problems else 0
 
 
 def _diff(cyclonedx_text: str, args: argparse.Namespace) -> int:
