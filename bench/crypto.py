@@ -284,6 +284,15 @@ async def _owner_main(seconds: float, clients: int, inflight: int, rounds: int, 
         results = [await asyncio.to_thread(q.get, True, rounds * 2 * (seconds + gap) + 120) for _ in procs]
         for p in procs:
             p.join()
+        # for reference: the same backend without the ctypes fast path (PyKCS11's own C_Sign wrapper)
+        fast = getattr(svc.backend, "_fast", None)
+        svc.backend._fast = None  # type: ignore[attr-defined]
+        n, t1 = 0, time.perf_counter()
+        while time.perf_counter() < t1 + seconds:
+            svc.backend.sign(rec, data, uid)
+            n += 1
+        pykcs11_rate = n / (time.perf_counter() - t1)
+        svc.backend._fast = fast  # type: ignore[attr-defined]
     finally:
         owner.terminate()
         owner.wait(10)
@@ -295,6 +304,8 @@ async def _owner_main(seconds: float, clients: int, inflight: int, rounds: int, 
     med = statistics.median
     rows = [
         ["direct: 1 process, PKCS#11 backend in-process", f"{best_direct:,.0f}", "1.00x", f"{med(d_p50):.0f}", "-"],
+        ["(reference) direct through PyKCS11's session.sign, no ctypes fast path", f"{pykcs11_rate:,.0f}",
+         f"{pykcs11_rate / best_direct:.2f}x", "-", "-"],
         [f"owner: {clients} client processes x {inflight} in flight", f"{best_owner:,.0f}",
          f"{best_owner / best_direct:.2f}x", f"{med(loaded) * 1e6:.0f} (queueing at {clients * inflight} in flight)",
          ">= 0.8x"],
