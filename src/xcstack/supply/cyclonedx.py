@@ -274,6 +274,8 @@ def build_bom(inv: Inventory, *, supplier: str, supplier_url: str | None = None,
     bom.components.add(hw)
 
     pkg_comps: list[Component] = []
+    # OS packages: the distribution supplies them (NTIA supplier = distributor); the maintainer is the author
+    os_supplier = OrganizationalEntity(name=plat.os_name or plat.os_id or "unknown OS")
     for _key, libs in sorted(libs_by_pkg.items()):
         pkg = libs[0].os_package
         assert pkg is not None
@@ -284,10 +286,11 @@ def build_bom(inv: Inventory, *, supplier: str, supplier_url: str | None = None,
             version=pkg.version,
             bom_ref=ref,
             purl=PackageURL.from_string(ref),
-            supplier=_entity(_maint(pkg.maintainer), fallback=plat.os_name),
+            supplier=os_supplier,
+            authors=[OrganizationalContact(name=m.name, email=m.email)] if (m := _maint(pkg.maintainer)) else None,
             licenses=_licenses(pkg.license),
             external_references=_refs({"homepage": pkg.homepage}) if pkg.homepage else None,
-            components=[_lib_file(lib, ref, _entity(_maint(pkg.maintainer), fallback=plat.os_name), pkg.version)
+            components=[_lib_file(lib, ref, os_supplier, pkg.version)
                         for lib in libs],
             properties=_props([("package-manager", pkg.manager), ("source-package", pkg.source),
                                ("license:source", pkg.license.source)]),

@@ -230,8 +230,9 @@ def _lib_owner(lib: NativeLib, pkg_ids: dict[str, str], os_pkg_ids: dict[str, st
         mname, maddr = parseaddr(pkg.maintainer)
         packages.append(Package(
             spdx_id=sid, name=pkg.name, download_location=SpdxNoAssertion(), version=pkg.version,
-            supplier=Actor(ActorType.ORGANIZATION, (mname or maddr or plat.os_name).replace("(", "[")
-                           .replace(")", "]"), maddr or None),
+            supplier=Actor(ActorType.ORGANIZATION, (plat.os_name or plat.os_id or "unknown OS")),
+            originator=Actor(ActorType.PERSON, (mname or maddr).replace("(", "[").replace(")", "]"), maddr or None)
+            if (mname or maddr) else None,
             files_analyzed=False, license_declared=lic.expr(pkg.license), license_concluded=SpdxNoAssertion(),
             copyright_text=SpdxNoAssertion(),
             homepage=pkg.homepage if pkg.homepage.startswith(("http://", "https://")) else None,
