@@ -174,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
                 return 2
             docs = generate(settings, fmt=fmt, pids=pids, native=not args.no_native,
                             include_files=include_files, data_dir=args.data_dir, timings=timings)
+            if "cyclonedx" in docs:
+                _print_summary(docs["cyclonedx"])
             if args.output is not None or (args.audit is None and args.diff is None):
                 written = _emit(docs, args, settings)
                 if args.sign and written:
@@ -200,6 +202,20 @@ def run(args: argparse.Namespace) -> int:
 
 _SBOM_EXTRA = {"cyclonedx", "spdx_tools", "jsonschema", "referencing", "license_expression", "packageurl",
                "rfc3986_validator"}
+
+
+def _print_summary(cyclonedx_text: str) -> None:
+    from xcstack.supply.audit import iter_components
+    from xcstack.supply.cyclonedx import summary
+
+    doc = json.loads(cyclonedx_text)
+    s = summary(doc)
+    loaded = sum(1 for c in iter_components(doc)
+                 if any(p.get("name") == "xcstack:loaded" for p in c.get("properties", [])))
+    n = s["components"]
+    print(f"xcstack sbom: {n} components ({loaded} loaded native libraries); supplier {s['with_supplier']}/{n}, "
+          f"hashes {s['with_hashes']}/{n}, license {s['with_license']}/{n}; {s['dependencies']} dependency entries",
+          file=sys.stderr)
 
 
 def _pids(values: list[str] | None) -> list[int] | None:
