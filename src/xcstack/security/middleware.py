@@ -36,6 +36,8 @@ log = logging.getLogger("xcstack.security")
 
 AUTH_TOTAL = Counter("xc_security_auth_total", "Request authentication outcomes", ["outcome"])
 DENIALS = Counter("xc_security_denials_total", "Requests denied by RBAC", ["reason"])
+_AUTH_OK = AUTH_TOTAL.labels("ok")
+_AUTH_DENIED = AUTH_TOTAL.labels("denied")
 
 SELF_SERVICE_PREFIX = "/v1/auth/"
 PUBLIC_ROUTES = {("POST", "/v1/auth/login")}
@@ -146,12 +148,12 @@ class SecurityMiddleware:
             token = bearer(scope)
             principal = await sec.service.authenticate(token) if token else None
             if principal is None:
-                AUTH_TOTAL.labels("denied").inc()
+                _AUTH_DENIED.inc()
                 await sec.service.audit("anonymous", "auth.denied", f"route:{path[:256]}", "denied", info,
                                         {"method": method, "reason": "invalid token" if token else "no token"})
                 raise Unauthorized("authentication required: send 'Authorization: Bearer <token>'",
                                    code="unauthorized", headers={"WWW-Authenticate": 'Bearer realm="xcstack"'})
-            AUTH_TOTAL.labels("ok").inc()
+            _AUTH_OK.inc()
             scope["xc.principal"] = principal
             found = resolve_route(scope.get("app"), scope)
             template = found[1] if found else path

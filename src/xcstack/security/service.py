@@ -18,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from xcstack.crypto.sm import sm3
 from xcstack.errors import BadRequest, Conflict, Forbidden, NotFound, Overloaded, RateLimited, Unauthorized
 from xcstack.security import passwords, totp
 from xcstack.security.audit.log import AuditLog
+from xcstack.security.audit.record import _BASE as _SM3_BASE
 from xcstack.security.lockout import Lockout, identity_key
 from xcstack.security.rbac import BUILTIN_ADMIN_ROLES, BUILTIN_ROLES, Role, allowed, check_custom_permissions
 from xcstack.security.secretbox import SecretBox, zero
@@ -67,7 +67,9 @@ class ReqInfo:
 
 
 def token_hash(token: str) -> str:
-    return sm3(token.encode()).hex()
+    h = _SM3_BASE.copy()
+    h.update(token.encode())
+    return h.finalize().hex()
 
 
 @dataclass
