@@ -11,13 +11,13 @@ from xcstack.security.settings import AuditSettings
 from xcstack.security.signing import SoftSM2Signer
 
 
-async def main(root: str, priv: str, pub: str, tag: str) -> None:
+async def main(root: str, priv: str, pub: str, tag: str, chain: str = "crash") -> None:
     signer = SoftSM2Signer("crash-sm2", bytes.fromhex(priv), bytes.fromhex(pub))
     log = AuditLog(Path(root), AuditSettings(checkpoint_interval_s=0.05, checkpoint_every_records=50),
-                   chain="crash", signer=signer)
+                   chain=None if chain == "auto" else chain, signer=signer)
     await log.open()
     out = sys.stdout
-    out.write("READY\n")
+    out.write(f"READY {log.chain}\n")
     out.flush()
 
     async def writer(w: int) -> None:
@@ -33,4 +33,4 @@ async def main(root: str, priv: str, pub: str, tag: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(*sys.argv[1:5]))
+    asyncio.run(main(*sys.argv[1:6]))

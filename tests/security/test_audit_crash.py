@@ -31,7 +31,7 @@ async def _one_run(root: Path, signer: SoftSM2Signer, tag: str, rnd: random.Rand
     )
     assert proc.stdout is not None
     line = await asyncio.wait_for(proc.stdout.readline(), 30)
-    assert line == b"READY\n"
+    assert line.startswith(b"READY ")
     acked: set[str] = set()
     await asyncio.sleep(rnd.uniform(0.02, 0.25))
     os.kill(proc.pid, signal.SIGKILL)
@@ -69,3 +69,39 @@ async def test_kill9_during_concurrent_writes(tmp_path: Path) -> None:
     missing = all_acked - present
     assert not missing, f"{len(missing)} acknowledged records lost, e.g. {sorted(missing)[:5]}"
     assert len(all_acked) > ITERATIONS  # the child really wrote under load
+
+
+async def test_several_processes_write_their_own_chains(tmp_path: Path) -> None:
+    """Like several http workers: each process takes its own chain; all verify after kill -9."""
+    signer = SoftSM2Signer("crash-sm2")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), *sys.path])}
+    procs = [await asyncio.create_subprocess_exec(
+        sys.executable, CHILD, str(tmp_path), signer._priv.hex(), signer.public_key.hex(), f"p{i}", "auto",
+        stdout=asyncio.subprocess.PIPE, env=env) for i in range(3)]
+    chains = []
+    for p in procs:
+        assert p.stdout is not None
+        chains.append((await asyncio.wait_for(p.stdout.readline(), 30)).split()[1].decode())
+    assert len(set(chains)) == 3
+    await asyncio.sleep(0.3)
+    acked: set[str] = set()
+    for p in procs:
+        os.kill(p.pid, signal.SIGKILL)
+        assert p.stdout is not None
+        rest = await p.stdout.read()
+        await p.wait()
+        acked |= {r[4:].decode() for r in rest.split(b"\n")[:-1] if r.startswith(b"ACK ")}
+
+    async def sig(key_id: str, msg: bytes, s: bytes) -> bool:
+        return await signer.verify(msg, s)
+
+    present: set[str] = set()
+    for chain in chains:
+        log = AuditLog(tmp_path, AuditSettings(), chain=chain, signer=signer)
+        await log.open()
+        await log.close()
+        report = await verify_chain(tmp_path / chain, sig)
+        assert report.ok, report.problem
+        for _, path in list_segments(tmp_path / chain):
+            present |= {rec.loads(x).get("request_id") for x in path.read_bytes().splitlines()}
+    assert acked and acked <= present
