@@ -331,6 +331,7 @@ def main() -> None:
     ap.add_argument("--no-algorithms", action="store_true")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    load0 = os.getloadavg()[0]
     algo = "" if args.no_algorithms else part_algorithms(args.seconds, args.rounds)
     print(algo)
     owner = "" if args.no_owner else part_owner(args.seconds, args.clients, args.inflight, args.rounds)
@@ -339,7 +340,10 @@ def main() -> None:
         "### 国密 adapters vs openssl speed, HSM owner vs direct PKCS#11\n\n"
         "Shared 2-core machine: numbers are noisy; read the ratios (both sides ran in the same run; "
         "openssl with `-elapsed`, i.e. wall-clock like ours). Debian's OpenSSL 3.0 has no SM4-GCM, so "
-        "SM4-GCM is compared with its SM4-CBC/CTR.\n\n" + algo + "\n\n" + owner
+        "SM4-GCM is compared with its SM4-CBC/CTR. The owner row's direct baseline uses the same ctypes "
+        "fast path the owner uses; PyKCS11's own path is shown for reference. "
+        f"1-minute load average during the run: {load0:.1f} at start, {os.getloadavg()[0]:.1f} at the end "
+        "(other engineers' work on the same 2 cores).\n\n" + algo + "\n\n" + owner
     )
     if not args.no_write:
         write_section("crypto", "python bench/crypto.py", body)
