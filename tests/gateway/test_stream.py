@@ -153,6 +153,8 @@ async def test_memory_bounded_with_200_large_streams_to_slow_clients(tmp_path: P
               f"growth {growth:.1f} MB, client bytes {sum(got) / 2**20:.1f} MB, upstream chunks "
               f"{mock.stats()['chunks_sent']} of {streams * tokens}")
         assert all(n > 0 for n in got)
+        if full:  # every stream arrived whole, ending in [DONE] (no idle timeout blamed on slow clients)
+            assert min(got) >= tokens * token_bytes, (min(got), tokens * token_bytes)
         assert growth < 64, f"gateway RSS grew {growth:.1f} MB (base {base / 2**20:.1f} MB)"
         # every slot released after the clients left
         async with httpx.AsyncClient(timeout=10) as c:
@@ -197,3 +199,29 @@ async def test_granian_streams_and_disconnects_close_upstream(tmp_path: Path, mo
         assert max(delays) < 0.1, [round(d * 1000) for d in delays]
     finally:
         gp.stop()
+
+
+async def test_a_slow_client_is_not_mistaken_for_an_idle_upstream(gateway_factory: Any, mock: MockUpstream
+                                                                  ) -> None:
+    """idle_s bounds the wait for the upstream; a client that does not read for longer than that
+    must not get an upstream_timeout (the relay waits in `send`, not on the upstream)."""
+    gw = gateway_factory([upstream(mock, timeouts={"idle_s": 0.3})], max_tokens_limit=100_000)
+    token_bytes = 4096
+    tokens = 16 * 1024 * 1024 // token_bytes  # more than the socket buffers on the way can hold
+    body = {"model": "mock-model", "messages": MSG, "stream": True, "max_tokens": tokens,
+            "mock": {"token_bytes": token_bytes}}
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gw.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
+    writer.write(_request(gw.port, body))
+    await asyncio.sleep(1.5)  # the client stalls: the gateway's sends block far longer than idle_s
+    data = bytearray()
+    while chunk := await asyncio.wait_for(reader.read(1 << 20), 10):
+        data += chunk
+        if data.endswith(b"\r\n0\r\n\r\n"):
+            break
+    writer.close()
+    assert b"upstream_timeout" not in data
+    assert data.count(b'"content":"') >= tokens

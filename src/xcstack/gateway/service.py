@@ -596,7 +596,9 @@ class GatewayService:
                 if state.done:
                     healthy = True
                     break
+                wd.waiting_upstream()  # the idle gap counts only while waiting for the upstream
                 chunk = await content.readany()
+                wd.busy = True  # relaying (maybe to a slow client): the idle deadline does not apply
                 if not chunk:
                     if buf.strip():
                         out = state.process(buf + b"\n\n")
@@ -609,7 +611,6 @@ class GatewayService:
                         error = UpstreamError(f"upstream {up.name} ended the stream without [DONE]",
                                               code=p.STREAM_INTERRUPTED)
                     break
-                wd.touch()
                 buf = buf + chunk if buf else chunk
         except asyncio.CancelledError:
             if wd.take() is None:

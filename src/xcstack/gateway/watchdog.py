@@ -29,6 +29,7 @@ class Watchdog:
         "_total_at",
         "_watcher",
         "armed",
+        "busy",
         "reason",
     )
 
@@ -48,6 +49,7 @@ class Watchdog:
         self._idle = 0.0
         self._watcher: asyncio.Task[None] | None = None
         self._late_disconnect = False
+        self.busy = False  # True while the relay is not waiting on the upstream (idle is paused)
 
     # -- deadlines ------------------------------------------------------------------------------
     def set_total(self, seconds: float) -> None:
@@ -69,6 +71,12 @@ class Watchdog:
         if self._idle:
             self._phase_at = self._loop.time() + self._idle
 
+    def waiting_upstream(self) -> None:
+        """About to wait for the upstream: the idle gap starts now."""
+        self.busy = False
+        if self._idle:
+            self._phase_at = self._loop.time() + self._idle
+
     def _schedule(self) -> None:
         at = min(self._total_at, self._phase_at)
         if self._handle is not None:
@@ -84,7 +92,11 @@ class Watchdog:
         if now >= self._total_at:
             self.fire("total")
         elif now >= self._phase_at:
-            self.fire(self._phase_reason)
+            if self.busy and self._idle:  # relaying to the client, not waiting on the upstream
+                self._phase_at = now + self._idle
+                self._schedule()
+            else:
+                self.fire(self._phase_reason)
         else:
             self._schedule()
 
