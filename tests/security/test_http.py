@@ -344,3 +344,20 @@ def test_with_crypto_capability_signs_and_seals_through_the_crypto_client(data_d
         _run(c, secrets.set("upstream-key", b"sk-live-123456"))
         assert _run(c, secrets.resolve("secret:upstream-key")) == "sk-live-123456"
         assert b"sk-live-123456" not in (data_dir / "state.db").read_bytes()
+
+
+def test_sysadmin_cannot_take_over_other_administrators(client: TestClient) -> None:
+    for action in ("reset-password", "reset-totp", "disable"):
+        r = client.post(f"/v1/security/users/aud/{action}", headers=H(client, "sys"))
+        assert r.status_code == 403, (action, r.text)
+        r = client.post(f"/v1/security/users/sec/{action}", headers=H(client, "sys"))
+        assert r.status_code == 403, (action, r.text)
+    assert client.delete("/v1/security/users/aud", headers=H(client, "sys")).status_code == 403
+    # ordinary accounts: fine
+    r = client.post("/v1/security/users/nobody/reset-password", headers=H(client, "sys"))
+    assert r.status_code == 200 and r.json()["one_time_password"]
+    recs = audit_records(_cap(client.app).audit_root)
+    assert any(x["action"] == "user.password_reset" and x["outcome"] == "denied" and x["resource"] == "user:aud"
+               for x in recs)
+    # the auditor still works
+    assert client.get("/v1/audit/chains", headers=H(client, "aud")).status_code == 200

@@ -253,8 +253,22 @@ class SecurityService:
             raise NotFound(f"no user {name!r}", code="user_not_found")
         return user
 
+    async def _guard_admin_account(self, actor: Principal, user: dict[str, Any], action: str,
+                                   info: ReqInfo | None) -> None:
+        """三权分立: an account holding sysadmin, secadmin or auditor cannot be taken over through the
+        API by another administrator (a reset password would be handed to the resetter). Those
+        accounts are managed from the server console (`xcstack user ...`, actor `cli:<os user>`)."""
+        roles = set(json.loads(user["roles"]))
+        if actor.kind == "system" or actor.id == user["id"] or not roles & set(BUILTIN_ADMIN_ROLES):
+            return
+        await self.audit(actor.name, action, f"user:{user['name']}", "denied", info,
+                         {"reason": "administrator account", "roles": sorted(roles)})
+        raise Forbidden("accounts of the sysadmin, secadmin and auditor roles are managed from the server "
+                        "console (xcstack user ...), not through the API (三权分立)", code="forbidden")
+
     async def set_disabled(self, actor: Principal, name: str, disabled: bool, info: ReqInfo | None = None) -> None:
         user = await self._require_user(name)
+        await self._guard_admin_account(actor, user, "user.disable" if disabled else "user.enable", info)
         if actor.id == user["id"] and disabled:
             raise BadRequest("you cannot disable yourself", code="invalid_parameter")
 
@@ -269,6 +283,7 @@ class SecurityService:
 
     async def delete_user(self, actor: Principal, name: str, info: ReqInfo | None = None) -> None:
         user = await self._require_user(name)
+        await self._guard_admin_account(actor, user, "user.delete", info)
         if actor.id == user["id"]:
             raise BadRequest("you cannot delete yourself", code="invalid_parameter")
 
@@ -292,6 +307,7 @@ class SecurityService:
     async def reset_password(self, actor: Principal, name: str, info: ReqInfo | None = None) -> str:
         """A new one-time password (must be changed at next login); the user's sessions are revoked."""
         user = await self._require_user(name)
+        await self._guard_admin_account(actor, user, "user.password_reset", info)
         pw = passwords.generate_password()
         h = await self._kdf(passwords.hash_password, pw, self.settings.password_hash,
                                     self.settings.pbkdf2_iterations)
@@ -539,6 +555,7 @@ class SecurityService:
 
     async def totp_reset(self, actor: Principal, name: str, info: ReqInfo | None = None) -> None:
         user = await self._require_user(name)
+        await self._guard_admin_account(actor, user, "user.totp_reset", info)
         await self.store.execute(
             "UPDATE sec_users SET totp_enabled = 0, totp_secret = NULL, recovery = NULL, totp_last_step = 0 "
             "WHERE id = ?", (user["id"],))
