@@ -361,3 +361,37 @@ def test_sysadmin_cannot_take_over_other_administrators(client: TestClient) -> N
                for x in recs)
     # the auditor still works
     assert client.get("/v1/audit/chains", headers=H(client, "aud")).status_code == 200
+
+
+def test_server_exports_audit_records_to_http_collector(data_dir: Path) -> None:
+    import json as _json
+    import threading
+    import time as _time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    got: list[dict[str, Any]] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            got.extend(_json.loads(body)["records"])
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None: ...
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/ingest"
+        app = _app(data_dir, audit={"export_http": url, "export_interval_s": 0.1})
+        with TestClient(app) as c:
+            c.post("/v1/auth/login", json={"username": "nobody-here", "password": "Wrong-Pass-123"})
+            deadline = _time.time() + 10
+            while _time.time() < deadline and not any(r["action"] == "auth.login" for r in got):
+                _time.sleep(0.05)
+        assert any(r["action"] == "auth.login" and r["outcome"] == "failure" for r in got)
+        seqs = [r["seq"] for r in got]
+        assert seqs == sorted(seqs) and seqs[0] == 1
+    finally:
+        srv.shutdown()
