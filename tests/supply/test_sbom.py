@@ -392,3 +392,13 @@ def test_sign_and_verify_sbom_with_sm2(tmp_path: Path, monkeypatch: pytest.Monke
     assert main(["sbom", "--verify-signature", str(sig)]) == 1
     assert "signature invalid" in capsys.readouterr().out
     assert main(["sbom", "--verify-signature", str(tmp_path / "nope.json")]) == 2
+
+
+def test_only_python_processes_count_as_xcstack() -> None:
+    from xcstack.supply.inventory import is_xcstack_process
+
+    py = "/usr/bin/python3.11"
+    assert is_xcstack_process([py, "-m", "xcstack.worker", "--fd", "3"], py)
+    assert is_xcstack_process([py, "/opt/xcstack/venv/bin/xcstack", "-c", "/etc/x.toml", "serve"], py)
+    assert not is_xcstack_process(["timeout", "120", "/opt/xcstack/venv/bin/xcstack", "serve"], "/usr/bin/timeout")
+    assert not is_xcstack_process([py, "/opt/xcstack/venv/bin/xcstack", "sbom"], py)

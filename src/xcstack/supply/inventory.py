@@ -418,6 +418,16 @@ def interpreter_info(exe: str | None = None, timeout: float = 10.0) -> Interpret
                        cache_tag=tag, sha1=sha1)
 
 
+def is_xcstack_process(args: list[str], exe: str) -> bool:
+    """A Python process running `xcstack serve` or `python -m xcstack.worker ...` (not, e.g., a `timeout`
+    or `sudo` wrapper whose arguments mention them)."""
+    if not os.path.basename(exe).startswith(("python", "pypy")):
+        return False
+    if "xcstack.worker" in args:
+        return True
+    return any(os.path.basename(a) == "xcstack" and "serve" in args[i + 1 :] for i, a in enumerate(args[:3]))
+
+
 def find_xcstack_pids() -> list[int]:
     """Processes of a running xcstack: the supervisor (`xcstack serve`) and its workers
     (`python -m xcstack.worker ...`: http workers, model workers, the HSM owner)."""
@@ -428,12 +438,10 @@ def find_xcstack_pids() -> list[int]:
             continue
         try:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
+            exe = os.readlink(entry / "exe")
         except OSError:
             continue
-        args = [a.decode(errors="replace") for a in argv if a]
-        if "xcstack.worker" in args or any(
-            os.path.basename(a) == "xcstack" and "serve" in args[i + 1 :] for i, a in enumerate(args[:3])
-        ):
+        if is_xcstack_process([a.decode(errors="replace") for a in argv if a], exe):
             found.append(int(entry.name))
     return sorted(found)
 
@@ -560,12 +568,16 @@ def collect(
     timings: dict[str, float] = {}
     warnings: list[str] = []
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="xc-sbom") as pool:
-        exe: str | None = None
-        if pids:
+        exe: str | None = None  # the interpreter of the first Python process given (default: this one)
+        for pid in pids or ():
             try:
-                exe = os.readlink(f"/proc/{pids[0]}/exe")
+                candidate = os.readlink(f"/proc/{pid}/exe")
             except OSError as exc:
-                warnings.append(f"cannot read the executable of pid {pids[0]}: {exc}")
+                warnings.append(f"cannot read the executable of pid {pid}: {exc}")
+                continue
+            if os.path.basename(candidate).startswith(("python", "pypy")):
+                exe = candidate
+                break
         f_interp = pool.submit(interpreter_info, exe)
         f_platform = pool.submit(platform_info)
         lib_futures: dict[str, Future[tuple[str, str | None, int, str]]] = {}
