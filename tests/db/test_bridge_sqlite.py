@@ -227,10 +227,13 @@ async def test_pool_wait_is_bounded(sqlite_path: str) -> None:
         assert ei.value.headers["Retry-After"] == "1"
         assert 0.15 < time.monotonic() - t0 < 1.0
         busy.cancel()
-    async with running_bridge(db_cfg(sqlite_path, pool_size=1, max_waiting=0)) as b:
+    # a fresh file: the first pool's last connection may still hold the old one's WAL switch lock
+    async with running_bridge(db_cfg(sqlite_path + ".2", pool_size=1, max_waiting=0)) as b:
         db = b.database("lite")
+        assert b.ready()[0]
         busy = asyncio.ensure_future(db.query("count_to", {"n": 10**10}, timeout=2))
         await asyncio.sleep(0.05)
+        assert not busy.done()
         t0 = time.monotonic()
         with pytest.raises(Overloaded):
             await db.query("count_to", {"n": 5})

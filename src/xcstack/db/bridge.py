@@ -152,6 +152,7 @@ class _Worker(threading.Thread):
         self.connected = False  # loop-side view: counted in pool.live
         self.busy = False
         self.pin_owner: Any = None
+        self.announce = False
 
     # --- thread side ------------------------------------------------------------------------
     def run(self) -> None:
@@ -183,13 +184,21 @@ class _Worker(threading.Thread):
                 self.pin_owner = None
                 self._recycle()
                 return None
+        job = None
         with pool.lock:
             waiting = pool.waiting
             while waiting:
                 job = waiting.popleft()
                 if job.state == QUEUED:
-                    return job
-            pool.idle.append(self)
+                    break
+                job = None
+            if job is None:
+                pool.idle.append(self)
+        if self.announce:  # only now, ready to take work, is a new connection counted as live
+            self.announce = False
+            pool.completions.push(pool._on_ready, self)
+        if job is not None:
+            return job
         try:
             return self.inbox.get(timeout=pool.cfg.health_interval_s or None)
         except queue.Empty:
@@ -236,7 +245,7 @@ class _Worker(threading.Thread):
         delay = pool.cfg.reconnect_backoff_initial_s
         while not pool.stopping.is_set():
             if self._connect_once():
-                pool.completions.push(pool._on_ready, self)
+                self.announce = True  # _next() tells the loop once this worker takes work
                 return
             pool.completions.push(pool._on_connect_failed, self)
             if pool.stopping.wait(delay):
