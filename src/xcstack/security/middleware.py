@@ -39,7 +39,10 @@ DENIALS = Counter("xc_security_denials_total", "Requests denied by RBAC", ["reas
 _AUTH_OK = AUTH_TOTAL.labels("ok")
 _AUTH_DENIED = AUTH_TOTAL.labels("denied")
 
-SELF_SERVICE_PREFIX = "/v1/auth/"
+# The security capability's own self-service routes: any authenticated principal, also a session
+# restricted to a password change or TOTP enrolment. An exact list, so no other route can borrow it.
+SELF_SERVICE = frozenset({"/v1/auth/logout", "/v1/auth/me", "/v1/auth/password", "/v1/auth/totp/enroll",
+                          "/v1/auth/totp/confirm"})
 PUBLIC_ROUTES = {("POST", "/v1/auth/login")}
 
 
@@ -156,7 +159,7 @@ class SecurityMiddleware:
             _AUTH_OK.inc()
             scope["xc.principal"] = principal
             found = resolve_route(scope.get("app"), scope)
-            template = found[1] if found else path
+            template = found[1] if found else path[:256]
             if found is not None:
                 await self._check(principal, found, method, info)
         except XCError as exc:
@@ -169,7 +172,7 @@ class SecurityMiddleware:
 
     async def _check(self, principal: Principal, found: tuple[Any, str], method: str, info: ReqInfo) -> None:
         endpoint, template = found
-        self_service = template.startswith(SELF_SERVICE_PREFIX)
+        self_service = template in SELF_SERVICE
         if principal.restricted and not self_service:
             DENIALS.labels("restricted").inc()
             await self.sec.service.audit(principal.name, "access.denied", f"route:{template}", "denied", info,

@@ -53,13 +53,13 @@ BUILTIN_ROLES: dict[str, Role] = {
     ),
     "secadmin": Role(
         "secadmin",
-        allow=(("security.role", "*"), ("security.policy", "*"), ("security.user", "read"), ("route:/v1/auth/*", "*")),
+        allow=(("security.role", "*"), ("security.policy", "*"), ("security.user", "read")),
         builtin=True,
         description="security administrator: roles, role assignment, policies",
     ),
     "auditor": Role(
         "auditor",
-        allow=(("audit", "read"), ("audit", "verify"), ("audit", "export"), ("route:/v1/auth/*", "*")),
+        allow=(("audit", "read"), ("audit", "verify"), ("audit", "export")),
         builtin=True,
         description="auditor: reads and verifies the audit log only",
     ),
