@@ -129,6 +129,10 @@ def make_handler(service: CryptoService) -> Any:
 async def serve_owner(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Run the owner until `stop` is set (or forever)."""
     path = socket_path(settings)
+    if len(os.fsencode(path)) > 104:  # sun_path is 108 bytes on Linux (104 on some BSDs)
+        raise RuntimeError(
+            f"HSM owner socket path {path} is too long for a Unix socket; set [crypto] socket_path to a shorter path"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(OSError):
         os.chmod(path.parent, 0o700)
