@@ -47,7 +47,12 @@ pytest: $(DEV_STAMP) services
 test: lint typecheck pytest
 
 bench: $(DEV_STAMP) services
-	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@for b in bench/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# An offline wheelhouse for air-gapped hosts: make wheelhouse PLATFORM=aarch64
+PLATFORM ?= $(shell uname -m)
+wheelhouse:
+	bash scripts/wheelhouse.sh $(PLATFORM)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

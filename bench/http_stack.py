@@ -98,7 +98,7 @@ def run_server(server: str, upstream: str, duration: int, connections: int) -> l
     data = tempfile.mkdtemp(prefix="xc-bench-http-")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XC_DATA_DIR": data, "XC_SERVER__PORT": str(port),
            "XC_SERVER__WORKERS": "1", "XC_SERVER__WORKER_CPUS": "[0]", "XC_SERVER__HTTP_SERVER": server,
-           "XC_SERVER__PLUGINS": '["bench.http_stack_app"]', "XC_SECURITY__ENABLED": "false",
+           "XC_SERVER__PLUGINS": '["bench._http_stack_app"]', "XC_SECURITY__ENABLED": "false",
            "XC_OBSERVABILITY__ACCESS_LOG": "false", "XC_OBSERVABILITY__LOG_LEVEL": "WARNING",
            "XC_BENCH_UPSTREAM": upstream}
     proc = subprocess.Popen([sys.executable, "-m", "xcstack", "serve"], env=env, cwd=ROOT,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import logging
 import os
 import signal
@@ -133,8 +134,11 @@ def run_http_worker(fd: int, ready_fd: int | None) -> None:
     sock = socket.socket(fileno=fd)
     app = build_worker_app(settings, _notify_ready(ready_fd))
     log.info("http worker up", extra={"server": settings.server.http_server, "cpus": cpus})
-    if settings.server.http_server == "granian":
+    if settings.server.http_server == "granian" and importlib.util.find_spec("granian") is not None:
         run_granian(settings, sock, app)
+    elif settings.server.http_server == "granian":  # e.g. LoongArch: no granian wheel
+        log.warning("granian is not installed on this platform; serving with uvicorn")
+        run_uvicorn(settings, sock, app)
     else:
         run_uvicorn(settings, sock, app)
 
