@@ -192,3 +192,11 @@ async def test_batched_calls_fail_fast_when_owner_dies(owner: OwnerProc) -> None
         assert all(isinstance(e, CryptoUnavailable) for e in errors), errors[:3]
     finally:
         await c.close()
+
+
+async def test_owner_refuses_socket_path_longer_than_sun_path(data_dir: Path) -> None:
+    from xcstack.crypto.owner import serve_owner
+
+    s = load_settings(None, data_dir=data_dir, crypto={"socket_path": str(data_dir / ("x" * 120) / "o.sock")})
+    with pytest.raises(RuntimeError, match="too long"):
+        await serve_owner(s, asyncio.Event())
