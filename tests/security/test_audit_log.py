@@ -54,7 +54,11 @@ async def test_chain_verifies_and_records_carry_fields(tmp_path: Path, signer: S
     assert first["prev_hash"] == "00" * 32 and obj["prev_hash"] == first["hash"]
     body = lines[1].rstrip(b"\n")[: -rec.HASH_SUFFIX_LEN] + b"}"
     assert rec.sm3(body + bytes.fromhex(obj["prev_hash"])).hex() == obj["hash"]
-    assert oct(os.stat(lines and chain).st_mode)[-3:] in ("700", "755")
+    # only the service user (and through the API only the auditor) can read the log
+    assert oct(os.stat(chain).st_mode)[-3:] == "700" and oct(os.stat(chain.parent).st_mode)[-3:] == "700"
+    for f in chain.iterdir():
+        if f.is_file():
+            assert oct(os.stat(f).st_mode)[-3:] == "600", f
 
 
 def _rewrite(path: Path, lines: list[bytes]) -> None:

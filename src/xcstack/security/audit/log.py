@@ -215,6 +215,7 @@ class AuditLog:
             name = names[0] if names else f"{node}-{n}"
             d = self.root / name
             d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
             fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
