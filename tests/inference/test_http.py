@@ -290,3 +290,17 @@ def test_infer_text_input_json_and_bad_utf8(client: TestClient) -> None:
     # text and token tensors together: too many inputs for the text form
     body, headers = binary_body([("text", "BYTES", [1], struct.pack("<I", 1) + b"a"), ids_input(GOOD_IDS)])
     err(client.post(f"/v2/models/{MODEL}/infer", content=body, headers=headers), 400, "too_many_inputs")
+
+
+def test_local_embedder_chunks_large_inputs(client: TestClient) -> None:
+    xc = client.app.state.xc  # type: ignore[attr-defined]
+    fn = xc.ctx.get("local_embedder")
+    texts = [f"doc {i}" for i in range(1200)]  # more than one chunk, and more than max_inputs of the API
+
+    async def go() -> Any:
+        return await fn(None, texts)
+
+    vecs, usage = client.portal.call(go)  # type: ignore[union-attr]
+    assert np.asarray(vecs).shape == (1200, 384) and usage["total_tokens"] > 1200
+    one = client.post("/v1/embeddings", json={"input": "doc 1100"}).json()["data"][0]["embedding"]
+    assert np.allclose(vecs[1100], one, atol=1e-5)

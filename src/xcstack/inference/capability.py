@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from xcstack.config import Settings
 
 
+EMBED_CHUNK = 512  # texts per worker call for `local_embedder`
+
+
 class InferenceCapability:
     name = "inference"
 
@@ -88,7 +91,16 @@ class InferenceCapability:
         """The `local_embedder` service: texts -> unit-norm float32 vectors [n, dims] and usage."""
         name = self._embedding_model(model)
         try:
-            vectors, tokens = await self.backend.embed(name, inputs, self.settings.request_timeout_s)
+            if len(inputs) <= EMBED_CHUNK:
+                vectors, tokens = await self.backend.embed(name, inputs, self.settings.request_timeout_s)
+            else:  # internal callers (indexing) may pass thousands: chunks keep each call within the queue
+                parts: list[np.ndarray] = []
+                tokens = 0
+                for i in range(0, len(inputs), EMBED_CHUNK):
+                    v, t = await self.backend.embed(name, inputs[i : i + EMBED_CHUNK], self.settings.request_timeout_s)
+                    parts.append(v)
+                    tokens += t
+                vectors = np.concatenate(parts)
         except Exception:
             metrics.REQUESTS.labels(name, "embed", "error").inc()
             raise
