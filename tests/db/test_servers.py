@@ -248,3 +248,17 @@ async def test_idle_connections_heal_without_traffic(pg: str) -> None:
         # no query is sent: the idle workers' own health checks find the dead connections
         assert await until(lambda: len(set(db.sessions()[0]) - set(old)) == 2 and sum(db.live()) == 2, timeout=5)
         assert (await db.query("one")).rows == [(1,)]
+
+
+async def test_prepared_statements_can_be_turned_off(pg: str) -> None:
+    for prepare in (True, False):
+        queries = item_queries(sleep_sql="SELECT pg_sleep(:s)::text AS slept")
+        queries["prepared"] = {"sql": "SELECT count(*) AS n FROM pg_prepared_statements"}
+        cfg = {f"prep{int(prepare)}": {"driver": "postgres", "dsn": PG_DSN, "pool_size": 1,
+                                       "prepare_statements": prepare, "queries": queries}}
+        async with running_bridge(cfg) as b:
+            db = b.database(f"prep{int(prepare)}")
+            for i in range(8):  # one connection: psycopg prepares after 5 runs of the same query
+                await db.query("item", {"id": i + 1})
+            prepared = (await db.query("prepared")).rows[0][0]
+            assert (prepared > 0) is prepare, prepared

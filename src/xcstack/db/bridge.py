@@ -231,9 +231,10 @@ class _Worker(threading.Thread):
             log.warning("db %s: connect failed: %s", pool.label, _one_line(exc))
             return False
         try:
+            pool.profile.after_connect(conn, prepare_statements=pool.cfg.prepare_statements)
             session = pool.profile.session_id(conn)
         except Exception as exc:
-            log.warning("db %s: session id query failed: %s", pool.label, _one_line(exc))
+            log.warning("db %s: connection set-up failed: %s", pool.label, _one_line(exc))
             pool.profile.close(conn)
             return False
         self.conn, self.session = conn, session

@@ -70,6 +70,9 @@ class DriverProfile:
     def connect(self, dsn: str, *, connect_timeout: float, app_name: str, io_timeout: float) -> Any:
         raise NotImplementedError
 
+    def after_connect(self, conn: Any, *, prepare_statements: bool) -> None:
+        """Per-connection settings from the database's config."""
+
     def session_id(self, conn: Any) -> Any:
         """The server's id of this session (backend pid, thread id, ...), for cancel and ops."""
         return None
@@ -268,7 +271,7 @@ class PostgresProfile(DriverProfile):
     cancel_method = "protocol"
 
     def connect(self, dsn: str, *, connect_timeout: float, app_name: str, io_timeout: float) -> Any:
-        return self.mod.connect(
+        conn = self.mod.connect(
             dsn,
             autocommit=True,
             connect_timeout=max(2, int(connect_timeout + 0.999)),
@@ -279,6 +282,11 @@ class PostgresProfile(DriverProfile):
             keepalives_interval=10,
             keepalives_count=3,
         )
+        return conn
+
+    def after_connect(self, conn: Any, *, prepare_statements: bool) -> None:
+        if not prepare_statements:  # behind a transaction-mode pooler (pgbouncer, ...)
+            conn.prepare_threshold = None
 
     def session_id(self, conn: Any) -> Any:
         return conn.info.backend_pid
@@ -580,6 +588,12 @@ class MySQLClientProfile(MySQLProfile):
         DriverProfile.close(self, conn)
 
 
+def mod_error(profile: DriverProfile) -> type[BaseException]:
+    """The driver's PEP 249 `DatabaseError` (server-side errors, not a broken link)."""
+    err = getattr(profile.mod, "DatabaseError", None)
+    return err if isinstance(err, type) and issubclass(err, BaseException) else Exception
+
+
 def _kind_not_lost(exc: BaseException) -> ErrorKind:
     kind = _classify_dbapi_class(exc)
     return ErrorKind.OTHER if kind is ErrorKind.CONNECTION_LOST else kind
@@ -628,6 +642,8 @@ class DMProfile(DriverProfile):
             cur.execute("SELECT SESSID()")
             row = cur.fetchone()
             return row[0] if row else None
+        except mod_error(self):  # no session id: a timed-out statement's connection is only dropped
+            return None
         finally:
             self._close_cursor(cur)
 
@@ -706,6 +722,8 @@ class GBase8sProfile(DriverProfile):
             cur.execute("SELECT DBINFO('sessionid') FROM systables WHERE tabid = 1")
             row = cur.fetchone()
             return row[0] if row else None
+        except mod_error(self):
+            return None
         finally:
             self._close_cursor(cur)
 

@@ -150,6 +150,10 @@ class DatabaseSettings(BaseModel):
     transaction_idle_timeout_s: float = Field(
         60.0, gt=0, le=3600, description="a transaction idle this long between statements is rolled back"
     )
+    prepare_statements: bool = Field(
+        True, description="postgres: server-side prepared statements for repeated queries; false behind "
+        "a transaction-mode connection pooler (pgbouncer)",
+    )
     worker_nice: int = Field(
         5, ge=0, le=19,
         description="Linux: worker threads run this much nicer than the process, so the event loop thread "
