@@ -395,3 +395,40 @@ def test_server_exports_audit_records_to_http_collector(data_dir: Path) -> None:
         assert seqs == sorted(seqs) and seqs[0] == 1
     finally:
         srv.shutdown()
+
+
+def test_audit_records_merged_across_chains_with_paging(data_dir: Path) -> None:
+    from xcstack.security.audit.log import AuditLog
+    from xcstack.security.settings import AuditSettings
+
+    app = _app(data_dir)
+    with TestClient(app) as c:
+        cap = _cap(app)
+        _run(c, cap.service.create_user(SYSTEM, "aud9", ["auditor"], kind="service", password=PW))
+        other = AuditLog(cap.audit_root, AuditSettings(), chain="other-worker")  # a second worker's chain
+        _run(c, other.open())
+        for i in range(5):
+            _run(c, other.append(actor="w2", action="api.call", resource=f"route:/x/{i}", outcome="success"))
+        _run(c, other.close())
+        tok = c.post("/v1/auth/login", json={"username": "aud9", "password": PW}).json()["token"]
+        h = {"Authorization": f"Bearer {tok}"}
+        seen: list[dict[str, Any]] = []
+        after = None
+        for _ in range(50):
+            q = "limit=3" + (f"&after={after}" if after else "")
+            page = c.get(f"/v1/audit/records?{q}", headers=h).json()
+            seen += page["records"]
+            after = page["next"]
+            if after is None:
+                break
+        keys = [(r["ts"], r["chain"], r["seq"]) for r in seen]
+        assert keys == sorted(keys) and len(set(keys)) == len(keys)
+        assert {r["chain"] for r in seen} == {cap.audit.chain, "other-worker"}
+        only = c.get("/v1/audit/records?actor=w2&limit=100", headers=h).json()["records"]
+        assert len(only) == 5 and all(r["actor"] == "w2" for r in only)
+        one = c.get("/v1/audit/records?chain=other-worker&after_seq=2", headers=h).json()
+        assert [r["seq"] for r in one["records"]] == [3, 4, 5, 6, 7]
+        bad = c.get("/v1/audit/records?since=yesterday", headers=h)
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_parameter"
+        future = c.get("/v1/audit/records?since=2999-01-01", headers=h).json()
+        assert future["records"] == []

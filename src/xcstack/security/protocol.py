@@ -54,8 +54,15 @@ class ApiKeyCreate(Strict):
 
 
 class AuditQuery(Strict):
+    """One chain from `after_seq` on (`chain=`), or every chain merged by time (no `chain`): then
+    `since`/`until` bound the UTC timestamps and `after` (the previous page's `next`) continues."""
+
     chain: str | None = Field(default=None, max_length=128)
     after_seq: int = Field(default=0, ge=0)
+    since: str | None = Field(default=None, pattern=r"^\d{4}-\d{2}-\d{2}(T[0-9:.]+Z?)?$")
+    until: str | None = Field(default=None, pattern=r"^\d{4}-\d{2}-\d{2}(T[0-9:.]+Z?)?$")
+    after: str | None = Field(default=None, max_length=256)
     limit: int = Field(default=100, ge=1, le=1000)
     action: str | None = Field(default=None, max_length=64)
     actor: str | None = Field(default=None, max_length=128)
+    outcome: str | None = Field(default=None, max_length=16)

@@ -154,10 +154,10 @@ def build_routes(cap: SecurityCapability) -> list[BaseRoute]:
     @requires("audit", "read")
     async def audit_records(request: Request) -> Response:
         q = parse_model(dict(request.query_params), p.AuditQuery)
-        records = await asyncio.to_thread(_read_records, cap, q)
+        page = await asyncio.to_thread(_read_records, cap, q)
         await svc.audit(_principal(request).name, "audit.read", f"audit:{q.chain or '*'}", "success", _info(request),
-                        {"after_seq": q.after_seq, "returned": len(records)})
-        return JSONResponse({"records": records})
+                        {"query": q.model_dump(exclude_none=True), "returned": len(page["records"])})
+        return JSONResponse(page)
 
     @requires("audit", "verify")
     async def audit_verify(request: Request) -> Response:
@@ -191,29 +191,67 @@ def build_routes(cap: SecurityCapability) -> list[BaseRoute]:
     ]
 
 
-def _read_records(cap: SecurityCapability, q: p.AuditQuery) -> list[dict[str, Any]]:
+def _match(obj: dict[str, Any], q: p.AuditQuery) -> bool:
+    return (
+        (q.action is None or obj.get("action") == q.action)
+        and (q.actor is None or obj.get("actor") == q.actor)
+        and (q.outcome is None or obj.get("outcome") == q.outcome)
+    )
+
+
+def _read_records(cap: SecurityCapability, q: p.AuditQuery) -> dict[str, Any]:
     chains = list_chains(cap.audit_root)
     if q.chain is not None:
         chains = [c for c in chains if c.name == q.chain]
         if not chains:
             raise NotFound(f"no audit chain {q.chain!r}", code="not_found")
-    elif len(chains) > 1:
-        raise BadRequest("several audit chains exist: pass ?chain=<name> (GET /v1/audit/chains lists them)",
-                         code="chain_required")
-    out: list[dict[str, Any]] = []
-    if not chains:
-        return out
-    for first, path in list_segments(chains[0]):
-        data = path.read_bytes()
-        seq = first
-        for line in data.split(b"\n")[:-1]:
-            if seq > q.after_seq:
+        out: list[dict[str, Any]] = []
+        for first, path in list_segments(chains[0]):
+            data = path.read_bytes()
+            seq = first
+            for line in data.split(b"\n")[:-1]:
+                if seq > q.after_seq:
+                    obj = rec.loads(line)
+                    if _match(obj, q):
+                        out.append(obj)
+                        if len(out) >= q.limit:
+                            return {"records": out, "next_after_seq": out[-1]["seq"]}
+                seq += 1
+        return {"records": out, "next_after_seq": out[-1]["seq"] if out else q.after_seq}
+    # every chain, merged by (ts, chain, seq)
+    after: tuple[str, str, int] | None = None
+    if q.after:
+        try:
+            a_ts, a_chain, a_seq = q.after.rsplit("|", 2)
+            after = (a_ts, a_chain, int(a_seq))
+        except ValueError:
+            raise BadRequest("after: use the 'next' value of the previous page", code="invalid_parameter") from None
+    since = q.since or ""
+    until = q.until or "9999"
+    since_epoch = _epoch(since) if since else 0.0
+    picked: list[tuple[str, str, int, dict[str, Any]]] = []
+    for chain in chains:
+        for _, path in list_segments(chain):
+            if since_epoch and path.stat().st_mtime < since_epoch:
+                continue  # the segment's newest record is older than `since`
+            for line in path.read_bytes().split(b"\n")[:-1]:
                 obj = rec.loads(line)
-                if (q.action is None or obj.get("action") == q.action) and (
-                    q.actor is None or obj.get("actor") == q.actor
-                ):
-                    out.append(obj)
-                    if len(out) >= q.limit:
-                        return out
-            seq += 1
-    return out
+                key = (str(obj.get("ts", "")), chain.name, int(obj.get("seq", 0)))
+                if key[0] < since or key[0] > until or (after is not None and key <= after) or not _match(obj, q):
+                    continue
+                picked.append((*key, obj))
+    picked.sort(key=lambda t: t[:3])
+    page = picked[: q.limit]
+    nxt = f"{page[-1][0]}|{page[-1][1]}|{page[-1][2]}" if len(picked) > q.limit else None
+    return {"records": [t[3] for t in page], "next": nxt}
+
+
+def _epoch(ts: str) -> float:
+    import datetime as dt
+
+    text = ts.rstrip("Z")
+    fmt = "%Y-%m-%dT%H:%M:%S.%f" if "." in text else ("%Y-%m-%dT%H:%M:%S" if "T" in text else "%Y-%m-%d")
+    try:
+        return dt.datetime.strptime(text, fmt).replace(tzinfo=dt.UTC).timestamp() - 1.0
+    except ValueError:
+        return 0.0
