@@ -39,11 +39,42 @@ async def audit_log(tmp_path: Path, signer: SoftSM2Signer) -> AsyncIterator[Audi
     await log.close()
 
 
-@pytest.fixture
-async def state(tmp_path: Path) -> AsyncIterator[object]:
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> object:
+    """A throw-away PostgreSQL database for this test session (skipped when PostgreSQL is down)."""
+    import uuid
+
+    try:
+        import psycopg
+
+        conn = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3)
+    except Exception as exc:
+        pytest.skip(f"PostgreSQL not reachable: {exc}")
+    name = f"xc_security_test_{uuid.uuid4().hex[:12]}"
+    conn.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    conn.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def state(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[object]:
     from xcstack.state.store import StateStore
 
-    store = StateStore(None, tmp_path / "state")
+    if request.param == "sqlite":
+        store = StateStore(None, tmp_path / "state")
+        yield store
+        await store.close()
+        return
+    url = request.getfixturevalue("pg_database")
+    store = StateStore(str(url), tmp_path)
+    for table in ("sec_users", "sec_pw_history", "sec_sessions", "sec_api_keys", "sec_roles", "sec_lockout",
+                  "sec_secrets"):
+        await store.execute(f"DROP TABLE IF EXISTS {table}")
+    await store.execute("DROP TABLE IF EXISTS xc_schema_version")
     yield store
     await store.close()
 

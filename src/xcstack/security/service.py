@@ -235,7 +235,7 @@ class SecurityService:
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (uid, name, kind, json.dumps(roles), h, now, 1 if one_time else 0, now),
             )
-            tx.execute("INSERT INTO sec_pw_history (user_id, pw_hash, created_at) VALUES (?, ?, ?)", (uid, h, now))
+            tx.execute("UPDATE sec_users SET pw_history = ? WHERE id = ?", (json.dumps([h]), uid))
 
         try:
             await self.store.transaction(run)
@@ -288,7 +288,7 @@ class SecurityService:
             raise BadRequest("you cannot delete yourself", code="invalid_parameter")
 
         def run(tx: Tx) -> None:
-            for sql in ("DELETE FROM sec_sessions WHERE user_id = ?", "DELETE FROM sec_pw_history WHERE user_id = ?",
+            for sql in ("DELETE FROM sec_sessions WHERE user_id = ?",
                         "UPDATE sec_api_keys SET revoked = 1 WHERE owner_id = ?", "DELETE FROM sec_users WHERE id = ?"):
                 tx.execute(sql, (user["id"],))
 
@@ -479,11 +479,12 @@ class SecurityService:
         try:
             passwords.check_policy(new, principal.name, self.settings.password_min_length,
                                    self.settings.password_min_classes)
-            history = await self.store.fetchall(
-                "SELECT pw_hash FROM sec_pw_history WHERE user_id = ? ORDER BY created_at DESC LIMIT ?",
-                (user["id"], self.settings.password_history),
-            )
-            for h in [user["pw_hash"], *[r["pw_hash"] for r in history]]:
+            # the last N passwords, newest first (the current one included): an ordered list in the
+            # user's row, so order never depends on timestamps
+            history: list[str] = json.loads(user.get("pw_history") or "[]") or [user["pw_hash"]]
+            if user["pw_hash"] not in history:
+                history.insert(0, user["pw_hash"])
+            for h in history[: self.settings.password_history]:
                 if await self._kdf(passwords.verify_password, new, h):
                     raise passwords.PasswordPolicyError(
                         f"password must differ from the last {self.settings.password_history} passwords")
@@ -499,13 +500,8 @@ class SecurityService:
         def run(tx: Tx) -> None:
             tx.execute("UPDATE sec_users SET pw_hash = ?, pw_changed_at = ?, must_change = 0 WHERE id = ?",
                        (h, now, user["id"]))
-            tx.execute("INSERT INTO sec_pw_history (user_id, pw_hash, created_at) VALUES (?, ?, ?)",
-                       (user["id"], h, now))
-            old_rows = tx.fetchall("SELECT created_at FROM sec_pw_history WHERE user_id = ? ORDER BY created_at DESC",
-                                   (user["id"],))
-            if len(old_rows) > keep:
-                tx.execute("DELETE FROM sec_pw_history WHERE user_id = ? AND created_at < ?",
-                           (user["id"], old_rows[keep - 1]["created_at"]))
+            tx.execute("UPDATE sec_users SET pw_history = ? WHERE id = ?",
+                       (json.dumps([h, *history][:keep]), user["id"]))
             # other sessions of this user end; this one continues, unrestricted unless TOTP enrolment is due
             tx.execute("DELETE FROM sec_sessions WHERE user_id = ? AND token_hash <> ?",
                        (user["id"], principal.session or ""))

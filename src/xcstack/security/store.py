@@ -32,4 +32,6 @@ CREATE TABLE IF NOT EXISTS sec_secrets (
 
 MIGRATIONS: list[Any] = [
     {"sqlite": _COMMON.format(real="REAL"), "postgres": _COMMON.format(real="DOUBLE PRECISION")},
+    # v2: password history as an ordered list in the user row (timestamps can tie)
+    "ALTER TABLE sec_users ADD COLUMN pw_history TEXT; DROP TABLE IF EXISTS sec_pw_history",
 ]
