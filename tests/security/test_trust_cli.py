@@ -148,6 +148,8 @@ async def test_runtime_monitor_alarms(sealed: tuple[Path, Path, Path], tmp_path:
     recs = [r for r in audit_records(tmp_path / "rt-audit") if r["action"] == "trust.verify"]
     assert recs[-1]["outcome"] == "failure" and recs[-1]["detail"]["phase"] == "runtime"
     assert await KeyVerifier(settings)(signer.key_id, b"x", b"bad") is False
+    with pytest.raises(LookupError):
+        await KeyVerifier(settings)("local:missing", b"x", b"bad")
 
 
 def test_user_and_audit_cli(
@@ -210,3 +212,23 @@ def test_runtime_monitors_of_several_workers_take_turns(sealed: tuple[Path, Path
     a, b = trust.TrustMonitor(settings, None, None), trust.TrustMonitor(settings, None, None)
     assert a._my_turn() is True
     assert b._my_turn() is False  # within the interval: the other worker verified already
+
+
+async def test_unknown_signing_key_is_named(sealed: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    from xcstack.security.audit.verify import verify_chain
+
+    _, cfg, _ = sealed
+    settings = load_settings(cfg)
+    path = trust.manifest_path(settings)
+    m = json.loads(path.read_text())
+    m["key_id"] = "local:nonexistent"
+    path.write_text(json.dumps(m))
+    report = await trust.verify(settings, KeyVerifier(settings))
+    assert not report.ok and "no trusted public key" in report.first
+    # the same for audit checkpoints signed by a key the verifier cannot find
+    log = AuditLog(tmp_path / "a", AuditSettings(), chain="k", signer=__import__(
+        "xcstack.security.signing", fromlist=["SoftSM2Signer"]).SoftSM2Signer("local:elsewhere"))
+    await log.open()
+    await log.close()
+    rep = await verify_chain(tmp_path / "a" / "k", KeyVerifier(settings))
+    assert rep.problem is not None and "no trusted public key for key id 'local:elsewhere'" in rep.problem.reason

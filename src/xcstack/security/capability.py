@@ -93,6 +93,7 @@ class SecurityCapability:
         self._tasks: list[asyncio.Task[Any]] = []
         self._exporters: list[Exporter] = []
         self.trust_monitor: Any = None
+        self._key_verifier: Any = None
         ctx.provide("audit", self.audit)
         ctx.provide("secretbox", _LazyBox(self))
         self.secrets = SecretStore(ctx.state, _LazyBox(self), clock)
@@ -199,9 +200,15 @@ class SecurityCapability:
         await self.service.audit(actor, action, resource, outcome, _info(request), detail)
 
     async def sig_verify(self, key_id: str, message: bytes, signature: bytes) -> bool:
-        if self._signer is None:
-            return False
-        return await self._signer.verify(message, signature)
+        """Checkpoints of this signer's key go through it (every keystore version); others (a local
+        key used before the crypto capability was enabled, a retired key id) by public key."""
+        if self._signer is not None and key_id == self._signer.key_id:
+            return await self._signer.verify(message, signature)
+        from xcstack.security.keys import KeyVerifier
+
+        if self._key_verifier is None:
+            self._key_verifier = KeyVerifier(self.ctx.settings)
+        return await self._key_verifier(key_id, message, signature)
 
 
 def _info(request: Request) -> ReqInfo:

@@ -132,4 +132,8 @@ class KeyVerifier:
         return keys
 
     async def __call__(self, key_id: str, message: bytes, signature: bytes) -> bool:
-        return any(verify_sm2(k, message, signature) for k in await self.public_keys(key_id))
+        """True when one of the key's public versions verifies; LookupError when none is known."""
+        keys = await self.public_keys(key_id)
+        if not keys:
+            raise LookupError(key_id)
+        return any(verify_sm2(k, message, signature) for k in keys)

@@ -155,7 +155,12 @@ async def verify(settings: Settings, sig_verify: SigVerify) -> TrustReport:
         roots = [Path(r) for r in manifest["roots"]]
     except (ValueError, KeyError, TypeError) as exc:
         return TrustReport(False, [f"{path}: malformed manifest ({exc})"])
-    if not await sig_verify(str(manifest.get("key_id")), _unsigned(manifest), sig):
+    key_id = str(manifest.get("key_id"))
+    try:
+        good = await sig_verify(key_id, _unsigned(manifest), sig)
+    except LookupError:
+        return TrustReport(False, [f"{path}: no trusted public key for key id {key_id!r}"])
+    if not good:
         return TrustReport(False, [f"{path}: manifest signature is invalid (manifest altered or not signed "
                                    "by the trusted key)"])
     current = await asyncio.to_thread(collect, [r for r in roots if r.exists()])

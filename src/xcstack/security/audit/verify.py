@@ -355,10 +355,17 @@ async def verify_chain(chain_dir: Path, sig_verify: SigVerify | None = None, wor
                 sig = bytes.fromhex(cp["sig"])
             except (ValueError, TypeError, KeyError):
                 sig = b""
-            if cp.get("chain") != report.chain or not await sig_verify(str(cp.get("key_id")), msg, sig):
+            key_id = str(cp.get("key_id"))
+            try:
+                good = cp.get("chain") == report.chain and await sig_verify(key_id, msg, sig)
+                reason = "SM2 signature invalid (forged or altered checkpoint)"
+            except LookupError:
+                good = False
+                reason = f"no trusted public key for key id {key_id!r} (is the keystore / key file reachable?)"
+            if not good:
                 if report.problem is None or report.problem.seq > cp["seq"]:
                     report.problem = Problem(report.chain, cp["seq"], "", 0, 0,
-                                             f"checkpoint for seq {cp['seq']}: SM2 signature invalid (forged)")
+                                             f"checkpoint for seq {cp['seq']}: {reason}")
                 break
     return report
 
