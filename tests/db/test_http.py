@@ -28,6 +28,8 @@ def lite(path: str, **kw: Any) -> dict[str, Any]:
         "secret": {"sql": "SELECT 42 AS answer", "permission": "query:lite/secret"},
         "code": {"sql": "SELECT :c AS c", "params": {"c": {"type": "str", "pattern": "[A-Z]{3}"}}},
         "mk": {"sql": "CREATE TABLE IF NOT EXISTS xcdb_w (k TEXT PRIMARY KEY)"},
+        "slow": {"sql": "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 10000000000) "
+                        "SELECT count(*) AS n FROM c", "timeout_s": 1.0},
         "put": {"sql": "INSERT INTO xcdb_w (k) VALUES (:k)", "params": {"k": {"type": "str"}}},
     }, **kw}}
 
@@ -173,3 +175,17 @@ async def test_writes_are_audited_with_outcome(sqlite_path: str) -> None:
         ("db.execute", "query:lite/put", "error", {"code": "constraint_violation"}),
     ]
     assert "secret-value" not in repr(events)
+
+
+async def test_busy_pool_is_503_with_retry_after_and_slow_query_504(sqlite_path: str) -> None:
+    cfg = lite(sqlite_path, pool_size=1, pool_wait_timeout_s=0.1)
+    async with running_bridge(cfg) as b, serve(make_app(b)) as base, aiohttp.ClientSession() as s:
+        slow = asyncio.ensure_future(_post(s, f"{base}/v1/db/lite/slow", {}))
+        await asyncio.sleep(0.2)
+        st, headers, raw = await _post(s, f"{base}/v1/db/lite/seq", {"params": {"n": 1}})
+        assert st == 503 and headers["Retry-After"] == "1"
+        assert json.loads(raw)["error"]["code"] == "db_pool_exhausted"
+        st, _, raw = await slow
+        assert st == 504 and json.loads(raw)["error"]["code"] == "query_timeout"
+        st, _, _ = await _post(s, f"{base}/v1/db/lite/seq", {"params": {"n": 1}})
+        assert st == 200  # the interrupted connection was replaced
