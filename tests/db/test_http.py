@@ -189,3 +189,20 @@ async def test_busy_pool_is_503_with_retry_after_and_slow_query_504(sqlite_path:
         assert st == 504 and json.loads(raw)["error"]["code"] == "query_timeout"
         st, _, _ = await _post(s, f"{base}/v1/db/lite/seq", {"params": {"n": 1}})
         assert st == 200  # the interrupted connection was replaced
+
+
+async def test_discovery_without_sql(sqlite_path: str) -> None:
+    async with running_bridge(lite(sqlite_path)) as b, serve(make_app(b, deny={"query:lite/secret"})) as base, \
+            aiohttp.ClientSession() as s:
+        async with s.get(f"{base}/v1/db") as r:
+            body = await r.json()
+        assert body["databases"][0]["name"] == "lite" and "seq" in body["databases"][0]["queries"]
+        async with s.get(f"{base}/v1/db/lite/seq") as r:
+            d = await r.json()
+        assert r.status == 200 and d["params"]["n"]["type"] == "int" and d["params"]["n"]["max"] == 10**7
+        assert d["read_only"] is True and d["max_rows"] == 50
+        assert "RECURSIVE" not in json.dumps(d)  # the SQL is never shown
+        async with s.get(f"{base}/v1/db/lite/secret") as r:
+            assert r.status == 403
+        async with s.get(f"{base}/v1/db/lite/nope") as r:
+            assert r.status == 404 and (await r.json())["error"]["code"] == "unknown_query"

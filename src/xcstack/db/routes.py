@@ -117,4 +117,38 @@ def build_routes(bridge: Bridge, max_body_bytes: int) -> list[BaseRoute]:
             await audit(request, "db.execute", resource, "ok", {"rowcount": result.rowcount})
         return Response(dumps(result_body(database, name, result)), media_type="application/json")
 
-    return [Route("/v1/db/{database}/{query}", run_query, methods=["POST"], name="db_query")]
+    @requires("db", "query")
+    async def list_queries(request: Request) -> Response:
+        body = {"databases": [
+            {"name": name, "driver": db.cfg.driver, "shards": len(db.pools), "queries": sorted(db.queries)}
+            for name, db in bridge.databases.items()
+        ]}
+        return Response(dumps(body), media_type="application/json")
+
+    @requires("db", "query")
+    async def describe_query(request: Request) -> Response:
+        """A query's contract (parameters, limits), never its SQL; needs the right to run it."""
+        database = request.path_params["database"]
+        name = request.path_params["query"]
+        db = bridge.databases.get(database)
+        if db is None:
+            raise dberr.unknown_database(database)
+        q = db.queries.get(name)
+        if q is None:
+            raise dberr.unknown_query(database, name)
+        await authorize(request, q.permission, "execute")
+        params = {
+            p: spec.model_dump(exclude_none=True, exclude_defaults=False) for p, (spec, _) in q.checkers.items()
+        }
+        body = {
+            "database": database, "query": name, "description": q.settings.description, "params": params,
+            "read_only": q.read_only, "max_rows": q.max_rows, "stream_max_rows": q.stream_max_rows,
+            "timeout_s": q.timeout_s, "transaction": len(q.statements) > 1, "shard_key": q.shard_key,
+        }
+        return Response(dumps(body), media_type="application/json")
+
+    return [
+        Route("/v1/db", list_queries, methods=["GET"], name="db_list"),
+        Route("/v1/db/{database}/{query}", run_query, methods=["POST"], name="db_query"),
+        Route("/v1/db/{database}/{query}", describe_query, methods=["GET"], name="db_describe"),
+    ]
