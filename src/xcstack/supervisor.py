@@ -32,6 +32,7 @@ from xcstack.observability.logs import setup_logging
 log = logging.getLogger("xcstack.supervisor")
 
 READY_TIMEOUT_S = 120.0
+SIDE_READY_TIMEOUT_S = 120.0
 STABLE_AFTER_S = 10.0
 TICK_S = 0.05
 
@@ -101,7 +102,7 @@ class Child:
     restart_at: float | None = None
     ready_r: int | None = None
     ready: bool = False
-    retiring: bool = False
+    ready_check: Any = None  # side processes: callable(index) -> bool
 
     @property
     def label(self) -> str:
@@ -190,6 +191,18 @@ class Supervisor:
             time.sleep(TICK_S)
         return child.ready
 
+    def _wait_side_ready(self, timeout: float) -> None:
+        """Let side processes (HSM owner, model workers) come up before http workers take traffic."""
+        waiting = [c for c in self.side if c.ready_check is not None]
+        deadline = time.monotonic() + timeout
+        while waiting and time.monotonic() < deadline and not self.stopping:
+            self._tick()  # a side process that dies while starting is restarted
+            waiting = [c for c in waiting if not c.ready_check(c.index)]
+            time.sleep(TICK_S)
+        for c in waiting:
+            log.warning("%s not ready after %.0fs; starting http workers anyway (its calls fail with 503)",
+                        c.label, timeout)
+
     def _stop_children(self, children: list[Child], grace: float) -> None:
         for child in children:
             if child.proc is not None and child.proc.poll() is None:
@@ -237,7 +250,7 @@ class Supervisor:
             for i in range(spec.instances):
                 cpus = list(spec.cpus[i]) if i < len(spec.cpus) and srv.pin_cpus else []
                 argv = [*worker_argv, "--side", spec.target, "--index", str(i)]
-                self.side.append(Child(spec.name, i, argv, cpus, dict(spec.env)))
+                self.side.append(Child(spec.name, i, argv, cpus, dict(spec.env), ready_check=spec.ready_check))
         for i in range(self.layout.http_workers):
             self.http.append(Child("http", i, worker_argv, self.layout.http_cpus[i]))
 
@@ -245,7 +258,10 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_reload)
 
-        for child in [*self.side, *self.http]:
+        for child in self.side:
+            self._spawn(child)
+        self._wait_side_ready(SIDE_READY_TIMEOUT_S)
+        for child in self.http:
             self._spawn(child)
         announced = False
         try:

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from xcstack.capability import AppContext
+from xcstack.capability import AppContext, SideProcessSpec
 from xcstack.httputil import JSONResponse, read_model
+from xcstack.ipc.channel import IPCServer, socket_accepts
 
 READY = {"ok": True}
 
@@ -60,3 +63,28 @@ class ProbeCapability:
 
 def create(ctx: AppContext) -> ProbeCapability:
     return ProbeCapability()
+
+
+def side_processes(settings: Any, plan: Any) -> list[SideProcessSpec]:
+    """A slow-starting side process (only when XC_TEST_SIDE_SOCKET names its socket)."""
+    path = os.environ.get("XC_TEST_SIDE_SOCKET")
+    if not path:
+        return []
+    return [SideProcessSpec(name="probe-side", target="tests.core.probe_capability:run_side", instances=1,
+                            ready_check=lambda _i: socket_accepts(path))]
+
+
+def run_side(settings: Any, index: int) -> None:
+    time.sleep(2.0)  # a slow start: model load, device open...
+    path = os.environ["XC_TEST_SIDE_SOCKET"]
+
+    async def handler(meta: dict[str, Any], payload: memoryview) -> tuple[dict[str, Any], bytes]:
+        return {"pid": os.getpid()}, b""
+
+    async def main() -> None:
+        server = IPCServer(path, handler)
+        await server.start()
+        print(f"probe-side listening at {time.time():.3f}", flush=True)
+        await server.serve_forever()
+
+    asyncio.run(main())

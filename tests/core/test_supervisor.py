@@ -149,3 +149,28 @@ def test_workers_are_pinned_by_plan_and_config(serve_factory: type[Served], data
     s2 = serve_factory(data_dir, workers=1, env={"XC_SERVER__WORKER_CPUS": "[1]"}).start()
     (pid2,) = s2.worker_pids()
     assert _affinity(pid2) == "1"
+
+
+def test_http_workers_start_after_side_processes_are_ready(serve_factory: type[Served], data_dir: Path) -> None:
+    sock = data_dir / "probe-side.sock"
+    sock.write_text("stale")  # a stale socket file from an earlier run must not count as ready
+    s = serve_factory(data_dir, env={"XC_TEST_SIDE_SOCKET": str(sock)}).start()
+    side_up = next(line for line in s.output if "probe-side listening at" in line)
+    http_started = next(i for i, line in enumerate(s.output) if "started http[0]" in line)
+    assert s.output.index(side_up) < http_started, "".join(s.output[:30])
+
+
+def test_socket_accepts_ignores_stale_files(tmp_path: Path) -> None:
+    from xcstack.ipc.channel import socket_accepts
+
+    stale = tmp_path / "stale.sock"
+    stale.write_text("")
+    assert not socket_accepts(stale)
+    assert not socket_accepts(tmp_path / "absent.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "live.sock"))
+    listener.listen()
+    try:
+        assert socket_accepts(tmp_path / "live.sock")
+    finally:
+        listener.close()

@@ -77,10 +77,11 @@ def side_processes(settings: Settings, plan: Any = None) -> list[SideProcessSpec
     if not settings.crypto.enabled or settings.crypto.access != "owner":
         return []
     from xcstack.crypto.owner import socket_path
+    from xcstack.ipc.channel import socket_accepts
 
     sock = socket_path(settings)
 
     def ready(_index: int) -> bool:
-        return sock.exists()
+        return socket_accepts(sock)
 
     return [SideProcessSpec(name="hsm-owner", target="xcstack.crypto.owner:run_owner", instances=1, ready_check=ready)]

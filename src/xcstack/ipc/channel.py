@@ -25,6 +25,36 @@ Payload = bytes | bytearray | memoryview
 Handler = Callable[[dict[str, Any], memoryview], Awaitable[tuple[dict[str, Any], Payload]]]
 
 
+HIGH_WATER = 1 << 20  # bytes buffered in the transport before a writer waits for drain
+
+
+class _Outbox:
+    """Coalesces the frames written during one loop iteration into one write (one syscall)."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self._parts: list[Payload] = []
+        self._scheduled = False
+
+    def send(self, parts: list[Payload]) -> None:
+        self._parts.extend(parts)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        parts, self._parts = self._parts, []
+        if parts and not self.writer.is_closing():
+            self.writer.writelines(parts)
+
+    async def maybe_drain(self) -> None:
+        transport = self.writer.transport
+        if transport is not None and transport.get_write_buffer_size() > HIGH_WATER:
+            self.flush()
+            await self.writer.drain()
+
+
 class IPCError(Exception):
     retriable = False
 
@@ -93,6 +123,7 @@ class IPCServer:
         assert task is not None
         self._conn_tasks.add(task)  # type: ignore[arg-type]
         inflight: dict[int, asyncio.Task[None]] = {}
+        outbox = _Outbox(writer)
         try:
             while True:
                 try:
@@ -109,10 +140,10 @@ class IPCServer:
                 elif frame.msg_type is MsgType.REQUEST:
                     if len(inflight) >= self.max_inflight:
                         err = IPCRemoteError("busy", "too many requests in flight on this connection", True)
-                        writer.writelines(encode_frame(MsgType.ERROR, frame.request_id, err.meta()))
+                        outbox.send(encode_frame(MsgType.ERROR, frame.request_id, err.meta()))
                         continue
                     rid = frame.request_id
-                    t = asyncio.create_task(self._run(frame, writer))
+                    t = asyncio.create_task(self._run(frame, outbox))
                     inflight[rid] = t
                     t.add_done_callback(_forget(inflight, rid))
         finally:
@@ -121,7 +152,7 @@ class IPCServer:
             writer.close()
             self._conn_tasks.discard(task)  # type: ignore[arg-type]
 
-    async def _run(self, frame: Frame, writer: asyncio.StreamWriter) -> None:
+    async def _run(self, frame: Frame, outbox: _Outbox) -> None:
         try:
             meta, payload = await self.handler(frame.meta, frame.payload)
             parts = encode_frame(MsgType.RESPONSE, frame.request_id, meta, payload)
@@ -132,11 +163,24 @@ class IPCServer:
         except Exception as exc:
             log.exception("ipc handler failed for op %r", frame.meta.get("op"))
             parts = encode_frame(MsgType.ERROR, frame.request_id, IPCRemoteError("internal", repr(exc)).meta())
-        if writer.is_closing():
+        if outbox.writer.is_closing():
             return
-        writer.writelines(parts)
+        outbox.send(parts)
         with contextlib.suppress(ConnectionError):
-            await writer.drain()
+            await outbox.maybe_drain()
+
+
+def socket_accepts(path: str | os.PathLike[str]) -> bool:
+    """True when something accepts connections on the Unix socket (a stale file does not count)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def _forget(inflight: dict[int, asyncio.Task[None]], rid: int) -> Callable[[asyncio.Task[None]], None]:
@@ -155,6 +199,7 @@ class IPCClient:
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Frame]] = {}
         self._writer: asyncio.StreamWriter | None = None
+        self._outbox: _Outbox | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._connect_lock = asyncio.Lock()
         self._closed = False
@@ -178,6 +223,7 @@ class IPCClient:
             except (OSError, TimeoutError) as exc:
                 raise IPCUnavailable(f"cannot reach {self.path}: {exc}") from None
             self._writer = writer
+            self._outbox = _Outbox(writer)
             self._reader_task = asyncio.create_task(self._read_loop(reader, writer))
             return writer
 
@@ -196,6 +242,7 @@ class IPCClient:
         finally:
             if self._writer is writer:
                 self._writer = None
+                self._outbox = None
             writer.close()
             pending, self._pending = self._pending, {}
             for fut in pending.values():
@@ -208,15 +255,18 @@ class IPCClient:
         """Send one request and wait for its answer (at most `timeout` seconds in all)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        writer = await self._ensure_connected()
+        await self._ensure_connected()
+        outbox = self._outbox
+        assert outbox is not None
         request_id = next(self._ids) & 0xFFFFFFFF
         fut: asyncio.Future[Frame] = loop.create_future()
         self._pending[request_id] = fut
         try:
-            writer.writelines(encode_frame(MsgType.REQUEST, request_id, {**(meta or {}), "op": op}, payload))
+            outbox.send(encode_frame(MsgType.REQUEST, request_id, {**(meta or {}), "op": op}, payload))
             try:
-                await asyncio.wait_for(writer.drain(), max(0.0, deadline - loop.time()))
-                frame = await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
+                async with asyncio.timeout_at(deadline):
+                    await outbox.maybe_drain()
+                    frame = await fut
             except TimeoutError:
                 self._cancel_remote(request_id)
                 raise IPCTimeout(f"{op}: no answer from {self.path} within {timeout:.3g}s") from None
@@ -227,6 +277,8 @@ class IPCClient:
                 raise IPCUnavailable(f"connection to {self.path} lost: {exc}") from None
         finally:
             self._pending.pop(request_id, None)
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # retrieved: a failure set by the read loop is not "never retrieved"
         if frame.msg_type is MsgType.ERROR:
             m = dict(frame.meta)
             raise IPCRemoteError(
@@ -235,10 +287,10 @@ class IPCClient:
         return frame.meta, frame.payload
 
     def _cancel_remote(self, request_id: int) -> None:
-        writer = self._writer
-        if writer is not None and not writer.is_closing():
+        outbox = self._outbox
+        if outbox is not None and not outbox.writer.is_closing():
             with contextlib.suppress(Exception):
-                writer.writelines(encode_frame(MsgType.CANCEL, request_id))
+                outbox.send(encode_frame(MsgType.CANCEL, request_id))
 
     async def close(self) -> None:
         self._closed = True
