@@ -50,6 +50,8 @@ def test_valid_config_loads_and_masks_secret(tmp_path: Path) -> None:
         (GOOD.replace('models = ["qwen2.5-7b"]', "models = []"), "gateway.upstreams.0.models", "at least 1"),
         (GOOD + GOOD.split("[gateway.upstreams.timeouts]")[0], "gateway", "unique"),
         ("[gateway]\nmax_in_flight = 0\n", "gateway.max_in_flight", "greater than or equal to 1"),
+        (GOOD.replace("weight = 2", "recv_buffer_bytes = 100"), "gateway.upstreams.0.recv_buffer_bytes",
+         "at least 4096"),
         ("[gateway]\nredis_url = \"http://x\"\n", "gateway.redis_url", "redis://"),
         ("[gateway.rate_limit]\nrequests_per_minute = -5\n", "gateway.rate_limit.requests_per_minute", ">= 0"),
     ],

@@ -39,7 +39,7 @@ _SSE_HEADERS = [
 ]
 _JSON_CT = (b"content-type", b"application/json")
 _DONE = b"data: [DONE]\n\n"
-_MAX_UNARY_BYTES = 256 * 1024 * 1024
+_MAX_UNARY_BYTES = 64 * 1024 * 1024  # a non-streamed answer is buffered whole
 _SEND_SLICE = 16 * 1024
 
 
@@ -406,7 +406,19 @@ class GatewayService:
                     up.breaker.neutral()
                     raise UpstreamFailed(UpstreamError(f"upstream {up.name} answer is too large",
                                                        code=p.UPSTREAM_ERROR))
-                first = await resp.read()
+                if resp.content_length is not None:
+                    first = await resp.read()
+                else:  # chunked: read with a cap
+                    parts: list[bytes] = []
+                    size = 0
+                    while chunk := await resp.content.readany():
+                        size += len(chunk)
+                        if size > _MAX_UNARY_BYTES:
+                            up.breaker.neutral()
+                            raise UpstreamFailed(UpstreamError(f"upstream {up.name} answer is too large",
+                                                               code=p.UPSTREAM_ERROR))
+                        parts.append(chunk)
+                    first = b"".join(parts)
             ok = True
             return Opened(up, resp, status, first)
         except (aiohttp.ClientError, OSError) as exc:

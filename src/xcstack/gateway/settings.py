@@ -73,10 +73,10 @@ class UpstreamSettings(BaseModel):
     max_concurrency: int = Field(default=256, ge=1, le=100_000, description="requests in flight to this upstream")
     max_queue: int = Field(default=256, ge=0, le=100_000, description="requests waiting for a slot of this upstream")
     timeouts: TimeoutSettings = TimeoutSettings()
-    recv_buffer_bytes: int | None = Field(
-        default=65536, ge=4096, le=64 * 1024 * 1024,
+    recv_buffer_bytes: int = Field(
+        default=32768, ge=0, le=64 * 1024 * 1024,
         description="SO_RCVBUF of upstream connections: bounds per-stream memory when clients are slow; "
-        "None lets the kernel auto-tune (better for large answers over high-latency links)",
+        "0 lets the kernel auto-tune (better for large answers over high-latency links)",
     )
     embeddings: bool = Field(default=True, description="forward /v1/embeddings for this upstream's models")
 
@@ -96,6 +96,13 @@ class UpstreamSettings(BaseModel):
         if parts.query or parts.fragment:
             raise ValueError("must not have a query or fragment")
         return v.rstrip("/")
+
+    @field_validator("recv_buffer_bytes")
+    @classmethod
+    def _rcvbuf(cls, v: int) -> int:
+        if 0 < v < 4096:
+            raise ValueError("must be 0 (kernel auto-tuning) or at least 4096")
+        return v
 
     @field_validator("models")
     @classmethod
