@@ -266,6 +266,7 @@ def main() -> None:
             sqs.append(bench_sqlite(root / f"g{r}.db", args.records, args.writers, group=True))
         sq_each = bench_sqlite(root / "e.db", args.sqlite_records, args.writers, group=False)
         fs50, fs90 = fsync_latency(root / "fsync.probe")
+        wide = asyncio.run(bench_xcstack(root / "audit-wide", args.records, args.writers * 4))[0]
         plain_rps = asyncio.run(bench_requests(root / "req-plain", False, args.requests, args.writers))
         secured_rps = asyncio.run(bench_requests(root / "req-secured", True, args.requests, args.writers))
         jl = asyncio.run(bench_jsonl(root / "plain.jsonl", args.records, args.writers))
@@ -289,6 +290,8 @@ def main() -> None:
          "1.00x"],
         ["SQLite WAL, synchronous=FULL, COMMIT per record", f"{sq_each:,.0f}", "1 run", "yes",
          f"{sq_each / sq_group:.2f}x"],
+        [f"xcstack audit log, {args.writers * 4} writers (more records per fdatasync)", f"{wide:,.0f}", "1 run",
+         "yes", f"{wide / sq_group:.2f}x"],
         ["JSON lines, no fsync (upper bound, not durable)", f"{jl:,.0f}", "1 run", "no", f"{jl / sq_group:.2f}x"],
     ]
     verify_rows = [
