@@ -148,11 +148,16 @@ async def test_torn_tail_truncated_at_restart_with_audit_event(tmp_path: Path, s
 
 
 async def test_group_commit_many_concurrent_writers(tmp_path: Path, signer: SoftSM2Signer) -> None:
+    from xcstack.security.audit.log import AUDIT_COMMITS, AUDIT_RECORDS
+
     log = AuditLog(tmp_path, AuditSettings(), chain="g", signer=signer)
     await log.open()
+    r0, c0 = AUDIT_RECORDS._value.get(), AUDIT_COMMITS._value.get()
     seqs = await asyncio.gather(*[
         log.append(actor=f"u{i}", action="api.call", resource="/x", outcome="success") for i in range(2000)
     ])
+    records, commits = AUDIT_RECORDS._value.get() - r0, AUDIT_COMMITS._value.get() - c0
+    assert records == 2000 and commits < 100  # group commit: many records per fdatasync
     assert sorted(seqs) == list(range(2, 2002))
     assert len(set(seqs)) == 2000
     await log.close()

@@ -35,12 +35,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import Counter
+
 from xcstack.errors import Overloaded
+from xcstack.observability.metrics import QUEUE_DEPTH
 from xcstack.security.audit import record as rec
 from xcstack.security.settings import AuditSettings
 from xcstack.security.signing import Signer
 
 log = logging.getLogger("xcstack.security.audit")
+
+AUDIT_RECORDS = Counter("xc_audit_records_total", "Audit records made durable")
+AUDIT_COMMITS = Counter("xc_audit_commits_total", "Audit group commits (one write + fdatasync each)")
+AUDIT_ERRORS = Counter("xc_audit_write_errors_total", "Audit writes that failed (their callers got 503)")
+AUDIT_CP_ERRORS = Counter("xc_audit_checkpoint_failures_total", "Audit checkpoints that could not be signed")
+AUDIT_PENDING = QUEUE_DEPTH.labels("audit")
 
 SEGMENT_RE = re.compile(r"^seg-(\d{12})\.log$")
 CHECKPOINTS = "checkpoints.log"
@@ -342,6 +351,7 @@ class AuditLog:
                     return
                 batch = self._pending[: self.settings.max_batch]
                 del self._pending[: self.settings.max_batch]
+                AUDIT_PENDING.set(len(self._pending))
             self._commit(batch)
 
     def _encode(self, r: dict[str, Any], prev: bytes) -> tuple[bytes, bytes]:
@@ -407,8 +417,11 @@ class AuditLog:
             self.seq, self.prev = seq, prev
             self.durable_seq, self.durable_hash = seq, prev
             self.appended_total += len(batch)
+            AUDIT_RECORDS.inc(len(batch))
+            AUDIT_COMMITS.inc()
         except BaseException as exc:  # fail every caller of the batch, then re-read the head from disk
             log.error("audit write failed: %s", exc)
+            AUDIT_ERRORS.inc()
             err = AuditUnavailable(f"audit log write failed: {exc.__class__.__name__}")
             outcome = [err] * len(batch)
             try:
@@ -474,6 +487,7 @@ class AuditLog:
                 try:
                     await self.checkpoint()
                 except Exception as exc:  # keep running; the next tick retries
+                    AUDIT_CP_ERRORS.inc()
                     log.error("audit checkpoint failed: %s", exc)
 
     # -- retention ------------------------------------------------------------------------------
