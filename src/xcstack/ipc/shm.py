@@ -57,10 +57,9 @@ class OpenedSegment:
     def __init__(self, handle: dict[str, Any]) -> None:
         self._seg = shared_memory.SharedMemory(name=str(handle["shm"]), create=False)
         # The creator owns unlinking; keep Python's resource tracker from unlinking it here.
-        try:
+        # (Python < 3.13 registers every attach; a segment created by this very process stays registered.)
+        if self._seg.name not in _CREATED_HERE:
             resource_tracker.unregister(self._seg._name, "shared_memory")  # type: ignore[attr-defined]
-        except Exception:
-            pass
         assert self._seg.buf is not None
         self.view: memoryview = self._seg.buf[: int(handle["size"])]
 
