@@ -313,4 +313,8 @@ def serve(settings: Settings) -> int:
     setup_logging(settings.observability.log_level, settings.observability.log_json)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     prepare_metrics_dir(settings.data_dir)  # before prometheus_client is imported anywhere here
+    if settings.security.enabled:  # 可信验证: refuse to start on any mismatch of the sealed manifest
+        from xcstack.security.trust import verify_or_refuse
+
+        verify_or_refuse(settings)
     return Supervisor(settings).run()

@@ -174,3 +174,24 @@ def test_socket_accepts_ignores_stale_files(tmp_path: Path) -> None:
         assert socket_accepts(tmp_path / "live.sock")
     finally:
         listener.close()
+
+
+def test_serve_refuses_to_start_when_a_sealed_file_changed(tmp_path: Path, data_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.core.served import REPO
+
+    cfg = tmp_path / "xcstack.toml"
+    cfg.write_text(f'[security]\ntrust_paths = ["{cfg}"]\ntrust_required = true\n')
+    env = {**os.environ, "XC_DATA_DIR": str(data_dir), "XC_CRYPTO__ACCESS": "direct",
+           "XC_SERVER__PORT": "0"}
+    seal = subprocess.run([sys.executable, "-m", "xcstack", "--config", str(cfg), "trust", "seal"],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert seal.returncode == 0, seal.stderr
+    cfg.write_text(cfg.read_text() + "# edited after sealing\n")
+    serve = subprocess.run([sys.executable, "-m", "xcstack", "--config", str(cfg), "serve"],
+                           env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert serve.returncode != 0
+    assert "refusing to start" in serve.stderr and str(cfg) in serve.stderr, serve.stderr[-2000:]
+    assert "xcstack ready" not in serve.stdout
