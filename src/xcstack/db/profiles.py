@@ -231,6 +231,9 @@ def _parse_url(dsn: str, default_port: int) -> dict[str, Any]:
     }
 
 
+_sqlite_wal_lock = threading.Lock()
+
+
 # --- SQLite ---------------------------------------------------------------------------------------
 class SQLiteProfile(DriverProfile):
     name = "sqlite"
@@ -241,9 +244,15 @@ class SQLiteProfile(DriverProfile):
     def connect(self, dsn: str, *, connect_timeout: float, app_name: str, io_timeout: float) -> Any:
         path = dsn.removeprefix("sqlite:///") if dsn.startswith("sqlite:///") else dsn
         conn = sqlite3.connect(path, timeout=connect_timeout, isolation_level=None)  # thread-checked
-        conn.execute("PRAGMA foreign_keys = ON")
-        if path != ":memory:":
-            conn.execute("PRAGMA journal_mode = WAL")
+        try:
+            conn.execute("PRAGMA foreign_keys = ON")
+            if path != ":memory:":
+                with _sqlite_wal_lock:  # concurrent switches to WAL fail with "database is locked"
+                    if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                        conn.execute("PRAGMA journal_mode = WAL")
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def cancel(self, conn: Any, session_id: Any, dsn: str, *, timeout: float) -> bool:
