@@ -124,8 +124,8 @@ def test_requests_refused_by_admission_do_not_count_against_the_key(gateway_fact
     async def go() -> list[int]:
         async with httpx.AsyncClient(timeout=10, headers={"Authorization": "Bearer k"}) as c:
             slow = asyncio.create_task(c.post(gw.base_url + "/chat/completions",
-                                              json={**BODY, "mock": {"ttft_s": 0.4}}))
-            await asyncio.sleep(0.15)
+                                              json={**BODY, "mock": {"ttft_s": 1.5}}))
+            await asyncio.sleep(0.3)
             busy = [(await c.post(gw.base_url + "/chat/completions", json=BODY)).status_code for _ in range(3)]
             await slow
             after = (await c.post(gw.base_url + "/chat/completions", json=BODY)).status_code
