@@ -5,6 +5,7 @@ cancelled server-side, connections killed server-side mid-load."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 import uuid
@@ -262,3 +263,43 @@ async def test_prepared_statements_can_be_turned_off(pg: str) -> None:
                 await db.query("item", {"id": i + 1})
             prepared = (await db.query("prepared")).rows[0][0]
             assert (prepared > 0) is prepare, prepared
+
+
+async def test_loop_stays_responsive_under_mixed_load(pg: str) -> None:
+    """Point selects, timeouts with cancels and killed connections at once: the loop never blocks."""
+    cfg = _cfg("postgres", pool_size=4, reconnect_backoff_initial_s=0.02)
+    async with running_bridge(cfg) as b:
+        db = b.database(name_of(b))
+        lags: list[float] = []
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            while not stop.is_set():
+                t = time.perf_counter()
+                await asyncio.sleep(0.005)
+                lags.append(time.perf_counter() - t - 0.005)
+
+        async def reads() -> None:
+            end = time.monotonic() + 1.5
+            while time.monotonic() < end:
+                try:
+                    await db.query("item", {"id": 1 + int(time.monotonic() * 1000) % 500})
+                except Overloaded:
+                    pass
+
+        async def slow() -> None:
+            for _ in range(3):
+                with contextlib.suppress(GatewayTimeout):
+                    await db.query("sleep", {"s": 5})
+
+        async def killer() -> None:
+            await asyncio.sleep(0.7)
+            await asyncio.to_thread(kill, "postgres", db.sessions()[0][:2])
+
+        tick = asyncio.ensure_future(ticker())
+        await asyncio.gather(*(reads() for _ in range(16)), slow(), killer())
+        stop.set()
+        await tick
+        lags.sort()
+        p99 = lags[int(len(lags) * 0.99)]
+        assert len(lags) > 50 and p99 < 0.05, (p99, lags[-5:])
