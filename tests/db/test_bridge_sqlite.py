@@ -290,6 +290,8 @@ async def test_sharding_routes_by_crc32(tmp_path: Path) -> None:
                 "params": {"id": {"type": "str"}, "shard": {"type": "int"}}},
         "get": {"sql": "SELECT id, shard FROM xcdb_users WHERE id = :id", "shard_key": "id",
                 "params": {"id": {"type": "str"}}},
+        "all": {"sql": "SELECT id, shard FROM xcdb_users ORDER BY id", "fan_out": True, "max_rows": 1000},
+        "some": {"sql": "SELECT id, shard FROM xcdb_users ORDER BY id", "fan_out": True, "max_rows": 5},
     }}}
     ids = [f"user-{i}" for i in range(30)]
     async with running_bridge(cfg) as b:
@@ -297,7 +299,13 @@ async def test_sharding_routes_by_crc32(tmp_path: Path) -> None:
             await b.query("users", "add", {"id": uid, "shard": zlib.crc32(uid.encode()) % 3})
         for uid in ids:
             assert (await b.query("users", "get", {"id": uid})).rows == [(uid, zlib.crc32(uid.encode()) % 3)]
+        everyone = await b.query("users", "all")  # fan-out: every shard at once
+        assert sorted(r[0] for r in everyone.rows) == sorted(ids) and not everyone.truncated
+        some = await b.query("users", "some")
+        assert len(some.rows) == 5 and some.truncated
         db = b.database("users")
+        with pytest.raises(BadRequest):
+            await db.stream("all")
         with pytest.raises(BadRequest):
             db.transaction()  # a sharded transaction must name its shard
         async with db.transaction(shard_key="user-0") as tx:

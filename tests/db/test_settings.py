@@ -49,6 +49,8 @@ params = { id = { type = "int", min = 1 } }
         ('[db.databases.m]\ndriver="mysql"\nshards = ["mysql://a/x", "mysql://b/x"]\n'
          '[db.databases.m.queries.q]\nsql = "x"', "db.databases.m", "needs shard_key"),
         ('[db.databases.m.queries.q]\nsql = "x"\nshard_key = "k"', "db.databases.m.queries.q", "not one of"),
+        ('[db.databases.m.queries.q]\nsql = "DELETE FROM t"\nfan_out = true', "db.databases.m.queries.q",
+         "must be read-only"),
         ('[db.databases."bad name"]\ndsn = "x"', "db.databases", "database name"),
     ],
 )

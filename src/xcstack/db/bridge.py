@@ -731,6 +731,8 @@ class Database:
         return await self._run_named(q, values, timeout)
 
     async def _run_named(self, q: NamedQuery, values: dict[str, Any], timeout: float | None) -> QueryResult:
+        if q.settings.fan_out and len(self.pools) > 1:
+            return await self._fan_out(q, values, timeout)
         pool = self._pool_for(q, values)
         t = timeout or q.timeout_s
         if len(q.statements) == 1:
@@ -754,6 +756,46 @@ class Database:
             self._count(q.name, outcome)
             self._hist.observe(time.perf_counter() - t0)
 
+    async def _fan_out(self, q: NamedQuery, values: dict[str, Any], timeout: float | None) -> QueryResult:
+        """Every shard at once; rows concatenated in shard order up to max_rows. One failing shard
+        fails the query (a partial answer would look complete)."""
+        t = timeout or q.timeout_s
+        t0 = time.perf_counter()
+        outcome = "error"
+        tasks = [
+            asyncio.ensure_future(
+                pool.run(_Job(_query_op(q.statements[0], values, q.max_rows), retriable=True), t,
+                         lambda: dberr.query_timeout(self.name, q.name, t))
+            )
+            for pool in self.pools
+        ]
+        try:
+            results: list[QueryResult] = await asyncio.gather(*tasks)
+            rows: list[Row] = []
+            truncated = False
+            for r in results:
+                rows.extend(r.rows)
+                truncated = truncated or r.truncated
+            if len(rows) > q.max_rows:
+                del rows[q.max_rows:]
+                truncated = True
+            outcome = "ok"
+            return QueryResult(results[0].columns, rows, len(rows), truncated)
+        except _Failure as f:
+            raise dberr.from_driver(f.kind, self.name, q.name, f.exc or ConnectionError("lost")) from None
+        except XCError as exc:
+            outcome = exc.code
+            raise
+        finally:
+            for task in tasks:
+                if task.done():
+                    if not task.cancelled():
+                        task.exception()  # retrieved: a second failing shard is not "never retrieved"
+                else:
+                    task.cancel()  # the other shards' statements are abandoned (cancelled server-side)
+            self._count(q.name, outcome)
+            self._hist.observe(time.perf_counter() - t0)
+
     def _count(self, query: str, outcome: str) -> None:
         key = (query, outcome)
         c = self._qm.get(key)
@@ -768,6 +810,8 @@ class Database:
         q = self.query_named(name)
         if len(q.statements) != 1 or not q.read_only:
             raise BadRequest(f"query {self.name}/{name} writes; only read-only queries stream", code="not_streamable")
+        if q.settings.fan_out and len(self.pools) > 1:
+            raise BadRequest(f"query {self.name}/{name} fans out over shards; it cannot stream", code="not_streamable")
         values = q.validate(params)
         pool = self._pool_for(q, values)
         t = timeout or q.timeout_s

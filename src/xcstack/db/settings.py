@@ -96,6 +96,9 @@ class QuerySettings(BaseModel):
         None, description="safe to retry on a lost connection; default: true for a single SELECT/WITH/VALUES"
     )
     shard_key: str | None = Field(None, description="parameter whose value picks the shard")
+    fan_out: bool = Field(
+        False, description="sharded databases: run on every shard at once and concatenate the rows (read-only)"
+    )
     description: str = Field("", max_length=2000)
 
     @model_validator(mode="after")
@@ -112,6 +115,10 @@ class QuerySettings(BaseModel):
             raise ValueError(f"shard_key {self.shard_key!r} is not one of the parameters")
         if self.shard_key is not None and not self.params[self.shard_key].required:
             raise ValueError(f"shard_key {self.shard_key!r} must be a required parameter")
+        if self.fan_out and self.shard_key is not None:
+            raise ValueError("give shard_key or fan_out, not both")
+        if self.fan_out and not self.is_read_only():
+            raise ValueError("fan_out queries must be read-only (a write would run on every shard)")
         return self
 
     def all_statements(self) -> list[str]:
@@ -180,8 +187,8 @@ class DatabaseSettings(BaseModel):
             raise ValueError("reconnect_backoff_initial_s is greater than reconnect_backoff_max_s")
         if self.shards and len(self.shards) > 1:
             for qname, q in self.queries.items():
-                if q.shard_key is None:
-                    raise ValueError(f"queries.{qname}: a sharded database needs shard_key on every query")
+                if q.shard_key is None and not q.fan_out:
+                    raise ValueError(f"queries.{qname}: a sharded database needs shard_key (or fan_out) on every query")
         return self
 
     def shard_dsns(self) -> list[str]:
