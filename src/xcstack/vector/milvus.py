@@ -40,6 +40,7 @@ from xcstack.vector.store import (
     InvalidVector,
     Matrix,
     Metric,
+    PoolExhausted,
     Record,
 )
 
@@ -177,6 +178,8 @@ class MilvusStore:
             await self.pool.run(self._drop_client_blocking, timeout=self.settings.acquire_timeout_s + 5)
             await self.pool.run(self._connect_blocking, timeout=self.settings.acquire_timeout_s + 10)
             await self.pool.run(self._ping_blocking, timeout=self.settings.acquire_timeout_s + 1)
+        except PoolExhausted:
+            return  # busy is not down; try again at the next health tick
         except Exception as exc:
             self._mark_down(f"{type(exc).__name__}: {getattr(exc, 'message', exc)}")
             return
@@ -201,6 +204,8 @@ class MilvusStore:
                 await self.pool.run(self._ping_blocking, timeout=self.settings.acquire_timeout_s + 1)
             except asyncio.CancelledError:
                 raise
+            except PoolExhausted:
+                continue  # busy is not down
             except Exception as exc:
                 self._mark_down(f"{type(exc).__name__}: {getattr(exc, 'message', exc)}")
                 await self._reconnect()
@@ -380,7 +385,8 @@ class MilvusStore:
         res = await self._call("upsert", "insert" if self.is_lite else "upsert", name, rows)
         metrics.ROWS.labels(self.backend, "upsert").inc(len(ids))
         if isinstance(res, dict):
-            return int(res.get("upsert_count", res.get("insert_count", len(ids))))
+            n = res.get("upsert_count", res.get("insert_count"))
+            return int(n) if n is not None else len(ids)
         return len(ids)
 
     async def delete(self, name: str, ids: Sequence[str] | None = None, filter: str | None = None) -> int | None:

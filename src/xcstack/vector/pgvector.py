@@ -103,13 +103,28 @@ class PgvectorStore:
         except psycopg.ProgrammingError:
             if not self.cfg.create_extension:
                 raise
-            await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            try:
+                await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            except psycopg.errors.UniqueViolation:
+                pass  # another connection created it at the same moment
             await register_vector_async(conn)
         await conn.execute(sql.SQL("SET hnsw.ef_search = {}").format(sql.Literal(self.cfg.ef_search)))
         self._ef[conn] = self.cfg.ef_search
 
+    async def _create_extension(self) -> None:
+        """Once, before the pool opens, so pooled connections do not race to create it."""
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                self._url, autocommit=True, connect_timeout=max(1, int(self.settings.acquire_timeout_s + 0.999))
+            ) as conn:
+                await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        except psycopg.Error as exc:
+            log.warning("pgvector: CREATE EXTENSION vector at start failed: %s", exc)
+
     async def start(self) -> None:
         s = self.settings
+        if self.cfg.create_extension:
+            await self._create_extension()
         self._pool = AsyncConnectionPool(
             self._url,
             min_size=self.cfg.pool_min,
@@ -196,13 +211,15 @@ class PgvectorStore:
         try:
             async with self._pool.connection() as conn:
                 metrics.POOL_WAIT.labels("pgvector").observe(time.perf_counter() - t0)
+                if not self._healthy and not health:
+                    self._set_health(True, "ok")  # a working connection: the server is back
                 yield conn
         except PoolTimeout:
             metrics.POOL_EXHAUSTED.labels("pgvector").inc()
             if not self._healthy or health:
                 raise BackendUnavailable(
-                    f"pgvector unreachable: no connection within {self.settings.acquire_timeout_s:g}s "
-                    f"({self._health_detail})"
+                    f"pgvector unreachable: no connection within {self.settings.acquire_timeout_s:g}s"
+                    + ("" if health else f" (last health check: {self._health_detail})")
                 ) from None
             raise PoolExhausted(
                 f"all {self.cfg.pool_max} pgvector connections busy for {self.settings.acquire_timeout_s:g}s"

