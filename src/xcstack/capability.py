@@ -31,6 +31,7 @@ CAPABILITY_MODULES: list[str] = [
     "xcstack.gateway.capability",
     "xcstack.db.capability",
     "xcstack.inference.capability",
+    "xcstack.vector.capability",
 ]
 
 
