@@ -63,7 +63,23 @@ def test_embeddings_and_infer_through_the_supervisor(served: Served) -> None:
         {"name": "input_ids", "datatype": "INT64", "shape": [1, 3], "data": [101, 7592, 102]},
         {"name": "attention_mask", "datatype": "INT64", "shape": [1, 3], "data": [1, 1, 1]}]})
     assert status == 200, body
-    assert len(model_worker_pids(served)) == 1
+    [pid] = model_worker_pids(served)
+    import asyncio
+
+    from xcstack.ipc.channel import IPCClient
+
+    async def health() -> dict[str, Any]:
+        client = IPCClient(Path(served.env["XC_DATA_DIR"]) / "run" / "inference-0.sock")
+        try:
+            return (await client.call("health", {}))[0]
+        finally:
+            await client.close()
+
+    h = asyncio.run(health())
+    assert h["pid"] == pid and h["omp_num_threads"] == "1"
+    if (os.cpu_count() or 1) > 1:
+        assert len(h["affinity"]) == 1, h  # pinned to the core the tuning plan gave it
+    assert set(h["models"]) == {MODEL, MODEL + "-int8"}
 
 
 def test_killed_model_worker_is_respawned_and_callers_get_retriable_503(served: Served) -> None:

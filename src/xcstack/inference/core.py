@@ -206,8 +206,13 @@ class WorkerCore:
             raise CoreError(exc.code, str(exc), exc.retriable) from None
 
     def health(self) -> dict[str, Any]:
+        import os
+
         return {
             "worker": self.worker_index,
+            "pid": os.getpid(),
+            "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [],
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "models": {
                 n: {"queued_rows": m.batcher.queued_rows, "batches": m.batcher.batches_run, "rows": m.batcher.rows_run}
                 for n, m in self.models.items()
