@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
 import orjson
 
-from tests.vector.conftest import VecApp, structured
+from tests.vector.conftest import VecApp, structured, vector_settings
 
 DIM = 16
 
@@ -255,3 +256,42 @@ async def test_readyz_reports_the_backend(vapp: VecApp) -> None:
     r = await vapp.client.get("/readyz")
     assert r.status_code == 200, r.text
     assert r.json()["checks"]["vector"]["ready"] is True
+
+
+async def test_explicit_index_build_and_readiness(vapp: VecApp) -> None:
+    await _create(vapp)
+    x = await _fill(vapp, n=300)
+    r = await vapp.client.post("/v1/vectors/collections/docs/index")
+    assert r.status_code == 200, r.text
+    info = r.json()
+    assert info["index"]["state"] == "ready" and info["count"] == 300
+    if vapp.store.backend == "milvus":
+        assert info["index"]["indexed_rows"] == 300 and info["index"]["load_state"].endswith("Loaded")
+    r = await vapp.client.post("/v1/vectors/docs/search", json={"vector": x[5].tolist(), "top_k": 1})
+    assert r.json()["data"][0]["id"] == "r5"
+    _err(await vapp.client.post("/v1/vectors/collections/nope/index"), 404, "collection_not_found")
+    # a build in progress shows in /readyz (Milvus: not ready, its collection cannot be searched yet)
+    target = vapp.store._loading if vapp.store.backend == "milvus" else vapp.store._building
+    target["docs"] = time.monotonic() - 12
+    try:
+        r = await vapp.client.get("/readyz")
+        check = r.json()["checks"]["vector"]
+        assert "docs (12s)" in check["detail"], check
+        assert check["ready"] is (vapp.store.backend != "milvus")
+    finally:
+        target.pop("docs")
+    assert (await vapp.client.get("/readyz")).status_code == 200
+
+
+async def test_pgvector_bulk_load_then_create_index(dev_pg: Any, data_dir: Any, open_app: Any) -> None:
+    settings = vector_settings("pgvector", data_dir, dev_pg, pgvector={"index_on_create": False})
+    async for v in open_app(settings):
+        info = await _create(v)
+        assert info["index"]["state"] == "none"
+        x = await _fill(v, n=200)
+        r = await v.client.post("/v1/vectors/docs/search", json={"vector": x[9].tolist(), "top_k": 1})
+        assert r.json()["data"][0]["id"] == "r9"  # exact scan before the index exists
+        r = await v.client.post("/v1/vectors/collections/docs/index")
+        assert r.status_code == 200 and r.json()["index"]["state"] == "ready", r.text
+        r = await v.client.post("/v1/vectors/docs/search", json={"vector": x[9].tolist(), "top_k": 1})
+        assert r.json()["data"][0]["id"] == "r9"

@@ -46,12 +46,13 @@ class VectorCapability:
     async def ready(self) -> tuple[bool, str]:
         ok, detail = await self.store.health()
         loading = getattr(self.store, "loading", None)
-        if ok and callable(loading) and loading() and self.settings.milvus.load_on_start:
-            busy: dict[str, float] = loading()
-            # a collection still loading at start is not ready to serve searches
-            return False, f"{self.store.backend}: loading/indexing " + ", ".join(
-                f"{n} ({s:.0f}s)" for n, s in sorted(busy.items())
-            )
+        busy: dict[str, float] = loading() if ok and callable(loading) else {}
+        if busy:
+            what = ", ".join(f"{n} ({s:.0f}s)" for n, s in sorted(busy.items()))
+            if self.store.backend == "milvus":
+                # a Milvus collection that is loading cannot be searched yet
+                return False, f"milvus: loading/indexing {what}"
+            return True, f"{self.store.backend}: ok; building index {what} (searches scan meanwhile)"
         return ok, f"{self.store.backend}: {detail}"
 
 

@@ -90,6 +90,7 @@ class PgvectorStore:
         self._healthy = False
         self._health_detail = "not checked yet"
         self._health_task: asyncio.Task[None] | None = None
+        self._building: dict[str, float] = {}  # collection -> start of an index build in progress
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -288,15 +289,8 @@ class PgvectorStore:
                     "payload jsonb NOT NULL DEFAULT '{{}}'::jsonb)"
                 ).format(table, sql.Literal(dimension))
             )
-            await conn.execute(
-                sql.SQL("CREATE INDEX {} ON {} USING hnsw (embedding {}) WITH (m = {}, ef_construction = {})").format(
-                    sql.Identifier(f"{TABLE_PREFIX}{name}_hnsw"),
-                    table,
-                    sql.SQL(opclass),
-                    sql.Literal(self.cfg.m),
-                    sql.Literal(self.cfg.ef_construction),
-                )
-            )
+            if self.cfg.index_on_create:
+                await conn.execute(self._create_index_sql(name, opclass))
         self._meta[name] = (dimension, metric)
         log.info(
             "pgvector: created collection %s (dim %d, %s, hnsw m=%d efc=%d)",
@@ -306,7 +300,34 @@ class PgvectorStore:
             self.cfg.m,
             self.cfg.ef_construction,
         )
-        return CollectionInfo(name, dimension, metric, 0, description, self._index_info("ready"))
+        state = "ready" if self.cfg.index_on_create else "none"
+        return CollectionInfo(name, dimension, metric, 0, description, self._index_info(state))
+
+    def _create_index_sql(self, name: str, opclass: str) -> sql.Composed:
+        return sql.SQL("CREATE INDEX {} ON {} USING hnsw (embedding {}) WITH (m = {}, ef_construction = {})").format(
+            sql.Identifier(f"{TABLE_PREFIX}{name}_hnsw"),
+            self._table(name),
+            sql.SQL(opclass),
+            sql.Literal(self.cfg.m),
+            sql.Literal(self.cfg.ef_construction),
+        )
+
+    async def _index_state(self, conn: psycopg.AsyncConnection[Any], name: str) -> str:
+        if name in self._building:
+            return "building"
+        cur = await conn.execute(
+            "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+            (self.cfg.db_schema, f"{TABLE_PREFIX}{name}_hnsw"),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return "none"
+        return "ready" if row[0] else "invalid"
+
+    def loading(self) -> dict[str, float]:
+        now = time.monotonic()
+        return {n: now - t for n, t in self._building.items()}
 
     def _index_info(self, state: str) -> dict[str, Any]:
         return {
@@ -338,7 +359,11 @@ class PgvectorStore:
             if row is None:
                 raise CollectionNotFound(name)
             count = await self._count(conn, name)
-        return CollectionInfo(name, int(row[0]), row[1], count, row[2], self._index_info("ready"))
+            state = await self._index_state(conn, name)
+        info = self._index_info(state)
+        if name in self._building:
+            info["building_for_s"] = round(time.monotonic() - self._building[name], 1)
+        return CollectionInfo(name, int(row[0]), row[1], count, row[2], info)
 
     async def drop_collection(self, name: str) -> None:
         await self._ready()
@@ -379,7 +404,7 @@ class PgvectorStore:
             if vectors.shape[1] != dim:
                 raise InvalidVector(f"vectors have dimension {vectors.shape[1]}; collection {name!r} has {dim}")
             query = sql.SQL(
-                "INSERT INTO {} (id, embedding, payload) VALUES (%s, %s, %s) "
+                "INSERT INTO {} (id, embedding, payload) VALUES (%s, %b, %s) "
                 "ON CONFLICT (id) DO UPDATE SET embedding = EXCLUDED.embedding, payload = EXCLUDED.payload"
             ).format(self._table(name))
             try:
@@ -442,17 +467,17 @@ class PgvectorStore:
             if vectors.shape[1] != dim:
                 raise InvalidVector(f"query vector has dimension {vectors.shape[1]}; collection {name!r} has {dim}")
             op = _OPS[metric][0]
-            cols = [sql.SQL("id"), sql.SQL("embedding {} %s").format(sql.SQL(op))]
+            cols = [sql.SQL("id"), sql.SQL("embedding {} %b AS xc_distance").format(sql.SQL(op))]
             if all_fields:
                 cols.append(sql.SQL("payload"))
             cols += [sql.SQL("payload -> %s") for _ in fields]
             if include_vectors:
                 cols.append(sql.SQL("embedding"))
-            query = sql.SQL("SELECT {} FROM {}{} ORDER BY embedding {} %s LIMIT %s").format(
+            # ORDER BY the select-list distance: the HNSW index serves it, and the vector travels once (binary)
+            query = sql.SQL("SELECT {} FROM {}{} ORDER BY xc_distance LIMIT %s").format(
                 sql.SQL(", ").join(cols),
                 self._table(name),
                 sql.SQL(" WHERE " + f_sql) if f_sql else sql.SQL(""),
-                sql.SQL(op),
             )
             want_ef = ef or self.cfg.ef_search
             if self._ef.get(conn) != want_ef:
@@ -467,7 +492,7 @@ class PgvectorStore:
                         curs = []
                         for v in vectors:
                             cur = conn.cursor()
-                            await cur.execute(query, [v, *fields, *f_params, v, top_k])
+                            await cur.execute(query, [v, *fields, *f_params, top_k])
                             curs.append(cur)
                     rows_per_query = [await c.fetchall() for c in curs]
             except psycopg.errors.UndefinedTable:
@@ -499,7 +524,7 @@ class PgvectorStore:
         f_params: list[Any],
         top_k: int,
     ) -> list[tuple[Any, ...]]:
-        cur = await conn.execute(query, [v, *fields, *f_params, v, top_k])
+        cur = await conn.execute(query, [v, *fields, *f_params, top_k])
         return await cur.fetchall()
 
     async def export(
@@ -534,20 +559,39 @@ class PgvectorStore:
                 return
 
     async def build_index(self, name: str) -> CollectionInfo:
-        """pgvector maintains HNSW on insert; this rebuilds it (REINDEX), e.g. after bulk loads/deletes."""
+        """Build the HNSW index now: CREATE INDEX when there is none (bulk-load first with
+        `index_on_create = false`), else REINDEX (e.g. after large deletes). Progress in the log and /readyz."""
         await self._ready()
+        if name in self._building:
+            raise BackendUnavailable(f"an index build of {name!r} is already running; retry later")
         t0 = time.perf_counter()
-        log.info("pgvector: rebuilding the HNSW index of %s", name)
         async with self._conn() as conn:
-            await self._collection_meta(conn, name)
-            await conn.execute(sql.SQL("SET statement_timeout = 0"))
+            _, metric = await self._collection_meta(conn, name)
+            state = await self._index_state(conn, name)
+            self._building[name] = time.monotonic()
+            log.info("pgvector: %s the HNSW index of %s", "building" if state == "none" else "rebuilding", name)
+
+            async def progress() -> None:
+                while True:
+                    await asyncio.sleep(5)
+                    log.info("pgvector: still indexing %s (%.0fs)", name, time.perf_counter() - t0)
+
+            ticker = asyncio.create_task(progress())
             try:
-                await conn.execute(
-                    sql.SQL("REINDEX INDEX {}.{}").format(self._schema, sql.Identifier(f"{TABLE_PREFIX}{name}_hnsw"))
-                )
+                await conn.execute("SET statement_timeout = 0")
+                if state == "none":
+                    await conn.execute(self._create_index_sql(name, _OPS[metric][1]))
+                else:
+                    await conn.execute(
+                        sql.SQL("REINDEX INDEX {}.{}").format(
+                            self._schema, sql.Identifier(f"{TABLE_PREFIX}{name}_hnsw")
+                        )
+                    )
             finally:
+                ticker.cancel()
+                self._building.pop(name, None)
                 await conn.execute(f"SET statement_timeout = {int(self.settings.op_timeout_s * 1000)}")
         dt = time.perf_counter() - t0
         metrics.INDEX_BUILD.labels(self.backend).observe(dt)
-        log.info("pgvector: index of %s rebuilt in %.1fs", name, dt)
+        log.info("pgvector: index of %s ready in %.1fs", name, dt)
         return await self.describe_collection(name)

@@ -71,6 +71,11 @@ class PgvectorSettings(BaseModel):
         default="relaxed_order", description="hnsw.iterative_scan for filtered searches (pgvector >= 0.8)"
     )
     create_extension: bool = Field(default=True, description="CREATE EXTENSION IF NOT EXISTS vector at start")
+    index_on_create: bool = Field(
+        default=True,
+        description="create the HNSW index with the collection (maintained on every insert); False: bulk-load "
+        "first, then POST /v1/vectors/collections/{name}/index builds it (CREATE INDEX is several times faster)",
+    )
 
     @field_validator("url")
     @classmethod
