@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import time
 
 from xcstack.observability.metrics import LOOP_LAG
 
@@ -31,11 +32,11 @@ class LoopLagMonitor:
             self._task = None
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+        # perf_counter, not loop.time(): uvloop's clock has 1 ms resolution, too coarse for lag.
         while True:
-            start = loop.time()
+            start = time.perf_counter()
             await asyncio.sleep(self.interval)
-            lag = max(0.0, loop.time() - start - self.interval)
+            lag = max(0.0, time.perf_counter() - start - self.interval)
             self.samples.append(lag)
             LOOP_LAG.observe(lag)
 

@@ -80,7 +80,10 @@ class SecuritySettings(BaseModel):
     api_key_max_days: int = Field(default=365, ge=1, le=3650)
     auth_cache_s: float = Field(default=1.0, ge=0, le=60, description="per-process cache of token checks")
     # -- http --
-    public_paths: list[str] = Field(default_factory=lambda: ["/healthz", "/readyz"])
+    public_paths: list[str] = Field(
+        default_factory=lambda: ["/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"],
+        description="paths served without authentication (health probes of load balancers)",
+    )
     metrics_public: bool = Field(default=False, description="serve /metrics without authentication")
     trust_proxy_headers: bool = Field(default=False, description="take the client IP from X-Forwarded-For")
     # -- trusted boot --
