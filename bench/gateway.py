@@ -391,8 +391,9 @@ def report(res: dict[str, dict[str, Any]], duration: float) -> str:
             c64.errors + c1.errors + r["stream"][1],
         ])
     lines = [
-        "One gateway worker (uvicorn + uvloop + httptools unless named; `[observability] access_log = false`) "
-        "pinned to core 0; the mock upstream (`xcstack mock-upstream`, a test double: 16-token "
+        "One gateway worker (the gateway capability alone: no authentication/audit middleware; uvicorn + uvloop + "
+        "httptools unless named; `[observability] access_log = false`) pinned to core 0; the mock upstream "
+        "(`xcstack mock-upstream`, a test double: 16-token "
         f"answers, no delay) and the load generator ({'wrk' if shutil.which('wrk') else 'an aiohttp client'}) on "
         f"core 1. Non-streamed chat completions; streams are {STREAM_TOKENS} tokens, 16 concurrent clients. "
         "Latency in ms; *added* = proxy minus upstream direct at the same concurrency. RSS in MB after the run. "
