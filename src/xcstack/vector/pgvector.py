@@ -403,15 +403,25 @@ class PgvectorStore:
             dim, _ = await self._collection_meta(conn, name)
             if vectors.shape[1] != dim:
                 raise InvalidVector(f"vectors have dimension {vectors.shape[1]}; collection {name!r} has {dim}")
-            query = sql.SQL(
-                "INSERT INTO {} (id, embedding, payload) VALUES (%s, %b, %s) "
+            # COPY (binary) into a per-connection staging table, then one INSERT .. ON CONFLICT: one round
+            # trip per batch instead of one statement per row.
+            merge = sql.SQL(
+                "INSERT INTO {} (id, embedding, payload) SELECT id, embedding, payload FROM xc_vector_stage "
                 "ON CONFLICT (id) DO UPDATE SET embedding = EXCLUDED.embedding, payload = EXCLUDED.payload"
             ).format(self._table(name))
             try:
-                async with conn.cursor() as cur:
-                    await cur.executemany(
-                        query, [(i, v, Jsonb(p)) for i, v, p in zip(ids, vectors, payloads, strict=True)]
+                async with conn.transaction(), conn.cursor() as cur:
+                    await cur.execute(
+                        "CREATE TEMP TABLE IF NOT EXISTS xc_vector_stage (id text, embedding vector, payload jsonb) "
+                        "ON COMMIT DELETE ROWS"
                     )
+                    async with cur.copy(
+                        "COPY xc_vector_stage (id, embedding, payload) FROM STDIN (FORMAT BINARY)"
+                    ) as cp:
+                        cp.set_types(["text", "vector", "jsonb"])
+                        for i, v, p in zip(ids, vectors, payloads, strict=True):
+                            await cp.write_row((i, v, Jsonb(p)))
+                    await cur.execute(merge)
             except psycopg.errors.UndefinedTable:
                 self._meta.pop(name, None)
                 raise CollectionNotFound(name) from None
