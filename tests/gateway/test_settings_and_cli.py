@@ -101,4 +101,9 @@ def test_metrics_usage_ttft_and_in_flight(gateway: GatewayServer) -> None:
     assert re.search(r'^xc_gateway_ttft_seconds_count\{model="mock-model"\} [1-9]', text, re.M)
     assert re.search(r'^xc_gateway_tokens_per_second_count\{model="mock-model"\} [1-9]', text, re.M)
     assert re.search(r"^xc_gateway_in_flight 0.0$", text, re.M)
+    # per key too: mean TTFT and generation time (tokens/s = completion tokens / generation seconds)
+    assert re.search(r'^xc_gateway_key_ttft_seconds_count\{key="k:[0-9a-f]{16}",model="mock-model"\} 1.0$', text,
+                     re.M)
+    assert re.search(r'^xc_gateway_key_generation_seconds_sum\{key="k:[0-9a-f]{16}",model="mock-model"\} ', text,
+                     re.M)
     assert "metrics-key" not in text

@@ -6,7 +6,7 @@ never the token itself.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, Summary
 
 REQUESTS = Counter(
     "xc_gateway_requests", "Gateway requests by endpoint, model and status", ["endpoint", "model", "status"]
@@ -33,6 +33,14 @@ TOKENS_PER_S = Histogram(
     "Completion tokens per second after the first token, per model",
     ["model"],
     buckets=(1, 5, 10, 20, 40, 80, 160, 320, 640, 1280, 5000),
+)
+KEY_TTFT = Summary(
+    "xc_gateway_key_ttft_seconds", "Time to first token per API key and model (sum, count: the mean)", ["key", "model"]
+)
+KEY_GENERATION = Summary(
+    "xc_gateway_key_generation_seconds",
+    "Streaming time after the first token per API key and model; tokens/s = completion tokens / this sum",
+    ["key", "model"],
 )
 TOKENS = Counter("xc_gateway_tokens", "Tokens by API key, model and kind (prompt/completion)", ["key", "model", "kind"])
 JOBS = Counter("xc_gateway_jobs", "Async jobs by final status", ["status"])

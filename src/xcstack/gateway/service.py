@@ -574,6 +574,7 @@ class GatewayService:
         if ttft is None:
             ttft = self._m_ttft[pr.model] = metrics.TTFT.labels(pr.model)
         ttft.observe(t_first - t0)
+        metrics.KEY_TTFT.labels(pr.key, pr.model).observe(t_first - t0)
         wd.set_phase(up.timeouts.idle_s, "idle")
         max_event = self.settings.max_sse_event_bytes
         state = _RelayState(pr.client_usage)
@@ -666,6 +667,7 @@ class GatewayService:
             ct = usage.get("completion_tokens")
             if isinstance(ct, int) and ct > 0 and t_end > t_first:
                 metrics.TOKENS_PER_S.labels(pr.model).observe(ct / (t_end - t_first))
+                metrics.KEY_GENERATION.labels(pr.key, pr.model).observe(t_end - t_first)
             await self._account(pr, usage)
         return status
 
