@@ -87,6 +87,7 @@ class JobManager:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._last_sweep = 0.0
+        self._last_maintain = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -148,8 +149,11 @@ class JobManager:
         return done
 
     async def _maintain(self) -> None:
-        """Requeue jobs whose worker went silent; delete expired jobs (once a minute)."""
+        """Requeue jobs whose worker went silent (every lease/2); delete expired jobs (once a minute)."""
         now = time.time()
+        if now - self._last_maintain < min(5.0, self.settings.lease_s / 2):
+            return
+        self._last_maintain = now
 
         def tx(t: Tx) -> None:
             t.execute("UPDATE gateway_jobs SET status='queued', worker=NULL, lease_until=NULL "
