@@ -125,3 +125,25 @@ def test_json_logs_carry_the_request_id(client: TestClient, capsys: pytest.Captu
         assert access[-1]["status"] == 200 and access[-1]["route"] == "/v1/echo"
     finally:
         logging.getLogger().handlers.clear()
+
+
+async def test_client_that_left_is_counted_as_499() -> None:
+    from starlette.types import Receive, Scope, Send
+
+    from xcstack.observability.metrics import HTTP_REQUESTS
+    from xcstack.observability.middleware import ObservabilityMiddleware
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        scope["xc.client_disconnected"] = True  # what the gateway's relay sets; no answer is sent
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, object]) -> None:
+        raise AssertionError("nothing may be sent to a client that left")
+
+    before = HTTP_REQUESTS.labels("<other>", "POST", "499")._value.get()
+    mw = ObservabilityMiddleware(app, max_body_bytes=1024, log_access=False)
+    await mw({"type": "http", "method": "POST", "path": "/x", "headers": []}, receive, send)  # type: ignore[arg-type]
+    assert HTTP_REQUESTS.labels("<other>", "POST", "499")._value.get() == before + 1

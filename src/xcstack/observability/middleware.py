@@ -67,10 +67,13 @@ class ObservabilityMiddleware:
                     raise PayloadTooLarge(f"request body exceeds the limit of {self.max_body} bytes")
             return message
 
+        started = False
+
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
                 status = message["status"]
+                started = True
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
             await send(message)
@@ -80,6 +83,8 @@ class ObservabilityMiddleware:
             await self.app(scope, limited_receive, send_wrapper)
         finally:
             HTTP_INFLIGHT.dec()
+            if scope.get("xc.client_disconnected") and not started:
+                status = 499  # the client left before an answer (nginx's convention)
             self._record(scope, method, status, start, rid)
             request_id_var.reset(token)
 

@@ -228,8 +228,8 @@ class SecurityMiddleware:
             return
         finally:
             if not started:
-                try:
-                    await record(500)
+                try:  # 499: the client went away before an answer (nginx's convention), else a failure
+                    await record(499 if scope.get("xc.client_disconnected") else 500)
                 except Exception:
                     log.exception("audit record for a failed request could not be written")
 
