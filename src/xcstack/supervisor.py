@@ -297,14 +297,21 @@ def prepare_metrics_dir(data_dir: Path) -> None:
 
 
 def print_banner(settings: Settings, host: str, port: int, workers: int, sides: int) -> None:
-    auth_hint = getattr(settings.security, "banner_hint", None) or (
-        "send 'Authorization: Bearer <token>' (see `xcstack user --help` for accounts and API keys)"
-    )
+    base = f"http://{host}:{port}"
+    if settings.security.enabled:
+        auth = [
+            f"  authenticate: curl -X POST {base}/v1/auth/login -d '{{\"username\": ..., \"password\": ...}}'",
+            "    -> a bearer token; send 'Authorization: Bearer <token>' on every other call.",
+            "    First start: the one-time admin passwords are printed above (change them at first login);",
+            "    machine clients use API keys: `xcstack user --help`.",
+        ]
+    else:
+        auth = ["  authenticate: security is DISABLED ([security] enabled = false): every endpoint is open"]
     lines = [
-        f"xcstack ready: listening on http://{host}:{port} "
+        f"xcstack ready: listening on {base} "
         f"({workers} http worker{'s' if workers != 1 else ''}, {sides} side process{'es' if sides != 1 else ''})",
-        f"  health: http://{host}:{port}/healthz   ready: http://{host}:{port}/readyz   metrics: /metrics",
-        f"  authenticate: {auth_hint}",
+        f"  health: {base}/healthz   ready: {base}/readyz   metrics: {base}/metrics",
+        *auth,
     ]
     print("\n".join(lines), flush=True)
 
