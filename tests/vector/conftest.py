@@ -33,6 +33,8 @@ def dev_pg() -> Iterator[DevPostgres]:
 
 def vector_settings(backend: str, data_dir: Path, pg: DevPostgres | None = None, **vector: Any) -> Settings:
     cfg: dict[str, Any] = {"backend": backend, "acquire_timeout_s": 1.0, "health_interval_s": 0.2, **vector}
+    if backend == "milvus":
+        cfg["milvus"] = {"lite_mode": "in_process", **cfg.get("milvus", {})}
     if backend == "pgvector":
         assert pg is not None
         pgcfg = {"url": pg.url, "db_schema": f"xcv_t_{uuid.uuid4().hex[:10]}", "pool_max": 4}

@@ -252,10 +252,14 @@ async def test_scores_are_uniform_across_metrics(vapp: VecApp) -> None:
         assert abs(score - want) < 1e-4, (metric, score, want)
 
 
-async def test_readyz_reports_the_backend(vapp: VecApp) -> None:
+async def test_readyz_and_metrics(vapp: VecApp) -> None:
     r = await vapp.client.get("/readyz")
     assert r.status_code == 200, r.text
     assert r.json()["checks"]["vector"]["ready"] is True
+    await _create(vapp)
+    await _fill(vapp, n=5)
+    text = (await vapp.client.get("/metrics")).text
+    assert "xc_vector_op_seconds" in text and "xc_vector_backend_up" in text and "xc_vector_rows_total" in text
 
 
 async def test_explicit_index_build_and_readiness(vapp: VecApp) -> None:

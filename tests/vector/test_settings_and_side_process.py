@@ -39,10 +39,14 @@ def test_bad_config_names_key_and_reason(vector: dict[str, Any], key: str, reaso
 
 
 def test_side_process_spec_only_for_lite_side_process(tmp_path: Path) -> None:
-    assert side_processes(load_settings(data_dir=tmp_path), None) == []
-    s = load_settings(data_dir=tmp_path, vector={"milvus": {"lite_mode": "side_process"}})
-    [spec] = side_processes(s, None)
-    assert spec.target == "xcstack.vector.lite_server:run" and spec.instances == 1
+    assert side_processes(load_settings(data_dir=tmp_path, vector={"milvus": {"lite_mode": "in_process"}}), None) == []
+    for mode in ("auto", "side_process"):
+        s = load_settings(data_dir=tmp_path, vector={"milvus": {"lite_mode": mode}})
+        [spec] = side_processes(s, None)
+        assert spec.target == "xcstack.vector.lite_server:run" and spec.instances == 1
+        assert spec.ready_check is not None
+    s = load_settings(data_dir=tmp_path, vector={"backend": "pgvector", "pgvector": {"url": "postgresql://x/y"}})
+    assert side_processes(s, None) == []
     s = load_settings(data_dir=tmp_path, vector={"milvus": {"lite_mode": "side_process", "uri": "http://m:19530"}})
     assert side_processes(s, None) == []
 
@@ -97,3 +101,17 @@ async def test_two_workers_share_a_lite_side_process(data_dir: Path, open_app: A
             os.kill(proc.pid, signal.SIGTERM)
         proc.join(15)
         assert proc.exitcode == 0
+
+
+def test_auto_mode_uses_the_side_process_when_it_listens(tmp_path: Path) -> None:
+    from xcstack.vector.milvus import resolve_uri
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        s = load_settings(data_dir=tmp_path, vector={"milvus": {"lite_port": port}})
+        assert resolve_uri(s.vector, tmp_path) == str(tmp_path / "vectors" / "milvus.db")  # nothing listens
+        sock.listen(1)
+        assert resolve_uri(s.vector, tmp_path) == f"http://127.0.0.1:{port}"
+        [spec] = side_processes(s, None)
+        assert spec.ready_check is not None and spec.ready_check(0) is True

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.routing import BaseRoute
 
 from xcstack.capability import AppContext, SideProcessSpec
+from xcstack.vector.milvus import lite_port_open
 from xcstack.vector.routes import build_routes
 from xcstack.vector.service import Embedder, VectorService, make_store
 from xcstack.vector.store import VectorStore
@@ -65,6 +66,14 @@ def create(ctx: AppContext) -> VectorCapability | None:
 def side_processes(settings: Settings, plan: Any) -> list[SideProcessSpec]:
     """Milvus Lite as one supervised side process that every http worker connects to."""
     v = settings.vector
-    if not v.enabled or v.backend != "milvus" or v.milvus.uri is not None or v.milvus.lite_mode != "side_process":
+    if not v.enabled or v.backend != "milvus" or v.milvus.uri is not None or v.milvus.lite_mode == "in_process":
         return []
-    return [SideProcessSpec(name="milvus-lite", target="xcstack.vector.lite_server:run", instances=1)]
+    port = v.milvus.lite_port
+    return [
+        SideProcessSpec(
+            name="milvus-lite",
+            target="xcstack.vector.lite_server:run",
+            instances=1,
+            ready_check=lambda _index: lite_port_open(port),
+        )
+    ]

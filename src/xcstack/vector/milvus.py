@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -65,9 +66,18 @@ def resolve_uri(settings: VectorSettings, data_dir: Path) -> str:
     cfg = settings.milvus
     if cfg.uri is not None:
         return cfg.uri.get_secret_value()
-    if cfg.lite_mode == "side_process":
+    if cfg.lite_mode == "side_process" or (cfg.lite_mode == "auto" and lite_port_open(cfg.lite_port)):
         return f"http://127.0.0.1:{cfg.lite_port}"
     return lite_path(settings, data_dir)
+
+
+def lite_port_open(port: int, timeout: float = 0.2) -> bool:
+    """Is the Milvus Lite side process listening? (the supervisor starts it before the http workers)"""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 class MilvusStore:

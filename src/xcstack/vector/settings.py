@@ -32,10 +32,12 @@ class MilvusSettings(BaseModel):
     )
     token: SecretStr | None = Field(default=None, description="user:password or an API token")
     db_name: str = Field(default="", max_length=64, description="Milvus database; empty: the server's default")
-    lite_mode: Literal["in_process", "side_process"] = Field(
-        default="in_process",
-        description="Milvus Lite only: run its server in the http worker (one worker only) or as a supervised "
-        "side process that every worker connects to (needed with more than one worker)",
+    lite_mode: Literal["auto", "in_process", "side_process"] = Field(
+        default="auto",
+        description="Milvus Lite only. side_process: the supervisor runs one Lite server process that every "
+        "http worker connects to (a Lite database can be opened by one process only). in_process: the worker "
+        "runs the Lite server itself (one worker only). auto: side process under `xcstack serve`; a worker "
+        "uses it when it listens on lite_port, else runs Lite in-process (tests, scripts)",
     )
     lite_port: int = Field(default=19531, ge=1024, le=65535, description="127.0.0.1 port of the Lite side process")
     pool_size: int = Field(default=4, ge=1, le=64, description="threads running blocking pymilvus calls")
