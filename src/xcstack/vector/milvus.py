@@ -22,7 +22,7 @@ import math
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +123,17 @@ class MilvusStore:
             except Exception:  # the connection is already broken
                 pass
 
-    async def _call(self, op: str, fn_name: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
-        """Run `client.<fn_name>(*args, **kwargs)` in the pool, mapping failures to XCErrors."""
+    async def _call(
+        self,
+        op: str,
+        fn_name: str,
+        *args: Any,
+        timeout: float | None = None,
+        post: Callable[[Any], Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run `client.<fn_name>(*args, **kwargs)` in the pool, mapping failures to XCErrors; `post`
+        runs on the result in the same thread (pymilvus decodes results lazily: keep that off the loop)."""
         if not self._healthy:
             raise BackendUnavailable(f"milvus unavailable: {self._health_detail}")
         t = timeout if timeout is not None else self.settings.op_timeout_s
@@ -132,7 +141,8 @@ class MilvusStore:
 
         def run() -> Any:
             client = self._connect_blocking()
-            return getattr(client, fn_name)(*args, timeout=t, **kwargs)
+            out = getattr(client, fn_name)(*args, timeout=t, **kwargs)
+            return post(out) if post is not None else out
 
         try:
             out = await self.pool.run(run, timeout=t + 1.0)
@@ -433,7 +443,37 @@ class MilvusStore:
         all_fields = output_fields is not None and "*" in output_fields
         fields = [] if output_fields is None or all_fields else list(output_fields)
         out_fields: list[str] = (["*"] if all_fields else fields) + ([VECTOR_FIELD] if include_vectors else [])
-        res = await self._call(
+        want_vectors = include_vectors
+
+        def build(res: Any) -> list[list[Hit]]:
+            """Runs in the pool thread: decoding the result is real work (pymilvus decodes lazily)."""
+            results: list[list[Hit]] = []
+            for row_hits in res:
+                hits = []
+                for h in row_hits:
+                    entity = dict(h.get("entity") or {})
+                    vec = entity.pop(VECTOR_FIELD, None)
+                    entity.pop(ID_FIELD, None)
+                    score = float(h["distance"])
+                    if metric == "l2":
+                        score = math.sqrt(max(score, 0.0))  # Milvus reports squared L2
+                    payload: dict[str, Any] | None = None
+                    if all_fields:
+                        payload = entity
+                    elif fields:
+                        payload = {f: entity[f] for f in fields if f in entity}
+                    hits.append(
+                        Hit(
+                            str(h.get("id", h.get(ID_FIELD))),
+                            score,
+                            payload,
+                            [float(x) for x in vec] if want_vectors and vec is not None else None,
+                        )
+                    )
+                results.append(hits)
+            return results
+
+        found: list[list[Hit]] = await self._call(
             "search",
             "search",
             name,
@@ -443,32 +483,9 @@ class MilvusStore:
             output_fields=out_fields or None,
             search_params=self._search_params(metric, ef),
             anns_field=VECTOR_FIELD,
+            post=build,
         )
-        results: list[list[Hit]] = []
-        for row_hits in res:
-            hits = []
-            for h in row_hits:
-                entity = dict(h.get("entity") or {})
-                vec = entity.pop(VECTOR_FIELD, None)
-                entity.pop(ID_FIELD, None)
-                score = float(h["distance"])
-                if metric == "l2":
-                    score = math.sqrt(max(score, 0.0))  # Milvus reports squared L2
-                payload: dict[str, Any] | None = None
-                if all_fields:
-                    payload = entity
-                elif fields:
-                    payload = {f: entity[f] for f in fields if f in entity}
-                hits.append(
-                    Hit(
-                        str(h.get("id", h.get(ID_FIELD))),
-                        score,
-                        payload,
-                        [float(x) for x in vec] if include_vectors and vec is not None else None,
-                    )
-                )
-            results.append(hits)
-        return results
+        return found
 
     async def export(
         self, name: str, *, batch_size: int = 1000, filter: str | None = None, include_vectors: bool = True
