@@ -37,14 +37,30 @@ def test_fp32_matches_sentence_transformers(model_repo: Path, reference: tuple[l
         assert cos.min() >= 0.9999, cos
 
 
-def test_int8_per_channel_quality(model_repo: Path, reference: tuple[list[str], np.ndarray]) -> None:
+def test_int8_quality_every_sentence(model_repo: Path, reference: tuple[list[str], np.ndarray]) -> None:
+    """The issue's bar for int8: cosine >= 0.985 against sentence-transformers for EVERY sentence (the
+    punctuation-only one was 0.981 with plain per-channel dynamic quantisation), in a padded batch and
+    one sentence at a time."""
     sentences, ref = reference
-    cos = _cos(_embed(model_repo, "all-minilm-l6-v2-int8", sentences), ref)
-    # mean >= 0.985 as the issue asks; the worst sentence is the punctuation-only one (~0.98)
-    assert cos.mean() >= 0.985, cos
-    assert cos.min() >= 0.975, cos
+    for one in (False, True):
+        cos = _cos(_embed(model_repo, "all-minilm-l6-v2-int8", sentences, one), ref)
+        assert cos.min() >= 0.985, dict(zip(sentences, cos.round(4).tolist(), strict=True))
+        assert cos.mean() >= 0.99, cos
     cfg = json.loads((model_repo / "all-minilm-l6-v2-int8" / "config.json").read_text())
-    assert cfg["source"]["quantization"] == "int8-dynamic-per-channel"
+    assert cfg["source"]["quantization"] == (
+        "smoothquant-a0.6+int8-dynamic-per-channel+ffn_out-matmulnbits8-b128")
+
+
+def test_int8_graph_is_mostly_integer(model_repo: Path) -> None:
+    """The speed comes from integer MatMuls: every weight MatMul is MatMulInteger or MatMulNBits."""
+    import onnx
+
+    model = onnx.load(str(model_repo / "all-minilm-l6-v2-int8" / "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MatMulNBits") == 6  # one FFN output projection per layer
+    assert ops.count("MatMulInteger") == 30  # q, k, v, attention output, FFN input x 6 layers
+    weight_matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1].endswith(".weight.T")]
+    assert weight_matmuls == []
 
 
 def test_embeddings_are_unit_norm_and_truncated_at_256(model_repo: Path) -> None:
