@@ -110,7 +110,10 @@ def run_granian(settings: Settings, sock: socket.socket, app: Any) -> None:
             self._shd = SocketHolder(sock.fileno(), False, settings.server.backlog)  # type: ignore[assignment,call-arg]
             self._sfd = sock.fileno()  # type: ignore[assignment]
 
-    server = InheritedSocketServer(app, interface=Interfaces.ASGI, log_access=False, backlog=settings.server.backlog)
+    host, port = sock.getsockname()[:2]  # for granian's own log lines; the socket is inherited
+    server = InheritedSocketServer(
+        app, address=host, port=port, interface=Interfaces.ASGI, log_access=False, backlog=settings.server.backlog
+    )
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

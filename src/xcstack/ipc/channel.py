@@ -130,6 +130,8 @@ class IPCServer:
                     frame = await read_frame(reader)
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
+                except asyncio.CancelledError:  # the server is closing: end this connection quietly
+                    return
                 except FramingError as exc:
                     log.warning("ipc: dropping connection on %s: %s", self.path, exc)
                     return
