@@ -19,6 +19,7 @@ from xcstack.capability import AppContext, SideProcessSpec
 from xcstack.errors import NotFound, Overloaded
 from xcstack.inference import metrics
 from xcstack.inference.client import Backend, InlineBackend, ProcessBackend
+from xcstack.inference.pacing import LoopPacer
 from xcstack.inference.protocol import EmbeddingsRequest, texts_of
 from xcstack.inference.repository import ModelRepository
 from xcstack.inference.worker import (
@@ -56,6 +57,7 @@ class InferenceCapability:
             else:
                 backend = ProcessBackend(self.repo, self.settings, [str(socket_path(settings, i)) for i in range(n)])
         self.backend = backend
+        self.pacer = LoopPacer(self.settings.loop_budget_ms / 1000.0) if self.settings.loop_budget_ms > 0 else None
 
     # --- Capability protocol ---------------------------------------------------------------------
     def routes(self) -> Sequence[BaseRoute]:
@@ -102,9 +104,9 @@ class InferenceCapability:
                     tokens += t
                 vectors = np.concatenate(parts)
         except Exception:
-            metrics.REQUESTS.labels(name, "embed", "error").inc()
+            metrics.count_request(name, "embed", "error")
             raise
-        metrics.REQUESTS.labels(name, "embed", "ok").inc()
+        metrics.count_request(name, "embed", "ok")
         return vectors, {"prompt_tokens": tokens, "total_tokens": tokens}
 
     async def embed_request(self, name: str, req: EmbeddingsRequest) -> tuple[np.ndarray, dict[str, int]]:

@@ -26,3 +26,17 @@ DEVICE_LIVE_BYTES = Gauge(
     multiprocess_mode="livesum",
 )
 WORKER_RESTARTS = Counter("xc_inference_worker_unavailable_total", "Calls that found a model worker down", ["worker"])
+
+
+_REQ_CHILDREN: dict[tuple[str, str, str], Counter] = {}
+
+
+def count_request(model: str, api: str, outcome: str) -> None:
+    """REQUESTS.labels(...).inc() with the child cached (labels() costs more than the increment)."""
+    key = (model, api, outcome)
+    child = _REQ_CHILDREN.get(key)
+    if child is None:
+        if len(_REQ_CHILDREN) > 4096:  # bounded: model names come from the repository, but be safe
+            _REQ_CHILDREN.clear()
+        child = _REQ_CHILDREN[key] = REQUESTS.labels(model, api, outcome)
+    child.inc()

@@ -66,7 +66,10 @@ class InferenceRoutes:
         self.cap = cap
 
     def routes(self, *, embeddings: bool = True) -> list[BaseRoute]:
-        r: list[BaseRoute] = [
+        # Starlette tries routes in order (a regex each): the hot ones first.
+        r: list[BaseRoute] = [Route("/v1/embeddings", self.embeddings, methods=["POST"])] if embeddings else []
+        r += [
+            Route("/v2/models/{name}/infer", self.infer, methods=["POST"]),
             Route("/v2", self.server_metadata, methods=["GET"]),
             Route("/v2/health/live", self.live, methods=["GET"]),
             Route("/v2/health/ready", self.ready, methods=["GET"]),
@@ -75,13 +78,14 @@ class InferenceRoutes:
             Route("/v2/models/{name}/config", self.model_config, methods=["GET"]),
             Route("/v2/models/{name}/versions/{version}", self.model_metadata, methods=["GET"]),
             Route("/v2/models/{name}/versions/{version}/ready", self.model_ready, methods=["GET"]),
-            Route("/v2/models/{name}/infer", self.infer, methods=["POST"]),
             Route("/v2/models/{name}/versions/{version}/infer", self.infer, methods=["POST"]),
             Route("/v2/repository/index", self.repository_index, methods=["POST", "GET"]),
         ]
-        if embeddings:
-            r.append(Route("/v1/embeddings", self.embeddings, methods=["POST"]))
         return r
+
+    async def _turn(self) -> None:
+        if self.cap.pacer is not None:
+            await self.cap.pacer.turn()
 
     # --- health and metadata ---------------------------------------------------------------------
     async def server_metadata(self, request: Request) -> Response:
@@ -162,9 +166,10 @@ class InferenceRoutes:
             else:
                 results = await self.cap.backend.infer(cfg.name, req.inputs, [n for n, _ in req.outputs], timeout)
         except Exception:
-            metrics.REQUESTS.labels(cfg.name, "kserve", "error").inc()
+            metrics.count_request(cfg.name, "kserve", "error")
             raise
-        metrics.REQUESTS.labels(cfg.name, "kserve", "ok").inc()
+        metrics.count_request(cfg.name, "kserve", "ok")
+        await self._turn()
         if sum(a.nbytes for a in results.values()) > OFFLOAD_BYTES:
             payload, headers = await asyncio.to_thread(encode_infer_response, cfg.name, req.id, results, req.outputs)
         else:
@@ -174,10 +179,12 @@ class InferenceRoutes:
 
     @requires("inference", "embed")
     async def embeddings(self, request: Request) -> Response:
+        await self._turn()
         req = await read_model(request, EmbeddingsRequest)
         name = req.model or self.cap.settings.default_embedding_model
         await authorize(request, f"model:{name}", "embed")
         vectors, usage = await self.cap.embed_request(name, req)
+        await self._turn()  # a batch's replies resolve together: spread their encoding and sends
         return JSONResponse(embeddings_response(name, vectors, usage["prompt_tokens"], req.encoding_format))
 
 

@@ -53,6 +53,14 @@ class InferenceSettings(BaseModel):
     )
     batching: BatchingDefaults = BatchingDefaults()  # type: ignore[call-arg]
     retry_after_s: float = Field(1.0, gt=0, le=600)
+    loop_budget_ms: float = Field(
+        1.0,
+        ge=0.0,
+        le=100.0,
+        description="http worker: request/response work of inference endpoints runs while the current loop"
+        " iteration has spent less than this; past it, the rest of a burst (a batch's ~30 replies) is released one"
+        " request per iteration so timers and other requests are not held up. 0 = no pacing",
+    )
 
     @field_validator("model_repository", "socket_dir")
     @classmethod
