@@ -145,3 +145,56 @@ async def test_milvus_lite_down_then_back(data_dir: Path, open_app: Any) -> None
         await _until_ok(v, q, budget=30)
         r = await _search(v, q)
         assert r.json()["data"][0]["score"] > 0.99  # the data survived the reopen
+
+
+async def _big_unindexed(v: VecApp, n: int = 30_000, dim: int = 384) -> list[float]:
+    r = await v.client.post("/v1/vectors/collections", json={"name": "big", "dimension": dim})
+    assert r.status_code == 201, r.text
+    x = structured(n, dim, seed=3)
+    for i in range(0, n, 1000):
+        r = await v.client.post("/v1/vectors/big/upsert", json={"vectors": x[i : i + 1000].tolist()})
+        assert r.status_code == 200, r.text
+    return [float(a) for a in x[0]]
+
+
+async def test_pgvector_statement_timeout_and_cancellation(dev_pg: DevPostgres, data_dir: Path, open_app: Any) -> None:
+    """A search that outlives op_timeout_s is cancelled by the server (503 vector_backend_timeout);
+    a caller that goes away cancels its statement, and the connection goes back to the pool."""
+    import psycopg
+
+    schema = "xcv_t_timeout"
+    base = {"pgvector": {"db_schema": schema, "index_on_create": False, "pool_max": 2}}
+    async for v in open_app(vector_settings("pgvector", data_dir, dev_pg, **base)):
+        q = await _big_unindexed(v)  # no index: every search scans 30k x 384
+        t0 = time.monotonic()
+        r = await v.client.post("/v1/vectors/big/search", json={"vector": q, "top_k": 5})
+        full_scan = time.monotonic() - t0
+        assert r.status_code == 200
+    slow = vector_settings("pgvector", data_dir, dev_pg, op_timeout_s=0.01, **base)
+    async for v in open_app(slow):
+        r = await v.client.post("/v1/vectors/big/search", json={"vector": q, "top_k": 5})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "vector_backend_timeout", (r.text, full_scan)
+    async for v in open_app(vector_settings("pgvector", data_dir, dev_pg, **base)):
+        # 100 queries in one request: ~100 full scans pipelined on one connection (seconds of work)
+        task = asyncio.create_task(v.cap.service.search("big", vectors=[q] * 100, top_k=5))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        cancelled_at = time.monotonic()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with await psycopg.AsyncConnection.connect(dev_pg.url, autocommit=True) as admin:
+            while time.monotonic() - cancelled_at < 10:
+                cur = await admin.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE %s",
+                    (f"%{schema}%xcv_big%",),
+                )
+                row = await cur.fetchone()
+                if row is not None and row[0] == 0:
+                    break
+                await asyncio.sleep(0.02)
+            gone_after = time.monotonic() - cancelled_at
+        # without server-side cancellation the pipeline would run on for ~100 x full_scan
+        assert gone_after < max(1.0, 20 * full_scan), (gone_after, full_scan)
+        r = await v.client.post("/v1/vectors/big/search", json={"vector": q, "top_k": 5})
+        assert r.status_code == 200  # the pool is healthy after the cancellation
+        await v.client.delete("/v1/vectors/collections/big")

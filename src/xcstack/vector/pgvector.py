@@ -96,7 +96,7 @@ class PgvectorStore:
 
     async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
         await conn.set_autocommit(True)
-        ms = int(self.settings.op_timeout_s * 1000)
+        ms = max(1, int(self.settings.op_timeout_s * 1000))
         await conn.execute(f"SET statement_timeout = {ms}")
         await conn.execute(f"SET hnsw.iterative_scan = {self.cfg.iterative_scan}")
         try:
@@ -600,7 +600,7 @@ class PgvectorStore:
             finally:
                 ticker.cancel()
                 self._building.pop(name, None)
-                await conn.execute(f"SET statement_timeout = {int(self.settings.op_timeout_s * 1000)}")
+                await conn.execute(f"SET statement_timeout = {max(1, int(self.settings.op_timeout_s * 1000))}")
         dt = time.perf_counter() - t0
         metrics.INDEX_BUILD.labels(self.backend).observe(dt)
         log.info("pgvector: index of %s ready in %.1fs", name, dt)

@@ -113,7 +113,9 @@ class VectorSettings(BaseModel):
     acquire_timeout_s: float = Field(
         default=2.0, gt=0, le=60, description="wait for a pool slot/connection; then 503 vector_pool_exhausted"
     )
-    op_timeout_s: float = Field(default=30.0, gt=0, le=3600, description="one backend operation (search, upsert, ...)")
+    op_timeout_s: float = Field(
+        default=30.0, ge=0.01, le=3600, description="one backend operation (search, upsert, ...)"
+    )
     health_interval_s: float = Field(default=1.0, gt=0, le=300, description="backend health check period")
     embedding_model: str | None = Field(
         default=None, max_length=256, description="model for text input (None: the inference capability's default)"
