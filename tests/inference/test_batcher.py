@@ -246,3 +246,27 @@ async def test_request_larger_than_the_queue_is_not_retriable() -> None:
         assert not info.value.retriable
     finally:
         await b.close()
+
+
+async def test_tiny_text_batches_run_on_the_loop_thread_others_in_the_executor() -> None:
+    """inline_tokens: a lone short sentence skips the executor hand-off; big batches and tensor (keyed)
+    batches still run in the executor thread, so the loop keeps accepting while they run."""
+    threads: list[tuple[int, str]] = []
+
+    def run(batch: list[Item]) -> list[Any]:
+        threads.append((len(batch), threading.current_thread().name))
+        return [it.data for it in batch]
+
+    b = Batcher("t", run, BatchParams(max_batch=8, max_wait_s=0.0, token_budget=10_000, max_queue=100),
+                inline_tokens=64)
+    b.start()
+    try:
+        loop_thread = threading.current_thread().name
+        assert (await b.submit([(1, 15, "short")], far()).future) == ["short"]
+        assert (await b.submit([(1, 100, "long")], far()).future) == ["long"]  # 100 tokens > 64
+        assert (await b.submit([(1, 5, "tensor")], far(), key=("sig",)).future) == ["tensor"]
+        assert threads[0] == (1, loop_thread)
+        assert threads[1][1] != loop_thread and threads[2][1] != loop_thread
+        assert b.inline_runs == 1
+    finally:
+        await b.close()

@@ -62,6 +62,7 @@ async def test_cancelled_caller_rows_never_run_and_full_queue_is_fast(core_serve
         return real_run(batch)
 
     batcher._run = gated
+    batcher.inline_tokens = 0  # the gate holds a run open: it must be in the executor, not on the loop
     first = asyncio.create_task(client.call("embed", {"model": MODEL, "texts": ["first"], "timeout": 5}))
     await asyncio.sleep(0.1)  # "first" is running (held at the gate)
     doomed = asyncio.create_task(client.call("embed", {"model": MODEL, "texts": ["doomed one", "doomed two"]}))
@@ -91,6 +92,7 @@ async def test_drain_refuses_new_work_and_finishes_queued(core_server: Any) -> N
         return real_run(batch)
 
     batcher._run = gated
+    batcher.inline_tokens = 0  # the gate holds a run open: it must be in the executor, not on the loop
     queued = [asyncio.create_task(client.call("embed", {"model": MODEL, "texts": [f"q{i}"], "timeout": 5}))
               for i in range(2)]
     await asyncio.sleep(0.1)

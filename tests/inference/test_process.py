@@ -89,13 +89,20 @@ def test_concurrent_requests_are_batched_across_workers(process_stack: Any) -> N
     _settings, _workers, server = process_stack
 
     async def go() -> list[int]:
+        statuses: list[int] = []
         async with aiohttp.ClientSession() as s:
-            res = await asyncio.gather(*(_embed(s, server.url, f"sentence {i}") for i in range(64)))
-        return [r[0] for r in res]
+            # rounds of 64 until the lag monitor (50 ms ticks) has a few samples: int8 answers fast
+            for r in range(10):
+                res = await asyncio.gather(*(_embed(s, server.url, f"sentence {r} {i}") for i in range(64)))
+                statuses += [x[0] for x in res]
+                if r >= 1 and len(lag.samples) >= 4:
+                    break
+        return statuses
 
     lag = server.app.state.xc.lag
     lag.samples.clear()
-    assert asyncio.run(go()) == [200] * 64
+    statuses = asyncio.run(go())
+    assert statuses == [200] * len(statuses) and len(statuses) >= 128
     # nothing in the http path blocks the loop. Generous bounds: the load generator shares this process's
     # GIL and the machine is shared, so one scheduling hiccup is tolerated (bench/embeddings.py measures
     # the lag of a real http worker process).

@@ -23,6 +23,7 @@ from xcstack.inference.tensors import decode_bytes_tensor, pack, unpack
 
 log = logging.getLogger("xcstack.inference")
 TOKENIZE_OFFLOAD_CHARS = 64 * 1024
+INLINE_TOKENS = 64  # text batches up to this many tokens (longest x rows) run on the loop thread (batcher.py)
 
 
 class CoreError(Exception):
@@ -128,7 +129,8 @@ class WorkerCore:
     def start(self) -> None:
         """Start the batchers (needs the running loop)."""
         for cfg, m in self._pending:
-            b = Batcher(cfg.name, _run_fn(m), cfg.batching_params(self.settings.batching))
+            b = Batcher(cfg.name, _run_fn(m), cfg.batching_params(self.settings.batching),
+                        inline_tokens=INLINE_TOKENS if m.kind == "cpu" else 0)
             b.start()
             self.models[cfg.name] = Loaded(m, b, cfg)
         self._pending = []

@@ -33,7 +33,11 @@ class InferenceSettings(BaseModel):
         None, description="directory of models (<name>/model.onnx + config.json); default <data_dir>/models"
     )
     default_embedding_model: str = Field(
-        "all-minilm-l6-v2", min_length=1, max_length=128, description="model for /v1/embeddings without `model`"
+        "all-minilm-l6-v2-int8",
+        min_length=1,
+        max_length=128,
+        description="model for /v1/embeddings (and local_embedder) without `model`; the int8 copy of the default"
+        " model: cosine >= 0.985 to sentence-transformers on every test sentence at ~half the CPU of fp32",
     )
     mode: Literal["process", "inline"] = Field(
         "process",
