@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -299,3 +300,32 @@ async def test_pgvector_bulk_load_then_create_index(dev_pg: Any, data_dir: Any, 
         assert r.status_code == 200 and r.json()["index"]["state"] == "ready", r.text
         r = await v.client.post("/v1/vectors/docs/search", json={"vector": x[9].tolist(), "top_k": 1})
         assert r.json()["data"][0]["id"] == "r9"
+
+
+async def test_milvus_collections_load_at_start(data_dir: Any, open_app: Any) -> None:
+    """Milvus Lite opens indexed collections released: xcstack loads them at start (readiness waits);
+    with load_on_start off a search says 503 (not loaded) until the explicit index/load call."""
+    x = structured(200, DIM, seed=4)
+    async for v in open_app(vector_settings("milvus", data_dir)):
+        await _create(v)
+        r = await v.client.post(
+            "/v1/vectors/docs/upsert", json={"ids": [f"r{i}" for i in range(200)], "vectors": x.tolist()}
+        )
+        assert r.status_code == 200
+        r = await v.client.post("/v1/vectors/collections/docs/index")
+        assert r.status_code == 200, r.text
+    async for v in open_app(vector_settings("milvus", data_dir)):
+        for _ in range(100):
+            if (await v.client.get("/readyz")).status_code == 200:
+                break
+            await asyncio.sleep(0.1)
+        r = await v.client.post("/v1/vectors/docs/search", json={"vector": x[17].tolist(), "top_k": 1})
+        assert r.status_code == 200 and r.json()["data"][0]["id"] == "r17", r.text
+    async for v in open_app(vector_settings("milvus", data_dir, milvus={"load_on_start": False})):
+        r = await v.client.post("/v1/vectors/docs/search", json={"vector": x[17].tolist(), "top_k": 1})
+        _err(r, 503, "vector_backend_unavailable")
+        assert "not loaded" in r.json()["error"]["message"]
+        assert (await v.client.get("/v1/vectors/collections/docs")).json()["index"]["state"] == "not_loaded"
+        assert (await v.client.post("/v1/vectors/collections/docs/index")).status_code == 200
+        r = await v.client.post("/v1/vectors/docs/search", json={"vector": x[17].tolist(), "top_k": 1})
+        assert r.status_code == 200 and r.json()["data"][0]["id"] == "r17"

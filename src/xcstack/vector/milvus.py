@@ -215,6 +215,7 @@ class MilvusStore:
         client.list_collections(timeout=self.settings.acquire_timeout_s)
 
     async def _health_loop(self) -> None:
+        slow = 0
         while True:
             await asyncio.sleep(self.settings.health_interval_s)
             if not self._healthy:
@@ -222,13 +223,21 @@ class MilvusStore:
                 continue
             try:
                 await self.pool.run(self._ping_blocking, timeout=self.settings.acquire_timeout_s + 1)
+                slow = 0
             except asyncio.CancelledError:
                 raise
             except PoolExhausted:
                 continue  # busy is not down
             except Exception as exc:
-                self._mark_down(f"{type(exc).__name__}: {getattr(exc, 'message', exc)}")
-                await self._reconnect()
+                detail = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
+                refused = _is_unreachable(exc)
+                slow = 0 if refused else slow + 1
+                # refused/unreachable: down at once; slow (an index load keeps Lite busy): after 3 in a row
+                if refused or slow >= 3:
+                    self._mark_down(detail)
+                    await self._reconnect()
+                else:
+                    log.info("milvus: slow health check (%d): %s", slow, detail)
 
     async def close(self) -> None:
         for task in (self._health_task, self._load_task):
@@ -520,6 +529,12 @@ class MilvusStore:
             raise CollectionNotFound(name)
         await self._load(name, rebuild=True)
         return await self.describe_collection(name)
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    code = getattr(exc, "code", None)
+    text = str(getattr(exc, "message", "") or exc).lower()
+    return code in _UNAVAILABLE_CODES or "fail connecting" in text or "unavailable" in text or "refused" in text
 
 
 def _milvus_list(values: Sequence[str]) -> str:
