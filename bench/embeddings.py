@@ -104,6 +104,7 @@ SERVER = textwrap.dedent(
     """
     import os, sys
     os.sched_setaffinity(0, {0})
+    import gc
     import uvicorn
     from starlette.responses import JSONResponse
     from starlette.routing import Route
@@ -113,21 +114,35 @@ SERVER = textwrap.dedent(
                              "access_log": False}, inference={"workers": int(sys.argv[3]), "mode": "process"})
     app = create_app(settings, ["xcstack.inference.capability"])
     import asyncio, time
-    samples = []
+    samples, own = [], []
+    gc_pauses, gc_t0 = [], [0.0]
+    def on_gc(phase, info):
+        if phase == "start":
+            gc_t0[0] = time.perf_counter()
+        elif info["generation"] == 2:
+            gc_pauses.append(time.perf_counter() - gc_t0[0])
+    gc.callbacks.append(on_gc)
     ticker = []
     async def tick():  # perf_counter-based: uvloop's loop.time() has 1 ms resolution
         while True:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             await asyncio.sleep(0.01)
-            samples.append(max(0.0, time.perf_counter() - t0 - 0.01))
+            lag = max(0.0, time.perf_counter() - t0 - 0.01)
+            samples.append(lag)
+            # the part this process can have caused: lateness is bounded by the CPU the loop thread used
+            # in the window (time spent preempted by other processes on the shared cores is not ours)
+            own.append(min(lag, time.thread_time() - c0))
+    def pct(values, p):
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else 0.0
     async def lag(request):
         if not ticker:
             ticker.append(asyncio.get_running_loop().create_task(tick()))
         p = float(request.query_params.get("q", "0.99"))
-        ordered = sorted(samples)
-        out = {"p": ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else 0.0, "n": len(ordered)}
+        out = {"p": pct(samples, p), "own": pct(own, p), "n": len(samples),
+               "gc2_max": max(gc_pauses, default=0.0), "gc2_n": len(gc_pauses)}
         if request.query_params.get("reset"):
-            samples.clear()
+            samples.clear(); own.clear(); gc_pauses.clear()
         return JSONResponse(out)
     app.router.routes.append(Route("/bench/looplag", lag))
     uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), loop="uvloop", http="httptools",
@@ -214,9 +229,31 @@ async def bench_xcstack(data: Path, models: list[str], workers: int) -> dict[str
                     res["server_cpu_ms"] = (cpu_seconds([server.pid]) - srv0) * 1000 / n
                     res["worker_cpu_ms"] = (cpu_seconds([p.pid for p in procs]) - wrk0) * 1000 / n
                     async with s.get(f"{url}/bench/looplag?q=0.99") as r:
-                        res["lag_p99"] = (await r.json())["p"] * 1000
+                        lag = await r.json()
+                    res["lag_p99"] = lag["p"] * 1000
+                    res["lag_own_p99"] = lag["own"] * 1000
+                    res["gc2_max"] = lag["gc2_max"] * 1000
                     results[f"{model}@{c}"] = res
                     print(f"xcstack {model} workers={workers} c={c}: {res}", file=sys.stderr)
+            if workers == 1:
+                # the loop-lag check with the http worker's core to itself: this process (the load
+                # generator) moves to core 1 next to the model worker, so preemption by the load generator
+                # does not show up as lag (remote clients in production); throughput is lower here
+                model, c = models[-1], CONCURRENCY[-1]
+                mask = os.sched_getaffinity(0)
+                os.sched_setaffinity(0, {1})
+                try:
+                    async with s.get(f"{url}/bench/looplag?reset=1") as r:
+                        await r.read()
+                    res = await load(f"{url}/v1/embeddings", lambda i, m=model: {"input": sentence(i), "model": m},
+                                     c, SECONDS)
+                    async with s.get(f"{url}/bench/looplag?q=0.99") as r:
+                        lag = await r.json()
+                    res.update(lag_p99=lag["p"] * 1000, lag_own_p99=lag["own"] * 1000, gc2_max=lag["gc2_max"] * 1000)
+                    results["lagcheck"] = res
+                    print(f"xcstack lag check {model} c={c}, load generator on core 1: {res}", file=sys.stderr)
+                finally:
+                    os.sched_setaffinity(0, mask)
     finally:
         for p in (server, *procs):
             p.send_signal(signal.SIGTERM)
@@ -298,15 +335,20 @@ async def main() -> int:
             r = xc.get(f"{m}@{c}")
             if r:
                 rows.append([f"xcstack {m}", c, f"{r['rps']:.0f}", f"{r['p50']:.1f}", f"{r['p99']:.1f}",
-                             f"{r['lag_p99']:.2f}", f"{r['server_cpu_ms']:.2f}", f"{r['worker_cpu_ms']:.2f}",
-                             r["errors"]])
+                             f"{r['lag_p99']:.2f} / {r['lag_own_p99']:.2f}", f"{r['server_cpu_ms']:.2f}",
+                             f"{r['worker_cpu_ms']:.2f}", r["errors"]])
     for m in models:
         for c in CONCURRENCY:
             r = xc2.get(f"{m}@{c}")
             if r:
                 rows.append([f"xcstack {m}, 2 model workers", c, f"{r['rps']:.0f}", f"{r['p50']:.1f}",
-                             f"{r['p99']:.1f}", f"{r['lag_p99']:.2f}", f"{r['server_cpu_ms']:.2f}",
-                             f"{r['worker_cpu_ms']:.2f}", r["errors"]])
+                             f"{r['p99']:.1f}", f"{r['lag_p99']:.2f} / {r['lag_own_p99']:.2f}",
+                             f"{r['server_cpu_ms']:.2f}", f"{r['worker_cpu_ms']:.2f}", r["errors"]])
+    lc = xc.get("lagcheck")
+    if lc:
+        rows.append([f"xcstack {models[-1]}, load generator on core 1 (http core to itself)", CONCURRENCY[-1],
+                     f"{lc['rps']:.0f}", f"{lc['p50']:.1f}", f"{lc['p99']:.1f}",
+                     f"{lc['lag_p99']:.2f} / {lc['lag_own_p99']:.2f}", "–", "–", lc["errors"]])
     for c in CONCURRENCY:
         r = inf.get(f"infinity@{c}")
         if r:
@@ -322,15 +364,23 @@ async def main() -> int:
         if not (c1 and cmax):
             continue
         ratio = cmax["rps"] / c1["rps"]
-        checks.append(f"- {m}: c={CONCURRENCY[-1]} / c={CONCURRENCY[0]} throughput = **{ratio:.2f}x** (target ≥ 3x)")
+        ceiling = 1000 / cmax["worker_cpu_ms"]  # one model worker on one core: sentences/s at that CPU cost
+        checks.append(f"- {m}: c={CONCURRENCY[-1]} / c={CONCURRENCY[0]} throughput = **{ratio:.2f}x** (target ≥ 3x); "
+                      f"one model worker's ceiling at its batched CPU cost ({cmax['worker_cpu_ms']:.2f} ms/sentence) "
+                      f"is {ceiling:.0f}/s = {ceiling / c1['rps']:.2f}x the c={CONCURRENCY[0]} rate")
         inf_max = inf.get(f"infinity@{CONCURRENCY[-1]}")
         if inf_max:
             checks.append(f"- {m}: c={CONCURRENCY[-1]} vs infinity-emb = **{cmax['rps'] / inf_max['rps']:.2f}x** "
                           "(target ≥ 1.5x)")
         checks.append(f"- {m}: p99 at c={CONCURRENCY[0]} = {c1['p99']:.1f} ms vs one in-process inference "
-                      f"{single[m]:.1f} ms = **{c1['p99'] / single[m]:.2f}x** (target < 2x)")
-        worst_lag = max(xc[f"{m}@{c}"]["lag_p99"] for c in CONCURRENCY if f"{m}@{c}" in xc)
-        checks.append(f"- {m}: worst http-worker loop-lag p99 = **{worst_lag:.2f} ms** (target < 5 ms)")
+                      f"{single[m]:.1f} ms = **{c1['p99'] / single[m]:.2f}x** (target < 2x); p50 "
+                      f"{c1['p50']:.1f} ms = {c1['p50'] / single[m]:.2f}x")
+        pts = [xc[f"{m}@{c}"] for c in CONCURRENCY if f"{m}@{c}" in xc] + ([lc] if lc and m == models[-1] else [])
+        checks.append(f"- {m}: worst http-worker loop-lag p99 = **{max(p['lag_p99'] for p in pts):.2f} ms** wall, "
+                      f"**{max(p['lag_own_p99'] for p in pts):.2f} ms** bounded by the loop's own CPU (target < 5 ms); "
+                      f"longest gen-2 GC pause {max(p['gc2_max'] for p in pts):.1f} ms"
+                      + (f"; with the http core to itself (load generator on core 1) at c={CONCURRENCY[-1]}: "
+                         f"**{lc['lag_p99']:.2f} ms**" if lc and m == models[-1] else ""))
         cost1 = c1["server_cpu_ms"] + c1["worker_cpu_ms"]
         costn = cmax["server_cpu_ms"] + cmax["worker_cpu_ms"]
         line = (f"- {m}, by CPU cost (contention-independent): {cost1:.2f} ms/sentence at c={CONCURRENCY[0]} → "
@@ -354,12 +404,15 @@ async def main() -> int:
         "sentence-transformers in-process on core 1. The load generator shares the 2 cores: absolute figures are "
         "low, ratios are what to read. Shared, noisy machine.",
         "",
-        table(["system", "clients", "sentences/s", "p50 ms", "p99 ms", "loop lag p99 ms", "http CPU ms/req",
-               "model CPU ms/sentence", "errors"], rows),
+        table(["system", "clients", "sentences/s", "p50 ms", "p99 ms", "loop lag p99 ms (wall / own CPU)",
+               "http CPU ms/req", "model CPU ms/sentence", "errors"], rows),
         "",
         "CPU ms per request/sentence are user+system CPU of the server and model worker processes divided by "
         "the sentences served: unlike the wall-clock rates they do not depend on what else the shared machine "
-        "runs, so `1000 / (http + model CPU ms)` estimates sentences/s per fully available core.",
+        "runs, so `1000 / (http + model CPU ms)` estimates sentences/s per fully available core. Loop lag: a "
+        "10 ms perf_counter ticker in the http worker; 'wall' is how late it ran, 'own CPU' caps each sample at "
+        "the CPU the loop thread used in that window (lateness while the process was preempted by others on "
+        "the shared cores is not the loop's doing).",
         "",
         "One in-process single-sentence inference (ORT, 1 thread): "
         + ", ".join(f"{m} {v:.1f} ms" for m, v in single.items()) + ".",

@@ -65,12 +65,26 @@ LOADGEN = textwrap.dedent(
 
 WORKER = textwrap.dedent(
     """
-    import os, sys
+    import os, signal, sys, time
     os.sched_setaffinity(0, {1})
     from xcstack.config import load_settings
     from xcstack.inference.worker import main
-    main(load_settings(data_dir=sys.argv[1], inference={"workers": 1, "mode": "process",
-                                                         "model_repository": sys.argv[2]}), 0)
+    settings = load_settings(data_dir=sys.argv[1], inference={"workers": 1, "mode": "process",
+                                                              "model_repository": sys.argv[2],
+                                                              "batching": {"max_wait_ms": float(sys.argv[3])}})
+    if os.environ.get("XC_INLINE_TOKENS"):  # experiment: the batcher's inline threshold
+        import xcstack.inference.core as core
+        core.INLINE_TOKENS = int(os.environ["XC_INLINE_TOKENS"])
+    if os.environ.get("XC_PROFILE_WORKER"):  # loop thread only (ORT runs in the executor thread)
+        import cProfile, pstats
+        prof = cProfile.Profile(time.thread_time)
+        def dump(*_):
+            prof.disable()
+            pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(30)
+            os._exit(0)
+        signal.signal(signal.SIGUSR1, dump)
+        prof.enable()
+    main(settings, 0)
     """
 )
 
@@ -89,6 +103,11 @@ def main() -> int:
     ap.add_argument("-s", "--seconds", type=float, default=5.0)
     ap.add_argument("--format", default="float", choices=["float", "base64"])
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--loadgen-cpu", type=int, default=None,
+                    help="pin the load generator (e.g. 1: with the model worker, so core 0 is the http worker's)")
+    ap.add_argument("--freeze", action="store_true", help="gc.freeze() once the app has started")
+    ap.add_argument("--max-wait-ms", type=float, default=0.0, help="the worker's batching max_wait_ms")
+    ap.add_argument("--profile-worker", action="store_true", help="cProfile the model worker's loop thread")
     ap.add_argument("--budget-ms", type=float, default=None, help="[inference] loop_budget_ms (0 = no pacing)")
     args = ap.parse_args()
 
@@ -99,7 +118,8 @@ def main() -> int:
 
     data = Path(tempfile.mkdtemp(prefix="xc-prof-"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    worker = subprocess.Popen([sys.executable, "-c", WORKER, str(data), args.repo], env=env)
+    wenv = {**env, **({"XC_PROFILE_WORKER": "1"} if args.profile_worker else {})}
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, str(data), args.repo, str(args.max_wait_ms)], env=wenv)
     os.sched_setaffinity(0, {0})
     settings = load_settings(data_dir=data, observability={"access_log": False},
                              inference={"workers": 1, "mode": "process", "model_repository": args.repo,
@@ -112,14 +132,14 @@ def main() -> int:
     cpu_lags: list[float] = []  # min(wall lag, loop-thread CPU used in the window): the self-inflicted bound
     state: dict[str, float] = {}
 
-    gc_pauses: list[tuple[int, float]] = []
-    gc_t0: list[float] = [0.0]
+    gc_pauses: list[tuple[int, float, float]] = []
+    gc_t0: list[float] = [0.0, 0.0]
 
     def on_gc(phase: str, info: dict[str, int]) -> None:
         if phase == "start":
-            gc_t0[0] = time.perf_counter()
+            gc_t0[0], gc_t0[1] = time.perf_counter(), time.thread_time()
         elif state.get("on"):
-            gc_pauses.append((info["generation"], time.perf_counter() - gc_t0[0]))
+            gc_pauses.append((info["generation"], time.perf_counter() - gc_t0[0], time.thread_time() - gc_t0[1]))
 
     import gc
 
@@ -147,15 +167,23 @@ def main() -> int:
             raise SystemExit("server or worker did not start")
         time.sleep(0.1)
     url = f"http://127.0.0.1:{port}/v1/embeddings"
+    if args.freeze:
+        import gc as _gc
+
+        _gc.collect()
+        _gc.freeze()  # start-up objects leave the collector's generations (from another thread: GIL-safe)
     warm = subprocess.run([sys.executable, "-c", LOADGEN, url, args.model, "8", "1", args.format], env=env,
                           capture_output=True, text=True)
     assert warm.returncode == 0, warm.stderr
-    loadgen = subprocess.Popen([sys.executable, "-c", LOADGEN, url, args.model, str(args.concurrency),
+    pin = [] if args.loadgen_cpu is None else ["taskset", "-c", str(args.loadgen_cpu)]
+    loadgen = subprocess.Popen([*pin, sys.executable, "-c", LOADGEN, url, args.model, str(args.concurrency),
                                 str(args.seconds), args.format], env=env, stdout=subprocess.PIPE, text=True)
     state["on"] = 1
     cpu0 = time.clock_gettime(time.CLOCK_PROCESS_CPUTIME_ID)
+    wcpu0 = _proc_cpu(worker.pid)
     out, _ = loadgen.communicate()
     cpu = time.clock_gettime(time.CLOCK_PROCESS_CPUTIME_ID) - cpu0
+    wcpu = _proc_cpu(worker.pid) - wcpu0
     state["on"] = 0
     res = json.loads(out.strip().splitlines()[-1])
     lags.sort()
@@ -164,16 +192,19 @@ def main() -> int:
     def q(p: float, v: list[float] = lags) -> float:
         return v[min(len(v) - 1, int(p * len(v)))] * 1000 if v else float("nan")
 
-    res.update({"http_cpu_ms_per_req": cpu * 1000 / max(1, res["n"]), "lag_p50_ms": q(0.5), "lag_p99_ms": q(0.99),
+    res.update({"http_cpu_ms_per_req": cpu * 1000 / max(1, res["n"]),
+                "worker_cpu_ms_per_req": wcpu * 1000 / max(1, res["n"]), "lag_p50_ms": q(0.5), "lag_p99_ms": q(0.99),
                 "cpu_bound_lag_p99_ms": q(0.99, cpu_lags), "cpu_bound_lag_max_ms": q(1.0, cpu_lags),
                 "lag_max_ms": lags[-1] * 1000 if lags else float("nan"), "model": args.model,
                 "c": args.concurrency, "format": args.format,
-                "budget_ms": settings.inference.loop_budget_ms})
-    by_gen: dict[int, list[float]] = {}
-    for g, d in gc_pauses:
-        by_gen.setdefault(g, []).append(d * 1000)
-    res["gc_pauses_ms"] = {g: {"n": len(v), "max": round(max(v), 2), "sum": round(sum(v), 1)}
-                           for g, v in by_gen.items()}
+                "budget_ms": settings.inference.loop_budget_ms, "max_wait_ms": args.max_wait_ms})
+    by_gen: dict[int, list[tuple[float, float]]] = {}
+    for g, d, c in gc_pauses:
+        by_gen.setdefault(g, []).append((d * 1000, c * 1000))
+    res["gc_pauses_ms"] = {g: {"n": len(v), "max_wall": round(max(x[0] for x in v), 2),
+                               "max_cpu": round(max(x[1] for x in v), 2)} for g, v in by_gen.items()}
+    if args.freeze:
+        res["gc_frozen"] = gc.get_freeze_count()
     res["gc_objects"] = len(gc.get_objects())
     print(json.dumps(res))
     server.should_exit = True
@@ -182,12 +213,22 @@ def main() -> int:
         s = io.StringIO()
         pstats.Stats(_PROF[0], stream=s).sort_stats("tottime").print_stats(35)
         print(s.getvalue())
-    worker.terminate()
+    if args.profile_worker:
+        import signal
+
+        worker.send_signal(signal.SIGUSR1)
+    else:
+        worker.terminate()
     worker.wait(10)
     return 0
 
 
 _PROF: list[cProfile.Profile] = []
+
+
+def _proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _run_uvloop(coro_fn) -> None:  # type: ignore[no-untyped-def]
