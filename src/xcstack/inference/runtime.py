@@ -60,10 +60,16 @@ class DeviceMemoryLedger:
 LEDGER = DeviceMemoryLedger()
 
 
-def _gauge_set(device: str, value: int) -> None:
-    from xcstack.inference.metrics import DEVICE_LIVE_BYTES
+_GAUGES: dict[str, Any] = {}
 
-    DEVICE_LIVE_BYTES.labels(device=device).set(value)
+
+def _gauge_set(device: str, value: int) -> None:
+    child = _GAUGES.get(device)
+    if child is None:  # labels() costs more than set(); this runs four times per model run
+        from xcstack.inference.metrics import DEVICE_LIVE_BYTES
+
+        child = _GAUGES[device] = DEVICE_LIVE_BYTES.labels(device=device)
+    child.set(value)
 
 
 def _release(ledger: DeviceMemoryLedger, device: str, held: list[Any], sizes: list[int]) -> None:
