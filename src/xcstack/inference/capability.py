@@ -126,9 +126,13 @@ class InferenceCapability:
         from xcstack.httputil import parse_model
         from xcstack.inference.protocol import embeddings_response
 
+        if self.pacer is not None:  # the gateway's /v1/embeddings comes this way: pace it like ours
+            await self.pacer.turn()
         req = parse_model(body, EmbeddingsRequest)
         name = req.model or self.settings.default_embedding_model
         vectors, usage = await self.embed_request(name, req)
+        if self.pacer is not None:
+            await self.pacer.turn()
         return embeddings_response(name, vectors, usage["prompt_tokens"], req.encoding_format)
 
     def model_names(self) -> list[str]:
