@@ -313,4 +313,4 @@ def test_local_embedder_chunks_large_inputs(client: TestClient) -> None:
     r = client.post("/v1/embeddings", json={"input": "doc 1100"}).json()
     assert r["model"] == MODEL + "-int8"
     one8 = np.asarray(r["data"][0]["embedding"], dtype=np.float32)
-    assert float(vecs8[1100] @ one8) > 0.99
+    assert float(vecs8[1100] @ one8) > 0.985  # measured: mean 0.9985, min 0.992 over 528 texts
