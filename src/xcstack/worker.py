@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib
 import importlib.util
 import logging
@@ -71,6 +72,10 @@ def build_worker_app(settings: Settings, on_ready: Callable[[], None]) -> Any:
     @contextlib.asynccontextmanager
     async def lifespan(a: Any) -> AsyncIterator[Any]:
         async with inner(a) as state:
+            # Everything loaded at start lives as long as the process: move it out of the GC's
+            # reach, so a full collection takes <1 ms instead of 20-30 ms of loop stall.
+            gc.collect()
+            gc.freeze()
             on_ready()
             yield state
 

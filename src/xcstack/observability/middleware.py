@@ -36,6 +36,7 @@ class ObservabilityMiddleware:
         self.app = app
         self.max_body = max_body_bytes
         self.log_access = log_access
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -91,8 +92,14 @@ class ObservabilityMiddleware:
     def _record(self, scope: Scope, method: str, status: int, start: float, rid: str) -> None:
         elapsed = time.perf_counter() - start
         route = _route_label(scope, status)
-        HTTP_REQUESTS.labels(route, method, str(status)).inc()
-        HTTP_LATENCY.labels(route, method).observe(elapsed)
+        key = (route, method, status)
+        children = self._children.get(key)
+        if children is None:  # label look-ups cost more than the increments: once per (route, method, status)
+            children = (HTTP_REQUESTS.labels(route, method, str(status)), HTTP_LATENCY.labels(route, method))
+            if len(self._children) < 10_000:
+                self._children[key] = children
+        children[0].inc()
+        children[1].observe(elapsed)
         if self.log_access:
             client = scope.get("client")
             access_log.info(
