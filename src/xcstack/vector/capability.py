@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from starlette.routing import BaseRoute
 
 from xcstack.capability import AppContext, SideProcessSpec
-from xcstack.vector.milvus import lite_port_open
 from xcstack.vector.routes import build_routes
 from xcstack.vector.service import Embedder, VectorService, make_store
 from xcstack.vector.store import VectorStore
@@ -74,6 +74,15 @@ def side_processes(settings: Settings, plan: Any) -> list[SideProcessSpec]:
             name="milvus-lite",
             target="xcstack.vector.lite_server:run",
             instances=1,
-            ready_check=lambda _index: lite_port_open(port),
+            ready_check=lambda _index: _port_open(port),
         )
     ]
+
+
+def _port_open(port: int, timeout: float = 0.2) -> bool:
+    """Is the Milvus Lite side process listening? (kept here: importing pymilvus costs ~120 MB)"""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
