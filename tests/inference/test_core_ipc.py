@@ -95,7 +95,11 @@ async def test_drain_refuses_new_work_and_finishes_queued(core_server: Any) -> N
     batcher.inline_tokens = 0  # the gate holds a run open: it must be in the executor, not on the loop
     queued = [asyncio.create_task(client.call("embed", {"model": MODEL, "texts": [f"q{i}"], "timeout": 5}))
               for i in range(2)]
-    await asyncio.sleep(0.1)
+    for _ in range(500):  # wait until a batch is really running (held by the gate): a loaded machine is slow
+        if batcher.busy:
+            break
+        await asyncio.sleep(0.01)
+    assert batcher.busy
     drain = asyncio.create_task(core.drain(5))
     await asyncio.sleep(0.05)
     with pytest.raises(IPCRemoteError) as info:
