@@ -16,7 +16,7 @@ import importlib
 import re
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from enum import StrEnum
 from types import ModuleType
 from typing import Any, ClassVar
@@ -357,20 +357,7 @@ class PostgresProfile(DriverProfile):
             raise
         cols = [d.name for d in cur.description] if cur.description else []
 
-        def batches() -> Iterator[list[Row]]:
-            try:
-                rows = first
-                while rows:
-                    yield rows
-                    rows = cur.fetchmany(batch)
-            finally:
-                try:
-                    cur.close()
-                    conn.rollback()
-                finally:
-                    conn.autocommit = True
-
-        return cols, batches()
+        return cols, _server_cursor_batches(conn, cur, first, batch)
 
     def classify(self, exc: BaseException) -> ErrorKind:
         kind = _classify_sqlstate(getattr(exc, "sqlstate", None))
@@ -382,6 +369,24 @@ class PostgresProfile(DriverProfile):
         if isinstance(exc, mod.OperationalError | mod.InterfaceError):
             return ErrorKind.CONNECTION_LOST
         return _classify_dbapi_class(exc)
+
+
+def _server_cursor_batches(
+    conn: Any, cur: Any, first: list[Any], batch: int, convert: Callable[[Any], Row] | None = None
+) -> Iterator[list[Row]]:
+    """Row batches from an open server-side cursor; closing it always ends the transaction it
+    needed and puts the connection back in autocommit (PostgreSQL and KingbaseES alike)."""
+    try:
+        rows = first
+        while rows:
+            yield rows if convert is None else [convert(r) for r in rows]
+            rows = cur.fetchmany(batch)
+    finally:
+        try:
+            cur.close()
+            conn.rollback()
+        finally:
+            conn.autocommit = True
 
 
 def _abort_stream(conn: Any, cur: Any) -> None:
@@ -449,20 +454,7 @@ class KingbaseProfile(DriverProfile):
             raise
         cols = [d[0] for d in cur.description] if cur.description else []
 
-        def batches() -> Iterator[list[Row]]:
-            try:
-                rows = first
-                while rows:
-                    yield [tuple(r) for r in rows]
-                    rows = cur.fetchmany(batch)
-            finally:
-                try:
-                    cur.close()
-                    conn.rollback()
-                finally:
-                    conn.autocommit = True
-
-        return cols, batches()
+        return cols, _server_cursor_batches(conn, cur, first, batch, tuple)
 
     def classify(self, exc: BaseException) -> ErrorKind:
         kind = _classify_sqlstate(getattr(exc, "pgcode", None))
