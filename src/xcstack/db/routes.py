@@ -78,8 +78,8 @@ class NDJSONRowResponse(Response):
 
 
 def build_routes(bridge: Bridge, max_body_bytes: int) -> list[BaseRoute]:
-    @requires("db", "query")
-    async def run_query(request: Request) -> Response:
+    async def _authorized_query(request: Request) -> tuple[str, str, Any, Any]:
+        """The named query of the path (404 for an unknown database or query), once the caller may run it."""
         database = request.path_params["database"]
         name = request.path_params["query"]
         db = bridge.databases.get(database)
@@ -89,6 +89,11 @@ def build_routes(bridge: Bridge, max_body_bytes: int) -> list[BaseRoute]:
         if q is None:
             raise dberr.unknown_query(database, name)
         await authorize(request, q.permission, "execute")
+        return database, name, db, q
+
+    @requires("db", "query")
+    async def run_query(request: Request) -> Response:
+        database, name, db, q = await _authorized_query(request)
         size = content_length(request)
         if size is not None:
             ensure_size(size, max_body_bytes)
@@ -128,15 +133,7 @@ def build_routes(bridge: Bridge, max_body_bytes: int) -> list[BaseRoute]:
     @requires("db", "query")
     async def describe_query(request: Request) -> Response:
         """A query's contract (parameters, limits), never its SQL; needs the right to run it."""
-        database = request.path_params["database"]
-        name = request.path_params["query"]
-        db = bridge.databases.get(database)
-        if db is None:
-            raise dberr.unknown_database(database)
-        q = db.queries.get(name)
-        if q is None:
-            raise dberr.unknown_query(database, name)
-        await authorize(request, q.permission, "execute")
+        database, name, _db, q = await _authorized_query(request)
         params = {
             p: spec.model_dump(exclude_none=True, exclude_defaults=False) for p, (spec, _) in q.checkers.items()
         }
