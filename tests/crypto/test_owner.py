@@ -200,3 +200,63 @@ async def test_owner_refuses_socket_path_longer_than_sun_path(data_dir: Path) ->
     s = load_settings(None, data_dir=data_dir, crypto={"socket_path": str(data_dir / ("x" * 120) / "o.sock")})
     with pytest.raises(RuntimeError, match="too long"):
         await serve_owner(s, asyncio.Event())
+
+
+async def test_client_keeps_a_bounded_window_of_frames_in_flight(owner: OwnerProc) -> None:
+    """Under load, calls are held back while BATCH_WINDOW frames are in flight and go together when
+    one returns: fewer, fuller frames (the owner's per-frame cost is what limited its throughput)."""
+    from xcstack.crypto.client import BATCH_WINDOW
+
+    c = client_for(owner)
+    try:
+        await c.create_key("w", "sm2")
+        real_call, now, peak = c._call, [0], [0]
+
+        async def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+            now[0] += 1
+            peak[0] = max(peak[0], now[0])
+            try:
+                return await real_call(*args, **kwargs)
+            finally:
+                now[0] -= 1
+
+        c._call = spy  # type: ignore[method-assign]
+        before = c.ipc_calls
+
+        async def worker() -> int:
+            n = 0
+            for _ in range(15):
+                await c.sign("w", os.urandom(32))
+                n += 1
+            return n
+
+        assert sum(await asyncio.gather(*(worker() for _ in range(8)))) == 120
+        assert peak[0] <= BATCH_WINDOW == 2, peak
+        assert c.ipc_calls - before <= 38, c.ipc_calls - before  # ~31 frames (~45 without the window)
+    finally:
+        await c.close()
+
+
+async def test_held_back_calls_still_time_out_within_their_own_timeout(owner: OwnerProc) -> None:
+    c = client_for(owner, timeout=1.0)
+    try:
+        assert await c.hash(b"x")
+        assert owner.proc is not None
+        os.kill(owner.proc.pid, signal.SIGSTOP)
+        try:
+            first = [asyncio.create_task(c.hash(b"a"))]
+            await asyncio.sleep(0)
+            first += [asyncio.create_task(c.hash(b"b")) for _ in range(5)]
+            await asyncio.sleep(0.6)  # two frames stuck in flight: later calls are held back
+            t0 = time.monotonic()
+            late = [asyncio.create_task(c.hash(b"c")) for _ in range(10)]
+            results = await asyncio.gather(*first, *late, return_exceptions=True)
+            # the held-back calls fail at their own deadline (~1.0 s), not a full timeout after the
+            # stuck frames gave up and released them (~1.4 s)
+            assert time.monotonic() - t0 < 1.25
+            assert all(isinstance(r, CryptoTimeout) for r in results), results
+        finally:
+            os.kill(owner.proc.pid, signal.SIGCONT)
+        assert await c.hash(b"z") == sm.sm3(b"z")
+    finally:
+        await c.close()

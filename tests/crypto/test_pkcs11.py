@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from xcstack.config import load_settings
 from xcstack.crypto.client import OwnerClient
 from xcstack.crypto.errors import DecryptionFailed, UnsupportedOperation, WrongKeyType
 from xcstack.crypto.owner import build_service
-from xcstack.crypto.service import CryptoService
+from xcstack.crypto.service import OFFLOAD_BYTES, CryptoService
 
 from .conftest import OwnerProc, owner_env, pkcs11_crypto
 
@@ -196,10 +197,39 @@ async def test_pkcs11_concurrent_requests_use_device_thread(p11: CryptoService) 
 
     p11._submit = counting  # type: ignore[method-assign]
     await op(p11, "sign", b"alone", key=name)
-    assert not submitted  # a lone request runs inline: no thread hand-off latency
+    assert not submitted  # a small request runs inline: no thread hand-off latency
     datas = [os.urandom(16) for _ in range(64)]
     results = await asyncio.gather(*(op(p11, "sign", d, key=name) for d in datas))
-    assert len(submitted) >= 60  # concurrent requests go to the device thread
+    assert not submitted  # also when many are in flight (a thread hop per call cost more than it saved)
+    big = os.urandom(OFFLOAD_BYTES + 1)
+    # a large input goes to the device thread, and small ones arriving meanwhile queue behind it there
+    # (one session, one thread at a time)
+    gate, real_sign = threading.Event(), p11.backend.sign
+
+    def gated_sign(rec, data, uid):  # type: ignore[no-untyped-def]
+        if len(data) > OFFLOAD_BYTES:
+            assert gate.wait(10)
+        return real_sign(rec, data, uid)
+
+    p11.backend.sign = gated_sign  # type: ignore[method-assign]
+    try:
+        big_task = asyncio.create_task(op(p11, "sign", big, key=name))
+        for _ in range(500):
+            if p11._device_jobs:
+                break
+            await asyncio.sleep(0.01)
+        small = [asyncio.create_task(op(p11, "sign", d, key=name)) for d in datas[:8]]
+        for _ in range(500):
+            if len(submitted) == 9:
+                break
+            await asyncio.sleep(0.01)
+        assert len(submitted) == 9
+        gate.set()
+        both = await asyncio.gather(big_task, *small)
+    finally:
+        gate.set()
+        p11.backend.sign = real_sign  # type: ignore[method-assign]
+    assert (await op(p11, "verify", big, key=name, sig=both[0][1]))[0]["valid"]
     checks = await asyncio.gather(
         *(op(p11, "verify", d, key=name, sig=r[1]) for d, r in zip(datas, results, strict=True))
     )

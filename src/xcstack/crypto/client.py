@@ -34,14 +34,22 @@ ADMIN_OPS = frozenset({"create_key", "rotate_key"})  # not retried: not idempote
 BATCH_MAX_ITEMS = 64
 BATCH_MAX_BYTES = 256 * 1024
 BATCH_ITEM_MAX_BYTES = 16 * 1024
+# frames a loop keeps in flight to the owner before it holds further calls back to send them together
+# when one comes back (Nagle-like): fewer, fuller frames under load; a lone call still goes out at once
+BATCH_WINDOW = 2
+
+
+# (op, meta, payload, the caller's future, the caller's deadline on the loop clock)
+_Item = tuple[str, Meta, bytes, "asyncio.Future[tuple[Meta, bytes]]", float]
 
 
 class _Batcher:
     """Per event loop: calls made while another call is in flight are queued and sent together as
-    one `batch` frame on the next loop iteration (Nagle-like: a lone call goes out at once)."""
+    one `batch` frame on the next loop iteration, or, while BATCH_WINDOW frames are in flight, when
+    one of them comes back (Nagle-like: a lone call goes out at once)."""
 
     def __init__(self) -> None:
-        self.pending: list[tuple[str, Meta, bytes, asyncio.Future[tuple[Meta, bytes]]]] = []
+        self.pending: list[_Item] = []
         self.pending_bytes = 0
         self.inflight = 0
         self.scheduled = False
@@ -214,21 +222,43 @@ class OwnerClient(CryptoClient):
             try:
                 return await self._call(op, meta, payload)
             finally:
-                b.inflight -= 1
+                self._frame_done(b)
         fut: asyncio.Future[tuple[Meta, bytes]] = loop.create_future()
-        b.pending.append((op, dict(meta or {}), bytes(payload), fut))
+        b.pending.append((op, dict(meta or {}), bytes(payload), fut, loop.time() + self.timeout))
         b.pending_bytes += len(payload)
         if len(b.pending) >= BATCH_MAX_ITEMS or b.pending_bytes >= BATCH_MAX_BYTES:
             self._flush(b)
-        elif not b.scheduled:
+        elif not b.scheduled and b.inflight < BATCH_WINDOW:
             b.scheduled = True
             loop.call_soon(self._flush, b)
+        # else: sent when an in-flight frame comes back (`_frame_done`); the deadline taken above
+        # still bounds the whole wait (held back + in flight)
         return await fut
+
+    def _frame_done(self, b: _Batcher) -> None:
+        """A frame came back (or failed): send what was held back, after the callers just woken by
+        its answers had their turn to add their next calls (they run first: scheduled earlier)."""
+        b.inflight -= 1
+        if b.pending and not b.scheduled and b.inflight < BATCH_WINDOW:
+            b.scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush, b)
 
     def _flush(self, b: _Batcher) -> None:
         b.scheduled = False
-        items, b.pending, b.pending_bytes = b.pending, [], 0
-        items = [it for it in items if not it[3].done()]  # callers that already gave up
+        if not b.pending:
+            return
+        items, b.pending, b.pending_bytes = b.pending[:BATCH_MAX_ITEMS], b.pending[BATCH_MAX_ITEMS:], 0
+        b.pending_bytes = sum(len(it[2]) for it in b.pending)
+        now = asyncio.get_running_loop().time()
+        live: list[_Item] = []
+        for it in items:
+            if it[3].done():  # the caller already gave up
+                continue
+            if it[4] <= now:  # held back until its time ran out (in-flight frames were stuck)
+                it[3].set_exception(self._timeout_error(it[0]))
+                continue
+            live.append(it)
+        items = live
         if not items:
             return
         b.inflight += 1
@@ -236,14 +266,13 @@ class OwnerClient(CryptoClient):
         b.tasks.add(task)
         task.add_done_callback(b.tasks.discard)
 
-    async def _send_batch(
-        self, b: _Batcher, items: list[tuple[str, Meta, bytes, asyncio.Future[tuple[Meta, bytes]]]]
-    ) -> None:
+    async def _send_batch(self, b: _Batcher, items: list[_Item]) -> None:
         try:
+            timeout = max(0.001, min(it[4] for it in items) - asyncio.get_running_loop().time())
             if len(items) == 1:
-                op, meta, payload, fut = items[0]
+                op, meta, payload, fut, _ = items[0]
                 try:
-                    res = await self._call(op, meta, payload)
+                    res = await self._call(op, meta, payload, timeout)
                 except Exception as exc:
                     if not fut.done():
                         fut.set_exception(exc)
@@ -251,17 +280,20 @@ class OwnerClient(CryptoClient):
                     if not fut.done():
                         fut.set_result(res)
                 return
-            metas = [{**meta, "op": op} for op, meta, _, _ in items]
-            sizes = [len(p) for _, _, p, _ in items]
+            metas = [{**meta, "op": op} for op, meta, *_ in items]
+            sizes = [len(it[2]) for it in items]
             try:
-                m, p = await self._call("batch", {"items": metas, "sizes": sizes}, b"".join(it[2] for it in items))
+                m, p = await self._call(
+                    "batch", {"items": metas, "sizes": sizes}, b"".join(it[2] for it in items), timeout
+                )
             except Exception as exc:
-                for *_, fut in items:
+                for it in items:
+                    fut = it[3]
                     if not fut.done():
                         fut.set_exception(exc)
                 return
             pos = 0
-            for (_, _, _, fut), r, n in zip(items, m["results"], m["sizes"], strict=True):
+            for (_, _, _, fut, _), r, n in zip(items, m["results"], m["sizes"], strict=True):
                 out, pos = p[pos : pos + n], pos + n
                 if fut.done():
                     continue
@@ -275,13 +307,19 @@ class OwnerClient(CryptoClient):
                 else:
                     fut.set_result((r, out))
         finally:
-            b.inflight -= 1
+            self._frame_done(b)
 
-    async def _call(self, op: str, meta: Meta | None = None, payload: bytes | memoryview = b"") -> tuple[Meta, bytes]:
+    def _timeout_error(self, op: str) -> CryptoTimeout:
+        return CryptoTimeout(f"HSM owner did not answer {op} within {self.timeout:g}s; retry shortly", retry_after=1)
+
+    async def _call(
+        self, op: str, meta: Meta | None = None, payload: bytes | memoryview = b"", timeout: float | None = None
+    ) -> tuple[Meta, bytes]:
         loop = asyncio.get_running_loop()
         self.ipc_calls += 1
-        deadline = loop.time() + self.timeout
-        retry_until = loop.time() + min(self.reconnect_window_s, self.timeout)
+        timeout = self.timeout if timeout is None else timeout
+        deadline = loop.time() + timeout
+        retry_until = loop.time() + min(self.reconnect_window_s, timeout)
         delay = 0.02
         while True:
             client = self._ipc()
@@ -294,9 +332,7 @@ class OwnerClient(CryptoClient):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.2)
             except IPCTimeout:
-                raise CryptoTimeout(
-                    f"HSM owner did not answer {op} within {self.timeout:g}s; retry shortly", retry_after=1
-                ) from None
+                raise self._timeout_error(op) from None
             except IPCRemoteError as exc:
                 if exc.code == "busy" or exc.retriable:
                     raise CryptoUnavailable(f"HSM owner busy: {exc.message}", retry_after=1) from None

@@ -118,7 +118,7 @@ class CryptoService:
         self.backend = backend
         self.settings = settings
         self.default_uid = settings.default_uid.encode("utf-8")
-        # one device thread: GIL-releasing backends (ctypes) overlap device time with IPC work
+        # one device thread for large inputs on GIL-releasing backends (ctypes); small ops run inline
         self._device: ThreadPoolExecutor | None = (
             ThreadPoolExecutor(1, thread_name_prefix="xc-crypto-device") if backend.releases_gil else None
         )
@@ -157,10 +157,6 @@ class CryptoService:
         self._active += 1
         try:
             if op == "batch" or prep is not None:
-                if self._device is not None:
-                    # let the other requests that arrived together register first, so `_run` sees
-                    # the real concurrency (pipelined requests become ready in one loop iteration)
-                    await asyncio.sleep(0)
                 if op == "batch":
                     return await self._batch(meta, mv)
                 assert prep is not None
@@ -180,11 +176,15 @@ class CryptoService:
                 _observe(str(op), self.backend.name, outcome, time.perf_counter() - t0)
 
     async def _run(self, size: int, fn: Callable[[], Any]) -> Any:
-        if self._device is not None and (self._active > 1 or self._device_jobs or size > OFFLOAD_BYTES):
-            # concurrent requests: the device thread works (GIL released in C) while the loop serves IPC
+        if self._device is not None and (self._device_jobs or size > OFFLOAD_BYTES):
+            # large input (or the device thread is busy with one: one session, one thread at a time):
+            # the device thread works (GIL released in C) while the loop keeps serving IPC
             return await self._submit(self._device, fn)
         if self._device is not None:
-            return fn()  # a lone request: inline, no thread hand-off latency
+            # small inputs run inline, also under load: a device call is ~70 us (SoftHSM sign), and a
+            # thread hand-off per call cost more than it overlapped on 2 cores (owner 0.46x -> 0.57x
+            # of direct when this went inline; bench/crypto.py)
+            return fn()
         if size > OFFLOAD_BYTES:
             return await asyncio.to_thread(fn)
         return fn()
