@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from xcstack.capability import CAPABILITY_MODULES, SideProcessSpec
-from xcstack.config import Settings
+from xcstack.config import ConfigError, Settings, load_settings
 from xcstack.observability.logs import setup_logging
 
 log = logging.getLogger("xcstack.supervisor")
@@ -226,6 +226,11 @@ class Supervisor:
 
     def _rolling_restart(self) -> None:
         """SIGHUP: replace every http worker, one at a time, never leaving the socket unserved."""
+        try:  # the new workers read the config again: refuse a reload that would not start
+            load_settings()
+        except ConfigError as exc:
+            log.error("reload refused, the workers keep running on the old config: %s", exc)
+            return
         log.info("reload: rolling restart of %d http workers", len(self.http))
         for i, old in enumerate(list(self.http)):
             if self.stopping:

@@ -195,3 +195,18 @@ def test_serve_refuses_to_start_when_a_sealed_file_changed(tmp_path: Path, data_
     assert serve.returncode != 0
     assert "refusing to start" in serve.stderr and str(cfg) in serve.stderr, serve.stderr[-2000:]
     assert "xcstack ready" not in serve.stdout
+
+
+def test_sighup_with_a_broken_config_keeps_the_old_workers(
+    serve_factory: type[Served], data_dir: Path, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "xcstack.toml"
+    cfg.write_text("[observability]\nlog_level = 'INFO'\n")
+    s = serve_factory(data_dir, env={"XC_CONFIG": str(cfg)}).start()
+    before = s.worker_pids()
+    cfg.write_text("[observability]\nlog_level = 'LOUD'\n")
+    s.signal(signal.SIGHUP)
+    wait_for(lambda: any("reload refused" in line for line in s.output), timeout=15)
+    assert any("observability.log_level" in line for line in s.output if "reload refused" in line)
+    assert s.worker_pids() == before
+    assert s.status("/healthz") == 200
