@@ -172,10 +172,12 @@ def _client_proc(sock: str, seconds: float, inflight: int, q: Any, starts: list[
         c = OwnerClient(sock, load_settings().crypto)
         await c.sign("bench", b"warm-up")
         counts: list[int] = []
+        cpu: list[float] = []
         lat: list[float] = []
         data = os.urandom(32)
         for start in starts:
             await asyncio.sleep(max(0.0, start - time.time()))
+            cpu0 = time.process_time()
             end = time.perf_counter() + seconds
             count = 0
 
@@ -189,8 +191,9 @@ def _client_proc(sock: str, seconds: float, inflight: int, q: Any, starts: list[
 
             await asyncio.gather(*(worker() for _ in range(inflight)))
             counts.append(count)
+            cpu.append(time.process_time() - cpu0)
         await c.close()
-        return counts, lat
+        return counts, lat, cpu
 
     q.put(_run(main()))
 
@@ -215,6 +218,12 @@ def part_owner(seconds: float, clients: int, inflight: int, rounds: int) -> str:
         env = {**hsm_env, **_settings_env(tmp / "data", lib)}
         os.environ.update(env)
         return _run(_owner_main(seconds, clients, inflight, rounds, env))
+
+
+def _cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _spawn_owner(env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -272,15 +281,20 @@ async def _owner_main(seconds: float, clients: int, inflight: int, rounds: int, 
                  for _ in range(clients)]
         for p in procs:
             p.start()
-        direct_rates = []
+        direct_rates, owner_cpu = [], []
         for start in direct_starts:
             await asyncio.sleep(max(0.0, start - time.time()))
+            if owner_cpu:  # the owner's CPU time over the previous owner window (and its gaps)
+                owner_cpu[-1] = _cpu_seconds(owner.pid) - owner_cpu[-1]
             n, t1 = 0, time.perf_counter()
             end = t1 + seconds
             while time.perf_counter() < end:
                 svc.backend.sign(rec, data, uid)
                 n += 1
             direct_rates.append(n / (time.perf_counter() - t1))
+            owner_cpu.append(_cpu_seconds(owner.pid))
+        await asyncio.sleep(max(0.0, owner_starts[-1] + seconds + gap / 2 - time.time()))
+        owner_cpu[-1] = _cpu_seconds(owner.pid) - owner_cpu[-1]
         results = [await asyncio.to_thread(q.get, True, rounds * 2 * (seconds + gap) + 120) for _ in procs]
         for p in procs:
             p.join()
@@ -299,6 +313,9 @@ async def _owner_main(seconds: float, clients: int, inflight: int, rounds: int, 
         svc.close()
         await svc.keystore.store.close()
     owner_rates = [sum(r[0][k] for r in results) / seconds for k in range(rounds)]
+    # CPU cost per sign (less sensitive to other load on the shared machine than the rates)
+    owner_us = [owner_cpu[k] / max(1, sum(r[0][k] for r in results)) * 1e6 for k in range(rounds)]
+    client_us = [sum(r[2][k] for r in results) / max(1, sum(r[0][k] for r in results)) * 1e6 for k in range(rounds)]
     loaded = sorted(x for r in results for x in r[1])
     best_direct, best_owner = max(direct_rates), max(owner_rates)
     med = statistics.median
@@ -316,7 +333,10 @@ async def _owner_main(seconds: float, clients: int, inflight: int, rounds: int, 
         table(["path (SoftHSM2 ECDSA-P256 sign)", "signs/s (best window)", "vs direct", "p50 us", "target"], rows)
         + f"\n\nThroughput: best of {rounds} alternating {seconds:g}-s windows per side (direct rates "
         + ", ".join(f"{x:,.0f}" for x in direct_rates) + "; owner " + ", ".join(f"{x:,.0f}" for x in owner_rates)
-        + f"). Added latency: median over {rounds * 3} alternating blocks of 300 direct / 300 owner calls "
+        + "). CPU time per owner-path sign (median of windows): owner process "
+        + f"{statistics.median(owner_us):.0f} us (of which the SoftHSM sign itself is ~{1e6 / best_direct:.0f} us), "
+        + f"client processes {statistics.median(client_us):.0f} us"
+        + f". Added latency: median over {rounds * 3} alternating blocks of 300 direct / 300 owner calls "
         + "of (owner p50 - direct p50) (per block: " + ", ".join(f"{x:.0f}" for x in added) + " us)."
     )
 

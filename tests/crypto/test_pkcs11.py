@@ -246,3 +246,47 @@ async def test_pkcs11_concurrent_requests_use_device_thread(p11: CryptoService) 
             break
         await asyncio.sleep(0.01)
     assert p11._device_jobs == 0 and p11._active == 0
+
+
+async def test_pkcs11_slow_device_moves_to_device_thread_and_back(p11: CryptoService) -> None:
+    """A fast device runs inline on the owner's loop; a slow one (a network HSM at ms per call) gets
+    the device thread so the loop keeps serving IPC (cancels, other connections) meanwhile."""
+    import time as _time
+
+    from xcstack.crypto.service import INLINE_MAX_CALL_S
+
+    name = _unique("slow")
+    await p11.create_key(name, "sm2")
+    submitted = []
+    real_submit, real_sign = p11._submit, p11.backend.sign
+
+    def counting(executor, fn):  # type: ignore[no-untyped-def]
+        submitted.append(1)
+        return real_submit(executor, fn)
+
+    def slow_sign(rec, data, uid):  # type: ignore[no-untyped-def]
+        _time.sleep(INLINE_MAX_CALL_S * 4)
+        return real_sign(rec, data, uid)
+
+    p11._submit = counting  # type: ignore[method-assign]
+    p11._call_s = 0.0  # whatever earlier tests left in the moving average
+    try:
+        for _ in range(5):
+            await op(p11, "sign", b"fast", key=name)
+        assert not submitted
+        p11.backend.sign = slow_sign  # type: ignore[method-assign]
+        for _ in range(3):
+            await op(p11, "sign", b"slow", key=name)
+        assert submitted  # the moving average went over the limit: off the loop
+        n = len(submitted)
+        await asyncio.gather(*(op(p11, "sign", os.urandom(8), key=name) for _ in range(4)))
+        assert len(submitted) == n + 4
+        p11.backend.sign = real_sign  # type: ignore[method-assign]
+        for _ in range(40):  # fast again: the average decays, calls come back inline
+            await op(p11, "sign", b"fast", key=name)
+        n = len(submitted)
+        await asyncio.gather(*(op(p11, "sign", os.urandom(8), key=name) for _ in range(4)))
+        assert len(submitted) == n
+    finally:
+        p11.backend.sign = real_sign  # type: ignore[method-assign]
+        p11._submit = real_submit  # type: ignore[method-assign]

@@ -79,6 +79,9 @@ def _observe(op: str, backend: str, outcome: str, seconds: float) -> None:
 
 
 OFFLOAD_BYTES = 64 * 1024  # inputs above this run on a thread so the event loop keeps moving
+# device calls run inline on the owner's loop while they average (EWMA) at most this long; a slower
+# device (a network HSM at a few ms a call) gets the device thread so the loop keeps serving IPC
+INLINE_MAX_CALL_S = 0.0005
 MAX_RANDOM = 4096
 Meta = dict[str, Any]
 Handler = Callable[["CryptoService", Meta, memoryview], Awaitable[tuple[Meta, bytes]]]
@@ -122,6 +125,7 @@ class CryptoService:
         self._device: ThreadPoolExecutor | None = (
             ThreadPoolExecutor(1, thread_name_prefix="xc-crypto-device") if backend.releases_gil else None
         )
+        self._call_s = 0.0  # moving average of one device call (seconds)
         self._active = 0  # requests inside handle() right now
         self._device_jobs = 0  # calls submitted to the device thread and not finished
         self._jobs_lock = threading.Lock()
@@ -161,7 +165,7 @@ class CryptoService:
                     return await self._batch(meta, mv)
                 assert prep is not None
                 work = await prep(self, meta, mv)
-                return cast("tuple[Meta, bytes]", await self._run(len(mv), work))
+                return cast("tuple[Meta, bytes]", await self._run(len(mv), work, 1))
             assert fn is not None
             return await fn(self, meta, mv)
         except XCError as exc:
@@ -175,19 +179,27 @@ class CryptoService:
             if op != "batch":  # batch items are counted one by one
                 _observe(str(op), self.backend.name, outcome, time.perf_counter() - t0)
 
-    async def _run(self, size: int, fn: Callable[[], Any]) -> Any:
-        if self._device is not None and (self._device_jobs or size > OFFLOAD_BYTES):
-            # large input (or the device thread is busy with one: one session, one thread at a time):
-            # the device thread works (GIL released in C) while the loop keeps serving IPC
-            return await self._submit(self._device, fn)
+    async def _run(self, size: int, fn: Callable[[], Any], calls: int) -> Any:
         if self._device is not None:
-            # small inputs run inline, also under load: a device call is ~70 us (SoftHSM sign), and a
-            # thread hand-off per call cost more than it overlapped on 2 cores (owner 0.46x -> 0.57x
-            # of direct when this went inline; bench/crypto.py)
-            return fn()
+            if self._device_jobs or size > OFFLOAD_BYTES or self._call_s > INLINE_MAX_CALL_S:
+                # large input, slow device (or the device thread is busy: one session, one thread
+                # at a time): the device thread works (GIL released in C) while the loop serves IPC
+                return await self._submit(self._device, lambda: self._timed(fn, calls))
+            # a fast device (SoftHSM sign ~70 us) runs inline, also under load: a thread hand-off
+            # per call cost more than it overlapped on 2 cores (bench/crypto.py: owner 0.46x ->
+            # ~0.55-0.7x of direct with this and the client's frame window)
+            return self._timed(fn, calls)
         if size > OFFLOAD_BYTES:
             return await asyncio.to_thread(fn)
         return fn()
+
+    def _timed(self, fn: Callable[[], Any], calls: int) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            per_call = (time.perf_counter() - t0) / max(1, calls)
+            self._call_s += 0.2 * (per_call - self._call_s)
 
     def _submit(self, executor: ThreadPoolExecutor, fn: Callable[[], Any]) -> asyncio.Future[Any]:
         """Run `fn` on the device thread; `_device_jobs` counts it until it really finished (or was
@@ -368,7 +380,7 @@ class CryptoService:
             return done
 
         if works:
-            for i, op, res, dt in await self._run(len(payload), job):
+            for i, op, res, dt in await self._run(len(payload), job, len(works)):
                 if isinstance(res, XCError):
                     results[i] = _error_meta(res)
                     _observe(op, self.backend.name, res.code, dt)
