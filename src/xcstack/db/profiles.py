@@ -345,19 +345,7 @@ class PostgresProfile(DriverProfile):
     def stream(self, conn: Any, sql: CompiledSQL, params: dict[str, Any], batch: int) -> tuple[
         list[str], Iterator[list[Row]]
     ]:
-        # A server-side cursor needs a transaction; this runs in the worker's own connection.
-        conn.autocommit = False
-        cur = conn.cursor(name="xc_stream")
-        cur.itersize = batch
-        try:
-            cur.execute(sql.sql, sql.bind(params))
-            first = cur.fetchmany(batch)
-        except BaseException:
-            _abort_stream(conn, cur)
-            raise
-        cols = [d.name for d in cur.description] if cur.description else []
-
-        return cols, _server_cursor_batches(conn, cur, first, batch)
+        return _server_cursor_stream(conn, sql, params, batch)
 
     def classify(self, exc: BaseException) -> ErrorKind:
         kind = _classify_sqlstate(getattr(exc, "sqlstate", None))
@@ -369,6 +357,24 @@ class PostgresProfile(DriverProfile):
         if isinstance(exc, mod.OperationalError | mod.InterfaceError):
             return ErrorKind.CONNECTION_LOST
         return _classify_dbapi_class(exc)
+
+
+def _server_cursor_stream(
+    conn: Any, sql: CompiledSQL, params: dict[str, Any], batch: int, convert: Callable[[Any], Row] | None = None
+) -> tuple[list[str], Iterator[list[Row]]]:
+    """Open a named (server-side) cursor, which needs a transaction on the worker's own connection,
+    and stream its rows in batches (PostgreSQL via psycopg and KingbaseES via ksycopg2 alike)."""
+    conn.autocommit = False
+    cur = conn.cursor(name="xc_stream")
+    cur.itersize = batch
+    try:
+        cur.execute(sql.sql, sql.bind(params))
+        first = cur.fetchmany(batch)
+    except BaseException:
+        _abort_stream(conn, cur)
+        raise
+    cols = [d[0] for d in cur.description] if cur.description else []
+    return cols, _server_cursor_batches(conn, cur, first, batch, convert)
 
 
 def _server_cursor_batches(
@@ -443,18 +449,7 @@ class KingbaseProfile(DriverProfile):
     def stream(self, conn: Any, sql: CompiledSQL, params: dict[str, Any], batch: int) -> tuple[
         list[str], Iterator[list[Row]]
     ]:
-        conn.autocommit = False
-        cur = conn.cursor(name="xc_stream")
-        cur.itersize = batch
-        try:
-            cur.execute(sql.sql, sql.bind(params))
-            first = cur.fetchmany(batch)
-        except BaseException:
-            _abort_stream(conn, cur)
-            raise
-        cols = [d[0] for d in cur.description] if cur.description else []
-
-        return cols, _server_cursor_batches(conn, cur, first, batch, tuple)
+        return _server_cursor_stream(conn, sql, params, batch, tuple)
 
     def classify(self, exc: BaseException) -> ErrorKind:
         kind = _classify_sqlstate(getattr(exc, "pgcode", None))
