@@ -30,6 +30,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from xcstack.aio import cancel_and_wait
 from xcstack.inference import metrics
 from xcstack.inference.repository import BatchParams
 
@@ -164,13 +165,8 @@ class Batcher:
 
     async def close(self) -> None:
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait([self._task])
+        self._task = None
         while self._queue:
             item = self._queue.popleft()
             item.job.fail(BatcherClosed(f"model {self.name} is unloading"))

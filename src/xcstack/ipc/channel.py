@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from xcstack.aio import cancel_and_wait
 from xcstack.ipc.framing import Frame, FramingError, MsgType, encode_frame, read_frame
 
 log = logging.getLogger("xcstack.ipc")
@@ -296,10 +297,7 @@ class IPCClient:
 
     async def close(self) -> None:
         self._closed = True
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader_task
+        await cancel_and_wait([self._reader_task])
         if self._writer is not None:
             self._writer.close()
             self._writer = None

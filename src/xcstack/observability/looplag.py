@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import time
 
+from xcstack.aio import cancel_and_wait
 from xcstack.observability.metrics import LOOP_LAG
 
 
@@ -25,11 +25,8 @@ class LoopLagMonitor:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="xc-loop-lag")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait([self._task])
+        self._task = None
 
     async def _run(self) -> None:
         # perf_counter, not loop.time(): uvloop's clock has 1 ms resolution, too coarse for lag.

@@ -30,6 +30,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.routing import BaseRoute
 
+from xcstack.aio import cancel_and_wait
 from xcstack.capability import AppContext
 from xcstack.errors import Forbidden, Unauthorized, XCError
 from xcstack.security.audit.export import Exporter, HttpSink, Sink, SyslogTcpSink
@@ -164,11 +165,7 @@ class SecurityCapability:
             await asyncio.sleep(3600)
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         for e in self._exporters:
             with contextlib.suppress(Exception):

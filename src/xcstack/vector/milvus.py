@@ -28,6 +28,7 @@ from typing import Any
 
 from pymilvus import DataType, MilvusClient, MilvusException
 
+from xcstack.aio import cancel_and_wait
 from xcstack.vector import metrics
 from xcstack.vector.pool import BlockingPool
 from xcstack.vector.settings import VectorSettings
@@ -93,6 +94,7 @@ class MilvusStore:
         self._client: MilvusClient | None = None
         self._client_lock = threading.Lock()
         self._healthy = False
+        self._closing = False
         self._health_detail = "not connected yet"
         self._health_task: asyncio.Task[None] | None = None
         self._loading: dict[str, float] = {}  # collection -> start time of a load/build in progress
@@ -207,7 +209,7 @@ class MilvusStore:
         self._health_detail = "ok"
         metrics.BACKEND_UP.labels(self.backend).set(1)
         log.info("milvus up")
-        if self.cfg.load_on_start:
+        if self.cfg.load_on_start and not self._closing:
             self._load_task = asyncio.create_task(self._load_all(), name="xc-vector-milvus-load")
 
     def _ping_blocking(self) -> None:
@@ -216,7 +218,7 @@ class MilvusStore:
 
     async def _health_loop(self) -> None:
         slow = 0
-        while True:
+        while not self._closing:
             await asyncio.sleep(self.settings.health_interval_s)
             if not self._healthy:
                 await self._reconnect()
@@ -240,13 +242,8 @@ class MilvusStore:
                     log.info("milvus: slow health check (%d): %s", slow, detail)
 
     async def close(self) -> None:
-        for task in (self._health_task, self._load_task):
-            if task is not None:
-                task.cancel()
-                try:
-                    await task
-                except (asyncio.CancelledError, Exception):
-                    pass
+        self._closing = True
+        await cancel_and_wait([self._health_task, self._load_task])
         try:
             await self.pool.run(self._drop_client_blocking, timeout=5)
             if self.is_lite_in_process:

@@ -30,6 +30,7 @@ from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
+from xcstack.aio import cancel_and_wait
 from xcstack.vector import metrics
 from xcstack.vector.filters import parse_filter, to_sql
 from xcstack.vector.settings import VectorSettings
@@ -147,12 +148,7 @@ class PgvectorStore:
         self._health_task = asyncio.create_task(self._health_loop(), name="xc-vector-pg-health")
 
     async def close(self) -> None:
-        if self._health_task is not None:
-            self._health_task.cancel()
-            try:
-                await self._health_task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait([self._health_task])
         if self._pool is not None:
             await self._pool.close(timeout=5.0)
 

@@ -60,7 +60,8 @@ def to_matrix(data: Any, *, what: str = "vectors", dimension: int | None = None)
         raise InvalidVector(f"{what}: every element must be a number", param=what)
     if arr.shape[1] == 0:
         raise InvalidVector(f"{what}: empty vector", param=what)
-    mat = np.ascontiguousarray(arr, dtype=np.float32)
+    with np.errstate(over="ignore"):  # out-of-range values become inf and are rejected just below
+        mat = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(mat).all():
         bad = int(np.argwhere(~np.isfinite(mat))[0][0])
         raise InvalidVector(f"{what}[{bad}] contains NaN or infinity (or a value outside float32 range)", param=what)

@@ -37,6 +37,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from xcstack.aio import cancel_and_wait
 from xcstack.errors import Overloaded
 from xcstack.observability.metrics import QUEUE_DEPTH
 from xcstack.security.audit import record as rec
@@ -520,10 +521,7 @@ class AuditLog:
     async def close(self) -> None:
         if self._thread is None:
             return
-        if self._cp_task is not None:
-            self._cp_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._cp_task
+        await cancel_and_wait([self._cp_task])
         with contextlib.suppress(Exception):
             await self.append(actor="system", action="audit.stop", resource=f"audit:{self.chain}",
                               outcome="success")
