@@ -15,6 +15,7 @@ pings the server and records up/down. Filters are the safe language in `filters.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import weakref
@@ -51,6 +52,7 @@ from xcstack.vector.store import (
 log = logging.getLogger("xcstack.vector.pgvector")
 
 CATALOG = "xc_vector_collections"
+CANCEL_TIMEOUT_S = 2.0
 TABLE_PREFIX = "xcv_"
 MAX_HNSW_DIM = 2000  # pgvector: HNSW on `vector` supports at most 2,000 dimensions
 _OPS: dict[str, tuple[str, str]] = {
@@ -210,7 +212,11 @@ class PgvectorStore:
                 metrics.POOL_WAIT.labels("pgvector").observe(time.perf_counter() - t0)
                 if not self._healthy and not health:
                     self._set_health(True, "ok")  # a working connection: the server is back
-                yield conn
+                try:
+                    yield conn
+                except BaseException:
+                    await _cancel_running(conn)
+                    raise
         except PoolTimeout:
             metrics.POOL_EXHAUSTED.labels("pgvector").inc()
             if not self._healthy or health:
@@ -601,3 +607,15 @@ class PgvectorStore:
         metrics.INDEX_BUILD.labels(self.backend).observe(dt)
         log.info("pgvector: index of %s ready in %.1fs", name, dt)
         return await self.describe_collection(name)
+
+
+async def _cancel_running(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Cancel what the server still runs for a caller that failed or went away, before the pool
+    gets the connection back. psycopg cancels on its own only while it waits for results; a
+    caller cancelled while a pipeline is still being sent (500 searches: the socket buffer is full)
+    left the server working through every query already buffered (seconds), and the pool's close
+    did not stop it. Without a Sync, the cancelled statement aborts the rest of the pipeline."""
+    if conn.closed or conn.info.transaction_status != psycopg.pq.TransactionStatus.ACTIVE:
+        return
+    with contextlib.suppress(Exception):
+        await asyncio.shield(conn.cancel_safe(timeout=CANCEL_TIMEOUT_S))
