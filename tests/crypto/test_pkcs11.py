@@ -290,3 +290,94 @@ async def test_pkcs11_slow_device_moves_to_device_thread_and_back(p11: CryptoSer
     finally:
         p11.backend.sign = real_sign  # type: ignore[method-assign]
         p11._submit = real_submit  # type: ignore[method-assign]
+
+
+async def test_pkcs11_sessions_sign_from_several_threads_at_once(p11: CryptoService) -> None:
+    """C_Initialize with OS locking + one session per thread: threads really sign at the same time
+    (GIL released in C_Sign), nothing crashes, every signature is valid for its own data."""
+    backend = p11.backend
+    assert backend.parallel == 2 and len(backend._lanes) == 2  # type: ignore[attr-defined]
+    name = _unique("mt")
+    rec = await p11.create_key(name, "sm2")
+    uid = b"1234567812345678"
+    busy, peak, lock = 0, 0, threading.Lock()
+    real_fast_sign = backend._fast_sign  # type: ignore[attr-defined]
+
+    def counting_fast_sign(sh, key, digest):  # type: ignore[no-untyped-def]
+        nonlocal busy, peak
+        with lock:
+            busy += 1
+            peak = max(peak, busy)
+        try:
+            return real_fast_sign(sh, key, digest)
+        finally:
+            with lock:
+                busy -= 1
+
+    backend._fast_sign = counting_fast_sign  # type: ignore[attr-defined]
+    out: dict[int, list[tuple[bytes, bytes]]] = {}
+
+    def signer(k: int) -> None:
+        out[k] = [(d, backend.sign(rec, d, uid)) for d in (os.urandom(24) for _ in range(150))]
+
+    try:
+        threads = [threading.Thread(target=signer, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        backend._fast_sign = real_fast_sign  # type: ignore[attr-defined]
+    assert sorted(out) == [0, 1, 2, 3]
+    assert peak == 2  # two sessions in use at once, never more than there are sessions
+    assert all(backend.verify(rec, d, s, uid) for pairs in out.values() for d, s in pairs)
+    assert backend._free.qsize() == 2  # type: ignore[attr-defined]  # every lane returned
+
+
+async def test_pkcs11_batch_is_spread_over_sessions_in_order(p11: CryptoService) -> None:
+    """A batch (what OwnerClient sends under load) runs part inline and part on a device thread at
+    the same time; each answer stays with its own item."""
+    name = _unique("spread")
+    await p11.create_key(name, "sm2")
+    p11._call_s = 0.0
+    threads: set[int] = set()
+    real_sign = p11.backend.sign
+
+    def tracking_sign(rec, data, uid):  # type: ignore[no-untyped-def]
+        threads.add(threading.get_ident())
+        return real_sign(rec, data, uid)
+
+    datas = [os.urandom(20) for _ in range(32)]
+    items = [{"op": "sign", "key": name} for _ in datas]
+    items.insert(5, {"op": "sign", "key": "no-such-key"})  # one bad item fails alone
+    payloads = datas[:5] + [b"x"] + datas[5:]
+    p11.backend.sign = tracking_sign  # type: ignore[method-assign]
+    try:
+        meta, out = await op(p11, "batch", b"".join(payloads), items=items, sizes=[len(p) for p in payloads])
+    finally:
+        p11.backend.sign = real_sign  # type: ignore[method-assign]
+    assert threading.get_ident() in threads and len(threads) == 2
+    assert meta["results"][5]["error"]["code"] == "key_not_found"
+    sigs, pos = [], 0
+    for size in meta["sizes"]:
+        sigs.append(out[pos : pos + size])
+        pos += size
+    del sigs[5]
+    checks = await asyncio.gather(*(op(p11, "verify", d, key=name, sig=s) for d, s in zip(datas, sigs, strict=True)))
+    assert all(c[0]["valid"] for c in checks)
+    assert p11._device_jobs == 0
+
+
+async def test_pkcs11_one_session_when_configured(data_dir: Path, softhsm: dict[str, str]) -> None:
+    settings = load_settings(None, data_dir=data_dir, crypto=pkcs11_crypto(softhsm, sessions=1))
+    svc = await build_service(settings)
+    try:
+        assert svc.backend.parallel == 1
+        name = _unique("one")
+        await svc.create_key(name, "sm2")
+        datas = [os.urandom(8) for _ in range(8)]
+        meta, _ = await op(svc, "batch", b"".join(datas), items=[{"op": "sign", "key": name}] * 8, sizes=[8] * 8)
+        assert all("error" not in r for r in meta["results"])
+    finally:
+        svc.close()
+        await svc.keystore.store.close()

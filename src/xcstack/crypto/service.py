@@ -32,6 +32,7 @@ keeps old ones), so data made before a rotation still verifies/decrypts.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
@@ -121,9 +122,12 @@ class CryptoService:
         self.backend = backend
         self.settings = settings
         self.default_uid = settings.default_uid.encode("utf-8")
-        # one device thread for large inputs on GIL-releasing backends (ctypes); small ops run inline
+        # device threads for large inputs and slow devices on GIL-releasing backends (ctypes), one per
+        # session the backend can use at once; small ops on a fast device run inline
         self._device: ThreadPoolExecutor | None = (
-            ThreadPoolExecutor(1, thread_name_prefix="xc-crypto-device") if backend.releases_gil else None
+            ThreadPoolExecutor(backend.parallel, thread_name_prefix="xc-crypto-device")
+            if backend.releases_gil
+            else None
         )
         self._call_s = 0.0  # moving average of one device call (seconds)
         self._active = 0  # requests inside handle() right now
@@ -192,6 +196,28 @@ class CryptoService:
         if size > OFFLOAD_BYTES:
             return await asyncio.to_thread(fn)
         return fn()
+
+    def _spread(self, works: list[Any], size: int) -> list[list[Any]]:
+        """A batch split into one part per session the device can use at once, when the device is
+        fast (inline) and GIL-releasing; else one part."""
+        n = min(self.backend.parallel, len(works))
+        if self._device is None or n < 2 or size > OFFLOAD_BYTES or self._call_s > INLINE_MAX_CALL_S:
+            return [works]
+        step = -(-len(works) // n)
+        return [works[k : k + step] for k in range(0, len(works), step)]
+
+    async def _run_parallel(self, jobs: list[Callable[[], list[Any]]], parts: list[list[Any]]) -> list[Any]:
+        """The first part inline on the loop thread, the others on device threads, all at once (each
+        device call takes its own session and releases the GIL while the token works)."""
+        assert self._device is not None
+        futs = [
+            self._submit(self._device, functools.partial(self._timed, fn, len(part)))
+            for fn, part in zip(jobs[1:], parts[1:], strict=True)
+        ]
+        first: list[Any] = self._timed(jobs[0], len(parts[0]))
+        for rest in await asyncio.gather(*futs):
+            first.extend(rest)
+        return first
 
     def _timed(self, fn: Callable[[], Any], calls: int) -> Any:
         t0 = time.perf_counter()
@@ -364,9 +390,9 @@ class CryptoService:
                 results[i] = _error_meta(exc)
                 _observe(str(op), self.backend.name, exc.code, 0.0)
 
-        def job() -> list[tuple[int, str, tuple[Meta, bytes] | XCError, float]]:
+        def job(part: list[tuple[int, str, Work]]) -> list[tuple[int, str, tuple[Meta, bytes] | XCError, float]]:
             done: list[tuple[int, str, tuple[Meta, bytes] | XCError, float]] = []
-            for i, op, work in works:
+            for i, op, work in part:
                 t0 = time.perf_counter()
                 res: tuple[Meta, bytes] | XCError
                 try:
@@ -380,7 +406,12 @@ class CryptoService:
             return done
 
         if works:
-            for i, op, res, dt in await self._run(len(payload), job, len(works)):
+            parts = self._spread(works, len(payload))
+            if len(parts) == 1:
+                done = await self._run(len(payload), lambda: job(works), len(works))
+            else:
+                done = await self._run_parallel([functools.partial(job, part) for part in parts], parts)
+            for i, op, res, dt in done:
                 if isinstance(res, XCError):
                     results[i] = _error_meta(res)
                     _observe(op, self.backend.name, res.code, dt)

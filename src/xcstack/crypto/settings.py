@@ -52,6 +52,13 @@ class Pkcs11Settings(BaseModel):
     token_label: str = Field(default="xcstack", min_length=1, max_length=32)
     slot: int | None = Field(default=None, ge=0, description="slot id; default: the slot whose token has token_label")
     pin: SecretStr | None = Field(default=None, description="user PIN (XC_CRYPTO__PKCS11__PIN)")
+    sessions: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="sessions the owner signs on in parallel (one thread each; needs the library to accept "
+        "CKF_OS_LOCKING_OK, else 1)",
+    )
     # asymmetric keys (sign/verify)
     key_type: int = Field(
         default=0x3, ge=0, le=0xFFFFFFFF, description="CKK_* for key pairs: CKK_EC=0x3, TASS CKK_SM2=0x80000004"

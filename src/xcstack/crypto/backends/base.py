@@ -23,6 +23,8 @@ class Backend(ABC):
     # True when the device calls release the GIL (ctypes): the owner then runs them on one device
     # thread so its event loop serves IPC in parallel. False: calls run inline (they hold the GIL).
     releases_gil: bool = False
+    # device calls that may run at the same time (PKCS#11 sessions on a thread-safe library)
+    parallel: int = 1
 
     @abstractmethod
     def generate(self, name: str, version: int, kind: str, taken: frozenset[str] = frozenset()) -> KeyMaterial:

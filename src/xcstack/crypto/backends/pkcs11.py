@@ -5,20 +5,30 @@ CKK_SM2 0x80000004, ...), so every key type and mechanism id is configuration
 (`[crypto.pkcs11]`). Keys are generated on the token (sensitive, not extractable) and found again
 by label `xcstack:<name>:v<version>`; the keystore records label and public key only.
 
-Safety:
+Safety and parallelism:
 - library load + C_Initialize + login run under an inter-process file lock: parallel start-ups
   (owner restart racing the CLI) lost the token on SoftHSM when not serialised;
-- one session, every call under one lock: PKCS#11 sessions are not for concurrent threads, and
-  several threads on one token crashed SoftHSM (FIELD-NOTES). The owner is the only user anyway.
+- C_Initialize is called by us, through ctypes, with CKF_OS_LOCKING_OK before PyKCS11 loads the
+  library (PyKCS11 passes NULL, which tells the library "one thread only": SoftHSM then disables its
+  mutexes, the cause of the multi-thread crashes in FIELD-NOTES). PyKCS11's own C_Initialize then
+  answers CKR_CRYPTOKI_ALREADY_INITIALIZED, which it accepts;
+- `[crypto.pkcs11] sessions` sessions ("lanes"), each used by one thread at a time: a thread takes a
+  free lane for every call. With OS locking granted and the ctypes fast path, the owner signs on
+  several lanes at once (the GIL is released in C_Sign); otherwise there is one lane.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import hashlib
+import logging
 import os
+import queue
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +50,52 @@ SM2_PARAMS = "06082a811ccf5501822d"
 GCM_NONCE = 12
 
 _init_lock = threading.Lock()
+log = logging.getLogger("xcstack.crypto.pkcs11")
+CKF_OS_LOCKING_OK = 0x2
+CKR_CANT_LOCK = 0xA
+CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191
+
+
+class _CKInitArgs(ctypes.Structure):
+    _fields_ = [
+        ("CreateMutex", ctypes.c_void_p), ("DestroyMutex", ctypes.c_void_p), ("LockMutex", ctypes.c_void_p),
+        ("UnlockMutex", ctypes.c_void_p), ("flags", ctypes.c_ulong), ("pReserved", ctypes.c_void_p),
+    ]
+
+
+_os_locked: set[str] = set()  # libraries this process initialised with OS locking
+
+
+def initialize_os_locking(library: str) -> bool:
+    """C_Initialize(CKF_OS_LOCKING_OK) on `library`; True when the library may be called from
+    several threads at once. Already initialised by someone else in this process: we cannot know
+    how, so False (one lane)."""
+    try:
+        lib = ctypes.CDLL(library)
+    except OSError:
+        return False  # PyKCS11's load reports the real error
+    init = lib.C_Initialize
+    init.argtypes, init.restype = [ctypes.c_void_p], ctypes.c_ulong
+    args = _CKInitArgs(None, None, None, None, CKF_OS_LOCKING_OK, None)
+    rv = int(init(ctypes.byref(args)))
+    if rv == 0:
+        _os_locked.add(library)
+        return True
+    if rv == CKR_CRYPTOKI_ALREADY_INITIALIZED and library in _os_locked:
+        return True
+    if rv == CKR_CANT_LOCK:
+        log.warning("PKCS#11 library %s cannot lock for threads (CKR_CANT_LOCK): one session only", library)
+    elif rv != CKR_CRYPTOKI_ALREADY_INITIALIZED:
+        log.warning("PKCS#11 C_Initialize(OS locking) on %s returned 0x%x: one session only", library, rv)
+    return False
+
+
+@dataclass(eq=False)
+class _Lane:
+    """One PKCS#11 session; used by one thread at a time."""
+
+    session: Any  # PyKCS11 Session
+    handle: int  # CK_SESSION_HANDLE for the ctypes fast path
 
 
 class _CKMechanism(ctypes.Structure):
@@ -81,21 +137,33 @@ def _label(name: str, version: int) -> str:
 class Pkcs11Backend(Backend):
     name = "pkcs11"
 
-    def __init__(self, cfg: Pkcs11Settings, lib: Any, session: Any) -> None:
+    def __init__(self, cfg: Pkcs11Settings, lib: Any, sessions: list[Any]) -> None:
         import PyKCS11
 
         self.cfg = cfg
         self.P = PyKCS11
         self._lib = lib
-        self._session = session
-        self._lock = threading.Lock()
+        self._lanes = [_Lane(s, int(s.session.value())) for s in sessions]
+        self._free: queue.SimpleQueue[_Lane] = queue.SimpleQueue()
+        for lane in self._lanes:
+            self._free.put(lane)
         self._handles: dict[tuple[str, int, int], Any] = {}
+        self._mechs: dict[int, _CKMechanism] = {}
         self._fast: _FastPath | None = None
         if cfg.library is not None and _FastPath.available(str(cfg.library)):
             self._fast = _FastPath(str(cfg.library))
-            self._sh = int(session.session.value())
-            self._mechs: dict[int, _CKMechanism] = {}
         self.releases_gil = self._fast is not None
+        # sessions usable at once: only where the GIL is released in the call (else threads only queue)
+        self.parallel = len(self._lanes) if self.releases_gil else 1
+
+    @contextlib.contextmanager
+    def _lane(self) -> Iterator[_Lane]:
+        """A free session for this thread's call (blocks while all are in use)."""
+        lane = self._free.get()
+        try:
+            yield lane
+        finally:
+            self._free.put(lane)
 
     # -- opening --------------------------------------------------------------------------------
     @classmethod
@@ -110,13 +178,15 @@ class Pkcs11Backend(Backend):
         with _init_lock, open(lock_path, "a") as lock_file:
             fcntl.flock(lock_file, fcntl.LOCK_EX)
             try:
+                threads_ok = initialize_os_locking(str(cfg.library))
                 lib = PyKCS11.PyKCS11Lib()
                 lib.load(str(cfg.library))
                 slot = cls._find_slot(lib, cfg)
-                session = lib.openSession(slot, PyKCS11.CKF_SERIAL_SESSION | PyKCS11.CKF_RW_SESSION)
-                if cfg.pin is not None:
+                flags = PyKCS11.CKF_SERIAL_SESSION | PyKCS11.CKF_RW_SESSION
+                sessions = [lib.openSession(slot, flags) for _ in range(cfg.sessions if threads_ok else 1)]
+                if cfg.pin is not None:  # a login holds for every session of this process
                     try:
-                        session.login(cfg.pin.get_secret_value())
+                        sessions[0].login(cfg.pin.get_secret_value())
                     except PyKCS11.PyKCS11Error as exc:
                         if exc.value != PyKCS11.CKR_USER_ALREADY_LOGGED_IN:
                             raise BackendError(f"PKCS#11 login failed: {exc}") from None
@@ -124,7 +194,7 @@ class Pkcs11Backend(Backend):
                 raise CryptoUnavailable(f"PKCS#11 token not available: {exc}") from None
             finally:
                 fcntl.flock(lock_file, fcntl.LOCK_UN)
-        return cls(cfg, lib, session)
+        return cls(cfg, lib, sessions)
 
     @staticmethod
     def _find_slot(lib: Any, cfg: Pkcs11Settings) -> int:
@@ -142,12 +212,13 @@ class Pkcs11Backend(Backend):
     def _mech(self, mech_id: int) -> Any:
         return self.P.Mechanism(mech_id, None)
 
-    def _find(self, rec: KeyRecord, cls: int) -> Any:
+    def _find(self, lane: _Lane, rec: KeyRecord, cls: int) -> Any:
+        """The key's object handle (valid in every session of this process; cached)."""
         k = (rec.name, rec.version, cls)
         h = self._handles.get(k)
         if h is None:
             label = rec.handle or _label(rec.name, rec.version)
-            found = self._session.findObjects([(self.P.CKA_LABEL, label), (self.P.CKA_CLASS, cls)])
+            found = lane.session.findObjects([(self.P.CKA_LABEL, label), (self.P.CKA_CLASS, cls)])
             if not found:
                 raise BackendError(f"key {rec.name!r} v{rec.version} is missing on the token (label {label})")
             h = self._handles[k] = found[0]
@@ -180,7 +251,7 @@ class Pkcs11Backend(Backend):
         P, cfg, label = self.P, self.cfg, _label(name, version)
         key_id = hashlib.sha256(label.encode()).digest()[:16]
         common = [(P.CKA_TOKEN, True), (P.CKA_LABEL, label), (P.CKA_ID, key_id)]
-        with self._lock:
+        with self._lane() as lane:
             try:
                 if kind == "sm2":
                     pub_t = [
@@ -191,8 +262,8 @@ class Pkcs11Backend(Backend):
                         (P.CKA_CLASS, P.CKO_PRIVATE_KEY), (P.CKA_KEY_TYPE, cfg.key_type), (P.CKA_SIGN, True),
                         (P.CKA_PRIVATE, True), (P.CKA_SENSITIVE, True), (P.CKA_EXTRACTABLE, False), *common,
                     ]
-                    pub, _priv = self._session.generateKeyPair(pub_t, priv_t, self._mech(cfg.keygen_mechanism))
-                    point = bytes(self._session.getAttributeValue(pub, [P.CKA_EC_POINT])[0])
+                    pub, _priv = lane.session.generateKeyPair(pub_t, priv_t, self._mech(cfg.keygen_mechanism))
+                    point = bytes(lane.session.getAttributeValue(pub, [P.CKA_EC_POINT])[0])
                     return KeyMaterial(_unwrap_octet(point), None, label, self._algorithm_ec())
                 if kind == "sm4":
                     t = [
@@ -200,7 +271,7 @@ class Pkcs11Backend(Backend):
                         (P.CKA_VALUE_LEN, cfg.secret_key_bytes), (P.CKA_ENCRYPT, True), (P.CKA_DECRYPT, True),
                         (P.CKA_PRIVATE, True), (P.CKA_SENSITIVE, True), (P.CKA_EXTRACTABLE, False), *common,
                     ]
-                    self._session.generateKey(t, self._mech(cfg.secret_keygen_mechanism))
+                    lane.session.generateKey(t, self._mech(cfg.secret_keygen_mechanism))
                     alg = "AES-GCM" if cfg.encrypt_mechanism == 0x1087 else f"vendor-0x{cfg.encrypt_mechanism:x}"
                     return KeyMaterial(None, None, label, alg)
                 t = [
@@ -208,7 +279,7 @@ class Pkcs11Backend(Backend):
                     (P.CKA_SIGN, True), (P.CKA_VERIFY, True), (P.CKA_PRIVATE, True), (P.CKA_SENSITIVE, True),
                     (P.CKA_EXTRACTABLE, False), *common,
                 ]
-                self._session.generateKey(t, self._mech(cfg.hmac_keygen_mechanism))
+                lane.session.generateKey(t, self._mech(cfg.hmac_keygen_mechanism))
                 alg = "HMAC-SHA256" if cfg.hmac_mechanism == 0x251 else f"vendor-0x{cfg.hmac_mechanism:x}"
                 return KeyMaterial(None, None, label, alg)
             except P.PyKCS11Error as exc:
@@ -217,13 +288,13 @@ class Pkcs11Backend(Backend):
     def sign(self, rec: KeyRecord, data: bytes, uid: bytes) -> bytes:
         require_kind(rec, "sm2")
         digest = self._prehash(rec, data, uid)
-        with self._lock:
+        with self._lane() as lane:
             try:
-                key = self._find(rec, self.P.CKO_PRIVATE_KEY)
+                key = self._find(lane, rec, self.P.CKO_PRIVATE_KEY)
                 if self._fast is not None:
-                    sig = self._fast_sign(key, digest)
+                    sig = self._fast_sign(lane.handle, key, digest)
                 else:
-                    sig = bytes(self._session.sign(key, digest, self._mech(self.cfg.sign_mechanism)))
+                    sig = bytes(lane.session.sign(key, digest, self._mech(self.cfg.sign_mechanism)))
             except self.P.PyKCS11Error as exc:
                 raise self._err(exc) from None
         if len(sig) != 64:
@@ -233,12 +304,12 @@ class Pkcs11Backend(Backend):
     def verify(self, rec: KeyRecord, data: bytes, raw_sig: bytes, uid: bytes) -> bool:
         require_kind(rec, "sm2")
         digest = self._prehash(rec, data, uid)
-        with self._lock:
+        with self._lane() as lane:
             try:
-                key = self._find(rec, self.P.CKO_PUBLIC_KEY)
+                key = self._find(lane, rec, self.P.CKO_PUBLIC_KEY)
                 if self._fast is not None:
-                    return self._fast_verify(key, digest, raw_sig)
-                return bool(self._session.verify(key, digest, raw_sig, self._mech(self.cfg.sign_mechanism)))
+                    return self._fast_verify(lane.handle, key, digest, raw_sig)
+                return bool(lane.session.verify(key, digest, raw_sig, self._mech(self.cfg.sign_mechanism)))
             except self.P.PyKCS11Error as exc:
                 if exc.value in (self.P.CKR_SIGNATURE_INVALID, self.P.CKR_SIGNATURE_LEN_RANGE):
                     return False
@@ -250,26 +321,26 @@ class Pkcs11Backend(Backend):
             m = self._mechs[mech_id] = _CKMechanism(mech_id, None, 0)
         return m
 
-    def _fast_sign(self, key: Any, digest: bytes) -> bytes:
+    def _fast_sign(self, sh: int, key: Any, digest: bytes) -> bytes:
         assert self._fast is not None
-        rv = self._fast.sign_init(self._sh, ctypes.byref(self._native_mech(self.cfg.sign_mechanism)), int(key.value()))
+        rv = self._fast.sign_init(sh, ctypes.byref(self._native_mech(self.cfg.sign_mechanism)), int(key.value()))
         if rv:
             raise self.P.PyKCS11Error(rv)
         buf = ctypes.create_string_buffer(512)
         n = ctypes.c_ulong(512)
-        rv = self._fast.sign(self._sh, digest, len(digest), buf, ctypes.byref(n))
+        rv = self._fast.sign(sh, digest, len(digest), buf, ctypes.byref(n))
         if rv:
             raise self.P.PyKCS11Error(rv)
         return buf.raw[: n.value]
 
-    def _fast_verify(self, key: Any, digest: bytes, sig: bytes) -> bool:
+    def _fast_verify(self, sh: int, key: Any, digest: bytes, sig: bytes) -> bool:
         assert self._fast is not None
         rv = self._fast.verify_init(
-            self._sh, ctypes.byref(self._native_mech(self.cfg.sign_mechanism)), int(key.value())
+            sh, ctypes.byref(self._native_mech(self.cfg.sign_mechanism)), int(key.value())
         )
         if rv:
             raise self.P.PyKCS11Error(rv)
-        rv = self._fast.verify(self._sh, digest, len(digest), sig, len(sig))
+        rv = self._fast.verify(sh, digest, len(digest), sig, len(sig))
         if rv in (self.P.CKR_SIGNATURE_INVALID, self.P.CKR_SIGNATURE_LEN_RANGE):
             return False
         if rv:
@@ -286,10 +357,10 @@ class Pkcs11Backend(Backend):
         if rec.kind == "sm2":
             raise UnsupportedOperation("this PKCS#11 configuration has no asymmetric encryption mechanism")
         nonce = self.random(GCM_NONCE)
-        with self._lock:
+        with self._lane() as lane:
             try:
-                key = self._find(rec, self.P.CKO_SECRET_KEY)
-                ct = bytes(self._session.encrypt(key, plaintext, self._gcm(nonce, aad)))
+                key = self._find(lane, rec, self.P.CKO_SECRET_KEY)
+                ct = bytes(lane.session.encrypt(key, plaintext, self._gcm(nonce, aad)))
             except self.P.PyKCS11Error as exc:
                 raise self._err(exc) from None
         return nonce + ct
@@ -300,11 +371,11 @@ class Pkcs11Backend(Backend):
             raise UnsupportedOperation("this PKCS#11 configuration has no asymmetric encryption mechanism")
         if len(ciphertext) < GCM_NONCE + 16:
             raise MalformedCiphertext("ciphertext is shorter than nonce + tag")
-        with self._lock:
+        with self._lane() as lane:
             try:
-                key = self._find(rec, self.P.CKO_SECRET_KEY)
+                key = self._find(lane, rec, self.P.CKO_SECRET_KEY)
                 return bytes(
-                    self._session.decrypt(key, ciphertext[GCM_NONCE:], self._gcm(ciphertext[:GCM_NONCE], aad))
+                    lane.session.decrypt(key, ciphertext[GCM_NONCE:], self._gcm(ciphertext[:GCM_NONCE], aad))
                 )
             except self.P.PyKCS11Error as exc:
                 # tag mismatch: the standard says ENCRYPTED_DATA_INVALID; SoftHSM answers GENERAL_ERROR,
@@ -320,35 +391,31 @@ class Pkcs11Backend(Backend):
 
     def hmac(self, rec: KeyRecord, data: bytes) -> bytes:
         require_kind(rec, "hmac-sm3")
-        with self._lock:
+        with self._lane() as lane:
             try:
-                key = self._find(rec, self.P.CKO_SECRET_KEY)
-                return bytes(self._session.sign(key, data, self._mech(self.cfg.hmac_mechanism)))
+                key = self._find(lane, rec, self.P.CKO_SECRET_KEY)
+                return bytes(lane.session.sign(key, data, self._mech(self.cfg.hmac_mechanism)))
             except self.P.PyKCS11Error as exc:
                 raise self._err(exc) from None
 
     def random(self, n: int) -> bytes:
-        with self._lock:
+        with self._lane() as lane:
             try:
-                return bytes(self._session.generateRandom(n))
+                return bytes(lane.session.generateRandom(n))
             except self.P.PyKCS11Error:
                 return os.urandom(n)  # tokens without an RNG: the OS CSPRNG
 
     def forget(self, rec: KeyRecord) -> None:
-        with self._lock:
-            for k in [k for k in self._handles if k[:2] == (rec.name, rec.version)]:
-                del self._handles[k]
+        for k in [k for k in self._handles if k[:2] == (rec.name, rec.version)]:
+            self._handles.pop(k, None)
 
     def close(self) -> None:
-        with self._lock:
-            try:
-                self._session.logout()
-            except Exception:
-                pass
-            try:
-                self._session.closeSession()
-            except Exception:
-                pass
+        lanes = [self._free.get() for _ in self._lanes]  # waits for calls in progress
+        with contextlib.suppress(Exception):
+            lanes[0].session.logout()
+        for lane in lanes:
+            with contextlib.suppress(Exception):
+                lane.session.closeSession()
 
 
 def _unwrap_octet(point: bytes) -> bytes:
