@@ -254,9 +254,9 @@ async def _owner_main(seconds: float, clients: int, inflight: int, rounds: int, 
             await client.sign("bench", data)
 
         # latency: alternate blocks of direct calls and owner calls (1 in flight), same load for both
-        d_p50, o_p50, added = [], [], []
+        d_p50, o_p50, added, ping_p50 = [], [], [], []
         for _ in range(rounds * 3):
-            dl, ol = [], []
+            dl, ol, pl = [], [], []
             for _ in range(300):
                 t0 = time.perf_counter()
                 svc.backend.sign(rec, data, uid)
@@ -265,6 +265,11 @@ async def _owner_main(seconds: float, clients: int, inflight: int, rounds: int, 
                 t0 = time.perf_counter()
                 await client.sign("bench", data)
                 ol.append(time.perf_counter() - t0)
+            for _ in range(300):  # the same round trip with no device work: the IPC share of "added"
+                t0 = time.perf_counter()
+                await client.call("ping")
+                pl.append(time.perf_counter() - t0)
+            ping_p50.append(statistics.median(pl) * 1e6)
             d_p50.append(statistics.median(dl) * 1e6)
             o_p50.append(statistics.median(ol) * 1e6)
             added.append(o_p50[-1] - d_p50[-1])
@@ -328,6 +333,7 @@ async def _owner_main(seconds: float, clients: int, inflight: int, rounds: int, 
          ">= 0.8x"],
         ["owner: 1 client, 1 in flight", "-", "-", f"{med(o_p50):.0f}",
          f"added p50 {med(added):.0f} us (< 200)"],
+        ["(reference) owner `ping` round trip, no device work", "-", "-", f"{med(ping_p50):.0f}", "-"],
     ]
     return (
         table(["path (SoftHSM2 ECDSA-P256 sign)", "signs/s (best window)", "vs direct", "p50 us", "target"], rows)

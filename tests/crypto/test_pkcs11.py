@@ -292,24 +292,27 @@ async def test_pkcs11_slow_device_moves_to_device_thread_and_back(p11: CryptoSer
         p11._submit = real_submit  # type: ignore[method-assign]
 
 
-async def test_pkcs11_sessions_sign_from_several_threads_at_once(p11: CryptoService) -> None:
+async def test_pkcs11_sessions_sign_from_several_threads_at_once(data_dir: Path, softhsm: dict[str, str]) -> None:
     """C_Initialize with OS locking + one session per thread: threads really sign at the same time
-    (GIL released in C_Sign), nothing crashes, every signature is valid for its own data."""
-    backend = p11.backend
+    (GIL released in C_Sign), never more at once than there are sessions, nothing crashes, and every
+    signature is valid for its own data."""
+    settings = load_settings(None, data_dir=data_dir, crypto=pkcs11_crypto(softhsm, sessions=2))
+    svc = await build_service(settings)
+    backend = svc.backend
     assert backend.parallel == 2 and len(backend._lanes) == 2  # type: ignore[attr-defined]
     name = _unique("mt")
-    rec = await p11.create_key(name, "sm2")
+    rec = await svc.create_key(name, "sm2")
     uid = b"1234567812345678"
     busy, peak, lock = 0, 0, threading.Lock()
     real_fast_sign = backend._fast_sign  # type: ignore[attr-defined]
 
-    def counting_fast_sign(sh, key, digest):  # type: ignore[no-untyped-def]
+    def counting_fast_sign(lane, key, digest):  # type: ignore[no-untyped-def]
         nonlocal busy, peak
         with lock:
             busy += 1
             peak = max(peak, busy)
         try:
-            return real_fast_sign(sh, key, digest)
+            return real_fast_sign(lane, key, digest)
         finally:
             with lock:
                 busy -= 1
@@ -326,45 +329,78 @@ async def test_pkcs11_sessions_sign_from_several_threads_at_once(p11: CryptoServ
             t.start()
         for t in threads:
             t.join(60)
+        assert sorted(out) == [0, 1, 2, 3]
+        assert peak == 2  # two sessions in use at once, never more than there are sessions
+        assert all(backend.verify(rec, d, s, uid) for pairs in out.values() for d, s in pairs)
+        assert backend._free.qsize() == 2  # type: ignore[attr-defined]  # every lane returned
     finally:
         backend._fast_sign = real_fast_sign  # type: ignore[attr-defined]
-    assert sorted(out) == [0, 1, 2, 3]
-    assert peak == 2  # two sessions in use at once, never more than there are sessions
-    assert all(backend.verify(rec, d, s, uid) for pairs in out.values() for d, s in pairs)
-    assert backend._free.qsize() == 2  # type: ignore[attr-defined]  # every lane returned
+        svc.close()
+        await svc.keystore.store.close()
 
 
-async def test_pkcs11_batch_is_spread_over_sessions_in_order(p11: CryptoService) -> None:
-    """A batch (what OwnerClient sends under load) runs part inline and part on a device thread at
-    the same time; each answer stays with its own item."""
+async def test_pkcs11_slow_device_batch_is_spread_over_sessions_in_order(p11: CryptoService) -> None:
+    """A network HSM at ms per call: a batch (what OwnerClient sends under load) is split over the
+    sessions, each part on its own device thread at the same time, and each answer stays with its
+    own item. A fast device keeps a batch inline on the loop (one thread)."""
+    import time as _time
+
+    from xcstack.crypto.service import INLINE_MAX_CALL_S
+
     name = _unique("spread")
     await p11.create_key(name, "sm2")
-    p11._call_s = 0.0
     threads: set[int] = set()
+    busy, peak, lock = 0, 0, threading.Lock()
     real_sign = p11.backend.sign
+    slow = [False]
 
     def tracking_sign(rec, data, uid):  # type: ignore[no-untyped-def]
+        nonlocal busy, peak
         threads.add(threading.get_ident())
-        return real_sign(rec, data, uid)
+        with lock:
+            busy += 1
+            peak = max(peak, busy)
+        try:
+            if slow[0]:
+                _time.sleep(INLINE_MAX_CALL_S * 4)
+            return real_sign(rec, data, uid)
+        finally:
+            with lock:
+                busy -= 1
 
     datas = [os.urandom(20) for _ in range(32)]
     items = [{"op": "sign", "key": name} for _ in datas]
     items.insert(5, {"op": "sign", "key": "no-such-key"})  # one bad item fails alone
-    payloads = datas[:5] + [b"x"] + datas[5:]
+    payloads = [*datas[:5], b"x", *datas[5:]]
+    sizes = [len(p) for p in payloads]
+
+    async def batch() -> list[bytes]:
+        meta, out = await op(p11, "batch", b"".join(payloads), items=items, sizes=sizes)
+        assert meta["results"][5]["error"]["code"] == "key_not_found"
+        sigs, pos = [], 0
+        for size in meta["sizes"]:
+            sigs.append(out[pos : pos + size])
+            pos += size
+        del sigs[5]
+        pairs = zip(datas, sigs, strict=True)
+        checks = await asyncio.gather(*(op(p11, "verify", d, key=name, sig=s) for d, s in pairs))
+        assert all(c[0]["valid"] for c in checks)
+        return sigs
+
     p11.backend.sign = tracking_sign  # type: ignore[method-assign]
     try:
-        meta, out = await op(p11, "batch", b"".join(payloads), items=items, sizes=[len(p) for p in payloads])
+        p11._call_s = 0.0
+        await batch()
+        assert threads == {threading.get_ident()} and peak == 1  # fast: inline, one part
+        slow[0], p11._call_s = True, INLINE_MAX_CALL_S * 4  # as measured on a slow device
+        threads.clear()
+        peak = 0
+        await batch()
     finally:
         p11.backend.sign = real_sign  # type: ignore[method-assign]
-    assert threading.get_ident() in threads and len(threads) == 2
-    assert meta["results"][5]["error"]["code"] == "key_not_found"
-    sigs, pos = [], 0
-    for size in meta["sizes"]:
-        sigs.append(out[pos : pos + size])
-        pos += size
-    del sigs[5]
-    checks = await asyncio.gather(*(op(p11, "verify", d, key=name, sig=s) for d, s in zip(datas, sigs, strict=True)))
-    assert all(c[0]["valid"] for c in checks)
+    parallel = p11.backend.parallel
+    assert parallel == 4  # the default [crypto.pkcs11] sessions
+    assert threading.get_ident() not in threads and len(threads) == parallel and peak >= 2
     assert p11._device_jobs == 0
 
 
@@ -375,6 +411,7 @@ async def test_pkcs11_one_session_when_configured(data_dir: Path, softhsm: dict[
         assert svc.backend.parallel == 1
         name = _unique("one")
         await svc.create_key(name, "sm2")
+        svc._call_s = 1.0  # even a slow device has one session to work on
         datas = [os.urandom(8) for _ in range(8)]
         meta, _ = await op(svc, "batch", b"".join(datas), items=[{"op": "sign", "key": name}] * 8, sizes=[8] * 8)
         assert all("error" not in r for r in meta["results"])

@@ -53,11 +53,11 @@ class Pkcs11Settings(BaseModel):
     slot: int | None = Field(default=None, ge=0, description="slot id; default: the slot whose token has token_label")
     pin: SecretStr | None = Field(default=None, description="user PIN (XC_CRYPTO__PKCS11__PIN)")
     sessions: int = Field(
-        default=2,
+        default=4,
         ge=1,
         le=64,
-        description="sessions the owner signs on in parallel (one thread each; needs the library to accept "
-        "CKF_OS_LOCKING_OK, else 1)",
+        description="sessions a slow device (network HSM) works on in parallel, one device thread each; "
+        "needs the library to accept CKF_OS_LOCKING_OK, else 1",
     )
     # asymmetric keys (sign/verify)
     key_type: int = Field(

@@ -96,6 +96,12 @@ class _Lane:
 
     session: Any  # PyKCS11 Session
     handle: int  # CK_SESSION_HANDLE for the ctypes fast path
+    sig_buf: Any = None  # this lane's C_Sign output buffer (reused: one call at a time per lane)
+    sig_len: Any = None
+
+    def __post_init__(self) -> None:
+        self.sig_buf = ctypes.create_string_buffer(512)
+        self.sig_len = ctypes.c_ulong(512)
 
 
 class _CKMechanism(ctypes.Structure):
@@ -148,6 +154,7 @@ class Pkcs11Backend(Backend):
         for lane in self._lanes:
             self._free.put(lane)
         self._handles: dict[tuple[str, int, int], Any] = {}
+        self._native: dict[tuple[str, int], int] = {}  # private-key handle as int, for ctypes
         self._mechs: dict[int, _CKMechanism] = {}
         self._fast: _FastPath | None = None
         if cfg.library is not None and _FastPath.available(str(cfg.library)):
@@ -288,15 +295,17 @@ class Pkcs11Backend(Backend):
     def sign(self, rec: KeyRecord, data: bytes, uid: bytes) -> bytes:
         require_kind(rec, "sm2")
         digest = self._prehash(rec, data, uid)
-        with self._lane() as lane:
-            try:
-                key = self._find(lane, rec, self.P.CKO_PRIVATE_KEY)
-                if self._fast is not None:
-                    sig = self._fast_sign(lane.handle, key, digest)
-                else:
-                    sig = bytes(lane.session.sign(key, digest, self._mech(self.cfg.sign_mechanism)))
-            except self.P.PyKCS11Error as exc:
-                raise self._err(exc) from None
+        lane = self._free.get()  # (not the _lane() context manager: this is the owner's hot path)
+        try:
+            key = self._find(lane, rec, self.P.CKO_PRIVATE_KEY)
+            if self._fast is not None:
+                sig = self._fast_sign(lane, self._native_handle(rec, key), digest)
+            else:
+                sig = bytes(lane.session.sign(key, digest, self._mech(self.cfg.sign_mechanism)))
+        except self.P.PyKCS11Error as exc:
+            raise self._err(exc) from None
+        finally:
+            self._free.put(lane)
         if len(sig) != 64:
             raise BackendError(f"token returned a {len(sig)}-byte signature; expected raw r||s (64)")
         return sig
@@ -308,7 +317,7 @@ class Pkcs11Backend(Backend):
             try:
                 key = self._find(lane, rec, self.P.CKO_PUBLIC_KEY)
                 if self._fast is not None:
-                    return self._fast_verify(lane.handle, key, digest, raw_sig)
+                    return self._fast_verify(lane.handle, int(key.value()), digest, raw_sig)
                 return bool(lane.session.verify(key, digest, raw_sig, self._mech(self.cfg.sign_mechanism)))
             except self.P.PyKCS11Error as exc:
                 if exc.value in (self.P.CKR_SIGNATURE_INVALID, self.P.CKR_SIGNATURE_LEN_RANGE):
@@ -321,23 +330,28 @@ class Pkcs11Backend(Backend):
             m = self._mechs[mech_id] = _CKMechanism(mech_id, None, 0)
         return m
 
-    def _fast_sign(self, sh: int, key: Any, digest: bytes) -> bytes:
-        assert self._fast is not None
-        rv = self._fast.sign_init(sh, ctypes.byref(self._native_mech(self.cfg.sign_mechanism)), int(key.value()))
-        if rv:
-            raise self.P.PyKCS11Error(rv)
-        buf = ctypes.create_string_buffer(512)
-        n = ctypes.c_ulong(512)
-        rv = self._fast.sign(sh, digest, len(digest), buf, ctypes.byref(n))
-        if rv:
-            raise self.P.PyKCS11Error(rv)
-        return buf.raw[: n.value]
+    def _native_handle(self, rec: KeyRecord, key: Any) -> int:
+        k = (rec.name, rec.version)
+        h = self._native.get(k)
+        if h is None:
+            h = self._native[k] = int(key.value())
+        return h
 
-    def _fast_verify(self, sh: int, key: Any, digest: bytes, sig: bytes) -> bool:
+    def _fast_sign(self, lane: _Lane, key: int, digest: bytes) -> bytes:
         assert self._fast is not None
-        rv = self._fast.verify_init(
-            sh, ctypes.byref(self._native_mech(self.cfg.sign_mechanism)), int(key.value())
-        )
+        rv = self._fast.sign_init(lane.handle, ctypes.byref(self._native_mech(self.cfg.sign_mechanism)), key)
+        if rv:
+            raise self.P.PyKCS11Error(rv)
+        n = lane.sig_len
+        n.value = 512
+        rv = self._fast.sign(lane.handle, digest, len(digest), lane.sig_buf, ctypes.byref(n))
+        if rv:
+            raise self.P.PyKCS11Error(rv)
+        return lane.sig_buf.raw[: n.value]
+
+    def _fast_verify(self, sh: int, key: int, digest: bytes, sig: bytes) -> bool:
+        assert self._fast is not None
+        rv = self._fast.verify_init(sh, ctypes.byref(self._native_mech(self.cfg.sign_mechanism)), key)
         if rv:
             raise self.P.PyKCS11Error(rv)
         rv = self._fast.verify(sh, digest, len(digest), sig, len(sig))
@@ -408,6 +422,7 @@ class Pkcs11Backend(Backend):
     def forget(self, rec: KeyRecord) -> None:
         for k in [k for k in self._handles if k[:2] == (rec.name, rec.version)]:
             self._handles.pop(k, None)
+        self._native.pop((rec.name, rec.version), None)
 
     def close(self) -> None:
         lanes = [self._free.get() for _ in self._lanes]  # waits for calls in progress
