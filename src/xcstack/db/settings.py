@@ -143,7 +143,12 @@ class DatabaseSettings(BaseModel):
     driver: DriverName = "sqlite"
     dsn: SecretStr | None = Field(None, description="driver-specific DSN (URL form for mysql/dm); secret")
     shards: list[SecretStr] | None = Field(None, min_length=1, max_length=1024, description="one DSN per shard")
-    pool_size: int = Field(8, ge=1, le=256, description="threads = connections per shard")
+    pool_size: int = Field(
+        4, ge=1, le=256,
+        description="threads = connections per shard, per process. A process's workers share one GIL, so a few "
+        "threads keep it busy while the others wait on the server: at c=64 on 2 cores 4 beat 8 (PostgreSQL "
+        "8.8k vs 4.9k q/s, loop lag p99 1.8 vs 6.5 ms). Raise it for slow, server-bound queries",
+    )
     pool_wait_timeout_s: float = Field(1.0, gt=0, le=60, description="wait for a free connection, then 503")
     max_waiting: int = Field(1024, ge=0, le=1_000_000, description="callers allowed to wait; beyond: 503 at once")
     query_timeout_s: float = Field(30.0, gt=0, le=3600)
