@@ -418,3 +418,20 @@ async def test_pkcs11_one_session_when_configured(data_dir: Path, softhsm: dict[
     finally:
         svc.close()
         await svc.keystore.store.close()
+
+
+async def test_pkcs11_close_does_not_wait_for_a_hung_device_call(
+    data_dir: Path, softhsm: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    import time as _time
+
+    settings = load_settings(None, data_dir=data_dir, crypto=pkcs11_crypto(softhsm, sessions=2))
+    svc = await build_service(settings)
+    backend = svc.backend
+    held = backend._free.get()  # type: ignore[attr-defined]  # a call that never returns
+    t0 = _time.monotonic()
+    backend.close(timeout=0.3)  # type: ignore[call-arg]
+    assert _time.monotonic() - t0 < 2
+    assert "still running at close" in caplog.text
+    backend._free.put(held)  # type: ignore[attr-defined]
+    await svc.keystore.store.close()

@@ -27,6 +27,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -424,10 +425,20 @@ class Pkcs11Backend(Backend):
             self._handles.pop(k, None)
         self._native.pop((rec.name, rec.version), None)
 
-    def close(self) -> None:
-        lanes = [self._free.get() for _ in self._lanes]  # waits for calls in progress
+    def close(self, timeout: float = 5.0) -> None:
+        """Log out and close the sessions, after the calls in progress (a hung device call keeps
+        its session open rather than hold up shutdown)."""
+        lanes: list[_Lane] = []
+        deadline = time.monotonic() + timeout
+        for _ in self._lanes:
+            try:
+                lanes.append(self._free.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                log.warning("PKCS#11: a device call is still running at close; its session is left open")
+                break
         with contextlib.suppress(Exception):
-            lanes[0].session.logout()
+            if lanes:
+                lanes[0].session.logout()
         for lane in lanes:
             with contextlib.suppress(Exception):
                 lane.session.closeSession()
