@@ -5,6 +5,11 @@ MariaDB:    xcstack bridge (pymysql in worker threads)        vs aiomysql vs asy
 Also: the bridge's added per-query latency over a direct sync driver call (c=1, p50/p99), and the
 event-loop lag p99 while each peer runs (a 5 ms ticker). Every peer gets the same pool size.
 
+The process is pinned the way `xcstack serve` pins http worker 0 (the tuning plan's CPU, server.pin_cpus
+= true by default), so the loop and the bridge's threads share that core as they do in production; all
+peers run in this one process and get the same pinning. XC_BENCH_DB_PIN=0 measures unpinned (on a
+2-vCPU VM the bridge then pays cross-vCPU wake-ups: ~0.5-1.1x asyncpg instead of 1.6x).
+
     .venv/bin/python bench/db.py                 # 5 s per peer
     XC_BENCH_DB_SECONDS=20 XC_BENCH_DB_POOLS=4,8,16 .venv/bin/python bench/db.py
 """
@@ -35,6 +40,7 @@ POOLS = [int(x) for x in os.environ.get("XC_BENCH_DB_POOLS", "4,8").split(",")]
 POOL = POOLS[0]
 ROWS = 10_000
 SEQ_N = int(os.environ.get("XC_BENCH_DB_SEQ", "3000"))
+PIN = os.environ.get("XC_BENCH_DB_PIN", "1") != "0"
 
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=xcdb_test"
@@ -350,14 +356,29 @@ async def thread_hop_floor(n: int = 3000) -> float:
     return statistics.median(lat[n // 10 :]) * 1e6
 
 
+def pin_like_http_worker() -> str:
+    """Pin this process as `xcstack serve` pins http worker 0; a description for the report."""
+    if not PIN:
+        return "not pinned (XC_BENCH_DB_PIN=0)"
+    from xcstack.config import load_settings
+    from xcstack.platform.plan import derive_plan
+    from xcstack.platform.probe import probe
+
+    plan = derive_plan(probe(), load_settings())
+    if plan.pin_current_process("http", 0):
+        return f"pinned to CPU {plan.http_worker_cpus(0)} like http worker 0 of `xcstack serve`"
+    return "not pinned (the tuning plan has no core for it)"
+
+
 async def main() -> None:
     global POOL
+    pinning = pin_like_http_worker()
     loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
     hdr = ["peer", "queries/s", "p99 ms", "loop lag p99 ms"]
     out = [f"Point-select by primary key (10k-row table), concurrency {CONC}, the same pool size for every "
-           f"peer, {SECONDS:g} s per peer, event loop: {loop_name}. Shared 2-core machine (other engineers' "
-           "jobs running), database servers on the same machine: read the ratios within one run, not the "
-           "absolute numbers."]
+           f"peer, {SECONDS:g} s per peer, event loop: {loop_name}; the benchmark process is {pinning} (all "
+           "peers alike; the database servers are not pinned). 2-vCPU VM, database servers on the same "
+           "machine: read the ratios within one run, not the absolute numbers."]
     hop = await thread_hop_floor()
     out += ["", f"Machine floor: an empty loop → thread → loop hand-off (the two wake-ups every bridge call "
             f"needs, no driver, no bridge code) takes p50 **{hop:.0f} µs** here."]

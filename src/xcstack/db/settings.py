@@ -145,9 +145,10 @@ class DatabaseSettings(BaseModel):
     shards: list[SecretStr] | None = Field(None, min_length=1, max_length=1024, description="one DSN per shard")
     pool_size: int = Field(
         4, ge=1, le=256,
-        description="threads = connections per shard, per process. A process's workers share one GIL, so a few "
-        "threads keep it busy while the others wait on the server: at c=64 on 2 cores 4 beat 8 (PostgreSQL "
-        "8.8k vs 4.9k q/s, loop lag p99 1.8 vs 6.5 ms). Raise it for slow, server-bound queries",
+        description="threads = connections per shard, per process. A process's workers share one GIL (and, as "
+        "`xcstack serve` pins http workers, one core): a few threads keep it busy while the others wait on the "
+        "server. bench/db.py, c=64: pool 8 gave more throughput than 4 but a higher loop lag p99 (MariaDB "
+        "5.0 ms vs 0.7 ms). Raise it for slow, server-bound queries",
     )
     pool_wait_timeout_s: float = Field(1.0, gt=0, le=60, description="wait for a free connection, then 503")
     max_waiting: int = Field(1024, ge=0, le=1_000_000, description="callers allowed to wait; beyond: 503 at once")
@@ -169,9 +170,9 @@ class DatabaseSettings(BaseModel):
     worker_nice: int = Field(
         0, ge=0, le=19,
         description="Linux: worker threads run this much nicer than the process. Off by default: a nicer "
-        "worker preempted while it holds the GIL stalls the loop and every other worker (measured at "
-        "pool 4, c=64: nice 5 gave 5.4-7.2k q/s and 6.5-7.5 context switches per query, nice 0 "
-        "8.9-10k q/s and 4.2)",
+        "worker preempted while it holds the GIL stalls the loop and every other worker (pool 4, c=64, "
+        "PostgreSQL: nice 5 gave 11-12k q/s at 4.3 context switches per query on one pinned core, nice 0 "
+        "16-18k at 1.1; unpinned 5.4-7.2k vs 8.9-10k)",
     )
     application_name: str = Field("xcstack", max_length=60)
     queries: dict[str, QuerySettings] = Field(default_factory=dict)
