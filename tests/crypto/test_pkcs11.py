@@ -435,3 +435,58 @@ async def test_pkcs11_close_does_not_wait_for_a_hung_device_call(
     assert "still running at close" in caplog.text
     backend._free.put(held)  # type: ignore[attr-defined]
     await svc.keystore.store.close()
+
+
+async def test_pkcs11_library_initialised_without_locking_gets_one_session(
+    data_dir: Path, softhsm: dict[str, str]
+) -> None:
+    """Someone else in the process called C_Initialize(NULL) first ("one thread only"): xcstack
+    cannot know the library is thread-safe, so it keeps to one session."""
+    import sys
+
+    code = (
+        "import asyncio, ctypes, os\n"
+        "lib = ctypes.CDLL(os.environ['XC_CRYPTO__PKCS11__LIBRARY'])\n"
+        "lib.C_Initialize.argtypes = [ctypes.c_void_p]\n"
+        "assert lib.C_Initialize(None) == 0\n"
+        "from xcstack.config import load_settings\n"
+        "from xcstack.crypto.owner import build_service\n"
+        "async def m():\n"
+        "    s = await build_service(load_settings())\n"
+        "    print('parallel', s.backend.parallel, len(s.backend._lanes))\n"
+        "    assert len(s.backend.random(8)) == 8\n"
+        "    s.close(); await s.keystore.store.close()\n"
+        "asyncio.run(m())\n"
+    )
+    env = owner_env(
+        data_dir, XC_CRYPTO__BACKEND="pkcs11", XC_CRYPTO__PKCS11__LIBRARY=softhsm["library"],
+        XC_CRYPTO__PKCS11__PIN="123456", SOFTHSM2_CONF=softhsm["SOFTHSM2_CONF"],
+    )
+    p = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(p.communicate(), 60)
+    assert p.returncode == 0, err.decode()[-800:]
+    assert out.decode().split() == ["parallel", "1", "1"]
+
+
+async def test_pkcs11_random_on_a_slow_device_runs_off_the_loop(p11: CryptoService) -> None:
+    from xcstack.crypto.service import INLINE_MAX_CALL_S
+
+    submitted = []
+    real_submit = p11._submit
+
+    def counting(executor, fn):  # type: ignore[no-untyped-def]
+        submitted.append(1)
+        return real_submit(executor, fn)
+
+    p11._submit = counting  # type: ignore[method-assign]
+    try:
+        p11._call_s = 0.0
+        assert len((await op(p11, "random", n=16))[1]) == 16
+        assert not submitted  # fast device: inline
+        p11._call_s = INLINE_MAX_CALL_S * 4
+        assert len((await op(p11, "random", n=16))[1]) == 16
+        assert submitted  # slow device: on a device thread, the owner's loop keeps serving
+    finally:
+        p11._submit = real_submit  # type: ignore[method-assign]

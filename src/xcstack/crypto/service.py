@@ -208,12 +208,13 @@ class CryptoService:
         step = -(-len(works) // n)
         return [works[k : k + step] for k in range(0, len(works), step)]
 
-    async def _run_parallel(self, jobs: list[Callable[[], list[Any]]], parts: list[list[Any]]) -> list[Any]:
-        """Every part on its own device thread (and session), all at once; results in order."""
+    async def _run_parallel(self, job: Callable[[list[Any]], list[Any]], parts: list[list[Any]]) -> list[Any]:
+        """`job(part)` for every part on its own device thread (and session), all at once; results
+        in order."""
         assert self._device is not None
         futs = [
-            self._submit(self._device, functools.partial(self._timed, fn, len(part)))
-            for fn, part in zip(jobs, parts, strict=True)
+            self._submit(self._device, functools.partial(self._timed, functools.partial(job, part), len(part)))
+            for part in parts
         ]
         done: list[Any] = []
         for part_done in await asyncio.gather(*futs):
@@ -411,7 +412,7 @@ class CryptoService:
             if len(parts) == 1:
                 done = await self._run(len(payload), lambda: job(works), len(works))
             else:
-                done = await self._run_parallel([functools.partial(job, part) for part in parts], parts)
+                done = await self._run_parallel(job, parts)
             for i, op, res, dt in done:
                 if isinstance(res, XCError):
                     results[i] = _error_meta(res)
@@ -425,7 +426,8 @@ class CryptoService:
         n = meta.get("n")
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_RANDOM:
             raise InvalidCryptoInput(f"n must be an integer 1..{MAX_RANDOM}")
-        return {"n": n}, self.backend.random(n)
+        # through _run like every device call: on a slow device it must not hold up the owner's loop
+        return {"n": n}, await self._run(n, lambda: self.backend.random(n), 1)
 
     # -- key management ---------------------------------------------------------------------
     async def create_key(self, name: str, kind: str, *, rotate: bool = False) -> KeyRecord:

@@ -29,7 +29,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -97,12 +97,9 @@ class _Lane:
 
     session: Any  # PyKCS11 Session
     handle: int  # CK_SESSION_HANDLE for the ctypes fast path
-    sig_buf: Any = None  # this lane's C_Sign output buffer (reused: one call at a time per lane)
-    sig_len: Any = None
-
-    def __post_init__(self) -> None:
-        self.sig_buf = ctypes.create_string_buffer(512)
-        self.sig_len = ctypes.c_ulong(512)
+    # this lane's C_Sign output buffer and length (reused: one call at a time per lane)
+    sig_buf: Any = field(default_factory=lambda: ctypes.create_string_buffer(512))
+    sig_len: Any = field(default_factory=lambda: ctypes.c_ulong(512))
 
 
 class _CKMechanism(ctypes.Structure):
@@ -155,7 +152,7 @@ class Pkcs11Backend(Backend):
         for lane in self._lanes:
             self._free.put(lane)
         self._handles: dict[tuple[str, int, int], Any] = {}
-        self._native: dict[tuple[str, int], int] = {}  # private-key handle as int, for ctypes
+        self._native: dict[tuple[str, int, int], int] = {}  # the same handles as ints, for ctypes
         self._mechs: dict[int, _CKMechanism] = {}
         self._fast: _FastPath | None = None
         if cfg.library is not None and _FastPath.available(str(cfg.library)):
@@ -300,7 +297,7 @@ class Pkcs11Backend(Backend):
         try:
             key = self._find(lane, rec, self.P.CKO_PRIVATE_KEY)
             if self._fast is not None:
-                sig = self._fast_sign(lane, self._native_handle(rec, key), digest)
+                sig = self._fast_sign(lane, self._native_handle(rec, self.P.CKO_PRIVATE_KEY, key), digest)
             else:
                 sig = bytes(lane.session.sign(key, digest, self._mech(self.cfg.sign_mechanism)))
         except self.P.PyKCS11Error as exc:
@@ -318,7 +315,8 @@ class Pkcs11Backend(Backend):
             try:
                 key = self._find(lane, rec, self.P.CKO_PUBLIC_KEY)
                 if self._fast is not None:
-                    return self._fast_verify(lane.handle, int(key.value()), digest, raw_sig)
+                    native = self._native_handle(rec, self.P.CKO_PUBLIC_KEY, key)
+                    return self._fast_verify(lane.handle, native, digest, raw_sig)
                 return bool(lane.session.verify(key, digest, raw_sig, self._mech(self.cfg.sign_mechanism)))
             except self.P.PyKCS11Error as exc:
                 if exc.value in (self.P.CKR_SIGNATURE_INVALID, self.P.CKR_SIGNATURE_LEN_RANGE):
@@ -331,8 +329,9 @@ class Pkcs11Backend(Backend):
             m = self._mechs[mech_id] = _CKMechanism(mech_id, None, 0)
         return m
 
-    def _native_handle(self, rec: KeyRecord, key: Any) -> int:
-        k = (rec.name, rec.version)
+    def _native_handle(self, rec: KeyRecord, cls: int, key: Any) -> int:
+        """`key` (a PyKCS11 handle) as the int the ctypes calls take; cached like `_find`."""
+        k = (rec.name, rec.version, cls)
         h = self._native.get(k)
         if h is None:
             h = self._native[k] = int(key.value())
@@ -421,9 +420,9 @@ class Pkcs11Backend(Backend):
                 return os.urandom(n)  # tokens without an RNG: the OS CSPRNG
 
     def forget(self, rec: KeyRecord) -> None:
-        for k in [k for k in self._handles if k[:2] == (rec.name, rec.version)]:
-            self._handles.pop(k, None)
-        self._native.pop((rec.name, rec.version), None)
+        for cache in (self._handles, self._native):
+            for k in [k for k in cache if k[:2] == (rec.name, rec.version)]:
+                cache.pop(k, None)
 
     def close(self, timeout: float = 5.0) -> None:
         """Log out and close the sessions, after the calls in progress (a hung device call keeps
