@@ -19,9 +19,9 @@ import contextlib
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import psycopg
@@ -50,9 +50,11 @@ from xcstack.vector.store import (
 )
 
 log = logging.getLogger("xcstack.vector.pgvector")
+T = TypeVar("T")
 
 CATALOG = "xc_vector_collections"
 CANCEL_TIMEOUT_S = 2.0
+RECANCEL_S = 0.1  # a pipeline the server has not stopped yet gets another cancel
 TABLE_PREFIX = "xcv_"
 MAX_HNSW_DIM = 2000  # pgvector: HNSW on `vector` supports at most 2,000 dimensions
 _OPS: dict[str, tuple[str, str]] = {
@@ -500,13 +502,8 @@ class PgvectorStore:
                 if len(vectors) == 1:
                     rows_per_query = [await self._one(conn, query, vectors[0], fields, f_params, top_k)]
                 else:
-                    async with conn.pipeline():
-                        curs = []
-                        for v in vectors:
-                            cur = conn.cursor()
-                            await cur.execute(query, [v, *fields, *f_params, top_k])
-                            curs.append(cur)
-                    rows_per_query = [await c.fetchall() for c in curs]
+                    params = [[v, *fields, *f_params, top_k] for v in vectors]
+                    rows_per_query = await _stopped_on_cancel(conn, _pipelined(conn, query, params))
             except psycopg.errors.UndefinedTable:
                 self._meta.pop(name, None)
                 raise CollectionNotFound(name) from None
@@ -607,6 +604,49 @@ class PgvectorStore:
         metrics.INDEX_BUILD.labels(self.backend).observe(dt)
         log.info("pgvector: index of %s ready in %.1fs", name, dt)
         return await self.describe_collection(name)
+
+
+async def _pipelined(
+    conn: psycopg.AsyncConnection[Any], query: sql.Composed, params: list[list[Any]]
+) -> list[list[tuple[Any, ...]]]:
+    """Many statements in one round trip (one implicit transaction: an error aborts the rest)."""
+    async with conn.pipeline():
+        curs = []
+        for p in params:
+            cur = conn.cursor()
+            await cur.execute(query, p)
+            curs.append(cur)
+    return [await c.fetchall() for c in curs]
+
+
+async def _stopped_on_cancel(conn: psycopg.AsyncConnection[Any], work: Coroutine[Any, Any, T]) -> T:
+    """Run multi-statement `work` on `conn`; if the caller goes away, cancel on the server until
+    the work has stopped. PostgreSQL drops a cancel request that lands between two statements (a
+    cancel held off while parallel workers shut down is discarded when the backend reads the next
+    message: 1 pipeline in 3 here ran on), and psycopg's own cancel then waits 5 s and closes the
+    connection. The work runs in its own task so that the connection is not handed back while it
+    is still in use."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await _cancel_until_stopped(conn, task)
+        raise
+
+
+async def _cancel_until_stopped(conn: psycopg.AsyncConnection[Any], task: asyncio.Future[Any]) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CANCEL_TIMEOUT_S
+    try:
+        while not task.done() and loop.time() < deadline:
+            with contextlib.suppress(Exception):
+                await conn.cancel_safe(timeout=CANCEL_TIMEOUT_S)
+            await asyncio.wait([task], timeout=RECANCEL_S)
+    finally:
+        if not task.done():  # the server did not stop it: psycopg's own path closes the connection
+            await cancel_and_wait([task])
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: the caller's cancellation is what propagates
 
 
 async def _cancel_running(conn: psycopg.AsyncConnection[Any]) -> None:
