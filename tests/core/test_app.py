@@ -105,6 +105,9 @@ def test_metrics_parse_and_include_loop_lag(client: TestClient) -> None:
     routes = {(s.labels.get("route"), s.labels.get("status"))
               for s in families["xc_http_requests"].samples if s.name == "xc_http_requests_total"}
     assert ("/v1/echo", "200") in routes and ("<unmatched>", "404") in routes
+    latency = families["xc_http_request_duration_seconds"].samples
+    timed = {(s.labels["route"], s.labels["status"]): s.value for s in latency if s.name.endswith("_count")}
+    assert timed[("/v1/echo", "200")] >= 1 and timed[("<unmatched>", "404")] >= 1  # latency per route and status
     lag = {s.labels["le"]: s.value for s in families["xc_event_loop_lag_seconds"].samples
            if s.name.endswith("_bucket")}
     assert lag["+Inf"] > lag["0.1"], "the 150 ms block must appear as a lag sample above 100 ms"

@@ -104,6 +104,10 @@ def test_metrics_usage_ttft_and_in_flight(gateway: GatewayServer) -> None:
     # per key too: mean TTFT and generation time (tokens/s = completion tokens / generation seconds)
     assert re.search(r'^xc_gateway_key_ttft_seconds_count\{key="k:[0-9a-f]{16}",model="mock-model"\} 1.0$', text,
                      re.M)
-    assert re.search(r'^xc_gateway_key_generation_seconds_sum\{key="k:[0-9a-f]{16}",model="mock-model"\} ', text,
-                     re.M)
+    # both calls, the non-streamed one included, so that tokens/s per key is not overstated
+    gen_count = re.findall(r'^xc_gateway_key_generation_seconds_count\{key="k:[0-9a-f]{16}",model="mock-model"\} '
+                           r"([0-9.]+)$", text, re.M)
+    gen_sum = re.findall(r'^xc_gateway_key_generation_seconds_sum\{key="k:[0-9a-f]{16}",model="mock-model"\} '
+                         r"([0-9.e-]+)$", text, re.M)
+    assert gen_count == ["2.0"] and float(gen_sum[0]) > 0, (gen_count, gen_sum)
     assert "metrics-key" not in text

@@ -30,7 +30,7 @@ TTFT = Histogram(
 )
 TOKENS_PER_S = Histogram(
     "xc_gateway_tokens_per_second",
-    "Completion tokens per second after the first token, per model",
+    "Completion tokens per second per model: streams after the first token, non-streamed answers over the whole call",
     ["model"],
     buckets=(1, 5, 10, 20, 40, 80, 160, 320, 640, 1280, 5000),
 )
@@ -39,7 +39,8 @@ KEY_TTFT = Summary(
 )
 KEY_GENERATION = Summary(
     "xc_gateway_key_generation_seconds",
-    "Streaming time after the first token per API key and model; tokens/s = completion tokens / this sum",
+    "Generation time per API key and model (streams: after the first token; non-streamed: the whole upstream call); "
+    "tokens/s = completion tokens / this sum",
     ["key", "model"],
 )
 TOKENS = Counter("xc_gateway_tokens", "Tokens by API key, model and kind (prompt/completion)", ["key", "model", "kind"])

@@ -85,6 +85,7 @@ class Opened:
     resp: aiohttp.ClientResponse | None
     status: int
     first: bytes  # streams: the first chunk; unary: the whole body
+    sent_at: float = 0.0  # monotonic time the request went to this upstream
 
 
 class UpstreamFailed(Exception):
@@ -370,6 +371,7 @@ class GatewayService:
         try:
             wd.set_phase(tmo.ttfb_s, "ttfb")
             headers = up.headers if pr.request_id is None else {**up.headers, "X-Request-Id": pr.request_id}
+            sent_at = time.monotonic()
             resp = await up.session.post(up.url(pr.endpoint.upstream_path), data=self.body_for(pr, target),
                                          headers=headers)
             status = resp.status
@@ -392,7 +394,7 @@ class GatewayService:
                 up.outcome("4xx")
                 wd.clear_phase()
                 ok = True
-                return Opened(up, resp, status, body)
+                return Opened(up, resp, status, body, sent_at)
             if pr.stream:
                 first = await resp.content.readany()
                 if not first:
@@ -420,7 +422,7 @@ class GatewayService:
                         parts.append(chunk)
                     first = b"".join(parts)
             ok = True
-            return Opened(up, resp, status, first)
+            return Opened(up, resp, status, first, sent_at)
         except (aiohttp.ClientError, OSError) as exc:
             up.breaker.failure()
             up.outcome("connect_error" if isinstance(exc, aiohttp.ClientConnectionError | OSError) else "error")
@@ -479,7 +481,7 @@ class GatewayService:
             payload = opened.first
             if opened.status < 400:
                 healthy = True
-                await self._charge_unary(pr, payload)
+                await self._charge_unary(pr, payload, time.monotonic() - opened.sent_at)
             return opened.status, payload
         except asyncio.CancelledError:
             reason = wd.take()
@@ -489,7 +491,9 @@ class GatewayService:
         finally:
             self.finish(opened, healthy)
 
-    async def _charge_unary(self, pr: Prepared, payload: bytes) -> None:
+    async def _charge_unary(self, pr: Prepared, payload: bytes, seconds: float) -> None:
+        """Usage of a non-streamed answer; its generation time is the whole upstream call (no first token
+        to start from), so per-key tokens/s = completion tokens / generation seconds holds for both."""
         if b'"usage"' not in payload:
             return
         try:
@@ -497,7 +501,15 @@ class GatewayService:
         except (ValueError, AttributeError):
             return
         if isinstance(usage, dict):
+            self._generation(pr, usage, seconds)
             await self._account(pr, usage)
+
+    @staticmethod
+    def _generation(pr: Prepared, usage: dict[str, Any], seconds: float) -> None:
+        ct = usage.get("completion_tokens")
+        if isinstance(ct, int) and ct > 0 and seconds > 0:
+            metrics.TOKENS_PER_S.labels(pr.model).observe(ct / seconds)
+            metrics.KEY_GENERATION.labels(pr.key, pr.model).observe(seconds)
 
     async def _account(self, pr: Prepared, usage: dict[str, Any]) -> None:
         pt = usage.get("prompt_tokens") or 0
@@ -664,10 +676,7 @@ class GatewayService:
             usage = {"prompt_tokens": pr.estimate, "completion_tokens": state.events, "total_tokens": pr.estimate
                      + state.events}
         if usage is not None:
-            ct = usage.get("completion_tokens")
-            if isinstance(ct, int) and ct > 0 and t_end > t_first:
-                metrics.TOKENS_PER_S.labels(pr.model).observe(ct / (t_end - t_first))
-                metrics.KEY_GENERATION.labels(pr.key, pr.model).observe(t_end - t_first)
+            self._generation(pr, usage, t_end - t_first)
             await self._account(pr, usage)
         return status
 

@@ -28,7 +28,7 @@ HTTP_REQUESTS = Counter(
 )
 HTTP_LATENCY = Histogram(
     "xc_http_request_duration_seconds", "HTTP request time, first byte in to last byte out",
-    ["route", "method"], buckets=LATENCY_BUCKETS,
+    ["route", "method", "status"], buckets=LATENCY_BUCKETS,
 )
 HTTP_INFLIGHT = Gauge("xc_http_inflight_requests", "HTTP requests in progress", multiprocess_mode="livesum")
 LOOP_LAG = Histogram(

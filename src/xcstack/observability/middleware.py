@@ -95,7 +95,8 @@ class ObservabilityMiddleware:
         key = (route, method, status)
         children = self._children.get(key)
         if children is None:  # label look-ups cost more than the increments: once per (route, method, status)
-            children = (HTTP_REQUESTS.labels(route, method, str(status)), HTTP_LATENCY.labels(route, method))
+            code = str(status)
+            children = (HTTP_REQUESTS.labels(route, method, code), HTTP_LATENCY.labels(route, method, code))
             if len(self._children) < 10_000:
                 self._children[key] = children
         children[0].inc()
