@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from xcstack.config import ConfigError
 from xcstack.db import errors as dberr
 from xcstack.db import metrics as m
 from xcstack.db.profiles import DriverProfile, ErrorKind, Row, get_profile
@@ -42,6 +43,7 @@ from xcstack.db.queries import NamedQuery
 from xcstack.db.settings import DatabaseSettings, DbSettings
 from xcstack.db.sqlparams import CompiledSQL
 from xcstack.errors import BadRequest, GatewayTimeout, XCError
+from xcstack.security.secrets import SecretStore, dsn_redactions, has_refs, redact, resolve_dsn
 
 log = logging.getLogger("xcstack.db")
 
@@ -217,7 +219,7 @@ class _Worker(threading.Thread):
         try:
             self.pool.profile.ping(self.conn)
         except Exception as exc:
-            log.info("db %s: health check failed (%s); reconnecting", self.pool.label, _one_line(exc))
+            log.info("db %s: health check failed (%s); reconnecting", self.pool.label, self.pool.why(exc))
             self._recycle()
 
     def _connect_once(self) -> bool:
@@ -228,13 +230,13 @@ class _Worker(threading.Thread):
                 io_timeout=pool.io_timeout,
             )
         except Exception as exc:
-            log.warning("db %s: connect failed: %s", pool.label, _one_line(exc))
+            log.warning("db %s: connect failed: %s", pool.label, pool.why(exc))
             return False
         try:
             pool.profile.after_connect(conn, prepare_statements=pool.cfg.prepare_statements)
             session = pool.profile.session_id(conn)
         except Exception as exc:
-            log.warning("db %s: connection set-up failed: %s", pool.label, _one_line(exc))
+            log.warning("db %s: connection set-up failed: %s", pool.label, pool.why(exc))
             pool.profile.close(conn)
             return False
         self.conn, self.session = conn, session
@@ -406,6 +408,10 @@ class _Pool:
         self.database = database
         self.label = database if shard == 0 and not cfg.shards else f"{database}#{shard}"
         self.dsn = dsn
+        # the config key of a DSN with `secret:` references until `Database.resolve` replaced them
+        self.config_key = f"db.databases.{database}.shards[{shard}]" if cfg.shards else f"db.databases.{database}.dsn"
+        self.unresolved = has_refs(dsn)
+        self.redactions: list[str] = [] if self.unresolved else dsn_redactions(dsn)  # kept out of log lines
         self.cfg = cfg
         self.profile = profile
         self.io_timeout = io_timeout
@@ -428,6 +434,10 @@ class _Pool:
             "reconnects": m.RECONNECTS.labels(database),
             "cancels": m.CANCELS.labels(database),
         }
+
+    def why(self, exc: BaseException) -> str:
+        """An exception as one log line, without the DSN's password or secret values."""
+        return redact(_one_line(exc), self.redactions)
 
     # --- life ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -603,7 +613,7 @@ class _Pool:
             try:
                 self.profile.cancel(conn, session, self.dsn, timeout=min(5.0, self.cfg.connect_timeout_s))
             except Exception as exc:
-                log.info("db %s: cancel of session %s failed: %s", self.label, session, _one_line(exc))
+                log.info("db %s: cancel of session %s failed: %s", self.label, session, self.why(exc))
 
 
 class TransactionClosed(Exception):
@@ -687,7 +697,20 @@ class Database:
             )
 
     # --- life ----------------------------------------------------------------------------------
+    async def resolve(self, secrets: SecretStore | None) -> None:
+        """Replace `secret:NAME` / `{secret:NAME}` in the DSNs with the stored values (read again at
+        every start; the settings keep the references). ConfigError naming the key when one fails."""
+        for p, dsn in zip(self.pools, self.cfg.shard_dsns(), strict=True):
+            if has_refs(dsn):
+                p.dsn, p.redactions = await resolve_dsn(secrets, dsn, p.config_key)
+                p.unresolved = False
+                log.info("%s: secret references resolved", p.config_key)
+
     async def start(self, wait: float = 5.0) -> None:
+        for p in self.pools:
+            if p.unresolved:
+                raise ConfigError(f"{p.config_key}: secret references were not resolved (start the bridge with "
+                                  "the security capability's secret store: Bridge.start(secrets=...))")
         self.profile.mod  # noqa: B018 -- import the driver now: a missing one fails start-up, not a request
         for p in self.pools:
             p.start()
@@ -1006,7 +1029,11 @@ class Bridge:
             raise dberr.unknown_query(database, str(name))
         return await self.database(database).query(name, params, timeout=timeout)
 
-    async def start(self, wait: float = 5.0) -> None:
+    async def start(self, wait: float = 5.0, secrets: SecretStore | None = None) -> None:
+        """`secrets` (the security capability's store) resolves `secret:` references in DSNs; all of
+        them are resolved before any connection is opened."""
+        for db in self.databases.values():
+            await db.resolve(secrets)
         await asyncio.gather(*(db.start(wait) for db in self.databases.values()))
 
     async def stop(self, timeout: float = 5.0) -> None:

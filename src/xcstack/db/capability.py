@@ -2,6 +2,9 @@
 
 Publishes the bridge as the `db.bridge` service, so other capabilities can run named queries
 (`await ctx.get("db.bridge").query("main", "user_by_id", {"id": 1})`).
+
+Uses the `secrets` service (the security capability's SecretStore, which starts earlier) at start to
+resolve `secret:NAME` / `{secret:NAME}` references in DSNs; see docs/db.md, "Passwords".
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ class DbCapability:
     name = "db"
 
     def __init__(self, ctx: AppContext) -> None:
+        self.ctx = ctx
         self.settings = ctx.settings.db
         self.bridge = Bridge(self.settings)
         ctx.provide("db.bridge", self.bridge)
@@ -27,7 +31,8 @@ class DbCapability:
         return build_routes(self.bridge, self.settings.max_body_bytes)
 
     async def start(self) -> None:
-        await self.bridge.start()
+        # `secret:NAME` / `{secret:NAME}` in DSNs: from the security capability's store (started before this one)
+        await self.bridge.start(secrets=self.ctx.get("secrets"))
 
     async def stop(self) -> None:
         await self.bridge.stop()

@@ -1,22 +1,40 @@
-"""`xcstack db ...`: check connectivity of every configured database, list the named queries."""
+"""`xcstack db ...`: check connectivity of every configured database, list the named queries.
+
+`db check` resolves `secret:` references in DSNs like the server does, from the secret store that
+`xcstack secret set` writes (opened as the other security commands open it).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import time
 from typing import Any
 
-from xcstack.config import load_settings
+from xcstack.config import Settings, load_settings
 from xcstack.db.bridge import Bridge
 from xcstack.db.profiles import get_profile
 
 
-async def _check(bridge: Bridge, wait: float) -> list[dict[str, Any]]:
+async def _check(bridge: Bridge, wait: float, settings: Settings | None = None) -> list[dict[str, Any]]:
+    async with contextlib.AsyncExitStack() as stack:
+        secrets: Any = None
+        refs = any(p.unresolved for db in bridge.databases.values() for p in db.pools)
+        if refs and settings is not None and settings.security.enabled:
+            from xcstack.security.cli import cli_service
+            from xcstack.security.secrets import SecretStore
+
+            svc = await stack.enter_async_context(cli_service(settings))
+            secrets = SecretStore(svc.store, svc.box)
+        return await _check_started(bridge, wait, secrets)
+
+
+async def _check_started(bridge: Bridge, wait: float, secrets: Any) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     t0 = time.monotonic()
-    await bridge.start(wait=wait)
+    await bridge.start(wait=wait, secrets=secrets)
     try:
         for name, db in bridge.databases.items():
             for i, pool in enumerate(db.pools):
@@ -37,7 +55,7 @@ def _db_check(args: argparse.Namespace) -> int:
     if not settings.db.databases:
         print("no databases configured ([db.databases])")
         return 0
-    rows = asyncio.run(_check(Bridge(settings.db), args.wait))
+    rows = asyncio.run(_check(Bridge(settings.db), args.wait, settings))
     if args.json:
         print(json.dumps(rows, ensure_ascii=False, default=str))
     else:

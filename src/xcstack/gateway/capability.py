@@ -6,6 +6,10 @@ Services published on the context:
 - `gateway.complete`: `async (endpoint_path, body: dict, key: str) -> (status, bytes)`, a
   non-streamed call through routing/failover/limits (for other capabilities, e.g. RAG).
 
+Services used at start: `secrets` (the security capability's SecretStore, which starts earlier in
+CAPABILITY_MODULES) resolves `api_key = "secret:NAME"`; a reference without it, or to a missing
+secret, fails start-up with the key (`gateway.upstreams[0].api_key: secret 'openai' not found ...`).
+
 Services used (looked up at request time, so capability order does not matter):
 - `local_embedder`: `async (model, inputs) -> (vectors, usage)` from the inference capability;
   `/v1/embeddings` for a model no upstream serves goes there;
@@ -56,6 +60,10 @@ class GatewayCapability:
         return routes
 
     async def start(self) -> None:
+        # `api_key = "secret:NAME"`: from the security capability's store (it starts before this one)
+        secrets = self.ctx.get("secrets")
+        for i, up in enumerate(self.service.upstreams):
+            await up.resolve_api_key(secrets, f"gateway.upstreams[{i}].api_key")
         await self.service.start()
         if self.jobs is not None:
             await self.jobs.start()

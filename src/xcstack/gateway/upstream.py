@@ -3,6 +3,7 @@ per-upstream concurrency gate and circuit breaker, one aiohttp keep-alive pool p
 
 from __future__ import annotations
 
+import logging
 import random
 import socket
 from collections.abc import Callable
@@ -11,9 +12,13 @@ from typing import Any
 
 import aiohttp
 
+from xcstack.config import ConfigError
 from xcstack.gateway import metrics
 from xcstack.gateway.admission import Breaker, Gate
 from xcstack.gateway.settings import BreakerSettings, UpstreamSettings
+from xcstack.security.secrets import SecretStore, is_ref, resolve_setting
+
+log = logging.getLogger("xcstack.gateway")
 
 
 class Upstream:
@@ -26,8 +31,14 @@ class Upstream:
         self.gate = Gate(f"upstream:{cfg.name}", cfg.max_concurrency, cfg.max_queue, queue_timeout_s)
         self.breaker = Breaker(breaker.failure_threshold, breaker.open_s)
         self.headers: dict[str, str] = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+        # `api_key = "secret:NAME"` is resolved at start (`resolve_api_key`); the reference itself is never sent
+        self.api_key_ref: str | None = None
         if cfg.api_key is not None:
-            self.headers["Authorization"] = f"Bearer {cfg.api_key.get_secret_value()}"
+            key = cfg.api_key.get_secret_value()
+            if is_ref(key):
+                self.api_key_ref = key
+            else:
+                self.headers["Authorization"] = f"Bearer {key}"
         self.session: aiohttp.ClientSession | None = None
         self.m_in_flight = metrics.UPSTREAM_IN_FLIGHT.labels(cfg.name)
         self.m_breaker = metrics.BREAKER_STATE.labels(cfg.name)
@@ -48,7 +59,19 @@ class Upstream:
     def load(self) -> float:
         return (self.gate.active + self.gate.waiting + 1) / self.weight
 
+    async def resolve_api_key(self, secrets: SecretStore | None, key: str) -> None:
+        """`api_key = "secret:NAME"`: the stored value goes into the Authorization header (the only
+        copy this object keeps); ConfigError naming `key` when it cannot be resolved."""
+        if self.api_key_ref is not None:
+            value = await resolve_setting(secrets, self.api_key_ref, key)
+            self.headers["Authorization"] = f"Bearer {value}"
+            log.info("%s: taken from secret %r", key, self.api_key_ref[len("secret:"):])
+
     async def start(self) -> None:
+        if self.api_key_ref is not None and "Authorization" not in self.headers:
+            raise ConfigError(f"gateway upstream {self.name!r}: api_key {self.api_key_ref!r} was not resolved "
+                              "(the gateway capability resolves it at start, from the security capability's "
+                              "secret store)")
         if self.session is None:
             conn = aiohttp.TCPConnector(
                 limit=self.cfg.max_concurrency, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300,
