@@ -13,6 +13,12 @@ For every http/websocket request but the public paths (`/healthz`, `/readyz`, `/
 5. writes the API-call record (who, method, route, status, ip, request id) and waits until it is
    durable before the response head goes out; a response that never started is recorded as an
    error. If the audit log cannot write, the request fails with 503 (fail closed).
+
+The keys the security capability signs and seals with (`[security] signing_key` for audit
+checkpoints and the trusted-boot manifest, and the secret box key) are its own: no principal may
+use them through `authorize(request, "key:<name>", ...)` for anything but `read` / `verify`,
+whatever its roles (三权分立: a sysadmin, or a custom role, that could sign with the audit key
+could forge checkpoints). Such a denial is audited like any other.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
+from starlette.requests import Request
 from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -44,6 +51,8 @@ _AUTH_DENIED = AUTH_TOTAL.labels("denied")
 SELF_SERVICE = frozenset({"/v1/auth/logout", "/v1/auth/me", "/v1/auth/password", "/v1/auth/totp/enroll",
                           "/v1/auth/totp/confirm"})
 PUBLIC_ROUTES = {("POST", "/v1/auth/login")}
+# what anyone allowed to may still do with the security capability's own keys (public-key reads)
+RESERVED_KEY_ACTIONS = frozenset({"read", "verify"})
 
 
 def client_ip(scope: Scope, trust_proxy: bool) -> str | None:
@@ -126,8 +135,11 @@ async def send_error(send: Send, exc: XCError, request_id: str | None) -> None:
 
 class SecurityMiddleware:
     def __init__(self, app: ASGIApp, security: SecurityCapability) -> None:
+        from xcstack.security.capability import SECRETBOX_KEY
+
         self.app = app
         self.sec = security
+        self.reserved_keys = frozenset({f"key:{security.settings.signing_key}", f"key:{SECRETBOX_KEY}"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -135,7 +147,7 @@ class SecurityMiddleware:
             return
         sec = self.sec
         settings = sec.settings
-        scope["xc.authorizer"] = sec.authorizer
+        scope["xc.authorizer"] = self.authorize
         scope["xc.audit"] = sec.audit_sink
         path: str = scope["path"]
         method: str = scope.get("method", "GET")
@@ -169,6 +181,22 @@ class SecurityMiddleware:
             await send_error(send, exc, rid)
             return
         await self._call_audited(scope, receive, send, principal, method, template, info)
+
+    async def authorize(self, request: Request, resource: str, action: str) -> None:
+        """The `xc.authorizer` of the scope: the security capability's check, after refusing any use
+        of its own keys but `read` / `verify`."""
+        if resource in self.reserved_keys and action not in RESERVED_KEY_ACTIONS:
+            pr = request.scope.get("xc.principal")
+            if not isinstance(pr, Principal):
+                raise Unauthorized("authentication required", code="unauthorized")
+            DENIALS.labels("reserved_key").inc()
+            info = ReqInfo(request.scope.get("xc.client_ip"), request.scope.get("xc.request_id"))
+            await self.sec.service.audit(pr.name, "access.denied", resource, "denied", info,
+                                         {"action": action, "roles": list(pr.roles),
+                                          "reason": "key reserved to the security capability"})
+            raise Forbidden(f"permission denied: {action} on {resource} (reserved to the security capability)",
+                            code="forbidden")
+        await self.sec.authorizer(request, resource, action)
 
     async def _check(self, principal: Principal, found: tuple[Any, str], method: str, info: ReqInfo) -> None:
         endpoint, template = found
