@@ -25,6 +25,7 @@ from starlette.routing import BaseRoute
 
 from xcstack.capability import AppContext
 from xcstack.gateway.jobs import JobManager, disabled_routes
+from xcstack.gateway.jobstore import open_job_store
 from xcstack.gateway.routes import build_routes
 from xcstack.gateway.service import ENDPOINTS, GatewayService
 from xcstack.gateway.watchdog import Watchdog
@@ -38,7 +39,8 @@ class GatewayCapability:
         settings = ctx.settings.gateway
         self.service = GatewayService(settings, max_body_bytes=ctx.settings.server.max_body_bytes,
                                       services=ctx.services)
-        self.jobs = JobManager(self.service, ctx.state, settings.jobs) if settings.jobs.enabled else None
+        self.jobs = (JobManager(self.service, open_job_store(settings, ctx.state), settings.jobs)
+                     if settings.jobs.enabled else None)
         ctx.provide("gateway.upstream_models", self.service.upstream_models)
         ctx.provide("gateway.complete", self.complete)
 

@@ -1,9 +1,10 @@
 """Async jobs: `POST /v1/jobs` queues any non-streamed gateway request, `GET /v1/jobs/{id}` reads
 its status and result, `DELETE /v1/jobs/{id}` cancels it.
 
-Jobs live in the state store (`ctx.state`: SQLite by default, PostgreSQL when configured), so a
-restart loses no queued or finished job. Each http worker runs at most `jobs.concurrency` jobs; a
-job is claimed atomically (`UPDATE ... WHERE status='queued'`), holds a lease renewed while it
+Jobs live in a `JobStore` (`jobstore.py`): the state store by default (`ctx.state`: SQLite, or
+PostgreSQL/KingbaseES with `[state] url`), or Redis with `[gateway.jobs] store = "redis"`
+(`jobstore_redis.py`), so a restart loses no queued or finished job. Each http worker runs at most
+`jobs.concurrency` jobs; a job is claimed atomically (oldest first), holds a lease renewed while it
 runs, and is requeued when its worker dies (lease expired). Finished jobs expire after `ttl_s`.
 """
 
@@ -24,41 +25,15 @@ from starlette.routing import BaseRoute, Route
 from xcstack.errors import NotFound, Overloaded, XCError
 from xcstack.gateway import metrics
 from xcstack.gateway import protocol as p
+from xcstack.gateway.jobstore import JobStore
 from xcstack.gateway.service import ENDPOINTS, GatewayService, _Stop, key_id
 from xcstack.gateway.settings import JobSettings
 from xcstack.gateway.watchdog import Watchdog
 from xcstack.httputil import JSONResponse, dumps, loads, read_json
 from xcstack.security.guard import authorize
-from xcstack.state.store import StateStore, Tx
 
 log = logging.getLogger("xcstack.gateway.jobs")
 
-NAMESPACE = "gateway"
-MIGRATIONS = [
-    """
-    CREATE TABLE IF NOT EXISTS gateway_jobs (
-        id TEXT PRIMARY KEY,
-        owner TEXT NOT NULL,
-        endpoint TEXT NOT NULL,
-        body TEXT NOT NULL,
-        metadata TEXT,
-        status TEXT NOT NULL,
-        http_status INTEGER,
-        result TEXT,
-        error TEXT,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        worker TEXT,
-        lease_until DOUBLE PRECISION,
-        created_at DOUBLE PRECISION NOT NULL,
-        started_at DOUBLE PRECISION,
-        finished_at DOUBLE PRECISION,
-        expires_at DOUBLE PRECISION
-    );
-    CREATE INDEX IF NOT EXISTS gateway_jobs_status ON gateway_jobs (status, created_at);
-    CREATE INDEX IF NOT EXISTS gateway_jobs_expires ON gateway_jobs (expires_at)
-    """,
-]
-FINAL = ("succeeded", "failed", "cancelled")
 MAX_ATTEMPTS = 3
 
 
@@ -77,7 +52,7 @@ def _json_errors(fn: Handler) -> Handler:
 
 
 class JobManager:
-    def __init__(self, service: GatewayService, store: StateStore, settings: JobSettings) -> None:
+    def __init__(self, service: GatewayService, store: JobStore, settings: JobSettings) -> None:
         self.service = service
         self.store = store
         self.settings = settings
@@ -91,7 +66,7 @@ class JobManager:
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
-        await self.store.migrate(NAMESPACE, MIGRATIONS)
+        await self.store.start()
         self._wake = asyncio.Event()
         self._stopping = False
         self._tasks = [asyncio.create_task(self._dispatch_loop()), asyncio.create_task(self._lease_loop())]
@@ -110,15 +85,8 @@ class JobManager:
         self._running.clear()
         if ids:
             with contextlib.suppress(Exception):
-                await self._requeue(ids)
-
-    async def _requeue(self, ids: list[str]) -> None:
-        def tx(t: Tx) -> None:
-            for job_id in ids:
-                t.execute("UPDATE gateway_jobs SET status='queued', worker=NULL, lease_until=NULL "
-                          "WHERE id=? AND status='running' AND worker=?", (job_id, self.worker))
-
-        await self.store.transaction(tx)
+                await self.store.requeue(self.worker, ids)
+        await self.store.close()
 
     # -- dispatch -------------------------------------------------------------------------------
     async def _dispatch_loop(self) -> None:
@@ -154,36 +122,14 @@ class JobManager:
         if now - self._last_maintain < min(5.0, self.settings.lease_s / 2):
             return
         self._last_maintain = now
-
-        def tx(t: Tx) -> None:
-            t.execute("UPDATE gateway_jobs SET status='queued', worker=NULL, lease_until=NULL "
-                      "WHERE status='running' AND lease_until < ?", (now,))
-            if now - self._last_sweep > 60:
-                t.execute("DELETE FROM gateway_jobs WHERE expires_at IS NOT NULL AND expires_at < ?", (now,))
-
-        await self.store.transaction(tx)
-        if now - self._last_sweep > 60:
+        sweep = now - self._last_sweep > 60
+        await self.store.maintain(now, sweep)
+        if sweep:
             self._last_sweep = now
 
     async def _claim(self) -> dict[str, Any] | None:
         now = time.time()
-        lease = now + self.settings.lease_s
-
-        def tx(t: Tx) -> dict[str, Any] | None:
-            for _ in range(5):
-                row = t.fetchone("SELECT id FROM gateway_jobs WHERE status='queued' ORDER BY created_at LIMIT 1")
-                if row is None:
-                    return None
-                n = t.execute(
-                    "UPDATE gateway_jobs SET status='running', worker=?, lease_until=?, started_at=?, "
-                    "attempts=attempts+1 WHERE id=? AND status='queued'",
-                    (self.worker, lease, now, row["id"]),
-                )
-                if n == 1:
-                    return t.fetchone("SELECT * FROM gateway_jobs WHERE id=?", (row["id"],))
-            return None
-
-        return await self.store.transaction(tx)
+        return await self.store.claim(self.worker, now, now + self.settings.lease_s)
 
     async def _lease_loop(self) -> None:
         interval = max(0.2, self.settings.lease_s / 3)
@@ -192,18 +138,8 @@ class JobManager:
             ids = list(self._running)
             if not ids:
                 continue
-            lease = time.time() + self.settings.lease_s
-
-            def tx(t: Tx, ids: list[str] = ids, lease: float = lease) -> list[str]:
-                cancelled = []
-                for job_id in ids:
-                    if t.execute("UPDATE gateway_jobs SET lease_until=? WHERE id=? AND status='running' AND worker=?",
-                                 (lease, job_id, self.worker)) == 0:
-                        cancelled.append(job_id)
-                return cancelled
-
             try:
-                gone = await self.store.transaction(tx)
+                gone = await self.store.renew(self.worker, ids, time.time() + self.settings.lease_s)
             except Exception:
                 log.exception("job lease renewal failed")
                 continue
@@ -244,7 +180,7 @@ class JobManager:
         except Overloaded as err:
             if job["attempts"] < MAX_ATTEMPTS:
                 await wd.close()
-                await self._requeue([job_id])
+                await self.store.requeue(self.worker, [job_id])
                 return
             http_status, error = err.status, dumps(err.body())
         except XCError as err:
@@ -259,14 +195,8 @@ class JobManager:
     async def _finish(self, job_id: str, status: str, http_status: int | None, result: bytes | None,
                       error: bytes | None) -> None:
         now = time.time()
-        expires = now + self.settings.ttl_s
-        n = await self.store.execute(
-            "UPDATE gateway_jobs SET status=?, http_status=?, result=?, error=?, finished_at=?, expires_at=?, "
-            "lease_until=NULL WHERE id=? AND status='running' AND worker=?",
-            (status, http_status, result.decode() if result else None, error.decode() if error else None,
-             now, expires, job_id, self.worker),
-        )
-        if n:
+        if await self.store.finish(self.worker, job_id, status, http_status, result.decode() if result else None,
+                                   error.decode() if error else None, now, now + self.settings.ttl_s):
             metrics.JOBS.labels(status).inc()
 
     # -- API ------------------------------------------------------------------------------------
@@ -288,40 +218,23 @@ class JobManager:
         now = time.time()
         job_id = "job_" + secrets.token_hex(12)
         limit = self.settings.max_queued
-
-        def tx(t: Tx) -> bool:
-            row = t.fetchone("SELECT COUNT(*) AS n FROM gateway_jobs WHERE status='queued'")
-            if row is not None and int(row["n"]) >= limit:
-                return False
-            t.execute(
-                "INSERT INTO gateway_jobs (id, owner, endpoint, body, metadata, status, created_at) "
-                "VALUES (?, ?, ?, ?, ?, 'queued', ?)",
-                (job_id, owner, req.endpoint, dumps(body).decode(),
-                 dumps(req.metadata).decode() if req.metadata else None, now),
-            )
-            return True
-
-        if not await self.store.transaction(tx):
+        if not await self.store.submit(job_id, owner, req.endpoint, dumps(body).decode(),
+                                       dumps(req.metadata).decode() if req.metadata else None, now, limit):
             raise Overloaded(f"the job queue is full ({limit} queued jobs)", code=p.JOBS_FULL, retry_after=5)
         self._wake.set()
         return {"id": job_id, "object": "job", "status": "queued", "endpoint": req.endpoint, "created_at": now,
                 "metadata": req.metadata}
 
     async def get(self, owner: str, job_id: str) -> dict[str, Any]:
-        row = await self.store.fetchone("SELECT * FROM gateway_jobs WHERE id=? AND owner=?", (job_id, owner))
-        if row is None or (row["expires_at"] is not None and row["expires_at"] < time.time()):
+        row = await self.store.get(owner, job_id, time.time())
+        if row is None:
             raise NotFound(f"job {job_id!r} not found (or expired)", code=p.JOB_NOT_FOUND)
         return self._view(row)
 
     async def cancel(self, owner: str, job_id: str) -> dict[str, Any]:
         now = time.time()
         err = dumps({"error": {"type": "cancelled", "code": "cancelled", "message": "job cancelled"}}).decode()
-        n = await self.store.execute(
-            "UPDATE gateway_jobs SET status='cancelled', error=?, finished_at=?, expires_at=?, lease_until=NULL "
-            "WHERE id=? AND owner=? AND status IN ('queued', 'running')",
-            (err, now, now + self.settings.ttl_s, job_id, owner),
-        )
-        if n:
+        if await self.store.cancel(owner, job_id, err, now, now + self.settings.ttl_s):
             metrics.JOBS.labels("cancelled").inc()
         task = self._running.get(job_id)
         if task is not None:
@@ -329,9 +242,7 @@ class JobManager:
         return await self.get(owner, job_id)
 
     async def list_jobs(self, owner: str, limit: int = 100) -> list[dict[str, Any]]:
-        rows = await self.store.fetchall(
-            "SELECT * FROM gateway_jobs WHERE owner=? AND (expires_at IS NULL OR expires_at >= ?) "
-            "ORDER BY created_at DESC LIMIT ?", (owner, time.time(), limit))
+        rows = await self.store.list_owned(owner, time.time(), limit)
         return [self._view(r, with_result=False) for r in rows]
 
     def _view(self, row: dict[str, Any], with_result: bool = True) -> dict[str, Any]:

@@ -24,9 +24,11 @@ ttfb_s = 60
 from __future__ import annotations
 
 import re
+from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 _MODEL = re.compile(r"^[^\s]{1,256}$")
@@ -165,6 +167,12 @@ class JobSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
+    store: Literal["state", "redis"] = Field(
+        default="state",
+        description="where jobs are kept: `state`, the state store (SQLite by default, PostgreSQL/KingbaseES with "
+        "`[state] url`); `redis`, the Redis at `gateway.redis_url` (required), keys under `gateway.redis_prefix` + "
+        "`jobs:`, shared by every node on it (Redis persistence, RDB/AOF, decides what a Redis restart keeps)",
+    )
     concurrency: int = Field(default=4, ge=1, le=1024, description="jobs running at once per worker")
     max_queued: int = Field(default=10_000, ge=1, le=10_000_000, description="queued jobs before 503")
     ttl_s: float = Field(default=86_400.0, gt=0, le=90 * 86_400, description="finished jobs are kept this long")
@@ -207,4 +215,14 @@ class GatewaySettings(BaseModel):
                 for other in self.upstreams:
                     if alias in other.models:
                         raise ValueError(f"alias {alias!r} of upstream {u.name!r} shadows a model of {other.name!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _jobs_store(self) -> GatewaySettings:
+        if self.jobs.enabled and self.jobs.store == "redis" and self.redis_url is None:
+            # A ValidationError raised here keeps its location: the message names gateway.jobs.store.
+            raise ValidationError.from_exception_data(type(self).__name__, [InitErrorDetails(
+                type=PydanticCustomError("jobs_store", '"redis" needs gateway.redis_url (the Redis that holds '
+                                         'the jobs); set it, or use store = "state"'),
+                loc=("jobs", "store"), input=self.jobs.store)])
         return self
