@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -94,20 +96,26 @@ def test_metrics_usage_ttft_and_in_flight(gateway: GatewayServer) -> None:
     assert httpx.post(gateway.base_url + "/chat/completions", json=body, headers=h).status_code == 200
     assert httpx.post(gateway.base_url + "/chat/completions", json={**body, "stream": True}, headers=h
                       ).status_code == 200
+    # this key's series only (the gateway serves other tests too); a stream is accounted just after its
+    # last byte, so wait for it
+    key = "k:" + hashlib.sha256(b"metrics-key").hexdigest()[:16]
+    series = re.escape(f'{{key="{key}",model="mock-model"}}')
+    gen_count_re = rf"^xc_gateway_key_generation_seconds_count{series} ([0-9.]+)$"
+    deadline = time.monotonic() + 5
     text = httpx.get(gateway.url + "/metrics").text
-    comp = re.findall(r'^xc_gateway_tokens_total\{key="k:[0-9a-f]{16}",kind="completion",model="mock-model"\} '
-                      r"([0-9.]+)$", text, re.M)
+    while re.findall(gen_count_re, text, re.M) != ["2.0"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+        text = httpx.get(gateway.url + "/metrics").text
+    comp = re.findall(rf'^xc_gateway_tokens_total\{{key="{key}",kind="completion",model="mock-model"\}} ([0-9.]+)$',
+                      text, re.M)
     assert comp and float(comp[0]) >= 14
     assert re.search(r'^xc_gateway_ttft_seconds_count\{model="mock-model"\} [1-9]', text, re.M)
     assert re.search(r'^xc_gateway_tokens_per_second_count\{model="mock-model"\} [1-9]', text, re.M)
     assert re.search(r"^xc_gateway_in_flight 0.0$", text, re.M)
-    # per key too: mean TTFT and generation time (tokens/s = completion tokens / generation seconds)
-    assert re.search(r'^xc_gateway_key_ttft_seconds_count\{key="k:[0-9a-f]{16}",model="mock-model"\} 1.0$', text,
-                     re.M)
-    # both calls, the non-streamed one included, so that tokens/s per key is not overstated
-    gen_count = re.findall(r'^xc_gateway_key_generation_seconds_count\{key="k:[0-9a-f]{16}",model="mock-model"\} '
-                           r"([0-9.]+)$", text, re.M)
-    gen_sum = re.findall(r'^xc_gateway_key_generation_seconds_sum\{key="k:[0-9a-f]{16}",model="mock-model"\} '
-                         r"([0-9.e-]+)$", text, re.M)
-    assert gen_count == ["2.0"] and float(gen_sum[0]) > 0, (gen_count, gen_sum)
+    # per key too: mean TTFT, and generation time for both calls, the non-streamed one included, so that
+    # tokens/s = completion tokens / generation seconds is not overstated
+    assert re.findall(rf"^xc_gateway_key_ttft_seconds_count{series} ([0-9.]+)$", text, re.M) == ["1.0"]
+    assert re.findall(gen_count_re, text, re.M) == ["2.0"]
+    gen_sum = re.findall(rf"^xc_gateway_key_generation_seconds_sum{series} ([0-9.e-]+)$", text, re.M)
+    assert gen_sum and float(gen_sum[0]) > 0
     assert "metrics-key" not in text

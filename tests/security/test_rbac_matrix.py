@@ -370,9 +370,6 @@ def test_security_keys_are_not_usable_through_the_api(full_app: tuple[TestClient
         assert r.status_code == 200 and r.json()["valid"] is True, r.text
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN BUG (SecurityService.set_roles has no 三权分立 guard): secadmin can "
-                   "change its own roles (grant itself operational rights, or become sysadmin) and replace the "
-                   "roles of the other administrator accounts (strip the auditor); remove this mark with the fix")
 def test_secadmin_cannot_change_its_own_or_other_administrators_roles(
     full_app: tuple[TestClient, dict[str, str]],
 ) -> None:

@@ -51,6 +51,7 @@ class Principal:
     kind: str = "user"  # user | api_key
     session: str | None = None  # token hash of the session
     restricted: str | None = None  # None | password_change | totp_enrollment
+    owner_id: str | None = None  # an API key's user: what it may not do to itself, its key may not either
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "roles": list(self.roles), "kind": self.kind,
@@ -297,8 +298,25 @@ class SecurityService:
         await self.audit(actor.name, "user.delete", f"user:{name}", "success", info)
 
     async def set_roles(self, actor: Principal, name: str, roles: list[str], info: ReqInfo | None = None) -> None:
+        """三权分立 through the API: nobody changes their own roles, the built-in administrator roles are
+        granted and taken away only from the server console, and an administrator account's roles are not
+        changed by another administrator (the secadmin would otherwise make itself sysadmin, give itself
+        operational rights, or strip the auditor)."""
         user = await self._require_user(name)
         await self._check_roles(roles)
+        if actor.kind != "system":
+            old = set(json.loads(user["roles"]))
+            reason = ""
+            if user["id"] in (actor.id, actor.owner_id):
+                reason = "you cannot change your own roles"
+            elif (set(roles) ^ old) & set(BUILTIN_ADMIN_ROLES):
+                reason = ("the sysadmin, secadmin and auditor roles are granted and removed from the server "
+                          "console (xcstack user set-roles ...), not through the API")
+            if reason:
+                await self.audit(actor.name, "user.roles", f"user:{name}", "denied", info,
+                                 {"reason": reason, "old": sorted(old), "new": roles})
+                raise Forbidden(f"{reason} (三权分立)", code="forbidden")
+            await self._guard_admin_account(actor, user, "user.roles", info)
         await self.store.execute("UPDATE sec_users SET roles = ? WHERE id = ?", (json.dumps(roles), user["id"]))
         self.forget_sessions()
         await self.audit(actor.name, "user.roles", f"user:{name}", "success", info,
@@ -608,7 +626,8 @@ class SecurityService:
             return None
         if row["revoked"] or row["disabled"] or self.clock() >= float(row["expires_at"]):
             return None
-        return Principal(f"apikey:{row['id']}", f"apikey:{row['name']}", tuple(json.loads(row["roles"])), "api_key")
+        return Principal(f"apikey:{row['id']}", f"apikey:{row['name']}", tuple(json.loads(row["roles"])), "api_key",
+                         owner_id=row["owner_id"])
 
     # -- roles -------------------------------------------------------------------------------------------
     async def _load_roles(self, force: bool = False) -> None:
