@@ -474,7 +474,7 @@ async def lag_side_process(data_dir: Path, q: Any, res: Result) -> None:
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100_000, help="rows for pgvector")
-    ap.add_argument("--milvus-n", type=int, default=20_000, help="rows for Milvus Lite (its index build is slow)")
+    ap.add_argument("--milvus-n", type=int, default=100_000, help="rows for Milvus Lite (its index build is slow)")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--efs", type=lambda s: [int(v) for v in s.split(",")], default=[40, 100])
     ap.add_argument("--direct-insert-n", type=int, default=10_000, help="rows for the direct-client insert sample")
@@ -504,7 +504,8 @@ async def main() -> None:
             "(validation + pool + backend); *HTTP (ASGI)* = the full Starlette app (middleware, routing, "
             "JSON in/out) called in-process as ASGI, no HTTP client or socket in the way. "
             "pgvector runs on the embedded PostgreSQL 18 + pgvector 0.8.6; "
-            "Milvus Lite with fewer rows (its index build is ~1.5 min at 100k). Shared 2-core machine: noisy.",
+            f"Milvus Lite {args.milvus_n:,} rows (its index build takes minutes at 100k). "
+            "The direct-client insert sample uses fewer rows (insert rate only). Shared 2-core machine: noisy.",
             "### Insert",
             table(["backend", "rows", "path", "rows/s", "note"], res.insert),
             "### Search",

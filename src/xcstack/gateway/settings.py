@@ -190,7 +190,10 @@ class GatewaySettings(BaseModel):
     queue_timeout_s: float = Field(default=5.0, ge=0, le=600, description="longest wait for a slot before 503")
     max_tokens_limit: int = Field(default=131_072, ge=1, le=10_000_000, description="largest max_tokens accepted")
     max_sse_event_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
-    redis_url: SecretStr | None = Field(default=None, description="redis://... shares rate limits between instances")
+    redis_url: SecretStr | None = Field(
+        default=None,
+        description='redis://... shares rate limits (and, with jobs.store = "redis", the job queue) between instances',
+    )
     redis_prefix: str = Field(default="xc:gw:", min_length=1, max_length=128)
     rate_limit: RateLimitSettings = RateLimitSettings()
     breaker: BreakerSettings = BreakerSettings()
