@@ -5,13 +5,16 @@ recorded and the request's task is cancelled; the request code catches Cancelled
 Why not rely on cancellation alone: under uvloop a relay whose upstream keeps delivering data may
 never suspend (reads return buffered data; ASGI `send` to a gone client returns at once), so the
 relay also checks `watchdog.reason` per chunk (see FIELD-NOTES "Disconnect under uvloop").
+
+The disconnect loop itself is `xcstack.disconnect.wait_disconnect`, shared with the other capabilities
+(whose plain handlers use `CancelOnDisconnect` from the same module).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
+from xcstack.disconnect import wait_disconnect
 from xcstack.gateway.types import Receive
 
 
@@ -106,11 +109,8 @@ class Watchdog:
         self._watcher = self._loop.create_task(self._watch(receive))
 
     async def _watch(self, receive: Receive) -> None:
-        while True:
-            msg: Any = await receive()
-            if msg.get("type") == "http.disconnect":
-                self.fire("disconnect")
-                return
+        await wait_disconnect(receive)
+        self.fire("disconnect")
 
     # -- delivery ---------------------------------------------------------------------------------
     def fire(self, reason: str) -> None:

@@ -148,6 +148,7 @@ class Batcher:
         self._window = max(1, window_factor) * params.max_batch
         self.batches_run = 0
         self.rows_run = 0
+        self.rows_cancelled = 0  # queued rows withdrawn by Job.cancel (departed clients)
         self.inline_runs = 0
         self.busy = False
         self.inline_tokens = inline_tokens
@@ -215,8 +216,10 @@ class Batcher:
         before = len(self._queue)
         self._queue = collections.deque(it for it in self._queue if it.job is not job)
         if len(self._queue) != before:
+            rows_before = self._queued_rows
             self._queued_rows = sum(i.rows for i in self._queue)
-            metrics.DROPPED.labels(self.name, "cancelled").inc(before - len(self._queue))
+            self.rows_cancelled += rows_before - self._queued_rows
+            metrics.DROPPED.labels(self.name, "cancelled").inc(rows_before - self._queued_rows)  # rows, as _purge
             self._m_queue.set(self._queued_rows)
             self._wakeup.set()
 

@@ -216,7 +216,8 @@ class WorkerCore:
             "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [],
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "models": {
-                n: {"queued_rows": m.batcher.queued_rows, "batches": m.batcher.batches_run, "rows": m.batcher.rows_run}
+                n: {"queued_rows": m.batcher.queued_rows, "batches": m.batcher.batches_run, "rows": m.batcher.rows_run,
+                    "cancelled_rows": m.batcher.rows_cancelled}
                 for n, m in self.models.items()
             },
             "errors": self.errors,

@@ -19,6 +19,12 @@ QUEUE_ROWS = Gauge(
 )
 DROPPED = Counter("xc_inference_dropped_total", "Queued rows dropped before running", ["model", "reason"])
 REQUESTS = Counter("xc_inference_requests_total", "Inference requests by outcome", ["model", "api", "outcome"])
+DEPARTED = Counter(
+    "xc_inference_departed_total",
+    "Requests whose HTTP client disconnected while they waited for their batch; their work was cancelled"
+    " (queued rows withdrawn, counted in xc_inference_dropped_total{reason=\"cancelled\"} where they ran)",
+    ["model", "api"],
+)
 DEVICE_LIVE_BYTES = Gauge(
     "xc_inference_device_live_bytes",
     "Bytes held in device buffers (OrtValues) right now",
@@ -40,3 +46,9 @@ def count_request(model: str, api: str, outcome: str) -> None:
             _REQ_CHILDREN.clear()
         child = _REQ_CHILDREN[key] = REQUESTS.labels(model, api, outcome)
     child.inc()
+
+
+def count_departed(model: str, api: str) -> None:
+    """A client left while its request waited: DEPARTED, and REQUESTS with outcome "departed"."""
+    DEPARTED.labels(model, api).inc()  # rare: no cached child
+    count_request(model, api, "departed")

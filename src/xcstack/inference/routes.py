@@ -3,6 +3,11 @@
 `InferenceRoutes.embeddings` is a plain Starlette endpoint; the integrator may mount it directly or call
 it from a combined `/v1/embeddings` dispatcher (local model names here, upstream ones in the gateway):
 `InferenceRoutes.serves(model)` says whether a model name is local.
+
+While a request waits for its batch, `CancelOnDisconnect` watches for the client's `http.disconnect`:
+a client that leaves cancels its work (queued rows leave the batcher; the model worker gets an IPC
+CANCEL frame), the request is counted in `xc_inference_departed_total` and nothing is sent (499 in the
+access metrics).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from xcstack.disconnect import CancelOnDisconnect, ClientDisconnected, DepartedResponse
 from xcstack.errors import BadRequest, NotFound, Overloaded, PayloadTooLarge, XCError
 from xcstack.httputil import JSONResponse, content_length, read_model
 from xcstack.inference import metrics
@@ -157,14 +163,19 @@ class InferenceRoutes:
             req = decode_infer_request(body, hlen, cfg)
         timeout = self.cap.settings.request_timeout_s
         try:
-            if req.texts is not None:
-                if len(req.texts) > self.cap.settings.max_inputs:
-                    raise BadRequest(f"input '{cfg.text_input}': {len(req.texts)} texts; the limit is "
-                                     f"{self.cap.settings.max_inputs}", code="too_many_inputs", param=cfg.text_input)
-                vectors, _tokens = await self.cap.backend.embed(cfg.name, req.texts, timeout)
-                results = {cfg.outputs[0].name: np.ascontiguousarray(vectors, dtype=np.float32)}
-            else:
-                results = await self.cap.backend.infer(cfg.name, req.inputs, [n for n, _ in req.outputs], timeout)
+            if req.texts is not None and len(req.texts) > self.cap.settings.max_inputs:
+                raise BadRequest(f"input '{cfg.text_input}': {len(req.texts)} texts; the limit is "
+                                 f"{self.cap.settings.max_inputs}", code="too_many_inputs", param=cfg.text_input)
+            async with CancelOnDisconnect(request.receive):  # a departed client's rows leave the queue
+                if req.texts is not None:
+                    vectors, _tokens = await self.cap.backend.embed(cfg.name, req.texts, timeout)
+                    results = {cfg.outputs[0].name: np.ascontiguousarray(vectors, dtype=np.float32)}
+                else:
+                    results = await self.cap.backend.infer(cfg.name, req.inputs, [n for n, _ in req.outputs],
+                                                           timeout)
+        except ClientDisconnected:
+            metrics.count_departed(cfg.name, "kserve")
+            return DepartedResponse()
         except Exception:
             metrics.count_request(cfg.name, "kserve", "error")
             raise
@@ -183,7 +194,12 @@ class InferenceRoutes:
         req = await read_model(request, EmbeddingsRequest)
         name = req.model or self.cap.settings.default_embedding_model
         await authorize(request, f"model:{name}", "embed")
-        vectors, usage = await self.cap.embed_request(name, req)
+        try:
+            async with CancelOnDisconnect(request.receive):  # a departed client's rows leave the queue
+                vectors, usage = await self.cap.embed_request(name, req)
+        except ClientDisconnected:
+            metrics.count_departed(name, "embed")
+            return DepartedResponse()
         await self._turn()  # a batch's replies resolve together: spread their encoding and sends
         return JSONResponse(embeddings_response(name, vectors, usage["prompt_tokens"], req.encoding_format))
 
