@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import socket
@@ -340,10 +341,13 @@ def leave(s: socket.socket, rst: bool) -> None:
     s.close()
 
 
-def check_departed_client_is_withdrawn(probe: Probe, port: int, api: str) -> None:
+def check_departed_client_is_withdrawn(probe: Probe, port: int, api: str,
+                                       departed_metric: tuple[str, dict[str, str]] | None = None) -> None:
+    """`departed_metric`: the counter of departed clients (default: the inference routes' own)."""
     path, body, model = request_of(api, 3)
     metric_api = "kserve" if api == "infer" else "embed"
-    departed0 = probe.metric("xc_inference_departed_total", model=model, api=metric_api)
+    d_name, d_labels = departed_metric or ("xc_inference_departed_total", {"model": model, "api": metric_api})
+    departed0 = probe.metric(d_name, **d_labels)
     dropped0 = probe.metric("xc_inference_dropped_total", model=model, reason="cancelled")
     gone499_0 = probe.metric("xc_http_requests_total", status="499")
     for rst in (False, True):
@@ -363,7 +367,7 @@ def check_departed_client_is_withdrawn(probe: Probe, port: int, api: str) -> Non
         print(f"\n{api} {'RST' if rst else 'FIN'}: rows withdrawn {withdrawn_s * 1000:.0f} ms after the close")
     deadline = time.monotonic() + 2  # metrics of the model worker / http worker may lag a little
     while True:
-        departed = probe.metric("xc_inference_departed_total", model=model, api=metric_api) - departed0
+        departed = probe.metric(d_name, **d_labels) - departed0
         dropped = probe.metric("xc_inference_dropped_total", model=model, reason="cancelled") - dropped0
         gone499 = probe.metric("xc_http_requests_total", status="499") - gone499_0
         if (departed, dropped, gone499) == (2, 6, 2) or time.monotonic() > deadline:
@@ -433,17 +437,12 @@ def test_inline_full_queue_is_503_with_retry_after(inline_stack: tuple[Server, P
 
 
 # `xcstack serve`: http worker + one model worker process (IPC CANCEL), uvicorn and Granian ---------------
-@pytest.fixture(scope="module", params=["uvicorn", "granian"])
-def served_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
-                 model_repo: Path) -> Iterator[tuple[Served, Probe]]:
-    data = tmp_path_factory.mktemp(f"disc-{request.param}")
+@contextlib.contextmanager
+def served_stack_of(data: Path, model_repo: Path, server: str, env: dict[str, str]) -> Iterator[tuple[Served, Probe]]:
+    """`xcstack serve` with one model worker on the slow repository; rows are read from the worker's health."""
     repo = slow_repo(data / "models", model_repo)
-    s = Served(data, server=request.param, plugins="[]", env={
-        "XC_INFERENCE__MODEL_REPOSITORY": str(repo),
-        "XC_INFERENCE__WORKERS": "1",
-        "XC_GATEWAY__ENABLED": "false",  # the inference capability mounts /v1/embeddings itself
-        "XC_VECTOR__ENABLED": "false",
-    })
+    s = Served(data, server=server, plugins="[]",
+               env={"XC_INFERENCE__MODEL_REPOSITORY": str(repo), "XC_INFERENCE__WORKERS": "1", **env})
     s.start(timeout=120)
     sock = data / "run" / "inference-0.sock"
 
@@ -470,6 +469,16 @@ def served_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
         s.stop()
 
 
+@pytest.fixture(scope="module", params=["uvicorn", "granian"])
+def served_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                 model_repo: Path) -> Iterator[tuple[Served, Probe]]:
+    data = tmp_path_factory.mktemp(f"disc-{request.param}")
+    # the gateway off: the inference capability mounts /v1/embeddings itself
+    with served_stack_of(data, model_repo, request.param,
+                         {"XC_GATEWAY__ENABLED": "false", "XC_VECTOR__ENABLED": "false"}) as stack:
+        yield stack
+
+
 @pytest.mark.parametrize("api", ["infer", "embed"])
 def test_served_departed_client_is_withdrawn(served_stack: tuple[Served, Probe], api: str) -> None:
     served, probe = served_stack
@@ -480,3 +489,18 @@ def test_served_departed_client_is_withdrawn(served_stack: tuple[Served, Probe],
 def test_served_full_queue_is_503_with_retry_after(served_stack: tuple[Served, Probe], api: str) -> None:
     served, probe = served_stack
     check_full_queue_is_503(probe, served.port, api)
+
+
+# `xcstack serve` with the gateway enabled (the default): /v1/embeddings for a local model goes through the
+# gateway's local-embeddings path, which must withdraw the rows of a departed client too ----------------
+@pytest.fixture(scope="module")
+def gateway_stack(tmp_path_factory: pytest.TempPathFactory, model_repo: Path) -> Iterator[tuple[Served, Probe]]:
+    data = tmp_path_factory.mktemp("disc-gateway")
+    with served_stack_of(data, model_repo, "granian", {"XC_VECTOR__ENABLED": "false"}) as stack:
+        yield stack
+
+
+def test_gateway_local_embeddings_departed_client_is_withdrawn(gateway_stack: tuple[Served, Probe]) -> None:
+    served, probe = gateway_stack
+    check_departed_client_is_withdrawn(
+        probe, served.port, "embed", ("xc_gateway_client_disconnects_total", {"endpoint": "embeddings"}))

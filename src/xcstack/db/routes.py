@@ -9,11 +9,12 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from xcstack.db import errors as dberr
 from xcstack.db.bridge import Bridge, RowStream
 from xcstack.db.protocol import NDJSON, QueryRequest, dumps, result_body, rows_as_objects, unique_columns
+from xcstack.disconnect import wait_disconnect
 from xcstack.errors import BadRequest, XCError
 from xcstack.httputil import content_length, ensure_size, loads, parse_model
 from xcstack.security.guard import audit, authorize, requires
@@ -42,11 +43,8 @@ class NDJSONRowResponse(Response):
         gone = asyncio.Event()
 
         async def watch() -> None:
-            while True:
-                msg: Message = await receive()
-                if msg["type"] == "http.disconnect":
-                    gone.set()
-                    return
+            await wait_disconnect(receive)
+            gone.set()
 
         watcher = asyncio.get_running_loop().create_task(watch())
         stream = self.stream

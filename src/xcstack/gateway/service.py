@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 from pydantic import BaseModel, ValidationError
 
+from xcstack.disconnect import CancelOnDisconnect, ClientDisconnected
 from xcstack.errors import BadRequest, GatewayTimeout, NotFound, Overloaded, PayloadTooLarge, UpstreamError, XCError
 from xcstack.gateway import metrics
 from xcstack.gateway import protocol as p
@@ -248,7 +249,7 @@ class GatewayService:
                 if local is not None and not (isinstance(model, str) and self.router.has(model, True)):
                     # not an upstream embedding model (or no model: the local default)
                     await self._authorize(scope, receive, model if isinstance(model, str) else "")
-                    self._count(endpoint.label, "-", await self._local_embeddings(data, key, send))
+                    self._count(endpoint.label, "-", await self._local_embeddings(data, key, send, receive))
                     return
                 pr = self.prepare_data(endpoint, data, raw, key)
             else:
@@ -681,11 +682,25 @@ class GatewayService:
         return status
 
     # -- embeddings for local models ------------------------------------------------------------
-    async def _local_embeddings(self, data: dict[str, Any], key: str, send: Send) -> int:
+    async def _local_embeddings(self, data: dict[str, Any], key: str, send: Send, receive: Receive) -> int:
         """/v1/embeddings for a model no upstream serves: the inference capability's
-        `local_embeddings` (whole exchange: body -> response dict) or `local_embedder`."""
+        `local_embeddings` (whole exchange: body -> response dict) or `local_embedder`. A client that
+        leaves while its rows wait for a batch has them withdrawn (and its estimate refunded)."""
         estimate = p.estimate_prompt_tokens(data)
         await self.limiter.check(key, estimate)
+        try:
+            async with CancelOnDisconnect(receive):
+                out = await self._embed_locally(data, key)
+        except ClientDisconnected:
+            await self.limiter.refund(key, estimate)  # not served: not counted
+            raise ClientGone() from None
+        spent = out.get("usage") if isinstance(out, dict) else None
+        if isinstance(spent, dict) and isinstance(spent.get("total_tokens"), int):
+            await self.limiter.charge(key, spent["total_tokens"] - estimate)
+        await send_json(send, 200, dumps(out))
+        return 200
+
+    async def _embed_locally(self, data: dict[str, Any], key: str) -> Any:
         exchange = self.services.get("local_embeddings")
         if exchange is not None:
             out = await exchange(data)
@@ -704,11 +719,7 @@ class GatewayService:
             rows = [v.tolist() if hasattr(v, "tolist") else v for v in vectors]
             out = {"object": "list", "data": [{"object": "embedding", "index": i, "embedding": v}
                                               for i, v in enumerate(rows)], "model": req.model, "usage": usage}
-        spent = out.get("usage") if isinstance(out, dict) else None
-        if isinstance(spent, dict) and isinstance(spent.get("total_tokens"), int):
-            await self.limiter.charge(key, spent["total_tokens"] - estimate)
-        await send_json(send, 200, dumps(out))
-        return 200
+        return out
 
     # -- models ---------------------------------------------------------------------------------
     def list_models(self) -> list[dict[str, Any]]:
