@@ -55,6 +55,15 @@ ID_MAX_LENGTH = 256
 _METRIC_TO_MILVUS = {"cosine": "COSINE", "l2": "L2", "ip": "IP"}
 _METRIC_FROM_MILVUS: dict[str, Metric] = {"COSINE": "cosine", "L2": "l2", "IP": "ip"}
 _UNAVAILABLE_CODES = {2, 14}  # pymilvus "Fail connecting", gRPC UNAVAILABLE
+# Milvus Lite 3.x writes a segment's index file in a background thread after a flush (faiss.write_index,
+# in place); a load that comes first reads it half-written: "read error in ...idx: 77 != 9872". The file
+# is whole once the writer is done, so the load is retried after these pauses (seconds).
+_TORN_INDEX_MARKS = ("index_read.cpp", "read error in")
+LOAD_RETRY_PAUSES_S = (0.2, 0.5, 1.0, 2.0, 4.0)
+
+
+class IndexFileBusy(BackendUnavailable):
+    """A load read an index file Milvus Lite was still writing: retriable, and the server is not down."""
 _NOT_FOUND_CODES = {4, 100}
 _BAD_ARG_CODES = {6, 1100, 5}
 
@@ -171,6 +180,8 @@ class MilvusStore:
         code = getattr(exc, "code", None)
         msg = str(getattr(exc, "message", "") or exc)
         low = msg.lower()
+        if any(mark in low for mark in _TORN_INDEX_MARKS):  # before "unavailable": it may say EAGAIN's text
+            return IndexFileBusy(f"milvus could not read an index file of {collection!r} yet: {msg}")
         if code in _UNAVAILABLE_CODES or "fail connecting" in low or "unavailable" in low:
             self._mark_down(msg)
             return BackendUnavailable(f"milvus unavailable: {msg}")
@@ -306,7 +317,15 @@ class MilvusStore:
                 if rebuild:
                     await self._call("flush", "flush", name)
                     await self._call("release", "release_collection", name)
-                await self._call("load", "load_collection", name, timeout=budget)
+                for pause in (*LOAD_RETRY_PAUSES_S, None):
+                    try:
+                        await self._call("load", "load_collection", name, timeout=budget)
+                        break
+                    except IndexFileBusy as exc:
+                        if pause is None:
+                            raise
+                        log.warning("milvus: %s; loading %s again in %.1fs", exc.message, name, pause)
+                        await asyncio.sleep(pause)
             finally:
                 ticker.cancel()
                 self._loading.pop(name, None)
