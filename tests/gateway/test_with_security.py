@@ -52,6 +52,14 @@ def test_api_key_model_rbac_and_principal_rate_limit(secured: tuple[GatewayServe
     assert ca.chat.completions.create(model="mock-model", messages=MSG, max_tokens=2).choices
     with pytest.raises(openai.PermissionDeniedError):  # the role may not invoke other-model
         ca.chat.completions.create(model="other-model", messages=MSG, max_tokens=2)
+    # nor learn which models exist: a model nobody serves is the same 403, for calls and for jobs
+    with pytest.raises(openai.PermissionDeniedError):
+        ca.chat.completions.create(model="no-such-model", messages=MSG, max_tokens=2)
+    h = {"Authorization": f"Bearer {ta}"}
+    for model in ("other-model", "no-such-model"):
+        r = httpx.post(gw.url + "/v1/jobs", headers=h, json={"endpoint": "/v1/chat/completions", "body": {
+            "model": model, "messages": MSG, "max_tokens": 1}})
+        assert r.status_code == 403, (model, r.text)
     text = "".join(c.choices[0].delta.content or "" for c in ca.chat.completions.create(
         model="mock-model", messages=MSG, max_tokens=3, stream=True) if c.choices)
     assert text == "xxx " * 3

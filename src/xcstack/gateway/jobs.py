@@ -209,11 +209,11 @@ class JobManager:
         body["stream"] = False
         body.pop("stream_options", None)
         pr = self.service.prepare_data(endpoint, body, b"", owner)
+        if request is not None:  # permission first: no 404 that tells a caller without it which models exist
+            await authorize(request, f"model:{pr.model}", "invoke")
         if not self.service.router.has(pr.model, endpoint.path == "/v1/embeddings"):
             raise NotFound(f"model {pr.model!r} is not served by an upstream; see GET /v1/models",
                            code=p.MODEL_NOT_FOUND, param="body.model")
-        if request is not None:
-            await authorize(request, f"model:{pr.model}", "invoke")
         await self.service.limiter.check(owner, pr.estimate)
         now = time.time()
         job_id = "job_" + secrets.token_hex(12)

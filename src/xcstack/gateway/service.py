@@ -255,10 +255,11 @@ class GatewayService:
             else:
                 pr = self.prepare(endpoint, raw, key)
             pr.request_id = scope.get("xc.request_id")
+            # permission first: a caller without it must not learn which models exist (403, never 404)
+            await self._authorize(scope, receive, pr.model)
             if not self.router.has(pr.model, endpoint is EMBEDDINGS):
                 raise NotFound(f"model {pr.model!r} is not served here; see GET /v1/models",
                                code=p.MODEL_NOT_FOUND, param="model")
-            await self._authorize(scope, receive, pr.model)
             await self.limiter.check(pr.key, pr.estimate)
             try:
                 await self._admit()
