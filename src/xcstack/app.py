@@ -20,7 +20,7 @@ from starlette.routing import BaseRoute, Route
 from xcstack.capability import CAPABILITY_MODULES, AppContext, Capability
 from xcstack.config import Settings
 from xcstack.errors import XCError
-from xcstack.httputil import JSONResponse
+from xcstack.httputil import JSONResponse, probe_body
 from xcstack.observability.looplag import LoopLagMonitor
 from xcstack.observability.metrics import render
 from xcstack.observability.middleware import ObservabilityMiddleware
@@ -142,7 +142,7 @@ class XCStackApp:
 
     async def readyz(self, request: Request) -> Response:
         checks = await asyncio.gather(*(self._ready(cap) for cap in self.capabilities))
-        details: dict[str, Any] = {name: {"ready": ok, "detail": detail} for name, ok, detail in checks}
+        details: dict[str, Any] = {name: probe_body(request.scope, ok, detail) for name, ok, detail in checks}
         ready = all(ok for _, ok, _ in checks)
         return JSONResponse(
             {"status": "ready" if ready else "not_ready", "checks": details},

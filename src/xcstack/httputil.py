@@ -7,6 +7,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Scope
 
 from xcstack.errors import BadRequest, PayloadTooLarge
 
@@ -80,3 +81,13 @@ def content_length(request: Request) -> int | None:
 def ensure_size(size: int, limit: int, what: str = "request body") -> None:
     if size > limit:
         raise PayloadTooLarge(f"{what} is {size} bytes; the limit is {limit}", code="payload_too_large")
+
+
+#: Scope flag the security middleware sets on a public path reached without a valid token.
+ANONYMOUS_PROBE = "xc.anonymous_probe"
+
+
+def probe_body(scope: Scope, ready: bool, detail: str) -> dict[str, Any]:
+    """A readiness verdict for a health probe: the detail (paths, backends, audit position) only for a
+    caller the security middleware did not flag as anonymous."""
+    return {"ready": ready} if scope.get(ANONYMOUS_PROBE) else {"ready": ready, "detail": detail}

@@ -382,3 +382,20 @@ def test_secadmin_cannot_change_its_own_or_other_administrators_roles(
     # an ordinary account: role assignment is the secadmin's job
     r = c.put(f"/v1/security/users/{NOROLES}/roles", headers=sec, json={"roles": ["hasher"]})
     assert r.status_code == 200, r.text
+
+
+def test_health_probes_give_details_only_to_a_valid_token(full_app: tuple[TestClient, dict[str, str]],
+                                                          data_dir: Path) -> None:
+    """/readyz and /v2/health/ready answer anyone (load balancers), but the details (data paths, the
+    audit chain's position, backends) only to a caller with a valid token."""
+    c, tokens = full_app
+    for path in ("/readyz", "/v2/health/ready"):
+        anon = c.get(path)
+        assert anon.status_code in (200, 503) and str(data_dir) not in anon.text, (path, anon.text)
+        assert "detail" not in anon.text, (path, anon.text)
+        bad = c.get(path, headers={"Authorization": "Bearer not-a-token"})
+        assert "detail" not in bad.text and bad.status_code == anon.status_code
+        authed = c.get(path, headers={"Authorization": f"Bearer {tokens[AUDITOR]}"})
+        assert authed.status_code == anon.status_code and "detail" in authed.text, (path, authed.text)
+    checks = c.get("/readyz").json()["checks"]
+    assert checks and all(set(v) == {"ready"} for v in checks.values()), checks

@@ -24,7 +24,7 @@ from starlette.routing import BaseRoute, Route
 
 from xcstack.disconnect import CancelOnDisconnect, ClientDisconnected, DepartedResponse
 from xcstack.errors import BadRequest, NotFound, Overloaded, PayloadTooLarge, XCError
-from xcstack.httputil import JSONResponse, content_length, read_model
+from xcstack.httputil import JSONResponse, content_length, probe_body, read_model
 from xcstack.inference import metrics
 from xcstack.inference.protocol import (
     HEADER_LENGTH,
@@ -102,7 +102,7 @@ class InferenceRoutes:
 
     async def ready(self, request: Request) -> Response:
         ok, detail = await self.cap.ready()
-        return JSONResponse({"ready": ok, "detail": detail}, status_code=200 if ok else 503)
+        return JSONResponse(probe_body(request.scope, ok, detail), status_code=200 if ok else 503)
 
     def _config(self, request: Request) -> Any:
         name = request.path_params["name"]

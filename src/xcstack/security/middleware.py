@@ -32,7 +32,7 @@ from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from xcstack.errors import Forbidden, Unauthorized, XCError
-from xcstack.httputil import dumps
+from xcstack.httputil import ANONYMOUS_PROBE, dumps
 from xcstack.security.guard import permission_of
 from xcstack.security.service import Principal, ReqInfo
 
@@ -154,6 +154,12 @@ class SecurityMiddleware:
         if path in settings.public_paths or (path == "/metrics" and settings.metrics_public) or (
             (method, path) in PUBLIC_ROUTES
         ):
+            # health probes answer anyone, but their details (paths, audit position, backends) only a
+            # caller whose bearer token is valid: anonymous probes get the verdicts alone
+            token = bearer(scope)
+            principal = await sec.service.authenticate(token) if token else None
+            if principal is None:
+                scope[ANONYMOUS_PROBE] = True
             await self.app(scope, receive, send)
             return
         rid = scope.get("xc.request_id")
