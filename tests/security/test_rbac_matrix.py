@@ -399,3 +399,24 @@ def test_health_probes_give_details_only_to_a_valid_token(full_app: tuple[TestCl
         assert authed.status_code == anon.status_code and "detail" in authed.text, (path, authed.text)
     checks = c.get("/readyz").json()["checks"]
     assert checks and all(set(v) == {"ready"} for v in checks.values()), checks
+
+
+def test_model_permission_comes_before_model_existence(full_app: tuple[TestClient, dict[str, str]]) -> None:
+    """A caller with the inference routes but no right on a model gets 403 whether or not the model
+    exists, so it cannot probe the repository (the empty test repository: every name is unknown)."""
+    c, _ = full_app
+    svc = _cap(c.app).service  # type: ignore[arg-type]
+
+    async def setup() -> None:
+        await svc.create_role(SYSTEM, "kserve-any", [("inference", "*"), ("model:granted", "*")])
+        await svc.create_user(SYSTEM, "m-kserve", ["kserve-any"], kind="service", password=PW)
+
+    assert c.portal is not None
+    c.portal.call(setup)
+    h = {"Authorization": f"Bearer {_login(c, 'm-kserve')}"}
+    for method, path in [("GET", "/v2/models/secret-model"), ("GET", "/v2/models/secret-model/ready"),
+                         ("GET", "/v2/models/secret-model/config"), ("POST", "/v2/models/secret-model/infer")]:
+        r = c.request(method, path, headers=h, json={"inputs": []} if method == "POST" else None)
+        assert r.status_code == 403, (method, path, r.status_code, r.text)
+    # with the right on the name, the same unknown model is an honest 404
+    assert c.get("/v2/models/granted/ready", headers=h).status_code == 404

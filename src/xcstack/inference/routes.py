@@ -104,6 +104,12 @@ class InferenceRoutes:
         ok, detail = await self.cap.ready()
         return JSONResponse(probe_body(request.scope, ok, detail), status_code=200 if ok else 503)
 
+    async def _allowed_config(self, request: Request, action: str) -> Any:
+        """The model's config, after the caller's permission on it: permission first, so that a caller
+        without it cannot probe which models exist (403, never 404)."""
+        await authorize(request, f"model:{request.path_params['name']}", action)
+        return self._config(request)
+
     def _config(self, request: Request) -> Any:
         name = request.path_params["name"]
         version = request.path_params.get("version")
@@ -118,22 +124,20 @@ class InferenceRoutes:
     @requires("inference", "read")
     @kserve_errors
     async def model_metadata(self, request: Request) -> Response:
-        cfg = self._config(request)
-        await authorize(request, f"model:{cfg.name}", "read")
+        cfg = await self._allowed_config(request, "read")
         return JSONResponse(cfg.metadata())
 
     @requires("inference", "read")
     @kserve_errors
     async def model_config(self, request: Request) -> Response:
         """The model's xcstack config (Triton's /config endpoint; tritonclient get_model_config)."""
-        cfg = self._config(request)
-        await authorize(request, f"model:{cfg.name}", "read")
+        cfg = await self._allowed_config(request, "read")
         return JSONResponse(cfg.model_dump(mode="json", exclude={"source"}))
 
     @requires("inference", "read")
     @kserve_errors
     async def model_ready(self, request: Request) -> Response:
-        cfg = self._config(request)
+        cfg = await self._allowed_config(request, "read")
         ok = await self.cap.backend.model_ready(cfg.name)
         return JSONResponse({"name": cfg.name, "ready": ok}, status_code=200 if ok else 503)
 
@@ -146,8 +150,7 @@ class InferenceRoutes:
     @requires("inference", "infer")
     @kserve_errors
     async def infer(self, request: Request) -> Response:
-        cfg = self._config(request)
-        await authorize(request, f"model:{cfg.name}", "infer")
+        cfg = await self._allowed_config(request, "infer")
         limit = self.cap.settings.max_tensor_bytes
         declared = content_length(request)
         if declared is not None and declared > limit:
