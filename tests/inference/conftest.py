@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -135,3 +135,25 @@ def process_stack(tmp_path_factory: pytest.TempPathFactory, model_repo: Path):  
     yield settings, workers, server
     server.stop()
     workers.stop()
+
+
+def make_scale_model(root: Path, name: str = "scale", batching: dict[str, Any] | None = None) -> None:
+    """A generic tensor model y = 2x named `name` (batching: the config's `batching`)."""
+    from onnx import TensorProto, helper, numpy_helper, save_model
+
+    d = root / name
+    d.mkdir(parents=True)
+    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "two"], ["y"])], "scale",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "n"])], initializer=[two])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    save_model(model, str(d / "model.onnx"))
+    (d / "config.json").write_text(json.dumps({
+        "name": name, "kind": "generic", "max_batch_size": 64,
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, -1]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, -1]}],
+        "batching": batching or {"max_wait_ms": 5},
+    }))

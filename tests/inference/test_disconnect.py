@@ -25,11 +25,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from tests.core.served import Served
-from tests.inference.conftest import Server, inference_settings
+from tests.inference.conftest import Server, inference_settings, make_scale_model
 from xcstack.disconnect import CancelOnDisconnect, ClientDisconnected, DepartedResponse, wait_disconnect
 from xcstack.inference.batcher import Batcher, Item
 from xcstack.inference.repository import BatchParams
@@ -228,27 +227,6 @@ async def test_watch_costs_one_small_task() -> None:
 
 
 # --- real sockets -----------------------------------------------------------------------------------
-def make_slow_scale(root: Path, name: str = SCALE) -> None:
-    from onnx import TensorProto, helper, numpy_helper, save_model
-
-    d = root / name
-    d.mkdir(parents=True)
-    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
-    graph = helper.make_graph(
-        [helper.make_node("Mul", ["x", "two"], ["y"])], "scale",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "n"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "n"])], initializer=[two])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 8
-    save_model(model, str(d / "model.onnx"))
-    (d / "config.json").write_text(json.dumps({
-        "name": name, "kind": "generic", "max_batch_size": 64,
-        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, -1]}],
-        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, -1]}],
-        "batching": {"max_wait_ms": MAX_WAIT_MS, "max_queue": MAX_QUEUE},
-    }))
-
-
 def make_slow_mini(root: Path, model_repo: Path, name: str = MINI) -> None:
     """The int8 MiniLM under another name and slow batching (files linked, config rewritten)."""
     src = model_repo / "all-minilm-l6-v2-int8"
@@ -266,7 +244,7 @@ def make_slow_mini(root: Path, model_repo: Path, name: str = MINI) -> None:
 def slow_repo(root: Path, model_repo: Path) -> Path:
     if root.exists():
         shutil.rmtree(root)
-    make_slow_scale(root)
+    make_scale_model(root, SCALE, {"max_wait_ms": MAX_WAIT_MS, "max_queue": MAX_QUEUE})
     make_slow_mini(root, model_repo)
     return root
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,29 +14,8 @@ import numpy as np
 import orjson
 import pytest
 
-from tests.inference.conftest import inference_settings
+from tests.inference.conftest import inference_settings, make_scale_model
 from xcstack.app import create_app
-
-
-def make_scale_model(root: Path) -> None:
-    from onnx import TensorProto, helper, numpy_helper, save_model
-
-    d = root / "scale"
-    d.mkdir(parents=True)
-    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
-    graph = helper.make_graph(
-        [helper.make_node("Mul", ["x", "two"], ["y"])], "scale",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "n"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "n"])], initializer=[two])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 8
-    save_model(model, str(d / "model.onnx"))
-    (d / "config.json").write_text(json.dumps({
-        "name": "scale", "kind": "generic", "max_batch_size": 64,
-        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, -1]}],
-        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, -1]}],
-        "batching": {"max_wait_ms": 5},
-    }))
 
 
 @pytest.fixture
