@@ -399,6 +399,19 @@ def test_health_probes_give_details_only_to_a_valid_token(full_app: tuple[TestCl
         assert authed.status_code == anon.status_code and "detail" in authed.text, (path, authed.text)
     checks = c.get("/readyz").json()["checks"]
     assert checks and all(set(v) == {"ready"} for v in checks.values()), checks
+    # a token that cannot be checked (state store down) counts as none: the probe still answers
+    svc = _cap(c.app).service  # type: ignore[arg-type]
+
+    async def store_down(token: str) -> None:
+        raise ConnectionError("state store down")
+
+    real = svc.authenticate
+    svc.authenticate = store_down  # type: ignore[method-assign]
+    try:
+        r = c.get("/readyz", headers={"Authorization": f"Bearer {tokens[AUDITOR]}"})
+        assert r.status_code in (200, 503) and "detail" not in r.text, r.text
+    finally:
+        svc.authenticate = real  # type: ignore[method-assign]
 
 
 def test_model_permission_comes_before_model_existence(full_app: tuple[TestClient, dict[str, str]]) -> None:

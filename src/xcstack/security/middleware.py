@@ -156,9 +156,7 @@ class SecurityMiddleware:
         ):
             # health probes answer anyone, but their details (paths, audit position, backends) only a
             # caller whose bearer token is valid: anonymous probes get the verdicts alone
-            token = bearer(scope)
-            principal = await sec.service.authenticate(token) if token else None
-            if principal is None:
+            if not await self._valid_token(scope):
                 scope[ANONYMOUS_PROBE] = True
             await self.app(scope, receive, send)
             return
@@ -187,6 +185,18 @@ class SecurityMiddleware:
             await send_error(send, exc, rid)
             return
         await self._call_audited(scope, receive, send, principal, method, template, info)
+
+    async def _valid_token(self, scope: Scope) -> bool:
+        """Whether a public path's caller sent a valid bearer token. A token that cannot be checked
+        (state store down) counts as none: a health probe must answer, not fail with 500."""
+        token = bearer(scope)
+        if not token:
+            return False
+        try:
+            return await self.sec.service.authenticate(token) is not None
+        except Exception as exc:
+            log.warning("token check for a public path failed: %s", type(exc).__name__)
+            return False
 
     async def authorize(self, request: Request, resource: str, action: str) -> None:
         """The `xc.authorizer` of the scope: the security capability's check, after refusing any use
