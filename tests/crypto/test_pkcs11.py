@@ -185,10 +185,10 @@ async def test_pkcs11_fast_path_matches_pykcs11_path(p11: CryptoService) -> None
     assert not backend.verify(rec, b"data", slow_sig[:-1] + bytes([slow_sig[-1] ^ 1]), uid)
 
 
-async def test_pkcs11_concurrent_requests_use_device_thread(p11: CryptoService) -> None:
-    name = _unique("conc")
-    await p11.create_key(name, "sm2")
-    submitted = []
+def _count_submits(p11: CryptoService) -> list[int]:
+    """Count the calls the service hands to a device thread (one entry each); the caller restores
+    `p11._submit` if the service outlives the test."""
+    submitted: list[int] = []
     real_submit = p11._submit
 
     def counting(executor, fn):  # type: ignore[no-untyped-def]
@@ -196,6 +196,13 @@ async def test_pkcs11_concurrent_requests_use_device_thread(p11: CryptoService) 
         return real_submit(executor, fn)
 
     p11._submit = counting  # type: ignore[method-assign]
+    return submitted
+
+
+async def test_pkcs11_concurrent_requests_use_device_thread(p11: CryptoService) -> None:
+    name = _unique("conc")
+    await p11.create_key(name, "sm2")
+    submitted = _count_submits(p11)
     await op(p11, "sign", b"alone", key=name)
     assert not submitted  # a small request runs inline: no thread hand-off latency
     datas = [os.urandom(16) for _ in range(64)]
@@ -473,14 +480,8 @@ async def test_pkcs11_library_initialised_without_locking_gets_one_session(
 async def test_pkcs11_random_on_a_slow_device_runs_off_the_loop(p11: CryptoService) -> None:
     from xcstack.crypto.service import INLINE_MAX_CALL_S
 
-    submitted = []
     real_submit = p11._submit
-
-    def counting(executor, fn):  # type: ignore[no-untyped-def]
-        submitted.append(1)
-        return real_submit(executor, fn)
-
-    p11._submit = counting  # type: ignore[method-assign]
+    submitted = _count_submits(p11)
     try:
         p11._call_s = 0.0
         assert len((await op(p11, "random", n=16))[1]) == 16
