@@ -55,6 +55,8 @@ class Tx:
 
 
 _QMARK = re.compile(r"\?")
+#: PostgreSQL advisory lock that serialises schema migrations across processes ("xcstack" in ASCII)
+MIGRATION_LOCK_KEY = 0x7863737461636B
 
 
 class StateStore:
@@ -130,14 +132,22 @@ class StateStore:
 
     # -- migrations --------------------------------------------------------------------------
     async def migrate(self, namespace: str, migrations: Sequence[Migration]) -> int:
-        """Apply the migrations of `namespace` not yet applied; returns the resulting version."""
+        """Apply the migrations of `namespace` not yet applied; returns the resulting version.
+
+        Nodes sharing one database may start together: the whole migration runs under one lock across
+        processes (PostgreSQL: a transaction-scoped advisory lock; SQLite: the `BEGIN IMMEDIATE` write
+        lock every transaction here takes), and the version is read only once the lock is held, so each
+        migration's DDL runs exactly once and the others find it done."""
 
         def apply(tx: Tx) -> int:
+            if self.dialect == "postgres":
+                # before CREATE TABLE IF NOT EXISTS, which itself races (duplicate pg_type row)
+                tx.execute("SELECT pg_advisory_xact_lock(?)", (MIGRATION_LOCK_KEY,))
             tx.execute(
                 "CREATE TABLE IF NOT EXISTS xc_schema_version (namespace TEXT PRIMARY KEY, version INTEGER NOT NULL)"
             )
             row = tx.fetchone("SELECT version FROM xc_schema_version WHERE namespace = ?", (namespace,))
-            current = int(row["version"]) if row else 0
+            applied = current = int(row["version"]) if row else 0
             for version, migration in enumerate(migrations, start=1):
                 if version <= current:
                     continue
@@ -145,8 +155,12 @@ class StateStore:
                 for statement in _split_sql(script):
                     tx.execute(statement)
                 current = version
-            tx.execute("DELETE FROM xc_schema_version WHERE namespace = ?", (namespace,))
-            tx.execute("INSERT INTO xc_schema_version (namespace, version) VALUES (?, ?)", (namespace, current))
+            if current != applied or row is None:
+                tx.execute(
+                    "INSERT INTO xc_schema_version (namespace, version) VALUES (?, ?) "
+                    "ON CONFLICT (namespace) DO UPDATE SET version = excluded.version",
+                    (namespace, current),
+                )
             return current
 
         return await self.transaction(apply)
