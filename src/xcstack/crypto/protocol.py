@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from xcstack.errors import BadRequest
 
+MAX_VERSION = 2**31 - 1  # key versions are INTEGER columns in the keystore
 KeyName = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 B64 = Field(default=None, max_length=96 << 20)
 
@@ -33,7 +34,8 @@ def b64(data: bytes) -> str:
 
 
 class _Base(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: JSON types are what they say (true is not the integer 1, "1" is not 1, 1 is not true)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class _DataIn(_Base):
@@ -57,7 +59,7 @@ class SignRequest(_DataIn):
     key: str = KeyName
     uid: str | None = Field(default=None, min_length=1, max_length=1024, description="SM2 user id (UTF-8)")
     format: Literal["der", "raw"] = "der"
-    version: int | None = Field(default=None, ge=1)
+    version: int | None = Field(default=None, ge=1, le=MAX_VERSION)
 
 
 class VerifyRequest(SignRequest):
@@ -89,7 +91,7 @@ class DecryptRequest(_Base):
     ciphertext: str = Field(min_length=1, max_length=96 << 20)
     aad: str | None = Field(default=None, max_length=1 << 16)
     format: Literal["der", "c1c3c2", "c1c2c3"] = "der"
-    version: int | None = Field(default=None, ge=1)
+    version: int | None = Field(default=None, ge=1, le=MAX_VERSION)
 
 
 class HashRequest(_DataIn):

@@ -16,6 +16,7 @@ from xcstack.crypto.client import CryptoClient
 from xcstack.crypto.errors import InputTooLarge, WrongKeyType
 from xcstack.crypto.keystore import check_name
 from xcstack.crypto.protocol import (
+    MAX_VERSION,
     DecryptRequest,
     EncryptRequest,
     HashRequest,
@@ -30,6 +31,18 @@ from xcstack.crypto.settings import CryptoSettings
 from xcstack.errors import BadRequest
 from xcstack.httputil import JSONResponse, read_model
 from xcstack.security.guard import authorize, requires
+
+
+def query_version(raw: str | None) -> int | None:
+    """`?version=` as 1..2^31-1 in ASCII digits (str.isdigit also takes '²' and '١', which int() then
+    rejects or reads): anything else is a 400, never a 500."""
+    if raw is None:
+        return None
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 10 or not 1 <= int(raw) <= MAX_VERSION:
+        raise BadRequest(
+            f"version must be an integer from 1 to {MAX_VERSION}", code="invalid_parameter", param="version"
+        )
+    return int(raw)
 
 
 class CryptoRoutes:
@@ -130,10 +143,7 @@ class CryptoRoutes:
         name = request.path_params["name"]
         check_name(name)
         await authorize(request, f"key:{name}", "read")
-        raw = request.query_params.get("version")
-        if raw is not None and not raw.isdigit():
-            raise BadRequest("version must be a positive integer", code="invalid_parameter", param="version")
-        version = int(raw) if raw else None
+        version = query_version(request.query_params.get("version"))
         try:
             info = await self.client.public_key(name, version)
         except WrongKeyType:
