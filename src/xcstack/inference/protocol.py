@@ -5,11 +5,17 @@ is in `Inference-Header-Content-Length`; each binary input says its size in
 `parameters.binary_data_size`, in input order. Tensors are little-endian row-major; BYTES elements are
 4-byte length + bytes. Decoding makes no copy of fixed-size tensors (numpy.frombuffer over the body).
 Every rejection is a 400 that names the offending tensor (`param`).
+
+JSON `data` is typed strictly, as KServe v2 defines it: BOOL takes JSON booleans, the integer types JSON
+integers within the type's range, the float types JSON numbers, BYTES JSON strings. Nothing is coerced
+(no `true` for 1, no "12" or "١٢" for 12, no 1.5 truncated to 1, no integer N turned into N zero bytes), and
+no tensor may claim more elements than the body has bytes, so a small body never allocates a large one.
 """
 
 from __future__ import annotations
 
 import base64
+import re
 import zlib
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -20,9 +26,21 @@ from pydantic import BaseModel, ConfigDict, Field
 from xcstack.errors import BadRequest, PayloadTooLarge
 from xcstack.httputil import dumps, loads
 from xcstack.inference.repository import ModelConfig, TensorSpec
+from xcstack.inference.settings import MAX_INPUT_CHARS
 from xcstack.inference.tensors import DTYPES, datatype_of, element_count, from_buffer, tensor_bytes
 
 HEADER_LENGTH = "inference-header-content-length"
+_ASCII_UINT = re.compile(r"[0-9]{1,19}")  # int() alone would take "١٢", " 12", "+12" and "1_2"
+MAX_ID_CHARS = 1024
+# The JSON types each datatype accepts (exact types: bool is not an int here).
+_JSON_TYPES: dict[str, frozenset[type]] = {
+    "BOOL": frozenset({bool}),
+    "BYTES": frozenset({str}),
+    **{dt: frozenset({int}) for dt in DTYPES if dt.startswith(("INT", "UINT"))},
+    **{dt: frozenset({int, float}) for dt in ("FP16", "FP32", "FP64")},
+}
+_JSON_WANTED = {"BOOL": "JSON booleans", "BYTES": "JSON strings", "FP16": "JSON numbers", "FP32": "JSON numbers",
+                "FP64": "JSON numbers"}
 
 
 @dataclass
@@ -53,18 +71,24 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     return out
 
 
-def decode_infer_request(body: bytes, header_length: str | None, cfg: ModelConfig) -> InferRequest:
+def _header_length(value: str | None, size: int) -> int:
+    """Inference-Header-Content-Length: ASCII digits only, within the body."""
+    if value is None:
+        return size
+    if not _ASCII_UINT.fullmatch(value):
+        raise _bad(f"Inference-Header-Content-Length {value[:40]!r} is not a decimal integer", "invalid_header")
+    hlen = int(value)
+    if hlen > size:
+        raise _bad(f"Inference-Header-Content-Length {hlen} is outside the body ({size} bytes)", "invalid_header")
+    return hlen
+
+
+def decode_infer_request(
+    body: bytes, header_length: str | None, cfg: ModelConfig, max_chars: int = MAX_INPUT_CHARS
+) -> InferRequest:
+    """A KServe v2 request, validated; `max_chars` bounds each text of a text model (as /v1/embeddings)."""
     view = memoryview(body)
-    if header_length is not None:
-        try:
-            hlen = int(header_length)
-        except ValueError:
-            raise _bad("Inference-Header-Content-Length is not an integer", "invalid_header") from None
-        if hlen < 0 or hlen > len(body):
-            raise _bad(f"Inference-Header-Content-Length {hlen} is outside the body ({len(body)} bytes)",
-                       "invalid_header")
-    else:
-        hlen = len(body)
+    hlen = _header_length(header_length, len(body))
     try:
         header = loads(view[:hlen].tobytes() if hlen != len(body) else body)
     except ValueError as exc:
@@ -101,10 +125,14 @@ def decode_infer_request(body: bytes, header_length: str | None, cfg: ModelConfi
             raise _bad(f"input '{name}': datatype {datatype!r}, model expects {spec.datatype}", "invalid_datatype",
                        name)
         shape = _check_shape(raw.get("shape"), spec, cfg, name)
+        count = element_count(shape)
+        if count > len(body):  # every element takes at least one byte of the body, in JSON and in binary
+            raise _bad(f"input '{name}': shape {shape} has {count} elements, more than the body's {len(body)} bytes"
+                       " can hold", "invalid_tensor_size", name)
         params = raw.get("parameters") or {}
         size = params.get("binary_data_size") if isinstance(params, dict) else None
         if size is not None:
-            if not isinstance(size, int) or size < 0:
+            if type(size) is not int or size < 0:
                 raise _bad(f"input '{name}': binary_data_size must be a non-negative integer", "invalid_tensor_size",
                            name)
             if offset + size > binary.nbytes:
@@ -113,7 +141,7 @@ def decode_infer_request(body: bytes, header_length: str | None, cfg: ModelConfi
             arr = from_buffer(binary[offset : offset + size], datatype, shape, name)
             offset += size
         elif "data" in raw:
-            arr = _from_json(raw["data"], datatype, shape, name)
+            arr = _from_json(raw["data"], datatype, shape, count, name)
         else:
             raise _bad(f"input '{name}' has neither 'data' nor parameters.binary_data_size", "missing_data", name)
         _check_values(arr, spec, name)
@@ -127,14 +155,11 @@ def decode_infer_request(body: bytes, header_length: str | None, cfg: ModelConfi
     rows = {a.shape[0] for a in inputs.values()}
     if len(rows) > 1:
         raise _bad(f"inputs disagree on the batch dimension: {sorted(rows)}", "invalid_shape")
-    rid = str(header["id"]) if "id" in header else None
+    rid = header.get("id")
+    if rid is not None and (not isinstance(rid, str) or len(rid) > MAX_ID_CHARS):
+        raise _bad(f"'id' must be a string of at most {MAX_ID_CHARS} characters", "invalid_parameter")
     if text_spec is not None:
-        name = text_spec.name
-        try:
-            texts = [b.decode("utf-8") if isinstance(b, bytes) else str(b) for b in inputs[name].reshape(-1)]
-        except UnicodeDecodeError:
-            raise _bad(f"input '{name}': elements must be UTF-8 text", "invalid_data", name) from None
-        return InferRequest({}, _outputs(header, cfg), rid, texts)
+        return InferRequest({}, _outputs(header, cfg), rid, _texts(inputs[text_spec.name], text_spec.name, max_chars))
     return InferRequest(inputs, _outputs(header, cfg), rid)
 
 
@@ -157,22 +182,82 @@ def _check_shape(shape: Any, spec: TensorSpec, cfg: ModelConfig, name: str) -> l
     return shape
 
 
-def _from_json(data: Any, datatype: str, shape: list[int], name: str) -> np.ndarray:
-    count = element_count(shape)
-    try:
-        if datatype == "BYTES":
-            flat = np.array(
-                [d.encode() if isinstance(d, str) else bytes(d) for d in np.asarray(data, dtype=object).reshape(-1)],
-                dtype=object,
-            )
-        else:
-            flat = np.asarray(data, dtype=DTYPES[datatype]).reshape(-1)
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise _bad(f"input '{name}': data is not {datatype}: {exc}", "invalid_data", name) from None
-    if flat.size != count:
-        raise _bad(f"input '{name}': {flat.size} values for shape {shape} ({count} expected)", "invalid_tensor_size",
-                   name)
-    return flat.reshape(shape)
+def _texts(arr: np.ndarray, name: str, max_chars: int) -> list[str]:
+    """A text input's elements as str, each within `max_chars` (checked before any decoding work)."""
+    texts: list[str] = []
+    for i, b in enumerate(arr.reshape(-1)):
+        if len(b) > 4 * max_chars:  # UTF-8 takes at most 4 bytes a character: too long whatever it holds
+            raise _too_long(name, i, f"{len(b)} bytes", max_chars)
+        try:
+            t = b.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _bad(f"input '{name}': elements must be UTF-8 text", "invalid_data", name) from None
+        if len(t) > max_chars:
+            raise _too_long(name, i, f"{len(t)} characters", max_chars)
+        texts.append(t)
+    return texts
+
+
+def _too_long(name: str, index: int, size: str, max_chars: int) -> BadRequest:
+    return _bad(f"input '{name}'[{index}]: {size}; the limit is {max_chars} characters", "input_too_long", name)
+
+
+def _flat_json(data: Any, shape: list[int], count: int, name: str) -> list[Any]:
+    """`data` flat (row-major) or nested exactly as `shape`; the walk never outgrows `count`."""
+    if not isinstance(data, list):
+        raise _bad(f"input '{name}': 'data' must be a JSON array", "invalid_data", name)
+    if not data or not isinstance(data[0], list):  # flat; a list among the values fails the type check
+        if len(data) != count:
+            raise _bad(f"input '{name}': {len(data)} values for shape {shape} ({count} expected)",
+                       "invalid_tensor_size", name)
+        return data
+    items: list[Any] = [data]
+    for dim in shape:
+        nxt: list[Any] = []
+        for it in items:
+            if not isinstance(it, list) or len(it) != dim:
+                raise _bad(f"input '{name}': nested 'data' does not have shape {shape}", "invalid_tensor_size", name)
+            nxt.extend(it)
+        items = nxt
+    return items
+
+
+def _from_json(data: Any, datatype: str, shape: list[int], count: int, name: str) -> np.ndarray:
+    flat = _flat_json(data, shape, count, name)
+    allowed = _JSON_TYPES[datatype]
+    if not set(map(type, flat)) <= allowed:
+        bad = next(v for v in flat if type(v) not in allowed)
+        got = f"{type(bad).__name__} {bad!r}" if isinstance(bad, (int, float)) else type(bad).__name__
+        raise _bad(f"input '{name}': {datatype} data must be {_JSON_WANTED.get(datatype, 'JSON integers')}; "
+                   f"got {got}", "invalid_data", name)
+    dtype = DTYPES[datatype]
+    if datatype == "BYTES":
+        arr = np.empty(count, dtype=object)
+        try:
+            for i, v in enumerate(flat):
+                arr[i] = v.encode()
+        except UnicodeEncodeError:  # lone surrogates (a JSON parser that lets them through)
+            raise _bad(f"input '{name}': element {i} is not valid Unicode text", "invalid_data", name) from None
+    elif dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        lo, hi = min(flat), max(flat)
+        if lo < info.min or hi > info.max:
+            raise _bad(f"input '{name}': {datatype} values must be within [{info.min}, {info.max}] (got {lo}..{hi})",
+                       "value_out_of_range", name)
+        arr = np.array(flat, dtype=dtype)
+    elif dtype.kind == "f":
+        try:
+            wide = np.array(flat, dtype=np.float64)
+        except OverflowError:  # an integer past float64's range
+            raise _bad(f"input '{name}': a value is outside the range of {datatype}", "value_out_of_range",
+                       name) from None
+        with np.errstate(over="ignore"):
+            arr = wide.astype(dtype)
+        if np.isinf(arr).sum() != np.isinf(wide).sum():  # a finite value that the narrower type cannot hold
+            raise _bad(f"input '{name}': a value is outside the range of {datatype}", "value_out_of_range", name)
+    else:
+        arr = np.array(flat, dtype=dtype)
+    return arr.reshape(shape)
 
 
 def _check_values(arr: np.ndarray, spec: TensorSpec, name: str) -> None:
@@ -188,7 +273,7 @@ def _check_values(arr: np.ndarray, spec: TensorSpec, name: str) -> None:
 
 def _outputs(header: dict[str, Any], cfg: ModelConfig) -> list[tuple[str, bool]]:
     params = header.get("parameters") or {}
-    default_binary = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
+    default_binary = _flag(params, "binary_data_output", False, None)
     known = [t.name for t in cfg.outputs]
     raw = header.get("outputs")
     if raw is None:
@@ -200,10 +285,19 @@ def _outputs(header: dict[str, Any], cfg: ModelConfig) -> list[tuple[str, bool]]
         name = o.get("name") if isinstance(o, dict) else None
         if name not in known:
             raise _bad(f"output {name!r} is not an output of model {cfg.name} ({', '.join(known)})",
-                       "unknown_output", str(name))
-        p = o.get("parameters") or {}
-        out.append((name, bool(p.get("binary_data", default_binary)) if isinstance(p, dict) else default_binary))
+                       "unknown_output", str(name)[:128])
+        if any(n == name for n, _ in out):  # each repeat would copy the whole tensor into the response again
+            raise _bad(f"output '{name}' requested twice", "duplicate_output", name)
+        out.append((name, _flag(o.get("parameters") or {}, "binary_data", default_binary, name)))
     return out
+
+
+def _flag(params: Any, key: str, default: bool, tensor: str | None) -> bool:
+    """A boolean parameter: JSON true/false only (bool("false") would be True)."""
+    value = params.get(key, default) if isinstance(params, dict) else default
+    if not isinstance(value, bool):
+        raise _bad(f"parameter {key!r} must be true or false", "invalid_parameter", tensor)
+    return value
 
 
 def encode_infer_response(

@@ -43,8 +43,8 @@ if TYPE_CHECKING:
 OFFLOAD_BYTES = 256 * 1024  # bodies/results above this are decoded/encoded off the event loop
 
 
-def _decode(body: bytes, encoding: str | None, limit: int, hlen: str | None, cfg: Any) -> Any:
-    return decode_infer_request(decompress(body, encoding, limit), hlen, cfg)
+def _decode(body: bytes, encoding: str | None, limit: int, hlen: str | None, cfg: Any, max_chars: int) -> Any:
+    return decode_infer_request(decompress(body, encoding, limit), hlen, cfg, max_chars)
 
 
 Endpoint = Callable[[Any, Request], Awaitable[Response]]
@@ -159,11 +159,12 @@ class InferenceRoutes:
         if len(body) > limit:
             raise PayloadTooLarge(f"request body is {len(body)} bytes; the inference limit is {limit}")
         encoding, hlen = request.headers.get("content-encoding"), request.headers.get(HEADER_LENGTH)
+        max_chars = self.cap.settings.max_input_chars  # the /v1/embeddings limit, for /v2 texts too
         if len(body) > OFFLOAD_BYTES or encoding:
             # validating (finite, ranges) or inflating megabytes would stall the loop: do it in a thread
-            req = await asyncio.to_thread(_decode, body, encoding, limit, hlen, cfg)
+            req = await asyncio.to_thread(_decode, body, encoding, limit, hlen, cfg, max_chars)
         else:
-            req = decode_infer_request(body, hlen, cfg)
+            req = decode_infer_request(body, hlen, cfg, max_chars)
         timeout = self.cap.settings.request_timeout_s
         try:
             if req.texts is not None and len(req.texts) > self.cap.settings.max_inputs:

@@ -7,6 +7,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+# One text's length limit, shared by /v1/embeddings and the /v2 text input: a text far past what the model
+# reads (max_seq_length tokens) only costs tokenizer time and memory in the model worker.
+MAX_INPUT_CHARS = 100_000
+
 
 class BatchingDefaults(BaseModel):
     """Dynamic-batching parameters used when a model's own config.json does not set them."""
@@ -50,7 +54,10 @@ class InferenceSettings(BaseModel):
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="deadline of one inference request")
     connect_timeout_s: float = Field(1.0, gt=0, le=60)
     max_inputs: int = Field(2048, ge=1, le=100_000, description="texts per /v1/embeddings request")
-    max_input_chars: int = Field(100_000, ge=1, le=10_000_000, description="characters per text")
+    max_input_chars: int = Field(
+        MAX_INPUT_CHARS, ge=1, le=10_000_000,
+        description="characters per text: /v1/embeddings `input` and the elements of a /v2 text input",
+    )
     max_tensor_bytes: int = Field(64 * 1024 * 1024, ge=1024, le=4 * 1024**3, description="one infer body")
     shm_threshold_bytes: int = Field(
         256 * 1024, ge=0, le=1024**3, description="tensors above this go to workers as shared memory; 0 = never"

@@ -70,8 +70,14 @@ def element_count(shape: Sequence[int]) -> int:
 
 def decode_bytes_tensor(view: memoryview, count: int, name: str) -> np.ndarray:
     """BYTES elements (4-byte LE length + bytes) -> object array of `bytes`; 400 naming the tensor if bad."""
-    out = np.empty(count, dtype=object)
     pos, size = 0, view.nbytes
+    if count > size // 4:  # each element has its 4-byte length: refuse before allocating `count` slots
+        raise BadRequest(
+            f"input '{name}': {size} bytes cannot hold {count} BYTES elements (4-byte length each)",
+            code="invalid_tensor_size",
+            param=name,
+        )
+    out = np.empty(count, dtype=object)
     for i in range(count):
         if pos + 4 > size:
             raise BadRequest(
