@@ -1,15 +1,26 @@
-"""Wire schemas of the security endpoints."""
+"""Wire schemas of the security endpoints.
+
+JSON bodies are validated strictly: a boolean is not a number (`{"days": true}` is not one day), a
+number is not a string, a string is not a number or a boolean. The query-string model (`AuditQuery`)
+stays lax, since every query value arrives as text; its patterns accept ASCII digits only."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Strict as StrictMode
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
+# JSON has no tuples: a (resource, action) pair arrives as a two-item list; its items stay strict strings
+Perm = Annotated[tuple[str, str], StrictMode(False)]
 
 
 class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Query(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
@@ -42,8 +53,8 @@ class RolesSet(Strict):
 
 class RoleCreate(Strict):
     name: str = Field(pattern=NAME)
-    allow: list[tuple[str, str]] = Field(min_length=1, max_length=256)
-    deny: list[tuple[str, str]] = Field(default_factory=list, max_length=256)
+    allow: list[Perm] = Field(min_length=1, max_length=256)
+    deny: list[Perm] = Field(default_factory=list, max_length=256)
     description: str = Field(default="", max_length=256)
 
 
@@ -53,14 +64,14 @@ class ApiKeyCreate(Strict):
     days: int | None = Field(default=None, ge=1, le=3650)
 
 
-class AuditQuery(Strict):
+class AuditQuery(Query):
     """One chain from `after_seq` on (`chain=`), or every chain merged by time (no `chain`): then
     `since`/`until` bound the UTC timestamps and `after` (the previous page's `next`) continues."""
 
     chain: str | None = Field(default=None, max_length=128)
     after_seq: int = Field(default=0, ge=0)
-    since: str | None = Field(default=None, pattern=r"^\d{4}-\d{2}-\d{2}(T[0-9:.]+Z?)?$")
-    until: str | None = Field(default=None, pattern=r"^\d{4}-\d{2}-\d{2}(T[0-9:.]+Z?)?$")
+    since: str | None = Field(default=None, pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(T[0-9:.]+Z?)?$")
+    until: str | None = Field(default=None, pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(T[0-9:.]+Z?)?$")
     after: str | None = Field(default=None, max_length=256)
     limit: int = Field(default=100, ge=1, le=1000)
     action: str | None = Field(default=None, max_length=64)

@@ -223,6 +223,8 @@ def _read_records(cap: SecurityCapability, q: p.AuditQuery) -> dict[str, Any]:
     if q.after:
         try:
             a_ts, a_chain, a_seq = q.after.rsplit("|", 2)
+            if not (a_seq.isascii() and a_seq.isdigit()):  # int() would also take "١٢", " 12", "1_2"
+                raise ValueError(a_seq)
             after = (a_ts, a_chain, int(a_seq))
         except ValueError:
             raise BadRequest("after: use the 'next' value of the previous page", code="invalid_parameter") from None

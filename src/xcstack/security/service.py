@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any, TypeVar
 
 from xcstack.errors import BadRequest, Conflict, Forbidden, NotFound, Overloaded, RateLimited, Unauthorized
@@ -71,6 +72,45 @@ def token_hash(token: str) -> str:
     h = _SM3_BASE.copy()
     h.update(token.encode())
     return h.finalize().hex()
+
+
+def _glob_overlap(a: str, b: str) -> bool:
+    """Whether two fnmatch patterns may match one common string; True when unsure (safe side)."""
+    wild = "*?["
+    if not any(c in a for c in wild):
+        return fnmatchcase(a, b)
+    if not any(c in b for c in wild):
+        return fnmatchcase(b, a)
+    pa, pb = (p[: min(p.find(c) if c in p else len(p) for c in wild)] for p in (a, b))
+    if not (pa.startswith(pb) or pb.startswith(pa)):
+        return False
+    if "[" in a or "[" in b:
+        return True
+    sa, sb = a[max(a.rfind("*"), a.rfind("?")) + 1:], b[max(b.rfind("*"), b.rfind("?")) + 1:]
+    return sa.endswith(sb) or sb.endswith(sa)
+
+
+def _covers(perms: list[tuple[str, str]], res: str, act: str) -> bool:
+    """Whether one of `perms` matches every string the pattern pair (res, act) can match (judged on the
+    patterns as text: `*` covers `*`, `model:*` covers `model:a*`; unsure counts as not covered)."""
+    return any(fnmatchcase(res, r) and fnmatchcase(act, a) for r, a in perms)
+
+
+def _excess_right(creator: list[Role], new: list[Role]) -> str | None:
+    """The first right the roles `new` grant that the roles `creator` do not (None: none). An allow of
+    `new` must be covered by an allow of `creator`, and each deny of `creator` it may touch must be
+    repeated by a deny of `new` (else a sysadmin holding a custom deny role escapes it with a key)."""
+    c_allow = [p for r in creator for p in r.allow]
+    c_deny = [p for r in creator for p in r.deny]
+    n_deny = [p for r in new for p in r.deny]
+    for role in new:
+        for res, act in role.allow:
+            if not _covers(c_allow, res, act):
+                return f"{role.name}: {res} {act}"
+            for dr, da in c_deny:
+                if _glob_overlap(res, dr) and _glob_overlap(act, da) and not _covers(n_deny, dr, da):
+                    return f"{role.name}: {res} {act}, which the creator is denied as {dr} {da}"
+    return None
 
 
 @dataclass
@@ -208,8 +248,10 @@ class SecurityService:
         password: str | None = None,
         info: ReqInfo | None = None,
     ) -> tuple[dict[str, Any], str | None]:
-        """Create a user; without `password` a one-time password is generated (returned once) and must
-        be changed at first login."""
+        """Create a user; without `password` a one-time password is generated (returned once). Either way a
+        password someone else chose is one-time: the account must change it at first login, like the
+        first-start passwords. Only the in-process `system` principal (provisioning code, tests) sets a
+        lasting password; the console CLI never passes one."""
         if kind not in ("human", "service"):
             raise BadRequest("kind must be 'human' or 'service'", code="invalid_parameter")
         if roles and actor.kind != "system" and not await self.is_allowed(actor, "security.role", "assign"):
@@ -234,7 +276,7 @@ class SecurityService:
             tx.execute(
                 "INSERT INTO sec_users (id, name, kind, roles, pw_hash, pw_changed_at, must_change, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (uid, name, kind, json.dumps(roles), h, now, 1 if one_time else 0, now),
+                (uid, name, kind, json.dumps(roles), h, now, 0 if actor == SYSTEM and not one_time else 1, now),
             )
             tx.execute("UPDATE sec_users SET pw_history = ? WHERE id = ?", (json.dumps([h]), uid))
 
@@ -367,16 +409,23 @@ class SecurityService:
         restricted: str | None = None
         now = self.clock()
         if user["totp_enabled"]:
+            # every second-factor attempt, malformed ones included, is audited and counts toward the lockout
             if not totp_code and not recovery_code:
-                await self.audit(username, "auth.login", resource, "failure", info, {"reason": "totp_missing"})
+                await self._fail(key, username, resource, info, "totp_missing")
                 raise Unauthorized("a TOTP code (or a recovery code) is required", code="totp_required")
             if totp_code:
+                if not totp.is_code(totp.normalize(totp_code)):
+                    await self._fail(key, username, resource, info, "malformed_totp")
+                    raise InvalidCredentials("invalid or already used TOTP code", code="invalid_totp")
                 step = await self._totp_check(user, totp_code, now)
                 if step is None:
                     await self._fail(key, username, resource, info, "bad_totp")
                     raise InvalidCredentials("invalid or already used TOTP code", code="invalid_totp")
             else:
                 assert recovery_code is not None
+                if not totp.is_recovery_code(recovery_code):
+                    await self._fail(key, username, resource, info, "malformed_recovery_code")
+                    raise InvalidCredentials("invalid recovery code", code="invalid_totp")
                 if not await self._use_recovery(user, recovery_code):
                     await self._fail(key, username, resource, info, "bad_recovery_code")
                     raise InvalidCredentials("invalid recovery code", code="invalid_totp")
@@ -399,12 +448,22 @@ class SecurityService:
             "password_expired": bool(expired),
         }
 
-    async def _fail(self, key: str, username: str, resource: str, info: ReqInfo | None, reason: str) -> None:
+    async def _fail(self, key: str, username: str, resource: str, info: ReqInfo | None, reason: str,
+                    action: str = "auth.login") -> None:
+        """Count one failed authentication toward the lockout and audit it (and the lock it may start)."""
         locked = await self.lockout.failure(key)
-        await self.audit(username[:64], "auth.login", resource, "failure", info, {"reason": reason})
+        await self.audit(username[:64], action, resource, "failure", info, {"reason": reason})
         if locked > 0:
             await self.audit("system", "auth.lockout", resource, "success", info,
                              {"lock_s": round(locked, 1), "threshold": self.settings.lockout_threshold})
+
+    async def _refuse_if_locked(self, key: str, actor: str, action: str, resource: str,
+                                info: ReqInfo | None) -> None:
+        """A locked identity may not keep guessing through the self-service routes either."""
+        locked = await self.lockout.locked_for(key)
+        if locked > 0:
+            await self.audit(actor[:64], action, resource, "denied", info, {"reason": "locked"})
+            raise AccountLocked("too many failed attempts; the account is locked", retry_after=locked)
 
     async def _totp_secret(self, user: dict[str, Any]) -> str:
         buf = await self.box.open(base64.b64decode(user["totp_secret"]), b"totp:" + user["id"].encode())
@@ -489,6 +548,8 @@ class SecurityService:
             raise Forbidden("API keys have no password", code="forbidden")
         user = await self._require_user(principal.name)
         resource = f"user:{principal.name}"
+        await self._refuse_if_locked(identity_key(principal.name), principal.name, "user.password_change", resource,
+                                     info)
         if not await self._kdf(passwords.verify_password, old, user["pw_hash"]):
             await self._fail(identity_key(principal.name), principal.name, resource, info, "bad_old_password")
             await self.audit(principal.name, "user.password_change", resource, "failure", info,
@@ -549,9 +610,13 @@ class SecurityService:
         user = await self._require_user(principal.name)
         if user["totp_enabled"] or not user["totp_secret"]:
             raise Conflict("no TOTP enrolment in progress", code="totp_not_pending")
-        step = await self._totp_check(user, code, self.clock())
+        key, resource = identity_key(principal.name), f"user:{principal.name}"
+        await self._refuse_if_locked(key, principal.name, "user.totp_confirm", resource, info)
+        malformed = not totp.is_code(totp.normalize(code))
+        step = None if malformed else await self._totp_check(user, code, self.clock())
         if step is None:
-            await self.audit(principal.name, "user.totp_confirm", f"user:{principal.name}", "failure", info)
+            await self._fail(key, principal.name, resource, info, "malformed_totp" if malformed else "bad_totp",
+                             "user.totp_confirm")
             raise BadRequest("invalid TOTP code", code="invalid_totp")
         codes = totp.new_recovery_codes(self.settings.recovery_codes)
         hashed = [totp.hash_recovery_code(c, user["id"]) for c in codes]
@@ -581,25 +646,50 @@ class SecurityService:
     async def create_api_key(
         self, actor: Principal, name: str, roles: list[str], days: int | None = None, info: ReqInfo | None = None
     ) -> dict[str, Any]:
+        """Issue a key owned by the creating user; a key created with an API key belongs to that key's
+        owner (a key is never the owner of a key: `_auth_key` joins the owner to `sec_users`), carries no
+        right its creator lacks and does not outlive it."""
         await self._check_roles(roles)
-        for r in roles:  # a key never carries more power than its creator
+        reason = None
+        for r in roles:
             if r in BUILTIN_ROLES and r not in actor.roles:
-                raise Forbidden(f"you cannot issue a key with role {r!r} that you do not hold", code="forbidden")
+                reason = f"you cannot issue a key with role {r!r} that you do not hold"
+                break
+        else:
+            excess = _excess_right(self._roles_of(actor), [BUILTIN_ROLES.get(r) or self._roles.custom[r]
+                                                           for r in roles])
+            if excess:
+                reason = f"a key cannot carry rights its creator lacks ({excess})"
+        if reason:
+            await self.audit(actor.name, "apikey.create", f"apikey:{name}", "denied", info,
+                             {"reason": reason, "roles": roles})
+            raise Forbidden(reason, code="forbidden")
         days = days or self.settings.api_key_max_days
         if not 1 <= days <= self.settings.api_key_max_days:
             raise BadRequest(f"days must be 1..{self.settings.api_key_max_days}", code="invalid_parameter")
+        now = self.clock()
+        expires = now + days * 86400
+        owner = actor.id
+        if actor.kind == "api_key":
+            row = await self.store.fetchone("SELECT owner_id, expires_at FROM sec_api_keys WHERE id = ?",
+                                            (actor.id.removeprefix("apikey:"),))
+            if row is None or actor.owner_id is None:
+                await self.audit(actor.name, "apikey.create", f"apikey:{name}", "denied", info,
+                                 {"reason": "the creating key no longer exists"})
+                raise Forbidden("the API key this request was made with no longer exists", code="forbidden")
+            owner = actor.owner_id
+            expires = min(expires, float(row["expires_at"]))
         kid = secrets.token_hex(8)
         secret = secrets.token_urlsafe(32)
         token = f"{KEY_PREFIX}{kid}_{secret}"
-        now = self.clock()
         await self.store.execute(
             "INSERT INTO sec_api_keys (id, name, key_hash, owner_id, roles, created_at, expires_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (kid, name, token_hash(token), actor.id, json.dumps(roles), now, now + days * 86400),
+            (kid, name, token_hash(token), owner, json.dumps(roles), now, expires),
         )
         await self.audit(actor.name, "apikey.create", f"apikey:{kid}", "success", info,
-                         {"name": name, "roles": roles, "days": days})
-        return {"id": kid, "name": name, "roles": roles, "expires_at": now + days * 86400, "key": token}
+                         {"name": name, "roles": roles, "days": days, "owner_id": owner})
+        return {"id": kid, "name": name, "roles": roles, "expires_at": expires, "key": token}
 
     async def list_api_keys(self) -> list[dict[str, Any]]:
         rows = await self.store.fetchall("SELECT * FROM sec_api_keys ORDER BY created_at")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import io
+import re
 import secrets
 
 import pyotp
@@ -13,6 +14,8 @@ from xcstack.crypto.sm import sm3
 
 STEP_S = 30
 WINDOW = 1
+_CODE = re.compile(r"[0-9]{6}")
+_RECOVERY = re.compile(r"[0-9a-f]{6}-[0-9a-f]{6}-[0-9a-f]{6}")
 
 
 def new_secret() -> str:
@@ -38,8 +41,8 @@ def terminal_qr(uri: str) -> str:
 def verify(secret: str, code: str, now: float, last_step: int) -> int | None:
     """The accepted time step when `code` is valid at `now` (±1 step) and newer than `last_step`
     (a code is accepted at most once), else None."""
-    code = code.strip().replace(" ", "")
-    if not (code.isdigit() and len(code) == 6):
+    code = normalize(code)
+    if not is_code(code):
         return None
     totp = pyotp.TOTP(secret, interval=STEP_S)
     step = int(now // STEP_S)
@@ -48,6 +51,22 @@ def verify(secret: str, code: str, now: float, last_step: int) -> int | None:
         if hmac.compare_digest(totp.generate_otp(s), code) and s > last_step:
             accepted = s  # no early exit: the same work for every code
     return accepted
+
+
+def normalize(code: str) -> str:
+    """A code as typed, blanks around and inside dropped ("123 456")."""
+    return code.strip().replace(" ", "")
+
+
+def is_code(code: str) -> bool:
+    """Six ASCII digits. Not `str.isdigit()`: that also accepts Arabic-Indic, full-width and superscript
+    digits, which `hmac.compare_digest` then refuses with TypeError (a 500 instead of a counted failure)."""
+    return _CODE.fullmatch(code) is not None
+
+
+def is_recovery_code(code: str) -> bool:
+    """The shape `new_recovery_codes` hands out (case and surrounding blanks ignored), ASCII only."""
+    return _RECOVERY.fullmatch(code.strip().lower()) is not None
 
 
 def new_recovery_codes(n: int) -> list[str]:
