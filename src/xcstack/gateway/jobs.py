@@ -6,6 +6,12 @@ PostgreSQL/KingbaseES with `[state] url`), or Redis with `[gateway.jobs] store =
 (`jobstore_redis.py`), so a restart loses no queued or finished job. Each http worker runs at most
 `jobs.concurrency` jobs; a job is claimed atomically (oldest first), holds a lease renewed while it
 runs, and is requeued when its worker dies (lease expired). Finished jobs expire after `ttl_s`.
+
+When the store is unavailable (a Redis or database outage) the loops keep retrying, with one WARNING
+per outage. A job that finishes meanwhile keeps its outcome in memory (it holds its slot, so at most
+`concurrency` of them) and stores it once the store is back; its lease is renewed as soon as the store
+answers, and no node that saw the outage requeues a lapsed lease for a lease period after it, so the
+upstream call is not paid for twice while this worker lives.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from xcstack.security.guard import authorize
 log = logging.getLogger("xcstack.gateway.jobs")
 
 MAX_ATTEMPTS = 3
+STORE_RETRY_MAX_S = 5.0  # longest wait between two tries to store a finished job's outcome
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -63,6 +70,9 @@ class JobManager:
         self._stopping = False
         self._last_sweep = 0.0
         self._last_maintain = 0.0
+        self._store_down = False  # a store call failed and none succeeded since
+        self._store_back = asyncio.Event()  # set (and replaced) when the store answers again
+        self._requeue_after = 0.0  # no lapsed-lease requeue before this (a lease period after an outage)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -102,34 +112,64 @@ class JobManager:
                     task.add_done_callback(self._on_done(job["id"]))
             except asyncio.CancelledError:
                 raise
-            except Exception:  # keep the loop alive; the store may be briefly unavailable
-                log.exception("job dispatch failed")
+            except Exception as exc:  # keep the loop alive; the store may be briefly unavailable
+                self._store_failed("job dispatch", exc)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.poll_s):
                     await self._wake.wait()
 
     def _on_done(self, job_id: str) -> Callable[[asyncio.Task[None]], None]:
-        def done(_task: asyncio.Task[None]) -> None:
+        def done(task: asyncio.Task[None]) -> None:
             self._running.pop(job_id, None)
             self._wake.set()
+            # Retrieved here, so a runner's failure is logged once, never as "Task exception was never retrieved".
+            exc = None if task.cancelled() else task.exception()
+            if exc is not None:
+                log.error("job %s runner failed", job_id, exc_info=exc)
 
         return done
 
+    def _store_failed(self, what: str, exc: Exception) -> None:
+        """A store call failed: one WARNING per outage (the loops retry every poll), no traceback for
+        an unavailable store; later failures of the same outage log at DEBUG."""
+        if self._store_down:
+            log.debug("%s failed: job store still unavailable (%s)", what, exc)
+            return
+        self._store_down = True
+        log.warning("%s failed (%s); the job store is retried until it answers", what, exc,
+                    exc_info=None if isinstance(exc, XCError) else exc)
+
+    def _store_ok(self) -> None:
+        """A store call succeeded. After an outage, other live workers need a renewal round before their
+        lapsed leases can be told from dead ones: hold the requeue of lapsed leases for one lease period."""
+        if not self._store_down:
+            return
+        self._store_down = False
+        self._requeue_after = time.time() + self.settings.lease_s
+        self._store_back.set()
+        self._store_back = asyncio.Event()
+        log.info("job store reachable again")
+
     async def _maintain(self) -> None:
-        """Requeue jobs whose worker went silent (every lease/2); delete expired jobs (once a minute)."""
+        """Requeue jobs whose worker went silent (every lease/2); delete expired jobs (once a minute).
+        Not while the store is down, nor for a lease period after (see `_store_ok`)."""
         now = time.time()
-        if now - self._last_maintain < min(5.0, self.settings.lease_s / 2):
+        if (self._store_down or now < self._requeue_after
+                or now - self._last_maintain < min(5.0, self.settings.lease_s / 2)):
             return
         self._last_maintain = now
         sweep = now - self._last_sweep > 60
         await self.store.maintain(now, sweep)
+        self._store_ok()
         if sweep:
             self._last_sweep = now
 
     async def _claim(self) -> dict[str, Any] | None:
         now = time.time()
-        return await self.store.claim(self.worker, now, now + self.settings.lease_s)
+        job = await self.store.claim(self.worker, now, now + self.settings.lease_s)
+        self._store_ok()
+        return job
 
     async def _lease_loop(self) -> None:
         interval = max(0.2, self.settings.lease_s / 3)
@@ -140,9 +180,10 @@ class JobManager:
                 continue
             try:
                 gone = await self.store.renew(self.worker, ids, time.time() + self.settings.lease_s)
-            except Exception:
-                log.exception("job lease renewal failed")
+            except Exception as exc:
+                self._store_failed("job lease renewal", exc)
                 continue
+            self._store_ok()
             for job_id in gone:  # cancelled (or taken over) elsewhere: stop working on it
                 task = self._running.get(job_id)
                 if task is not None:
@@ -180,7 +221,10 @@ class JobManager:
         except Overloaded as err:
             if job["attempts"] < MAX_ATTEMPTS:
                 await wd.close()
-                await self.store.requeue(self.worker, [job_id])
+                try:
+                    await self.store.requeue(self.worker, [job_id])
+                except Exception as exc:  # its lease lapses and the job is requeued then
+                    self._store_failed(f"requeue of job {job_id}", exc)
                 return
             http_status, error = err.status, dumps(err.body())
         except XCError as err:
@@ -194,10 +238,35 @@ class JobManager:
 
     async def _finish(self, job_id: str, status: str, http_status: int | None, result: bytes | None,
                       error: bytes | None) -> None:
-        now = time.time()
-        if await self.store.finish(self.worker, job_id, status, http_status, result.decode() if result else None,
-                                   error.decode() if error else None, now, now + self.settings.ttl_s):
-            metrics.JOBS.labels(status).inc()
+        """Store the outcome; while the store is unavailable, keep it and retry with backoff (sooner when
+        the store answers again). The job stays in `_running`, so its slot bounds what is kept in memory
+        and the lease loop renews its lease; a DELETE or a takeover (renewal says gone) cancels it."""
+        delay = 0.1
+        kept = False
+        while True:
+            now = time.time()
+            try:
+                stored = await self.store.finish(self.worker, job_id, status, http_status,
+                                                 result.decode() if result else None,
+                                                 error.decode() if error else None, now, now + self.settings.ttl_s)
+            except Exception as exc:
+                self._store_failed(f"storing the outcome of job {job_id}", exc)
+                if not kept:
+                    kept = True
+                    log.warning("job %s finished (%s); its outcome is kept in memory until the job store is back",
+                                job_id, status)
+                back = self._store_back
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await back.wait()
+                delay = min(delay * 2, STORE_RETRY_MAX_S)
+                continue
+            self._store_ok()
+            if stored:
+                metrics.JOBS.labels(status).inc()
+            if kept:
+                log.info("job %s: outcome stored after the job store outage", job_id)
+            return
 
     # -- API ------------------------------------------------------------------------------------
     async def submit(self, owner: str, data: Any, request: Request | None = None) -> dict[str, Any]:
@@ -234,11 +303,14 @@ class JobManager:
     async def cancel(self, owner: str, job_id: str) -> dict[str, Any]:
         now = time.time()
         err = dumps({"error": {"type": "cancelled", "code": "cancelled", "message": "job cancelled"}}).decode()
+        # The store checks the owner: only a cancel it accepted stops the local runner (another user's
+        # DELETE answers 404 and leaves the job alone). A job cancelled elsewhere is stopped by its
+        # worker's next lease renewal.
         if await self.store.cancel(owner, job_id, err, now, now + self.settings.ttl_s):
             metrics.JOBS.labels("cancelled").inc()
-        task = self._running.get(job_id)
-        if task is not None:
-            task.cancel()
+            task = self._running.get(job_id)
+            if task is not None:
+                task.cancel()
         return await self.get(owner, job_id)
 
     async def list_jobs(self, owner: str, limit: int = 100) -> list[dict[str, Any]]:
