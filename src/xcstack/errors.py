@@ -117,3 +117,12 @@ class GatewayTimeout(XCError):
 
 def _retry_after(seconds: float) -> str:
     return str(max(1, int(seconds + 0.999)))
+
+
+#: Codes that are built at run time rather than written as a literal `code=` (the OpenAPI document
+#: collects literals from the source; these complete it).
+HTTP_METHOD_NOT_ALLOWED = "method_not_allowed"
+HTTP_ERROR = "http_error"
+REQUEST_TIMEOUT = "request_timeout"
+PASSWORD_CHANGE_REQUIRED = "password_change_required"  # a session restricted to a password change
+TOTP_ENROLLMENT_REQUIRED = "totp_enrollment_required"  # a session restricted to TOTP enrolment
