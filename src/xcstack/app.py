@@ -17,9 +17,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from xcstack import apiref, openapi
+from xcstack.apidoc import api
 from xcstack.capability import CAPABILITY_MODULES, AppContext, Capability
 from xcstack.config import Settings
-from xcstack.errors import XCError
+from xcstack.errors import HTTP_ERROR, XCError
 from xcstack.httputil import JSONResponse, probe_body
 from xcstack.observability.looplag import LoopLagMonitor
 from xcstack.observability.metrics import render
@@ -36,7 +38,19 @@ _HTTP_CODES = {
     403: ("permission_error", "forbidden"),
     404: ("not_found_error", "not_found"),
     405: ("invalid_request_error", "method_not_allowed"),
+    408: ("invalid_request_error", "request_timeout"),
     413: ("invalid_request_error", "payload_too_large"),
+}
+_HEALTH = {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}
+_READY = {
+    "type": "object",
+    "required": ["status", "checks"],
+    "properties": {
+        "status": {"type": "string", "enum": ["ready", "not_ready"]},
+        "checks": {"type": "object", "additionalProperties": {
+            "type": "object", "required": ["ready"],
+            "properties": {"ready": {"type": "boolean"}, "detail": {"type": "string"}}}},
+    },
 }
 
 
@@ -51,7 +65,7 @@ async def _xc_error(request: Request, exc: Exception) -> Response:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    etype, code = _HTTP_CODES.get(exc.status_code, ("invalid_request_error", f"http_{exc.status_code}"))
+    etype, code = _HTTP_CODES.get(exc.status_code, ("invalid_request_error", HTTP_ERROR))
     if exc.status_code == 404:
         message = f"no route for {request.method} {request.url.path}"
     elif exc.status_code == 405:
@@ -102,7 +116,26 @@ class XCStackApp:
         ]
         for cap in self.capabilities:
             routes.extend(cap.routes())
+        routes.extend(apiref.build_routes(lambda: self.openapi(routes)))
         return routes
+
+    def openapi(self, routes: Sequence[BaseRoute]) -> dict[str, Any]:
+        """The OpenAPI document of this app's routes (see openapi.py)."""
+        from importlib.metadata import version
+
+        security = [c for c in self.capabilities if c.name == "security"]
+        public: list[tuple[str, str]] = [("*", p) for p in apiref.public_paths()]
+        if security:
+            from xcstack.security.middleware import PUBLIC_ROUTES
+
+            sec = self.settings.security
+            public += [("*", p) for p in sec.public_paths] + list(PUBLIC_ROUTES)
+            if sec.metrics_public:
+                public.append(("*", "/metrics"))
+        return openapi.build_document(
+            routes, title="xcstack", version=version("xcstack"), public=public, security_on=bool(security),
+            description="OpenAI-compatible gateway, KServe v2 inference, vector search, the domestic DB bridge, "
+                        "国密 crypto and MLPS L3 security. Errors are JSON `{\"error\": {type, code, message}}`.")
 
     def middleware(self) -> list[Middleware]:
         obs = self.settings.observability
@@ -111,6 +144,7 @@ class XCStackApp:
                 ObservabilityMiddleware,
                 max_body_bytes=self.settings.server.max_body_bytes,
                 log_access=obs.access_log,
+                server=self.settings.server,
             )
         ]
         for cap in self.capabilities:
@@ -137,9 +171,12 @@ class XCStackApp:
             await self.lag.stop()
             await self.ctx.state.close()
 
+    @api("Liveness: the worker answers", response=_HEALTH, tag="core")
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    @api("Readiness of every capability (details only for an authenticated caller)", response=_READY,
+         also={503: _READY}, tag="core")
     async def readyz(self, request: Request) -> Response:
         checks = await asyncio.gather(*(self._ready(cap) for cap in self.capabilities))
         details: dict[str, Any] = {name: probe_body(request.scope, ok, detail) for name, ok, detail in checks}
@@ -158,6 +195,7 @@ class XCStackApp:
             return cap.name, False, f"readiness check failed: {exc!r}"
         return cap.name, ok, detail
 
+    @api("Prometheus metrics", streams={"text/plain": "Prometheus exposition format"}, tag="core")
     async def metrics(self, request: Request) -> Response:
         body, content_type = render()
         return Response(body, media_type=content_type)

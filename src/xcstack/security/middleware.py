@@ -31,6 +31,7 @@ from starlette.requests import Request
 from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from xcstack import apiref
 from xcstack.errors import Forbidden, Unauthorized, XCError
 from xcstack.httputil import ANONYMOUS_PROBE, dumps
 from xcstack.security.guard import permission_of
@@ -50,7 +51,8 @@ _AUTH_DENIED = AUTH_TOTAL.labels("denied")
 # restricted to a password change or TOTP enrolment. An exact list, so no other route can borrow it.
 SELF_SERVICE = frozenset({"/v1/auth/logout", "/v1/auth/me", "/v1/auth/password", "/v1/auth/totp/enroll",
                           "/v1/auth/totp/confirm"})
-PUBLIC_ROUTES = {("POST", "/v1/auth/login")}
+# the login, and the API contract and its reference page (no secret in them; clients generate code from it)
+PUBLIC_ROUTES = {("POST", "/v1/auth/login"), *(("GET", p) for p in apiref.PATHS)}
 # what anyone allowed to may still do with the security capability's own keys (public-key reads)
 RESERVED_KEY_ACTIONS = frozenset({"read", "verify"})
 
