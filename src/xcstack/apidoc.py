@@ -44,6 +44,8 @@ class ApiDoc:
     checks: str = ""
     description: str = ""
     tag: str = ""
+    #: "kserve": errors come as KServe v2 clients read them (`{"error": "<message>", "code", "type"}`)
+    error_model: str = "xcstack"
 
 
 def api(summary: str, **kwargs: Any) -> Callable[[F], F]:

@@ -97,6 +97,17 @@ def error_schema() -> dict[str, Any]:
     }
 
 
+def kserve_error_schema() -> dict[str, Any]:
+    """KServe v2 clients (tritonclient) read `error` as the message; xcstack adds its code and type."""
+    inner = error_schema()["properties"]["error"]["properties"]
+    return {
+        "type": "object",
+        "required": ["error", "code", "type"],
+        "properties": {"error": {"type": "string", "description": "the message (KServe v2)"},
+                       "code": inner["code"], "type": inner["type"]},
+    }
+
+
 class _Models:
     """Collects the pydantic models of all operations, then renders them with shared definitions."""
 
@@ -187,12 +198,13 @@ def _operation(route: Route, method: str, public: bool, security_on: bool, model
     statuses = sorted({*COMMON_ERRORS, *(doc.errors if doc else (404,))})
     if public:
         statuses = [s for s in statuses if s not in (401, 403)]
+    kserve = doc is not None and doc.error_model == "kserve"
     for status in statuses:
-        responses[str(status)] = {"$ref": f"#/components/responses/E{status}"}
+        responses[str(status)] = {"$ref": f"#/components/responses/{'K' if kserve else 'E'}{status}"}
     for status, schema in (doc.also.items() if doc else ()):
         responses[str(status)] = {"description": _STATUS_TEXT.get(status, "See the description"),
                                   "content": {"application/json": {"schema": models.ref(schema, "serialization")}}}
-    responses["default"] = {"$ref": "#/components/responses/Error"}
+    responses["default"] = {"$ref": f"#/components/responses/{'KServeError' if kserve else 'Error'}"}
     op["responses"] = responses
     return op
 
@@ -238,10 +250,12 @@ def build_document(
                 route, method, is_public, security_on, models)
     refs, defs = models.render()
     _resolve(paths, refs)
-    responses = {"Error": _error_response("Error")}
+    responses = {"Error": _error_response("Error", "Error"), "KServeError": _error_response("Error", "KServeError")}
     for status, text in _STATUS_TEXT.items():
-        responses[f"E{status}"] = _error_response(text)
-    components: dict[str, Any] = {"schemas": {"Error": error_schema(), **defs}, "responses": responses}
+        responses[f"E{status}"] = _error_response(text, "Error")
+        responses[f"K{status}"] = _error_response(text, "KServeError")
+    schemas = {"Error": error_schema(), "KServeError": kserve_error_schema(), **defs}
+    components: dict[str, Any] = {"schemas": schemas, "responses": responses}
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": title, "version": version, "description": description},
@@ -259,8 +273,9 @@ def build_document(
     return doc
 
 
-def _error_response(text: str) -> dict[str, Any]:
-    return {"description": text, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+def _error_response(text: str, schema: str) -> dict[str, Any]:
+    ref = {"$ref": f"#/components/schemas/{schema}"}
+    return {"description": text, "content": {"application/json": {"schema": ref}}}
 
 
 def _resolve(node: Any, refs: Mapping[str, str]) -> None:
