@@ -230,8 +230,8 @@ def test_embeddings_local_exchange_preferred_and_default_model(gateway: GatewayS
     ctx = gateway.capability.ctx
     ctx.services["local_embeddings"] = exchange
     try:
-        r = httpx.post(gateway.base_url + "/embeddings", json={"input": "x"})  # no model: the local default
-        assert r.status_code == 200 and r.json()["model"] == "all-minilm-l6-v2"
+        r = httpx.post(gateway.base_url + "/embeddings", json={"input": "x"})  # no model: the configured default
+        assert r.status_code == 200 and r.json()["model"] == seen[-1]["model"] == "all-minilm-l6-v2-int8"
         r = httpx.post(gateway.base_url + "/embeddings", json={"model": "bge-m3", "input": "x", "dimensions": 1})
         assert r.status_code == 200 and seen[-1]["dimensions"] == 1  # passed as is
         up = client(gateway).embeddings.create(model="mock-model", input="x")  # upstream models still go upstream

@@ -37,8 +37,11 @@ class GatewayCapability:
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
         settings = ctx.settings.gateway
+        inference = ctx.settings.inference
         self.service = GatewayService(settings, max_body_bytes=ctx.settings.server.max_body_bytes,
-                                      services=ctx.services)
+                                      services=ctx.services,
+                                      default_embedding_model=inference.default_embedding_model
+                                      if inference.enabled else None)
         self.jobs = (JobManager(self.service, open_job_store(settings, ctx.state), settings.jobs)
                      if settings.jobs.enabled else None)
         ctx.provide("gateway.upstream_models", self.service.upstream_models)
@@ -76,7 +79,13 @@ class GatewayCapability:
         await self.service.stop()
 
     async def ready(self) -> tuple[bool, str]:
-        return self.service.router.health()
+        """Upstream health decides readiness. A degraded shared rate limiter (Redis silent) is reported
+        in the detail but keeps the node ready: it serves with per-node limits, and every node shares
+        that Redis, so failing readiness would take the whole fleet out of the load balancer."""
+        ok, detail = self.service.router.health()
+        await self.service.limiter.probe()
+        degraded = self.service.limiter.degraded()
+        return ok, f"{detail}; {degraded}" if degraded else detail
 
 
 def create(ctx: AppContext) -> GatewayCapability | None:

@@ -20,6 +20,13 @@ BREAKER_STATE = Gauge("xc_gateway_breaker_state", "Circuit breaker: 0 closed, 1 
 REJECTED = Counter("xc_gateway_rejected", "Requests rejected by admission control", ["reason"])
 RATE_LIMITED = Counter("xc_gateway_rate_limited", "Requests refused by a per-key rate limit", ["limit"])
 RATE_LIMIT_BACKEND_ERRORS = Counter("xc_gateway_rate_limit_backend_errors", "Redis limiter failures (local fallback)")
+RATE_LIMIT_LOCAL = Counter(
+    "xc_gateway_rate_limit_local", "Rate-limit calls the local buckets took instead of Redis, by why "
+    "(error: Redis failed or timed out; breaker_open; busy: too many Redis calls in flight)", ["reason"]
+)
+RATE_LIMIT_BREAKER = Gauge(
+    "xc_gateway_rate_limit_breaker_state", "Shared (Redis) rate limiter breaker: 0 closed, 1 open, 2 half-open"
+)
 DISCONNECTS = Counter("xc_gateway_client_disconnects", "Clients that left before the answer was complete", ["endpoint"])
 STREAM_ERRORS = Counter("xc_gateway_stream_errors", "Streams ended by an error event", ["reason"])
 TTFT = Histogram(

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from xcstack.errors import BadRequest
+
 # Stable error codes of this capability (clients switch on these).
 MODEL_NOT_FOUND = "model_not_found"
 INVALID_JSON = "invalid_json"
@@ -27,6 +29,7 @@ JOB_NOT_FOUND = "job_not_found"
 JOBS_FULL = "jobs_full"
 JOBS_DISABLED = "jobs_disabled"
 PAYLOAD_TOO_LARGE = "payload_too_large"
+MODEL_REQUIRED = "model_required"
 
 
 class _Open(BaseModel):
@@ -75,6 +78,21 @@ class EmbeddingRequest(_Open):
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: int | None = Field(default=None, ge=1, le=65536)
     user: str | None = Field(default=None, max_length=256)
+
+
+def check_embedding_input(value: str | list[str] | list[int] | list[list[int]]) -> None:
+    """Refuse empty input (`""`, `[]`, `[""]`, `[[]]`), naming the index: an empty text embeds to a vector of
+    special tokens only, a meaningless answer that looks like a real one."""
+    if isinstance(value, str):
+        if not value:
+            raise BadRequest("input: must not be an empty string", code=INVALID_PARAMETER, param="input")
+        return
+    if not value:
+        raise BadRequest("input: must not be an empty list", code=INVALID_PARAMETER, param="input")
+    for i, item in enumerate(value):
+        if isinstance(item, str | list) and not item:
+            what = "string" if isinstance(item, str) else "token list"
+            raise BadRequest(f"input[{i}]: must not be an empty {what}", code=INVALID_PARAMETER, param=f"input[{i}]")
 
 
 JobEndpoint = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]

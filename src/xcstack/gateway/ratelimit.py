@@ -5,18 +5,28 @@
 actual usage and the estimate afterwards (it may put the bucket in debt, which delays the key's
 next requests). Local buckets by default; with `[gateway] redis_url`, one Lua script does the same
 atomically in Redis, so every gateway instance shares the limit. If Redis fails, the local buckets
-take over (fail open to the per-instance limit, logged and counted) rather than failing requests.
+take over (fail open to the per-instance limit, counted) rather than failing requests.
+
+The shared limiter runs before admission, so it must never hold requests up: each Redis call has a
+short timeout (`redis_timeout_s`, no retry), at most `redis_max_pending` calls are in flight (beyond
+that the local buckets decide at once), and a breaker skips Redis after `redis_breaker.failure_threshold`
+consecutive failures for `open_s`, then lets one probe through. A state change of that breaker logs
+one WARNING (opened / closed again); it is exported as `xc_gateway_rate_limit_breaker_state` and
+`/readyz` says "shared rate limiter degraded" while it is not closed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from xcstack.errors import RateLimited
 from xcstack.gateway import metrics
+from xcstack.gateway.admission import Breaker
 from xcstack.gateway.protocol import RATE_LIMITED_REQUESTS, RATE_LIMITED_TOKENS
 from xcstack.gateway.settings import RateLimitSettings
 
@@ -157,10 +167,21 @@ class RateLimiter:
             lim.rpm or lim.tpm for lim in self._per_key.values()))
         self._redis: Any = None
         self._script: Any = None
+        self.timeout_s = settings.redis_timeout_s
+        self.max_pending = settings.redis_max_pending
+        self.pending = 0
+        self.breaker = Breaker(settings.redis_breaker.failure_threshold, settings.redis_breaker.open_s)
+        self._state = Breaker.CLOSED  # last state logged and exported
         if redis_url and self.enabled:
             import redis.asyncio as aioredis
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
 
-            self._redis = aioredis.Redis.from_url(redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+            # no retry inside redis-py (its default retries 10 times): the breaker decides what a failure means
+            self._redis = aioredis.Redis.from_url(
+                redis_url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
+                retry=Retry(NoBackoff(), 0),
+            )  # connections in use are bounded by `max_pending` (see `_shared`)
             self._script = self._redis.register_script(_LUA)
 
     def limits(self, key: str) -> Limits:
@@ -201,20 +222,78 @@ class RateLimiter:
 
     async def _run(self, key: str, lim: Limits, req: int, tokens: int, mode: int) -> tuple[int, float]:
         if self._script is not None:
-            try:
-                res = await self._script(
-                    keys=[f"{self.prefix}{key}:r", f"{self.prefix}{key}:t"],
-                    args=[lim.req_cap, lim.rpm / 60.0, lim.tok_cap, lim.tpm / 60.0, req, tokens, mode,
-                          int(lim.burst_s * 2 + 60)],
-                )
+            ok, res = await self._shared(lambda: self._script(
+                keys=[f"{self.prefix}{key}:r", f"{self.prefix}{key}:t"],
+                args=[lim.req_cap, lim.rpm / 60.0, lim.tok_cap, lim.tpm / 60.0, req, tokens, mode,
+                      int(lim.burst_s * 2 + 60)],
+            ))
+            if ok:
                 return int(res[0]), float(res[1])
-            except Exception as exc:  # Redis down or slow: fall back to this instance's buckets
-                metrics.RATE_LIMIT_BACKEND_ERRORS.inc()
-                log.warning("redis rate limiter failed (%s); using local buckets", exc)
         if mode == 1:
             self.local.charge(key, lim, tokens, req)
             return 0, 0.0
         return self.local.check(key, lim, tokens)
+
+    async def _shared(self, call: Callable[[], Awaitable[Any]]) -> tuple[bool, Any]:
+        """One bounded Redis call through the breaker: (True, result), or (False, None) when the local
+        buckets must decide (breaker open, too many calls in flight, Redis failed or timed out)."""
+        if self.pending >= self.max_pending:
+            metrics.RATE_LIMIT_LOCAL.labels("busy").inc()
+            return False, None
+        if not self.breaker.begin():  # open (or half-open with its probe out): do not wait at all
+            metrics.RATE_LIMIT_LOCAL.labels("breaker_open").inc()
+            return False, None
+        self._sync_state(None)  # open -> half-open
+        self.pending += 1
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                res = await call()
+        except Exception as exc:  # Redis down, silent (timeout) or erroring: the local buckets decide
+            self.breaker.failure()
+            metrics.RATE_LIMIT_BACKEND_ERRORS.inc()
+            metrics.RATE_LIMIT_LOCAL.labels("error").inc()
+            self._sync_state(exc)
+            return False, None
+        except BaseException:  # cancelled (shutdown): says nothing about Redis; free the probe
+            self.breaker.neutral()
+            raise
+        finally:
+            self.pending -= 1
+        self.breaker.success()
+        self._sync_state(None)
+        return True, res
+
+    def _sync_state(self, exc: BaseException | None) -> None:
+        """Export a breaker state change and log it: one WARNING when the shared limiter degrades and one
+        when it recovers (a failed half-open probe, once per `open_s`, logs at INFO; single failures below
+        the threshold at DEBUG: they are counted in xc_gateway_rate_limit_backend_errors_total)."""
+        state = self.breaker.state
+        if state == self._state:
+            if exc is not None:
+                log.debug("redis rate limiter call failed (%r); local buckets used for it", exc)
+            return
+        before, self._state = self._state, state
+        metrics.RATE_LIMIT_BREAKER.set(state)
+        if state == Breaker.OPEN and before == Breaker.CLOSED:
+            log.warning("shared rate limiter degraded: Redis failed %d times in a row (last: %r); using per-node "
+                        "local limits, next try in %.1fs", self.breaker.failures, exc, self.breaker.open_s)
+        elif state == Breaker.OPEN:
+            log.info("shared rate limiter: Redis probe failed (%r); local limits for another %.1fs", exc,
+                     self.breaker.open_s)
+        elif state == Breaker.CLOSED:
+            log.warning("shared rate limiter recovered: Redis answers again; shared limits in use")
+
+    def degraded(self) -> str | None:
+        """For /readyz: why the shared limiter is not in use, or None (healthy, or no Redis configured)."""
+        if self._script is None or self.breaker.state == Breaker.CLOSED:
+            return None
+        return (f"shared rate limiter degraded (Redis not answering; per-node local limits; breaker "
+                f"{self.breaker.state_name})")
+
+    async def probe(self) -> None:
+        """Let a due half-open probe (a PING) through, so that /readyz sees Redis come back without traffic."""
+        if self._redis is not None and self.breaker.state == Breaker.OPEN and self.breaker.available():
+            await self._shared(self._redis.ping)
 
     async def close(self) -> None:
         if self._redis is not None:

@@ -147,8 +147,9 @@ def sse_error(err: XCError) -> bytes:
 
 class GatewayService:
     def __init__(self, settings: GatewaySettings, *, max_body_bytes: int = 8 * 1024 * 1024,
-                 services: dict[str, Any] | None = None) -> None:
+                 services: dict[str, Any] | None = None, default_embedding_model: str | None = None) -> None:
         self.settings = settings
+        self.default_embedding_model = default_embedding_model  # for /v1/embeddings without `model`
         self.max_body = max_body_bytes
         self.services = services if services is not None else {}
         self.upstreams = [Upstream(u, settings.breaker, settings.queue_timeout_s) for u in settings.upstreams]
@@ -205,10 +206,15 @@ class GatewayService:
         return data
 
     def prepare_data(self, endpoint: Endpoint, data: dict[str, Any], raw: bytes, key: str) -> Prepared:
+        if endpoint is EMBEDDINGS and data.get("model") is None:
+            data = {**data, "model": self._default_embedding_model()}
+            raw = dumps(data) if raw else raw  # the upstream gets the model that was authorized
         try:
             req: Any = endpoint.model.model_validate(data)
         except ValidationError as exc:
             raise validation_error(exc) from None
+        if endpoint is EMBEDDINGS:
+            p.check_embedding_input(req.input)
         stream = False
         client_usage = False
         if endpoint.generation:
@@ -221,6 +227,17 @@ class GatewayService:
             stream = bool(req.stream)
             client_usage = bool(req.stream_options and req.stream_options.include_usage)
         return Prepared(endpoint, data, raw, req.model, stream, client_usage, key, p.estimate_prompt_tokens(data))
+
+    def _default_embedding_model(self) -> str:
+        """The model of an embeddings request without one: the inference capability's default embedding
+        model when something here can serve it (the local embedder or an upstream), so that authorization,
+        routing and the answer all see the same name; else 400 `model_required`."""
+        name = self.default_embedding_model
+        local = self.services.get("local_embeddings") or self.services.get("local_embedder")
+        if name is None or not (local is not None or self.router.has(name, True)):
+            raise BadRequest("model: required (no default embedding model is served here)", code=p.MODEL_REQUIRED,
+                             param="model")
+        return name
 
     def body_for(self, pr: Prepared, target: Target) -> bytes:
         """The body sent upstream: the client's bytes untouched unless the model name changes
@@ -239,21 +256,20 @@ class GatewayService:
 
     # -- ASGI entry -----------------------------------------------------------------------------
     async def handle(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
+        wd = Watchdog()  # armed below, just before admission
         try:
             raw = await read_body(receive, self.max_body, scope)
             key = key_id(scope)
-            if endpoint is EMBEDDINGS:
-                data = self._parse(raw)
-                model = data.get("model")
+            # validated (strict types, non-empty input) and, for embeddings, the default model filled in
+            # before anything else: authorization and routing see the model that will run
+            pr = self.prepare(endpoint, raw, key)
+            if endpoint is EMBEDDINGS and not self.router.has(pr.model, True):
                 local = self.services.get("local_embeddings") or self.services.get("local_embedder")
-                if local is not None and not (isinstance(model, str) and self.router.has(model, True)):
-                    # not an upstream embedding model (or no model: the local default)
-                    await self._authorize(scope, receive, model if isinstance(model, str) else "")
-                    self._count(endpoint.label, "-", await self._local_embeddings(data, key, send, receive))
+                if local is not None:  # not an upstream embedding model: the local one
+                    await self._authorize(scope, receive, pr.model)
+                    status = await self._local_embeddings(pr.data, key, send, receive)
+                    self._count(endpoint.label, "-", status)
                     return
-                pr = self.prepare_data(endpoint, data, raw, key)
-            else:
-                pr = self.prepare(endpoint, raw, key)
             pr.request_id = scope.get("xc.request_id")
             # permission first: a caller without it must not learn which models exist (403, never 404)
             await self._authorize(scope, receive, pr.model)
@@ -261,9 +277,12 @@ class GatewayService:
                 raise NotFound(f"model {pr.model!r} is not served here; see GET /v1/models",
                                code=p.MODEL_NOT_FOUND, param="model")
             await self.limiter.check(pr.key, pr.estimate)
+            # from here on a departed client is noticed: it leaves the admission queue at once
+            wd.watch_client(receive)
             try:
-                await self._admit()
-            except XCError:
+                await self._admit(wd)
+            except (XCError, ClientGone):
+                await wd.close()  # disarmed first: a late disconnect must not cancel what follows
                 await self.limiter.refund(pr.key, pr.estimate)  # not served: not counted
                 raise
         except ClientGone:
@@ -277,9 +296,7 @@ class GatewayService:
             return
         metrics.IN_FLIGHT.inc()
         status = 500
-        wd = Watchdog()
         try:
-            wd.watch_client(receive)
             if pr.stream:
                 status = await self._stream(pr, send, wd)
             else:
@@ -301,9 +318,22 @@ class GatewayService:
 
         await authorize(Request(scope, receive), f"model:{model}", "invoke")
 
-    async def _admit(self) -> None:
+    async def _admit(self, wd: Watchdog) -> None:
+        """A global slot. While queued for one, the watchdog watches the client: one that hangs up leaves
+        the queue at once (ClientGone) instead of holding its place, and never reaches the upstream."""
+        if self.gate.try_acquire():
+            return
         try:
             await self.gate.acquire()
+            try:  # let a disconnect that raced the grant be delivered before the upstream call starts
+                await asyncio.sleep(0)
+            except asyncio.CancelledError:
+                self.gate.release()
+                raise
+        except asyncio.CancelledError:
+            if wd.take() is None:
+                raise  # not ours (server shutdown)
+            raise ClientGone() from None
         except GateFull:
             metrics.rejected("global_full")
             raise Overloaded("the gateway is at its in-flight limit; retry later", retry_after=1.0,

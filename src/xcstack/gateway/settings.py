@@ -126,6 +126,13 @@ class UpstreamSettings(BaseModel):
         return self
 
 
+class BreakerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    failure_threshold: int = Field(default=5, ge=1, le=1000, description="consecutive failures that open the breaker")
+    open_s: float = Field(default=10.0, gt=0, le=3600, description="how long it stays open before a half-open probe")
+
+
 class RateLimitSettings(BaseModel):
     """Per API key limits (token buckets, one minute of capacity). 0 disables a limit."""
 
@@ -138,6 +145,20 @@ class RateLimitSettings(BaseModel):
         default_factory=dict,
         description="key id -> (requests_per_minute, tokens_per_minute) overrides",
     )
+    # The shared (Redis) limiter must never hold requests up: each call is bounded in time and in number,
+    # and a breaker skips Redis while it fails; the per-node buckets decide meanwhile (fail open).
+    redis_timeout_s: float = Field(
+        default=0.2, gt=0, le=2, description="longest wait for one Redis limiter call (connect included), no retry"
+    )
+    redis_max_pending: int = Field(
+        default=128, ge=1, le=100_000,
+        description="Redis limiter calls in flight per worker (so also its connections); beyond: local buckets",
+    )
+    redis_breaker: BreakerSettings = Field(
+        default_factory=lambda: BreakerSettings(failure_threshold=3, open_s=5.0),
+        description="after failure_threshold consecutive Redis failures or timeouts, skip Redis for open_s "
+        "(local buckets), then let one probe call through",
+    )
 
     @field_validator("per_key")
     @classmethod
@@ -146,13 +167,6 @@ class RateLimitSettings(BaseModel):
             if rpm < 0 or tpm < 0:
                 raise ValueError(f"per_key[{key!r}]: limits must be >= 0")
         return v
-
-
-class BreakerSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    failure_threshold: int = Field(default=5, ge=1, le=1000, description="consecutive failures that open the breaker")
-    open_s: float = Field(default=10.0, gt=0, le=3600, description="how long it stays open before a half-open probe")
 
 
 class RetrySettings(BaseModel):
