@@ -72,11 +72,22 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         message = f"method {request.method} is not allowed on {request.url.path}"
     else:
         message = str(exc.detail)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:  # every method of the path, not only those of the first route matched
+        headers["Allow"] = ", ".join(_allowed_methods(request))
     return JSONResponse(
         {"error": {"type": etype, "code": code, "message": message}},
         status_code=exc.status_code,
-        headers=exc.headers,
+        headers=headers,
     )
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in getattr(request.app, "routes", ()):
+        if isinstance(route, Route) and route.methods and route.path_regex.match(request.url.path):
+            methods |= route.methods
+    return sorted(methods)
 
 
 async def _unhandled(request: Request, exc: Exception) -> Response:

@@ -81,7 +81,8 @@ _ROUTE_CACHE_MAX = 4096
 
 
 def resolve_route(app: Any, scope: Scope) -> tuple[Any, str] | None:
-    """(endpoint, path template) of the route Starlette's router would choose, or None.
+    """(endpoint, path template) of the route Starlette's router would choose, or None; the endpoint
+    is None when the path matches but the method does not (the router answers 405).
 
     Cached per (app, type, method, root_path, path): routes do not change while an app runs, and
     the walk costs about as much as the router's own matching."""
@@ -119,10 +120,11 @@ def _walk(routes: list[Any], scope: dict[str, Any], prefix: str) -> tuple[Any, s
             if found is not None:
                 return found
             continue
-        found = (getattr(route, "endpoint", None), prefix + getattr(route, "path", ""))
+        template = prefix + getattr(route, "path", "")
         if match == Match.FULL:
-            return found
-        partial = partial or found  # path matches, method does not: Starlette answers 405
+            return getattr(route, "endpoint", None), template
+        # path matches, method does not: Starlette answers 405 and runs nothing, so no permission applies
+        partial = partial or (None, template)
     return partial
 
 
@@ -178,7 +180,7 @@ class SecurityMiddleware:
             scope["xc.principal"] = principal
             found = resolve_route(scope.get("app"), scope)
             template = found[1] if found else path[:256]
-            if found is not None:
+            if found is not None and found[0] is not None:  # None: a method the route lacks (405)
                 await self._check(principal, found, method, info)
         except XCError as exc:
             if scope["type"] == "websocket":
