@@ -219,7 +219,7 @@ def _tag(path: str) -> str:
     if not parts:
         return "core"
     if parts[0] == "v2":
-        return "inference (KServe v2)"
+        return "kserve"
     if parts[0] != "v1" or len(parts) < 2:
         return "core"
     return {"chat": "gateway", "completions": "gateway", "embeddings": "embeddings", "models": "gateway",
