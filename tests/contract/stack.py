@@ -95,6 +95,7 @@ class FullStack:
             "XC_SECURITY__TOTP_REQUIRED": "false",
         }, server=server, plugins="[]")
         self.token = ""
+        self.admin_tokens: dict[str, str] = {}
 
     @property
     def base(self) -> str:
@@ -125,8 +126,9 @@ class FullStack:
     def _sign_in(self) -> str:
         """Create that role and account as the bootstrap administrators would, and sign it in."""
         with httpx.Client(base_url=self.base, timeout=30) as c:
-            admin = self._login(c, "admin", self._bootstrap_password("admin"))
-            secadmin = self._login(c, "secadmin", self._bootstrap_password("secadmin"))
+            for who in ("admin", "secadmin", "auditor"):
+                self.admin_tokens[who] = self._login(c, who, self._bootstrap_password(who))
+            admin, secadmin = self.admin_tokens["admin"], self.admin_tokens["secadmin"]
             h = {"Authorization": f"Bearer {secadmin}"}
             r = c.post("/v1/security/roles", headers=h, json={
                 "name": "contract-all", "allow": ALL_BUT_ADMIN, "description": "contract tests: every operation"})
