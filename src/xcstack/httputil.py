@@ -75,7 +75,8 @@ def validation_error(exc: ValidationError) -> BadRequest:
 
 def content_length(request: Request) -> int | None:
     raw = request.headers.get("content-length")
-    return int(raw) if raw and raw.isdigit() else None
+    # ASCII digits only: str.isdigit() also takes '²' or Arabic-Indic digits, which int() then rejects or misreads
+    return int(raw) if raw and raw.isascii() and raw.isdigit() and len(raw) <= 18 else None
 
 
 def ensure_size(size: int, limit: int, what: str = "request body") -> None:
