@@ -8,10 +8,11 @@ import uuid
 from decimal import Decimal
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool
 
 from xcstack.db.bridge import QueryResult
 from xcstack.db.profiles import Row
+from xcstack.db.settings import ParamSpec
 
 NDJSON = "application/x-ndjson"
 
@@ -21,8 +22,59 @@ class QueryRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    params: dict[str, Any] = Field(default_factory=dict)
-    stream: bool = Field(False, description="NDJSON rows with backpressure (also: Accept: application/x-ndjson)")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="the query's parameters (GET /v1/db/{database}/{query} lists them)")
+    stream: StrictBool = Field(False, description="NDJSON rows with backpressure (also: Accept: application/x-ndjson)")
+
+
+# --- responses, for the API contract (the routes answer dicts; these describe them) ------------------
+class QueryRows(BaseModel):
+    """A statement with a result set: its rows as objects keyed by column (repeated names get `_2`, ...)."""
+
+    database: str
+    query: str
+    columns: list[str]
+    rows: list[dict[str, Any]] = Field(description="decimals as strings, bytes base64, dates ISO 8601")
+    row_count: int
+    truncated: bool = Field(description="true when the query's `max_rows` cut the result")
+
+
+class QueryRowcount(BaseModel):
+    """A statement without a result set (a write): the rows it affected."""
+
+    database: str
+    query: str
+    rowcount: int = Field(description="as the driver reports it (-1: unknown)")
+
+
+class QueryResponse(RootModel[QueryRows | QueryRowcount]):
+    """What `POST /v1/db/{database}/{query}` answers as JSON."""
+
+
+class QueryContract(BaseModel):
+    """A named query's contract: its parameters and limits, never its SQL."""
+
+    database: str
+    query: str
+    description: str
+    params: dict[str, ParamSpec]
+    read_only: bool
+    max_rows: int
+    stream_max_rows: int
+    timeout_s: float
+    transaction: bool = Field(description="several statements run as one transaction")
+    shard_key: str | None
+
+
+class DatabaseQueries(BaseModel):
+    name: str
+    driver: str
+    shards: int
+    queries: list[str]
+
+
+class DatabaseList(BaseModel):
+    databases: list[DatabaseQueries]
 
 
 def _default(v: Any) -> Any:

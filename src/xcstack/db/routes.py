@@ -11,9 +11,20 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
+from xcstack.apidoc import api
 from xcstack.db import errors as dberr
 from xcstack.db.bridge import Bridge, RowStream
-from xcstack.db.protocol import NDJSON, QueryRequest, dumps, result_body, rows_as_objects, unique_columns
+from xcstack.db.protocol import (
+    NDJSON,
+    DatabaseList,
+    QueryContract,
+    QueryRequest,
+    QueryResponse,
+    dumps,
+    result_body,
+    rows_as_objects,
+    unique_columns,
+)
 from xcstack.disconnect import wait_disconnect
 from xcstack.errors import BadRequest, XCError
 from xcstack.httputil import content_length, ensure_size, loads, parse_model
@@ -75,6 +86,10 @@ class NDJSONRowResponse(Response):
             await stream.aclose()
 
 
+_STREAM = ("one JSON object per row and line; an error after the first row, or the query's `stream_max_rows`, "
+           "ends the stream with a last line `{\"error\": {type, code, message}}` (`row_cap_reached`, ...)")
+
+
 def build_routes(bridge: Bridge, max_body_bytes: int) -> list[BaseRoute]:
     async def _authorized_query(request: Request) -> tuple[str, str, Any, Any]:
         """The named query of the path (404 for an unknown database or query), once the caller may run it."""
@@ -89,6 +104,11 @@ def build_routes(bridge: Bridge, max_body_bytes: int) -> list[BaseRoute]:
         await authorize(request, q.permission, "execute")
         return database, name, db, q
 
+    @api("Run a named query: JSON rows, or an NDJSON stream", body=QueryRequest, body_required=False,
+         response=QueryResponse, streams={NDJSON: _STREAM}, errors=(404, 409, 500, 504),
+         checks="Also `execute` on the query's permission (default `query:<database>/<query>`).",
+         description="An empty body means no parameters. Streaming (`\"stream\": true` or `Accept: "
+                     "application/x-ndjson`) is for read-only queries only (400 `not_streamable`).")
     @requires("db", "query")
     async def run_query(request: Request) -> Response:
         database, name, db, q = await _authorized_query(request)
@@ -120,6 +140,7 @@ def build_routes(bridge: Bridge, max_body_bytes: int) -> list[BaseRoute]:
             await audit(request, "db.execute", resource, "ok", {"rowcount": result.rowcount})
         return Response(dumps(result_body(database, name, result)), media_type="application/json")
 
+    @api("The databases and their named queries", response=DatabaseList)
     @requires("db", "query")
     async def list_queries(request: Request) -> Response:
         body = {"databases": [
@@ -128,6 +149,8 @@ def build_routes(bridge: Bridge, max_body_bytes: int) -> list[BaseRoute]:
         ]}
         return Response(dumps(body), media_type="application/json")
 
+    @api("A named query's contract: parameters, limits, read-only (never its SQL)", response=QueryContract,
+         errors=(404,), checks="Also `execute` on the query's permission (the right to run it).")
     @requires("db", "query")
     async def describe_query(request: Request) -> Response:
         """A query's contract (parameters, limits), never its SQL; needs the right to run it."""

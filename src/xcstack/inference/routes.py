@@ -22,18 +22,30 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from xcstack.apidoc import ApiDoc, api, api_for
 from xcstack.disconnect import CancelOnDisconnect, ClientDisconnected, DepartedResponse
 from xcstack.errors import BadRequest, NotFound, Overloaded, PayloadTooLarge, XCError
-from xcstack.httputil import JSONResponse, content_length, probe_body, read_model
+from xcstack.httputil import JSONResponse, content_length, loads, parse_model, probe_body, read_model
 from xcstack.inference import metrics
 from xcstack.inference.protocol import (
     HEADER_LENGTH,
     EmbeddingsRequest,
+    EmbeddingsResponse,
+    InferRequestJSON,
+    InferResponseJSON,
+    ModelMetadata,
+    ModelReady,
+    ReadyProbe,
+    RepositoryIndex,
+    RepositoryIndexRequest,
+    ServerLive,
+    ServerMetadata,
     decode_infer_request,
     decompress,
     embeddings_response,
     encode_infer_response,
 )
+from xcstack.inference.repository import ModelConfig
 from xcstack.security.guard import authorize, requires
 
 if TYPE_CHECKING:
@@ -41,6 +53,22 @@ if TYPE_CHECKING:
 
 
 OFFLOAD_BYTES = 256 * 1024  # bodies/results above this are decoded/encoded off the event loop
+_BINARY_REQUEST = (
+    "KServe v2 binary tensor extension: a JSON header (the `application/json` form, with "
+    "`parameters.binary_data_size` on each binary input), then the inputs' raw bytes in input order. The "
+    "header's length in bytes is in the `Inference-Header-Content-Length` request header. Tensors are "
+    "little-endian, row-major; a BYTES element is a 4-byte little-endian length, then its bytes.")
+_BINARY_RESPONSE = (
+    "Answered when an output has `binary_data` (or `binary_data_output`): the JSON header (the "
+    "`application/json` form, with `parameters.binary_data_size` on each binary output), then the outputs' "
+    "raw bytes in output order; the header's length is in the `Inference-Header-Content-Length` response header.")
+_INFER_DESCRIPTION = (
+    "The body is the JSON request, or (binary tensor extension) a JSON header of "
+    "`Inference-Header-Content-Length` bytes followed by raw tensor bytes; `Content-Encoding: gzip` or "
+    "`deflate` is accepted. Each input must match the model's metadata (name, datatype, shape, `max_batch_size`) "
+    "and its limits (`max_tensor_bytes`; a text input's count and length). Errors come as KServe v2 clients "
+    "read them: `{\"error\": \"<message>\", \"code\", \"type\", \"param\"}` (`param` names the tensor).")
+_MODEL_503 = {"anyOf": [ModelReady.model_json_schema(), {"$ref": "#/components/schemas/KServeError"}]}
 
 
 def _decode(body: bytes, encoding: str | None, limit: int, hlen: str | None, cfg: Any, max_chars: int) -> Any:
@@ -94,12 +122,16 @@ class InferenceRoutes:
             await self.cap.pacer.turn()
 
     # --- health and metadata ---------------------------------------------------------------------
+    @api("KServe v2 server metadata", response=ServerMetadata)
     async def server_metadata(self, request: Request) -> Response:
         return JSONResponse({"name": "xcstack", "version": "0.1.0", "extensions": ["binary_tensor_data"]})
 
+    @api("KServe v2 liveness", response=ServerLive)
     async def live(self, request: Request) -> Response:
         return JSONResponse({"live": True})
 
+    @api("KServe v2 readiness of the inference server (details only for an authenticated caller)",
+         response=ReadyProbe, also={503: ReadyProbe})
     async def ready(self, request: Request) -> Response:
         ok, detail = await self.cap.ready()
         return JSONResponse(probe_body(request.scope, ok, detail), status_code=200 if ok else 503)
@@ -121,12 +153,16 @@ class InferenceRoutes:
             raise Overloaded(f"model {name!r} is unavailable: {entry.error}", code="model_unavailable")
         return entry.config
 
+    @api("KServe v2 model metadata: its inputs and outputs", response=ModelMetadata, errors=(404,),
+         checks="Also `read` on `model:<name>`.", error_model="kserve")
     @requires("inference", "read")
     @kserve_errors
     async def model_metadata(self, request: Request) -> Response:
         cfg = await self._allowed_config(request, "read")
         return JSONResponse(cfg.metadata())
 
+    @api("The model's configuration (Triton's /config)", response=ModelConfig, errors=(404,),
+         checks="Also `read` on `model:<name>`.", error_model="kserve")
     @requires("inference", "read")
     @kserve_errors
     async def model_config(self, request: Request) -> Response:
@@ -134,6 +170,10 @@ class InferenceRoutes:
         cfg = await self._allowed_config(request, "read")
         return JSONResponse(cfg.model_dump(mode="json", exclude={"source"}))
 
+    @api("KServe v2 model readiness", response=ModelReady, errors=(404,), also={503: _MODEL_503},
+         checks="Also `read` on `model:<name>`.", error_model="kserve",
+         description="503 answers `{\"name\", \"ready\": false}` for a model that is not loaded, or the "
+                     "KServe error `model_unavailable` for one whose configuration is invalid.")
     @requires("inference", "read")
     @kserve_errors
     async def model_ready(self, request: Request) -> Response:
@@ -144,9 +184,22 @@ class InferenceRoutes:
     @requires("inference", "read")
     @kserve_errors
     async def repository_index(self, request: Request) -> Response:
-        return JSONResponse(self.cap.repo.index())
+        index = self.cap.repo.index()
+        raw = await request.body() if request.method == "POST" else b""
+        if raw.strip():  # KServe's optional body {"ready": true}: only the models that are ready
+            try:
+                data = loads(raw)
+            except ValueError as exc:
+                raise BadRequest(f"malformed JSON: {exc}", code="invalid_json") from None
+            if parse_model(data, RepositoryIndexRequest).ready:
+                index = [m for m in index if m["state"] == "READY"]
+        return JSONResponse(index)
 
     # --- inference -------------------------------------------------------------------------------
+    @api("KServe v2 inference (JSON or the binary tensor extension)", body=InferRequestJSON,
+         raw_body={"application/octet-stream": _BINARY_REQUEST}, response=InferResponseJSON,
+         streams={"application/octet-stream": _BINARY_RESPONSE}, errors=(404, 500, 504),
+         checks="Also `infer` on `model:<name>`.", description=_INFER_DESCRIPTION, error_model="kserve")
     @requires("inference", "infer")
     @kserve_errors
     async def infer(self, request: Request) -> Response:
@@ -192,6 +245,8 @@ class InferenceRoutes:
         media = headers.pop("content-type")
         return Response(payload, media_type=media, headers=headers)
 
+    @api("Embeddings from a local model (OpenAI)", body=EmbeddingsRequest, response=EmbeddingsResponse,
+         errors=(404, 500, 504), checks="Also `embed` on `model:<name>` (default: the default embedding model).")
     @requires("inference", "embed")
     async def embeddings(self, request: Request) -> Response:
         await self._turn()
@@ -206,6 +261,13 @@ class InferenceRoutes:
             return DepartedResponse()
         await self._turn()  # a batch's replies resolve together: spread their encoding and sends
         return JSONResponse(embeddings_response(name, vectors, usage["prompt_tokens"], req.encoding_format))
+
+
+api_for("GET", InferenceRoutes.repository_index, ApiDoc(
+    "KServe v2 repository index: every model and its state", response=RepositoryIndex, error_model="kserve"))
+api_for("POST", InferenceRoutes.repository_index, ApiDoc(
+    "KServe v2 repository index; `{\"ready\": true}` lists the ready models only", body=RepositoryIndexRequest,
+    body_required=False, response=RepositoryIndex, error_model="kserve"))
 
 
 def local_routes(cap: InferenceCapability, embeddings: bool) -> Sequence[BaseRoute]:
