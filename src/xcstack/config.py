@@ -45,6 +45,25 @@ class ServerSettings(BaseModel):
     loop: Literal["auto", "uvloop", "asyncio"] = Field("auto", description="auto: uvloop where installed")
     backlog: int = Field(2048, ge=16, description="listen backlog (capped by net.core.somaxconn)")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
+    max_url_bytes: int = Field(8192, ge=256, le=65536, description="longer request targets (path + query) get 414")
+    max_header_bytes: int = Field(
+        32 * 1024, ge=4096, le=1024 * 1024, description="larger request heads (target + all headers) get 431"
+    )
+    max_headers: int = Field(
+        96, ge=16, le=99, description="more header fields get 431 (Granian's own hard limit is 100: it answers an "
+        "empty 431 above that)"
+    )
+    idle_timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="a new connection that sends no byte within this time is closed"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="a request head must be complete this long after its first byte, or on a "
+        "kept-alive connection after the previous response (so it is also the keep-alive idle limit); else closed"
+    )
+    body_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="time the client gets to send the whole request body (only the time the "
+        "app waits for it counts); then 408 and the connection is closed"
+    )
     graceful_timeout_s: float = Field(30.0, gt=0, description="SIGTERM/SIGHUP: time in-flight requests get")
     respawn_backoff_max_s: float = Field(10.0, gt=0, description="cap of the restart backoff of a crashing child")
     pin_cpus: bool = Field(True, description="apply the tuning plan's CPU affinity")

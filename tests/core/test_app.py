@@ -69,10 +69,12 @@ def test_valid_request_and_request_id(client: TestClient) -> None:
     r = client.post("/v1/echo", json={"text": "ab", "n": 2})
     assert r.json() == {"text": "abab"}
     assert len(r.headers["x-request-id"]) == 32
+    # the request id is always the server's; a client's own id is echoed apart
     r2 = client.post("/v1/echo", json={"text": "a"}, headers={"X-Request-Id": "trace-123"})
-    assert r2.headers["x-request-id"] == "trace-123"
+    assert r2.headers["x-request-id"] != "trace-123" and len(r2.headers["x-request-id"]) == 32
+    assert r2.headers["x-client-request-id"] == "trace-123"
     r3 = client.get("/healthz", headers={"X-Request-Id": "bad id with spaces\x01"})
-    assert r3.headers["x-request-id"] != "bad id with spaces\x01"
+    assert r3.headers["x-request-id"] != "bad id with spaces\x01" and "x-client-request-id" not in r3.headers
 
 
 def test_unhandled_error_hides_the_trace(client: TestClient) -> None:
@@ -121,10 +123,11 @@ def test_json_logs_carry_the_request_id(client: TestClient, capsys: pytest.Captu
 
     setup_logging("INFO", json_format=True)
     try:
-        client.post("/v1/echo", json={"text": "a"}, headers={"X-Request-Id": "log-check-1"})
+        r = client.post("/v1/echo", json={"text": "a"}, headers={"X-Request-Id": "log-check-1"})
         lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
         access = [entry for entry in lines if entry.get("logger") == "xcstack.access"]
-        assert access and access[-1]["request_id"] == "log-check-1"
+        assert access and access[-1]["request_id"] == r.headers["x-request-id"]
+        assert access[-1]["client_request_id"] == "log-check-1"
         assert access[-1]["status"] == 200 and access[-1]["route"] == "/v1/echo"
     finally:
         logging.getLogger().handlers.clear()

@@ -211,7 +211,7 @@ def test_api_call_record_durable_before_response(client: TestClient) -> None:
     r = client.get("/v1/demo/plain", headers={**H(client, "llm"), "X-Request-Id": "req-durable-1"})
     assert r.status_code == 200
     # read the segment files directly, without closing or flushing anything
-    recs = [x for x in audit_records(cap.audit_root) if x.get("request_id") == "req-durable-1"]
+    recs = [x for x in audit_records(cap.audit_root) if x.get("client_request_id") == "req-durable-1"]
     assert recs and recs[-1]["action"] == "api.call" and recs[-1]["actor"] == "llm"
     assert recs[-1]["detail"] == {"method": "GET", "status": 200}
     assert recs[-1]["resource"] == "route:/v1/demo/plain" and recs[-1]["ip"]
@@ -223,8 +223,8 @@ def test_guard_audit_and_unhandled_error_are_recorded(client: TestClient) -> Non
     r = client.get("/v1/demo/boom", headers={**H(client, "sys"), "X-Request-Id": "req-boom"})
     assert r.status_code == 500
     recs = audit_records(cap.audit_root)
-    assert any(x["action"] == "collection.read" and x.get("request_id") == "req-fine" for x in recs)
-    boom = [x for x in recs if x.get("request_id") == "req-boom"]
+    assert any(x["action"] == "collection.read" and x.get("client_request_id") == "req-fine" for x in recs)
+    boom = [x for x in recs if x.get("client_request_id") == "req-boom"]
     assert boom and boom[-1]["outcome"] == "failure" and boom[-1]["detail"]["status"] == 500
 
 

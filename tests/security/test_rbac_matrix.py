@@ -277,8 +277,8 @@ def test_rbac_matrix_every_route_and_principal(full_app: tuple[TestClient, dict[
     # every denial left its own audit record; no allowed call left one
     by_rid: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for record in audit_records(_cap(c.app).audit_root):
-        if isinstance(record.get("request_id"), str):
-            by_rid[record["request_id"]].append(record)  # type: ignore[index]
+        if isinstance(record.get("client_request_id"), str):  # the X-Request-Id sent, kept beside the server's id
+            by_rid[record["client_request_id"]].append(record)  # type: ignore[index]
     unaudited = []
     for rid, (method, path, who) in expected_denials.items():
         action = "auth.denied" if who == ANON else "access.denied"
@@ -297,7 +297,7 @@ def test_rbac_matrix_every_route_and_principal(full_app: tuple[TestClient, dict[
 
 def _denial_records(c: TestClient, rid: str) -> list[dict[str, Any]]:
     return [x for x in audit_records(_cap(c.app).audit_root)
-            if x.get("request_id") == rid and x["action"] == "access.denied" and x["outcome"] == "denied"]
+            if x.get("client_request_id") == rid and x["action"] == "access.denied" and x["outcome"] == "denied"]
 
 
 def test_fine_grained_denials_are_403_and_audited(full_app: tuple[TestClient, dict[str, str]]) -> None:

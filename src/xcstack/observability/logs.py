@@ -53,3 +53,24 @@ def setup_logging(level: str = "INFO", json_format: bool = True) -> None:
     root.setLevel(level)
     for noisy in ("uvicorn.access", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+# (server request id, client's own id) of the request being served: lets the audit log add the
+# client's id to a record about this request without every caller passing it along
+_client_request_ids: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "xc_client_request_id", default=None
+)
+
+
+def set_client_request_id(request_id: str, client_id: str | None) -> contextvars.Token[tuple[str, str] | None]:
+    return _client_request_ids.set((request_id, client_id) if client_id else None)
+
+
+def reset_client_request_id(token: contextvars.Token[tuple[str, str] | None]) -> None:
+    _client_request_ids.reset(token)
+
+
+def client_request_id_for(request_id: str | None) -> str | None:
+    """The `X-Request-Id` the client sent with the request `request_id` (the server's id), if this code
+    runs for that request; None otherwise. Never trusted as an id: kept beside the server's."""
+    cur = _client_request_ids.get()
+    return cur[1] if cur is not None and cur[0] == request_id else None

@@ -58,3 +58,6 @@ def render() -> tuple[bytes, str]:
 def mark_process_dead(pid: int) -> None:
     if multiprocess_dir():
         _mp.mark_process_dead(pid)
+HTTP_EARLY_CLOSES = Counter(
+    "xc_http_early_closes_total", "Connections or requests cut short by a request-phase limit", ["reason"]
+)
