@@ -1,7 +1,10 @@
 """Crash consistency: kill -9 a process during concurrent audit writes, many times over.
 
-After every kill the chain verifies (after the restart recovers the tail) and every record the
-child acknowledged is present. XC_TEST_AUDIT_CRASH_ITERATIONS=100 for the issue's full run.
+After every kill the restart refuses to sign over the records the crash left after the last
+signed checkpoint (a forged append looks the same); it names exactly that tail, which is intact
+and hash-chained. Once the operator accepts it (`xcstack audit accept-tail`) the chain verifies and
+every record the child acknowledged is present. XC_TEST_AUDIT_CRASH_ITERATIONS=100 for the issue's
+full run.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ import sys
 from pathlib import Path
 
 from xcstack.security.audit import record as rec
-from xcstack.security.audit.log import AuditLog, list_segments
-from xcstack.security.audit.verify import verify_chain
+from xcstack.security.audit.log import AuditIntegrityError, AuditLog, list_segments
+from xcstack.security.audit.verify import SigVerify, verify_chain
 from xcstack.security.settings import AuditSettings
 from xcstack.security.signing import SoftSM2Signer
 
@@ -43,6 +46,31 @@ async def _one_run(root: Path, signer: SoftSM2Signer, tag: str, rnd: random.Rand
     return acked
 
 
+async def _restart(root: Path, chain: str, signer: SoftSM2Signer, sig: SigVerify) -> bool:
+    """Reopen a crashed chain the way the rule says; True when an unsigned tail had to be accepted."""
+    files = {p: p.read_bytes() for _, p in list_segments(root / chain)}
+    cps_before = (root / chain / "checkpoints.log").read_bytes()
+    try:
+        log = AuditLog(root, AuditSettings(), chain=chain, signer=signer)
+        await log.open()
+    except AuditIntegrityError as exc:
+        p = exc.problem
+        # refused: nothing was appended or signed, and the problem is the unsigned tail, nothing else
+        assert {q: q.read_bytes() for _, q in list_segments(root / chain)} == files
+        assert (root / chain / "checkpoints.log").read_bytes() == cps_before
+        assert "not covered by a signed checkpoint" in p.reason and "accept-tail" in p.reason, p
+        before = await verify_chain(root / chain, sig)
+        assert before.problem is not None and before.problem.seq == p.seq, before.problem
+        through = before.last_seq
+        log = AuditLog(root, AuditSettings(), chain=chain, signer=signer)
+        await log.open(accept_through=through, actor="cli:test")
+        assert log._accepted is not None and log._accepted["first_seq"] == p.seq
+        await log.close()
+        return True
+    await log.close()
+    return False
+
+
 async def test_kill9_during_concurrent_writes(tmp_path: Path) -> None:
     signer = SoftSM2Signer("crash-sm2")
     rnd = random.Random(8)
@@ -51,15 +79,15 @@ async def test_kill9_during_concurrent_writes(tmp_path: Path) -> None:
     async def sig(key_id: str, msg: bytes, s: bytes) -> bool:
         return await signer.verify(msg, s)
 
+    accepted = 0
     for it in range(ITERATIONS):
         acked = await _one_run(tmp_path, signer, f"i{it}", rnd)
         all_acked |= acked
-        # restart: the new writer recovers the tail (and signs it)
-        log = AuditLog(tmp_path, AuditSettings(), chain="crash", signer=signer)
-        await log.open()
-        await log.close()
+        # restart: refused over the crash's unsigned tail; accepted by the operator, then signed
+        accepted += await _restart(tmp_path, "crash", signer, sig)
         report = await verify_chain(tmp_path / "crash", sig)
         assert report.ok, f"iteration {it}: {report.problem}"
+    assert accepted  # the rule was exercised
     present: set[str] = set()
     for _, path in list_segments(tmp_path / "crash"):
         for raw in path.read_bytes().splitlines():
@@ -97,9 +125,7 @@ async def test_several_processes_write_their_own_chains(tmp_path: Path) -> None:
 
     present: set[str] = set()
     for chain in chains:
-        log = AuditLog(tmp_path, AuditSettings(), chain=chain, signer=signer)
-        await log.open()
-        await log.close()
+        await _restart(tmp_path, chain, signer, sig)
         report = await verify_chain(tmp_path / chain, sig)
         assert report.ok, report.problem
         for _, path in list_segments(tmp_path / chain):

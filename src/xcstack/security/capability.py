@@ -128,6 +128,9 @@ class SecurityCapability:
         if self.box is None:
             self.box = await asyncio.to_thread(local_secretbox, self.ctx.settings)
         self.audit.signer = self._signer
+        self.audit.sig_verify = self.sig_verify
+        # verifies the chain first: a damaged or unsigned-tail chain raises AuditIntegrityError (the worker
+        # does not start) or, with on_integrity_failure = "read_only", is left alone for a fresh chain
         await self.audit.open()
         await self.service.init()
         created = await self.service.bootstrap()
@@ -177,7 +180,11 @@ class SecurityCapability:
     async def ready(self) -> tuple[bool, str]:
         if self.audit._thread is None or not self.audit._thread.is_alive():
             return False, "audit log writer is not running"
-        return True, f"audit chain {self.audit.chain} at seq {self.audit.durable_seq}"
+        detail = f"audit chain {self.audit.chain} at seq {self.audit.durable_seq}"
+        if self.audit.integrity_failures:  # started read-only over failed chains: say so on every probe
+            detail += "; AUDIT INTEGRITY FAILURE (left read-only): " + "; ".join(
+                str(p) for p in self.audit.integrity_failures)
+        return True, detail
 
     # -- guard seam ------------------------------------------------------------------------------
     async def authorizer(self, request: Request, resource: str, action: str) -> None:

@@ -1,4 +1,4 @@
-"""`xcstack user ...`, `xcstack audit verify|export`, `xcstack trust seal|verify`.
+"""`xcstack user ...`, `xcstack audit verify|accept-tail|export`, `xcstack trust seal|verify`.
 
 User commands act as the local system administrator (whoever can run them can read the state
 store) and are audited like HTTP administration (actor `cli:<os user>`).
@@ -70,6 +70,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     x.add_argument("--no-signatures", action="store_true", help="skip SM2 checkpoint signature checks")
     x.add_argument("--json", action="store_true")
     x.set_defaults(func=_cmd(_audit_verify, needs_service=False))
+    x = aus.add_parser("accept-tail", help="accept a chain's unsigned tail after inspecting it (audited, then signed)")
+    x.add_argument("--dir", type=Path, help="audit directory (default from config)")
+    x.add_argument("--chain", required=True)
+    x.add_argument("--through", type=int, required=True, help="the tail's last seq, as `audit verify` shows it")
+    x.add_argument("--reason", default="", help="why it is genuine (kept in the audit.tail_accepted record)")
+    x.set_defaults(func=_cmd(_audit_accept_tail, needs_service=False))
     x = aus.add_parser("export", help="send records after the persisted cursor to a collector")
     x.add_argument("--syslog", help="tcp://host:port (RFC 5424)")
     x.add_argument("--http", help="http(s)://collector/path")
@@ -97,10 +103,15 @@ def _cmd(fn: Handler, needs_service: bool = True) -> Callable[[argparse.Namespac
             async with cli_service(settings) as svc:
                 return await fn(args, settings, svc)
 
+        from xcstack.security.audit.log import AuditIntegrityError
+
         try:
             return asyncio.run(main())
         except XCError as exc:
             print(f"xcstack: {exc.message} ({exc.code})", file=sys.stderr)
+            return 1
+        except AuditIntegrityError as exc:
+            print(f"xcstack: {exc}", file=sys.stderr)
             return 1
 
     return run
@@ -109,7 +120,7 @@ def _cmd(fn: Handler, needs_service: bool = True) -> Callable[[argparse.Namespac
 @contextlib.asynccontextmanager
 async def cli_service(settings: Settings) -> AsyncIterator[SecurityService]:
     from xcstack.security.audit.log import AuditLog
-    from xcstack.security.keys import offline_signer
+    from xcstack.security.keys import KeyVerifier, offline_signer
     from xcstack.security.lockout import Lockout, RedisLockout, StateLockout
     from xcstack.security.secretbox import SecretBox, ServiceSecretBox
     from xcstack.security.service import SecurityService
@@ -134,7 +145,8 @@ async def cli_service(settings: Settings) -> AsyncIterator[SecurityService]:
         lockout: Lockout = (RedisLockout(s.redis_url.get_secret_value(), s.redis_prefix, s.lockout_threshold,
                                          s.lockout_s)
                             if s.redis_url else StateLockout(store, s.lockout_threshold, s.lockout_s))
-        audit = AuditLog(Path(s.audit.dir or settings.data_dir / "audit"), s.audit, signer=signer)
+        audit = AuditLog(Path(s.audit.dir or settings.data_dir / "audit"), s.audit, signer=signer,
+                         sig_verify=KeyVerifier(settings))
         await audit.open()
         svc = SecurityService(s, store, box, lockout, audit)
         try:
@@ -279,13 +291,38 @@ async def _audit_verify(args: argparse.Namespace, settings: Settings, _: Any) ->
         for r in reports:
             status = "OK " if r.ok else "BAD"
             sig = "signatures checked" if r.signatures_checked else "signatures NOT checked"
-            print(f"{status} chain {r.chain}: {r.records} records, seq {r.first_seq}..{r.last_seq}, "
+            span = f"seq {r.first_seq}..{r.last_seq}" if r.last_seq >= r.first_seq else "none"
+            verified = "records" if r.ok else "records verified before the problem"
+            print(f"{status} chain {r.chain}: {r.records} {verified} ({span}), "
                   f"{r.checkpoints} checkpoints (signed up to {r.signed_seq}, {sig})")
             for w in r.warnings:
                 print(f"    warning: {w}")
             if r.problem is not None:
                 print(f"    {r.problem}")
     return 0 if all(r.ok for r in reports) else 1
+
+
+async def _audit_accept_tail(args: argparse.Namespace, settings: Settings, _: Any) -> int:
+    """The operator's answer to a start refused over an unsigned tail (a crash's, once inspected):
+    the chain must verify up to its last signed checkpoint and end at `--through`; the acceptance
+    is itself an audit record (`audit.tail_accepted`, actor cli:<user>) that the next checkpoint signs."""
+    from xcstack.security.audit.log import AuditLog
+    from xcstack.security.keys import KeyVerifier, offline_signer
+
+    a = settings.security.audit
+    root = Path(args.dir or a.dir or settings.data_dir / "audit")
+    if not (root / args.chain).is_dir():
+        print(f"xcstack: no audit chain {args.chain!r} under {root}", file=sys.stderr)
+        return 1
+    async with offline_signer(settings) as signer:
+        audit = AuditLog(root, a, chain=args.chain, signer=signer, sig_verify=KeyVerifier(settings))
+        await audit.open(accept_through=args.through, actor=_actor().name, reason=args.reason)
+        accepted = audit._accepted
+        await audit.close()
+    assert accepted is not None
+    print(f"chain {args.chain}: records {accepted['first_seq']}..{accepted['last_seq']} accepted "
+          "(audit.tail_accepted written and signed)")
+    return 0
 
 
 async def _audit_export(args: argparse.Namespace, settings: Settings, _: Any) -> int:

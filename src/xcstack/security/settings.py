@@ -30,6 +30,16 @@ class AuditSettings(BaseModel):
     export_interval_s: float = Field(default=2.0, gt=0, le=3600)
     export_batch: int = Field(default=500, ge=1, le=100_000)
     export_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    on_integrity_failure: Literal["refuse", "read_only"] = Field(
+        default="refuse",
+        description="a chain that fails the start-up check (damage, or records no signed checkpoint covers): "
+        "refuse to start, or leave it read-only, alert and write to a fresh chain (docs/security.md)",
+    )
+    startup_verify_max_bytes: int = Field(
+        default=128 * 1024 * 1024, ge=0, le=1024**4,
+        description="at start, hash-verify the whole chain up to this size; a larger one from the segment "
+        "holding its last signed checkpoint (the rest is left to `xcstack audit verify`)",
+    )
 
     @field_validator("node")
     @classmethod

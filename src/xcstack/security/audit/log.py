@@ -16,6 +16,15 @@ Appends go through one writer thread: callers enqueue, the thread takes everythi
 chains and serialises it, does one write + one fdatasync, then resolves all the callers' futures
 at once (group commit). A caller's `await append(...)` returns only after its record is durable.
 A failed write fails every caller in the batch (fail closed: the request is answered 503).
+
+Start-up rule (`open`): before a writer appends to or signs anything in a chain it verifies it
+(`verify.start_scan`, bounded, plus the last checkpoint's SM2 signature). A chain that is damaged,
+or that holds records no signed checkpoint covers (a forged append, or the tail a crash left: the
+two cannot be told apart), is never signed over: `on_integrity_failure = "refuse"` raises
+`AuditIntegrityError` naming the chain and positions; "read_only" leaves the chain untouched,
+alerts, and takes a fresh chain that starts with an `audit.integrity_failure` record. An operator
+who has inspected an unsigned tail accepts it with `open(accept_through=...)` (`xcstack audit
+accept-tail`), which appends an `audit.tail_accepted` record and signs it.
 """
 
 from __future__ import annotations
@@ -30,8 +39,8 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +48,7 @@ from prometheus_client import Counter
 
 from xcstack.aio import cancel_and_wait
 from xcstack.errors import Overloaded
+from xcstack.observability.logs import client_request_id_for
 from xcstack.observability.metrics import QUEUE_DEPTH
 from xcstack.security.audit import record as rec
 from xcstack.security.settings import AuditSettings
@@ -50,6 +60,8 @@ AUDIT_RECORDS = Counter("xc_audit_records_total", "Audit records made durable")
 AUDIT_COMMITS = Counter("xc_audit_commits_total", "Audit group commits (one write + fdatasync each)")
 AUDIT_ERRORS = Counter("xc_audit_write_errors_total", "Audit writes that failed (their callers got 503)")
 AUDIT_CP_ERRORS = Counter("xc_audit_checkpoint_failures_total", "Audit checkpoints that could not be signed")
+AUDIT_INTEGRITY = Counter("xc_audit_integrity_failures_total",
+                          "Audit chains that failed the start-up check (refused, or left read-only)", ["mode"])
 AUDIT_PENDING = QUEUE_DEPTH.labels("audit")
 
 SEGMENT_RE = re.compile(r"^seg-(\d{12})\.log$")
@@ -59,6 +71,17 @@ MAX_RECORD_BYTES = 64 * 1024
 
 class AuditUnavailable(Overloaded):
     code = "audit_unavailable"
+
+
+class AuditIntegrityError(RuntimeError):
+    """A chain failed the start-up check and `on_integrity_failure = "refuse"`."""
+
+    def __init__(self, problem: Any) -> None:  # verify.Problem (imported lazily: verify imports this module)
+        super().__init__(f"audit log integrity check failed, refusing to start: {problem}")
+        self.problem = problem
+
+
+SigVerify = Callable[[str, bytes, bytes], Awaitable[bool]]  # (key_id, message, signature) -> ok; LookupError
 
 
 def utc_ts(t: float) -> str:
@@ -119,6 +142,17 @@ class RecoveryReport:
 
 
 @dataclass
+class _Plan:
+    """What crash recovery would do to the tail (computed before anything is changed)."""
+
+    cut: dict[str, int] = field(default_factory=dict)  # segment name -> new size (0: delete)
+    report: RecoveryReport | None = None
+    seq: int = 0
+    prev: bytes = rec.GENESIS
+    keep: Path | None = None  # the segment appends continue in
+
+
+@dataclass
 class _Item:
     record: dict[str, Any]
     loop: asyncio.AbstractEventLoop | None
@@ -153,6 +187,7 @@ class AuditLog:
         chain: str | None = None,
         signer: Signer | None = None,
         clock: Callable[[], float] = time.time,
+        sig_verify: SigVerify | None = None,
     ) -> None:
         self.root = Path(root)
         self.settings = settings or AuditSettings()
@@ -180,18 +215,56 @@ class AuditLog:
         self._cp_lock = asyncio.Lock()
         self.recovery: RecoveryReport | None = None
         self.appended_total = 0
+        self.sig_verify = sig_verify  # checks the last checkpoint at start; default: the signer's own key
+        self.integrity_failures: list[Any] = []  # verify.Problem of chains left read-only at start
+        self._accepted: dict[str, Any] | None = None
 
     # -- open / recover -----------------------------------------------------------------------
     def open_blocking(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o700)
-        self._take_chain()
-        self._recover()
-        self._thread = threading.Thread(target=self._run, name=f"xc-audit-{self.chain}", daemon=True)
-        self._thread.start()
+        """Open without the async signature check: for unsigned logs only (sync callers, tests)."""
+        if self.signer is not None:
+            raise RuntimeError("a signed audit log is opened with `await open()` (start-up verification)")
+        self._prepare()
+        self._take_chain(set())
+        try:
+            check = self._check_blocking()
+        except BaseException:
+            self._release()
+            raise
+        if check.problem is not None:
+            self._release()
+            AUDIT_INTEGRITY.labels("refuse").inc()
+            raise AuditIntegrityError(check.problem)
+        self._start_writer()
 
-    async def open(self) -> None:
-        await asyncio.to_thread(self.open_blocking)
+    async def open(self, *, accept_through: int | None = None, actor: str = "system", reason: str = "") -> None:
+        """Verify the chain, then start writing. `accept_through`: the operator has inspected the
+        unsigned tail ending at that seq and accepts it (recorded as `audit.tail_accepted`)."""
+        await asyncio.to_thread(self._prepare)
+        skip: set[str] = set()
+        while True:
+            await asyncio.to_thread(self._take_chain, skip)
+            try:
+                problem = await self._start_check(accept_through)
+            except BaseException:
+                self._release()
+                raise
+            if problem is None:
+                break
+            self._release()
+            if self.settings.on_integrity_failure != "read_only" or accept_through is not None:
+                AUDIT_INTEGRITY.labels("refuse").inc()
+                log.critical("audit chain %s: %s", problem.chain, AuditIntegrityError(problem))
+                raise AuditIntegrityError(problem)
+            AUDIT_INTEGRITY.labels("read_only").inc()
+            log.critical("AUDIT INTEGRITY FAILURE: %s; the chain is left read-only (never appended to or signed), "
+                         "writing to another chain (on_integrity_failure = read_only)", problem)
+            self.integrity_failures.append(problem)
+            skip.add(problem.chain)
+        await asyncio.to_thread(self._start_writer)
+        for p in self.integrity_failures:
+            await self.append(actor="system", action="audit.integrity_failure", resource=f"audit:{p.chain}",
+                              outcome="failure", detail={**p.__dict__, "message": str(p), "mode": "read_only"})
         if self.recovery is not None:
             r = self.recovery
             await self.append(
@@ -206,10 +279,14 @@ class AuditLog:
                     "last_good_seq": r.last_good_seq,
                 },
             )
-        await self.append(
-            actor="system", action="audit.start", resource=f"audit:{self.chain}", outcome="success",
-            detail={"pid": os.getpid()},
-        )
+        if self._accepted is not None:
+            await self.append(actor=actor, action="audit.tail_accepted", resource=f"audit:{self.chain}",
+                              outcome="success", detail={**self._accepted, "reason": reason[:1024]})
+        detail: dict[str, Any] = {"pid": os.getpid()}
+        if self.signer is not None:
+            detail["key_id"] = self.signer.key_id  # says this chain is signed: verify fails without checkpoints
+        await self.append(actor="system", action="audit.start", resource=f"audit:{self.chain}", outcome="success",
+                          detail=detail)
         if self.signer is not None:
             try:
                 await self.checkpoint()
@@ -218,11 +295,86 @@ class AuditLog:
                             self.chain, exc)
             self._cp_task = asyncio.get_running_loop().create_task(self._checkpoint_loop())
 
-    def _take_chain(self) -> None:
-        names = [self._chain_name] if self._chain_name else None
+    def _prepare(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+
+    def _start_writer(self) -> None:
+        self._recover()
+        self._thread = threading.Thread(target=self._run, name=f"xc-audit-{self.chain}", daemon=True)
+        self._thread.start()
+
+    def _check_blocking(self) -> Any:
+        from xcstack.security.audit.verify import start_scan
+
+        return start_scan(self.dir, self._plan_recovery().cut, self.settings.startup_verify_max_bytes,
+                          self.signer is not None)
+
+    async def _start_check(self, accept_through: int | None) -> Any:
+        """None when the locked chain may be written and signed; else the verify.Problem."""
+        from xcstack.security.audit.verify import Problem
+
+        check = await asyncio.to_thread(self._check_blocking)
+        if check.problem is not None:
+            return check.problem
+        cp = check.last_cp
+        if cp is not None and self.signer is not None:
+            msg = rec.checkpoint_message(str(cp.get("chain")), cp["seq"], str(cp.get("hash")), str(cp.get("ts")))
+            key_id = str(cp.get("key_id"))
+            try:
+                good = cp.get("chain") == self.chain and await self._verify(key_id, msg, bytes.fromhex(cp["sig"]))
+                why = "SM2 signature invalid (forged or altered checkpoint)"
+            except LookupError:
+                good, why = False, f"no trusted public key for key id {key_id!r}"
+            except (ValueError, TypeError, KeyError):
+                good, why = False, "malformed checkpoint"
+            if not good:
+                return Problem(self.chain, cp["seq"], CHECKPOINTS, cp["_line"], cp["_offset"],
+                               f"last checkpoint (seq {cp['seq']}): {why}")
+        command = f"xcstack audit accept-tail --chain {self.chain} --through"
+        if check.tail is None:
+            if accept_through is not None:
+                return Problem(self.chain, check.last_seq + 1, "", 0, 0,
+                               f"nothing to accept: a signed checkpoint covers the chain up to seq {check.last_seq}")
+            return None
+        first, last = check.tail
+        if accept_through == last:
+            self._accepted = {"first_seq": first, "last_seq": last, "last_hash": check.last_hash,
+                              "signed_seq": check.signed_seq}
+            log.warning("audit chain %s: unsigned records %d..%d accepted by the operator", self.chain, first, last)
+            return None
+        seg, line, offset = check.tail_at
+        reason = (f"records {first}..{last} are not covered by a signed checkpoint (last signed: seq "
+                  f"{check.signed_seq}): a forged append, or the tail of a crash (kill -9, power loss); they are "
+                  f"not signed over. Inspect them (`xcstack audit verify --chain {self.chain}`), then accept "
+                  f"them with `{command} {last}`, or set [security.audit] on_integrity_failure = \"read_only\"")
+        if accept_through is not None:
+            reason = f"the unsigned tail is {first}..{last}, not ..{accept_through}: inspect it again; " + reason
+        return Problem(self.chain, first, seg, line, offset, reason)
+
+    async def _verify(self, key_id: str, message: bytes, signature: bytes) -> bool:
+        if self.sig_verify is not None:
+            return await self.sig_verify(key_id, message, signature)
+        if self.signer is None or key_id != self.signer.key_id:
+            raise LookupError(key_id)
+        return await self.signer.verify(message, signature)
+
+    def _release(self) -> None:
+        """Give the chain's lock back (after a failed start check), touching nothing in it."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        self._accepted = None
+
+    def _take_chain(self, skip: set[str]) -> None:
+        """Lock the first free chain not in `skip`: `<node>-<n>`, or the configured name (then, when
+        a failed check put it in `skip`, `<name>.<n>`)."""
+        base = self._chain_name
         node = self.settings.node or re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "node"
         for n in range(4096):
-            name = names[0] if names else f"{node}-{n}"
+            name = (base if n == 0 else f"{base}.{n}") if base else f"{node}-{n}"
+            if name in skip:
+                continue
             d = self.root / name
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o700)
@@ -231,7 +383,7 @@ class AuditLog:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                if names:
+                if base and n == 0:
                     raise RuntimeError(f"audit chain {name} is held by another process") from None
                 continue
             self._lock_fd = fd
@@ -240,30 +392,45 @@ class AuditLog:
             return
         raise RuntimeError("no free audit chain")
 
-    def _recover(self) -> None:
+    def _plan_recovery(self) -> _Plan:
+        """Only the tail is repaired (see `_valid_tail`); nothing is changed here."""
+        plan = _Plan()
         segs = list_segments(self.dir)
         while segs:
             _first, path = segs[-1]
             data = path.read_bytes()
             good_end, last_seq, last_hash, dropped = _valid_tail(data)
             if good_end < len(data):
-                with open(path, "r+b") as fh:
-                    fh.truncate(good_end)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                self.recovery = RecoveryReport(path.name, len(data) - good_end, dropped, last_seq)
-                log.warning("audit chain %s: torn tail of %d bytes truncated in %s", self.chain, len(data) - good_end,
-                            path.name)
+                plan.cut[path.name] = good_end
+                plan.report = RecoveryReport(path.name, len(data) - good_end, dropped, last_seq)
             if good_end == 0:
-                path.unlink()
-                fsync_dir(self.dir)
                 segs.pop()
                 continue
-            self.seq, self.prev = last_seq, last_hash
+            plan.seq, plan.prev, plan.keep = last_seq, last_hash, path
             break
+        return plan
+
+    def _recover(self) -> None:
+        plan = self._plan_recovery()
+        for name, end in plan.cut.items():
+            path = self.dir / name
+            if end == 0:
+                path.unlink()
+                fsync_dir(self.dir)
+            else:
+                with open(path, "r+b") as fh:
+                    fh.truncate(end)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+        if plan.report is not None:
+            r = plan.report
+            self.recovery = r
+            log.warning("audit chain %s: torn tail of %d bytes truncated in %s", self.chain, r.truncated_bytes,
+                        r.segment)
+        self.seq, self.prev = plan.seq, plan.prev
         self.durable_seq, self.durable_hash = self.seq, self.prev
         self.checkpointed_seq = _last_checkpoint_seq(self.dir / CHECKPOINTS)
-        self._open_segment(reuse=segs[-1][1] if segs else None)
+        self._open_segment(reuse=plan.keep)
 
     def _open_segment(self, reuse: Path | None = None) -> None:
         if self._fd is not None:
@@ -292,6 +459,9 @@ class AuditLog:
             r["ip"] = ip
         if request_id:
             r["request_id"] = request_id
+            client_id = client_request_id_for(request_id)  # the client's own X-Request-Id, kept apart
+            if client_id:
+                r["client_request_id"] = client_id
         if detail:
             r["detail"] = detail
         return r
@@ -525,8 +695,13 @@ class AuditLog:
         with contextlib.suppress(Exception):
             await self.append(actor="system", action="audit.stop", resource=f"audit:{self.chain}",
                               outcome="success")
-        with contextlib.suppress(Exception):
-            await self.checkpoint()
+        try:
+            await self.checkpoint()  # an honest stop leaves no unsigned tail for the next start's check
+        except Exception as exc:
+            AUDIT_CP_ERRORS.inc()
+            log.error("audit chain %s: the final checkpoint failed (%s): records %d..%d stay unsigned and the "
+                      "next start refuses this chain until `xcstack audit accept-tail`", self.chain, exc,
+                      self.checkpointed_seq + 1, self.durable_seq)
         await asyncio.to_thread(self.close_blocking)
 
     def close_blocking(self) -> None:
@@ -547,8 +722,13 @@ class AuditLog:
 
 
 def _append_fsync(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    """Append one line; a partial last line (a crash during the previous append) is ended first, so
+    it stays one malformed line instead of swallowing this one."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
     try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
         os.write(fd, data)
         os.fsync(fd)
     finally:

@@ -7,9 +7,13 @@ Detected, per chain:
 - truncation of whole records (a signed checkpoint names a sequence number past the end);
 - a forged checkpoint (bad SM2 signature) or a checkpoint that disagrees with the log;
 - an unsigned tail: records after the last signed checkpoint while no writer holds the chain
-  (a clean shutdown and every restart after a crash sign the tail, so only an attacker — or a
-  crash whose chain has not been reopened yet — leaves one). A live writer's tail is normal.
+  (a clean shutdown signs its tail; a crash leaves one until an operator accepts it with
+  `xcstack audit accept-tail`, and so does a forger). A live writer's tail is normal.
+- a missing or emptied checkpoints.log when the chain's own `audit.start` records say a signing
+  writer wrote it (their `detail.key_id`).
 - segments deleted from the front without the `audit.purge` records retention writes.
+
+`start_scan` is the bounded check a writer runs before it takes a chain over (see `AuditLog.open`).
 """
 
 from __future__ import annotations
@@ -84,6 +88,7 @@ class _Scan:
     anchor: tuple[int, str] | None = None  # (first seq, prev_hash) when the chain starts after a purge
     purges: dict[int, str] = field(default_factory=dict)
     seen: dict[int, str] = field(default_factory=dict)
+    signed_claim: tuple[int, str] | None = None  # (seq, key_id) of the first audit.start of a signing writer
     problem: Problem | None = None
 
 
@@ -117,45 +122,68 @@ def scan_chain(chain_dir: Path, workers: int | None = None) -> tuple[ChainReport
         st = _scan_sequential(chain, segs, want)
     report.records = st.records
     seen_hashes = st.seen
+    # the summary holds in every case: what was verified before the first problem, and the checkpoints read
+    report.first_seq = segs[0][0] if segs else 0
+    report.last_seq = st.expected - 1 if segs else 0
+    report.last_hash = st.prev.hex() if segs and report.last_seq >= report.first_seq else ""
+    report.checkpoints = len(cps)
+    report.signed_seq = max((cp["seq"] for cp in cps), default=0)
     if st.problem is not None:
         report.problem = st.problem
+        tail_from = max(report.signed_seq + 1, report.first_seq)
+        if cps and tail_from < st.problem.seq and not chain_is_live(chain_dir):
+            # unsigned records come first (a crash's tail, then its torn last line): that is the first bad position
+            report.warnings.append(f"after the unsigned records: {st.problem}")
+            report.problem = Problem(chain, tail_from, *locate(segs, tail_from),
+                                     f"records {tail_from}..{report.last_seq} are not covered by a signed checkpoint "
+                                     f"and no writer holds the chain; then, at seq {st.problem.seq}: "
+                                     f"{st.problem.reason}")
         return report, seen_hashes
-    expected, prev, anchor, purges = st.expected, st.prev, st.anchor, st.purges
-    report.first_seq = segs[0][0] if segs else 0
-    report.last_seq = expected - 1 if segs else 0
-    report.last_hash = prev.hex() if segs else ""
+    anchor, purges = st.anchor, st.purges
     if anchor is not None and purges.get(anchor[0] - 1) != anchor[1]:
         first_name = segs[0][1].name
         report.problem = Problem(chain, anchor[0], first_name, 1, 0,
                                  f"chain starts at seq {anchor[0]} but no audit.purge record accounts for the "
                                  "earlier segments (deleted)")
         return report, seen_hashes
-    # checkpoints against the log
+    problem = _checkpoints_vs_log(chain, segs, cps, seen_hashes, report.first_seq, report.last_seq)
+    if problem is not None:
+        report.problem = problem
+        return report, seen_hashes
+    report.live = chain_is_live(chain_dir)
+    tail_from = max(report.signed_seq + 1, report.first_seq)
+    if report.last_seq < tail_from:
+        return report, seen_hashes
+    if not cps and st.signed_claim is None:
+        report.warnings.append("no signed checkpoints: truncation of the tail and forged appends cannot be detected")
+        return report, seen_hashes
+    msg = f"records {tail_from}..{report.last_seq} are not covered by a signed checkpoint"
+    if report.live:
+        report.warnings.append(msg + " (writer running)")
+        return report, seen_hashes
+    if not cps:
+        assert st.signed_claim is not None
+        claim_seq, key_id = st.signed_claim
+        msg += (f", but {CHECKPOINTS} is missing or empty while the record at seq {claim_seq} (audit.start) says "
+                f"its writer signs checkpoints with key {key_id!r} (checkpoints deleted?)")
+    else:
+        msg += (" and no writer holds the chain: a forged append, or the unsigned tail of a crash; inspect it, "
+                f"then `xcstack audit accept-tail --chain {chain} --through {report.last_seq}` if it is genuine")
+    report.problem = Problem(chain, tail_from, *locate(segs, tail_from), msg)
+    return report, seen_hashes
+
+
+def _checkpoints_vs_log(chain: str, segs: list[tuple[int, Path]], cps: list[dict[str, Any]], seen: dict[int, str],
+                        first_seq: int, last_seq: int) -> Problem | None:
+    """The first checkpoint that names a record past the end or a different hash than the log's."""
     for cp in cps:
         seq = cp["seq"]
-        if seq > report.last_seq:
-            seg_name = segs[-1][1].name if segs else ""
-            report.problem = Problem(chain, report.last_seq + 1, seg_name, 0, 0,
-                                     f"log truncated: signed checkpoint covers seq {seq}, log ends at seq "
-                                     f"{report.last_seq}")
-            return report, seen_hashes
-        if seq >= report.first_seq and seen_hashes.get(seq) != cp["hash"]:
-            report.problem = Problem(chain, seq, "", 0, 0, f"checkpoint for seq {seq} does not match the log")
-            return report, seen_hashes
-    report.checkpoints = len(cps)
-    report.signed_seq = max((cp["seq"] for cp in cps), default=0)
-    report.live = chain_is_live(chain_dir)
-    if not cps and report.records:
-        report.warnings.append("no signed checkpoints: truncation of the tail and forged appends cannot be detected")
-    elif report.last_seq > report.signed_seq:
-        msg = f"records {report.signed_seq + 1}..{report.last_seq} are not yet covered by a signed checkpoint"
-        if report.live:
-            report.warnings.append(msg + " (writer running)")
-        else:
-            report.problem = Problem(chain, report.signed_seq + 1, segs[-1][1].name if segs else "", 0, 0,
-                                     msg + " and no writer holds the chain (forged append, or a crash not yet "
-                                     "recovered: restart the server or run `xcstack audit verify` after it)")
-    return report, seen_hashes
+        if seq > last_seq:
+            return Problem(chain, last_seq + 1, *locate(segs, last_seq + 1),
+                           f"log truncated: signed checkpoint covers seq {seq}, log ends at seq {last_seq}")
+        if seq >= first_seq and seen.get(seq) != cp["hash"]:
+            return Problem(chain, seq, *locate(segs, seq), f"checkpoint for seq {seq} does not match the log")
+    return None
 
 
 def _scan_sequential(chain: str, segs: list[tuple[int, Path]], want: set[int]) -> _Scan:
@@ -175,10 +203,12 @@ def _scan_sequential(chain: str, segs: list[tuple[int, Path]], want: set[int]) -
                     prev_hex = loads(head)["prev_hash"]
                     prev = bytes.fromhex(prev_hex)
                 except Exception:
+                    st.expected = first
                     st.problem = Problem(chain, first, name, 1, 0, "malformed first record")
                     return st
                 st.anchor = (first, prev_hex)
         elif first != expected:
+            st.expected, st.prev = expected, prev
             st.problem = Problem(chain, expected, name, 1, 0,
                                  f"segment starts at seq {first}, expected {expected} (segment deleted or renamed)")
             return st
@@ -203,6 +233,7 @@ def _scan_sequential(chain: str, segs: list[tuple[int, Path]], want: set[int]) -
                 else:
                     reason = f"sequence break: expected seq {expected}, found {seq}"
                 st.records += expected - base_seq
+                st.expected, st.prev = expected, prev
                 st.problem = Problem(chain, expected, name, i + 1, pos, reason)
                 return st
             if seq in want:
@@ -211,15 +242,44 @@ def _scan_sequential(chain: str, segs: list[tuple[int, Path]], want: set[int]) -
                 with_detail = loads(line).get("detail") or {}
                 if isinstance(with_detail.get("last_seq"), int):
                     st.purges[with_detail["last_seq"]] = str(with_detail.get("last_hash"))
+            elif st.signed_claim is None and line.startswith(b'{"action":"audit.start"'):
+                st.signed_claim = _claim(line, seq)
             prev = digest
             expected += 1
         st.records += expected - base_seq
         if torn:
+            st.expected, st.prev = expected, prev
             st.problem = Problem(chain, expected, name, len(lines) + 1, len(data) - len(torn),
                                  "truncated record (no end of line)")
             return st
     st.expected, st.prev = expected, prev
     return st
+
+
+def _claim(line: bytes, seq: int) -> tuple[int, str] | None:
+    """(seq, key_id) when this audit.start record says its writer signs checkpoints."""
+    key_id = (rec.loads(line).get("detail") or {}).get("key_id")
+    return (seq, str(key_id)) if key_id else None
+
+
+def locate(segs: list[tuple[int, Path]], seq: int) -> tuple[str, int, int]:
+    """(segment, 1-based line, byte offset) where record `seq` is, or would be appended when it is
+    past the end. Segment names give each file's first seq, so only one file is read."""
+    if not segs:
+        return "", 0, 0
+    first, path = segs[0]
+    for f, p in segs:
+        if f <= seq:
+            first, path = f, p
+    data = path.read_bytes()
+    off = 0
+    for _ in range(max(0, seq - first)):
+        nl = data.find(b"\n", off)
+        if nl < 0:
+            break
+        off = nl + 1
+    line = data.count(b"\n", 0, off) + 1
+    return path.name, line, off
 
 
 def _mismatch_reason(line: bytes, expected: int, prev: bytes) -> str:
@@ -275,6 +335,7 @@ def _check_chunk(task: tuple[str, int, int, bool, frozenset[int]]) -> tuple[Any,
     check = rec.check
     seen: dict[int, str] = {}
     purges: dict[int, str] = {}
+    claim: tuple[int, str] | None = None
     for line in lines:
         digest = check(line, prev)
         if digest is None:
@@ -288,9 +349,11 @@ def _check_chunk(task: tuple[str, int, int, bool, frozenset[int]]) -> tuple[Any,
             d = rec.loads(line).get("detail") or {}
             if isinstance(d.get("last_seq"), int):
                 purges[d["last_seq"]] = str(d.get("last_hash"))
+        elif claim is None and line.startswith(b'{"action":"audit.start"'):
+            claim = _claim(line, expected)
         prev = digest
         expected += 1
-    return seq0, first_prev, expected, prev, seen, purges
+    return seq0, first_prev, expected, prev, seen, purges, claim
 
 
 def _scan_parallel(segs: list[tuple[int, Path]], want: set[int], workers: int) -> _Scan | None:
@@ -306,7 +369,7 @@ def _scan_parallel(segs: list[tuple[int, Path]], want: set[int], workers: int) -
     for i, (task, res) in enumerate(zip(tasks, results, strict=True)):
         if res is None:
             return None
-        seq0, first_prev, nxt, last, seen, purges = res
+        seq0, first_prev, nxt, last, seen, purges, claim = res
         if task[3] and first_of_seg[task[0]] != seq0:
             return None
         if i == 0:
@@ -320,6 +383,7 @@ def _scan_parallel(segs: list[tuple[int, Path]], want: set[int], workers: int) -
         st.expected, st.prev = nxt, last
         st.seen.update(seen)
         st.purges.update(purges)
+        st.signed_claim = st.signed_claim or claim
     return st
 
 
@@ -328,13 +392,18 @@ def _read_checkpoints(path: Path, report: ChainReport) -> list[dict[str, Any]]:
         return []
     out: list[dict[str, Any]] = []
     last = 0
-    for i, line in enumerate(path.read_bytes().splitlines(), start=1):
+    offset = 0
+    for i, line in enumerate(path.read_bytes().split(b"\n"), start=1):
+        at, offset = offset, offset + len(line) + 1
+        if not line:
+            continue
         try:
             cp = rec.loads(line)
             cp["seq"] = int(cp["seq"])
         except Exception:
             report.warnings.append(f"checkpoints.log line {i}: malformed (ignored)")
             continue
+        cp["_line"], cp["_offset"] = i, at  # where it is, for the problem's position
         if cp["seq"] < last:
             report.warnings.append(f"checkpoints.log line {i}: out of order")
         last = max(last, cp["seq"])
@@ -364,7 +433,7 @@ async def verify_chain(chain_dir: Path, sig_verify: SigVerify | None = None, wor
                 reason = f"no trusted public key for key id {key_id!r} (is the keystore / key file reachable?)"
             if not good:
                 if report.problem is None or report.problem.seq > cp["seq"]:
-                    report.problem = Problem(report.chain, cp["seq"], "", 0, 0,
+                    report.problem = Problem(report.chain, cp["seq"], CHECKPOINTS, cp["_line"], cp["_offset"],
                                              f"checkpoint for seq {cp['seq']}: {reason}")
                 break
     return report
@@ -372,3 +441,70 @@ async def verify_chain(chain_dir: Path, sig_verify: SigVerify | None = None, wor
 
 async def verify_all(root: Path, sig_verify: SigVerify | None = None, workers: int = 1) -> list[ChainReport]:
     return [await verify_chain(d, sig_verify, workers) for d in list_chains(root)]
+
+
+@dataclass
+class StartCheck:
+    """What a writer learns before it takes a chain over (`start_scan`)."""
+
+    problem: Problem | None = None
+    last_cp: dict[str, Any] | None = None  # the checkpoint whose signature the caller must still check
+    signed_seq: int = 0
+    last_seq: int = 0  # after crash recovery's cut
+    last_hash: str = ""
+    verified_from: int = 0  # the first seq whose hash was recomputed
+    tail: tuple[int, int] | None = None  # (first, last) seq of records no signed checkpoint covers
+    tail_at: tuple[str, int, int] = ("", 0, 0)  # (segment, line, offset) of the tail's first record
+
+
+def start_scan(chain_dir: Path, cut: dict[str, int], max_bytes: int, signing: bool) -> StartCheck:
+    """The bounded check a writer runs before taking `chain_dir` over (blocking; the caller checks
+    the last checkpoint's SM2 signature). `cut` maps segment names to the offset crash recovery
+    would truncate them to (0: delete): a problem at or after it is a torn tail, not damage —
+    unless a signed checkpoint covers it.
+
+    Cost: the whole chain is hash-verified when it is at most `max_bytes`, else from the first
+    record of the segment holding the last checkpoint. The signed (seq, hash) authenticates every
+    record before it through the SM3 chain: an older record cannot be altered without the key
+    unless the chain breaks there, and such a break in an older segment is left to `xcstack audit
+    verify`. With `signing`, records after the last checkpoint are returned as `tail`."""
+    chain = chain_dir.name
+    out = StartCheck()
+    cps = _read_checkpoints(chain_dir / CHECKPOINTS, ChainReport(chain))
+    segs = list_segments(chain_dir)
+    last_cp = max(cps, key=lambda c: int(c["seq"])) if cps else None
+    if not segs:
+        if last_cp is not None:
+            out.problem = Problem(chain, 1, "", 0, 0, f"log truncated: signed checkpoint covers seq {last_cp['seq']}, "
+                                  "the chain has no segment files")
+        return out
+    scan = segs
+    if last_cp is not None and sum(p.stat().st_size for _, p in segs) > max_bytes:
+        scan = segs[max(i for i, (f, _) in enumerate(segs) if f <= last_cp["seq"] or i == 0):]
+    st = _scan_sequential(chain, scan, {cp["seq"] for cp in cps})
+    p = st.problem
+    if p is not None and not (p.segment in cut and p.offset >= cut[p.segment]):
+        out.problem = p
+        return out
+    last_seq = st.expected - 1
+    out.verified_from, out.last_seq, out.last_hash = scan[0][0], last_seq, st.prev.hex()
+    out.signed_seq = last_cp["seq"] if last_cp is not None else 0
+    if p is not None and out.signed_seq > last_seq:  # "torn" records that a checkpoint signed: damage
+        out.problem = Problem(chain, p.seq, p.segment, p.line, p.offset,
+                              f"{p.reason}; the signed checkpoint at seq {out.signed_seq} covers it (not a crash "
+                              "artefact)")
+        return out
+    if scan is segs and st.anchor is not None and st.purges.get(st.anchor[0] - 1) != st.anchor[1]:
+        out.problem = Problem(chain, st.anchor[0], segs[0][1].name, 1, 0,
+                              f"chain starts at seq {st.anchor[0]} but no audit.purge record accounts for the "
+                              "earlier segments (deleted)")
+        return out
+    out.problem = _checkpoints_vs_log(chain, segs, cps, st.seen, scan[0][0], last_seq)
+    if out.problem is not None:
+        return out
+    out.last_cp = last_cp
+    tail_from = max(out.signed_seq + 1, segs[0][0])
+    if signing and last_seq >= tail_from:
+        out.tail = (tail_from, last_seq)
+        out.tail_at = locate(segs, tail_from)
+    return out
