@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from xcstack.apidoc import api
 from xcstack.errors import NotFound, Overloaded, XCError
 from xcstack.gateway import metrics
 from xcstack.gateway import protocol as p
@@ -45,6 +46,8 @@ STORE_RETRY_MAX_S = 5.0  # longest wait between two tries to store a finished jo
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+_JOB_CHECKS = "Also `invoke` on `model:<model>` of the body, checked before the model is looked up."
+_OWN = "Jobs are private to the key (or user) that submitted them: another caller's job id answers 404 `job_not_found`."
 
 
 def _json_errors(fn: Handler) -> Handler:
@@ -330,20 +333,30 @@ class JobManager:
         return out
 
     def routes(self) -> list[BaseRoute]:
+        @api("Queue a non-streamed gateway request as an async job (202 + `Location: /v1/jobs/{id}`)",
+             body=p.JobCreate, response=p.JobSummary, status=202, errors=(404,), checks=_JOB_CHECKS,
+             description="The `body` is validated as the endpoint would validate it (400); `stream` is forced off. "
+                         "404 `model_not_found` when no upstream serves the model; 503 `jobs_full` when "
+                         "`jobs.max_queued` jobs wait, `jobs_store_unavailable` while the job store is down.")
         @_json_errors
         async def create_job(request: Request) -> Response:
             data = await read_json(request)
             job = await self.submit(key_id(request.scope), data, request)
             return JSONResponse(job, status_code=202, headers={"Location": f"/v1/jobs/{job['id']}"})
 
+        @api("One of the caller's jobs: its status, and its result or error once finished", response=p.Job,
+             errors=(404,), description=_OWN)
         @_json_errors
         async def get_job(request: Request) -> Response:
             return JSONResponse(await self.get(key_id(request.scope), request.path_params["job_id"]))
 
+        @api("Cancel one of the caller's jobs (queued: it never runs; running: its upstream call is cancelled)",
+             response=p.Job, errors=(404,), description=_OWN + " A finished job is answered unchanged.")
         @_json_errors
         async def delete_job(request: Request) -> Response:
             return JSONResponse(await self.cancel(key_id(request.scope), request.path_params["job_id"]))
 
+        @api("The caller's jobs, newest first (without results)", response=p.JobList, description=_OWN)
         @_json_errors
         async def list_jobs(request: Request) -> Response:
             return JSONResponse({"object": "list", "data": await self.list_jobs(key_id(request.scope))})
@@ -357,6 +370,7 @@ class JobManager:
 
 
 def disabled_routes() -> list[BaseRoute]:
+    @api("Async jobs are disabled on this node: every call answers 404 `jobs_disabled`", status=404, errors=(404,))
     async def off(request: Request) -> Response:
         err = NotFound("async jobs are disabled ([gateway.jobs] enabled = false)", code=p.JOBS_DISABLED)
         return JSONResponse(err.body(), status_code=err.status)

@@ -50,7 +50,8 @@ class _Generation(_Open):
     model: str = Field(..., min_length=1, max_length=256)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, description="at most `gateway.max_tokens_limit` (131072 by "
+                                   "default), else 400 `max_tokens_too_large`")
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     n: int | None = Field(default=None, ge=1, le=128)
@@ -63,7 +64,7 @@ class _Generation(_Open):
 
 class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=100_000)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="bounded as `max_tokens`")
 
 
 class CompletionRequest(_Generation):
@@ -73,7 +74,8 @@ class CompletionRequest(_Generation):
 
 
 class EmbeddingRequest(_Open):
-    model: str = Field(..., min_length=1, max_length=256)
+    # absent or null: the inference capability's default embedding model (filled in before validation)
+    model: str | None = Field(default=None, min_length=1, max_length=256)
     input: str | list[str] | list[int] | list[list[int]] = Field(...)
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: int | None = Field(default=None, ge=1, le=65536)
@@ -104,6 +106,133 @@ class JobCreate(BaseModel):
     endpoint: JobEndpoint = "/v1/chat/completions"
     body: dict[str, Any]
     metadata: dict[str, str] | None = Field(default=None, max_length=16)
+
+
+# -- response models: documentation of what the endpoints answer (the OpenAPI contract) -------------
+#
+# The generation endpoints relay the upstream's body untouched, so these allow every other field and
+# require only what OpenAI clients read; the job and model objects are the gateway's own.
+
+
+class _Relayed(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class CompletionUsage(_Relayed):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletionMessage(_Relayed):
+    role: str
+    content: str | None = Field(default=None, description="null when the answer is only tool calls")
+
+
+class ChatCompletionChoice(_Relayed):
+    index: int
+    message: ChatCompletionMessage
+    finish_reason: str | None = Field(description="stop, length, tool_calls, ...")
+
+
+class ChatCompletion(_Relayed):
+    """An OpenAI `chat.completion` object (the upstream's, relayed)."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: CompletionUsage | None = None
+
+
+class CompletionChoice(_Relayed):
+    index: int
+    text: str
+    finish_reason: str | None
+
+
+class Completion(_Relayed):
+    """An OpenAI `text_completion` object (the upstream's, relayed)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage | None = None
+
+
+class Embedding(_Relayed):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str = Field(description="the vector; base64 of little-endian float32 with "
+                                                     "`encoding_format: base64`")
+
+
+class EmbeddingUsage(_Relayed):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(_Relayed):
+    """An OpenAI embeddings list (an upstream's, relayed, or the local model's)."""
+
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str = Field(description="the upstreams that serve it (comma-separated), or `xcstack` for a local model")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class JobErrorDetail(_Relayed):
+    """xcstack's own `{type, code, message}`, or the `error` member of an upstream's 4xx answer (relayed)."""
+
+    type: str | None = None
+    code: str | int | None = None
+    message: str | None = None
+
+
+class JobSummary(BaseModel):
+    """A job as `POST /v1/jobs` answers it and `GET /v1/jobs` lists it (times are Unix seconds)."""
+
+    id: str
+    object: Literal["job"]
+    status: JobStatus
+    endpoint: JobEndpoint
+    created_at: float
+    metadata: dict[str, str] | None
+    started_at: float | None = None
+    finished_at: float | None = None
+    expires_at: float | None = Field(default=None, description="a finished job is deleted then")
+    attempts: int = 0
+    http_status: int | None = Field(default=None, description="the status the call answered (finished jobs)")
+
+
+class Job(JobSummary):
+    """One job with its outcome: `result` is the endpoint's answer, `error` the error of a failed or cancelled one."""
+
+    result: ChatCompletion | Completion | EmbeddingList | None = None
+    error: JobErrorDetail | str | None = None
+
+
+class JobList(BaseModel):
+    object: Literal["list"]
+    data: list[JobSummary] = Field(description="the caller's jobs, newest first (at most 100)")
 
 
 def prompt_chars(body: dict[str, Any]) -> int:

@@ -16,12 +16,51 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from xcstack.apidoc import SSE, ApiDoc, api, api_for
+from xcstack.gateway import protocol as p
 from xcstack.gateway.service import ENDPOINTS, Endpoint, GatewayService
 from xcstack.gateway.types import Receive, Scope, Send
 from xcstack.httputil import JSONResponse
 
 if TYPE_CHECKING:
     from xcstack.gateway.jobs import JobManager
+
+
+_CHECKS = ("Also `invoke` on `model:<model>`, checked before the model is looked up (a caller without it gets 403, "
+           "never a 404 that tells which models exist).")
+_RELAYED = ("The upstream's answer is relayed as it is: a success keeps every field the upstream sent; a 4xx the "
+            "upstream itself answered (it refused the request) comes back with the upstream's status and body. "
+            "Failover: a connect error, timeout, 429 or 5xx before the first byte is retried on the next upstream "
+            "of the model; when none is left: 503 `upstream_unavailable` / `overloaded` (`Retry-After`), "
+            "502 `upstream_error`, 504 `upstream_timeout`. A client that hangs up cancels the upstream call (no "
+            "answer is sent; logged as 499).")
+
+
+def _streamed(chunk: str) -> str:
+    return (f"With `stream: true`: the upstream's server-sent events (`{chunk}` objects), then `data: [DONE]`; "
+            "usage comes in a last chunk only with `stream_options.include_usage`. An upstream that fails "
+            "mid-stream ends it with `data: {\"error\": {...}}` (code `stream_interrupted` or `upstream_timeout`) "
+            "and `data: [DONE]`.")
+
+
+_ERRORS = (404, 502, 504)
+#: the contract of each proxied endpoint (its request model is the one `service.prepare` validates with)
+PROXY_DOCS = {
+    "/v1/chat/completions": ApiDoc(
+        "Chat completion (OpenAI), routed to an upstream that serves the model", body=p.ChatCompletionRequest,
+        response=p.ChatCompletion, streams={SSE: _streamed("chat.completion.chunk")}, errors=_ERRORS,
+        checks=_CHECKS, description=_RELAYED),
+    "/v1/completions": ApiDoc(
+        "Text completion (OpenAI legacy), routed to an upstream that serves the model", body=p.CompletionRequest,
+        response=p.Completion, streams={SSE: _streamed("text_completion")}, errors=_ERRORS,
+        checks=_CHECKS, description=_RELAYED),
+    "/v1/embeddings": ApiDoc(
+        "Embeddings (OpenAI): an upstream's embedding model, else a local one from the model repository",
+        body=p.EmbeddingRequest, response=p.EmbeddingList, errors=_ERRORS, checks=_CHECKS,
+        description="Without `model`: the default embedding model (400 `model_required` when none is served here). "
+                    "A model no upstream serves goes to the local inference capability (text input only). "
+                    + _RELAYED),
+}
 
 
 class ProxyEndpoint:
@@ -36,12 +75,15 @@ class ProxyEndpoint:
 
 
 def build_routes(service: GatewayService, jobs: JobManager | None) -> list[BaseRoute]:
+    @api("The models served here: the upstreams' models and aliases, and the local models", response=p.ModelList)
     async def list_models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": service.list_models()})
 
-    routes: list[BaseRoute] = [
-        Route(path, ProxyEndpoint(service, ep), methods=["POST"]) for path, ep in ENDPOINTS.items()
-    ]
+    routes: list[BaseRoute] = []
+    for path, ep in ENDPOINTS.items():
+        endpoint = ProxyEndpoint(service, ep)
+        api_for("POST", endpoint, PROXY_DOCS[path])
+        routes.append(Route(path, endpoint, methods=["POST"]))
     routes.append(Route("/v1/models", list_models, methods=["GET"]))
     if jobs is not None:
         routes += jobs.routes()
