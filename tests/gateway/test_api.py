@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -188,7 +189,7 @@ def test_upstream_4xx_is_relayed_not_retried(gateway_factory: Any, mocks: list[M
     r = httpx.post(gw.base_url + "/chat/completions", json={"model": "mock-model", "messages": MSG})
     assert r.status_code == 401
     assert mocks[0].stats()["unauthorized"] + mocks[1].stats()["unauthorized"] == 1  # not retried
-    assert "bad api key" in r.text
+    assert "bad api key" in r.json()["error"]["message"] and r.json()["error"]["code"] == "upstream_rejected"
 
 
 def test_embeddings_not_forwarded_to_upstream_with_embeddings_off(gateway_factory: Any, mock: MockUpstream) -> None:
@@ -267,3 +268,18 @@ def test_with_the_real_inference_capability(tmp_path: Any, mock: MockUpstream) -
         assert client(gw).embeddings.create(model="mock-model", input="x").data  # upstream
     finally:
         gw.stop()
+
+
+@pytest.mark.parametrize(("body", "ctype", "message", "etype"), [
+    (b'{"object":"error","message":"context too long","type":"BadRequestError","param":null,"code":400}',
+     "application/json", "context too long", "BadRequestError"),  # vLLM's flat shape, integer code
+    (b'{"error":{"message":"bad temp","type":"invalid_request_error","param":"temperature","code":null}}',
+     "application/json", "bad temp", "invalid_request_error"),  # OpenAI's
+    (b"plain words", "text/plain", "plain words", "invalid_request_error"),
+])
+def test_upstream_rejection_is_relayed_in_the_error_model(body: bytes, ctype: str, message: str, etype: str) -> None:
+    from xcstack.gateway.service import rejection_body
+
+    out = json.loads(rejection_body("u1", 400, body))
+    assert out == {"error": {"type": etype, "code": "upstream_rejected", "message": message,
+                             **({"param": "temperature"} if "temperature" in body.decode() else {})}}

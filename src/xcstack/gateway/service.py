@@ -420,8 +420,9 @@ class GatewayService:
                 raise UpstreamFailed(UpstreamError(
                     f"upstream {up.name} answered {status}: {_snippet(body)}", code=p.UPSTREAM_ERROR))
             if status >= 400:
-                # The upstream refused the request itself: not retriable, relay its answer.
-                body = await resp.read()
+                # The upstream refused the request itself: not retriable, relay its status and message in
+                # the gateway's error model (vLLM, TGI and OpenAI each shape theirs differently)
+                body = rejection_body(up.name, status, await resp.content.read(64 * 1024))
                 up.breaker.neutral()
                 up.outcome("4xx")
                 wd.clear_phase()
@@ -823,6 +824,25 @@ def _split_events(segment: bytes) -> list[bytes]:
 def _event_data(event: bytes) -> bytes:
     lines = [ln[5:].lstrip() for ln in event.split(b"\n") if ln.startswith(b"data:")]
     return b"\n".join(lines)
+
+
+def rejection_body(upstream: str, status: int, body: bytes) -> bytes:
+    """An upstream's own 4xx answer as `{"error": {type, code, message, param}}`: OpenAI-style bodies keep
+    their message, type and param; vLLM's flat `{"object": "error", "message", "type"}` and plain text too."""
+    try:
+        raw = loads(body)
+    except ValueError:
+        raw = None
+    inner = raw.get("error") if isinstance(raw, dict) else None
+    src = inner if isinstance(inner, dict) else raw if isinstance(raw, dict) else {}
+    message = src.get("message") if isinstance(src.get("message"), str) else (
+        inner if isinstance(inner, str) else _snippet(body) or f"upstream {upstream} answered {status}")
+    etype = src.get("type") if isinstance(src.get("type"), str) else "invalid_request_error"
+    err: dict[str, Any] = {"type": etype[:64], "code": p.UPSTREAM_REJECTED, "message": str(message)[:4096]}
+    param = src.get("param")
+    if isinstance(param, str):
+        err["param"] = param[:256]
+    return dumps({"error": err})
 
 
 def _snippet(body: bytes) -> str:
