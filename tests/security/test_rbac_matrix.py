@@ -17,7 +17,8 @@ a decision on who may call it.
 - a custom role holding one permission (`crypto:hash`): exactly that route;
 - a user with no roles: only the self-service `/v1/auth/*` routes;
 - anonymous: only the default public paths (`/healthz`, `/readyz`, and the KServe probes
-  `/v2/health/live`, `/v2/health/ready`) and `POST /v1/auth/login`.
+  `/v2/health/live`, `/v2/health/ready`), `POST /v1/auth/login`, and the API contract
+  (`GET /openapi.json`, the `/docs` reference page and its assets).
 
 Each principal calls each route; allowed means neither 401 nor 403 (the requests are built to be
 harmless: unknown names answer 404, invalid bodies 400), denied means 403 `forbidden` for an
@@ -79,6 +80,14 @@ MATRIX: dict[tuple[str, str], tuple[frozenset[str], list[Call]]] = {
     ("GET", "/healthz"): (PUBLIC, [Call("/healthz")]),
     ("GET", "/readyz"): (PUBLIC, [Call("/readyz")]),
     ("GET", "/metrics"): (SYS, [Call("/metrics")]),
+    # the API contract and its reference page: public, like the login (clients generate code from it)
+    ("GET", "/openapi.json"): (PUBLIC, [Call("/openapi.json")]),
+    ("GET", "/docs"): (PUBLIC, [Call("/docs")]),
+    ("GET", "/docs/init.js"): (PUBLIC, [Call("/docs/init.js")]),
+    ("GET", "/docs/swagger-ui.css"): (PUBLIC, [Call("/docs/swagger-ui.css")]),
+    ("GET", "/docs/swagger-ui-bundle.js"): (PUBLIC, [Call("/docs/swagger-ui-bundle.js")]),
+    ("GET", "/docs/swagger-ui-standalone-preset.js"): (PUBLIC, [Call("/docs/swagger-ui-standalone-preset.js")]),
+    ("GET", "/docs/favicon-32x32.png"): (PUBLIC, [Call("/docs/favicon-32x32.png")]),
     # security: self-service
     ("POST", "/v1/auth/login"): (PUBLIC, [Call("/v1/auth/login", {})]),
     ("POST", "/v1/auth/logout"): (SELF, [Call("/v1/auth/logout", fresh_token=True)]),
