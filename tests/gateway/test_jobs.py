@@ -412,3 +412,34 @@ def test_redis_job_store_down_answers_503(gateway_factory: Any, mock: MockUpstre
         assert r.status_code == 503 and r.json()["error"]["code"] == "jobs_store_unavailable", r.text
         assert "retry-after" in r.headers
     assert httpx.post(gw.base_url + "/chat/completions", json=CHAT, headers=H).status_code == 200
+
+
+def test_an_upstream_answer_that_is_not_json_fails_the_job_instead_of_a_500(gateway_factory: Any) -> None:
+    """A (misbehaving) upstream that answers 200 with plain text: the job fails with 502 upstream_error,
+    and polling it stays a 200 with the documented shape (it was a 500 when the result was parsed)."""
+    import asyncio
+
+    from aiohttp import web
+
+    async def chat(request: web.Request) -> web.Response:
+        return web.Response(text="not json at all", content_type="text/plain")
+
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        gw = gateway_factory([{"name": "plain", "base_url": f"http://127.0.0.1:{port}/v1", "models": ["mock-model"]}],
+                             jobs={"poll_s": 0.1})
+        job = submit(gw.base_url, CHAT).json()
+        done = wait_status(gw.base_url, job["id"], ("succeeded", "failed"))
+        assert done["status"] == "failed" and done["http_status"] == 502 and done["result"] is None
+        assert done["error"]["code"] == "upstream_error"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)

@@ -208,10 +208,14 @@ class JobManager:
             if not self.service.router.has(pr.model, endpoint.path == "/v1/embeddings"):
                 raise NotFound(f"model {pr.model!r} is not served here", code=p.MODEL_NOT_FOUND)
             http_status, payload = await self.service.complete(pr, wd)
-            if http_status < 400:
-                status, result = "succeeded", payload
-            else:
+            if http_status >= 400:
                 error = payload
+            elif _json_object(payload):
+                status, result = "succeeded", payload
+            else:  # stored results are served as JSON objects: an upstream that answered anything else failed
+                http_status = 502
+                error = dumps({"error": {"type": "server_error", "code": p.UPSTREAM_ERROR,
+                                         "message": "the upstream's answer is not a JSON object"}})
         except asyncio.CancelledError:
             if wd.take() is None:
                 # Cancelled by DELETE (already recorded) or by shutdown (stop() requeues it).
@@ -376,3 +380,10 @@ def disabled_routes() -> list[BaseRoute]:
         return JSONResponse(err.body(), status_code=err.status)
 
     return [Route("/v1/jobs", off, methods=["GET", "POST"]), Route("/v1/jobs/{job_id}", off, methods=["GET", "DELETE"])]
+
+
+def _json_object(payload: bytes) -> bool:
+    try:
+        return isinstance(loads(payload), dict)
+    except ValueError:
+        return False
