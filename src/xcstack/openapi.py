@@ -25,6 +25,9 @@ from xcstack.security.guard import permission_of
 
 REF = "#/components/schemas/{model}"
 COMMON_ERRORS = (400, 401, 403, 413, 429, 503)
+#: statuses the middleware (authentication, RBAC, body and header limits, rate limits) may answer before a
+#: route runs, always in xcstack's error shape: a KServe operation answers them in either shape
+BEFORE_ROUTE = (401, 403, 408, 413, 414, 429, 431, 503)
 _STATUS_TEXT = {
     400: "Bad request: the body or a parameter is invalid",
     401: "Authentication required or failed",
@@ -250,11 +253,13 @@ def build_document(
                 route, method, is_public, security_on, models)
     refs, defs = models.render()
     _resolve(paths, refs)
-    responses = {"Error": _error_response("Error", "Error"), "KServeError": _error_response("Error", "KServeError")}
+    responses = {"Error": _error_response("Error", "Error"), "KServeError": _error_response("Error", "KServeOrError")}
     for status, text in _STATUS_TEXT.items():
         responses[f"E{status}"] = _error_response(text, "Error")
-        responses[f"K{status}"] = _error_response(text, "KServeError")
-    schemas = {"Error": error_schema(), "KServeError": kserve_error_schema(), **defs}
+        responses[f"K{status}"] = _error_response(text, "KServeOrError" if status in BEFORE_ROUTE else "KServeError")
+    either = {"description": "the KServe v2 shape from the route, xcstack's from the middleware before it",
+              "anyOf": [{"$ref": REF.format(model="KServeError")}, {"$ref": REF.format(model="Error")}]}
+    schemas = {"Error": error_schema(), "KServeError": kserve_error_schema(), "KServeOrError": either, **defs}
     components: dict[str, Any] = {"schemas": schemas, "responses": responses}
     doc: dict[str, Any] = {
         "openapi": "3.1.0",

@@ -18,6 +18,7 @@ from starlette.testclient import TestClient
 
 from tests.inference.conftest import inference_settings, make_scale_model
 from xcstack.app import create_app
+from xcstack.config import load_settings
 from xcstack.inference.protocol import Datatype
 from xcstack.inference.tensors import DTYPES
 
@@ -245,3 +246,25 @@ def test_a_wrong_documented_field_is_caught(served: tuple[TestClient, Contract])
     emb = c.post("/v1/embeddings", json={"input": "a"}).json()
     assert contract.errors({**emb, "usage": {"prompt_tokens": 1.5, "total_tokens": 2}},
                            contract.response_schema("post", "/v1/embeddings", 200))
+
+
+def test_errors_answered_before_the_route_match_the_kserve_operations(
+        served: tuple[TestClient, Contract], tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Authentication, RBAC and the server's body limit answer before a /v2 route runs, in xcstack's error
+    shape: the KServe operations document that shape too for those statuses."""
+    c, contract = served
+    path = "/v2/models/{name}/infer"
+    r = c.post("/v2/models/scale/infer", content=b"x" * (8 * 1024 * 1024 + 1))  # [server] max_body_bytes
+    assert r.status_code == 413 and "code" in r.json()["error"]
+    contract.check(r, "post", path)
+    settings = load_settings(None, data_dir=tmp_path_factory.mktemp("secure"),
+                             security={"pbkdf2_iterations": 100_000})
+    with TestClient(create_app(settings, ["xcstack.security.capability", "xcstack.inference.capability"]),
+                    raise_server_exceptions=False) as secure:
+        doc = Contract(secure.get("/openapi.json").json())
+        r = secure.post("/v2/models/scale/infer", json={"inputs": []})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+        doc.check(r, "post", path)
+        r = secure.get("/v2/repository/index", headers={"Authorization": "Bearer not-a-token"})
+        assert r.status_code == 401
+        doc.check(r, "get", "/v2/repository/index")

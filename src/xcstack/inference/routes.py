@@ -68,7 +68,7 @@ _INFER_DESCRIPTION = (
     "`deflate` is accepted. Each input must match the model's metadata (name, datatype, shape, `max_batch_size`) "
     "and its limits (`max_tensor_bytes`; a text input's count and length). Errors come as KServe v2 clients "
     "read them: `{\"error\": \"<message>\", \"code\", \"type\", \"param\"}` (`param` names the tensor).")
-_MODEL_503 = {"anyOf": [ModelReady.model_json_schema(), {"$ref": "#/components/schemas/KServeError"}]}
+_MODEL_503 = {"anyOf": [ModelReady.model_json_schema(), {"$ref": "#/components/schemas/KServeOrError"}]}
 
 
 def _decode(body: bytes, encoding: str | None, limit: int, hlen: str | None, cfg: Any, max_chars: int) -> Any:
