@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from xcstack.vector.store import InvalidFilter
+from xcstack.vector.store import FilterTooDeep, InvalidFilter
 
 MAX_FILTER_CHARS = 4096
 MAX_DEPTH = 32
@@ -157,19 +157,17 @@ class _Parser:
         return items[0] if len(items) == 1 else BoolOp("and", tuple(items))
 
     def unary(self) -> Node:
-        self.depth += 1
-        if self.depth > MAX_DEPTH:
-            raise InvalidFilter(f"expression nested deeper than {MAX_DEPTH} levels")
-        try:
-            if self.at("not"):
-                self.take()
-                return Not(self.unary())
-            if self.at("("):
-                self.take()
-                node = self.or_()
-                self.expect(")")
-                return node
+        if not self.at("not", "("):
             return self.cmp()
+        self.depth += 1  # each `not` and `(` is one level
+        if self.depth > MAX_DEPTH:
+            raise FilterTooDeep(f"expression nested deeper than {MAX_DEPTH} levels")
+        try:
+            if self.take().value == "not":
+                return Not(self.unary())
+            node = self.or_()
+            self.expect(")")
+            return node
         finally:
             self.depth -= 1
 
@@ -228,6 +226,39 @@ def _show(tok: Tok) -> str:
     if tok.kind == "str":
         return f"string {tok.value!r}"
     return repr(str(tok.value))
+
+
+def check_filter(text: Any) -> str | None:
+    """The checks every engine gets before a filter reaches it: a string of at most MAX_FILTER_CHARS,
+    brackets and parentheses nested at most MAX_DEPTH deep (outside string literals). Milvus receives
+    its full syntax as is, so this is a scan, not a parse; its recursive parser would overflow on deep
+    nesting (a 500). Returns the filter, or None for none ("")."""
+    if text is None or text == "":
+        return None
+    if not isinstance(text, str):
+        raise InvalidFilter("must be a string")
+    if len(text) > MAX_FILTER_CHARS:
+        raise InvalidFilter(f"longer than {MAX_FILTER_CHARS} characters")
+    depth = 0
+    quote = ""
+    escaped = False
+    for i, ch in enumerate(text):
+        if quote:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
+                quote = ""
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise FilterTooDeep(f"brackets nested deeper than {MAX_DEPTH} levels (column {i + 1})")
+        elif ch in ")]}" and depth:
+            depth -= 1
+    return text
 
 
 def parse_filter(text: str) -> Node:

@@ -22,7 +22,7 @@ import math
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -514,7 +514,7 @@ class MilvusStore:
 
     async def export(
         self, name: str, *, batch_size: int = 1000, filter: str | None = None, include_vectors: bool = True
-    ) -> AsyncIterator[list[Record]]:
+    ) -> AsyncGenerator[list[Record], None]:
         await self._collection_meta(name)
         fields = ["*"] + ([VECTOR_FIELD] if include_vectors else [])
         it = await self._call(
@@ -522,7 +522,10 @@ class MilvusStore:
         )
         try:
             while True:
-                batch = await self.pool.run(it.next, timeout=self.settings.op_timeout_s)
+                try:
+                    batch = await self.pool.run(it.next, timeout=self.settings.op_timeout_s)
+                except MilvusException as exc:  # e.g. the collection was dropped meanwhile: a clear code
+                    raise self._map(exc, name, {"filter": filter}) from None
                 if not batch:
                     return
                 out = []

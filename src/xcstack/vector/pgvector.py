@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -538,7 +538,7 @@ class PgvectorStore:
 
     async def export(
         self, name: str, *, batch_size: int = 1000, filter: str | None = None, include_vectors: bool = True
-    ) -> AsyncIterator[list[Record]]:
+    ) -> AsyncGenerator[list[Record], None]:
         """Keyset pagination by id: a connection is held only while one batch is read."""
         await self._ready()
         f_sql, f_params = "", list[Any]()

@@ -9,22 +9,28 @@ POST   /v1/vectors/{collection}/upsert         {ids?, vectors | texts, payloads?
 POST   /v1/vectors/{collection}/search         {vector | vectors | text | texts, top_k?, filter?,
                                                 output_fields?, include_vectors?, ef?, model?}
 POST   /v1/vectors/{collection}/delete         {ids?, filter?}
-GET    /v1/vectors/{collection}/export         NDJSON stream of rows (?filter=&vectors=false)
+GET    /v1/vectors/{collection}/export         NDJSON stream of rows (?filter=&vectors=false); a failure
+                                                after the stream started is its last line, {"error": {...}}
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from xcstack.errors import BadRequest
+from xcstack.errors import BadRequest, XCError
 from xcstack.httputil import JSONResponse, dumps, read_json
 from xcstack.security.guard import audit, authorize, requires
 from xcstack.vector.service import VectorService, check_name
+from xcstack.vector.store import Record
+
+log = logging.getLogger("xcstack.vector")
 
 _CREATE_KEYS = {"name", "dimension", "metric", "description"}
 _UPSERT_KEYS = {"ids", "vectors", "texts", "payloads", "model"}
@@ -61,6 +67,16 @@ def _opt(data: dict[str, Any], key: str, kind: type | tuple[type, ...], what: st
     value = data.get(key)
     if value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)):
         raise BadRequest(f"{key} must be {what}", code="invalid_parameter", param=key)
+    return value
+
+
+_FLAGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def _flag(raw: str, name: str) -> bool:
+    value = _FLAGS.get(raw.lower())
+    if value is None:
+        raise BadRequest(f"{name} must be true or false", code="invalid_parameter", param=name)
     return value
 
 
@@ -177,16 +193,42 @@ def build_routes(service: VectorService) -> list[BaseRoute]:
         name = check_name(request.path_params["collection"])
         await authorize(request, f"collection:{name}", "read")
         filt = request.query_params.get("filter") or None
-        with_vectors = request.query_params.get("vectors", "true").lower() not in ("0", "false", "no")
+        with_vectors = _flag(request.query_params.get("vectors", "true"), "vectors")
         await service.describe_collection(name)  # 404 before the stream starts
         batches = service.export(name, filter=filt, include_vectors=with_vectors)
+        # The first batch is read before the response starts, so that whatever the engine rejects (a bad
+        # filter, a missing table) is a JSON error with its status, not a broken 200.
+        first = await anext(batches, None)
+
+        def encode(batch: list[Record]) -> bytes:
+            return b"".join(
+                dumps({"id": r.id, "payload": r.payload, **({"vector": r.vector} if with_vectors else {})}) + b"\n"
+                for r in batch
+            )
 
         async def lines() -> AsyncIterator[bytes]:
-            async for batch in batches:
-                yield b"".join(
-                    dumps({"id": r.id, "payload": r.payload, **({"vector": r.vector} if with_vectors else {})}) + b"\n"
-                    for r in batch
-                )
+            rows = 0
+            outcome, error = "aborted", None  # aborted: the client went away (the stream was cancelled)
+            try:
+                batch = first
+                while batch is not None:
+                    rows += len(batch)
+                    yield encode(batch)
+                    batch = await anext(batches, None)
+                outcome = "ok"
+            except Exception as exc:
+                # The 200 head is out: the error goes as the last NDJSON line, `{"error": {...}}`, where
+                # every row has an "id"; clients must check it (documented in docs/vectors.md).
+                err = exc if isinstance(exc, XCError) else XCError("export failed on the server")
+                if not isinstance(exc, XCError):
+                    log.exception("vector export of %s failed after %d rows", name, rows)
+                outcome, error = "failure", err.code
+                yield dumps(err.body()) + b"\n"
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await batches.aclose()
+                    detail = {"rows": rows, "filter": filt is not None, **({"error": error} if error else {})}
+                    await audit(request, "vector.export", f"collection:{name}", outcome, detail)
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from xcstack.errors import BadRequest, PayloadTooLarge
+from xcstack.vector.filters import check_filter
 from xcstack.vector.settings import VectorSettings
 from xcstack.vector.store import (
     METRICS,
@@ -242,10 +243,7 @@ class VectorService:
         return {"deleted": n}
 
     def _check_filter(self, filter: Any) -> None:
-        if filter is not None and not isinstance(filter, str):
-            raise BadRequest("filter must be a string", code="invalid_filter", param="filter")
-        if filter is not None and len(filter) > 4096:
-            raise BadRequest("filter is longer than 4096 characters", code="invalid_filter", param="filter")
+        check_filter(filter)  # type, length and nesting, for every engine (Milvus gets the text as is)
 
     async def search(
         self,
@@ -305,7 +303,7 @@ class VectorService:
 
     def export(
         self, name: str, *, batch_size: int = 1000, filter: str | None = None, include_vectors: bool = True
-    ) -> AsyncIterator[list[Record]]:
+    ) -> AsyncGenerator[list[Record], None]:
         check_name(name)
         self._check_filter(filter)
         return self.store.export(name, batch_size=batch_size, filter=filter, include_vectors=include_vectors)

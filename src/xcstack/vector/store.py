@@ -10,7 +10,7 @@ product (higher is closer), `l2` → Euclidean distance (lower is closer).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -122,7 +122,7 @@ class VectorStore(Protocol):
 
     def export(
         self, name: str, *, batch_size: int = 1000, filter: str | None = None, include_vectors: bool = True
-    ) -> AsyncIterator[list[Record]]:
+    ) -> AsyncGenerator[list[Record], None]:
         """Stream every row (for exports), in batches; bounded memory."""
         ...
 
@@ -153,6 +153,12 @@ class InvalidFilter(BadRequest):
 
     def __init__(self, message: str) -> None:
         super().__init__(f"invalid filter: {message}", param="filter")
+
+
+class FilterTooDeep(InvalidFilter):
+    """Nesting is bounded: Milvus Lite's recursive parser overflows its stack past ~100 levels (a 500)."""
+
+    code = "filter_too_deep"
 
 
 class InvalidVector(BadRequest):
