@@ -48,7 +48,7 @@ def _schemathesis(stack: FullStack, token: str, seconds: float, report: Path, *f
     exe = Path(sys.executable).with_name("schemathesis")
     cmd = [str(exe), "run", f"{stack.base}/openapi.json", "-H", f"Authorization: Bearer {token}",
            "--checks", "all", "--exclude-checks", EXCLUDED_CHECKS, "--max-time", str(int(seconds)),
-           "--workers", "2", "--no-color", "--suppress-health-check", "all", "--generation-database", "none",
+           "--workers", "1", "--no-color", "--suppress-health-check", "all", "--generation-database", "none",
            "--request-timeout", "30", "--report", "junit", "--report-junit-path", str(report), *filters]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 240,
                           env={**os.environ, "SCHEMATHESIS_HOOKS": ""})
