@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from xcstack.apidoc import api
 from xcstack.errors import BadRequest, NotFound, Unauthorized
 from xcstack.httputil import JSONResponse, parse_model, read_model
 from xcstack.security import protocol as p
@@ -34,12 +35,26 @@ from xcstack.security.service import Principal, ReqInfo
 if TYPE_CHECKING:
     from xcstack.security.capability import SecurityCapability
 
+USER_404 = "user_not_found"
+SELF = "Self-service: any authenticated principal, also a session restricted to a password change or TOTP enrolment."
+ADMIN_ACCOUNTS = ("Accounts holding sysadmin, secadmin or auditor are managed from the server console, not by another "
+                  "administrator through the API (403, 三权分立).")
+
 
 def _principal(request: Request) -> Principal:
     pr = request.scope.get("xc.principal")
     if not isinstance(pr, Principal):
         raise Unauthorized("authentication required", code="unauthorized")
     return pr
+
+
+def _name(request: Request, key: str, what: str, code: str) -> str:
+    """A path parameter naming a stored user, role or key. No name holds a NUL character (and PostgreSQL
+    refuses one in a query: 500), so such a name is simply not found."""
+    value: str = request.path_params[key]
+    if "\x00" in value:
+        raise NotFound(f"no {what} {value!r}", code=code)
+    return value
 
 
 def _info(request: Request) -> ReqInfo:
@@ -50,35 +65,53 @@ def _info(request: Request) -> ReqInfo:
 def build_routes(cap: SecurityCapability) -> list[BaseRoute]:
     svc = cap.service
 
+    @api("Sign in: a session token for a user name and password (and a TOTP or recovery code once enrolled)",
+         body=p.LoginRequest, response=p.LoginResult, errors=(401,),
+         description="Wrong credentials answer 401 `invalid_credentials`, a missing or wrong second factor 401 "
+                     "`totp_required` / `invalid_totp`; repeated failures lock the account (429 `account_locked`).")
     async def login(request: Request) -> Response:
         body = await read_model(request, p.LoginRequest)
         out = await svc.login(body.username, body.password, body.totp, body.recovery_code, _info(request))
         return JSONResponse(out)
 
+    @api("Sign out: end this session", body=None, response=p.SecurityOk, checks=SELF)
     async def logout(request: Request) -> Response:
         await svc.logout(_principal(request), _info(request))
         return JSONResponse({"ok": True})
 
+    @api("Who the caller is: its principal, roles and session restriction", response=p.PrincipalInfo, checks=SELF)
     async def me(request: Request) -> Response:
         return JSONResponse(_principal(request).to_dict())
 
+    @api("Change the caller's own password (ends the user's other sessions)", body=p.PasswordChange,
+         response=p.SecurityOk, checks=SELF,
+         description="A wrong current password answers 401 `invalid_credentials` and counts toward the lockout; "
+                     "a password the policy rejects 400 `password_policy`. API keys have no password (403).")
     async def password(request: Request) -> Response:
         body = await read_model(request, p.PasswordChange)
         await svc.change_password(_principal(request), body.old_password, body.new_password, _info(request))
         return JSONResponse({"ok": True})
 
+    @api("Begin TOTP enrolment: a new secret for the caller's authenticator app", body=None,
+         response=p.TotpEnrollment, errors=(409,), checks=SELF)
     async def totp_enroll(request: Request) -> Response:
         return JSONResponse(await svc.totp_begin(_principal(request), _info(request)))
 
+    @api("Finish TOTP enrolment with a first code; answers the recovery codes", body=p.TotpConfirm,
+         response=p.RecoveryCodes, errors=(409,), checks=SELF)
     async def totp_confirm(request: Request) -> Response:
         body = await read_model(request, p.TotpConfirm)
         codes = await svc.totp_confirm(_principal(request), body.code, _info(request))
         return JSONResponse({"recovery_codes": codes})
 
+    @api("List the users", response=p.UserList)
     @requires("security.user", "read")
     async def users_list(request: Request) -> Response:
         return JSONResponse({"users": await svc.list_users()})
 
+    @api("Create a user (without a password: a one-time password is answered, to change at first login)",
+         body=p.UserCreate, response=p.UserCreated, status=201, errors=(409,),
+         checks="Giving the user roles also needs `security.role:assign`.")
     @requires("security.user", "write")
     async def users_create(request: Request) -> Response:
         body = await read_model(request, p.UserCreate)
@@ -89,14 +122,22 @@ def build_routes(cap: SecurityCapability) -> list[BaseRoute]:
             out["one_time_password"] = one_time
         return JSONResponse(out, status_code=201)
 
+    @api("Delete a user (ends its sessions, revokes its API keys)", response=p.SecurityOk, errors=(404,),
+         description=ADMIN_ACCOUNTS)
     @requires("security.user", "write")
     async def users_delete(request: Request) -> Response:
-        await svc.delete_user(_principal(request), request.path_params["name"], _info(request))
+        await svc.delete_user(_principal(request), _name(request, "name", "user", USER_404), _info(request))
         return JSONResponse({"ok": True})
 
+    @api("Act on a user: disable, enable, reset-password or reset-totp", body=None, response=p.UserActionResult,
+         errors=(404,),
+         description="`action` is one of `disable`, `enable`, `reset-password`, `reset-totp` (any other value "
+                     "answers 404 `not_found`). `disable` and `reset-password` end the user's sessions; "
+                     "`reset-password` answers `{\"one_time_password\"}` (shown once, to change at the next "
+                     "login), the others `{\"ok\": true}`. " + ADMIN_ACCOUNTS)
     @requires("security.user", "write")
     async def users_action(request: Request) -> Response:
-        name, action = request.path_params["name"], request.path_params["action"]
+        name, action = _name(request, "name", "user", USER_404), request.path_params["action"]
         pr, info = _principal(request), _info(request)
         if action in ("disable", "enable"):
             await svc.set_disabled(pr, name, action == "disable", info)
@@ -108,16 +149,24 @@ def build_routes(cap: SecurityCapability) -> list[BaseRoute]:
             return JSONResponse({"ok": True})
         raise NotFound(f"no user action {action!r}", code="not_found")
 
+    @api("Set a user's roles (replaces them)", body=p.RolesSet, response=p.SecurityOk, errors=(404,),
+         description="Nobody changes their own roles, and the sysadmin, secadmin and auditor roles are granted "
+                     "and removed from the server console only (403, 三权分立).")
     @requires("security.role", "assign")
     async def users_roles(request: Request) -> Response:
         body = await read_model(request, p.RolesSet)
-        await svc.set_roles(_principal(request), request.path_params["name"], body.roles, _info(request))
+        await svc.set_roles(_principal(request), _name(request, "name", "user", USER_404), body.roles,
+                            _info(request))
         return JSONResponse({"ok": True})
 
+    @api("List the roles, built-in and custom", response=p.RoleList)
     @requires("security.role", "read")
     async def roles_list(request: Request) -> Response:
         return JSONResponse({"roles": await svc.list_roles()})
 
+    @api("Create a custom role from (resource, action) permissions", body=p.RoleCreate, response=p.RoleInfo,
+         status=201, errors=(409,),
+         description="A custom role cannot hold `security.*` or `audit` rights (400 `separation_of_duties`).")
     @requires("security.role", "write")
     async def roles_create(request: Request) -> Response:
         body = await read_model(request, p.RoleCreate)
@@ -125,32 +174,45 @@ def build_routes(cap: SecurityCapability) -> list[BaseRoute]:
                                      body.description, _info(request))
         return JSONResponse(role, status_code=201)
 
+    @api("Delete a custom role", response=p.SecurityOk, errors=(404,),
+         description="Built-in roles cannot be deleted (400 `builtin_role`).")
     @requires("security.role", "write")
     async def roles_delete(request: Request) -> Response:
-        await svc.delete_role(_principal(request), request.path_params["name"], _info(request))
+        await svc.delete_role(_principal(request), _name(request, "name", "role", "role_not_found"), _info(request))
         return JSONResponse({"ok": True})
 
+    @api("List the API keys (never the keys themselves)", response=p.ApiKeyList)
     @requires("security.apikey", "read")
     async def keys_list(request: Request) -> Response:
         return JSONResponse({"keys": await svc.list_api_keys()})
 
+    @api("Issue an API key owned by the caller; answers the key once", body=p.ApiKeyCreate,
+         response=p.ApiKeyCreated, status=201,
+         description="A key carries no right its creator lacks (403) and does not outlive the key it was "
+                     "created with; `days` defaults to and is bounded by `[security] api_key_max_days`.")
     @requires("security.apikey", "write")
     async def keys_create(request: Request) -> Response:
         body = await read_model(request, p.ApiKeyCreate)
         out = await svc.create_api_key(_principal(request), body.name, body.roles, body.days, _info(request))
         return JSONResponse(out, status_code=201)
 
+    @api("Revoke an API key", response=p.SecurityOk, errors=(404,))
     @requires("security.apikey", "write")
     async def keys_revoke(request: Request) -> Response:
-        await svc.revoke_api_key(_principal(request), request.path_params["id"], _info(request))
+        await svc.revoke_api_key(_principal(request), _name(request, "id", "API key", "apikey_not_found"),
+                                 _info(request))
         return JSONResponse({"ok": True})
 
+    @api("List the audit chains and their segment files", response=p.AuditChainList)
     @requires("audit", "read")
     async def audit_chains(request: Request) -> Response:
         chains = [{"chain": d.name, "segments": [s.name for _, s in list_segments(d)]}
                   for d in list_chains(cap.audit_root)]
         return JSONResponse({"chains": chains})
 
+    @api("Read audit records: one chain from `after_seq` on, or every chain merged by time", query=p.AuditQuery,
+         response=p.AuditPage, errors=(404,),
+         description="The read itself is audited (`audit.read`). An unknown `chain` answers 404 `not_found`.")
     @requires("audit", "read")
     async def audit_records(request: Request) -> Response:
         q = parse_model(dict(request.query_params), p.AuditQuery)
@@ -159,6 +221,9 @@ def build_routes(cap: SecurityCapability) -> list[BaseRoute]:
                         {"query": q.model_dump(exclude_none=True), "returned": len(page["records"])})
         return JSONResponse(page)
 
+    @api("Verify every audit chain (hashes, checkpoints, signatures)", body=None, response=p.AuditVerifyResult,
+         description="A chain that fails answers 200 with `ok: false` and the first bad record; audited "
+                     "(`audit.verify`).")
     @requires("audit", "verify")
     async def audit_verify(request: Request) -> Response:
         reports = [(await verify_chain(d, cap.sig_verify)).to_dict() for d in list_chains(cap.audit_root)]
