@@ -23,8 +23,8 @@ from tests.core.served import Served
 PASSWORD = "Fuzz-Pass-2024!x"
 NEW_PASSWORD = "Fuzz-Pass-2025!y"
 # every right a custom role may hold (三权分立 keeps security.* and audit to the built-in roles)
-ALL_BUT_ADMIN = [[r, "*"] for r in ("route:/v1/*", "route:/v2", "route:/v2/*", "model:*", "inference", "vector", "collection:*",
-                                   "crypto", "key:*", "db", "query:*")]
+ALL_BUT_ADMIN = [[r, "*"] for r in ("route:/v1/*", "route:/v2", "route:/v2/*", "model:*", "inference", "vector",
+                                   "collection:*", "crypto", "key:*", "db", "query:*")]
 
 
 def _config(data: Path, upstream_port: int, sqlite: Path) -> str:
