@@ -100,11 +100,8 @@ MATRIX: dict[tuple[str, str], tuple[frozenset[str], list[Call]]] = {
     ("POST", "/v1/security/users"): (SYS, [Call("/v1/security/users", {})]),
     ("DELETE", "/v1/security/users/{name}"): (SYS, [Call("/v1/security/users/ghost")]),
     ("PUT", "/v1/security/users/{name}/roles"): (SEC, [Call("/v1/security/users/ghost/roles", {"roles": []})]),
-    ("POST", "/v1/security/users/{name}/{action}"): (SYS, [
-        Call("/v1/security/users/ghost/disable"), Call("/v1/security/users/ghost/enable"),
-        Call("/v1/security/users/ghost/reset-password"), Call("/v1/security/users/ghost/reset-totp"),
-        Call("/v1/security/users/ghost/roles"),  # POST on .../roles is this route, not the PUT one
-    ]),
+    **{("POST", f"/v1/security/users/{{name}}/{action}"): (SYS, [Call(f"/v1/security/users/ghost/{action}")])
+       for action in ("disable", "enable", "reset-password", "reset-totp")},
     ("GET", "/v1/security/roles"): (SEC, [Call("/v1/security/roles")]),
     ("POST", "/v1/security/roles"): (SEC, [Call("/v1/security/roles", {})]),
     ("DELETE", "/v1/security/roles/{name}"): (SEC, [Call("/v1/security/roles/ghost")]),

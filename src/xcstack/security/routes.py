@@ -16,6 +16,7 @@ Audit (auditor only):
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -39,6 +40,14 @@ USER_404 = "user_not_found"
 SELF = "Self-service: any authenticated principal, also a session restricted to a password change or TOTP enrolment."
 ADMIN_ACCOUNTS = ("Accounts holding sysadmin, secadmin or auditor are managed from the server console, not by another "
                   "administrator through the API (403, 三权分立).")
+
+
+USER_ACTIONS = {
+    "disable": "Disable a user (ends its sessions)",
+    "enable": "Enable a disabled user",
+    "reset-password": "Reset a user's password to a one-time password",
+    "reset-totp": "Remove a user's TOTP enrolment (it enrols again at the next login)",
+}
 
 
 def _principal(request: Request) -> Principal:
@@ -129,25 +138,27 @@ def build_routes(cap: SecurityCapability) -> list[BaseRoute]:
         await svc.delete_user(_principal(request), _name(request, "name", "user", USER_404), _info(request))
         return JSONResponse({"ok": True})
 
-    @api("Act on a user: disable, enable, reset-password or reset-totp", body=None, response=p.UserActionResult,
-         errors=(404,),
-         description="`action` is one of `disable`, `enable`, `reset-password`, `reset-totp` (any other value "
-                     "answers 404 `not_found`). `disable` and `reset-password` end the user's sessions; "
-                     "`reset-password` answers `{\"one_time_password\"}` (shown once, to change at the next "
-                     "login), the others `{\"ok\": true}`. " + ADMIN_ACCOUNTS)
-    @requires("security.user", "write")
-    async def users_action(request: Request) -> Response:
-        name, action = _name(request, "name", "user", USER_404), request.path_params["action"]
-        pr, info = _principal(request), _info(request)
-        if action in ("disable", "enable"):
-            await svc.set_disabled(pr, name, action == "disable", info)
-            return JSONResponse({"ok": True})
-        if action == "reset-password":
-            return JSONResponse({"one_time_password": await svc.reset_password(pr, name, info)})
-        if action == "reset-totp":
+    def users_action(action: str) -> Callable[[Request], Awaitable[Response]]:
+        """One of the four user actions, each its own route (`POST .../{name}/roles` is then a 405, not a
+        404 from a catch-all, and each action has its own contract)."""
+
+        @api(USER_ACTIONS[action], body=None, response=p.UserActionResult, errors=(404,),
+             description=("Answers `{\"one_time_password\"}` (shown once, to change at the next login) and ends "
+                          "the user's sessions. " if action == "reset-password" else
+                          "Ends the user's sessions. " if action == "disable" else "") + ADMIN_ACCOUNTS)
+        @requires("security.user", "write")
+        async def act(request: Request) -> Response:
+            name = _name(request, "name", "user", USER_404)
+            pr, info = _principal(request), _info(request)
+            if action in ("disable", "enable"):
+                await svc.set_disabled(pr, name, action == "disable", info)
+                return JSONResponse({"ok": True})
+            if action == "reset-password":
+                return JSONResponse({"one_time_password": await svc.reset_password(pr, name, info)})
             await svc.totp_reset(pr, name, info)
             return JSONResponse({"ok": True})
-        raise NotFound(f"no user action {action!r}", code="not_found")
+
+        return act
 
     @api("Set a user's roles (replaces them)", body=p.RolesSet, response=p.SecurityOk, errors=(404,),
          description="Nobody changes their own roles, and the sysadmin, secadmin and auditor roles are granted "
@@ -243,7 +254,8 @@ def build_routes(cap: SecurityCapability) -> list[BaseRoute]:
         Route("/v1/security/users", users_create, methods=["POST"]),
         Route("/v1/security/users/{name}", users_delete, methods=["DELETE"]),
         Route("/v1/security/users/{name}/roles", users_roles, methods=["PUT"]),
-        Route("/v1/security/users/{name}/{action}", users_action, methods=["POST"]),
+        *(Route(f"/v1/security/users/{{name}}/{action}", users_action(action), methods=["POST"])
+          for action in USER_ACTIONS),
         Route("/v1/security/roles", roles_list, methods=["GET"]),
         Route("/v1/security/roles", roles_create, methods=["POST"]),
         Route("/v1/security/roles/{name}", roles_delete, methods=["DELETE"]),
