@@ -12,18 +12,29 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from xcstack.apidoc import api
 from xcstack.crypto.client import CryptoClient
 from xcstack.crypto.errors import InputTooLarge, WrongKeyType
 from xcstack.crypto.keystore import check_name
 from xcstack.crypto.protocol import (
     MAX_VERSION,
     DecryptRequest,
+    DecryptResponse,
     EncryptRequest,
+    EncryptResponse,
     HashRequest,
+    HashResponse,
     HmacRequest,
+    HmacResponse,
+    KeyInfo,
+    KeyInfoQuery,
+    KeyList,
     RandomRequest,
+    RandomResponse,
     SignRequest,
+    SignResponse,
     VerifyRequest,
+    VerifyResponse,
     b64,
     b64decode,
 )
@@ -31,6 +42,16 @@ from xcstack.crypto.settings import CryptoSettings
 from xcstack.errors import BadRequest
 from xcstack.httputil import JSONResponse, read_model
 from xcstack.security.guard import authorize, requires
+
+
+def _key_check(op: str) -> str:
+    return f"Also `key:<name>` / `{op}` on the key the body names."
+
+
+# the errors every keyed operation may answer besides the common ones (docs/crypto.md)
+_KEYED = ("Unknown key (or version): 404 `key_not_found`; a key of the wrong kind: 400 `wrong_key_type`; "
+          "bad base64: 400 `invalid_base64`; input over `[crypto] max_input_bytes`: 400 `input_too_large`; "
+          "key owner down or stuck: 503 `crypto_unavailable` / `crypto_timeout` with `Retry-After`.")
 
 
 def query_version(raw: str | None) -> int | None:
@@ -68,6 +89,8 @@ class CryptoRoutes:
             raise InputTooLarge(f"input is {len(data)} bytes; the limit is {self.limit}")
         return data
 
+    @api("Sign data with an SM2 key (DER or raw r||s signature)", body=SignRequest, response=SignResponse,
+         errors=(404,), checks=_key_check("sign"), description=_KEYED)
     @requires("crypto", "sign")
     async def sign(self, request: Request) -> Response:
         body = await read_model(request, SignRequest)
@@ -83,6 +106,10 @@ class CryptoRoutes:
              "signature": b64(sig)}
         )
 
+    @api("Verify a signature with an SM2 key (every active version, newest first, unless `version` is given)",
+         body=VerifyRequest, response=VerifyResponse, errors=(404,), checks=_key_check("verify"),
+         description="A signature that does not match answers 200 with `valid: false`; one that is not a "
+                     "signature at all 400 `malformed_signature`. " + _KEYED)
     @requires("crypto", "verify")
     async def verify(self, request: Request) -> Response:
         body = await read_model(request, VerifyRequest)
@@ -95,6 +122,9 @@ class CryptoRoutes:
         m, _ = await self.client.call("verify", meta, self._sized(body.payload()))
         return JSONResponse({"key": body.key, "valid": bool(m["valid"]), "version": m.get("version")})
 
+    @api("Encrypt with an SM4 key (SM4-GCM, `aad` bound) or an SM2 key (1-255 bytes, no `aad`)",
+         body=EncryptRequest, response=EncryptResponse, errors=(404,), checks=_key_check("encrypt"),
+         description="SM2 input over 255 bytes or with `aad`: 400 `invalid_crypto_input`. " + _KEYED)
     @requires("crypto", "encrypt")
     async def encrypt(self, request: Request) -> Response:
         body = await read_model(request, EncryptRequest)
@@ -108,6 +138,10 @@ class CryptoRoutes:
              "ciphertext": b64(ct)}
         )
 
+    @api("Decrypt with an SM4 or SM2 key (every active version, newest first, unless `version` is given)",
+         body=DecryptRequest, response=DecryptResponse, errors=(404,), checks=_key_check("decrypt"),
+         description="Tampered or wrong-key ciphertext: 400 `decryption_failed`; not a ciphertext at all: "
+                     "400 `malformed_ciphertext`. " + _KEYED)
     @requires("crypto", "decrypt")
     async def decrypt(self, request: Request) -> Response:
         body = await read_model(request, DecryptRequest)
@@ -120,12 +154,17 @@ class CryptoRoutes:
         m, pt = await self.client.call("decrypt", meta, self._sized(b64decode(body.ciphertext, "ciphertext")))
         return JSONResponse({"key": body.key, "version": m["version"], "plaintext": b64(pt)})
 
+    @api("SM3 digest of data (hex)", body=HashRequest, response=HashResponse,
+         description="Input over `[crypto] max_input_bytes`: 400 `input_too_large`; bad base64: 400 "
+                     "`invalid_base64`.")
     @requires("crypto", "hash")
     async def hash(self, request: Request) -> Response:
         body = await read_model(request, HashRequest)
         _, digest = await self.client.call("hash", {"alg": body.alg}, self._sized(body.payload()))
         return JSONResponse({"alg": body.alg, "digest": digest.hex()})
 
+    @api("HMAC-SM3 of data with an hmac-sm3 key (hex)", body=HmacRequest, response=HmacResponse, errors=(404,),
+         checks=_key_check("hmac"), description=_KEYED)
     @requires("crypto", "hmac")
     async def hmac(self, request: Request) -> Response:
         body = await read_model(request, HmacRequest)
@@ -133,10 +172,16 @@ class CryptoRoutes:
         m, mac = await self.client.call("hmac", {"key": body.key}, self._sized(body.payload()))
         return JSONResponse({"key": body.key, "version": m["version"], "algorithm": m["algorithm"], "mac": mac.hex()})
 
+    @api("The keys: name, kind, algorithm, backend, newest version, number of versions (no key material)",
+         response=KeyList)
     @requires("crypto", "list")
     async def list_keys(self, request: Request) -> Response:
         return JSONResponse({"keys": await self.client.list_keys()})
 
+    @api("A key's public information: kind, version, public key (hex) and PEM for SM2; null for symmetric keys",
+         query=KeyInfoQuery, response=KeyInfo, errors=(404,), checks="Also `key:<name>` / `read` on that key.",
+         description="Unknown key or version: 404 `key_not_found`; a bad key name: 400 `invalid_crypto_input`; "
+                     "a bad `version`: 400 `invalid_parameter`.")
     @requires("crypto", "read")
     async def key_info(self, request: Request) -> Response:
         """Public information of a key (kind, versions, public key PEM for SM2): what verifiers need."""
@@ -154,6 +199,7 @@ class CryptoRoutes:
             raise
         return JSONResponse(info)
 
+    @api("Random bytes from the key owner's device (base64)", body=RandomRequest, response=RandomResponse)
     @requires("crypto", "random")
     async def random(self, request: Request) -> Response:
         body = await read_model(request, RandomRequest)
