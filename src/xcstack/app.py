@@ -136,8 +136,11 @@ class XCStackApp:
 
         security = [c for c in self.capabilities if c.name == "security"]
         public: list[tuple[str, str]] = [("*", p) for p in apiref.public_paths()]
+        self_service: frozenset[str] = frozenset()
         if security:
-            from xcstack.security.middleware import PUBLIC_ROUTES
+            from xcstack.security.middleware import PUBLIC_ROUTES, SELF_SERVICE
+
+            self_service = SELF_SERVICE
 
             sec = self.settings.security
             public += [("*", p) for p in sec.public_paths] + list(PUBLIC_ROUTES)
@@ -145,6 +148,7 @@ class XCStackApp:
                 public.append(("*", "/metrics"))
         return openapi.build_document(
             routes, title="xcstack", version=version("xcstack"), public=public, security_on=bool(security),
+            self_service=self_service,
             description="OpenAI-compatible gateway, KServe v2 inference, vector search, the domestic DB bridge, "
                         "国密 crypto and MLPS L3 security. Errors are JSON `{\"error\": {type, code, message}}`.")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 import functools
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +152,8 @@ def _params(route: Route, doc: ApiDoc | None) -> list[dict[str, Any]]:
     return out
 
 
-def _operation(route: Route, method: str, public: bool, security_on: bool, models: _Models) -> dict[str, Any]:
+def _operation(route: Route, method: str, public: bool, security_on: bool, models: _Models,
+               self_service: bool = False) -> dict[str, Any]:
     endpoint = route.endpoint
     doc = doc_of(endpoint, method)
     path = route.path_format
@@ -170,10 +171,13 @@ def _operation(route: Route, method: str, public: bool, security_on: bool, model
             op["security"] = []
             op["x-xc-permission"] = "public"
         else:
-            text = f"{perm[0]}:{perm[1]}" if perm else f"route:{path}:{method.lower()}"
+            text = "authenticated" if self_service else (
+                f"{perm[0]}:{perm[1]}" if perm else f"route:{path}:{method.lower()}")
             op["x-xc-permission"] = text
-            description = f"Permission: `{text}`." + (f" {doc.checks}" if doc and doc.checks else "") + (
-                "\n\n" + description if description else "")
+            who = ("Any authenticated principal (self-service; also a session restricted to a password change "
+                   "or TOTP enrolment)." if self_service else f"Permission: `{text}`.")
+            checks = f" {doc.checks}" if doc and doc.checks else ""
+            description = who + checks + ("\n\n" + description if description else "")
     if description:
         op["description"] = description
     params = _params(route, doc)
@@ -199,8 +203,8 @@ def _operation(route: Route, method: str, public: bool, security_on: bool, model
         ok["content"] = ok_content
     responses: dict[str, Any] = {str(doc.status if doc else 200): ok}
     statuses = sorted({*COMMON_ERRORS, *(doc.errors if doc else (404,))})
-    if public:
-        statuses = [s for s in statuses if s not in (401, 403)]
+    if public:  # no token is checked: 401/403 only where the operation itself answers them (the login)
+        statuses = [s for s in statuses if s not in (401, 403) or (doc is not None and s in doc.errors)]
     kserve = doc is not None and doc.error_model == "kserve"
     for status in statuses:
         responses[str(status)] = {"$ref": f"#/components/responses/{'K' if kserve else 'E'}{status}"}
@@ -237,8 +241,10 @@ def build_document(
     public: Sequence[tuple[str, str]] | None = None,
     security_on: bool = True,
     description: str = "",
+    self_service: Collection[str] = (),
 ) -> dict[str, Any]:
-    """The OpenAPI 3.1 document for `routes`; `public` lists the (method, path) pairs served without a token."""
+    """The OpenAPI 3.1 document for `routes`; `public` lists the (method, path) pairs served without a token
+    (method `*`: any), `self_service` the paths any authenticated principal may call."""
     open_set = set(public or ())
     models = _Models()
     paths: dict[str, dict[str, Any]] = {}
@@ -250,7 +256,7 @@ def build_document(
                 continue
             is_public = (method, route.path) in open_set or ("*", route.path) in open_set
             paths.setdefault(route.path_format, {})[method.lower()] = _operation(
-                route, method, is_public, security_on, models)
+                route, method, is_public, security_on, models, route.path in self_service)
     refs, defs = models.render()
     _resolve(paths, refs)
     responses = {"Error": _error_response("Error", "Error"), "KServeError": _error_response("Error", "KServeOrError")}

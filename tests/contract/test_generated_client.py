@@ -76,7 +76,7 @@ def test_generated_python_client_calls_three_endpoints(client: TestClient, tmp_p
     try:
         me = get_v1_auth_me.sync(client=gen)
         assert me is not None and me.name == "gen-op"
-        digest = post_v1_crypto_hash.sync(client=gen, body=HashRequest(data="abc", encoding="utf8"))
+        digest = post_v1_crypto_hash.sync(client=gen, body=HashRequest(text="abc"))
         assert digest is not None  # SM3("abc"), GB/T 32905 test vector
         assert digest.digest == "66c7f0f462eeedd9d1f2d46bdc10e4e24167c4875cf2f7a2297da02b8f4ba8e0"
         refused = post_v1_auth_login.sync_detailed(client=gen, body=LoginRequest(username="gen-op", password="x"))
