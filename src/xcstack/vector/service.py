@@ -37,7 +37,7 @@ Embedder = Callable[[str | None, list[str]], Awaitable[tuple[Any, Any]]]
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise BadRequest(
             f"invalid collection name {str(name)[:80]!r}: 1-48 characters, letters, digits and '_', "
             "starting with a letter",
@@ -222,7 +222,7 @@ class VectorService:
                 param="payloads",
             )
         for key in p:
-            if not FIELD_RE.match(key) or key in RESERVED_FIELDS:
+            if not FIELD_RE.fullmatch(key) or key in RESERVED_FIELDS:
                 raise BadRequest(
                     f"invalid payload field {key[:80]!r}: letters, digits, '_' (not starting with a digit), "
                     f"and not one of {', '.join(sorted(RESERVED_FIELDS))}",
@@ -280,7 +280,7 @@ class VectorService:
                     "output_fields must be a list of field names", code="invalid_parameter", param="output_fields"
                 )
             for f in output_fields:
-                if f != "*" and (not isinstance(f, str) or not FIELD_RE.match(f) or f in RESERVED_FIELDS):
+                if f != "*" and (not isinstance(f, str) or not FIELD_RE.fullmatch(f) or f in RESERVED_FIELDS):
                     raise BadRequest(
                         f"invalid output field {str(f)[:80]!r}", code="invalid_parameter", param="output_fields"
                     )
