@@ -1,5 +1,14 @@
 """The `xcstack` command. Core verbs live here; each capability adds its own through
-`xcstack.<cap>.cli.register(subparsers)` (listed in CLI_MODULES)."""
+`xcstack.<cap>.cli.register(subparsers)` (listed in CLI_MODULES).
+
+The CLI modules are light: they build argparse parsers from the stdlib and config only, and import
+their capability inside the command that needs it. So one optional native package that is missing
+or broken (gmssl_pyx, onnxruntime, pymilvus, ...) costs only the commands that use it: `xcstack
+doctor`, whose job is to report exactly that, always runs.
+
+Exit status: a command's own, 2 for a configuration error, 3 when a package the command needs does
+not import (the message names it, why, and the fix).
+"""
 
 from __future__ import annotations
 
@@ -54,8 +63,24 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=_config_show)
 
     for name in CLI_MODULES:
-        importlib.import_module(name).register(sub)
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:  # a CLI module must stay light; never let one take the others down
+            print(f"xcstack: the commands of {name} are unavailable: {exc}", file=sys.stderr)
+            continue
+        module.register(sub)
     return parser
+
+
+def _import_failure(command: str, exc: ImportError) -> str:
+    """What a command that could not import its capability tells the operator."""
+    from xcstack.platform.native import FIXES, fix_for
+
+    missing = (exc.name or "").split(".")[0]
+    dist = next((d for d in FIXES if d.replace("-", "_").lower() == missing.lower()), missing)
+    fix = f"; fix: {fix_for(dist)}" if missing else ""
+    return (f"xcstack {command}: a package this command needs does not import ({type(exc).__name__}: {exc}){fix}. "
+            "`xcstack doctor` checks every native package.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,6 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"xcstack: {exc}", file=sys.stderr)
         return 2
+    except ImportError as exc:
+        print(_import_failure(str(args.command), exc), file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -11,11 +11,12 @@ import asyncio
 import contextlib
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xcstack.config import Settings, load_settings
-from xcstack.db.bridge import Bridge
-from xcstack.db.profiles import get_profile
+
+if TYPE_CHECKING:  # the bridge pulls in drivers and the secret box (SM2/SM4): imported by the commands
+    from xcstack.db.bridge import Bridge
 
 
 async def _check(bridge: Bridge, wait: float, settings: Settings | None = None) -> list[dict[str, Any]]:
@@ -51,6 +52,8 @@ async def _check_started(bridge: Bridge, wait: float, secrets: Any) -> list[dict
 
 
 def _db_check(args: argparse.Namespace) -> int:
+    from xcstack.db.bridge import Bridge
+
     settings = load_settings(args.config)
     if not settings.db.databases:
         print("no databases configured ([db.databases])")
@@ -67,6 +70,9 @@ def _db_check(args: argparse.Namespace) -> int:
 
 
 def _db_queries(args: argparse.Namespace) -> int:
+    from xcstack.db.bridge import Bridge
+    from xcstack.db.profiles import get_profile
+
     settings = load_settings(args.config)
     bridge = Bridge(settings.db)  # compiles every query: bad SQL templates fail here
     rows = []

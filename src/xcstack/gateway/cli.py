@@ -1,13 +1,18 @@
-"""`xcstack mock-upstream`: run the OpenAI-compatible test double (see gateway/mock_upstream.py)."""
+"""`xcstack mock-upstream`: run the OpenAI-compatible test double (see gateway/mock_upstream.py).
+
+Registration imports nothing but argparse (the mock needs Starlette, orjson, uvloop): see xcstack.cli."""
 
 from __future__ import annotations
 
 import argparse
 
-from xcstack.gateway.mock_upstream import FAULTS, MockConfig, run
+# mock_upstream.FAULTS, repeated so that building the parser does not import the mock (a test keeps them equal)
+FAULTS = ("", "500", "429", "reset", "reset_mid", "stall", "stall_headers")
 
 
 def _mock_upstream(args: argparse.Namespace) -> int:
+    from xcstack.gateway.mock_upstream import MockConfig, run
+
     cfg = MockConfig(
         ttft_s=args.ttft,
         tokens_per_s=args.tokens_per_s,

@@ -1,9 +1,13 @@
-"""`xcstack doctor`: print the platform probe and the tuning plan.
+"""`xcstack doctor`: print the platform probe and the tuning plan, and what does not work here.
 
 xcstack doctor                 readable table (probe + plan + build flags + warnings)
 xcstack doctor --json          the same as JSON
 xcstack doctor --root DIR      probe a file tree (proc/, sys/, etc/ under DIR) instead of this machine
 xcstack doctor --sysctl        recommended kernel settings as a sysctl.d file body
+
+Every native package is imported in a child process (a crash or a hang is reported, not suffered);
+each missing or broken one is listed with the reason and the fix. Exit status 0 when the report was
+made (problems are in it), 2 for bad input.
 """
 
 from __future__ import annotations
@@ -12,14 +16,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from xcstack.config import load_settings
-from xcstack.platform.doctor import collect, render_text
-from xcstack.platform.plan import PlanOverrides
-from xcstack.platform.probe import probe
-from xcstack.platform.sysctl import render_sysctl
-
 
 def _doctor(args: argparse.Namespace) -> int:
+    from xcstack.config import load_settings
+    from xcstack.platform.doctor import collect, render_text
+    from xcstack.platform.plan import PlanOverrides
+    from xcstack.platform.probe import probe
+    from xcstack.platform.sysctl import render_sysctl
+
     root = Path(args.root) if args.root else Path("/")
     if args.root and not root.is_dir():
         print(f"xcstack doctor: --root {args.root}: not a directory", file=sys.stderr)

@@ -309,3 +309,36 @@ def identify_cpu(text: str, arch: str) -> CpuInfo:
     info.features = _features(arch, vendor, flags)
     info.domestic = vendor in DOMESTIC_VENDORS
     return info
+
+
+_ARCH_FAMILIES: dict[str, str] = {
+    "x86_64": "x86", "i686": "x86", "i386": "x86", "aarch64": "arm", "armv7l": "arm", "armv8l": "arm",
+    "loongarch64": "loongarch", "loongarch32": "loongarch", "mips64": "mips", "riscv64": "riscv",
+}  # fmt: skip
+
+
+def arch_family(arch: str) -> str:
+    return _ARCH_FAMILIES.get(arch, arch)
+
+
+def identify_cpu_checked(text: str, arch: str) -> tuple[CpuInfo, str | None]:
+    """identify_cpu, cross-checked against the architecture the cpuinfo text itself describes.
+
+    Under user-mode emulation (qemu-user through binfmt_misc) an aarch64 userland reads the x86 host's
+    /proc/cpuinfo: `uname -m` says aarch64, cpuinfo an Intel Xeon with AVX-512. Presenting that CPU (its
+    features, its build flags) as this machine's would be wrong, so the CPU becomes an unknown CPU of
+    `arch` and the second value says what was seen; it is None when both agree or cpuinfo says nothing."""
+    seen = infer_arch(text)
+    if seen is None or arch_family(seen) == arch_family(arch):
+        return identify_cpu(text, arch), None
+    host = identify_cpu(text, seen)
+    cpu = identify_cpu("", arch)
+    cpu.model = f"unknown {arch} CPU (cpuinfo shows the {seen} CPU {host.model})"
+    cpu.logical_cpus = host.logical_cpus
+    note = (
+        f"architecture mismatch: uname -m says {arch} but /proc/cpuinfo describes a CPU of another "
+        f"architecture ({seen}: {host.model}): this looks like user-mode emulation (e.g. qemu-user through "
+        f"binfmt_misc) on a {seen} host. CPU model, features and build flags of the real CPU are unknown, "
+        "everything runs several times slower than natively, and native extensions may crash under the emulator"
+    )
+    return cpu, note

@@ -1,4 +1,8 @@
-"""`xcstack doctor`: the probe, the tuning plan, build flags and warnings as a table or JSON."""
+"""`xcstack doctor`: the probe, the tuning plan, build flags and warnings as a table or JSON.
+
+Doctor tests rather than trusts: every native package is imported in a child interpreter (a crash or
+a hang is reported as such, with the signal), and `uname -m` is checked against /proc/cpuinfo. Each
+package that is missing or broken is listed with the reason and the fix (`problems`)."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from typing import Any
 from xcstack.platform.buildflags import FlagCheck, check_cflags
 from xcstack.platform.cpulist import format_cpulist
 from xcstack.platform.plan import PlanOverrides, TuningPlan, derive_plan
-from xcstack.platform.probe import PlatformReport, probe
+from xcstack.platform.probe import PlatformReport, PythonPackage, probe
 from xcstack.platform.sysctl import SysctlAdvice, sysctl_advice
 
 
@@ -22,8 +26,14 @@ class DoctorResult:
     flag_checks: list[FlagCheck] = field(default_factory=list)
     sysctl: list[SysctlAdvice] = field(default_factory=list)
 
+    def problems(self) -> list[dict[str, str]]:
+        """Native packages that are missing or do not import: what, why, and the fix."""
+        return [{"package": p.name, "module": p.module, "purpose": p.purpose, "status": p.status,
+                 "reason": p.detail, "fix": p.fix} for p in self.report.python.problems()]  # fmt: skip
+
     def to_dict(self) -> dict[str, Any]:
         return {
+            "problems": self.problems(),
             "report": self.report.to_dict(),
             "plan": self.plan.to_dict(),
             "flag_checks": [dataclasses.asdict(c) for c in self.flag_checks],
@@ -41,7 +51,7 @@ def collect(
     machine: str | None = None,
     check_flags: bool = True,
 ) -> DoctorResult:
-    report = probe(root, machine=machine)
+    report = probe(root, machine=machine, imports="all")
     plan = derive_plan(report, overrides)
     checks: list[FlagCheck] = []
     # Compiler flags can only be checked by a compiler for this very machine.
@@ -69,6 +79,16 @@ def _cpus(groups: list[list[int]]) -> str:
     return " ".join(format_cpulist(g) or "-" for g in groups)
 
 
+def _package_state(pkg: PythonPackage) -> str:
+    what = f"({pkg.purpose})"
+    if pkg.status == "ok":
+        return f"{pkg.version or 'present'} {what}, imports"
+    if pkg.status == "unchecked":
+        return f"{pkg.version or 'present'} {what}, import not tried"
+    label = {"missing": "MISSING", "crash": "CRASHES on import", "hang": "HANGS on import"}.get(pkg.status, "BROKEN")
+    return f"{label} {what}"
+
+
 def render_text(res: DoctorResult) -> str:
     r, p = res.report, res.plan
     rows: list[tuple[str, str, str]] = []  # (section, key, value)
@@ -88,6 +108,8 @@ def render_text(res: DoctorResult) -> str:
         add("platform", "soc", " / ".join(cpu.soc_candidates))
     if r.machine_model:
         add("platform", "machine", r.machine_model)
+    if r.emulation:
+        add("platform", "cpu check", f"uname -m and /proc/cpuinfo DISAGREE: emulated {r.arch} (see warnings)")
     feats = [k for k, v in cpu.features.items() if v]
     add("platform", "cpu features", " ".join(feats))
     if cpu.x86_level:
@@ -128,7 +150,7 @@ def render_text(res: DoctorResult) -> str:
     if py.probed:
         add("python", "interpreter", f"{py.implementation} {py.version} ({py.executable})")
         for pkg in py.packages:
-            add("python", pkg.name, f"{pkg.version or 'present'} ({pkg.purpose})" if pkg.present else "missing")
+            add("python", pkg.name, _package_state(pkg))
         if py.onnxruntime_providers:
             add("python", "onnxruntime providers", ", ".join(py.onnxruntime_providers))
     else:
@@ -186,6 +208,11 @@ def render_text(res: DoctorResult) -> str:
         out.append("")
         out.append("[notes]")
         out += [f"  - {n}" for n in p.notes]
+    fixes = res.problems()
+    if fixes:
+        out.append("")
+        out.append("[packages to fix]")
+        out += [f"  - {f['package']} ({f['purpose']}): {f['reason']}\n    fix: {f['fix']}" for f in fixes]
     if p.warnings or r.errors:
         out.append("")
         out.append("[warnings]")

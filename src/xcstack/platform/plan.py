@@ -10,6 +10,9 @@ Rules (ARCHITECTURE.md §1):
   each node is split in the same proportion so both kinds stay local to every node.
 - Overrides (config) win: explicit http worker count, the http worker cores (`worker_cpus`), the model
   worker count (0 = no local inference: every core serves http), pinning on/off, the event loop.
+- What does not work here is left out: no model workers (and no inline models) when onnxruntime does
+  not import (missing, an exception, a crash, a hang: tried in a child); no uvloop / orjson when they
+  do not import.
 """
 
 from __future__ import annotations
@@ -96,6 +99,9 @@ class TuningPlan:
     onnxruntime: dict[str, Any]  # recommended session options
     build: BuildFlags
     model_worker_env: dict[str, str] = field(default_factory=dict)  # env for model worker processes
+    # why local inference cannot run on this machine ("" when it can): no model workers are planned, and
+    # http workers must not load models inline either (the same import would take them down)
+    inference_unavailable: str = ""
     overridden: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -270,6 +276,15 @@ def derive_plan(
     model_req = ov.model_workers
     if model_req is not None:
         overridden.append("model_workers")
+    ort_problem = _import_problem(report, "onnxruntime")
+    inference_unavailable = ""
+    if ort_problem and model_req is None and ov.model_worker_cpus is None and ov.model_cpus is None:
+        model_req = 0  # a model worker could not load its runtime: plan none, every core serves http
+        inference_unavailable = f"onnxruntime is not importable ({ort_problem})"
+        warnings.append(f"onnxruntime is not importable ({ort_problem}): no model workers planned, local "
+                        "inference is off")  # fmt: skip
+    elif ort_problem and model_req != 0:
+        warnings.append(f"onnxruntime is not importable ({ort_problem}): the configured model workers will not start")
     io: list[int]
     compute: list[int]
     if ov.worker_cpus is not None:
@@ -398,6 +413,10 @@ def derive_plan(
     want_loop = ov.event_loop or "auto"
     if ov.event_loop and ov.event_loop != "auto":
         overridden.append("event_loop")
+    for module, instead in (("uvloop", "the asyncio event loop"), ("orjson", "the stdlib json")):
+        pkg = py.package(module) if py.probed else None
+        if pkg is not None and pkg.present and not pkg.works:
+            warnings.append(f"{module} is installed but does not import ({pkg.detail}): using {instead}")
     if want_loop == "asyncio":
         loop = "asyncio"
     elif uvloop_ok:
@@ -413,10 +432,8 @@ def derive_plan(
             f"event loop {loop}, JSON {json_lib}; use uvicorn, and install onnxruntime/cryptography from the "
             "distribution or a source build"
         )
-    if py.probed and not py.has("onnxruntime"):
-        warnings.append("onnxruntime is not importable: local inference (model workers) will not start")
-    if py.probed and py.onnxruntime_error:
-        warnings.append(py.onnxruntime_error)
+    if report.emulation:
+        warnings.append(report.emulation)
 
     providers = [p for p in py.onnxruntime_providers] or ["CPUExecutionProvider"]
     ort = {
@@ -470,7 +487,19 @@ def derive_plan(
         overridden=overridden,
         notes=notes,
         warnings=warnings,
+        inference_unavailable=inference_unavailable,
     )
+
+
+def _import_problem(report: PlatformReport, module: str) -> str:
+    """Why `module` cannot be used on the probed machine ("" when it can, or when imports were not probed)."""
+    py = report.python
+    if not py.probed or py.has(module):
+        return ""
+    pkg = py.package(module)
+    if pkg is None or not pkg.present:
+        return "not installed"
+    return pkg.detail or pkg.status
 
 
 def apply_affinity(cpus: Sequence[int], pid: int = 0) -> bool:

@@ -18,15 +18,15 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xcstack.platform.cpu import CpuInfo, identify_cpu, infer_arch
+from xcstack.platform.cpu import CpuInfo, identify_cpu_checked, infer_arch
 from xcstack.platform.cpulist import parse_cpulist
 from xcstack.platform.iouring import IoUringInfo, _norm, probe_io_uring
+from xcstack.platform.native import MORE_NATIVE, ImportCheck, check_imports, fix_for
 from xcstack.platform.osinfo import OsInfo, identify_os
 
 __all__ = [
@@ -116,13 +116,25 @@ class Limits:
     sysctls: dict[str, str | None] = field(default_factory=dict)
 
 
+# Imports the tuning plan depends on (event loop, JSON, model workers): tried even when not all are.
+PLAN_IMPORTS = ("uvloop", "orjson", "onnxruntime")
+
+
 @dataclass
 class PythonPackage:
     name: str
     module: str
     purpose: str
-    present: bool
+    present: bool  # installed (found on sys.path)
     version: str | None = None
+    # ok | missing | error | crash | hang (tried in a child interpreter) | unchecked (found, not tried)
+    status: str = "unchecked"
+    detail: str = ""  # why it is not ok ("import onnxruntime killed the interpreter with SIGSEGV ...")
+    fix: str = ""  # what to install or build when it is not ok
+
+    @property
+    def works(self) -> bool:
+        return self.present and self.status in ("ok", "unchecked")
 
 
 @dataclass
@@ -136,7 +148,15 @@ class PythonInfo:
     onnxruntime_error: str | None = None
 
     def has(self, module: str) -> bool:
-        return any(p.present and p.module == module for p in self.packages)
+        """Installed and, where it was tried, imports."""
+        return any(p.works and p.module == module for p in self.packages)
+
+    def package(self, module: str) -> PythonPackage | None:
+        return next((p for p in self.packages if p.module == module), None)
+
+    def problems(self) -> list[PythonPackage]:
+        """Packages that are missing or do not import."""
+        return [p for p in self.packages if not p.works]
 
 
 @dataclass
@@ -154,6 +174,8 @@ class PlatformReport:
     limits: Limits
     python: PythonInfo
     errors: list[str] = field(default_factory=list)  # files that could not be read (best effort)
+    # uname -m and /proc/cpuinfo disagree (e.g. qemu-user: an aarch64 userland shown the host's x86 CPU)
+    emulation: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -419,23 +441,23 @@ def _toint(s: str) -> int | None:
         return None
 
 
-_ORT_CHILD = (
-    "import json, onnxruntime as o; "
-    "print(json.dumps({'providers': o.get_available_providers(), 'device': o.get_device()}))"
-)
+def probe_python(*, onnxruntime_providers: bool = True, timeout: float = 30.0, imports: str = "plan") -> PythonInfo:
+    """Which optional accelerators this interpreter has, and whether they import.
 
-
-def probe_python(*, onnxruntime_providers: bool = True, timeout: float = 30.0) -> PythonInfo:
-    """Which optional accelerators this interpreter can import (find_spec + metadata; nothing is imported).
-
-    onnxruntime's execution providers need an import: that runs in a child interpreter."""
+    Presence comes from find_spec and metadata (nothing is imported here). Imports are tried in a
+    child interpreter each, so a crash (e.g. SIGSEGV under qemu-user) or a hang is reported instead
+    of taking this process down: `imports` "all" tries every installed package (doctor), "plan" the
+    ones the tuning plan depends on (PLAN_IMPORTS), "none" none. onnxruntime's execution providers
+    come from its child; `onnxruntime_providers=False` leaves onnxruntime untried."""
     info = PythonInfo(
         probed=True,
         version=platform.python_version(),
         implementation=platform.python_implementation(),
         executable=sys.executable,
     )
-    for dist, module, purpose in ACCELERATORS:
+    known = {d for d, _, _ in ACCELERATORS}
+    listed = ACCELERATORS + tuple(x for x in MORE_NATIVE if x[0] not in known)
+    for dist, module, purpose in listed:
         version: str | None
         try:
             version = importlib.metadata.version(dist)
@@ -447,23 +469,34 @@ def probe_python(*, onnxruntime_providers: bool = True, timeout: float = 30.0) -
             spec_ok = importlib.util.find_spec(module) is not None
         except (ImportError, ValueError):
             spec_ok = False
-        info.packages.append(PythonPackage(dist, module, purpose, spec_ok, version))
-    if onnxruntime_providers and info.has("onnxruntime"):
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-c", _ORT_CHILD], capture_output=True, text=True, timeout=timeout, check=False
-            )
-            if proc.returncode == 0:
-                data = json.loads(proc.stdout.strip().splitlines()[-1])
-                info.onnxruntime_providers = list(data.get("providers", []))
-            else:
-                why = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
-                info.onnxruntime_error = f"import onnxruntime failed: {why[0][:300]}"
-        except subprocess.TimeoutExpired:
-            info.onnxruntime_error = f"import onnxruntime did not finish within {timeout:.0f}s"
-        except (OSError, ValueError, IndexError) as exc:
-            info.onnxruntime_error = f"onnxruntime probe failed: {exc}"
+        pkg = PythonPackage(dist, module, purpose, spec_ok, version)
+        if not spec_ok:
+            pkg.status, pkg.detail, pkg.fix = "missing", f"{module} is not installed", fix_for(dist)
+        info.packages.append(pkg)
+    wanted = {"all": None, "plan": set(PLAN_IMPORTS), "none": set()}[imports]
+    to_try = [p.module for p in info.packages
+              if p.present and (wanted is None or p.module in wanted)
+              and (onnxruntime_providers or p.module != "onnxruntime")]  # fmt: skip
+    results = check_imports(to_try, timeout=timeout)
+    for pkg in info.packages:
+        res = results.get(pkg.module)
+        if res is not None:
+            _apply(pkg, res)
+    ort = results.get("onnxruntime")
+    if ort is not None and ort.ok:
+        info.onnxruntime_providers = [str(x) for x in ort.info.get("providers", [])]
+    elif ort is not None:
+        info.onnxruntime_error = ort.detail
     return info
+
+
+def _apply(pkg: PythonPackage, res: ImportCheck) -> None:
+    pkg.status = res.status
+    if res.status == "missing":  # found by find_spec, yet the import says it is not there
+        pkg.present = False
+    if not res.ok:
+        pkg.detail = res.detail
+        pkg.fix = fix_for(pkg.name)
 
 
 def _machine_model(r: _Reader) -> str:
@@ -484,6 +517,7 @@ def probe(
     live: bool | None = None,
     python: bool | None = None,
     onnxruntime_providers: bool = True,
+    imports: str = "plan",
 ) -> PlatformReport:
     """Probe the platform.
 
@@ -493,6 +527,12 @@ def probe(
     live: whether `root` is this running machine (default: root is "/"). Only a live probe makes
         the io_uring syscall and reads this process' affinity, rlimits and uname.
     python: probe this interpreter's accelerators (default: live).
+    imports: which of them to import in a child interpreter: "all" (doctor), "plan" (what the tuning
+        plan depends on), "none" (see probe_python).
+
+    `uname -m` (or `machine`) is checked against the architecture /proc/cpuinfo describes: when they
+    differ (user-mode emulation), the CPU is reported as an unknown CPU of the machine's architecture
+    and `emulation` says why, instead of presenting the emulator host's CPU as this machine's.
     """
     root_p = Path(root)
     is_live = live if live is not None else root_p.resolve() == Path("/")
@@ -504,7 +544,7 @@ def probe(
         arch = _norm(platform.machine())
     else:
         arch = infer_arch(cpuinfo) or _norm(platform.machine())
-    cpu = identify_cpu(cpuinfo, arch)
+    cpu, emulation = identify_cpu_checked(cpuinfo, arch)
 
     kernel = r.read1("proc/sys/kernel/osrelease") or ""
     if not kernel and is_live:
@@ -540,7 +580,8 @@ def probe(
         seccomp=seccomp,
     )
     do_python = python if python is not None else is_live
-    py = probe_python(onnxruntime_providers=onnxruntime_providers) if do_python else PythonInfo(probed=False)
+    py = probe_python(onnxruntime_providers=onnxruntime_providers, imports=imports) if do_python \
+        else PythonInfo(probed=False)
     hostname = (r.read1("proc/sys/kernel/hostname") or r.read1("etc/hostname") or "") if not is_live else ""
     if is_live:
         hostname = platform.node()
@@ -558,6 +599,7 @@ def probe(
         limits=limits,
         python=py,
         errors=r.errors,
+        emulation=emulation,
     )
 
 
