@@ -2,10 +2,10 @@
 
 The app is built exactly as `xcstack serve` builds an http worker (`create_app(settings)` with the
 default capability list): security, crypto (soft backend, direct access), the gateway (an
-upstream that is never called), the DB bridge (SQLite named queries), inference (inline, empty
-model repository) and vectors (Milvus Lite in process). Every route the app really has, for every method but HEAD, must
-have a row in `MATRIX`; a route without one fails the test, so a new route cannot slip in without
-a decision on who may call it.
+upstream that is never called), the DB bridge (SQLite named queries), inference (inline, one tiny
+tensor model, so that the readiness probes are 200) and vectors (Milvus Lite in process). Every
+route the app really has, for every method but HEAD, must have a row in `MATRIX`; a route without
+one fails the test, so a new route cannot slip in without a decision on who may call it.
 
 `MATRIX` is written out by hand from the documented design (docs/security.md "Access control",
 "HTTP API"; security/rbac.py), not derived from the code under test:
@@ -194,6 +194,9 @@ def _login(c: TestClient, who: str) -> str:
 
 @pytest.fixture
 def full_app(data_dir: Path) -> Iterator[tuple[TestClient, dict[str, str]]]:
+    from tests.inference.conftest import make_scale_model
+
+    make_scale_model(data_dir / "models")  # inference without a model is not ready (a 503 probe)
     app = create_app(_settings(data_dir))  # the default capability list, as `xcstack serve` has it
     with TestClient(app, raise_server_exceptions=False) as c:
         svc = _cap(app).service
@@ -422,7 +425,7 @@ def test_health_probes_give_details_only_to_a_valid_token(full_app: tuple[TestCl
 
 def test_model_permission_comes_before_model_existence(full_app: tuple[TestClient, dict[str, str]]) -> None:
     """A caller with the inference routes but no right on a model gets 403 whether or not the model
-    exists, so it cannot probe the repository (the empty test repository: every name is unknown)."""
+    exists, so it cannot probe the repository (every name below is unknown to the test repository)."""
     c, _ = full_app
     svc = _cap(c.app).service  # type: ignore[arg-type]
 

@@ -37,6 +37,36 @@ if TYPE_CHECKING:
 
 
 EMBED_CHUNK = 512  # texts per worker call for `local_embedder`
+# Why local inference cannot run on this machine, published by the supervisor for its http workers
+# (the tuning plan's `inference_unavailable`, e.g. onnxruntime killed by SIGSEGV under qemu-user).
+UNAVAILABLE_ENV = "XC_INFERENCE_UNAVAILABLE"
+
+
+class UnavailableBackend:
+    """Local inference cannot run here: no model worker is started and nothing is loaded inline (the
+    import that fails in a child would take this process down); requests get 503 with the reason."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def ready(self) -> tuple[bool, str]:
+        return False, f"degraded: local inference cannot run on this machine: {self.reason} (see `xcstack doctor`)"
+
+    async def model_ready(self, model: str) -> bool:
+        return False
+
+    async def embed(self, model: str, texts: Sequence[str], timeout: float) -> tuple[np.ndarray, int]:
+        raise Overloaded(f"local inference cannot run on this machine: {self.reason}", code="inference_unavailable")
+
+    async def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None,
+                    timeout: float) -> dict[str, np.ndarray]:  # fmt: skip
+        raise Overloaded(f"local inference cannot run on this machine: {self.reason}", code="inference_unavailable")
 
 
 class InferenceCapability:
@@ -50,9 +80,14 @@ class InferenceCapability:
         self.mount_embeddings = mount_embeddings
         if backend is None:
             n = total_workers
+            plan: Any = None
             if n is None and self.settings.mode == "process":
-                n = worker_count(settings, None if _count_known(settings) else current_plan(settings))
-            if self.settings.mode == "inline" or not n:
+                plan = None if _count_known(settings) else current_plan(settings)
+                n = worker_count(settings, plan)
+            off = os.environ.get(UNAVAILABLE_ENV, "") or str(getattr(plan, "inference_unavailable", "") or "")
+            if self.settings.mode == "process" and not n and off:
+                backend = UnavailableBackend(off)
+            elif self.settings.mode == "inline" or not n:
                 backend = InlineBackend(self.repo, self.settings)
             else:
                 backend = ProcessBackend(self.repo, self.settings, [str(socket_path(settings, i)) for i in range(n)])
@@ -72,9 +107,13 @@ class InferenceCapability:
         await self.backend.stop()
 
     async def ready(self) -> tuple[bool, str]:
+        """Not ready without a model: an enabled inference capability that cannot embed anything would
+        send a load balancer traffic it must fail. A node meant to run without local models sets
+        [inference] enabled = false."""
         if not self.repo.models():
-            # nothing to serve is not a failure of the node: the other capabilities keep it useful
-            return True, f"no model in {self.repo.root} (run: xcstack model import-default)"
+            broken = "; ".join(e.error for e in self.repo.entries.values() if e.error)
+            return False, (f"degraded: no model in {self.repo.root}" + (f" that loads ({broken})" if broken else "")
+                           + "; run `xcstack model import-default`")  # fmt: skip
         return await self.backend.ready()
 
     # --- services --------------------------------------------------------------------------------
@@ -172,6 +211,11 @@ def side_processes(settings: Settings, plan: Any) -> list[SideProcessSpec]:
     if not inf.enabled or inf.mode != "process":
         return []
     n = worker_count(settings, plan)
+    off = str(getattr(plan, "inference_unavailable", "") or "") if n <= 0 else ""
+    if off:  # http workers must not load models inline either
+        os.environ[UNAVAILABLE_ENV] = off
+    else:
+        os.environ.pop(UNAVAILABLE_ENV, None)
     repo = ModelRepository(inf.repository_dir(settings.data_dir)).scan()
     if n <= 0 or not repo.models():
         n = 0  # nothing to serve: no idle processes (import a model, then restart)
