@@ -19,6 +19,7 @@ becomes SQL. A type mismatch (comparing a string field with a number) is false, 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -99,6 +100,9 @@ def tokenize(text: str) -> list[Tok]:
         raw = m.group()
         if kind == "num":
             value: Any = float(raw) if any(c in raw for c in ".eE") else int(raw)
+            if (isinstance(value, float) and not math.isfinite(value)) or (isinstance(value, int) and not (
+                    -(2**63) <= value < 2**63)):  # 1e400 became inf and failed in the engine (a 500)
+                raise InvalidFilter(f"number {raw[:32]!r} at column {pos + 1} is out of range")
             toks.append(Tok("num", value, pos))
         elif kind == "str":
             toks.append(Tok("str", _unescape(raw[1:-1], pos + 1), pos))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import weakref
@@ -28,7 +29,7 @@ import psycopg
 from pgvector.psycopg import register_vector_async
 from psycopg import sql
 from psycopg.rows import tuple_row
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Jsonb, set_json_loads
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
 from xcstack.aio import cancel_and_wait
@@ -101,6 +102,7 @@ class PgvectorStore:
 
     async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
         await conn.set_autocommit(True)
+        set_json_loads(_payload_loads, conn)
         ms = max(1, int(self.settings.op_timeout_s * 1000))
         await conn.execute(f"SET statement_timeout = {ms}")
         await conn.execute(f"SET hnsw.iterative_scan = {self.cfg.iterative_scan}")
@@ -659,3 +661,14 @@ async def _cancel_running(conn: psycopg.AsyncConnection[Any]) -> None:
         return
     with contextlib.suppress(Exception):
         await asyncio.shield(conn.cancel_safe(timeout=CANCEL_TIMEOUT_S))
+
+
+def _wide_int(text: str) -> int | float:
+    """jsonb keeps 1e20 as the integer 100000000000000000000; answers are JSON numbers of at most 64 bits,
+    so an integer wider than that comes back as the float it was sent as (it was a 500 when encoded)."""
+    value = int(text)
+    return value if -(2**63) <= value < 2**63 else float(value)
+
+
+def _payload_loads(data: str | bytes) -> Any:
+    return json.loads(data, parse_int=_wide_int)
