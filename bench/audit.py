@@ -30,6 +30,7 @@ from xcstack.security.settings import AuditSettings
 from xcstack.security.signing import SoftSM2Signer
 
 CPU: dict[str, float] = {}
+LAT: dict[tuple[bool, str, int], list[float]] = {}
 
 
 def _event(w: int, i: int) -> dict[str, object]:
@@ -174,9 +175,12 @@ def fsync_latency(path: Path, n: int = 200) -> tuple[float, float]:
     return lat[n // 2] * 1e3, lat[n * 9 // 10] * 1e3
 
 
-async def bench_requests(data_dir: Path, secured: bool, requests: int, concurrency: int) -> float:
+async def bench_requests(data_dir: Path, secured: bool, requests: int, concurrency: int,
+                         durability: str = "by_class") -> float:
     """Requests/s through the real app (ASGI calls, no HTTP server) to a trivial route: without the
-    security capability, and with it (API-key auth + RBAC + a durable api.call audit record each)."""
+    security capability, and with it (API-key auth + RBAC + an api.call audit record each: durable
+    before the response with `durability="strict"`, within the data-plane window by default).
+    Per-request latencies go to LAT[(secured, durability, concurrency)]."""
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route
 
@@ -204,14 +208,14 @@ async def bench_requests(data_dir: Path, secured: bool, requests: int, concurren
     mod.create = lambda ctx: Demo()  # type: ignore[attr-defined]
     sys.modules["xc_bench_demo"] = mod
     settings = load_settings(None, data_dir=data_dir, crypto={"enabled": False},
-                             security={"enabled": secured})
+                             security={"enabled": secured, "audit": {"durability": durability}})
     app = create_app(settings, ["xcstack.security.capability", "xc_bench_demo"])
     headers: list[tuple[bytes, bytes]] = []
     async with app.router.lifespan_context(app):
         if secured:
             cap = next(c for c in app.state.xc.capabilities if c.name == "security")
             await cap.service.create_role(SYSTEM, "bench", [("route:/v1/bench", "get")])
-            await cap.service.create_user(SYSTEM, "bench-owner", [], kind="service", password="Bench-Pass-123!")
+            await cap.service.create_user(SYSTEM, "bench-owner", ["bench"], kind="service", password="Bench-Pass-123!")
             owner = await cap.service.authenticate((await cap.service.login("bench-owner", "Bench-Pass-123!"))["token"])
             key = await cap.service.create_api_key(owner, "bench", ["bench"])
             headers = [(b"authorization", f"Bearer {key['key']}".encode())]
@@ -219,6 +223,7 @@ async def bench_requests(data_dir: Path, secured: bool, requests: int, concurren
                  "scheme": "http", "path": "/v1/bench", "raw_path": b"/v1/bench", "query_string": b"",
                  "root_path": "", "headers": headers, "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 80)}
         statuses: list[int] = []
+        lat: list[float] = []
 
         async def one() -> None:
             async def receive() -> dict[str, object]:
@@ -228,7 +233,9 @@ async def bench_requests(data_dir: Path, secured: bool, requests: int, concurren
                 if msg["type"] == "http.response.start":
                     statuses.append(int(msg["status"]))  # type: ignore[call-overload]
 
+            t = time.perf_counter()
             await app(dict(scope), receive, send)
+            lat.append(time.perf_counter() - t)
 
         async def worker(n: int) -> None:
             for _ in range(n):
@@ -238,8 +245,28 @@ async def bench_requests(data_dir: Path, secured: bool, requests: int, concurren
         await asyncio.gather(*[worker(requests // concurrency) for _ in range(concurrency)])
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         assert set(statuses) == {200}, set(statuses)
-    CPU["req_cpu_us_" + ("secured" if secured else "plain")] = cpu / len(statuses) * 1e6
+    LAT[(secured, durability, concurrency)] = sorted(lat)
+    CPU[f"req_cpu_us_{'secured' if secured else 'plain'}_{durability}_{concurrency}"] = cpu / len(statuses) * 1e6
     return len(statuses) / elapsed
+
+
+def c1_latency(root: Path, requests: int, rounds: int) -> dict[str, tuple[float, float, float]]:
+    """p50 / p90 latency (µs) and CPU µs per request at concurrency 1 (one request at a time): what the
+    security layer adds to each call, with the api.call record durable before the response (strict)
+    and by class (the default). Interleaved rounds; the median of the round medians."""
+    kinds = {"plain": (False, "by_class"), "strict": (True, "strict"), "by_class": (True, "by_class")}
+    per: dict[str, list[tuple[float, float, float]]] = {k: [] for k in kinds}
+    for r in range(rounds):
+        for name, (secured, durability) in kinds.items():
+            asyncio.run(bench_requests(root / f"c1-{name}-{r}", secured, requests, 1, durability))
+            lat = LAT[(secured, durability, 1)]
+            cpu = CPU[f"req_cpu_us_{'secured' if secured else 'plain'}_{durability}_1"]
+            per[name].append((lat[len(lat) // 2] * 1e6, lat[len(lat) * 9 // 10] * 1e6, cpu))
+    out = {}
+    for name, vals in per.items():
+        vals.sort()
+        out[name] = vals[len(vals) // 2]
+    return out
 
 
 def main() -> None:
@@ -249,8 +276,21 @@ def main() -> None:
     ap.add_argument("--writers", type=int, default=64)
     ap.add_argument("--sqlite-records", type=int, default=3_000, help="per-record-commit SQLite is slow")
     ap.add_argument("--requests", type=int, default=20_000, help="for the per-request overhead rows")
+    ap.add_argument("--c1-requests", type=int, default=3_000, help="per round, for the concurrency-1 latency rows")
+    ap.add_argument("--c1-only", action="store_true", help="print the concurrency-1 latency rows only")
     ap.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="xc-bench-audit-", dir=os.environ.get("XC_BENCH_DIR")) as tmp:
+        c1 = c1_latency(Path(tmp), args.c1_requests, args.rounds)
+    c1_table = table(["app (one request at a time)", "p50 µs", "p90 µs", "CPU µs per request", "added p50 µs"], [
+        [label, f"{c1[k][0]:,.0f}", f"{c1[k][1]:,.0f}", f"{c1[k][2]:,.0f}",
+         "–" if k == "plain" else f"{c1[k][0] - c1['plain'][0]:,.0f}"]
+        for k, label in [("plain", "without the security capability"),
+                         ("strict", "security, `durability = \"strict\"` (api.call durable before the response)"),
+                         ("by_class", "security, by class (default: api.call within 5 ms, not awaited)")]])
+    if args.c1_only:
+        print(c1_table)
+        return
     xs: list[tuple[float, float, float, int]] = []
     sqs: list[float] = []
     par: list[float] = []
@@ -325,14 +365,21 @@ Per-request cost of the security layer ({args.requests:,} ASGI calls from {args.
 tasks to a trivial route, no HTTP server, one process):
 
 {table(["app", f"requests/s ({args.writers} in flight)", "CPU µs per request"], [
-    ["without the security capability", f"{plain_rps:,.0f}", f"{CPU['req_cpu_us_plain']:,.0f}"],
+    ["without the security capability", f"{plain_rps:,.0f}",
+     f"{CPU[f'req_cpu_us_plain_by_class_{args.writers}']:,.0f}"],
     ["with it: API key + RBAC + durable `api.call` record", f"{secured_rps:,.0f}",
-     f"{CPU['req_cpu_us_secured']:,.0f}"],
+     f"{CPU[f'req_cpu_us_secured_by_class_{args.writers}']:,.0f}"],
 ])}
 
-With security every response waits for its audit record's group commit (one fdatasync per batch),
-so at {args.writers} requests in flight the rate is latency-bound like the append rows above; the
-CPU added per request is the difference of the last column.
+The `api.call` record is a data-plane record: queued in order and committed within
+`data_plane_flush_ms` (5 ms) without holding the response; security events (logins, denials,
+administration) still wait for their fdatasync. The CPU added per request is the difference of the
+last column.
+
+Latency added per call, one request at a time ({args.c1_requests:,} requests, {args.rounds} interleaved
+rounds, median of the round medians; ASGI calls, no HTTP server):
+
+{c1_table}
 
 CPU cost (process time, all threads; robust to a busy machine): {CPU["append_us"]:.1f} µs per durable
 append (= {1e6 / CPU["append_us"]:,.0f} appends per CPU-second), {CPU["verify_us"]:.1f} µs per verified record

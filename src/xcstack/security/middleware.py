@@ -10,9 +10,11 @@ For every http/websocket request but the public paths (`/healthz`, `/readyz`, `/
    its permission: the endpoint's `@requires(resource, action)` mark, or by default
    `("route:<path template>", "<method>")` — deny by default, every denial audited (403);
 4. a session restricted to a password change or TOTP enrolment may only use `/v1/auth/*`;
-5. writes the API-call record (who, method, route, status, ip, request id) and waits until it is
-   durable before the response head goes out; a response that never started is recorded as an
-   error. If the audit log cannot write, the request fails with 503 (fail closed).
+5. queues the API-call record (who, method, route, status, ip, request id) when the response head
+   goes out: a data-plane record, durable within `data_plane_flush_ms` without holding the response
+   (`durability = "strict"`: durable before the head); a response that never started is recorded as
+   an error. If the audit log cannot take it (queue full, a failed commit), the request fails with
+   503 (fail closed).
 
 The keys the security capability signs and seals with (`[security] signing_key` for audit
 checkpoints and the trusted-boot manifest, and the secret box key) are its own: no principal may
@@ -253,14 +255,14 @@ class SecurityMiddleware:
         async def record(status: int) -> None:
             outcome = "success" if status < 400 else ("denied" if status in (401, 403) else "failure")
             await self.sec.service.audit(principal.name, "api.call", f"route:{template}", outcome, info,
-                                         {"method": method, "status": status})
+                                         {"method": method, "status": status}, data_plane=True)
 
         async def audited_send(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start" and not started:
                 started = True
-                try:
-                    await record(int(message["status"]))  # durable before the head goes out
+                try:  # queued in order (durable within the data-plane window; strict: before the head)
+                    await record(int(message["status"]))
                 except XCError as exc:
                     log.error("audit unavailable, refusing the response: %s", exc.message)
                     await send_error(send, exc, info.request_id)

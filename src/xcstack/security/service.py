@@ -171,12 +171,18 @@ class SecurityService:
         outcome: str,
         info: ReqInfo | None = None,
         detail: dict[str, Any] | None = None,
+        *,
+        data_plane: bool = False,
     ) -> None:
+        """Write one audit record. Security events (the default) are durable before this returns;
+        `data_plane` call records are queued in order and made durable within the configured window
+        (`[security.audit] durability`, docs/security.md)."""
         if self.audit_log is None:
             return
         info = info or ReqInfo()
-        await self.audit_log.append(actor=actor, action=action, resource=resource, outcome=outcome, ip=info.ip,
-                                    request_id=info.request_id, detail=detail)
+        append = self.audit_log.append_call if data_plane else self.audit_log.append
+        await append(actor=actor, action=action, resource=resource, outcome=outcome, ip=info.ip,
+                     request_id=info.request_id, detail=detail)
 
     # -- bootstrap ---------------------------------------------------------------------------------
     async def bootstrap(self) -> list[tuple[str, str, str]]:

@@ -24,6 +24,15 @@ class AuditSettings(BaseModel):
     max_pending: int = Field(default=100_000, ge=16, le=10_000_000, description="queued appends before 503")
     max_batch: int = Field(default=8192, ge=1, le=1_000_000)
     sync: Literal["fdatasync", "fsync"] = "fdatasync"
+    durability: Literal["by_class", "strict"] = Field(
+        default="by_class",
+        description="by_class: security events are durable before the response, data-plane `api.call` records "
+        "within data_plane_flush_ms without holding it; strict: every record before the response",
+    )
+    data_plane_flush_ms: float = Field(
+        default=5.0, ge=0.1, le=1000.0,
+        description="the longest a data-plane record waits for its group commit (what a crash can lose)",
+    )
     log_api_calls: bool = Field(default=True, description="one record per authenticated API call")
     export_syslog: str | None = Field(default=None, description="tcp://host:port (RFC 5424 over TCP, octet counting)")
     export_http: str | None = Field(default=None, description="http(s)://collector/path: POST JSON batches")

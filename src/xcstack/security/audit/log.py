@@ -17,6 +17,15 @@ chains and serialises it, does one write + one fdatasync, then resolves all the 
 at once (group commit). A caller's `await append(...)` returns only after its record is durable.
 A failed write fails every caller in the batch (fail closed: the request is answered 503).
 
+Durability by event class (`durability = "by_class"`, the default): security events go through
+`append` as above. Data-plane call records (`api.call`) go through `append_call`, which enqueues in
+order and returns at once; the writer commits them at the latest `data_plane_flush_ms` after the
+oldest was enqueued (sooner when a security event arrives: it carries every earlier record with it).
+A crash loses at most the data-plane records of that window (plus one commit's duration); a failed
+commit loses its data-plane records (counted, logged) and makes every later `append_call` wait like
+`append` until a commit succeeds again (fail closed). `durability = "strict"` makes `append_call`
+wait too.
+
 Start-up rule (`open`): before a writer appends to or signs anything in a chain it verifies it
 (`verify.start_scan`, bounded, plus the last checkpoint's SM2 signature). A chain that is damaged,
 or that holds records no signed checkpoint covers (a forged append, or the tail a crash left: the
@@ -62,6 +71,8 @@ AUDIT_ERRORS = Counter("xc_audit_write_errors_total", "Audit writes that failed 
 AUDIT_CP_ERRORS = Counter("xc_audit_checkpoint_failures_total", "Audit checkpoints that could not be signed")
 AUDIT_INTEGRITY = Counter("xc_audit_integrity_failures_total",
                           "Audit chains that failed the start-up check (refused, or left read-only)", ["mode"])
+AUDIT_LOST = Counter("xc_audit_data_plane_lost_total",
+                     "Data-plane audit records whose group commit failed after their response went out")
 AUDIT_PENDING = QUEUE_DEPTH.labels("audit")
 
 SEGMENT_RE = re.compile(r"^seg-(\d{12})\.log$")
@@ -154,9 +165,11 @@ class _Plan:
 
 @dataclass
 class _Item:
-    record: dict[str, Any]
+    record: dict[str, Any] | None  # None: a flush marker (resolved with the last durable seq)
     loop: asyncio.AbstractEventLoop | None
-    waiter: Any  # asyncio.Future[int] or _Blocking
+    waiter: Any  # asyncio.Future[int], _Blocking, or None (a data-plane record nobody waits for)
+    durable: bool = True  # commit now; False: within data_plane_flush_ms
+    t: float = 0.0  # time.monotonic() at enqueue
 
 
 class _Blocking:
@@ -210,7 +223,9 @@ class AuditLog:
         self._pending: list[_Item] = []
         self._thread: threading.Thread | None = None
         self._closing = False
-        self._failed: BaseException | None = None
+        self._durable_waiting = 0  # queued items someone waits for: commit without delay
+        self._degraded = False  # the last commit failed: data-plane appends wait until one succeeds
+        self.lost_total = 0  # data-plane records whose commit failed
         self._cp_task: asyncio.Task[None] | None = None
         self._cp_lock = asyncio.Lock()
         self.recovery: RecoveryReport | None = None
@@ -472,8 +487,12 @@ class AuditLog:
                 raise AuditUnavailable("audit log is closed", retry_after=1)
             if len(self._pending) >= self.settings.max_pending:
                 raise AuditUnavailable("audit log queue is full", retry_after=1)
+            item.t = time.monotonic()
             self._pending.append(item)
-            if len(self._pending) == 1:
+            if item.durable:
+                self._durable_waiting += 1
+                self._cond.notify()
+            elif len(self._pending) == 1:  # the writer starts the window's timer; later ones do not wake it
                 self._cond.notify()
 
     async def append(
@@ -491,6 +510,34 @@ class AuditLog:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[int] = loop.create_future()
         self._enqueue(_Item(self._make(actor, action, resource, outcome, ip, request_id, detail), loop, fut))
+        return await fut
+
+    async def append_call(
+        self,
+        *,
+        actor: str,
+        action: str,
+        resource: str,
+        outcome: str,
+        ip: str | None = None,
+        request_id: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """Append a data-plane call record: in order, durable within `data_plane_flush_ms`, without
+        waiting for it (strict mode, or after a failed commit: waits like `append`). Raises
+        AuditUnavailable at once when the queue is full or the log closed (fail closed)."""
+        if self.settings.durability == "strict" or self._degraded:
+            await self.append(actor=actor, action=action, resource=resource, outcome=outcome, ip=ip,
+                              request_id=request_id, detail=detail)
+            return
+        self._enqueue(_Item(self._make(actor, action, resource, outcome, ip, request_id, detail), None, None,
+                            durable=False))
+
+    async def flush(self) -> int:
+        """Wait until every record enqueued before this call is durable; returns the durable seq."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
+        self._enqueue(_Item(None, loop, fut))
         return await fut
 
     def append_blocking(
@@ -514,14 +561,27 @@ class AuditLog:
         return w.seq
 
     def _run(self) -> None:
+        window = self.settings.data_plane_flush_ms / 1000.0
+        max_batch = self.settings.max_batch
         while True:
             with self._cond:
-                while not self._pending and not self._closing:
-                    self._cond.wait()
-                if not self._pending and self._closing:
-                    return
-                batch = self._pending[: self.settings.max_batch]
-                del self._pending[: self.settings.max_batch]
+                while True:
+                    pending = self._pending
+                    if not pending:
+                        if self._closing:
+                            return
+                        self._cond.wait()
+                        continue
+                    if self._durable_waiting or self._closing or len(pending) >= max_batch:
+                        break
+                    wait = pending[0].t + window - time.monotonic()  # only data-plane records queued
+                    if wait <= 0:
+                        break
+                    self._cond.wait(wait)
+                batch = self._pending[:max_batch]
+                del self._pending[:max_batch]
+                if self._durable_waiting:
+                    self._durable_waiting -= sum(1 for item in batch if item.durable)
                 AUDIT_PENDING.set(len(self._pending))
             self._commit(batch)
 
@@ -562,6 +622,10 @@ class AuditLog:
             size = 0
             seq, prev = self.seq, self.prev
             for item in batch:
+                r = item.record
+                if r is None:  # a flush marker: durable once everything before it is
+                    outcome.append(seq)
+                    continue
                 if chunks and self._seg_size + size >= limit:  # rotate inside a large batch too
                     self._write_all(b"".join(chunks))
                     self._seg_size += size
@@ -569,7 +633,6 @@ class AuditLog:
                     self._rotate()
                     chunks, size = [], 0
                 seq += 1
-                r = item.record
                 r["seq"] = seq
                 r["ts"] = ts
                 r["chain"] = self.chain
@@ -588,11 +651,17 @@ class AuditLog:
             self.seq, self.prev = seq, prev
             self.durable_seq, self.durable_hash = seq, prev
             self.appended_total += len(batch)
+            self._degraded = False
             AUDIT_RECORDS.inc(len(batch))
             AUDIT_COMMITS.inc()
         except BaseException as exc:  # fail every caller of the batch, then re-read the head from disk
-            log.error("audit write failed: %s", exc)
+            lost = sum(1 for item in batch if item.waiter is None)
+            log.error("audit write failed: %s%s", exc, f"; {lost} data-plane records lost" if lost else "")
             AUDIT_ERRORS.inc()
+            if lost:
+                AUDIT_LOST.inc(lost)
+                self.lost_total += lost
+            self._degraded = True  # fail closed: data-plane callers wait until a commit succeeds again
             err = AuditUnavailable(f"audit log write failed: {exc.__class__.__name__}")
             outcome = [err] * len(batch)
             try:
@@ -601,6 +670,8 @@ class AuditLog:
                 log.error("audit log could not re-read its chain head: %s", exc2)
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], int | BaseException]]] = {}
         for item, res in zip(batch, outcome, strict=True):
+            if item.waiter is None:
+                continue
             if item.loop is None:
                 w: _Blocking = item.waiter
                 if isinstance(res, BaseException):
