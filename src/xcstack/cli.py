@@ -69,7 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
             print(f"xcstack: the commands of {name} are unavailable: {exc}", file=sys.stderr)
             continue
         module.register(sub)
+    _config_everywhere(parser)
     return parser
+
+
+def _config_everywhere(parser: argparse.ArgumentParser) -> None:
+    """`xcstack serve --config F` works as `xcstack --config F serve` does: every subcommand takes the option
+    too (SUPPRESS: when it is not given there, the global one stands)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                if "--config" not in sub._option_string_actions:
+                    sub.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file")
+                _config_everywhere(sub)
 
 
 def _import_failure(command: str, exc: ImportError) -> str:

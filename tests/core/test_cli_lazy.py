@@ -128,3 +128,19 @@ def test_mock_upstream_fault_names_match_the_mock() -> None:
     from xcstack.gateway.mock_upstream import FAULTS
 
     assert cli.FAULTS == FAULTS
+
+
+def test_config_option_after_the_subcommand(tmp_path: Path) -> None:
+    """`xcstack serve --config F` works like `xcstack --config F serve` (issue 15): every subcommand takes it."""
+    from xcstack.cli import build_parser
+
+    cfg = tmp_path / "x.toml"
+    cfg.write_text("[server]\nport = 9123\n")
+    parser = build_parser()
+    for argv in (["serve", "--config", str(cfg)], ["--config", str(cfg), "serve"],
+                 ["audit", "verify", "--config", str(cfg)], ["config", "show", "--config", str(cfg)]):
+        assert parser.parse_args(argv).config == str(cfg), argv
+    assert parser.parse_args(["serve"]).config is None  # the global default stands
+    out = subprocess.run([sys.executable, "-m", "xcstack", "config", "show", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and '"port": 9123' in out.stdout, out.stderr
