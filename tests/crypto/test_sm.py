@@ -1,6 +1,11 @@
-"""SM2/SM3/SM4 adapters: standard vectors, round trips, encodings, tamper rejection, interop."""
+"""SM2/SM3/SM4 adapters: standard vectors, round trips, encodings, tamper rejection, interop.
+
+Every SM2 test runs once per SM2 backend (`sm2_backend` fixture): what xcstack ships must give the
+same answers on each of them."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pytest
 
@@ -12,6 +17,7 @@ from xcstack.crypto.errors import (
     MalformedKey,
     MalformedSignature,
 )
+from xcstack.crypto.sm2_backends import BACKEND_NAMES
 
 # ---- SM3 (GB/T 32905 appendix A) ---------------------------------------------------------------
 SM3_ABC = "66c7f0f462eeedd9d1f2d46bdc10e4e24167c4875cf2f7a2297da02b8f4ba8e0"
@@ -144,6 +150,71 @@ def test_sm4_gcm_roundtrip_interop_and_tamper() -> None:
 
 
 # ---- SM2 -----------------------------------------------------------------------------------------
+@pytest.fixture(params=BACKEND_NAMES)
+def sm2_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Switch xcstack's SM2 backend for one test (test_sm2_backends.py checks all of them load here)."""
+    name: str = request.param
+    try:
+        prev = sm.set_sm2_backend(name)
+    except (ImportError, OSError) as exc:
+        pytest.skip(f"SM2 backend {name} does not load here: {exc}")
+    try:
+        yield name
+    finally:
+        sm.set_sm2_backend(prev or "auto")
+
+
+# GM/T 0003.5-2012 annex A (= GB/T 32918.5-2017), the examples on the recommended curve
+STD_D = bytes.fromhex("3945208f7b2144b13f36e38ac6d39f95889393692860b51a42fb81ef4df7c5b8")
+STD_PUB = bytes.fromhex(
+    "09f9df311e5421a150dd7d161e4bc5c672179fad1833fc076bb08ff356f35020"
+    "ccea490ce26775a52dc6ea718cc1aa600aed05fbf35e084a6632f6072da9ad13"
+)
+STD_K = bytes.fromhex("59276e27d506861a16680f3ad9c02dccef3cc1fa3cdbe4ce6d54b80deac1bc21")
+STD_Z = "b2e14c5c79c6df5b85f4fe7ed8db7a262b9da7e07ccb0ea9f4747b8ccda8a4f3"  # ID 1234567812345678
+STD_E = "f0b43e94ba45accaace692ed534382eb17e6ab5a19ce7b31f4486fdfc0d28640"  # SM3(Z || "message digest")
+STD_SIG = bytes.fromhex(
+    "f5a03b0648d2c4630eeac513e1bb81a15944da3827d5b74143ac7eaceee720b3"
+    "b1b6aa29df212fd8763182bc0d421ca1bb9038fd1f7f42d4840b69c485bbc1aa"
+)
+STD_CT = bytes.fromhex(  # "encryption standard" with the same k, C1 || C3 || C2
+    "04"
+    "04ebfc718e8d1798620432268e77feb6415e2ede0e073c0f4f640ecd2e149a73"
+    "e858f9d81e5430a57b36daab8f950a3c64e6ee6a63094d99283aff767e124df0"
+    "59983c18f809e262923c53aec295d30383b54e39d609d160afcb1908d0bd8766"
+    "21886ca989ca9c7d58087307ca93092d651efa"
+)
+
+
+@pytest.mark.usefixtures("sm2_backend")
+def test_sm2_standard_vectors() -> None:
+    """Key, Z, e, the signature and the ciphertext of the standard's examples, through the backend in use."""
+    key = sm.SM2PrivateKey.from_bytes(STD_D)
+    assert key.public_key.to_bytes() == STD_PUB
+    assert key.public_key.z().hex() == STD_Z
+    assert key.public_key.digest(b"message digest").hex() == STD_E
+    pub = sm.SM2PublicKey.from_bytes(STD_PUB)
+    assert pub.verify(b"message digest", STD_SIG, fmt="raw")
+    assert pub.verify(b"message digest", sm.sig_raw_to_der(STD_SIG))
+    assert not pub.verify(b"message digesT", STD_SIG, fmt="raw")
+    assert key.decrypt(STD_CT, fmt="c1c3c2") == b"encryption standard"
+    assert key.decrypt(sm.ct_c1c3c2_to_der(STD_CT)) == b"encryption standard"
+    assert key.decrypt(sm.ct_c1c3c2_to_c1c2c3(STD_CT), fmt="c1c2c3") == b"encryption standard"
+    # our signatures with this key verify against the standard's public key (and are randomised)
+    a, b = key.sign(b"message digest", fmt="raw"), key.sign(b"message digest", fmt="raw")
+    assert a != b and pub.verify(b"message digest", a, fmt="raw") and pub.verify(b"message digest", b, fmt="raw")
+
+
+def test_sm2_standard_signature_with_the_standards_nonce() -> None:
+    """The exact (r, s) of the standard from its k: gmalglib is the one library that takes a nonce source."""
+    import gmalglib.sm2 as g
+
+    signer = g.SM2(STD_D, rnd_fn=lambda n: STD_K[::-1][:n])  # it reads its random bytes little-endian
+    assert signer.sign(b"message digest") == STD_SIG
+    assert signer.encrypt(b"encryption standard") == STD_CT
+
+
+@pytest.mark.usefixtures("sm2_backend")
 def test_sm2_z_matches_independent_implementation() -> None:
     import gmalglib.sm2 as g
 
@@ -153,6 +224,7 @@ def test_sm2_z_matches_independent_implementation() -> None:
         assert other.get_entity_info() == key.public_key.z(uid)
 
 
+@pytest.mark.usefixtures("sm2_backend")
 def test_sm2_public_from_private_matches_library() -> None:
     import gmalglib.sm2 as g
 
@@ -162,6 +234,7 @@ def test_sm2_public_from_private_matches_library() -> None:
 
 
 @pytest.mark.parametrize("fmt", ["der", "raw"])
+@pytest.mark.usefixtures("sm2_backend")
 def test_sm2_sign_verify_roundtrip(fmt: sm.SigFormat) -> None:
     key = sm.SM2PrivateKey.generate()
     sig = key.sign(b"hello", fmt=fmt)
@@ -172,6 +245,7 @@ def test_sm2_sign_verify_roundtrip(fmt: sm.SigFormat) -> None:
     assert not other.verify(b"hello", sig, fmt=fmt)
 
 
+@pytest.mark.usefixtures("sm2_backend")
 def test_sm2_signatures_interop_both_ways() -> None:
     import gmalglib.sm2 as g
 
@@ -191,6 +265,7 @@ def test_sm2_signatures_interop_both_ways() -> None:
         assert key.public_key.verify(msg, full, uid=uid)
 
 
+@pytest.mark.usefixtures("sm2_backend")
 def test_sm2_tampered_signature_is_false_not_exception() -> None:
     key = sm.SM2PrivateKey.generate()
     raw = bytearray(key.sign(b"m", fmt="raw"))
@@ -202,18 +277,21 @@ def test_sm2_tampered_signature_is_false_not_exception() -> None:
     "bad",
     [b"", b"\x30\x00", b"garbage", b"\x30\x06\x02\x01\x01\x02\x01\x01\x00", b"\x30\x06\x02\x01\x00\x02\x01\x01"],
 )
+@pytest.mark.usefixtures("sm2_backend")
 def test_sm2_malformed_signature_raises_clear_error(bad: bytes) -> None:
     key = sm.SM2PrivateKey.generate()
     with pytest.raises(MalformedSignature):
         key.public_key.verify(b"m", bad)
 
 
+@pytest.mark.usefixtures("sm2_backend")
 def test_sm2_raw_signature_wrong_length() -> None:
     key = sm.SM2PrivateKey.generate()
     with pytest.raises(MalformedSignature):
         key.public_key.verify(b"m", b"\x01" * 63, fmt="raw")
 
 
+@pytest.mark.usefixtures("sm2_backend")
 def test_sig_der_raw_conversion_roundtrip() -> None:
     key = sm.SM2PrivateKey.generate()
     for _ in range(20):  # covers r/s with and without the high bit set
@@ -222,6 +300,7 @@ def test_sig_der_raw_conversion_roundtrip() -> None:
 
 
 @pytest.mark.parametrize("fmt", ["der", "c1c3c2", "c1c2c3"])
+@pytest.mark.usefixtures("sm2_backend")
 def test_sm2_encrypt_decrypt_roundtrip(fmt: sm.CtFormat) -> None:
     key = sm.SM2PrivateKey.generate()
     for size in (1, 32, 255):
@@ -230,6 +309,7 @@ def test_sm2_encrypt_decrypt_roundtrip(fmt: sm.CtFormat) -> None:
         assert key.decrypt(ct, fmt=fmt) == pt
 
 
+@pytest.mark.usefixtures("sm2_backend")
 def test_sm2_ciphertext_conversions() -> None:
     key = sm.SM2PrivateKey.generate()
     der = key.public_key.encrypt(b"hello")
@@ -241,6 +321,7 @@ def test_sm2_ciphertext_conversions() -> None:
     assert key.decrypt(raw[1:], fmt="c1c3c2") == b"hello"  # without the 04 prefix
 
 
+@pytest.mark.usefixtures("sm2_backend")
 def test_sm2_encryption_interop_both_ways() -> None:
     import gmalglib.sm2 as g
 
@@ -253,6 +334,7 @@ def test_sm2_encryption_interop_both_ways() -> None:
 
 
 @pytest.mark.parametrize("where", [10, 70, 100, -1])
+@pytest.mark.usefixtures("sm2_backend")
 def test_sm2_tampered_ciphertext_rejected(where: int) -> None:
     key = sm.SM2PrivateKey.generate()
     raw = bytearray(key.public_key.encrypt(b"attack at dawn", fmt="c1c3c2"))
@@ -261,6 +343,7 @@ def test_sm2_tampered_ciphertext_rejected(where: int) -> None:
         key.decrypt(bytes(raw), fmt="c1c3c2")
 
 
+@pytest.mark.usefixtures("sm2_backend")
 def test_sm2_wrong_key_decrypt_fails_cleanly() -> None:
     a, b = sm.SM2PrivateKey.generate(), sm.SM2PrivateKey.generate()
     with pytest.raises(DecryptionFailed):
@@ -268,12 +351,14 @@ def test_sm2_wrong_key_decrypt_fails_cleanly() -> None:
 
 
 @pytest.mark.parametrize("bad", [b"", b"\x30\x03\x02\x01\x01", b"\x04" + b"\x01" * 50, b"\x05" * 200])
+@pytest.mark.usefixtures("sm2_backend")
 def test_sm2_malformed_ciphertext(bad: bytes) -> None:
     key = sm.SM2PrivateKey.generate()
     with pytest.raises((MalformedCiphertext, DecryptionFailed)):
         key.decrypt(bad)
 
 
+@pytest.mark.usefixtures("sm2_backend")
 def test_sm2_encrypt_size_limits() -> None:
     pub = sm.SM2PrivateKey.generate().public_key
     with pytest.raises(InvalidCryptoInput):
@@ -282,6 +367,7 @@ def test_sm2_encrypt_size_limits() -> None:
         pub.encrypt(b"x" * 256)
 
 
+@pytest.mark.usefixtures("sm2_backend")
 def test_sm2_public_key_encodings() -> None:
     key = sm.SM2PrivateKey.generate()
     pub = key.public_key
@@ -297,6 +383,7 @@ def test_sm2_public_key_encodings() -> None:
     assert "SM2PrivateKey(" in repr(key) and key.to_bytes().hex() not in repr(key)
 
 
+@pytest.mark.usefixtures("sm2_backend")
 def test_sm2_pem_is_readable_by_openssl(tmp_path: pytest.TempPathFactory) -> None:
     import shutil
     import subprocess
@@ -312,6 +399,7 @@ def test_sm2_pem_is_readable_by_openssl(tmp_path: pytest.TempPathFactory) -> Non
     assert "SM2" in out
 
 
+@pytest.mark.usefixtures("sm2_backend")
 def test_sm2_signature_verifies_with_openssl(tmp_path: pytest.TempPathFactory) -> None:
     """A third implementation: OpenSSL 3 verifies our signature over the message with Z(uid)."""
     import shutil
@@ -369,6 +457,7 @@ def test_sig_der_raw_agree_with_independent_encoder() -> None:
     assert sm.sig_raw_to_der(small) == encode_dss_signature(1, 0x80)
 
 
+@pytest.mark.usefixtures("sm2_backend")
 def test_sm2_signatures_interop_with_tongsuo_both_ways() -> None:
     """A second independent implementation: Tongsuo (OpenSSL fork) via tongsuopy, default user id."""
     ec = pytest.importorskip("tongsuopy.crypto.asymciphers.ec")

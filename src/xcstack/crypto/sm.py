@@ -1,4 +1,4 @@
-"""国密 algorithm adapters: SM3, SM4 (via `cryptography`) and SM2 (via `gmssl-pyx`), one small API.
+"""国密 algorithm adapters: SM3, SM4 (via `cryptography`) and SM2 (via a backend chosen at import), one small API.
 
 This module is the stable surface other capabilities use (security: password hashing, secrets at
 rest, audit checkpoints). Everything here is synchronous, thread-safe and free of I/O.
@@ -19,10 +19,15 @@ SM2
     so a signature costs one SM3 over the message plus one scalar multiplication.
     Conversions: `sig_der_to_raw` / `sig_raw_to_der`, `ct_der_to_c1c3c2` / `ct_c1c3c2_to_der`,
     `ct_c1c2c3_to_c1c3c2` / `ct_c1c3c2_to_c1c2c3`.
+    The scalar arithmetic comes from a backend (`sm2_backends.py`): `XC_SM2_BACKEND=auto` (default:
+    the system OpenSSL 3 libcrypto, else gmssl-pyx, else gmalglib) or one name. `sm2_backend_info()`
+    says which one runs and why the others did not load. Encodings, range checks, Z and the digest are
+    computed here, so every backend gets the same validated input and gives the same answers.
 
 Errors are `xcstack.crypto.errors` classes (400s with stable codes): malformed input raises
 `MalformedSignature` / `MalformedCiphertext` / `MalformedKey` / `InvalidCryptoInput`; a signature that
-does not verify returns False; a ciphertext that fails authentication raises `DecryptionFailed`.
+does not verify returns False; a ciphertext that fails authentication raises `DecryptionFailed`;
+SM2 with no backend loaded raises `CryptoUnavailable` (SM3/SM4 still work).
 
 Never the pure-Python `gmssl` package: it draws signing nonces from `random` and skips the C3 check.
 """
@@ -32,9 +37,8 @@ from __future__ import annotations
 import base64
 import hmac as _hmac
 import os
-from typing import Literal
+from typing import Any, Literal
 
-import gmssl_pyx
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as _chmac
@@ -43,12 +47,14 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
 from xcstack.crypto.errors import (
+    CryptoUnavailable,
     DecryptionFailed,
     InvalidCryptoInput,
     MalformedCiphertext,
     MalformedKey,
     MalformedSignature,
 )
+from xcstack.crypto.sm2_backends import SM2Backend, select_backend
 
 __all__ = [
     "DEFAULT_UID",
@@ -64,8 +70,10 @@ __all__ = [
     "hmac_sm3_verify",
     "pbkdf2_sm3",
     "random_bytes",
+    "set_sm2_backend",
     "sig_der_to_raw",
     "sig_raw_to_der",
+    "sm2_backend_info",
     "sm3",
     "sm4_cbc_decrypt",
     "sm4_cbc_encrypt",
@@ -80,7 +88,7 @@ SigFormat = Literal["der", "raw"]
 CtFormat = Literal["der", "c1c3c2", "c1c2c3"]
 
 DEFAULT_UID = b"1234567812345678"  # GM/T 0009 default user id
-SM2_MAX_PLAINTEXT = 255  # gmssl-pyx (GmSSL) limit for direct SM2 encryption; use SM4 for bulk data
+SM2_MAX_PLAINTEXT = 255  # one limit on every backend (GmSSL's): SM2 encryption is for small secrets, SM4 for bulk
 SM4_KEY_SIZE = 16
 GCM_TAG_SIZE = 16
 GCM_NONCE_SIZE = 12
@@ -430,12 +438,57 @@ def _pem(label: str, der: bytes) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# SM2 backend (chosen once at import; `set_sm2_backend` switches it for tests and benchmarks)
+# ---------------------------------------------------------------------------------------------
+_sm2_wanted = os.environ.get("XC_SM2_BACKEND", "auto").strip().lower() or "auto"
+_sm2, _sm2_errors = select_backend(_sm2_wanted)
+_sm2_loaded: dict[str, SM2Backend] = {_sm2.name: _sm2} if _sm2 is not None else {}
+
+
+def _backend() -> SM2Backend:
+    b = _sm2
+    if b is None:
+        why = "; ".join(f"{k}: {v}" for k, v in _sm2_errors.items())
+        raise CryptoUnavailable(f"no SM2 backend could be loaded (XC_SM2_BACKEND={_sm2_wanted}): {why}")
+    return b
+
+
+def sm2_backend_info() -> dict[str, Any]:
+    """Which SM2 backend runs (for doctor and the SBOM) and why the ones tried before it did not load."""
+    b = _sm2
+    return {
+        "wanted": _sm2_wanted,
+        "name": b.name if b else None,
+        "version": b.version if b else None,
+        "library": b.library if b else None,
+        "constant_time": b.constant_time if b else None,
+        "unavailable": dict(_sm2_errors),
+    }
+
+
+def set_sm2_backend(name: str) -> str | None:
+    """Use backend `name` (or `auto`) from now on; returns the previous one's name. Raises ImportError,
+    OSError or ValueError when it cannot load (the current backend stays). Keys rebuild their handle."""
+    global _sm2, _sm2_errors, _sm2_wanted
+    prev = _sm2.name if _sm2 else None
+    b = _sm2_loaded.get(name)
+    if b is None:
+        b, errors = select_backend(name)
+        if b is None:
+            raise ImportError("; ".join(f"{k}: {v}" for k, v in errors.items()))
+        _sm2_errors = errors
+        _sm2_loaded[b.name] = b
+    _sm2, _sm2_wanted = b, name
+    return prev
+
+
+# ---------------------------------------------------------------------------------------------
 # SM2 keys
 # ---------------------------------------------------------------------------------------------
 class SM2PublicKey:
     """An SM2 public key (point on the curve); caches Z per user id."""
 
-    __slots__ = ("_raw", "_z")
+    __slots__ = ("_h", "_raw", "_z", "_zh")
 
     def __init__(self, raw64: bytes) -> None:
         if len(raw64) != 64:
@@ -445,6 +498,16 @@ class SM2PublicKey:
             raise MalformedKey("SM2 public key is not a point on the curve")
         self._raw = bytes(raw64)
         self._z: dict[bytes, bytes] = {}
+        self._zh: dict[bytes, hashes.Hash] = {}  # SM3 state after absorbing Z, per uid (copied per message)
+        self._h: tuple[SM2Backend, Any] | None = None
+
+    def _handle(self) -> tuple[SM2Backend, Any]:
+        """The backend's form of this key, built on first use (again after a backend switch)."""
+        b = _backend()
+        h = self._h
+        if h is None or h[0] is not b:
+            h = self._h = (b, b.load_public(self._raw))
+        return h
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SM2PublicKey:
@@ -514,9 +577,17 @@ class SM2PublicKey:
         return z
 
     def digest(self, data: bytes | memoryview, uid: bytes = DEFAULT_UID) -> bytes:
-        """e = SM3(Z || M): what SM2 actually signs (also what HSMs take for 'internal sign')."""
-        h = hashes.Hash(hashes.SM3())
-        h.update(self.z(uid))
+        """e = SM3(Z || M): what SM2 actually signs (also what HSMs take for 'internal sign').
+        Starts from a copy of the SM3 state that has absorbed Z (half the cost of a fresh hash)."""
+        hz = self._zh.get(uid)
+        if hz is None:
+            z = self.z(uid)
+            hz = hashes.Hash(hashes.SM3())
+            hz.update(z)
+            if len(self._zh) >= 64:
+                self._zh.clear()
+            self._zh[uid] = hz
+        h = hz.copy()
         h.update(data)
         return h.finalize()
 
@@ -527,11 +598,18 @@ class SM2PublicKey:
         return self.verify_digest(self.digest(data, uid), signature, fmt)
 
     def verify_digest(self, e: bytes, signature: bytes, fmt: SigFormat = "der") -> bool:
-        der = sig_raw_to_der(bytes(signature)) if fmt == "raw" else _normalize_der_sig(bytes(signature))
-        try:
-            return bool(gmssl_pyx.sm2_verify_sm3_digest(self._raw, e, der))
-        except gmssl_pyx.GmsslInnerError:
-            return False
+        if len(e) != 32:
+            raise InvalidCryptoInput("SM2 digest must be 32 bytes")
+        sig = bytes(signature)
+        b, h = self._handle()
+        if b.native_sig == "der":  # strict parse, then re-encode: what reaches the backend is canonical
+            native = sig_raw_to_der(sig) if fmt == "raw" else sig_raw_to_der(sig_der_to_raw(sig))
+        elif fmt == "raw":
+            sig_raw_to_der(sig)  # length and range checks
+            native = sig
+        else:
+            native = sig_der_to_raw(sig)
+        return b.verify_digest(h, bytes(e), native)
 
     def encrypt(self, plaintext: bytes | memoryview, fmt: CtFormat = "der") -> bytes:
         """SM2 public-key encryption (C1C3C2; DER by default). 1..255 bytes: wrap bulk data with SM4."""
@@ -540,22 +618,23 @@ class SM2PublicKey:
             raise InvalidCryptoInput(
                 f"SM2 encrypts 1..{SM2_MAX_PLAINTEXT} bytes, got {n}; use an SM4 key for bulk data"
             )
-        der = gmssl_pyx.sm2_encrypt(self._raw, bytes(plaintext))
-        if fmt == "der":
-            return der
-        raw = ct_der_to_c1c3c2(der)
+        b, h = self._handle()
+        out = b.encrypt(h, bytes(plaintext))
+        if b.native_ct == "der":
+            if fmt == "der":
+                return out
+            raw = ct_der_to_c1c3c2(out)
+        else:
+            raw = out
+            if fmt == "der":
+                return ct_c1c3c2_to_der(raw)
         return raw if fmt == "c1c3c2" else ct_c1c3c2_to_c1c2c3(raw)
-
-
-def _normalize_der_sig(der: bytes) -> bytes:
-    # strict parse, then re-encode: what reaches GmSSL is always canonical
-    return sig_raw_to_der(sig_der_to_raw(der))
 
 
 class SM2PrivateKey:
     """An SM2 private key. `repr` never shows the secret."""
 
-    __slots__ = ("_d", "public_key")
+    __slots__ = ("_d", "_h", "public_key")
 
     def __init__(self, d32: bytes, public_key: SM2PublicKey | None = None) -> None:
         if len(d32) != 32:
@@ -567,11 +646,20 @@ class SM2PrivateKey:
         if public_key is None:
             public_key = SM2PublicKey(_public_from_private(self._d))
         self.public_key = public_key
+        self._h: tuple[SM2Backend, Any] | None = None
+
+    def _handle(self) -> tuple[SM2Backend, Any]:
+        b = _backend()
+        h = self._h
+        if h is None or h[0] is not b:
+            h = self._h = (b, b.load_private(self._d, self.public_key.to_bytes()))
+        return h
 
     @classmethod
     def generate(cls) -> SM2PrivateKey:
-        pub, priv = gmssl_pyx.sm2_key_generate()
-        return cls(priv, SM2PublicKey(pub))
+        """A fresh key pair from the backend's CSPRNG."""
+        d, pub = _backend().generate()
+        return cls(d, SM2PublicKey(pub))
 
     @classmethod
     def from_bytes(cls, d32: bytes) -> SM2PrivateKey:
@@ -590,14 +678,17 @@ class SM2PrivateKey:
     def sign_digest(self, e: bytes, fmt: SigFormat = "der") -> bytes:
         if len(e) != 32:
             raise InvalidCryptoInput("SM2 digest must be 32 bytes")
-        der: bytes = gmssl_pyx.sm2_sign_sm3_digest(self._d, e)
-        return sig_der_to_raw(der) if fmt == "raw" else der
+        b, h = self._handle()
+        sig = b.sign_digest(h, bytes(e))
+        if b.native_sig == "der":
+            return sig_der_to_raw(sig) if fmt == "raw" else sig
+        return sig if fmt == "raw" else sig_raw_to_der(sig)
 
     def decrypt(self, ciphertext: bytes | memoryview, fmt: CtFormat = "der") -> bytes:
         """Inverse of `SM2PublicKey.encrypt`; a wrong C3 (tampering) raises DecryptionFailed."""
         ct = bytes(ciphertext)
         if fmt == "der":
-            c1c3c2 = ct_der_to_c1c3c2(ct)  # strict validation; GmSSL gets canonical DER
+            c1c3c2 = ct_der_to_c1c3c2(ct)  # strict validation; the backend gets a canonical encoding
         elif fmt == "c1c3c2":
             c1c3c2 = ct if ct[:1] == b"\x04" else b"\x04" + ct
         else:
@@ -608,10 +699,8 @@ class SM2PrivateKey:
         x, y = int.from_bytes(c1c3c2[1:33], "big"), int.from_bytes(c1c3c2[33:65], "big")
         if not _on_curve(x, y):
             raise DecryptionFailed()
-        try:
-            return bytes(gmssl_pyx.sm2_decrypt(self._d, ct_c1c3c2_to_der(c1c3c2)))
-        except gmssl_pyx.GmsslInnerError:
-            raise DecryptionFailed() from None
+        b, h = self._handle()
+        return b.decrypt(h, ct_c1c3c2_to_der(c1c3c2) if b.native_ct == "der" else c1c3c2)
 
 
 def _public_from_private(d: bytes) -> bytes:

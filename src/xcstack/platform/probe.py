@@ -68,7 +68,10 @@ ACCELERATORS: tuple[tuple[str, str, str], ...] = (
     ("tokenizers", "tokenizers", "fast tokenizers (Rust)"),
     ("numpy", "numpy", "tensors"),
     ("cryptography", "cryptography", "SM3/SM4 (OpenSSL)"),
-    ("gmssl-pyx", "gmssl_pyx", "SM2 (bundled GmSSL)"),
+    # SM2 runs on the system OpenSSL 3 libcrypto when it has SM2 (no package); these are the fallbacks.
+    # Which one runs: xcstack.crypto.sm.sm2_backend_info().
+    ("gmssl-pyx", "gmssl_pyx", "SM2 fallback (bundled GmSSL; x86_64 wheels only)"),
+    ("gmalglib", "gmalglib", "SM2 fallback (portable C, built from its sdist; not constant-time)"),
     ("msgpack", "msgpack", "IPC meta encoding (C extension)"),
 )
 

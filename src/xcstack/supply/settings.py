@@ -32,6 +32,8 @@ DEFAULT_NATIVE_MODULES: tuple[str, ...] = (
     "numpy",
     "cryptography.hazmat.bindings._rust",
     "gmssl_pyx",
+    "gmalglib.core",
+    "xcstack.crypto.sm",  # loads the SM2 backend in use (the system libcrypto.so.3 when it is OpenSSL)
     "onnxruntime",
     "tokenizers",
     "sqlite3",
