@@ -837,8 +837,8 @@ def rejection_body(upstream: str, status: int, body: bytes) -> bytes:
     src = inner if isinstance(inner, dict) else raw if isinstance(raw, dict) else {}
     message = src.get("message") if isinstance(src.get("message"), str) else (
         inner if isinstance(inner, str) else _snippet(body) or f"upstream {upstream} answered {status}")
-    etype = src.get("type") if isinstance(src.get("type"), str) else "invalid_request_error"
-    err: dict[str, Any] = {"type": etype[:64], "code": p.UPSTREAM_REJECTED, "message": str(message)[:4096]}
+    etype = src.get("type")
+    err: dict[str, Any] = {"type": etype[:64] if isinstance(etype, str) else "invalid_request_error", "code": p.UPSTREAM_REJECTED, "message": str(message)[:4096]}
     param = src.get("param")
     if isinstance(param, str):
         err["param"] = param[:256]
