@@ -55,6 +55,7 @@ def _schemathesis(stack: FullStack, token: str, seconds: float, report: Path, *f
     return done.returncode, done.stdout + done.stderr
 
 
+@pytest.mark.timeout(int(BUDGET_S) + 900)  # the budget, schemathesis' start and the shrinking of failures
 def test_schema_fuzz_finds_no_server_error_and_no_contract_violation(stack: FullStack, tmp_path: Path) -> None:
     # one pass with an operator role over every operation (the session's own logout would end the run),
     # one with the security administrator over users, roles and keys, one with the auditor over the log
