@@ -159,3 +159,15 @@ def test_no_mismatch_when_they_agree(name: str) -> None:
 def test_this_machine_agrees_with_itself() -> None:
     r = probe(python=False)
     assert r.emulation is None and r.cpu.model != "unknown"
+
+
+def test_doctor_names_the_sm2_backend_asked_in_a_child() -> None:
+    from xcstack.platform.doctor import sm2_backend
+
+    info = sm2_backend()
+    assert info["name"] in ("openssl", "gmssl-pyx", "gmalglib") and info["constant_time"] in (True, False)
+    out = subprocess.run([sys.executable, "-m", "xcstack", "doctor", "--json"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "XC_SM2_BACKEND": "gmalglib"})
+    assert out.returncode == 0, out.stderr
+    sm2 = json.loads(out.stdout)["sm2"]
+    assert sm2["name"] == "gmalglib" and sm2["constant_time"] is False  # what doctor says is what runs

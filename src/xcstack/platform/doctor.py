@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ class DoctorResult:
     plan: TuningPlan
     flag_checks: list[FlagCheck] = field(default_factory=list)
     sysctl: list[SysctlAdvice] = field(default_factory=list)
+    sm2: dict[str, Any] = field(default_factory=dict)
 
     def problems(self) -> list[dict[str, str]]:
         """Native packages that are missing or do not import: what, why, and the fix."""
@@ -38,6 +41,7 @@ class DoctorResult:
             "plan": self.plan.to_dict(),
             "flag_checks": [dataclasses.asdict(c) for c in self.flag_checks],
             "sysctl": [dataclasses.asdict(a) for a in self.sysctl],
+            "sm2": self.sm2,
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -58,7 +62,25 @@ def collect(
     if check_flags and report.live:
         for flags in dict.fromkeys([plan.build.cflags, plan.build.host_cflags]):
             checks.append(check_cflags(flags))
-    return DoctorResult(report, plan, checks, sysctl_advice(report))
+    return DoctorResult(report, plan, checks, sysctl_advice(report), sm2_backend() if report.live else {})
+
+
+_SM2_CHILD = "import json; from xcstack.crypto.sm import sm2_backend_info as i; print(json.dumps(i()))"
+
+
+def sm2_backend() -> dict[str, Any]:
+    """The SM2 backend xcstack would use here, asked in a child process (a backend whose native code
+    crashes takes the child down, not doctor): name, version, whether it is constant-time, and why the
+    backends tried before it did not load."""
+    try:
+        done = subprocess.run([sys.executable, "-c", _SM2_CHILD], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return {"name": None, "error": "loading the SM2 backend hung for 30 s"}
+    if done.returncode != 0:
+        why = f"signal {-done.returncode}" if done.returncode < 0 else done.stderr.strip().splitlines()[-1:]
+        return {"name": None, "error": f"loading the SM2 backend failed: {why}"}
+    info: dict[str, Any] = json.loads(done.stdout)
+    return info
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -208,6 +230,17 @@ def render_text(res: DoctorResult) -> str:
         out.append("")
         out.append("[notes]")
         out += [f"  - {n}" for n in p.notes]
+    if res.sm2:
+        sm2 = res.sm2
+        out.append("")
+        out.append("[sm2]")
+        if sm2.get("name"):
+            ct = {True: "constant-time", False: "NOT constant-time", None: "?"}[sm2.get("constant_time")]
+            out.append(f"  backend {sm2['name']} {sm2.get('version') or ''} ({ct})")
+        else:
+            out.append(f"  NO SM2 BACKEND: {sm2.get('error') or sm2.get('unavailable')}")
+        for name, why in (sm2.get("unavailable") or {}).items():
+            out.append(f"  {name}: not used ({why})")
     fixes = res.problems()
     if fixes:
         out.append("")
