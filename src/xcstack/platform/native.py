@@ -40,8 +40,8 @@ FIXES: dict[str, str] = {
     "tokenizers": "pip install tokenizers (sdist needs Rust/cargo); needed for local inference",
     "numpy": "pip install numpy (core dependency; sdist needs a C compiler, meson and python3-dev)",
     "cryptography": "pip install cryptography (core dependency: SM3/SM4; sdist needs Rust/cargo and libssl-dev)",
-    "gmssl-pyx": "SM2 backend: pip install gmssl-pyx (wheels for x86_64 only; its sdist does not build offline); "
-    "elsewhere use the portable backend gmalglib",
+    "gmssl-pyx": "optional SM2 fallback on x86_64 (pip install gmssl-pyx; no aarch64 wheel, its sdist does not "
+    "build offline); the default SM2 backend is the system OpenSSL 3 (libcrypto.so.3), else gmalglib",
     "gmalglib": "SM2 backend: pip install gmalglib (its sdist is self-contained C: needs gcc and python3-dev)",
     "msgpack": "pip install msgpack (core dependency; the C extension needs a compiler, else pure Python is used)",
     "pymilvus": "pip install pymilvus (core dependency: vector search; grpcio's sdist needs a C++ compiler)",
