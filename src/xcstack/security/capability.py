@@ -159,8 +159,11 @@ class SecurityCapability:
             self._tasks.append(loop.create_task(self.trust_monitor.run()))
 
     async def _retention_loop(self) -> None:
+        """Hourly: seal and compress closed segments the writer did not close itself (an earlier
+        process's), then prune what is past retention (never before the exporters shipped it)."""
         while True:
             try:
+                await self.audit.archive()
                 floor = min((e.cursor for e in self._exporters), default=None)
                 await self.audit.purge_expired(floor)
             except Exception as exc:

@@ -1,4 +1,4 @@
-"""`xcstack user ...`, `xcstack audit verify|accept-tail|export`, `xcstack trust seal|verify`.
+"""`xcstack user ...`, `xcstack audit verify|accept-tail|export|prune`, `xcstack trust seal|verify`.
 
 User commands act as the local system administrator (whoever can run them can read the state
 store) and are audited like HTTP administration (actor `cli:<os user>`).
@@ -68,6 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     x.add_argument("--dir", type=Path, help="audit directory (default from config)")
     x.add_argument("--chain", help="only this chain")
     x.add_argument("--no-signatures", action="store_true", help="skip SM2 checkpoint signature checks")
+    x.add_argument("--archive", type=Path, metavar="DIR",
+                   help="verify an exported archive instead (offline: public keys from the config's keystore)")
     x.add_argument("--json", action="store_true")
     x.set_defaults(func=_cmd(_audit_verify, needs_service=False))
     x = aus.add_parser("accept-tail", help="accept a chain's unsigned tail after inspecting it (audited, then signed)")
@@ -76,11 +78,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     x.add_argument("--through", type=int, required=True, help="the tail's last seq, as `audit verify` shows it")
     x.add_argument("--reason", default="", help="why it is genuine (kept in the audit.tail_accepted record)")
     x.set_defaults(func=_cmd(_audit_accept_tail, needs_service=False))
-    x = aus.add_parser("export", help="send records after the persisted cursor to a collector")
+    x = aus.add_parser("export", help="send records after the persisted cursor to a collector, or copy sealed "
+                       "segments to an archive directory")
     x.add_argument("--syslog", help="tcp://host:port (RFC 5424)")
     x.add_argument("--http", help="http(s)://collector/path")
+    x.add_argument("--archive", type=Path, metavar="DIR",
+                   help="copy the sealed (closed, signed, compressed) segments of every chain into DIR (incremental)")
     x.add_argument("--dir", type=Path)
     x.set_defaults(func=_cmd(_audit_export, needs_service=False))
+    x = aus.add_parser("prune", help="seal closed segments and delete those past retention_days in chains no "
+                       "process is writing (each deletion audited)")
+    x.add_argument("--dir", type=Path)
+    x.set_defaults(func=_cmd(_audit_prune, needs_service=False))
     # -- trust --
     p = sub.add_parser("trust", help="trusted boot: seal or verify the installation")
     ts = p.add_subparsers(dest="trust_command", required=True)
@@ -278,13 +287,13 @@ async def _audit_verify(args: argparse.Namespace, settings: Settings, _: Any) ->
     from xcstack.security.audit.verify import verify_chain
     from xcstack.security.keys import KeyVerifier
 
-    root = args.dir or settings.security.audit.dir or settings.data_dir / "audit"
+    root = args.archive or args.dir or settings.security.audit.dir or settings.data_dir / "audit"
     chains = [c for c in list_chains(Path(root)) if args.chain is None or c.name == args.chain]
     if not chains:
         print(f"xcstack: no audit chains under {root}", file=sys.stderr)
         return 1
     verifier = None if args.no_signatures else KeyVerifier(settings)
-    reports = [await verify_chain(c, verifier, workers=0) for c in chains]
+    reports = [await verify_chain(c, verifier, workers=0, archive=args.archive is not None) for c in chains]
     if args.json:
         print(json.dumps([r.to_dict() for r in reports], indent=2, ensure_ascii=False))
     else:
@@ -325,16 +334,51 @@ async def _audit_accept_tail(args: argparse.Namespace, settings: Settings, _: An
     return 0
 
 
+async def _audit_prune(args: argparse.Namespace, settings: Settings, _: Any) -> int:
+    """Retention for chains no server process writes (a stopped node, a retired worker's chain): the
+    chain is opened like a writer would (start check, `audit.start`), its closed segments sealed and
+    compressed, those past `retention_days` deleted with an `audit.purge` record each, then closed
+    with a signed checkpoint. Live chains are pruned by their own writer (hourly)."""
+    from xcstack.security.audit.log import AuditLog, chain_is_live, list_chains
+    from xcstack.security.keys import KeyVerifier, offline_signer
+
+    a = settings.security.audit
+    root = Path(args.dir or a.dir or settings.data_dir / "audit")
+    async with offline_signer(settings) as signer:
+        for chain in list_chains(root):
+            if chain_is_live(chain):
+                print(f"chain {chain.name}: written by a running process (it prunes itself)")
+                continue
+            audit = AuditLog(root, a, chain=chain.name, signer=signer, sig_verify=KeyVerifier(settings))
+            await audit.open()
+            try:
+                await audit.archive()
+                purged = await audit.purge_expired()
+            finally:
+                await audit.close()
+            print(f"chain {chain.name}: {len(purged)} segments pruned" + (f" ({', '.join(purged)})" if purged else ""))
+    return 0
+
+
 async def _audit_export(args: argparse.Namespace, settings: Settings, _: Any) -> int:
     from xcstack.security.audit.export import Exporter, HttpSink, Sink, SyslogTcpSink
     from xcstack.security.audit.log import list_chains
 
     a = settings.security.audit
+    root = Path(args.dir or a.dir or settings.data_dir / "audit")
+    if args.archive is not None:
+        from xcstack.security.audit.archive import export_chain
+
+        for chain in list_chains(root):
+            r = await asyncio.to_thread(export_chain, chain, args.archive)
+            print(f"chain {r.chain}: archive holds seq ..{r.last_seq} ({len(r.copied)} files copied, "
+                  f"{r.kept} already there)")
+        if not (args.syslog or args.http):
+            return 0
     syslog, http = args.syslog or a.export_syslog, args.http or a.export_http
     if not syslog and not http:
-        print("xcstack: give --syslog and/or --http (or [security.audit] export_*)", file=sys.stderr)
+        print("xcstack: give --syslog and/or --http (or [security.audit] export_*), or --archive DIR", file=sys.stderr)
         return 2
-    root = Path(args.dir or a.dir or settings.data_dir / "audit")
     total = 0
     for chain in list_chains(root):
         sinks: list[Sink] = []

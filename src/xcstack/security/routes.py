@@ -28,7 +28,7 @@ from xcstack.errors import BadRequest, NotFound, Unauthorized
 from xcstack.httputil import JSONResponse, parse_model, read_model
 from xcstack.security import protocol as p
 from xcstack.security.audit import record as rec
-from xcstack.security.audit.log import list_chains, list_segments
+from xcstack.security.audit.log import list_chains, list_segments, read_segment
 from xcstack.security.audit.verify import verify_chain
 from xcstack.security.guard import requires
 from xcstack.security.service import Principal, ReqInfo
@@ -284,7 +284,7 @@ def _read_records(cap: SecurityCapability, q: p.AuditQuery) -> dict[str, Any]:
             raise NotFound(f"no audit chain {q.chain!r}", code="not_found")
         out: list[dict[str, Any]] = []
         for first, path in list_segments(chains[0]):
-            data = path.read_bytes()
+            data = read_segment(path)  # closed segments are compressed
             seq = first
             for line in data.split(b"\n")[:-1]:
                 if seq > q.after_seq:
@@ -313,7 +313,7 @@ def _read_records(cap: SecurityCapability, q: p.AuditQuery) -> dict[str, Any]:
         for _, path in list_segments(chain):
             if since_epoch and path.stat().st_mtime < since_epoch:
                 continue  # the segment's newest record is older than `since`
-            for line in path.read_bytes().split(b"\n")[:-1]:
+            for line in read_segment(path).split(b"\n")[:-1]:
                 obj = rec.loads(line)
                 key = (str(obj.get("ts", "")), chain.name, int(obj.get("seq", 0)))
                 if key[0] < since or key[0] > until or (after is not None and key <= after) or not _match(obj, q):

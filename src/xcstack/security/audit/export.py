@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from xcstack.security.audit import record as rec
-from xcstack.security.audit.log import list_segments
+from xcstack.security.audit.log import list_segments, read_segment
 
 log = logging.getLogger("xcstack.security.audit.export")
 
@@ -71,7 +71,10 @@ def read_after(chain_dir: Path, after: int, limit: int) -> list[tuple[int, bytes
         nxt = segs[i + 1][0] if i + 1 < len(segs) else None
         if nxt is not None and nxt <= after + 1:
             continue
-        data = path.read_bytes()
+        try:
+            data = read_segment(path)
+        except FileNotFoundError:  # compressed meanwhile (`AuditLog.archive`): read the .gz
+            data = read_segment(path.with_name(path.name + ".gz"))
         seq = first
         pos = 0
         while pos < len(data):

@@ -12,6 +12,13 @@ Detected, per chain:
 - a missing or emptied checkpoints.log when the chain's own `audit.start` records say a signing
   writer wrote it (their `detail.key_id`).
 - segments deleted from the front without the `audit.purge` records retention writes.
+- a compressed segment that cannot be read, and a segment seal (`seg-N.seal`, a signed checkpoint
+  of a closed segment's last record) that is forged or disagrees with the log.
+
+`verify_archive` checks an exported archive (`xcstack audit export --archive`) offline: the same
+checks, except that the archive may start after seq 1 (the anchor is a purge record or a seal of the
+previous segment, else a warning names the first seq) and every record must be covered by a signed
+checkpoint or seal inside the archive (no writer is ever live there).
 
 `start_scan` is the bounded check a writer runs before it takes a chain over (see `AuditLog.open`).
 """
@@ -26,7 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from xcstack.security.audit import record as rec
-from xcstack.security.audit.log import CHECKPOINTS, chain_is_live, list_chains, list_segments
+from xcstack.security.audit.log import (
+    CHECKPOINTS,
+    SEAL_SUFFIX,
+    chain_is_live,
+    list_chains,
+    list_segments,
+    read_segment,
+)
 
 SigVerify = Callable[[str, bytes, bytes], Awaitable[bool]]  # (key_id, message, signature) -> ok
 
@@ -96,7 +110,8 @@ PARALLEL_MIN_BYTES = 256 * 1024 * 1024  # below this, process start-up costs mor
 CHUNK_BYTES = 8 * 1024 * 1024
 
 
-def scan_chain(chain_dir: Path, workers: int | None = None) -> tuple[ChainReport, dict[int, str]]:
+def scan_chain(chain_dir: Path, workers: int | None = None, archive: bool = False
+               ) -> tuple[ChainReport, dict[int, str]]:
     """Verify the hash chain of one directory (blocking). Returns the report and the hash of each
     record named by a checkpoint (for the signature pass).
 
@@ -107,7 +122,7 @@ def scan_chain(chain_dir: Path, workers: int | None = None) -> tuple[ChainReport
     the exact first bad position."""
     chain = chain_dir.name
     report = ChainReport(chain)
-    cps = _read_checkpoints(chain_dir / CHECKPOINTS, report)
+    cps = _read_checkpoints(chain_dir / CHECKPOINTS, report) + _read_seals(chain_dir, report)
     want = {cp["seq"] for cp in cps}
     segs = list_segments(chain_dir)
     st: _Scan | None = None
@@ -131,7 +146,7 @@ def scan_chain(chain_dir: Path, workers: int | None = None) -> tuple[ChainReport
     if st.problem is not None:
         report.problem = st.problem
         tail_from = max(report.signed_seq + 1, report.first_seq)
-        if cps and tail_from < st.problem.seq and not chain_is_live(chain_dir):
+        if not archive and cps and tail_from < st.problem.seq and not chain_is_live(chain_dir):
             # unsigned records come first (a crash's tail, then its torn last line): that is the first bad position
             report.warnings.append(f"after the unsigned records: {st.problem}")
             report.problem = Problem(chain, tail_from, *locate(segs, tail_from),
@@ -140,7 +155,11 @@ def scan_chain(chain_dir: Path, workers: int | None = None) -> tuple[ChainReport
                                      f"{st.problem.reason}")
         return report, seen_hashes
     anchor, purges = st.anchor, st.purges
-    if anchor is not None and purges.get(anchor[0] - 1) != anchor[1]:
+    if archive and anchor is not None and purges.get(anchor[0] - 1) != anchor[1]:
+        if not any(cp["seq"] == anchor[0] - 1 and cp.get("hash") == anchor[1] for cp in cps):
+            report.warnings.append(f"the archive starts at seq {anchor[0]}: the records before it are not in "
+                                   "this archive (an earlier export), nor is a seal or purge record for them")
+    elif anchor is not None and purges.get(anchor[0] - 1) != anchor[1]:
         first_name = segs[0][1].name
         report.problem = Problem(chain, anchor[0], first_name, 1, 0,
                                  f"chain starts at seq {anchor[0]} but no audit.purge record accounts for the "
@@ -150,9 +169,14 @@ def scan_chain(chain_dir: Path, workers: int | None = None) -> tuple[ChainReport
     if problem is not None:
         report.problem = problem
         return report, seen_hashes
-    report.live = chain_is_live(chain_dir)
+    report.live = not archive and chain_is_live(chain_dir)
     tail_from = max(report.signed_seq + 1, report.first_seq)
     if report.last_seq < tail_from:
+        return report, seen_hashes
+    if archive:
+        report.problem = Problem(chain, tail_from, *locate(segs, tail_from),
+                                 f"records {tail_from}..{report.last_seq} are not covered by a signed checkpoint "
+                                 "or seal in the archive (cut from its end, or appended)")
         return report, seen_hashes
     if not cps and st.signed_claim is None:
         report.warnings.append("no signed checkpoints: truncation of the tail and forged appends cannot be detected")
@@ -193,8 +217,13 @@ def _scan_sequential(chain: str, segs: list[tuple[int, Path]], want: set[int]) -
     loads = rec.loads
     check = rec.check
     for idx, (first, path) in enumerate(segs):
-        data = path.read_bytes()
         name = path.name
+        try:
+            data = read_segment(path)
+        except (OSError, EOFError, ValueError) as exc:  # a damaged .gz: CRC, truncation, bad header
+            st.expected, st.prev = expected if idx else first, prev
+            st.problem = Problem(chain, st.expected, name, 0, 0, f"segment unreadable: {exc}")
+            return st
         if idx == 0:
             expected = first
             if first != 1:
@@ -271,7 +300,10 @@ def locate(segs: list[tuple[int, Path]], seq: int) -> tuple[str, int, int]:
     for f, p in segs:
         if f <= seq:
             first, path = f, p
-    data = path.read_bytes()
+    try:
+        data = read_segment(path)
+    except (OSError, EOFError, ValueError):
+        return path.name, 0, 0
     off = 0
     for _ in range(max(0, seq - first)):
         nl = data.find(b"\n", off)
@@ -303,6 +335,9 @@ def _chunks(segs: list[tuple[int, Path]]) -> list[tuple[str, int, int, bool]]:
     """(path, start, end, first chunk of its segment) byte ranges aligned to record starts."""
     out: list[tuple[str, int, int, bool]] = []
     for _, path in segs:
+        if path.name.endswith(".gz"):  # compressed: one chunk, decompressed by its worker
+            out.append((str(path), 0, -1, True))
+            continue
         size = path.stat().st_size
         with open(path, "rb") as fh:
             start = 0
@@ -321,9 +356,15 @@ def _chunks(segs: list[tuple[int, Path]]) -> list[tuple[str, int, int, bool]]:
 def _check_chunk(task: tuple[str, int, int, bool, frozenset[int]]) -> tuple[Any, ...] | None:
     """Verify one chunk on its own; None when anything is off (the caller rescans sequentially)."""
     path, start, end, _, want = task
-    with open(path, "rb") as fh:
-        fh.seek(start)
-        data = fh.read(end - start)
+    if end < 0:
+        try:
+            data = read_segment(Path(path))
+        except (OSError, EOFError, ValueError):
+            return None
+    else:
+        with open(path, "rb") as fh:
+            fh.seek(start)
+            data = fh.read(end - start)
     if not data.endswith(b"\n"):
         return None
     lines = data[:-1].split(b"\n")
@@ -387,6 +428,21 @@ def _scan_parallel(segs: list[tuple[int, Path]], want: set[int], workers: int) -
     return st
 
 
+def _read_seals(chain_dir: Path, report: ChainReport) -> list[dict[str, Any]]:
+    """The seals of closed segments (`seg-N.seal`): signed checkpoints like those of checkpoints.log."""
+    out: list[dict[str, Any]] = []
+    for path in sorted(chain_dir.glob("seg-*" + SEAL_SUFFIX)) if chain_dir.is_dir() else ():
+        try:
+            cp = rec.loads(path.read_bytes())
+            cp["seq"] = int(cp["seq"])
+        except Exception:
+            report.warnings.append(f"{path.name}: malformed (ignored)")
+            continue
+        cp["_file"], cp["_line"], cp["_offset"] = path.name, 1, 0
+        out.append(cp)
+    return out
+
+
 def _read_checkpoints(path: Path, report: ChainReport) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -411,14 +467,17 @@ def _read_checkpoints(path: Path, report: ChainReport) -> list[dict[str, Any]]:
     return out
 
 
-async def verify_chain(chain_dir: Path, sig_verify: SigVerify | None = None, workers: int = 1) -> ChainReport:
+async def verify_chain(chain_dir: Path, sig_verify: SigVerify | None = None, workers: int = 1,
+                       archive: bool = False) -> ChainReport:
     """`workers` > 1 (or 0: all CPUs) allows the parallel scan for large chains. It starts processes
     with the spawn method, which re-imports the caller's `__main__`: the CLI uses it, the server
-    does not (its verify runs sequentially in a thread)."""
-    report, _ = await asyncio.to_thread(scan_chain, chain_dir, workers or None)
+    does not (its verify runs sequentially in a thread). `archive`: an exported archive (see
+    `verify_archive`)."""
+    report, _ = await asyncio.to_thread(scan_chain, chain_dir, workers or None, archive)
     if sig_verify is not None:
         report.signatures_checked = True
-        for cp in _read_checkpoints(chain_dir / CHECKPOINTS, ChainReport(report.chain)):
+        scratch = ChainReport(report.chain)
+        for cp in _read_checkpoints(chain_dir / CHECKPOINTS, scratch) + _read_seals(chain_dir, scratch):
             msg = rec.checkpoint_message(cp["chain"], cp["seq"], cp["hash"], cp["ts"])
             try:
                 sig = bytes.fromhex(cp["sig"])
@@ -433,7 +492,8 @@ async def verify_chain(chain_dir: Path, sig_verify: SigVerify | None = None, wor
                 reason = f"no trusted public key for key id {key_id!r} (is the keystore / key file reachable?)"
             if not good:
                 if report.problem is None or report.problem.seq > cp["seq"]:
-                    report.problem = Problem(report.chain, cp["seq"], CHECKPOINTS, cp["_line"], cp["_offset"],
+                    report.problem = Problem(report.chain, cp["seq"], cp.get("_file", CHECKPOINTS), cp["_line"],
+                                             cp["_offset"],
                                              f"checkpoint for seq {cp['seq']}: {reason}")
                 break
     return report
@@ -441,6 +501,11 @@ async def verify_chain(chain_dir: Path, sig_verify: SigVerify | None = None, wor
 
 async def verify_all(root: Path, sig_verify: SigVerify | None = None, workers: int = 1) -> list[ChainReport]:
     return [await verify_chain(d, sig_verify, workers) for d in list_chains(root)]
+
+
+async def verify_archive(root: Path, sig_verify: SigVerify | None = None, workers: int = 1) -> list[ChainReport]:
+    """Every chain of an exported archive directory, offline (public keys only)."""
+    return [await verify_chain(d, sig_verify, workers, archive=True) for d in list_chains(root)]
 
 
 @dataclass
@@ -470,7 +535,7 @@ def start_scan(chain_dir: Path, cut: dict[str, int], max_bytes: int, signing: bo
     verify`. With `signing`, records after the last checkpoint are returned as `tail`."""
     chain = chain_dir.name
     out = StartCheck()
-    cps = _read_checkpoints(chain_dir / CHECKPOINTS, ChainReport(chain))
+    cps = _read_checkpoints(chain_dir / CHECKPOINTS, ChainReport(chain)) + _read_seals(chain_dir, ChainReport(chain))
     segs = list_segments(chain_dir)
     last_cp = max(cps, key=lambda c: int(c["seq"])) if cps else None
     if not segs:
