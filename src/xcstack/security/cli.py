@@ -49,6 +49,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     x.set_defaults(func=_cmd(_user_totp))
     x = us.add_parser("bootstrap", help="create the three administrators if no user exists yet")
     x.set_defaults(func=_cmd(_user_bootstrap))
+    x = us.add_parser("key", help="API keys of a user, issued offline (for bootstrapping machine clients)")
+    ks = x.add_subparsers(dest="key_command", required=True)
+    x = ks.add_parser("create", help="issue an API key owned by USER (prints it once)")
+    x.add_argument("name", metavar="USER")
+    x.add_argument("--role", action="append", default=[], required=True, help="role the key carries (repeatable; "
+                   "the user must hold its rights)")
+    x.add_argument("--days", type=int, default=None, help="lifetime in days (default: security.api_key_max_days)")
+    x.add_argument("--key-name", default=None, help="the key's name (default: USER-cli)")
+    x.set_defaults(func=_cmd(_user_key_create))
     # -- secrets --
     p = sub.add_parser("secret", help="named secrets at rest (SM4-GCM): reference them in config as secret:NAME")
     ss = p.add_subparsers(dest="secret_command", required=True)
@@ -225,6 +234,24 @@ async def _user_totp(args: argparse.Namespace, settings: Settings, svc: Security
     print("TOTP enabled. Recovery codes (each works once; store them offline, they are shown once):")
     for c in codes:
         print(f"  {c}")
+    return 0
+
+
+async def _user_key_create(args: argparse.Namespace, settings: Settings, svc: SecurityService) -> int:
+    """The API path's rules, as the owning user (a key never carries a right its owner lacks), plus a record
+    naming the operator who issued it from the console."""
+    from xcstack.security.service import Principal
+
+    user = await svc.get_user(args.name)
+    if user is None or user["disabled"]:
+        print(f"xcstack: no enabled user {args.name!r}", file=sys.stderr)
+        return 1
+    owner = Principal(user["id"], user["name"], tuple(json.loads(user["roles"])))
+    out = await svc.create_api_key(owner, args.key_name or f"{args.name}-cli", list(args.role), args.days)
+    await svc.audit(_actor().name, "apikey.issue_offline", f"apikey:{out['id']}", "success", None,
+                    {"owner": args.name, "roles": out["roles"]})
+    print(f"API key {out['id']} for {args.name} (roles {', '.join(out['roles'])}; shown once):")
+    print(f"  {out['key']}")
     return 0
 
 
