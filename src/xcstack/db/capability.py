@@ -14,20 +14,22 @@ from collections.abc import Sequence
 from starlette.routing import BaseRoute
 
 from xcstack.capability import AppContext
-from xcstack.db.bridge import Bridge
-from xcstack.db.routes import build_routes
 
 
 class DbCapability:
     name = "db"
 
     def __init__(self, ctx: AppContext) -> None:
+        from xcstack.db.bridge import Bridge  # the bridge and its drivers load only when a database is configured
+
         self.ctx = ctx
         self.settings = ctx.settings.db
         self.bridge = Bridge(self.settings)
         ctx.provide("db.bridge", self.bridge)
 
     def routes(self) -> Sequence[BaseRoute]:
+        from xcstack.db.routes import build_routes
+
         return build_routes(self.bridge, self.settings.max_body_bytes)
 
     async def start(self) -> None:

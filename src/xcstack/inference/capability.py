@@ -12,16 +12,12 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from starlette.routing import BaseRoute
 
 from xcstack.capability import AppContext, SideProcessSpec
 from xcstack.errors import NotFound, Overloaded
 from xcstack.inference import metrics
-from xcstack.inference.client import Backend, InlineBackend, ProcessBackend
 from xcstack.inference.pacing import LoopPacer
-from xcstack.inference.protocol import EmbeddingsRequest, texts_of
-from xcstack.inference.repository import ModelRepository
 from xcstack.inference.worker import (
     COUNT_ENV,
     WORKER_ENV,
@@ -33,7 +29,13 @@ from xcstack.inference.worker import (
 )
 
 if TYPE_CHECKING:
+    # numpy and what needs it load only when the capability is enabled: an http worker with inference
+    # off (the LLM-gateway deployment) imports this module and must not pay numpy's ~15 MB
+    import numpy as np
+
     from xcstack.config import Settings
+    from xcstack.inference.client import Backend
+    from xcstack.inference.protocol import EmbeddingsRequest
 
 
 EMBED_CHUNK = 512  # texts per worker call for `local_embedder`
@@ -74,6 +76,9 @@ class InferenceCapability:
 
     def __init__(self, settings: Settings, *, backend: Backend | None = None, total_workers: int | None = None,
                  mount_embeddings: bool = True) -> None:
+        from xcstack.inference.client import InlineBackend, ProcessBackend
+        from xcstack.inference.repository import ModelRepository
+
         self.root_settings = settings
         self.settings = settings.inference
         self.repo = ModelRepository(self.settings.repository_dir(settings.data_dir)).scan()
@@ -141,6 +146,8 @@ class InferenceCapability:
                     v, t = await self.backend.embed(name, inputs[i : i + EMBED_CHUNK], self.settings.request_timeout_s)
                     parts.append(v)
                     tokens += t
+                import numpy as np
+
                 vectors = np.concatenate(parts)
         except Exception:
             metrics.count_request(name, "embed", "error")
@@ -150,6 +157,7 @@ class InferenceCapability:
 
     async def embed_request(self, name: str, req: EmbeddingsRequest) -> tuple[np.ndarray, dict[str, int]]:
         from xcstack.errors import BadRequest
+        from xcstack.inference.protocol import texts_of
 
         texts = texts_of(req, self.settings.max_inputs, self.settings.max_input_chars)
         model = self._embedding_model(name)
@@ -163,7 +171,7 @@ class InferenceCapability:
         """The whole OpenAI /v1/embeddings exchange for a local model: request dict -> response dict
         (validation, limits, encoding_format, usage); raises XCError. For a combined dispatcher."""
         from xcstack.httputil import parse_model
-        from xcstack.inference.protocol import embeddings_response
+        from xcstack.inference.protocol import EmbeddingsRequest, embeddings_response
 
         if self.pacer is not None:  # the gateway's /v1/embeddings comes this way: pace it like ours
             await self.pacer.turn()
@@ -216,6 +224,8 @@ def side_processes(settings: Settings, plan: Any) -> list[SideProcessSpec]:
         os.environ[UNAVAILABLE_ENV] = off
     else:
         os.environ.pop(UNAVAILABLE_ENV, None)
+    from xcstack.inference.repository import ModelRepository
+
     repo = ModelRepository(inf.repository_dir(settings.data_dir)).scan()
     if n <= 0 or not repo.models():
         n = 0  # nothing to serve: no idle processes (import a model, then restart)

@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any
 from starlette.routing import BaseRoute
 
 from xcstack.capability import AppContext, SideProcessSpec
-from xcstack.vector.routes import build_routes
-from xcstack.vector.service import Embedder, VectorService, make_store
-from xcstack.vector.store import VectorStore
 
 if TYPE_CHECKING:
+    # the store, service and routes (numpy; pymilvus or psycopg) load in create(), when the capability is on
     from xcstack.config import Settings
+    from xcstack.vector.service import Embedder
+    from xcstack.vector.store import VectorStore
 
 log = logging.getLogger("xcstack.vector")
 
@@ -24,6 +24,8 @@ class VectorCapability:
     name = "vector"
 
     def __init__(self, ctx: AppContext, store: VectorStore | None = None) -> None:
+        from xcstack.vector.service import VectorService, make_store
+
         self.ctx = ctx
         self.settings = ctx.settings.vector
         self.store = store or make_store(self.settings, ctx.settings.data_dir)
@@ -36,6 +38,8 @@ class VectorCapability:
         return fn
 
     def routes(self) -> Sequence[BaseRoute]:
+        from xcstack.vector.routes import build_routes
+
         return build_routes(self.service)
 
     async def start(self) -> None:

@@ -26,11 +26,10 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pymilvus import DataType, MilvusClient, MilvusException
-
 from xcstack.aio import cancel_and_wait
 from xcstack.vector import metrics
 from xcstack.vector.pool import BlockingPool
+from xcstack.vector.pymilvus_import import DataType, MilvusClient, MilvusException
 from xcstack.vector.settings import VectorSettings
 from xcstack.vector.store import (
     BackendUnavailable,
