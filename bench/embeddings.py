@@ -318,7 +318,7 @@ def bench_st(model_dir: Path) -> dict[str, float]:
 
 
 async def main() -> int:
-    from xcstack.inference.importer import DEFAULT_INT8_NAME, DEFAULT_MODEL_NAME, default_source, import_default
+    from xcstack.inference.export import DEFAULT_INT8_NAME, DEFAULT_MODEL_NAME, default_source, import_default
 
     data = BENCH / "inference-data"
     import_default(data / "models", if_missing=True)

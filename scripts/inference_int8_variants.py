@@ -34,13 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 FIX = ROOT / "tests" / "fixtures" / "inference"
 
-from xcstack.inference.importer import (  # noqa: E402
-    DEFAULT_MODEL_NAME,
-    SMOOTH_ALPHA,
-    import_default,
-    matmul_roles,
-    quantize_int8,
-)
+from xcstack.inference.export import DEFAULT_MODEL_NAME, import_default  # noqa: E402
+from xcstack.inference.export.quantise import SMOOTH_ALPHA, matmul_roles, quantize_int8  # noqa: E402
 from xcstack.inference.runtime import load_tokenizer, session_options  # noqa: E402
 
 EN_SUBJ = ["A man", "A woman", "The child", "Two dogs", "The engineer", "My neighbour", "The cat", "A student",

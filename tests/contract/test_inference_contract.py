@@ -58,7 +58,7 @@ class Contract:
 
 def _default_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The imported default models (as tests/inference's `model_repo` fixture: XC_TEST_MODEL_REPO or an import)."""
-    from xcstack.inference.importer import import_default
+    from xcstack.inference.export import import_default
 
     cached = os.environ.get("XC_TEST_MODEL_REPO")
     if cached and (Path(cached) / MODEL / "model.onnx").is_file():

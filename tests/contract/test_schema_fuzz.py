@@ -29,7 +29,7 @@ EXCLUDED_CHECKS = "use_after_free,ensure_resource_availability,ignored_auth,posi
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FullStack]:
-    from xcstack.inference.importer import import_default
+    from xcstack.inference.export import import_default
 
     cached = os.environ.get("XC_TEST_MODEL_REPO")
     if cached and (Path(cached) / "all-minilm-l6-v2" / "model.onnx").is_file():

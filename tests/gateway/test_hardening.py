@@ -312,7 +312,7 @@ def test_embeddings_without_model_go_to_the_default_model_upstream(tmp_path: Pat
 def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import os
 
-    from xcstack.inference.importer import import_default
+    from xcstack.inference.export import import_default
 
     cached = os.environ.get("XC_TEST_MODEL_REPO")
     if cached and (Path(cached) / "all-minilm-l6-v2-int8" / "model.onnx").is_file():

@@ -21,7 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A repository holding all-minilm-l6-v2 (fp32) and -int8, built by the importer (no torch)."""
-    from xcstack.inference.importer import import_default
+    from xcstack.inference.export import import_default
 
     cached = os.environ.get("XC_TEST_MODEL_REPO")
     if cached and (Path(cached) / "all-minilm-l6-v2" / "model.onnx").is_file():

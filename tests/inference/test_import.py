@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xcstack.inference.importer import ImportError_, build_bert_onnx, default_source, import_model
+from xcstack.inference.export import ModelImportError, default_source, import_model
+from xcstack.inference.export.graph import build_bert_onnx
 from xcstack.inference.repository import ModelRepository
 from xcstack.inference.runtime import OrtModel
 
@@ -84,17 +85,17 @@ def test_graph_has_pooling_and_norm_inside() -> None:
 
 
 def test_import_rejects_bad_sources(tmp_path: Path) -> None:
-    with pytest.raises(ImportError_, match=r"config\.json not found"):
+    with pytest.raises(ModelImportError, match=r"config\.json not found"):
         import_model(tmp_path, tmp_path / "repo", "x")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     (tmp_path / "tokenizer.json").write_text("{}")
-    with pytest.raises(ImportError_, match="not a BERT-family encoder"):
+    with pytest.raises(ModelImportError, match="not a BERT-family encoder"):
         import_model(tmp_path, tmp_path / "repo", "x")
 
 
 def test_import_refuses_to_overwrite(model_repo: Path, tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
-    with pytest.raises(ImportError_, match="exists; pass --force"):
+    with pytest.raises(ModelImportError, match="exists; pass --force"):
         import_model(default_source(), tmp_path, "m")
 
 
@@ -155,7 +156,7 @@ def test_matmul_nbits_conversion_matches_fp32(k: int) -> None:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from xcstack.inference.importer import to_matmul_nbits
+    from xcstack.inference.export.quantise import to_matmul_nbits
 
     rng = np.random.default_rng(0)
     w = rng.normal(size=(k, 48)).astype(np.float32)

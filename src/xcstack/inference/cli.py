@@ -18,7 +18,7 @@ def _repo(args: argparse.Namespace) -> Path:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from xcstack.inference.importer import ImportError_, import_model
+    from xcstack.inference.export import ModelImportError, import_model
 
     repo = _repo(args)
     name = args.name or Path(args.source).resolve().name.lower()
@@ -26,7 +26,7 @@ def _import(args: argparse.Namespace) -> int:
     try:
         written = import_model(Path(args.source), repo, name, int8_name=int8, fp32=not args.int8_only,
                                force=args.force)
-    except ImportError_ as exc:
+    except ModelImportError as exc:
         print(f"xcstack model import: {exc}", file=sys.stderr)
         return 1
     for p in written:
@@ -35,12 +35,12 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _import_default(args: argparse.Namespace) -> int:
-    from xcstack.inference.importer import ImportError_, import_default
+    from xcstack.inference.export import ModelImportError, import_default
 
     repo = _repo(args)
     try:
         written = import_default(repo, if_missing=args.if_missing, force=args.force)
-    except ImportError_ as exc:
+    except ModelImportError as exc:
         print(f"xcstack model import-default: {exc}", file=sys.stderr)
         return 1
     if not written:
