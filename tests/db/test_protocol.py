@@ -7,7 +7,7 @@ import json
 import uuid
 from decimal import Decimal
 
-from xcstack.db.bridge import QueryResult
+from xcstack.db.database import QueryResult
 from xcstack.db.protocol import dumps, result_body, unique_columns
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool
 
-from xcstack.db.bridge import QueryResult
+from xcstack.db.database import QueryResult
 from xcstack.db.profiles import Row
 from xcstack.db.settings import ParamSpec
 

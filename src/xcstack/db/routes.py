@@ -13,7 +13,8 @@ from starlette.types import Receive, Scope, Send
 
 from xcstack.apidoc import api
 from xcstack.db import errors as dberr
-from xcstack.db.bridge import Bridge, RowStream
+from xcstack.db.bridge import Bridge
+from xcstack.db.database import RowStream
 from xcstack.db.protocol import (
     NDJSON,
     DatabaseList,
