@@ -1,30 +1,35 @@
 #!/usr/bin/env bash
 # Offline wheelhouse for an air-gapped host:  scripts/wheelhouse.sh PLATFORM [OUT_DIR]
-#   (make wheelhouse PLATFORM=aarch64)
+#   (make wheelhouse PLATFORM=aarch64 PYTHON_VERSION=3.11.2)
 # PLATFORM: x86_64 | aarch64 | loongarch64 (also amd64, arm64, loong64, linux/amd64, linux/arm64)
 # OUT_DIR:  default wheelhouse/<platform>
-# Env:      PYTHON_VERSION (3.11), EXTRAS (postgres,redis,kingbase,pkcs11,sbom), PIP (.venv/bin/pip or pip3),
+# Env:      PYTHON_VERSION: the TARGET's full Python version (default 3.11.2, Debian 12's; the patch level
+#           matters: redis needs async-timeout only below 3.11.3), GLIBC (the target's, default 2.28),
+#           EXTRAS (postgres,redis,kingbase,pkcs11,sbom), PIP (.venv/bin/pip or pip3),
 #           DRY_RUN=1 (print the pip commands only), RESOLVE_ONLY=1 (print what pip would pick, fetch nothing),
+#           CHECK_ONLY=1 (only check an existing OUT_DIR: exit 1 when the offline install would miss something),
 #           SDIST_ONLY="pkg ..." (fetch these as sdists even where wheels exist, to build them tuned).
 #
-# Requirements are read from xcstack's own wheel and their markers evaluated for the TARGET (linux/<arch>,
-# the Python version, the extras asked for), not for this machine.
+# xcstack's requirements are read from its own wheel with their markers evaluated for the TARGET
+# (linux/<arch>, the full Python version, the extras asked for), not for this machine; pip then fetches
+# them with the target's platform tags. pip evaluates the markers of TRANSITIVE requirements for the
+# machine running it, so scripts/wheelhouse.py then walks the wheelhouse's own metadata with the target's
+# markers (and each sdist's build requirements), fetches what is missing, and repeats; the last check
+# fails this script when `pip install --no-index` on the target would fail.
 # x86_64 / aarch64: binary wheels for manylinux_2_28 + manylinux_2_17 + manylinux2014 passed together
 #   (measured: with one tag pip falls back to years-old releases of packages that dropped the others).
-# A direct requirement without a wheel for the target is fetched as an sdist (measured for aarch64:
-#   gmssl-pyx, which bundles GmSSL's C sources, and PyKCS11); build those on the target (see below).
+# A requirement without a wheel for the target is fetched as an sdist, to be built on the target
+#   (docs/deployment.md lists each sdist's build prerequisites).
 # loongarch64: PyPI has (almost) no loongarch64 wheels. The set is resolved with x86_64 wheels (the
-#   loongarch64 markers already dropped orjson, uvloop, onnxruntime and milvus-lite: xcstack runs on stdlib
-#   json and the asyncio loop there; inference needs a local ONNX Runtime build, see docs/deployment.md);
-#   pure-Python wheels are kept and every package with native code is fetched as an sdist.
-# On the target:
-#   . <(python3 -m xcstack.supply.buildenv --target kunpeng)      # or PYTHONPATH=src/ from a checkout
+#   loongarch64 markers already drop orjson, uvloop, onnxruntime, granian and milvus-lite), pure-Python
+#   wheels are kept and every package with native code is fetched as an sdist.
+# On the target (docs/deployment.md §5):
 #   pip wheel --no-index --find-links OUT_DIR -w OUT_DIR OUT_DIR/*.tar.gz   # only if sdists are present
 #   pip install --no-index --find-links OUT_DIR 'xcstack[EXTRAS]'
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,8p' "$0" >&2; exit 2; }
+usage() { sed -n '2,13p' "$0" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 case "${1#linux/}" in
   x86_64|amd64) arch=x86_64 ;;
@@ -33,8 +38,14 @@ case "${1#linux/}" in
   *) echo "wheelhouse: unknown platform '$1'" >&2; usage ;;
 esac
 out=${2:-wheelhouse/$arch}
-pyver=${PYTHON_VERSION:-3.11}
-cpver=cp${pyver/./}
+pyver=${PYTHON_VERSION:-3.11.2}
+case "$pyver" in
+  [0-9]*.[0-9]*.[0-9]*) ;;
+  *) echo "wheelhouse: PYTHON_VERSION wants the target's full version (e.g. 3.11.2), not '$pyver'" >&2; exit 2 ;;
+esac
+pymm=${pyver%.*}
+cpver=cp${pymm/./}
+glibc=${GLIBC:-2.28}
 extras=${EXTRAS:-postgres,redis,kingbase,pkcs11,sbom}
 if [ -z "${PIP:-}" ]; then
   if [ -x .venv/bin/pip ]; then PIP=.venv/bin/pip; else PIP=pip3; fi
@@ -42,6 +53,11 @@ fi
 py=python3
 [ -x .venv/bin/python ] && py=.venv/bin/python
 SDIST_ONLY=${SDIST_ONLY:-}
+resolver=("$py" scripts/wheelhouse.py --arch "$arch" --python "$pyver" --glibc "$glibc" --extras "$extras")
+
+if [ "${CHECK_ONLY:-}" = 1 ]; then
+  exec "${resolver[@]}" check "$out"
+fi
 
 run() {
   if [ "${DRY_RUN:-}" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi
@@ -61,56 +77,27 @@ fi
 
 # 2. its requirements for the target, split into binary wheels (reqs.txt) and sdists (sdist.txt)
 if [ "${DRY_RUN:-}" = 1 ]; then
-  echo "# requirements of xcstack for linux/$arch, extras $extras -> reqs.txt (wheels) + sdist.txt ($SDIST_ONLY)"
+  echo "# requirements of xcstack for linux/$arch Python $pyver, extras $extras -> reqs.txt + sdist.txt ($SDIST_ONLY)"
   : > "$build/reqs.txt"
   : > "$build/sdist.txt"
 else
-  "$py" - "$whl" "$arch" "$pyver" "$extras" "$SDIST_ONLY" "$build" <<'PYEOF'
-import sys, zipfile
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
-
-whl, arch, pyver, extras, sdist_only, out = sys.argv[1:7]
-with zipfile.ZipFile(whl) as zf:
-    meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
-    reqs = [Requirement(line.split(":", 1)[1].strip()) for line in zf.read(meta).decode().splitlines()
-            if line.startswith("Requires-Dist:")]
-env = {"platform_machine": arch, "sys_platform": "linux", "platform_system": "Linux", "os_name": "posix",
-       "python_version": pyver, "python_full_version": pyver + ".0", "implementation_name": "cpython",
-       "platform_python_implementation": "CPython"}
-wanted, todo = {""}, [e for e in extras.split(",") if e]
-while todo:  # an extra that names xcstack[...] again (all = xcstack[postgres,...]) expands here
-    e = todo.pop()
-    if e in wanted:
-        continue
-    wanted.add(e)
-    for r in reqs:
-        if canonicalize_name(r.name) == "xcstack" and r.marker and r.marker.evaluate({**env, "extra": e}):
-            todo.extend(r.extras)
-skip = {canonicalize_name(n) for n in sdist_only.split() if n}
-binary, source = set(), set()
-for r in reqs:
-    if canonicalize_name(r.name) == "xcstack":
-        continue
-    if any((r.marker.evaluate({**env, "extra": e}) if r.marker else e == "") for e in wanted):
-        r.marker = None
-        (source if canonicalize_name(r.name) in skip else binary).add(str(r))
-with open(f"{out}/reqs.txt", "w") as fh:
-    fh.write("".join(f"{r}\n" for r in sorted(binary)))
-with open(f"{out}/sdist.txt", "w") as fh:
-    fh.write("".join(f"{r}\n" for r in sorted(source)))
-print(f"wheelhouse: linux/{arch}: {len(binary)} requirements as wheels, {len(source)} as sdists", file=sys.stderr)
-PYEOF
+  "${resolver[@]}" toplevel "$whl" "$build" --sdist-only "$SDIST_ONLY"
 fi
 
 tag_arch=$arch
 [ "$arch" = loongarch64 ] && tag_arch=x86_64
+abi=(--python-version "$pyver" --implementation cp --abi "$cpver" --abi abi3 --abi none)
 common=(--only-binary=:all:
         --platform "manylinux_2_28_$tag_arch" --platform "manylinux_2_17_$tag_arch" --platform "manylinux2014_$tag_arch"
-        --python-version "$pyver" --implementation cp --abi "$cpver" --abi abi3 --abi none)
+        "${abi[@]}")
+# the target's own tags (for loongarch64: pure-Python wheels, and the rare loongarch64 one)
+target=(--only-binary=:all:
+        --platform "manylinux_2_28_$arch" --platform "manylinux_2_17_$arch" --platform "manylinux2014_$arch"
+        --platform "linux_$arch" "${abi[@]}")
 
-# 3. a direct requirement with no wheel for the target moves to the sdists (asked per package, metadata only)
-if [ "${DRY_RUN:-}" != 1 ] && [ "$arch" != loongarch64 ]; then
+# 3. a direct requirement with no wheel for the target moves to the sdists (asked per package, metadata only;
+#    loongarch64: no x86_64 wheel to resolve with, e.g. gmalglib)
+if [ "${DRY_RUN:-}" != 1 ]; then
   : > "$build/reqs.ok"
   while IFS= read -r req; do
     [ -n "$req" ] || continue
@@ -118,14 +105,14 @@ if [ "${DRY_RUN:-}" != 1 ] && [ "$arch" != loongarch64 ]; then
          "$req" >/dev/null 2>&1; then
       echo "$req" >> "$build/reqs.ok"
     else
-      echo "wheelhouse: no linux/$arch wheel of $req: fetched as an sdist" >&2
+      echo "wheelhouse: no linux/$tag_arch wheel of $req: fetched as an sdist" >&2
       echo "$req" >> "$build/sdist.txt"
     fi
   done < "$build/reqs.txt"
   mv "$build/reqs.ok" "$build/reqs.txt"
 fi
 
-if [ "${RESOLVE_ONLY:-}" = 1 ]; then
+if [ "${RESOLVE_ONLY:-}" = 1 ]; then  # pip's view (transitive markers as on this machine); the real set is checked after fetching
   run "$PIP" install --dry-run --ignore-installed --quiet --report "$build/report.json" --target "$build/t" \
     "${common[@]}" -r "$build/reqs.txt"
   if [ "${DRY_RUN:-}" != 1 ]; then
@@ -146,7 +133,7 @@ run cp "$whl" "$out/"
 # sdists are fetched with `--no-binary <that package>` only, so pip may prepare their metadata with
 # binary build tools (setuptools, swig, ...); `--no-binary :all:` would try to build those from source too.
 fetch_sdist() {  # name==version or a requirement
-  local pkg=${1%%[=<>!~ ;]*}
+  local pkg=${1%%[=<>!~ ;\[]*}
   "$PIP" download --quiet --no-deps --no-binary "$pkg" -d "$out" "$1" \
     || echo "wheelhouse: WARNING: no sdist of $1 on the index" >&2
 }
@@ -172,36 +159,24 @@ else
     done
   fi
 fi
+[ "${DRY_RUN:-}" != 1 ] || exit 0
 
-# 4. what the sdists need to build offline: their [build-system] requires (setuptools and wheel when they
-#    declare none), as wheels for the target (loongarch64: pure-Python ones only; native build tools such
-#    as maturin or cmake must come from the target's distribution there).
-if [ "${DRY_RUN:-}" != 1 ] && compgen -G "$out/*.tar.gz" > /dev/null; then
-  "$py" - "$out" > "$build/buildreqs.txt" <<'PYEOF'
-import glob, sys, tarfile, tomllib
-reqs = {"setuptools>=68", "wheel"}
-for path in glob.glob(f"{sys.argv[1]}/*.tar.gz"):
-    try:
-        with tarfile.open(path) as tf:
-            member = next((m for m in tf.getmembers() if m.name.count("/") == 1
-                           and m.name.endswith("/pyproject.toml")), None)
-            if member is None:
-                continue
-            data = tomllib.load(tf.extractfile(member))
-    except (OSError, tarfile.TarError, tomllib.TOMLDecodeError):
-        continue
-    reqs.update(data.get("build-system", {}).get("requires", []))
-print("\n".join(sorted(reqs)))
-PYEOF
-  if [ "$arch" = loongarch64 ]; then
-    "$PIP" download --quiet -d "$out" --only-binary=:all: --platform any --python-version "$pyver" \
-      --implementation py --abi none -r "$build/buildreqs.txt" \
-      || echo "wheelhouse: WARNING: some build requirements have no pure-Python wheel:" \
-              "$(tr '\n' ' ' < "$build/buildreqs.txt")" >&2
-  else
-    "$PIP" download --quiet -d "$out" "${common[@]}" -r "$build/buildreqs.txt" \
-      || echo "wheelhouse: WARNING: could not fetch every build requirement:" \
-              "$(tr '\n' ' ' < "$build/buildreqs.txt")" >&2
-  fi
+# 4. complete the set for the target: what the resolver finds missing (transitive requirements whose
+#    markers hold on the target but not here, the sdists' build requirements, their requirements...) is
+#    fetched, a wheel for the target if there is one, else the sdist; then it is asked again.
+for round in 1 2 3 4 5 6 7 8 9 10; do
+  if "${resolver[@]}" check "$out" --missing "$build/missing.txt" 2>/dev/null; then break; fi
+  [ -s "$build/missing.txt" ] || break  # conflicts only: fetching will not help
+  before=$(find "$out" -maxdepth 1 -type f | wc -l)
+  while IFS= read -r req; do
+    echo "wheelhouse: round $round: fetching $req (needed on the target)" >&2
+    "$PIP" download --quiet --no-deps -d "$out" "${target[@]}" "$req" 2>/dev/null || fetch_sdist "$req"
+  done < "$build/missing.txt"
+  [ "$(find "$out" -maxdepth 1 -type f | wc -l)" -gt "$before" ] || break
+done
+# 5. the check: the install on the target must find everything in the wheelhouse
+if ! "${resolver[@]}" check "$out"; then
+  echo "wheelhouse: $out is INCOMPLETE for linux/$arch Python $pyver: the offline install would fail" >&2
+  exit 1
 fi
-[ "${DRY_RUN:-}" = 1 ] || echo "wheelhouse: $(find "$out" -maxdepth 1 -type f | wc -l) files in $out"
+echo "wheelhouse: $(find "$out" -maxdepth 1 -type f | wc -l) files, $(du -sh "$out" | cut -f1) in $out"
