@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from xcstack.platform.plan import PlanOverrides, TuningPlan, apply_affinity, derive_plan
+from xcstack.platform.plan import TuningPlan, apply_affinity, derive_plan
+from xcstack.platform.planning.overrides import PlanOverrides
 from xcstack.platform.probe import PlatformReport, PythonInfo, PythonPackage, probe
 
 from .helpers import fx

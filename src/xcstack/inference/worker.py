@@ -37,7 +37,8 @@ def socket_path(settings: Settings, index: int) -> Path:
 def current_plan(settings: Settings) -> Any:
     """The tuning plan (probe + config overrides), the same one the supervisor derives; None if unavailable."""
     try:
-        from xcstack.platform.plan import PlanOverrides, derive_plan
+        from xcstack.platform.plan import derive_plan
+        from xcstack.platform.planning.overrides import PlanOverrides
         from xcstack.platform.probe import probe
 
         return derive_plan(probe(), PlanOverrides.from_settings(settings))

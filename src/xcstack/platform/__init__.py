@@ -10,7 +10,8 @@
 """
 
 from xcstack.platform.buildflags import BuildFlags, FlagCheck, build_flags, check_cflags
-from xcstack.platform.plan import PlanOverrides, TuningPlan, apply_affinity, derive_plan, plan_for_settings
+from xcstack.platform.plan import TuningPlan, apply_affinity, derive_plan, plan_for_settings
+from xcstack.platform.planning.overrides import PlanOverrides
 from xcstack.platform.probe import PlatformReport, probe
 
 __all__ = [

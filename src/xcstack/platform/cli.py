@@ -20,7 +20,7 @@ from pathlib import Path
 def _doctor(args: argparse.Namespace) -> int:
     from xcstack.config import load_settings
     from xcstack.platform.doctor import collect, render_text
-    from xcstack.platform.plan import PlanOverrides
+    from xcstack.platform.planning.overrides import PlanOverrides
     from xcstack.platform.probe import probe
     from xcstack.platform.sysctl import render_sysctl
 

@@ -16,7 +16,8 @@ from typing import Any
 
 from xcstack.platform.buildflags import FlagCheck, check_cflags
 from xcstack.platform.cpulist import format_cpulist
-from xcstack.platform.plan import PlanOverrides, TuningPlan, derive_plan
+from xcstack.platform.plan import TuningPlan, derive_plan
+from xcstack.platform.planning.overrides import PlanOverrides
 from xcstack.platform.probe import PlatformReport, PythonPackage, probe
 from xcstack.platform.sysctl import SysctlAdvice, sysctl_advice
 

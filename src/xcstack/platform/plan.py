@@ -13,6 +13,9 @@ Rules (ARCHITECTURE.md §1):
 - What does not work here is left out: no model workers (and no inline models) when onnxruntime does
   not import (missing, an exception, a crash, a hang: tried in a child); no uvloop / orjson when they
   do not import.
+
+The phases live in `xcstack.platform.planning`, one module per concern; this module holds the plan
+itself and composes them (`derive_plan`).
 """
 
 from __future__ import annotations
@@ -20,65 +23,32 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from xcstack.platform.buildflags import BuildFlags, build_flags
 from xcstack.platform.cpulist import format_cpulist
-from xcstack.platform.probe import PlatformReport, cpu_slots
+from xcstack.platform.planning.advice import kernel_advice
+from xcstack.platform.planning.cores import cpu_budget
+from xcstack.platform.planning.findings import Findings
+from xcstack.platform.planning.overrides import PlanOverrides
+from xcstack.platform.planning.runtime import loop_and_json, onnxruntime_options
+from xcstack.platform.planning.workers import (
+    assign_cores,
+    explicit_compute_cores,
+    explicit_io_cores,
+    model_request,
+    pin_workers,
+    worker_counts,
+)
+from xcstack.platform.probe import PlatformReport
 
 log = logging.getLogger("xcstack.platform")
 
 # Rough resident memory of one model worker (ORT session + bundled MiniLM + batcher), for the cap.
 MODEL_WORKER_MEM_BYTES = 512 * 1024 * 1024
-WHEEL_ARCHES = frozenset({"x86_64", "aarch64"})  # archs with uvloop/orjson/onnxruntime wheels on PyPI
-RECOMMENDED_NOFILE = 65536
-RECOMMENDED_SOMAXCONN = 4096
-
-
-@dataclass
-class PlanOverrides:
-    http_workers: int | None = None
-    worker_cpus: list[int] | None = None  # cores the http workers may use
-    model_workers: int | None = None  # 0: no model workers
-    model_cpus: list[int] | None = None  # cores the model workers may use (one worker per core)
-    model_worker_cpus: list[list[int]] | None = None  # explicit cores of each model worker
-    pin: bool | None = None
-    event_loop: str | None = None  # "auto" | "uvloop" | "asyncio"
-    backlog: int | None = None  # listen backlog, checked against somaxconn
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> PlanOverrides:
-        """From xcstack Settings: [server] workers / worker_cpus / pin_cpus / loop / backlog, and
-        [inference] workers / worker_cpus (per-worker core lists); inference disabled or `mode = "inline"`
-        means no model worker processes (every planned core serves http)."""
-        server = getattr(settings, "server", None)
-        inference = getattr(settings, "inference", None)
-
-        def ints(v: Any) -> list[int] | None:
-            return [int(x) for x in v] if v is not None else None
-
-        model_workers = getattr(inference, "workers", None)
-        if inference is not None and (
-            getattr(inference, "enabled", True) is False or getattr(inference, "mode", "process") == "inline"
-        ):
-            model_workers = 0
-        raw = getattr(inference, "worker_cpus", None)
-        per_worker: list[list[int]] | None = None
-        if raw is not None:
-            per_worker = [[int(c) for c in g] if isinstance(g, list | tuple) else [int(g)] for g in raw]
-        return cls(
-            http_workers=getattr(server, "workers", None),
-            worker_cpus=ints(getattr(server, "worker_cpus", None)),
-            pin=False if getattr(server, "pin_cpus", True) is False else None,
-            event_loop=getattr(server, "loop", None),
-            backlog=getattr(server, "backlog", None),
-            model_workers=model_workers,
-            model_worker_cpus=per_worker if model_workers != 0 else None,
-        )
 
 
 @dataclass
@@ -147,83 +117,6 @@ class TuningPlan:
         return list(self.model_cpus[index]) if index < len(self.model_cpus) else []
 
 
-def _dedup(seq: Iterable[int]) -> list[int]:
-    seen: set[int] = set()
-    out: list[int] = []
-    for x in seq:
-        if x not in seen:
-            seen.add(x)
-            out.append(x)
-    return out
-
-
-def _split(cores: Sequence[int], io_count: int, numa: dict[str, list[int]]) -> tuple[list[int], list[int]]:
-    """Pick `io_count` I/O cores out of `cores`, proportionally per NUMA node; the rest compute."""
-    groups: list[list[int]] = []
-    placed: set[int] = set()
-    for _, node_cpus in sorted(numa.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 0):
-        g = [c for c in cores if c in set(node_cpus) and c not in placed]
-        if g:
-            groups.append(g)
-            placed.update(g)
-    rest = [c for c in cores if c not in placed]
-    if rest:
-        groups.append(rest)
-    if len(groups) <= 1:
-        return list(cores[:io_count]), list(cores[io_count:])
-    total = len(cores)
-    exact = [io_count * len(g) / total for g in groups]
-    take = [min(len(g) - 1 if len(g) > 1 else len(g), math.floor(e)) for g, e in zip(groups, exact, strict=True)]
-    order = sorted(range(len(groups)), key=lambda i: exact[i] - math.floor(exact[i]), reverse=True)
-    i = 0
-    while sum(take) < io_count and i < 4 * len(groups):
-        gi = order[i % len(groups)]
-        if take[gi] < len(groups[gi]) - (1 if len(groups[gi]) > 1 else 0):
-            take[gi] += 1
-        i += 1
-    io: list[int] = []
-    compute: list[int] = []
-    for g, t in zip(groups, take, strict=True):
-        io += g[:t]
-        compute += g[t:]
-    if not io:  # degenerate: fall back to the simple split
-        return list(cores[:io_count]), list(cores[io_count:])
-    return io, compute
-
-
-def _smt_orders(usable: Sequence[int], siblings: list[list[int]]) -> tuple[list[int], dict[int, tuple[int, int]]]:
-    """(spread order: first thread of every physical core, then second threads, ...;
-    key cpu -> (physical core index, thread index) for a sibling-adjacent order)."""
-    group_of = {c: g for g in siblings for c in g}
-    key: dict[int, tuple[int, int]] = {}
-    gi = 0
-    for c in usable:  # physical cores numbered in the order their first thread appears
-        if c in key:
-            continue
-        for t, x in enumerate(group_of.get(c, [c])):
-            key.setdefault(x, (gi, t))
-        gi += 1
-    spread = sorted(usable, key=lambda c: (key[c][1], key[c][0]))
-    return spread, key
-
-
-def _spread(cores: Sequence[int], k: int, numa: dict[str, list[int]]) -> list[int]:
-    """`k` of `cores`, taken round-robin over NUMA nodes so a reduced set stays balanced."""
-    node_of = {c: n for n, cl in numa.items() for c in cl}
-    groups: dict[str, list[int]] = {}
-    for c in cores:
-        groups.setdefault(node_of.get(c, "?"), []).append(c)
-    lists = list(groups.values())
-    out: list[int] = []
-    i = 0
-    while len(out) < k and any(lists):
-        g = lists[i % len(lists)]
-        if g:
-            out.append(g.pop(0))
-        i += 1
-    return sorted(out)
-
-
 def derive_plan(
     report: PlatformReport,
     overrides: PlanOverrides | Any = None,
@@ -231,249 +124,39 @@ def derive_plan(
     model_worker_mem_bytes: int = MODEL_WORKER_MEM_BYTES,
 ) -> TuningPlan:
     """The plan for `report`; `overrides` is a PlanOverrides or xcstack Settings (converted with
-    PlanOverrides.from_settings)."""
+    PlanOverrides.from_settings). Runs the phases of `xcstack.platform.planning` in order; each appends its
+    notes and warnings to one `Findings`, so their order is the order of the phases."""
     if overrides is None:
         ov = PlanOverrides()
     elif isinstance(overrides, PlanOverrides):
         ov = overrides
     else:
         ov = PlanOverrides.from_settings(overrides)
-    notes: list[str] = []
-    warnings: list[str] = []
-    overridden: list[str] = []
+    found = Findings()
     res = report.cpus
-    usable = list(res.usable) or [0]
-    budget = res.budget or float(len(usable))
-    slots = cpu_slots(budget, len(usable))
-    # With SMT, a reduced set takes distinct physical cores first, and the I/O / compute split runs
-    # over a sibling-adjacent order, so the http workers share physical cores with each other rather
-    # than with model workers.
-    spread, smt_key = _smt_orders(usable, res.smt_siblings)
-    cores = sorted(spread[:slots], key=lambda c: smt_key[c]) if res.smt_siblings else usable[:slots]
-    if res.quota_cores is not None:
-        if slots < len(usable):
-            notes.append(
-                f"CPU quota {res.quota_cores:g} cores (cgroup cpu.max {res.cpu_max}): planning {slots} of the "
-                f"{len(usable)} usable cores"
-            )
-        if abs(res.quota_cores - round(res.quota_cores)) > 1e-6:
-            warnings.append(
-                f"fractional CPU quota {res.quota_cores:g}: {slots} pinned processes share {res.quota_cores:g} "
-                "cores of CPU time and will be throttled under full load"
-            )
-    if res.cpuset is not None and res.online and len(res.cpuset) < len(res.online):
-        notes.append(
-            f"cgroup cpuset {format_cpulist(res.cpuset)} of {len(res.online)} online CPUs "
-            f"({format_cpulist(res.online)})"
-        )
-    if res.threads_per_core and res.threads_per_core > 1:
-        notes.append(
-            f"SMT: {res.threads_per_core} threads per core; logical CPUs are planned as cores "
-            "(sibling threads share execution units)"
-        )
-
-    # --- which cores do I/O and which compute
-    model_req = ov.model_workers
-    if model_req is not None:
-        overridden.append("model_workers")
-    ort_problem = _import_problem(report, "onnxruntime")
-    inference_unavailable = ""
-    if ort_problem and model_req is None and ov.model_worker_cpus is None and ov.model_cpus is None:
-        model_req = 0  # a model worker could not load its runtime: plan none, every core serves http
-        inference_unavailable = f"onnxruntime is not importable ({ort_problem})"
-        warnings.append(f"onnxruntime is not importable ({ort_problem}): no model workers planned, local "
-                        "inference is off")  # fmt: skip
-    elif ort_problem and model_req != 0:
-        warnings.append(f"onnxruntime is not importable ({ort_problem}): the configured model workers will not start")
-    io: list[int]
-    compute: list[int]
-    if ov.worker_cpus is not None:
-        overridden.append("worker_cpus")
-        wanted = _dedup(ov.worker_cpus)
-        bad = [c for c in wanted if c not in usable]
-        io = [c for c in wanted if c in usable]
-        if bad:
-            warnings.append(
-                f"worker_cpus {format_cpulist(bad)} are not usable by this process (usable: "
-                f"{format_cpulist(usable)}); ignored"
-            )
-        if not io:
-            warnings.append("no usable core left in worker_cpus: using the automatic plan")
-    else:
-        io = []
-    # explicit compute cores: per-worker lists, or a pool with one worker per core
-    model_groups: list[list[int]] | None = None
-    pool: list[int] | None = None
-    if ov.model_worker_cpus is not None and model_req != 0:
-        overridden.append("model_worker_cpus")
-        groups = []
-        for g in ov.model_worker_cpus:
-            ok = [c for c in _dedup(g) if c in usable]
-            if len(ok) < len(set(g)):
-                warnings.append(
-                    f"model worker cpus {format_cpulist(set(g) - set(ok))} are not usable by this process; ignored"
-                )
-            if ok:
-                groups.append(ok)
-        if groups:
-            model_groups = groups
-            pool = _dedup(c for g in groups for c in g)
-        else:
-            warnings.append("no usable core in the model worker cpus: using the automatic plan")
-    elif ov.model_cpus is not None and model_req != 0:
-        overridden.append("model_cpus")
-        mc = [c for c in _dedup(ov.model_cpus) if c in usable]
-        if len(mc) < len(_dedup(ov.model_cpus)):
-            warnings.append("some model worker cpus are not usable by this process; ignored")
-        pool = mc or None
-    if io:
-        compute = pool or [c for c in cores if c not in io] or [c for c in usable if c not in io] or list(io)
-    elif pool:
-        compute = pool
-        io = [c for c in cores if c not in pool] or [c for c in usable if c not in pool] or list(pool[:1])
-    elif model_req == 0:
-        io, compute = list(cores), []
-    elif len(cores) == 1:
-        io, compute = list(cores), list(cores)
-    else:
-        n = len(cores)
-        if ov.http_workers is not None and model_req is None:
-            io_count = max(1, min(n - 1, ov.http_workers))
-        elif model_req is not None:
-            io_count = max(1, n - min(model_req, n - 1))
-        else:
-            io_count = 1 if n == 2 else max(1, math.ceil(n / 4))
-        io, compute = _split(cores, io_count, res.numa_nodes)
-
-    # --- counts
-    if ov.http_workers is not None:
-        overridden.append("http_workers")
-        http_n = ov.http_workers
-    else:
-        http_n = len(io)
-    http_n = max(1, http_n)
-    if http_n > len(io):
-        warnings.append(f"{http_n} http workers on {len(io)} I/O cores: workers share cores")
-
-    if model_req is not None:
-        model_n = max(0, model_req)
-    elif model_groups is not None:
-        model_n = len(model_groups)
-    else:
-        model_n = len(compute)
-        mem = report.memory.effective_bytes
-        if mem and model_n > 1:
-            cap = max(1, int(mem * 0.6 // model_worker_mem_bytes))
-            if model_n > cap:
-                notes.append(
-                    f"model workers capped at {cap} by memory ({mem / 2**30:.1f} GiB, "
-                    f"~{model_worker_mem_bytes / 2**20:.0f} MiB each)"
-                )
-                model_n = cap
-                compute = _spread(compute, cap, res.numa_nodes)
-    if model_n and not compute:
-        compute = list(io)
-    if model_n > len(compute) > 0:
-        warnings.append(f"{model_n} model workers on {len(compute)} compute cores: workers share cores")
-    used_compute = set(c for g in model_groups for c in g) if model_groups else set(compute[: max(model_n, 0)])
-    shared = bool(set(io) & used_compute) if model_n else False
-    if shared and len(cores) == 1:
-        notes.append("one usable core: http and model workers share it")
-    elif shared:
-        warnings.append("http and model workers share cores (not enough cores for disjoint I/O and compute)")
-
-    # --- pinning
-    pin = True if ov.pin is None else bool(ov.pin)
-    if ov.pin is not None:
-        overridden.append("pin")
-    if pin:
-        http_cpus = [[io[i % len(io)]] for i in range(http_n)]
-        if model_groups:
-            model_cpus = [list(model_groups[i % len(model_groups)]) for i in range(model_n)]
-        elif compute:
-            model_cpus = [[compute[i % len(compute)]] for i in range(model_n)]
-        else:
-            model_cpus = [[] for _ in range(model_n)]
-    else:
-        notes.append("CPU pinning disabled by config (server.pin_cpus = false)")
-        http_cpus = [[] for _ in range(http_n)]
-        model_cpus = [[] for _ in range(model_n)]
-
-    # --- event loop and JSON
-    py = report.python
-    arch = report.arch
-    uvloop_ok = py.has("uvloop") if py.probed else arch in WHEEL_ARCHES
-    orjson_ok = py.has("orjson") if py.probed else arch in WHEEL_ARCHES
-    if not py.probed:
-        notes.append(
-            f"Python accelerators not probed (root={report.root}); assuming PyPI wheels exist for {arch}"
-            if arch in WHEEL_ARCHES
-            else f"Python accelerators not probed (root={report.root})"
-        )
-    want_loop = ov.event_loop or "auto"
-    if ov.event_loop and ov.event_loop != "auto":
-        overridden.append("event_loop")
-    for module, instead in (("uvloop", "the asyncio event loop"), ("orjson", "the stdlib json")):
-        pkg = py.package(module) if py.probed else None
-        if pkg is not None and pkg.present and not pkg.works:
-            warnings.append(f"{module} is installed but does not import ({pkg.detail}): using {instead}")
-    if want_loop == "asyncio":
-        loop = "asyncio"
-    elif uvloop_ok:
-        loop = "uvloop"
-    else:
-        loop = "asyncio"
-        if want_loop == "uvloop":
-            warnings.append("server.loop = uvloop but uvloop is not importable: falling back to asyncio")
-    json_lib = "orjson" if orjson_ok else "json"
-    if arch.startswith("loongarch"):
-        warnings.append(
-            "LoongArch: PyPI has no loongarch64 wheels for uvloop, orjson, onnxruntime, cryptography or granian; "
-            f"event loop {loop}, JSON {json_lib}; use uvicorn, and install onnxruntime/cryptography from the "
-            "distribution or a source build"
-        )
-    if report.emulation:
-        warnings.append(report.emulation)
-
-    providers = [p for p in py.onnxruntime_providers] or ["CPUExecutionProvider"]
-    ort = {
-        "intra_op_num_threads": 1,
-        "inter_op_num_threads": 1,
-        "execution_mode": "sequential",
-        "session.intra_op.allow_spinning": "0",
-        "providers": [p for p in providers if p != "AzureExecutionProvider"],
-    }
-
-    # --- kernel / limits advice
-    lim = report.limits
-    if lim.somaxconn is not None and lim.somaxconn < RECOMMENDED_SOMAXCONN:
-        warnings.append(
-            f"net.core.somaxconn={lim.somaxconn} < {RECOMMENDED_SOMAXCONN}: bursts of connections are dropped "
-            "(xcstack doctor --sysctl)"
-        )
-    if ov.backlog is not None and lim.somaxconn is not None and ov.backlog > lim.somaxconn:
-        warnings.append(f"server.backlog={ov.backlog} is silently capped by net.core.somaxconn={lim.somaxconn}")
-    if lim.nofile_soft is not None and 0 <= lim.nofile_soft < RECOMMENDED_NOFILE:
-        warnings.append(
-            f"open files limit (ulimit -n) {lim.nofile_soft} < {RECOMMENDED_NOFILE}: raise LimitNOFILE in the "
-            "systemd unit or ulimit -n"
-        )
-    io_u = report.io_uring
-    if io_u.status not in ("available", "not_probed"):
-        notes.append(f"io_uring {io_u.status}: {io_u.reason} (servers use epoll)")
-
+    cpu = cpu_budget(res, found)
+    model_req, inference_unavailable = model_request(report, ov, found)
+    io = explicit_io_cores(ov, cpu.usable, found)
+    model_groups, pool = explicit_compute_cores(ov, model_req, cpu.usable, found)
+    io, compute = assign_cores(cpu.cores, cpu.usable, io, pool, model_req, ov.http_workers, res.numa_nodes)
+    counts = worker_counts(report, ov, model_req, model_groups, io, compute, single_core=len(cpu.cores) == 1,
+                           model_worker_mem_bytes=model_worker_mem_bytes, found=found)
+    pin, http_cpus, model_cpus = pin_workers(ov, io, counts, model_groups, found)
+    loop, json_lib = loop_and_json(report, ov, found)
+    ort = onnxruntime_options(report.python)
+    kernel_advice(report, ov, found)
     return TuningPlan(
-        usable_cpus=usable,
-        cpu_budget=budget,
-        cpu_slots=slots,
+        usable_cpus=cpu.usable,
+        cpu_budget=cpu.budget,
+        cpu_slots=cpu.slots,
         pin=pin,
-        http_workers=http_n,
+        http_workers=counts.http,
         http_cpus=http_cpus,
-        model_workers=model_n,
+        model_workers=counts.model,
         model_cpus=model_cpus,
         io_cores=sorted(set(io)),
-        compute_cores=sorted(used_compute) if model_n else [],
-        shared_cores=shared,
+        compute_cores=sorted(counts.used_compute) if counts.model else [],
+        shared_cores=counts.shared,
         event_loop=loop,
         json_library=json_lib,
         onnxruntime=ort,
@@ -484,22 +167,11 @@ def derive_plan(
             "OPENBLAS_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
         },
-        overridden=overridden,
-        notes=notes,
-        warnings=warnings,
+        overridden=found.overridden,
+        notes=found.notes,
+        warnings=found.warnings,
         inference_unavailable=inference_unavailable,
     )
-
-
-def _import_problem(report: PlatformReport, module: str) -> str:
-    """Why `module` cannot be used on the probed machine ("" when it can, or when imports were not probed)."""
-    py = report.python
-    if not py.probed or py.has(module):
-        return ""
-    pkg = py.package(module)
-    if pkg is None or not pkg.present:
-        return "not installed"
-    return pkg.detail or pkg.status
 
 
 def apply_affinity(cpus: Sequence[int], pid: int = 0) -> bool:
