@@ -5,7 +5,7 @@ for its whole life (connection affinity: a connection never crosses threads). A 
 
     job into the shard's queue (bounded: full -> 503) -> the next free worker takes it, runs it
     in its own thread, and takes the next job at once -> the result is handed back to the loop
-    with one batched wake-up (many results, one `call_soon_threadsafe`).
+    with one batched wake-up (many results, one `call_soon_threadsafe`: `db/completions.py`).
 
 A job not started within `pool_wait_timeout_s` is withdrawn (503 + Retry-After). A job's state
 (queued / running / done / abandoned) changes under its own lock, so "withdrawn", "timed out" and
@@ -38,40 +38,13 @@ from typing import Any
 
 from xcstack.db import errors as dberr
 from xcstack.db import metrics as m
+from xcstack.db.completions import Completions
 from xcstack.db.profiles import DriverProfile, ErrorKind, Row
 from xcstack.db.settings import DatabaseSettings
 from xcstack.errors import XCError
 from xcstack.security.secrets import dsn_redactions, has_refs, redact
 
 log = logging.getLogger("xcstack.db")
-
-
-class Completions:
-    """Worker threads hand results to the loop here: one `call_soon_threadsafe` per burst."""
-
-    __slots__ = ("items", "loop", "scheduled")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.items: collections.deque[tuple[Callable[..., None], tuple[Any, ...]]] = collections.deque()
-        self.scheduled = False
-
-    def push(self, fn: Callable[..., None], *args: Any) -> None:  # any thread
-        self.items.append((fn, args))
-        if not self.scheduled:
-            self.scheduled = True
-            with contextlib.suppress(RuntimeError):  # loop closed: nobody is waiting any more
-                self.loop.call_soon_threadsafe(self._drain)
-
-    def _drain(self) -> None:  # loop thread
-        self.scheduled = False
-        items = self.items
-        while items:
-            fn, args = items.popleft()
-            try:
-                fn(*args)
-            except Exception:  # one bad callback must not strand the others
-                log.exception("db bridge: completion callback failed")
 
 
 QUEUED, RUNNING, DONE, WITHDRAWN, ABANDONED = range(5)
