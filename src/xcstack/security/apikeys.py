@@ -1,0 +1,97 @@
+"""API keys: issued to a user, never carrying a right the issuer lacks, never outliving the key that
+issued them; stored as a hash and checked in constant time."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from typing import Any
+
+from xcstack.errors import BadRequest, Forbidden, NotFound
+from xcstack.security.auditor import Auditor
+from xcstack.security.principal import Principal, ReqInfo
+from xcstack.security.rbac import BUILTIN_ROLES, Role
+from xcstack.security.repository import ApiKeyRow, SecurityRepository
+from xcstack.security.roles import Roles, excess_right
+from xcstack.security.settings import SecuritySettings
+from xcstack.security.tokens import KEY_PREFIX, MAX_TOKEN_LEN, AuthCache, new_api_key, token_hash
+
+
+def public_key(k: ApiKeyRow) -> dict[str, Any]:
+    """A key as listed through the API (never its hash)."""
+    return {"id": k.id, "name": k.name, "roles": list(k.roles), "owner_id": k.owner_id, "created_at": k.created_at,
+            "expires_at": k.expires_at, "revoked": k.revoked}
+
+
+class ApiKeys:
+    def __init__(self, settings: SecuritySettings, repo: SecurityRepository, roles: Roles, cache: AuthCache,
+                 audit: Auditor, clock: Callable[[], float]) -> None:
+        self.settings = settings
+        self.repo = repo
+        self.roles = roles
+        self.cache = cache
+        self.audit = audit
+        self.clock = clock
+
+    async def _refusal(self, actor: Principal, roles: list[str]) -> str | None:
+        """Why `actor` may not issue a key with `roles` (None: it may)."""
+        await self.roles.check_assignable(roles)
+        for r in roles:
+            if r in BUILTIN_ROLES and r not in actor.roles:
+                return f"you cannot issue a key with role {r!r} that you do not hold"
+        new: list[Role] = [role for role in (self.roles.get(r) for r in roles) if role is not None]
+        excess = excess_right(self.roles.of(actor), new)
+        return f"a key cannot carry rights its creator lacks ({excess})" if excess else None
+
+    async def create(self, actor: Principal, name: str, roles: list[str], days: int | None = None,
+                     info: ReqInfo | None = None) -> dict[str, Any]:
+        """Issue a key owned by the creating user; a key created with an API key belongs to that key's
+        owner (a key is never the owner of a key: `principal` joins the owner to `sec_users`), carries no
+        right its creator lacks and does not outlive it."""
+        reason = await self._refusal(actor, roles)
+        if reason:
+            await self.audit(actor.name, "apikey.create", f"apikey:{name}", "denied", info,
+                             {"reason": reason, "roles": roles})
+            raise Forbidden(reason, code="forbidden")
+        days = days or self.settings.api_key_max_days
+        if not 1 <= days <= self.settings.api_key_max_days:
+            raise BadRequest(f"days must be 1..{self.settings.api_key_max_days}", code="invalid_parameter")
+        now = self.clock()
+        expires = now + days * 86400
+        owner = actor.id
+        if actor.kind == "api_key":
+            parent = await self.repo.api_key(actor.id.removeprefix("apikey:"))
+            if parent is None or actor.owner_id is None:
+                await self.audit(actor.name, "apikey.create", f"apikey:{name}", "denied", info,
+                                 {"reason": "the creating key no longer exists"})
+                raise Forbidden("the API key this request was made with no longer exists", code="forbidden")
+            owner = actor.owner_id
+            expires = min(expires, parent.expires_at)
+        kid, token = new_api_key()
+        await self.repo.insert_api_key(ApiKeyRow(kid, name, token_hash(token), owner, tuple(roles), now, expires,
+                                                 revoked=False))
+        await self.audit(actor.name, "apikey.create", f"apikey:{kid}", "success", info,
+                         {"name": name, "roles": roles, "days": days, "owner_id": owner})
+        return {"id": kid, "name": name, "roles": roles, "expires_at": expires, "key": token}
+
+    async def list_keys(self) -> list[dict[str, Any]]:
+        return [public_key(k) for k in await self.repo.api_keys()]
+
+    async def revoke(self, actor: Principal, kid: str, info: ReqInfo | None = None) -> None:
+        if not await self.repo.revoke_api_key(kid):
+            raise NotFound(f"no API key {kid!r}", code="apikey_not_found")
+        self.cache.clear()
+        await self.audit(actor.name, "apikey.revoke", f"apikey:{kid}", "success", info)
+
+    async def principal(self, token: str) -> Principal | None:
+        """The principal of a valid key (not revoked, not expired, owner enabled), else None."""
+        parts = token[len(KEY_PREFIX):].split("_", 1)
+        if len(parts) != 2 or len(token) > MAX_TOKEN_LEN:
+            return None
+        found = await self.repo.api_key_with_owner(parts[0])
+        if found is None or not hmac.compare_digest(found.key.key_hash, token_hash(token)):
+            return None
+        k = found.key
+        if k.revoked or found.owner_disabled or self.clock() >= k.expires_at:
+            return None
+        return Principal(f"apikey:{k.id}", f"apikey:{k.name}", k.roles, "api_key", owner_id=k.owner_id)
