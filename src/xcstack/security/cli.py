@@ -177,7 +177,7 @@ async def cli_service(settings: Settings) -> AsyncIterator[SecurityService]:
 
 
 def _actor() -> Any:
-    from xcstack.security.service import Principal
+    from xcstack.security.principal import Principal
 
     return Principal("cli", f"cli:{getpass.getuser()}", (), kind="system")
 
@@ -219,7 +219,7 @@ async def _user_roles(args: argparse.Namespace, settings: Settings, svc: Securit
 
 
 async def _user_totp(args: argparse.Namespace, settings: Settings, svc: SecurityService) -> int:
-    from xcstack.security.service import Principal
+    from xcstack.security.principal import Principal
 
     user = await svc.get_user(args.name)
     if user is None:
@@ -240,7 +240,7 @@ async def _user_totp(args: argparse.Namespace, settings: Settings, svc: Security
 async def _user_key_create(args: argparse.Namespace, settings: Settings, svc: SecurityService) -> int:
     """The API path's rules, as the owning user (a key never carries a right its owner lacks), plus a record
     naming the operator who issued it from the console."""
-    from xcstack.security.service import Principal
+    from xcstack.security.principal import Principal
 
     user = await svc.get_user(args.name)
     if user is None or user["disabled"]:
