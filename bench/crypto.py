@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from bench._report import table, write_section  # noqa: E402
 
 from xcstack.crypto import sm  # noqa: E402
-from xcstack.crypto.sm2_backends import BACKEND_NAMES  # noqa: E402
+from xcstack.crypto.primitives.sm2_backends import BACKEND_NAMES  # noqa: E402
 
 BLOCK = 16384
 

@@ -38,8 +38,8 @@ sys.meta_path.insert(0, _Blocker())
 
 # Modules a parser build must not load: native packages and the capabilities that need them.
 HEAVY = ("numpy", "onnxruntime", "gmssl_pyx", "gmalglib", "cryptography", "pymilvus", "milvus_lite", "starlette",
-         "aiohttp", "orjson", "uvloop", "granian", "tokenizers", "PyKCS11", "xcstack.crypto.sm", "xcstack.db.bridge",
-         "xcstack.gateway.mock_upstream", "xcstack.security.secretbox")
+         "aiohttp", "orjson", "uvloop", "granian", "tokenizers", "PyKCS11", "xcstack.crypto.primitives.sm2",
+         "xcstack.db.bridge", "xcstack.gateway.mock_upstream", "xcstack.security.secretbox")
 
 
 def xcstack(tmp_path: Path, blocked: str, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,7 @@ from xcstack.crypto.errors import (
     MalformedKey,
     MalformedSignature,
 )
-from xcstack.crypto.sm2_backends import BACKEND_NAMES
+from xcstack.crypto.primitives.sm2_backends import BACKEND_NAMES
 
 # ---- SM3 (GB/T 32905 appendix A) ---------------------------------------------------------------
 SM3_ABC = "66c7f0f462eeedd9d1f2d46bdc10e4e24167c4875cf2f7a2297da02b8f4ba8e0"

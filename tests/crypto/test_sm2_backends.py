@@ -18,7 +18,8 @@ import pytest
 from tests.crypto.test_sm import sm2_backend  # noqa: F401  (fixture: once per backend)
 from xcstack.crypto import sm
 from xcstack.crypto.errors import CryptoUnavailable, DecryptionFailed
-from xcstack.crypto.sm2_backends import AUTO_ORDER, BACKEND_NAMES, load_backend
+from xcstack.crypto.primitives import sm2 as sm2_module
+from xcstack.crypto.primitives.sm2_backends import AUTO_ORDER, BACKEND_NAMES, load_backend
 
 _PROBE = """
 import json
@@ -126,7 +127,7 @@ def test_a_key_outlives_a_backend_switch() -> None:
 
 
 def test_no_sm2_backend_is_a_clear_503(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sm, "_sm2", None)
+    monkeypatch.setattr(sm2_module, "_sm2", None)  # the backend chosen at import lives in primitives.sm2
     with pytest.raises(CryptoUnavailable) as err:
         sm.SM2PrivateKey.generate()
     assert err.value.status == 503

@@ -292,7 +292,7 @@ async def test_parallel_verify_matches_sequential(tmp_path: Path, signer: SoftSM
 
 
 def test_fast_sm3_path_equals_the_crypto_adapter() -> None:
-    from xcstack.crypto.sm import sm3
+    from xcstack.crypto.recipes import sm3
 
     prev = bytes(range(32))
     line, digest = rec.encode({"actor": "a", "action": "b", "seq": 1}, prev)

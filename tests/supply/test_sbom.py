@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from xcstack.cli import main
-from xcstack.crypto.sm import sm3
+from xcstack.crypto.recipes import sm3
 from xcstack.supply import native
 from xcstack.supply.audit import iter_components
 from xcstack.supply.errors import SbomValidationError

@@ -1,6 +1,7 @@
 """The crypto capability: 国密 algorithms, named/versioned keys, the HSM owner and its backends.
 
-- `xcstack.crypto.sm`: SM2/SM3/SM4 adapters (sync, stable API for other capabilities);
+- `xcstack.crypto.recipes`: what other capabilities use (SM4-GCM seal/open, HMAC-SM3, PBKDF2, SM3), with the
+  SM2 key API in `xcstack.crypto.primitives.sm2`; `primitives/` holds SM2/SM3/SM4, DER and the SM2 backends;
 - `xcstack.crypto.errors`: error classes with stable codes;
 - `xcstack.crypto.client`: `CryptoClient` (`ctx.get("crypto")`): async sign/verify/encrypt/decrypt/
   hash/hmac/random; `OwnerClient` (HSM owner over IPC) and `DirectClient` (in-process soft keys);

@@ -17,6 +17,7 @@ load). It is never logged; a check value in `crypto_meta` catches a wrong master
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import stat
@@ -25,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from xcstack.crypto import sm
 from xcstack.crypto.errors import BackendError, CryptoError, InvalidCryptoInput, KeyExists, KeyNotFound
+from xcstack.crypto.recipes import hmac_sm3
 from xcstack.crypto.settings import CryptoSettings, parse_master_key
 from xcstack.state.store import StateStore, Tx
 
@@ -179,7 +180,7 @@ class Keystore:
     async def check_master_key(self, master_key: bytes) -> None:
         """Bind the keystore to its master key: the first start stores a check value; later starts
         with another master key fail here instead of on the first decrypt."""
-        kcv = sm.hmac_sm3(master_key, b"xcstack master key check value")[:8]
+        kcv = hmac_sm3(master_key, b"xcstack master key check value")[:8]
 
         def run(tx: Tx) -> bytes | None:
             row = tx.fetchone("SELECT v FROM crypto_meta WHERE k = 'master_kcv'")
@@ -263,6 +264,20 @@ class Keystore:
 
         await self.store.transaction(run)
         self._cache.pop(rec.name, None)
+
+    async def store_public_key(self, rec: KeyRecord, public_key: bytes) -> KeyRecord:
+        """Keep the public half of a key stored without it (a keystore written by an older xcstack): the
+        caller derives it once through the SM2 backend; from then on every load finds it here."""
+
+        def run(tx: Tx) -> None:
+            tx.execute(
+                "UPDATE crypto_keys SET public_key = ? WHERE name = ? AND version = ? AND public_key IS NULL",
+                (public_key, rec.name, rec.version),
+            )
+
+        await self.store.transaction(run)
+        self._cache.pop(rec.name, None)
+        return dataclasses.replace(rec, public_key=public_key)
 
     async def handles(self, backend: str) -> frozenset[str]:
         """Device handles used by any key version of `backend` (active or retired)."""

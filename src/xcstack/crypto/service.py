@@ -43,7 +43,6 @@ from typing import Any, cast
 
 from prometheus_client import Counter, Histogram
 
-from xcstack.crypto import sm
 from xcstack.crypto.backends.base import Backend
 from xcstack.crypto.errors import (
     BackendError,
@@ -54,6 +53,16 @@ from xcstack.crypto.errors import (
     WrongKeyType,
 )
 from xcstack.crypto.keystore import KIND_OPS, KINDS, KeyRecord, Keystore, check_name, new_record
+from xcstack.crypto.primitives.der import (
+    ct_c1c2c3_to_c1c3c2,
+    ct_c1c3c2_to_c1c2c3,
+    ct_c1c3c2_to_der,
+    ct_der_to_c1c3c2,
+    sig_der_to_raw,
+    sig_raw_to_der,
+)
+from xcstack.crypto.primitives.sm2 import SM2PublicKey
+from xcstack.crypto.primitives.sm3 import sm3
 from xcstack.crypto.settings import CryptoSettings
 from xcstack.errors import Overloaded, XCError
 
@@ -262,9 +271,24 @@ class CryptoService:
         check_name(name)
         version = _version(meta)
         recs = [await self.keystore.get(name, version)] if version else await self.keystore.versions(name)
+        recs = await self._with_public_keys(recs)
         if op not in KIND_OPS.get(recs[0].kind, frozenset()):
             raise WrongKeyType(f"key {name!r} is a {recs[0].kind} key; it cannot {op}")
         return name, recs
+
+    async def _with_public_keys(self, recs: list[KeyRecord]) -> list[KeyRecord]:
+        """SM2 records stored without their public half (older keystores) get it derived once, through the
+        backend, and stored with the key: no operation ever computes it again."""
+        if all(r.public_key is not None or r.kind != "sm2" for r in recs):
+            return recs
+        out = []
+        for rec in recs:
+            if rec.kind == "sm2" and rec.public_key is None:
+                pub = await asyncio.to_thread(self.backend.derive_public_key, rec)
+                if pub is not None:
+                    rec = await self.keystore.store_public_key(rec, pub)
+            out.append(rec)
+        return out
 
     # -- operations: each prepares asynchronously (key lookup, validation) and returns the
     # synchronous work (device call + encoding), so a batch can run all its work in one go ------
@@ -277,7 +301,7 @@ class CryptoService:
 
         def work() -> tuple[Meta, bytes]:
             raw = backend.sign(rec, data, uid)
-            sig = raw if fmt == "raw" else sm.sig_raw_to_der(raw, n)
+            sig = raw if fmt == "raw" else sig_raw_to_der(raw, n)
             return {"key": name, "version": rec.version, "algorithm": rec.algorithm}, sig
 
         return work
@@ -291,9 +315,9 @@ class CryptoService:
         tries = []
         for rec in recs:
             n = self.backend.curve_order(rec)
-            raw = sig if fmt == "raw" else sm.sig_der_to_raw(sig, n)
+            raw = sig if fmt == "raw" else sig_der_to_raw(sig, n)
             if fmt == "raw":
-                sm.sig_raw_to_der(raw, n)  # length / range validation
+                sig_raw_to_der(raw, n)  # length / range validation
             tries.append((rec, raw))
         data, backend = bytes(payload), self.backend
 
@@ -318,9 +342,9 @@ class CryptoService:
         def work() -> tuple[Meta, bytes]:
             ct = backend.encrypt(rec, data, aad)
             if rec.kind == "sm2" and fmt != "der":
-                ct = sm.ct_der_to_c1c3c2(ct)
+                ct = ct_der_to_c1c3c2(ct)
                 if fmt == "c1c2c3":
-                    ct = sm.ct_c1c3c2_to_c1c2c3(ct)
+                    ct = ct_c1c3c2_to_c1c2c3(ct)
             return {"key": name, "version": rec.version, "algorithm": rec.algorithm}, ct
 
         return work
@@ -332,7 +356,7 @@ class CryptoService:
             raise InvalidCryptoInput("fmt must be 'der', 'c1c3c2' or 'c1c2c3'")
         ct = bytes(payload)
         if recs[0].kind == "sm2" and fmt != "der":
-            ct = sm.ct_c1c3c2_to_der(ct if fmt == "c1c3c2" else sm.ct_c1c2c3_to_c1c3c2(ct))
+            ct = ct_c1c3c2_to_der(ct if fmt == "c1c3c2" else ct_c1c2c3_to_c1c3c2(ct))
         backend = self.backend
 
         def work() -> tuple[Meta, bytes]:
@@ -359,7 +383,7 @@ class CryptoService:
         alg = meta.get("alg", "sm3")
         if alg != "sm3":
             raise UnsupportedOperation("hash alg must be 'sm3'")
-        return lambda: ({"alg": "sm3"}, sm.sm3(payload))
+        return lambda: ({"alg": "sm3"}, sm3(payload))
 
     # -- batches: many small ops in one IPC frame; one device hand-off for all of them ---------
     async def _batch(self, meta: Meta, payload: memoryview) -> tuple[Meta, bytes]:
@@ -463,7 +487,7 @@ class CryptoService:
         name = meta.get("key")
         if not isinstance(name, str):
             raise InvalidCryptoInput("key (a key name) is required")
-        rec = await self.keystore.get(check_name(name), _version(meta))
+        rec = (await self._with_public_keys([await self.keystore.get(check_name(name), _version(meta))]))[0]
         info = rec.public_info()
         if rec.public_key is None:
             raise WrongKeyType(f"key {name!r} is a {rec.kind} key; it has no public part")
@@ -484,7 +508,7 @@ def public_pem(rec: KeyRecord) -> str:
     """PEM SubjectPublicKeyInfo of a key's public half (SM2 or, for PKCS#11 test tokens, P-256)."""
     assert rec.public_key is not None
     if rec.algorithm == "SM2" or len(rec.public_key) == 64:
-        return sm.SM2PublicKey.from_bytes(rec.public_key).to_pem()
+        return SM2PublicKey.from_bytes(rec.public_key).to_pem()
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 

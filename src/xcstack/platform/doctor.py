@@ -66,7 +66,7 @@ def collect(
     return DoctorResult(report, plan, checks, sysctl_advice(report), sm2_backend() if report.live else {})
 
 
-_SM2_CHILD = "import json; from xcstack.crypto.sm import sm2_backend_info as i; print(json.dumps(i()))"
+_SM2_CHILD = "import json; from xcstack.crypto.primitives.sm2 import sm2_backend_info as i; print(json.dumps(i()))"
 
 
 def sm2_backend() -> dict[str, Any]:

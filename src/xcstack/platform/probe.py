@@ -69,7 +69,7 @@ ACCELERATORS: tuple[tuple[str, str, str], ...] = (
     ("numpy", "numpy", "tensors"),
     ("cryptography", "cryptography", "SM3/SM4 (OpenSSL)"),
     # SM2 runs on the system OpenSSL 3 libcrypto when it has SM2 (no package); these are the fallbacks.
-    # Which one runs: xcstack.crypto.sm.sm2_backend_info().
+    # Which one runs: xcstack.crypto.primitives.sm2.sm2_backend_info().
     ("gmssl-pyx", "gmssl_pyx", "SM2 fallback (bundled GmSSL; x86_64 wheels only)"),
     ("gmalglib", "gmalglib", "SM2 fallback (portable C, built from its sdist; not constant-time)"),
     ("msgpack", "msgpack", "IPC meta encoding (C extension)"),

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from xcstack.crypto.sm import sm3
+from xcstack.crypto.recipes import sm3
 from xcstack.state.store import StateStore, Tx
 
 

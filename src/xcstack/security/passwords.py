@@ -13,7 +13,7 @@ import hmac
 import os
 import string
 
-from xcstack.crypto.sm import pbkdf2_sm3
+from xcstack.crypto.recipes import pbkdf2_sm3
 from xcstack.errors import BadRequest
 
 

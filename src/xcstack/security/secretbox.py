@@ -20,7 +20,7 @@ from __future__ import annotations
 import ctypes
 from typing import Any, Protocol
 
-from xcstack.crypto.sm import sm4_gcm_open, sm4_gcm_seal
+from xcstack.crypto.recipes import sm4_gcm_open, sm4_gcm_seal
 
 MAGIC = b"xs1"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Protocol, runtime_checkable
 
-from xcstack.crypto.sm import SM2PrivateKey, SM2PublicKey
+from xcstack.crypto.primitives.sm2 import SM2PrivateKey, SM2PublicKey
 
 
 @runtime_checkable

@@ -10,7 +10,7 @@ import secrets
 
 import pyotp
 
-from xcstack.crypto.sm import sm3
+from xcstack.crypto.recipes import sm3
 
 STEP_S = 30
 WINDOW = 1

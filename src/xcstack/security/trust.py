@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge
 
-from xcstack.crypto.sm import SM3
+from xcstack.crypto.recipes import SM3
 from xcstack.security.audit import record as rec
 from xcstack.security.audit.log import AuditLog
 from xcstack.security.signing import Signer

@@ -44,7 +44,7 @@ from packaging.markers import default_environment
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
-from xcstack.crypto.sm import SM3
+from xcstack.crypto.recipes import SM3
 from xcstack.supply.licenses import LicenseInfo, normalise, spdx_expression
 from xcstack.supply.native import OsPackage, mapped_files, os_owners
 

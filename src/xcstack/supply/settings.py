@@ -33,7 +33,7 @@ DEFAULT_NATIVE_MODULES: tuple[str, ...] = (
     "cryptography.hazmat.bindings._rust",
     "gmssl_pyx",
     "gmalglib.core",
-    "xcstack.crypto.sm",  # loads the SM2 backend in use (the system libcrypto.so.3 when it is OpenSSL)
+    "xcstack.crypto.primitives.sm2",  # loads the SM2 backend in use (the system libcrypto.so.3 when it is OpenSSL)
     "onnxruntime",
     "tokenizers",
     "sqlite3",

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from xcstack.crypto.sm import SM3
+from xcstack.crypto.recipes import SM3
 from xcstack.supply.errors import SupplyError
 
 FORMAT = "xcstack-sbom-signature/1"

@@ -6,9 +6,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import NamedTuple
 
-from xcstack.crypto import sm
 from xcstack.crypto.errors import WrongKeyType
 from xcstack.crypto.keystore import KeyRecord
+from xcstack.crypto.primitives.curve import N
 
 
 class KeyMaterial(NamedTuple):
@@ -50,9 +50,14 @@ class Backend(ABC):
     @abstractmethod
     def random(self, n: int) -> bytes: ...
 
+    def derive_public_key(self, rec: KeyRecord) -> bytes | None:
+        """The public half of an SM2 key recorded without it, or None when this backend cannot tell
+        (device keys always record theirs at generation)."""
+        return None
+
     def curve_order(self, rec: KeyRecord) -> int:
         """Order n of the signing curve (for DER conversion and range checks)."""
-        return sm.N
+        return N
 
     def forget(self, rec: KeyRecord) -> None:  # noqa: B027 - optional hook
         """Drop any cached handle for `rec`."""

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xcstack.crypto import sm
 from xcstack.crypto.backends.base import Backend, KeyMaterial, require_kind
 from xcstack.crypto.errors import (
     BackendError,
@@ -43,6 +42,9 @@ from xcstack.crypto.errors import (
     UnsupportedOperation,
 )
 from xcstack.crypto.keystore import KeyRecord
+from xcstack.crypto.primitives.curve import N
+from xcstack.crypto.primitives.sm2 import SM2PublicKey
+from xcstack.crypto.primitives.sm3 import sm3
 from xcstack.crypto.settings import CryptoSettings, Pkcs11Settings
 
 P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
@@ -237,18 +239,18 @@ class Pkcs11Backend(Backend):
         return "ECDSA-P256" if p == P256_PARAMS else "SM2" if p == SM2_PARAMS else "EC"
 
     def curve_order(self, rec: KeyRecord) -> int:
-        return P256_N if rec.algorithm == "ECDSA-P256" else sm.N
+        return P256_N if rec.algorithm == "ECDSA-P256" else N
 
     def _prehash(self, rec: KeyRecord, data: bytes, uid: bytes) -> bytes:
         how = self.cfg.sign_prehash
         if how == "sha256":
             return hashlib.sha256(data).digest()
         if how == "sm3":
-            return sm.sm3(data)
+            return sm3(data)
         if how == "sm2-z":
             if rec.public_key is None:
                 raise BackendError("sm2-z prehash needs the public key")
-            return sm.SM2PublicKey.from_bytes(rec.public_key).digest(data, uid)
+            return SM2PublicKey.from_bytes(rec.public_key).digest(data, uid)
         return data
 
     # -- operations -----------------------------------------------------------------------------

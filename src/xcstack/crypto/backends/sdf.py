@@ -26,7 +26,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from xcstack.crypto import sm
 from xcstack.crypto.backends.base import Backend, KeyMaterial, require_kind
 from xcstack.crypto.errors import (
     BackendError,
@@ -37,6 +36,8 @@ from xcstack.crypto.errors import (
     UnsupportedOperation,
 )
 from xcstack.crypto.keystore import KeyRecord
+from xcstack.crypto.primitives.der import ct_c1c3c2_to_der, ct_der_to_c1c3c2
+from xcstack.crypto.primitives.sm2 import SM2_MAX_PLAINTEXT, SM2PublicKey
 from xcstack.crypto.settings import CryptoSettings
 
 SDR_OK = 0
@@ -108,7 +109,7 @@ class SdfBackend(Backend):
         self._lock = threading.Lock()
         self._rights: set[int] = set()
         self._sym: dict[tuple[str, int], tuple[ctypes.c_void_p, ctypes.c_void_p]] = {}
-        self._pubs: dict[tuple[str, int], sm.SM2PublicKey] = {}
+        self._pubs: dict[tuple[str, int], SM2PublicKey] = {}
         self._declare()
 
     @classmethod
@@ -185,13 +186,13 @@ class SdfBackend(Backend):
         self._check("SDF_ExportSignPublicKey_ECC", self.session, index, ctypes.byref(pub))
         return self.st.get(pub.x) + self.st.get(pub.y)
 
-    def _public(self, rec: KeyRecord) -> sm.SM2PublicKey:
+    def _public(self, rec: KeyRecord) -> SM2PublicKey:
         k = (rec.name, rec.version)
         p = self._pubs.get(k)
         if p is None:
             if rec.public_key is None:
                 raise BackendError(f"key {rec.name!r} v{rec.version} has no public key")
-            p = self._pubs[k] = sm.SM2PublicKey.from_bytes(rec.public_key)
+            p = self._pubs[k] = SM2PublicKey.from_bytes(rec.public_key)
         return p
 
     # -- key generation -------------------------------------------------------------------------
@@ -258,8 +259,8 @@ class SdfBackend(Backend):
         return buf, self.st.CipherHeader.from_buffer(buf)
 
     def _sm2_encrypt(self, rec: KeyRecord, plaintext: bytes) -> bytes:
-        if not 1 <= len(plaintext) <= sm.SM2_MAX_PLAINTEXT:
-            raise InvalidCryptoInput(f"SM2 encrypts 1..{sm.SM2_MAX_PLAINTEXT} bytes; use an SM4 key for bulk data")
+        if not 1 <= len(plaintext) <= SM2_MAX_PLAINTEXT:
+            raise InvalidCryptoInput(f"SM2 encrypts 1..{SM2_MAX_PLAINTEXT} bytes; use an SM4 key for bulk data")
         index = self._index(rec)
         buf, hdr = self._cipher_buf(len(plaintext))
         with self._lock:
@@ -267,12 +268,12 @@ class SdfBackend(Backend):
         off = ctypes.sizeof(self.st.CipherHeader)
         c2 = bytes(buf[off : off + hdr.L])
         raw = b"\x04" + self.st.get(hdr.x) + self.st.get(hdr.y) + bytes(hdr.M) + c2
-        return sm.ct_c1c3c2_to_der(raw)
+        return ct_c1c3c2_to_der(raw)
 
     def _sm2_decrypt(self, rec: KeyRecord, ciphertext: bytes) -> bytes:
-        raw = sm.ct_der_to_c1c3c2(ciphertext)
+        raw = ct_der_to_c1c3c2(ciphertext)
         c2 = raw[97:]
-        if len(c2) > sm.SM2_MAX_PLAINTEXT:
+        if len(c2) > SM2_MAX_PLAINTEXT:
             raise MalformedCiphertext("SM2 ciphertext body too long")
         index = self._index(rec)
         buf, hdr = self._cipher_buf(len(c2))

@@ -18,7 +18,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import hashes as _hashes
 
-from xcstack.crypto.sm import sm3 as _sm3
+from xcstack.crypto.recipes import sm3 as _sm3
 
 try:
     import orjson
@@ -44,7 +44,7 @@ _HASH_PREFIX = b',"hash":"'
 
 
 # The hot loops (append, verify) copy a pre-initialised SM3 context instead of building one per
-# record: the same primitive as `xcstack.crypto.sm.sm3` (cryptography / OpenSSL), ~25% cheaper per
+# record: the same primitive as `xcstack.crypto.recipes.sm3` (cryptography / OpenSSL), ~25% cheaper per
 # ~400-byte record. tests/security check both give the same digests.
 _BASE = _hashes.Hash(_hashes.SM3())
 

@@ -1,4 +1,4 @@
-"""SM2 backends behind `xcstack.crypto.sm` and how one is chosen at import.
+"""SM2 backends behind `xcstack.crypto.primitives.sm2` and how one is chosen at import.
 
 Why several: no single SM2 library installs everywhere xcstack runs. `openssl` (the system libcrypto
 3.x through ctypes, `sm2_openssl.py`) needs nothing installed and uses constant-time scalar
@@ -8,8 +8,8 @@ are in docs/crypto.md ("SM2 backends").
 
 `XC_SM2_BACKEND` = `auto` (default: the first of AUTO_ORDER that loads) or a backend name (that one,
 or no SM2 at all: a configured choice never silently falls back). Every backend works on raw values:
-`sm.py` computes e = SM3(Z||M), validates and converts encodings; a backend declares the signature
-and ciphertext encodings it speaks natively (`native_sig`, `native_ct`) so `sm.py` converts only when
+`sm2.py` computes e = SM3(Z||M), validates and converts encodings; a backend declares the signature
+and ciphertext encodings it speaks natively (`native_sig`, `native_ct`) so `sm2.py` converts only when
 needed. A handle (`load_private` / `load_public`) is built once per key and reused.
 """
 
@@ -19,7 +19,7 @@ import importlib.metadata
 import os
 from typing import Any, Literal, Protocol
 
-from xcstack.crypto.errors import DecryptionFailed
+from xcstack.crypto.errors import CryptoUnavailable, DecryptionFailed
 
 AUTO_ORDER: tuple[str, ...] = ("openssl", "gmssl-pyx", "gmalglib")
 
@@ -34,6 +34,9 @@ class SM2Backend(Protocol):
 
     def generate(self) -> tuple[bytes, bytes]:
         """(d 32 bytes, x||y 64 bytes)."""
+
+    def public_from_private(self, d32: bytes) -> bytes:
+        """x||y of d*G: for a private key imported without its public half (computed once, then stored)."""
 
     def load_private(self, d32: bytes, pub64: bytes) -> Any: ...
 
@@ -77,6 +80,18 @@ class GmsslPyxBackend:
     def generate(self) -> tuple[bytes, bytes]:
         pub, priv = self._g.sm2_key_generate()
         return bytes(priv), bytes(pub)
+
+    def public_from_private(self, d32: bytes) -> bytes:
+        """gmssl-pyx exposes no d*G: the first other backend that loads computes it (once per imported key)."""
+        for name in AUTO_ORDER:
+            if name == self.name:
+                continue
+            try:
+                other = load_backend(name)
+            except (ImportError, OSError, ValueError):
+                continue
+            return other.public_from_private(d32)
+        raise CryptoUnavailable("gmssl-pyx cannot derive an SM2 public key and no other SM2 backend loads")
 
     def load_private(self, d32: bytes, pub64: bytes) -> bytes:
         return d32
@@ -124,6 +139,9 @@ class GmalglibBackend:
         sk, pk = self._SM2(rnd_fn=os.urandom).generate_keypair()
         return bytes(sk), bytes(pk)[1:]
 
+    def public_from_private(self, d32: bytes) -> bytes:
+        return bytes(self._SM2.get_pk(d32))[1:]
+
     def load_private(self, d32: bytes, pub64: bytes) -> Any:
         return self._SM2(sk=d32, rnd_fn=os.urandom)
 
@@ -151,7 +169,7 @@ class GmalglibBackend:
 
 
 def _openssl() -> SM2Backend:
-    from xcstack.crypto.sm2_openssl import OpenSSLBackend
+    from xcstack.crypto.primitives.sm2_openssl import OpenSSLBackend
 
     return OpenSSLBackend()
 

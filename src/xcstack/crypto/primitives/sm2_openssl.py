@@ -6,7 +6,7 @@ downloaded for SM2 on an air-gapped host. OpenSSL computes secret scalar multipl
 nonce k*G, the decryption d*C1) with its Montgomery ladder (`ossl_ec_scalar_mul_ladder`), checks C3
 with CRYPTO_memcmp and draws nonces from its DRBG. ctypes releases the GIL during each call.
 
-Everything here works on raw values: e = SM3(Z||M) is computed by `sm.py` (with its cached Z), so
+Everything here works on raw values: e = SM3(Z||M) is computed by `sm2.py` (with its cached Z), so
 OpenSSL signs and verifies the 32-byte digest (EVP_PKEY_sign/verify on an SM2 key). Signatures and
 ciphertexts are DER (GM/T 0009), as OpenSSL writes them. An EVP_PKEY is built once per key and shared
 between threads (read-only use is thread-safe); each thread initialises its own EVP_PKEY_CTX per
@@ -65,7 +65,20 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "OSSL_PARAM_BLD_push_BN": (_INT, [_VP, _CP, _VP]),
     "OSSL_PARAM_BLD_to_param": (_VP, [_VP]),
     "OSSL_PARAM_free": (None, [_VP]),
+    # d*G for a private key imported without its public half (EC_POINT_mul: the call OpenSSL's own
+    # key generation makes; with a generator scalar only, it runs the constant-time ladder)
+    "OBJ_sn2nid": (_INT, [_CP]),
+    "EC_GROUP_new_by_curve_name": (_VP, [_INT]),
+    "EC_GROUP_free": (None, [_VP]),
+    "EC_POINT_new": (_VP, [_VP]),
+    "EC_POINT_free": (None, [_VP]),
+    "EC_POINT_mul": (_INT, [_VP, _VP, _VP, _VP, _VP, _VP]),
+    "EC_POINT_point2oct": (_SZ, [_VP, _VP, _INT, _CP, _SZ, _VP]),
+    "BN_CTX_new": (_VP, []),
+    "BN_CTX_free": (None, [_VP]),
 }
+
+_POINT_UNCOMPRESSED = 4  # POINT_CONVERSION_UNCOMPRESSED
 
 
 class OpenSSLUnavailable(ImportError):
@@ -192,6 +205,28 @@ class OpenSSLBackend:
             lib.BN_clear_free(bn)
             lib.EVP_PKEY_free(pkey)
             lib.EVP_PKEY_CTX_free(ctx)
+
+    def public_from_private(self, d32: bytes) -> bytes:
+        """x||y of d*G by EC_POINT_mul on the SM2 group (OpenSSL 3.0's EVP import does not derive it)."""
+        lib = self._lib
+        group = lib.EC_GROUP_new_by_curve_name(lib.OBJ_sn2nid(b"SM2"))
+        point = lib.EC_POINT_new(group) if group else None
+        bn = lib.BN_bin2bn(d32, 32, None)
+        bctx = lib.BN_CTX_new()
+        out = ctypes.create_string_buffer(65)
+        try:
+            if (
+                not (group and point and bn and bctx)
+                or lib.EC_POINT_mul(group, point, bn, None, None, bctx) != 1
+                or lib.EC_POINT_point2oct(group, point, _POINT_UNCOMPRESSED, out, 65, bctx) != 65
+            ):
+                raise self._fail("SM2 public key derivation")
+            return out.raw[1:]
+        finally:
+            lib.BN_CTX_free(bctx)
+            lib.BN_clear_free(bn)
+            lib.EC_POINT_free(point)
+            lib.EC_GROUP_free(group)
 
     def load_public(self, pub64: bytes) -> _PKey:
         return self._fromdata(None, pub64)
