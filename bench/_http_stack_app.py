@@ -12,6 +12,7 @@ from starlette.routing import BaseRoute, Route
 
 from xcstack.capability import AppContext
 from xcstack.httputil import JSONResponse
+from xcstack.security.guard import requires_route
 
 UPSTREAM = os.environ.get("XC_BENCH_UPSTREAM", "http://127.0.0.1:1/")
 
@@ -25,9 +26,11 @@ class HttpStackBench:
     def routes(self) -> Sequence[BaseRoute]:
         return [Route("/bench/ping", self.ping), Route("/bench/proxy", self.proxy)]
 
+    @requires_route
     async def ping(self, request: Request) -> Response:
         return JSONResponse({"ok": True})
 
+    @requires_route
     async def proxy(self, request: Request) -> Response:
         assert self.session is not None
         async with self.session.get(UPSTREAM) as r:

@@ -186,8 +186,10 @@ async def bench_requests(data_dir: Path, secured: bool, requests: int, concurren
 
     from xcstack.app import create_app
     from xcstack.config import load_settings
+    from xcstack.security.guard import requires_route
     from xcstack.security.service import SYSTEM
 
+    @requires_route
     async def ok(request: object) -> PlainTextResponse:
         return PlainTextResponse("ok")
 

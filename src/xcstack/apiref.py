@@ -18,6 +18,7 @@ from starlette.routing import BaseRoute, Route
 from xcstack.apidoc import ApiDoc, api_for
 from xcstack.errors import NotFound
 from xcstack.httputil import dumps
+from xcstack.security.guard import public
 
 #: the files of Swagger UI the page loads, served under /docs/, with their media types
 ASSETS = {"swagger-ui.css": "text/css", "swagger-ui-bundle.js": "text/javascript",
@@ -59,21 +60,25 @@ def build_routes(document: Callable[[], dict[str, Any]]) -> list[BaseRoute]:
     static = swagger_dir()
     headers = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY"}
 
+    @public
     async def openapi_json(request: Request) -> Response:
         if not cache:
             cache.append(dumps(document()))
         return Response(cache[0], media_type="application/json", headers={"Cache-Control": "no-cache"})
 
+    @public
     async def page(request: Request) -> Response:
         if static is None:
             raise NotFound("the API reference page needs the swagger-ui-py package; /openapi.json is served",
                            code="not_found")
         return Response(PAGE, media_type="text/html; charset=utf-8", headers=headers)
 
+    @public
     async def init_js(request: Request) -> Response:
         return Response(INIT_JS, media_type="text/javascript", headers=headers)
 
     def asset(name: str) -> Callable[[Request], Any]:
+        @public
         async def serve(request: Request) -> Response:
             if static is None:
                 raise NotFound(f"no {name}: the swagger-ui-py package is not installed", code="not_found")

@@ -1,5 +1,9 @@
 """Builds the ASGI app: core routes (health, readiness, metrics), every capability's routes and
-services, the error model and the observability middleware. The only module that knows them all."""
+services, the error model and the observability middleware. The only module that knows them all.
+
+Every route's ASGI app is wrapped in its permission check here (`security.guard.Guarded`), with the
+authorizer the app was built with: the security capability's, or `AllowAll` when
+`[security] enabled = false`. A route that declares no permission fails the build."""
 
 from __future__ import annotations
 
@@ -8,14 +12,14 @@ import contextlib
 import importlib
 import logging
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 
 from xcstack import apiref, openapi
 from xcstack.apidoc import api
@@ -26,11 +30,21 @@ from xcstack.httputil import JSONResponse, probe_body
 from xcstack.observability.looplag import LoopLagMonitor
 from xcstack.observability.metrics import render
 from xcstack.observability.middleware import ObservabilityMiddleware
+from xcstack.security.guard import (
+    AllowAll,
+    Authorizer,
+    Guarded,
+    UndeclaredPermission,
+    declaration_of,
+    requires_route,
+    undeclared_handlers,
+)
 from xcstack.state.store import StateStore
 
 log = logging.getLogger("xcstack.app")
 
 READY_TIMEOUT_S = 2.0
+SECURITY_MODULE = "xcstack.security.capability"
 
 _HTTP_CODES = {
     400: ("invalid_request_error", "bad_request"),
@@ -101,6 +115,47 @@ async def _unhandled(request: Request, exc: Exception) -> Response:
     )
 
 
+@runtime_checkable
+class AuthorizerProvider(Protocol):
+    """A capability that decides who may call what (the security capability)."""
+
+    def route_authorizer(self) -> Authorizer: ...
+
+
+def guard_routes(routes: Sequence[BaseRoute], authorizer: Authorizer, prefix: str = "") -> None:
+    """Wrap every route's ASGI app (through Mounts) in its permission check; raise
+    UndeclaredPermission naming every route without a declaration."""
+    missing: list[str] = []
+    _guard(routes, authorizer, prefix, missing)
+    if missing:
+        raise UndeclaredPermission(
+            "routes without a permission declaration (mark them @requires(resource, action), @requires_route, "
+            "@public or @authenticated; see security/guard.py): " + "; ".join(missing))
+
+
+def _guard(routes: Sequence[BaseRoute], authorizer: Authorizer, prefix: str, missing: list[str]) -> None:
+    for route in routes:
+        if isinstance(route, Mount):
+            inner = list(route.routes)
+            if inner:
+                _guard(inner, authorizer, prefix + route.path, missing)
+                continue
+            endpoint, template, methods = route.app, prefix + route.path + "/{path:path}", "*"
+        elif isinstance(route, (Route, WebSocketRoute)):
+            endpoint, template = route.endpoint, prefix + route.path
+            methods = ",".join(sorted(getattr(route, "methods", None) or ())) or "*"
+        else:
+            missing.append(f"{type(route).__name__} {getattr(route, 'path', route)!r} (not a Route or Mount)")
+            continue
+        undeclared = undeclared_handlers(endpoint)
+        if undeclared:
+            where = f"{methods} {template} ({getattr(endpoint, '__qualname__', type(endpoint).__qualname__)}"
+            missing.append(where + (f": {', '.join(undeclared)})" if undeclared != ["*"] else ")"))
+            continue
+        base = route.app.app if isinstance(route.app, Guarded) else route.app  # a route built into another app
+        route.app = Guarded(base, endpoint, template, authorizer)
+
+
 class XCStackApp:
     """The capabilities of one http worker and the core endpoints around them."""
 
@@ -114,6 +169,7 @@ class XCStackApp:
         self.ctx.provide("loop_lag", self.lag)
         self.capabilities: list[Capability] = []
         modules = [*CAPABILITY_MODULES, *settings.server.plugins] if capability_modules is None else capability_modules
+        self.modules = list(modules)
         for name in modules:
             cap = importlib.import_module(name).create(self.ctx)
             if cap is not None:
@@ -128,7 +184,27 @@ class XCStackApp:
         for cap in self.capabilities:
             routes.extend(cap.routes())
         routes.extend(apiref.build_routes(lambda: self.openapi(routes)))
+        guard_routes(routes, self.authorizer())
         return routes
+
+    def authorizer(self) -> Authorizer:
+        """The security capability's authorizer; `AllowAll` only when `[security] enabled = false`
+        says so, or when the app was built without the security capability on purpose (an explicit
+        capability list without it: tests, benchmarks). Anything else raises."""
+        providers = [c for c in self.capabilities if isinstance(c, AuthorizerProvider)]
+        if len(providers) > 1:
+            raise RuntimeError(f"more than one authorizer: {[getattr(c, 'name', c) for c in providers]}")
+        if providers:
+            return providers[0].route_authorizer()
+        if not self.settings.security.enabled:
+            log.warning("SECURITY DISABLED ([security] enabled = false): every route is open to anyone, "
+                        "nothing is authenticated, authorized or audited")
+            return AllowAll()
+        if SECURITY_MODULE not in self.modules:
+            log.warning("app built without the security capability (capability list %s): every route is open",
+                        list(self.modules))
+            return AllowAll()
+        raise RuntimeError("[security] enabled = true but the security capability provides no authorizer")
 
     def openapi(self, routes: Sequence[BaseRoute]) -> dict[str, Any]:
         """The OpenAPI document of this app's routes (see openapi.py)."""
@@ -138,9 +214,10 @@ class XCStackApp:
         public: list[tuple[str, str]] = [("*", p) for p in apiref.public_paths()]
         self_service: frozenset[str] = frozenset()
         if security:
-            from xcstack.security.middleware import PUBLIC_ROUTES, SELF_SERVICE
+            from xcstack.security.middleware import PUBLIC_ROUTES
 
-            self_service = SELF_SERVICE
+            self_service = frozenset(r.path for r in routes if isinstance(r, Route)
+                                     and getattr(declaration_of(r.endpoint), "kind", None) == "authenticated")
 
             sec = self.settings.security
             public += [("*", p) for p in sec.public_paths] + list(PUBLIC_ROUTES)
@@ -187,11 +264,13 @@ class XCStackApp:
             await self.ctx.state.close()
 
     @api("Liveness: the worker answers", response=_HEALTH, tag="core")
+    @requires_route  # public through `[security] public_paths` / `metrics_public`
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
     @api("Readiness of every capability (details only for an authenticated caller)", response=_READY,
          also={503: _READY}, tag="core")
+    @requires_route  # public through `[security] public_paths` / `metrics_public`
     async def readyz(self, request: Request) -> Response:
         checks = await asyncio.gather(*(self._ready(cap) for cap in self.capabilities))
         details: dict[str, Any] = {name: probe_body(request.scope, ok, detail) for name, ok, detail in checks}
@@ -211,6 +290,7 @@ class XCStackApp:
         return cap.name, ok, detail
 
     @api("Prometheus metrics", streams={"text/plain": "Prometheus exposition format"}, tag="core")
+    @requires_route  # public through `[security] public_paths` / `metrics_public`
     async def metrics(self, request: Request) -> Response:
         body, content_type = render()
         return Response(body, media_type=content_type)

@@ -18,6 +18,7 @@ from starlette.routing import BaseRoute, Route
 from xcstack.app import create_app
 from xcstack.config import load_settings
 from xcstack.observability.logs import setup_logging
+from xcstack.security.guard import requires_route
 
 
 class EdgeCapability:
@@ -26,6 +27,7 @@ class EdgeCapability:
     def routes(self) -> list[BaseRoute]:
         return [Route("/v1/edge/stream", self.stream, methods=["POST"])]
 
+    @requires_route
     async def stream(self, request: Request) -> Response:
         await request.body()
 

@@ -16,6 +16,7 @@ from starlette.routing import BaseRoute, Route
 from xcstack.capability import AppContext, SideProcessSpec
 from xcstack.httputil import JSONResponse, read_model
 from xcstack.ipc.channel import IPCServer, socket_accepts
+from xcstack.security.guard import requires_route
 
 READY = {"ok": True}
 
@@ -36,18 +37,22 @@ class ProbeCapability:
             Route("/v1/crash", self.crash, methods=["GET"]),
         ]
 
+    @requires_route
     async def echo(self, request: Request) -> Response:
         body = await read_model(request, Echo)
         return JSONResponse({"text": body.text * body.n})
 
+    @requires_route
     async def slow(self, request: Request) -> Response:
         await asyncio.sleep(float(request.query_params.get("s", "1")))
         return JSONResponse({"slept": True})
 
+    @requires_route
     async def block(self, request: Request) -> Response:
         time.sleep(float(request.query_params.get("s", "0.2")))  # noqa: ASYNC251 - deliberately blocks the loop
         return JSONResponse({"blocked": True})
 
+    @requires_route
     async def crash(self, request: Request) -> Response:
         raise RuntimeError("secret internal detail")
 

@@ -23,7 +23,7 @@ from starlette.testclient import TestClient
 from xcstack.app import create_app
 from xcstack.config import load_settings, masked_dump
 from xcstack.security.capability import SecurityCapability
-from xcstack.security.guard import audit, authorize, requires
+from xcstack.security.guard import audit, authorize, requires, requires_route
 from xcstack.security.service import SYSTEM
 
 from .conftest import audit_records
@@ -37,16 +37,19 @@ async def marked(request: Request) -> Response:
     return JSONResponse({"ok": True})
 
 
+@requires_route  # the route's own permission: route:<template>, <method>
 async def plain(request: Request) -> Response:
     return JSONResponse({"ok": True})
 
 
+@requires_route
 async def fine(request: Request) -> Response:
     await authorize(request, "collection:docs", "read")
     await audit(request, "collection.read", "collection:docs", "success", {"n": 1})
     return JSONResponse({"ok": True})
 
 
+@requires_route
 async def boom(request: Request) -> Response:
     raise RuntimeError("kaboom")
 
@@ -57,6 +60,7 @@ class KeyEndpoint(HTTPEndpoint):
         return JSONResponse({"ok": True})
 
 
+@requires_route
 async def raw_asgi(scope: Any, receive: Any, send: Any) -> None:  # an opaque mounted app
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
     await send({"type": "http.response.body", "body": b"raw"})

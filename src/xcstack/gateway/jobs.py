@@ -37,7 +37,7 @@ from xcstack.gateway.service import ENDPOINTS, GatewayService, _Stop, key_id
 from xcstack.gateway.settings import JobSettings
 from xcstack.gateway.watchdog import Watchdog
 from xcstack.httputil import JSONResponse, dumps, loads, read_json
-from xcstack.security.guard import authorize
+from xcstack.security.guard import authorize, requires_route
 
 log = logging.getLogger("xcstack.gateway.jobs")
 
@@ -337,6 +337,7 @@ class JobManager:
         return out
 
     def routes(self) -> list[BaseRoute]:
+        @requires_route
         @api("Queue a non-streamed gateway request as an async job (202 + `Location: /v1/jobs/{id}`)",
              body=p.JobCreate, response=p.JobSummary, status=202, errors=(404,), checks=_JOB_CHECKS,
              description="The `body` is validated as the endpoint would validate it (400); `stream` is forced off. "
@@ -348,18 +349,21 @@ class JobManager:
             job = await self.submit(key_id(request.scope), data, request)
             return JSONResponse(job, status_code=202, headers={"Location": f"/v1/jobs/{job['id']}"})
 
+        @requires_route
         @api("One of the caller's jobs: its status, and its result or error once finished", response=p.Job,
              errors=(404,), description=_OWN)
         @_json_errors
         async def get_job(request: Request) -> Response:
             return JSONResponse(await self.get(key_id(request.scope), request.path_params["job_id"]))
 
+        @requires_route
         @api("Cancel one of the caller's jobs (queued: it never runs; running: its upstream call is cancelled)",
              response=p.Job, errors=(404,), description=_OWN + " A finished job is answered unchanged.")
         @_json_errors
         async def delete_job(request: Request) -> Response:
             return JSONResponse(await self.cancel(key_id(request.scope), request.path_params["job_id"]))
 
+        @requires_route
         @api("The caller's jobs, newest first (without results)", response=p.JobList, description=_OWN)
         @_json_errors
         async def list_jobs(request: Request) -> Response:
@@ -374,6 +378,7 @@ class JobManager:
 
 
 def disabled_routes() -> list[BaseRoute]:
+    @requires_route
     @api("Async jobs are disabled on this node: every call answers 404 `jobs_disabled`", status=404, errors=(404,))
     async def off(request: Request) -> Response:
         err = NotFound("async jobs are disabled ([gateway.jobs] enabled = false)", code=p.JOBS_DISABLED)

@@ -3,9 +3,9 @@
 The generation endpoints are raw ASGI apps (not `request_response` functions) so the service
 controls the body read, `http.disconnect` watching and the streamed `send` itself.
 
-Permissions: the routes carry no `@requires` mark, so the security middleware checks the route
-permission (`route:/v1/chat/completions`, `post`, ...); the gateway then checks the model itself
-with `authorize(request, "model:<name>", "invoke")` (also when a job is submitted).
+Permissions: the routes declare the route permission (`@requires_route`: `route:/v1/chat/completions`,
+`post`, ...); the gateway then checks the model itself with `authorize(request, "model:<name>",
+"invoke")` (also when a job is submitted).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from xcstack.gateway import protocol as p
 from xcstack.gateway.service import ENDPOINTS, Endpoint, GatewayService
 from xcstack.gateway.types import Receive, Scope, Send
 from xcstack.httputil import JSONResponse
+from xcstack.security.guard import requires_route
 
 if TYPE_CHECKING:
     from xcstack.gateway.jobs import JobManager
@@ -75,13 +76,14 @@ class ProxyEndpoint:
 
 
 def build_routes(service: GatewayService, jobs: JobManager | None) -> list[BaseRoute]:
+    @requires_route
     @api("The models served here: the upstreams' models and aliases, and the local models", response=p.ModelList)
     async def list_models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": service.list_models()})
 
     routes: list[BaseRoute] = []
     for path, ep in ENDPOINTS.items():
-        endpoint = ProxyEndpoint(service, ep)
+        endpoint = requires_route(ProxyEndpoint(service, ep))
         api_for("POST", endpoint, PROXY_DOCS[path])
         routes.append(Route(path, endpoint, methods=["POST"]))
     routes.append(Route("/v1/models", list_models, methods=["GET"]))

@@ -46,7 +46,7 @@ from xcstack.inference.protocol import (
     encode_infer_response,
 )
 from xcstack.inference.repository import ModelConfig
-from xcstack.security.guard import authorize, requires
+from xcstack.security.guard import authorize, requires, requires_route
 
 if TYPE_CHECKING:
     from xcstack.inference.capability import InferenceCapability
@@ -122,14 +122,17 @@ class InferenceRoutes:
             await self.cap.pacer.turn()
 
     # --- health and metadata ---------------------------------------------------------------------
+    @requires_route
     @api("KServe v2 server metadata", response=ServerMetadata)
     async def server_metadata(self, request: Request) -> Response:
         return JSONResponse({"name": "xcstack", "version": "0.1.0", "extensions": ["binary_tensor_data"]})
 
+    @requires_route
     @api("KServe v2 liveness", response=ServerLive)
     async def live(self, request: Request) -> Response:
         return JSONResponse({"live": True})
 
+    @requires_route
     @api("KServe v2 readiness of the inference server (details only for an authenticated caller)",
          response=ReadyProbe, also={503: ReadyProbe})
     async def ready(self, request: Request) -> Response:

@@ -32,9 +32,10 @@ from starlette.routing import BaseRoute
 
 from xcstack.aio import cancel_and_wait
 from xcstack.capability import AppContext
-from xcstack.errors import Forbidden, Unauthorized, XCError
+from xcstack.errors import XCError
 from xcstack.security.audit.export import Exporter, HttpSink, Sink, SyslogTcpSink
 from xcstack.security.audit.log import AuditLog
+from xcstack.security.authz import SecurityAuthorizer
 from xcstack.security.keys import ensure_key, local_signer
 from xcstack.security.lockout import Lockout, RedisLockout, StateLockout
 from xcstack.security.middleware import SecurityMiddleware
@@ -52,7 +53,7 @@ SECRETBOX_KEY = "security-secrets"
 def local_secretbox(ctx_settings: Any) -> LocalSecretBox:
     """SM4 key derived from the crypto master key (HMAC-SM3), for when the crypto owner is absent."""
     from xcstack.crypto.keystore import load_master_key
-    from xcstack.crypto.sm import hmac_sm3
+    from xcstack.crypto.recipes import hmac_sm3
 
     master = load_master_key(ctx_settings.crypto, ctx_settings.data_dir)
     return LocalSecretBox(hmac_sm3(master, b"xcstack-security-secretbox-v1")[:16])
@@ -91,6 +92,7 @@ class SecurityCapability:
             else:
                 lockout = StateLockout(ctx.state, s.lockout_threshold, s.lockout_s, clock)
         self.service = SecurityService(s, ctx.state, _LazyBox(self), lockout, self.audit, clock)
+        self._authz = SecurityAuthorizer(self.service, frozenset({f"key:{s.signing_key}", f"key:{SECRETBOX_KEY}"}))
         self._tasks: list[asyncio.Task[Any]] = []
         self._exporters: list[Exporter] = []
         self.trust_monitor: Any = None
@@ -190,14 +192,9 @@ class SecurityCapability:
         return True, detail
 
     # -- guard seam ------------------------------------------------------------------------------
-    async def authorizer(self, request: Request, resource: str, action: str) -> None:
-        pr = request.scope.get("xc.principal")
-        if not isinstance(pr, Principal):
-            raise Unauthorized("authentication required", code="unauthorized")
-        if not await self.service.is_allowed(pr, resource, action):
-            await self.service.audit(pr.name, "access.denied", resource, "denied", _info(request),
-                                     {"action": action, "roles": list(pr.roles)})
-            raise Forbidden(f"permission denied: {action} on {resource}", code="forbidden")
+    def route_authorizer(self) -> SecurityAuthorizer:
+        """The app's authorizer: `app.py` wraps every route with its check, the middleware installs it."""
+        return self._authz
 
     async def audit_sink(
         self, request: Request, action: str, resource: str, outcome: str, detail: dict[str, Any] | None

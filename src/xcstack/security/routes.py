@@ -30,7 +30,7 @@ from xcstack.security import protocol as p
 from xcstack.security.audit import record as rec
 from xcstack.security.audit.log import list_chains, list_segments, read_segment
 from xcstack.security.audit.verify import verify_chain
-from xcstack.security.guard import requires
+from xcstack.security.guard import authenticated, public, requires
 from xcstack.security.service import Principal, ReqInfo
 
 if TYPE_CHECKING:
@@ -74,6 +74,7 @@ def _info(request: Request) -> ReqInfo:
 def build_routes(cap: SecurityCapability) -> list[BaseRoute]:
     svc = cap.service
 
+    @public
     @api("Sign in: a session token for a user name and password (and a TOTP or recovery code once enrolled)",
          body=p.LoginRequest, response=p.LoginResult, errors=(401,),
          description="Wrong credentials answer 401 `invalid_credentials`, a missing or wrong second factor 401 "
@@ -83,15 +84,18 @@ def build_routes(cap: SecurityCapability) -> list[BaseRoute]:
         out = await svc.login(body.username, body.password, body.totp, body.recovery_code, _info(request))
         return JSONResponse(out)
 
+    @authenticated
     @api("Sign out: end this session", body=None, response=p.SecurityOk, checks=SELF)
     async def logout(request: Request) -> Response:
         await svc.logout(_principal(request), _info(request))
         return JSONResponse({"ok": True})
 
+    @authenticated
     @api("Who the caller is: its principal, roles and session restriction", response=p.PrincipalInfo, checks=SELF)
     async def me(request: Request) -> Response:
         return JSONResponse(_principal(request).to_dict())
 
+    @authenticated
     @api("Change the caller's own password (ends the user's other sessions)", body=p.PasswordChange,
          response=p.SecurityOk, checks=SELF,
          description="A wrong current password answers 401 `invalid_credentials` and counts toward the lockout; "
@@ -101,11 +105,13 @@ def build_routes(cap: SecurityCapability) -> list[BaseRoute]:
         await svc.change_password(_principal(request), body.old_password, body.new_password, _info(request))
         return JSONResponse({"ok": True})
 
+    @authenticated
     @api("Begin TOTP enrolment: a new secret for the caller's authenticator app", body=None,
          response=p.TotpEnrollment, errors=(409,), checks=SELF)
     async def totp_enroll(request: Request) -> Response:
         return JSONResponse(await svc.totp_begin(_principal(request), _info(request)))
 
+    @authenticated
     @api("Finish TOTP enrolment with a first code; answers the recovery codes", body=p.TotpConfirm,
          response=p.RecoveryCodes, errors=(409,), checks=SELF)
     async def totp_confirm(request: Request) -> Response:
