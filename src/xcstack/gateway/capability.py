@@ -24,6 +24,7 @@ from typing import Any
 from starlette.routing import BaseRoute
 
 from xcstack.capability import AppContext
+from xcstack.gateway import metrics
 from xcstack.gateway.jobs import JobManager, disabled_routes
 from xcstack.gateway.jobstore import open_job_store
 from xcstack.gateway.routes import build_routes
@@ -38,6 +39,7 @@ class GatewayCapability:
         self.ctx = ctx
         settings = ctx.settings.gateway
         inference = ctx.settings.inference
+        metrics.limit_keys(settings.metrics_keys)
         self.service = GatewayService(settings, max_body_bytes=ctx.settings.server.max_body_bytes,
                                       services=ctx.services,
                                       default_embedding_model=inference.default_embedding_model

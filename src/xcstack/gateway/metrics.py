@@ -1,12 +1,38 @@
 """Prometheus metrics of the gateway (default registry; `/metrics` is served by the app).
 
 `key` labels are API key ids (a hash prefix of the bearer token, or the security principal's id),
-never the token itself.
+never the token itself. Their cardinality is bounded (`[gateway] metrics_keys`): the first N keys a
+worker sees keep their own series, later ones are counted as `key="other"`; 0 counts all as `"-"`.
 """
 
 from __future__ import annotations
 
+from typing import Generic
+
 from prometheus_client import Counter, Gauge, Histogram, Summary
+
+from xcstack.observability.metrics import BoundedLabel, Children, M
+
+#: the per-key label of this process (`limit_keys` sets N from the settings when the gateway starts)
+KEYS = BoundedLabel(100)
+
+
+def limit_keys(n: int) -> None:
+    """Set N of the `key` label: keys already given a series keep it."""
+    KEYS.limit = n
+
+
+class Keyed(Generic[M]):
+    """A metric whose first label is an API key: `labels(key, ...)` bounds the key (`KEYS`) and
+    caches the child, so callers use it as they would the metric itself."""
+
+    def __init__(self, metric: M, keys: BoundedLabel = KEYS) -> None:
+        self.metric = metric
+        self.keys = keys
+        self._children = Children(metric)
+
+    def labels(self, key: str, *rest: str) -> M:
+        return self._children(self.keys(key), *rest)
 
 REQUESTS = Counter(
     "xc_gateway_requests", "Gateway requests by endpoint, model and status", ["endpoint", "model", "status"]
@@ -41,16 +67,18 @@ TOKENS_PER_S = Histogram(
     ["model"],
     buckets=(1, 5, 10, 20, 40, 80, 160, 320, 640, 1280, 5000),
 )
-KEY_TTFT = Summary(
+KEY_TTFT = Keyed(Summary(
     "xc_gateway_key_ttft_seconds", "Time to first token per API key and model (sum, count: the mean)", ["key", "model"]
-)
-KEY_GENERATION = Summary(
+))
+KEY_GENERATION = Keyed(Summary(
     "xc_gateway_key_generation_seconds",
     "Generation time per API key and model (streams: after the first token; non-streamed: the whole upstream call); "
     "tokens/s = completion tokens / this sum",
     ["key", "model"],
-)
-TOKENS = Counter("xc_gateway_tokens", "Tokens by API key, model and kind (prompt/completion)", ["key", "model", "kind"])
+))
+TOKENS = Keyed(Counter(
+    "xc_gateway_tokens", "Tokens by API key, model and kind (prompt/completion)", ["key", "model", "kind"]
+))
 JOBS = Counter("xc_gateway_jobs", "Async jobs by final status", ["status"])
 
 

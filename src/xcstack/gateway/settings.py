@@ -204,6 +204,11 @@ class GatewaySettings(BaseModel):
     queue_timeout_s: float = Field(default=5.0, ge=0, le=600, description="longest wait for a slot before 503")
     max_tokens_limit: int = Field(default=131_072, ge=1, le=10_000_000, description="largest max_tokens accepted")
     max_sse_event_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    metrics_keys: int = Field(
+        default=100, ge=0, le=100_000,
+        description='per-API-key metric series: the first N keys a worker sees keep their own `key` label, later '
+                    'ones count as `key="other"`; 0: no per-key series (`key="-"`)',
+    )
     redis_url: SecretStr | None = Field(
         default=None,
         description='redis://... shares rate limits (and, with jobs.store = "redis", the job queue) between instances',

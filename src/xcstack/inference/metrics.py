@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from xcstack.observability.metrics import LATENCY_BUCKETS
+from xcstack.observability.metrics import LATENCY_BUCKETS, Children
 
 BATCH_ROWS = Histogram(
     "xc_inference_batch_rows",
@@ -34,18 +34,12 @@ DEVICE_LIVE_BYTES = Gauge(
 WORKER_RESTARTS = Counter("xc_inference_worker_unavailable_total", "Calls that found a model worker down", ["worker"])
 
 
-_REQ_CHILDREN: dict[tuple[str, str, str], Counter] = {}
+_REQUESTS = Children(REQUESTS, limit=4096)  # model names come from the repository
 
 
 def count_request(model: str, api: str, outcome: str) -> None:
-    """REQUESTS.labels(...).inc() with the child cached (labels() costs more than the increment)."""
-    key = (model, api, outcome)
-    child = _REQ_CHILDREN.get(key)
-    if child is None:
-        if len(_REQ_CHILDREN) > 4096:  # bounded: model names come from the repository, but be safe
-            _REQ_CHILDREN.clear()
-        child = _REQ_CHILDREN[key] = REQUESTS.labels(model, api, outcome)
-    child.inc()
+    """REQUESTS.labels(...).inc() with the child cached."""
+    _REQUESTS(model, api, outcome).inc()
 
 
 def count_departed(model: str, api: str) -> None:
