@@ -6,11 +6,12 @@ fails at start-up with `ConfigError`, whose message names every bad key and the 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
@@ -118,7 +119,6 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="XC_", env_nested_delimiter="__", extra="forbid", validate_default=True
     )
-    _toml_path: ClassVar[Path | None] = None
 
     data_dir: Path = Field(Path("var"), description="state, models, audit log, keys, sockets")
     server: ServerSettings = ServerSettings()
@@ -141,10 +141,19 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if cls._toml_path is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._toml_path))
-        return tuple(sources)
+        # the TOML file is `model_config["toml_file"]`: set only on the per-file subclass of `load_settings`
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+
+@functools.lru_cache(maxsize=16)
+def _from_file(toml_path: Path) -> type[Settings]:
+    """Settings that also read `toml_path` (below env and overrides); a subclass per file, so that
+    loading shares no mutable state (the file is read at each instantiation)."""
+
+    class FileSettings(Settings):
+        model_config = SettingsConfigDict(**{**Settings.model_config, "toml_file": toml_path})
+
+    return FileSettings
 
 
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
@@ -159,13 +168,14 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
                 tomllib.load(fh)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {toml_path}: invalid TOML: {exc}") from exc
-    Settings._toml_path = toml_path
     try:
-        return Settings(**overrides)
+        if toml_path is None:
+            return Settings(**overrides)
+        loaded = _from_file(toml_path.resolve())(**overrides)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, toml_path)) from None
-    finally:
-        Settings._toml_path = None
+    # a plain `Settings` (picklable, `type(s) is Settings`) with the values already validated
+    return Settings.model_construct(loaded.model_fields_set, **{k: getattr(loaded, k) for k in Settings.model_fields})
 
 
 def format_validation_error(exc: ValidationError, source: Path | None = None) -> str:

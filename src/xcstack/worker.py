@@ -276,26 +276,36 @@ def _silent_connection_sweeper(sock: socket.socket, idle_s: float) -> threading.
     return stop
 
 
-def run_granian(settings: Settings, sock: socket.socket, app: Any) -> None:
-    """Granian's embedded server on our inherited socket (one Rust runtime thread, asyncio loop), HTTP/1.1
-    only, as uvicorn (the head timeout and size limits are HTTP/1 settings)."""
+def inherited_socket_server(sock: socket.socket, backlog: int) -> type[Any]:
+    """Granian's embedded `Server`, serving on `sock` (inherited from the supervisor) instead of binding.
+
+    Granian has no public interface for an already-listening socket, so this overrides its private
+    `_init_shared_socket` and wraps our fd in `granian._granian.SocketHolder`. That is why pyproject.toml
+    pins granian to the versions verified; tests/core/test_granian_seam.py fails on one that breaks it."""
     from granian._granian import SocketHolder
-    from granian.constants import HTTPModes, Interfaces
-    from granian.http import HTTP1Settings
     from granian.server.embed import Server
 
     class InheritedSocketServer(Server):  # type: ignore[misc]
         def _init_shared_socket(self) -> None:
             self._ssp = None  # type: ignore[assignment]
-            self._shd = SocketHolder(sock.fileno(), False, settings.server.backlog)  # type: ignore[assignment,call-arg]
+            self._shd = SocketHolder(sock.fileno(), False, backlog)  # type: ignore[assignment,call-arg]
             self._sfd = sock.fileno()  # type: ignore[assignment]
+
+    return InheritedSocketServer
+
+
+def run_granian(settings: Settings, sock: socket.socket, app: Any) -> None:
+    """Granian's embedded server on our inherited socket (one Rust runtime thread, asyncio loop), HTTP/1.1
+    only, as uvicorn (the head timeout and size limits are HTTP/1 settings)."""
+    from granian.constants import HTTPModes, Interfaces
+    from granian.http import HTTP1Settings
 
     host, port = sock.getsockname()[:2]  # for granian's own log lines; the socket is inherited
     http1 = HTTP1Settings(
         header_read_timeout=max(1, round(settings.server.header_timeout_s * 1000)),
         max_buffer_size=max(8192 + 4096 * 100, server_head_limit(settings)),
     )
-    server = InheritedSocketServer(
+    server = inherited_socket_server(sock, settings.server.backlog)(
         app, address=host, port=port, interface=Interfaces.ASGI, log_access=False, backlog=settings.server.backlog,
         http=HTTPModes.http1, http1_settings=http1,
     )
