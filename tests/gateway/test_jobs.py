@@ -19,7 +19,7 @@ import redis
 from tests.gateway.conftest import GatewayProcess, GatewayServer, MockUpstream, free_port, upstream, write_config
 from xcstack.config import ConfigError, load_settings
 from xcstack.gateway.jobstore import JobStore, SQLJobStore
-from xcstack.gateway.jobstore_redis import RedisJobStore
+from xcstack.gateway.jobstore.redis import RedisJobStore
 from xcstack.gateway.settings import JobSettings
 from xcstack.state.store import open_store
 

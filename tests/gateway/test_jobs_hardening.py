@@ -20,7 +20,7 @@ from tests.gateway import test_jobs
 from tests.gateway.conftest import MockUpstream, free_port, upstream
 from tests.gateway.test_jobs import CHAT, REDIS, Store, _drop_prefix, _new_prefix, submit, wait_status
 from xcstack.gateway.jobs import JobManager
-from xcstack.gateway.jobstore_redis import _FINISH, RedisJobStore
+from xcstack.gateway.jobstore.redis import FINISH, RedisJobStore
 from xcstack.gateway.settings import JobSettings
 
 REDIS_PORT = 6379
@@ -136,9 +136,9 @@ def test_result_survives_a_redis_outage_at_completion(proxy: CuttableProxy, gate
     caplog.set_level(logging.INFO, logger="xcstack.gateway.jobs")
     caplog.set_level(logging.ERROR, logger="asyncio")
     prefix = _new_prefix()
-    finish_sha = hashlib.sha1(_FINISH.encode()).hexdigest().encode()
+    finish_sha = hashlib.sha1(FINISH.encode()).hexdigest().encode()
     r = redis.Redis.from_url(REDIS)
-    r.script_load(_FINISH)  # loaded: the store's one finish call is one EVALSHA on the wire
+    r.script_load(FINISH)  # loaded: the store's one finish call is one EVALSHA on the wire
     r.close()
     try:
         jobs = {"store": "redis", "concurrency": 2 if nodes == 1 else 1, "lease_s": 1, "poll_s": 0.1}

@@ -2,7 +2,7 @@
 uses the same Redis (`gateway.redis_url`) and key prefix (`gateway.redis_prefix` + "jobs:").
 
 Keys, under the prefix P:
-- `P job:<id>`: a hash per job (the fields of `jobstore.FIELDS`; an absent field is None);
+- `P job:<id>`: a hash per job (the fields of `base.FIELDS`; an absent field is None);
 - `P queued`: ZSET of queued ids scored by `created_at` (claimed oldest first);
 - `P running`: ZSET of running ids scored by `lease_until` (expired leases are requeued);
 - `P owner:<owner>`: ZSET of an owner's ids scored by `created_at` (listing);
@@ -27,7 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from xcstack.errors import Overloaded
-from xcstack.gateway.jobstore import Job
+from xcstack.gateway.jobstore.base import Job
 
 log = logging.getLogger("xcstack.gateway.jobs")
 
@@ -81,8 +81,8 @@ return gone
 """
 
 # KEYS: job, running, expiring. ARGV: id, worker, status, finished_at, expires_at, expires_at ms,
-# http_status, result, error ('' = none).
-_FINISH = """
+# http_status, result, error ('' = none). Public: tests check that a finish is one EVALSHA of it.
+FINISH = """
 local v = redis.call('HMGET', KEYS[1], 'status', 'worker', 'owner')
 if v[1] ~= 'running' or v[2] ~= ARGV[2] then return 0 end
 redis.call('HDEL', KEYS[1], 'lease_until', 'http_status', 'result', 'error')
@@ -214,7 +214,7 @@ class RedisJobStore:
             url, decode_responses=True, socket_timeout=socket_timeout_s, socket_connect_timeout=2.0)
         reg = self.redis.register_script
         self._submit, self._claim, self._renew = reg(_SUBMIT), reg(_CLAIM), reg(_RENEW)
-        self._finish, self._cancel, self._requeue = reg(_FINISH), reg(_CANCEL), reg(_REQUEUE)
+        self._finish, self._cancel, self._requeue = reg(FINISH), reg(_CANCEL), reg(_REQUEUE)
         self._expire_leases, self._sweep = reg(_EXPIRE_LEASES), reg(_SWEEP)
 
     async def start(self) -> None:
