@@ -278,7 +278,7 @@ def test_with_the_real_inference_capability(tmp_path: Any, mock: MockUpstream) -
     (b"plain words", "text/plain", "plain words", "invalid_request_error"),
 ])
 def test_upstream_rejection_is_relayed_in_the_error_model(body: bytes, ctype: str, message: str, etype: str) -> None:
-    from xcstack.gateway.service import rejection_body
+    from xcstack.gateway.failover import rejection_body
 
     out = json.loads(rejection_body("u1", 400, body))
     assert out == {"error": {"type": etype, "code": "upstream_rejected", "message": message,

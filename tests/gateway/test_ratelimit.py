@@ -13,8 +13,8 @@ import pytest
 import redis
 
 from tests.gateway.conftest import MockUpstream, free_port, upstream
+from xcstack.gateway.asgi import key_id
 from xcstack.gateway.ratelimit import RateLimiter
-from xcstack.gateway.service import key_id
 from xcstack.gateway.settings import RateLimitSettings
 
 MSG = [{"role": "user", "content": "hi"}]

@@ -27,8 +27,9 @@ from xcstack.capability import AppContext
 from xcstack.gateway import metrics
 from xcstack.gateway.jobs import JobManager, disabled_routes
 from xcstack.gateway.jobstore import open_job_store
+from xcstack.gateway.prepare import ENDPOINTS
 from xcstack.gateway.routes import build_routes
-from xcstack.gateway.service import ENDPOINTS, GatewayService
+from xcstack.gateway.service import GatewayService
 from xcstack.gateway.watchdog import Watchdog
 
 

@@ -1,9 +1,9 @@
 """Async jobs: `POST /v1/jobs` queues any non-streamed gateway request, `GET /v1/jobs/{id}` reads
 its status and result, `DELETE /v1/jobs/{id}` cancels it.
 
-Jobs live in a `JobStore` (`jobstore.py`): the state store by default (`ctx.state`: SQLite, or
+Jobs live in a `JobStore` (`jobstore/`): the state store by default (`ctx.state`: SQLite, or
 PostgreSQL/KingbaseES with `[state] url`), or Redis with `[gateway.jobs] store = "redis"`
-(`jobstore_redis.py`), so a restart loses no queued or finished job. Each http worker runs at most
+(`jobstore/redis.py`), so a restart loses no queued or finished job. Each http worker runs at most
 `jobs.concurrency` jobs; a job is claimed atomically (oldest first), holds a lease renewed while it
 runs, and is requeued when its worker dies (lease expired). Finished jobs expire after `ttl_s`.
 
@@ -32,8 +32,11 @@ from xcstack.apidoc import api
 from xcstack.errors import NotFound, Overloaded, XCError
 from xcstack.gateway import metrics
 from xcstack.gateway import protocol as p
+from xcstack.gateway.asgi import key_id
+from xcstack.gateway.failover import Stopped
 from xcstack.gateway.jobstore import JobStore
-from xcstack.gateway.service import ENDPOINTS, GatewayService, _Stop, key_id
+from xcstack.gateway.prepare import ENDPOINTS
+from xcstack.gateway.service import GatewayService
 from xcstack.gateway.settings import JobSettings
 from xcstack.gateway.watchdog import Watchdog
 from xcstack.httputil import JSONResponse, dumps, loads, read_json
@@ -221,7 +224,7 @@ class JobManager:
                 # Cancelled by DELETE (already recorded) or by shutdown (stop() requeues it).
                 await wd.close()
                 raise
-        except _Stop as stop:
+        except Stopped as stop:
             error = dumps({"error": {"type": "server_error", "code": p.UPSTREAM_TIMEOUT,
                                      "message": f"job stopped: {stop.reason}"}})
             http_status = 504

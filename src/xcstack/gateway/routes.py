@@ -18,7 +18,8 @@ from starlette.routing import BaseRoute, Route
 
 from xcstack.apidoc import SSE, ApiDoc, api, api_for
 from xcstack.gateway import protocol as p
-from xcstack.gateway.service import ENDPOINTS, Endpoint, GatewayService
+from xcstack.gateway.prepare import ENDPOINTS, Endpoint
+from xcstack.gateway.service import GatewayService
 from xcstack.gateway.types import Receive, Scope, Send
 from xcstack.httputil import JSONResponse
 from xcstack.security.guard import requires_route

@@ -8,6 +8,9 @@ relay also checks `watchdog.reason` per chunk (see FIELD-NOTES "Disconnect under
 
 The disconnect loop itself is `xcstack.disconnect.wait_disconnect`, shared with the other capabilities
 (whose plain handlers use `CancelOnDisconnect` from the same module).
+
+Its state changes only through its methods (`disarm`, `relaying`, `waiting_upstream`, ...): the order
+of those changes is the protocol, and a field set from outside would skip it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from xcstack.gateway.types import Receive
 
 class Watchdog:
     __slots__ = (
+        "_armed",
+        "_busy",
         "_delivered",
         "_handle",
         "_idle",
@@ -27,13 +32,11 @@ class Watchdog:
         "_loop",
         "_phase_at",
         "_phase_reason",
+        "_reason",
         "_requested",
         "_task",
         "_total_at",
         "_watcher",
-        "armed",
-        "busy",
-        "reason",
     )
 
     def __init__(self) -> None:
@@ -41,8 +44,8 @@ class Watchdog:
         task = asyncio.current_task()
         assert task is not None
         self._task = task
-        self.reason: str | None = None
-        self.armed = True
+        self._reason: str | None = None
+        self._armed = True
         self._requested = False
         self._delivered = False
         self._handle: asyncio.TimerHandle | None = None
@@ -52,7 +55,17 @@ class Watchdog:
         self._idle = 0.0
         self._watcher: asyncio.Task[None] | None = None
         self._late_disconnect = False
-        self.busy = False  # True while the relay is not waiting on the upstream (idle is paused)
+        self._busy = False  # True while the relay is not waiting on the upstream (idle is paused)
+
+    @property
+    def reason(self) -> str | None:
+        """Why the request is being stopped ("total", "ttfb", "idle", "disconnect"), or None."""
+        return self._reason
+
+    def disarm(self) -> None:
+        """The answer is being sent: from now on nothing cancels the request (a late deadline or
+        disconnect must not cut a response that is already decided)."""
+        self._armed = False
 
     # -- deadlines ------------------------------------------------------------------------------
     def set_total(self, seconds: float) -> None:
@@ -76,9 +89,14 @@ class Watchdog:
 
     def waiting_upstream(self) -> None:
         """About to wait for the upstream: the idle gap starts now."""
-        self.busy = False
+        self._busy = False
         if self._idle:
             self._phase_at = self._loop.time() + self._idle
+
+    def relaying(self) -> None:
+        """Data came: relaying it (maybe to a slow client) is not an idle upstream, so the idle
+        deadline is paused until `waiting_upstream`."""
+        self._busy = True
 
     def _schedule(self) -> None:
         at = min(self._total_at, self._phase_at)
@@ -95,7 +113,7 @@ class Watchdog:
         if now >= self._total_at:
             self.fire("total")
         elif now >= self._phase_at:
-            if self.busy and self._idle:  # relaying to the client, not waiting on the upstream
+            if self._busy and self._idle:  # relaying to the client, not waiting on the upstream
                 self._phase_at = now + self._idle
                 self._schedule()
             else:
@@ -114,13 +132,13 @@ class Watchdog:
 
     # -- delivery ---------------------------------------------------------------------------------
     def fire(self, reason: str) -> None:
-        if not self.armed:
+        if not self._armed:
             return
-        if self.reason is not None:
+        if self._reason is not None:
             if reason == "disconnect":
                 self._late_disconnect = True  # re-fired by reset() if the first reason is forgiven
             return
-        self.reason = reason
+        self._reason = reason
         self._requested = True
         self._task.cancel()
 
@@ -130,12 +148,12 @@ class Watchdog:
         if self._requested and not self._delivered:
             self._delivered = True
             self._task.uncancel()
-            return self.reason
+            return self._reason
         return None
 
     def reset(self) -> None:
         """Forget a delivered phase reason (after a ttfb timeout handled by failover)."""
-        self.reason = None
+        self._reason = None
         self._requested = False
         self._delivered = False
         if self._late_disconnect:
@@ -154,7 +172,7 @@ class Watchdog:
     async def close(self) -> None:
         """Disarm; absorb a cancel that was requested but not delivered yet, so it cannot hit
         the server's code after the request returned."""
-        self.armed = False
+        self._armed = False
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
