@@ -10,7 +10,7 @@ RUN_STAMP  := $(VENV)/.run-installed
 DEV_STAMP  := $(VENV)/.dev-installed
 MODEL_STAMP := $(XC_DATA_DIR)/models/.default-imported
 
-.PHONY: run test lint typecheck pytest bench services wheelhouse clean
+.PHONY: run test lint typecheck pytest bench services wheelhouse test-arm64 clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,10 +49,16 @@ test: lint typecheck pytest
 bench: $(DEV_STAMP) services
 	@for b in bench/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
-# An offline wheelhouse for air-gapped hosts: make wheelhouse PLATFORM=aarch64
+# An offline wheelhouse for air-gapped hosts: make wheelhouse PLATFORM=aarch64 PYTHON_VERSION=3.11.2
+# (PYTHON_VERSION: the target's full version; scripts/wheelhouse.sh fails when the set is incomplete)
 PLATFORM ?= $(shell uname -m)
 wheelhouse:
 	bash scripts/wheelhouse.sh $(PLATFORM)
+
+# The documented offline install on an emulated arm64 Debian 12 (root, 11-21 min; not part of `make test`):
+# docs/deployment.md §5.2
+test-arm64:
+	bash scripts/test-arm64.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
