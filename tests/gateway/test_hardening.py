@@ -357,3 +357,17 @@ def test_embeddings_without_model_are_authorized_against_the_default_model(tmp_p
         assert r.status_code == 400 and r.json()["error"]["param"] == "input[1]", r.text
     finally:
         gw.stop()
+
+
+async def test_the_model_check_fails_closed_without_an_authorizer() -> None:
+    """The gateway asks the model permission always: a scope without an authorizer is an error, never a pass
+    (it returned silently before, so a wiring mistake would have skipped every model check)."""
+    from xcstack.gateway.service import GatewayService
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b""}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+    with pytest.raises(Exception) as info:
+        await GatewayService._authorize(None, scope, receive, "mock-model")  # type: ignore[arg-type]
+    assert "authorizer" in str(info.value).lower()
