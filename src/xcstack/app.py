@@ -3,15 +3,23 @@ services, the error model and the observability middleware. The only module that
 
 Every route's ASGI app is wrapped in its permission check here (`security.guard.Guarded`), with the
 authorizer the app was built with: the security capability's, or `AllowAll` when
-`[security] enabled = false`. A route that declares no permission fails the build."""
+`[security] enabled = false`. A route that declares no permission fails the build.
+
+Composition: each capability module declares the `Services` it provides, needs and uses
+(`capability.Wiring`); they are created providers first (`order_modules`), and a cycle, a name
+provided twice or a need nobody provides stops the start naming them. Who serves `/v1/embeddings`
+is decided here, once (`embeddings_owner`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import importlib
+import itertools
 import logging
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import fields
+from types import ModuleType
 from typing import Any, Protocol, runtime_checkable
 
 from starlette.applications import Starlette
@@ -23,7 +31,7 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 
 from xcstack import apiref, openapi
 from xcstack.apidoc import api
-from xcstack.capability import CAPABILITY_MODULES, AppContext, Capability
+from xcstack.capability import CAPABILITY_MODULES, AppContext, Capability, Services, Wiring
 from xcstack.config import Settings
 from xcstack.errors import HTTP_ERROR, XCError
 from xcstack.httputil import JSONResponse, probe_body
@@ -45,6 +53,7 @@ log = logging.getLogger("xcstack.app")
 
 READY_TIMEOUT_S = 2.0
 SECURITY_MODULE = "xcstack.security.capability"
+GATEWAY_MODULE = "xcstack.gateway.capability"
 
 _HTTP_CODES = {
     400: ("invalid_request_error", "bad_request"),
@@ -156,24 +165,106 @@ def _guard(routes: Sequence[BaseRoute], authorizer: Authorizer, prefix: str, mis
         route.app = Guarded(base, endpoint, template, authorizer)
 
 
+class CompositionError(RuntimeError):
+    """The capabilities of an app do not fit together (raised at start, naming what does not fit)."""
+
+
+def embeddings_owner(settings: Settings, modules: Sequence[str]) -> str:
+    """Who serves `/v1/embeddings`: the gateway when it is on (upstream models there, local ones handed
+    to `Services.local_embedder`), else the inference capability. The one place that decides it."""
+    return "gateway" if GATEWAY_MODULE in modules and settings.gateway.enabled else "inference"
+
+
+def wiring_of(module: ModuleType) -> Wiring:
+    declared = getattr(module, "WIRING", None)
+    if declared is None:
+        return Wiring()
+    if not isinstance(declared, Wiring):
+        raise CompositionError(f"{module.__name__}.WIRING is a {type(declared).__name__}, not a capability.Wiring")
+    return declared
+
+
+def order_modules(declared: Sequence[tuple[str, Wiring]]) -> list[str]:
+    """The creation order: every provider before the modules that need or use what it provides, the
+    listed order otherwise. Raises CompositionError for a name two modules provide, a need no module
+    provides, or a cycle (naming the modules and services around it)."""
+    providers: dict[str, str] = {}
+    for module, w in declared:
+        for name in w.provides:
+            if name in providers:
+                raise CompositionError(f"service {name!r} is provided by both {providers[name]} and {module}")
+            providers[name] = module
+    deps: dict[str, dict[str, str]] = {}  # module -> {provider module: a service it gets from it}
+    for module, w in declared:
+        for name in w.needs:
+            if name not in providers:
+                raise CompositionError(f"{module} needs service {name!r}, which no capability in the app provides "
+                                       f"(modules: {', '.join(m for m, _ in declared)})")
+        deps[module] = {providers[n]: n for n in (*w.needs, *w.uses) if n in providers and providers[n] != module}
+    order: list[str] = []
+    pending = [m for m, _ in declared]
+    while pending:
+        ready = next((m for m in pending if all(d in order for d in deps[m])), None)
+        if ready is None:
+            raise CompositionError("capability cycle: " + _cycle(pending, deps))
+        order.append(ready)
+        pending.remove(ready)
+    return order
+
+
+def _cycle(pending: list[str], deps: dict[str, dict[str, str]]) -> str:
+    """One cycle among modules that wait on each other, as `a -(service)-> b -(service)-> a`."""
+    path = [pending[0]]
+    while True:
+        nxt = next(d for d in deps[path[-1]] if d in pending)
+        if nxt in path:
+            loop = [*path[path.index(nxt):], nxt]
+            return " ".join(f"{m} -({deps[m][n]})->" for m, n in itertools.pairwise(loop)) + f" {nxt}"
+        path.append(nxt)
+
+
+def create_capability(name: str, module: ModuleType, wiring: Wiring, ctx: AppContext) -> Capability | None:
+    """`module.create(ctx)`, held to its declaration: it may set only the services it provides, and an
+    enabled capability gets every service it needs."""
+    before = {f.name: getattr(ctx.services, f.name) for f in fields(Services)}
+    cap: Capability | None = module.create(ctx)
+    changed = sorted(n for n, v in before.items() if getattr(ctx.services, n) is not v)
+    undeclared = [n for n in changed if n not in wiring.provides]
+    if undeclared:
+        raise CompositionError(f"{name} set services {', '.join(undeclared)} without declaring them in "
+                               "WIRING.provides")
+    missing = [n for n in wiring.needs if getattr(ctx.services, n) is None]
+    if cap is not None and missing:
+        raise CompositionError(f"{name} needs service(s) {', '.join(missing)}, but the capability providing "
+                               "them is disabled")
+    return cap
+
+
 class XCStackApp:
     """The capabilities of one http worker and the core endpoints around them."""
 
     def __init__(self, settings: Settings, capability_modules: Sequence[str] | None = None) -> None:
         self.settings = settings
-        url = settings.state.url.get_secret_value() if settings.state.url else None
-        self.ctx = AppContext(
-            settings=settings, state=StateStore(url, settings.data_dir, settings.state.pool_size)
-        )
-        self.lag = LoopLagMonitor(settings.observability.loop_lag_interval_s)
-        self.ctx.provide("loop_lag", self.lag)
-        self.capabilities: list[Capability] = []
         modules = [*CAPABILITY_MODULES, *settings.server.plugins] if capability_modules is None else capability_modules
         self.modules = list(modules)
-        for name in modules:
-            cap = importlib.import_module(name).create(self.ctx)
+        url = settings.state.url.get_secret_value() if settings.state.url else None
+        self.ctx = AppContext(settings=settings, state=StateStore(url, settings.data_dir, settings.state.pool_size),
+                              embeddings_owner=embeddings_owner(settings, self.modules))
+        self.lag = LoopLagMonitor(settings.observability.loop_lag_interval_s)
+        loaded = {name: importlib.import_module(name) for name in self.modules}
+        wiring = {name: wiring_of(module) for name, module in loaded.items()}
+        created: dict[str, Capability] = {}
+        for name in order_modules([(n, wiring[n]) for n in self.modules]):
+            cap = create_capability(name, loaded[name], wiring[name], self.ctx)
             if cap is not None:
-                self.capabilities.append(cap)
+                created[name] = cap
+        # routes, readiness and middleware in the listed order; start providers first, stop users first
+        self.capabilities: list[Capability] = [created[n] for n in self.modules if n in created]
+        self.start_order: list[Capability] = list(created.values())
+
+    @property
+    def services(self) -> Services:
+        return self.ctx.services
 
     def routes(self) -> list[BaseRoute]:
         routes: list[BaseRoute] = [
@@ -250,7 +341,7 @@ class XCStackApp:
         self.lag.start()
         started: list[Capability] = []
         try:
-            for cap in self.capabilities:
+            for cap in self.start_order:
                 await cap.start()
                 started.append(cap)
             yield

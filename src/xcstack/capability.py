@@ -3,36 +3,58 @@
 A capability package exposes a module `xcstack.<name>.capability` with:
 
 - `create(ctx: AppContext) -> Capability | None` — build the in-worker service (None: disabled);
+- optionally `WIRING = Wiring(provides=..., needs=..., uses=...)` — which `Services` fields it sets
+  in `create` and which it reads (default: none);
 - optionally `side_processes(settings, plan) -> list[SideProcessSpec]` — processes the supervisor
   starts next to the http workers (model workers, the HSM owner);
-- optionally `register_cli(subparsers)` — its `xcstack <verb>` commands.
+- optionally `child_env(settings, plan) -> dict[str, str]` — variables the supervisor puts into the
+  environment of every child it starts (http workers and side processes), instead of a capability
+  writing `os.environ` itself.
 
-`app.py` and `supervisor.py` are the only places that know the list (`CAPABILITY_MODULES`).
-Capabilities talk to each other only through services published on the context
-(`ctx.provide("embedder", fn)` / `ctx.get("embedder")`), never through each other's internals.
+Its CLI module (`xcstack.<name>.cli`, `register(subparsers)`) is named in the same table, `REGISTRY`,
+which is the one list of capabilities the app, the supervisor and the CLI read.
+
+Capabilities talk to each other only through the typed `Services` on the context, never through each
+other's internals. `app.py` creates them in an order where every provider comes before its users and
+refuses, at start, a cycle or a need nobody provides (see `app.order_modules`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from starlette.routing import BaseRoute
+if TYPE_CHECKING:  # kept out of the import: the CLI reads REGISTRY and must stay light
+    from starlette.routing import BaseRoute
 
-if TYPE_CHECKING:
     from xcstack.config import Settings
+    from xcstack.crypto.client import CryptoClient
+    from xcstack.security.secrets import SecretStore
     from xcstack.state.store import StateStore
 
-# Order matters: a capability may `get` services that an earlier one `provide`d at create time.
-CAPABILITY_MODULES: list[str] = [
-    "xcstack.crypto.capability",
-    "xcstack.security.capability",
-    "xcstack.gateway.capability",
-    "xcstack.db.capability",
-    "xcstack.inference.capability",
-    "xcstack.vector.capability",
-]
+
+@dataclass(frozen=True)
+class Entry:
+    """One capability: its in-worker module and its CLI module (either may be absent)."""
+
+    name: str
+    module: str | None
+    cli: str | None
+
+
+REGISTRY: tuple[Entry, ...] = (
+    Entry("crypto", "xcstack.crypto.capability", "xcstack.crypto.cli"),
+    Entry("security", "xcstack.security.capability", "xcstack.security.cli"),
+    Entry("gateway", "xcstack.gateway.capability", "xcstack.gateway.cli"),
+    Entry("db", "xcstack.db.capability", "xcstack.db.cli"),
+    Entry("inference", "xcstack.inference.capability", "xcstack.inference.cli"),
+    Entry("vector", "xcstack.vector.capability", None),
+    Entry("platform", None, "xcstack.platform.cli"),
+    Entry("supply", None, "xcstack.supply.cli"),
+)
+CAPABILITY_MODULES: list[str] = [e.module for e in REGISTRY if e.module]
+CLI_MODULES: list[str] = [e.cli for e in REGISTRY if e.cli]
 
 
 @runtime_checkable
@@ -50,21 +72,58 @@ class Capability(Protocol):
         ...
 
 
+class LocalEmbedder(Protocol):
+    """The inference capability's local models, as the gateway and the vector capability use them."""
+
+    async def embed(self, model: str | None, inputs: list[str]) -> tuple[Any, dict[str, int]]:
+        """Texts -> (float32 vectors [n, dims], usage); raises XCError (404, 503, 504)."""
+        ...
+
+    async def embeddings_body(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The whole OpenAI /v1/embeddings exchange: request dict -> response dict."""
+        ...
+
+    def model_names(self) -> list[str]: ...
+
+
+@dataclass
+class Services:
+    """What capabilities give each other. A field is None when the capability providing it is off
+    (or not in the app), so every user says what it does without it."""
+
+    crypto: CryptoClient | None = None  # crypto: keys in the HSM owner (or in process, `access = "direct"`)
+    secrets: SecretStore | None = None  # security: `secret:NAME` references in config (after its start)
+    local_embedder: LocalEmbedder | None = None  # inference: the local models
+
+
+SERVICE_NAMES = frozenset(f.name for f in fields(Services))
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """A capability module's declaration: the `Services` fields its `create` sets (`provides`), those
+    it cannot work without (`needs`: the app refuses to start when no capability in it provides one,
+    or when the provider is off) and those it uses when present (`uses`). Both order creation."""
+
+    provides: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()
+    uses: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = sorted({*self.provides, *self.needs, *self.uses} - SERVICE_NAMES)
+        if unknown:
+            raise ValueError(f"not a Services field: {', '.join(unknown)} (known: {', '.join(sorted(SERVICE_NAMES))})")
+
+
 @dataclass
 class AppContext:
-    """What every capability receives: settings, the state store, and shared services."""
+    """What every capability receives: settings, the state store, the typed services, and who serves
+    `/v1/embeddings` (decided by `app.py`: the gateway when it is on, else the inference capability)."""
 
     settings: Settings
     state: StateStore
-    services: dict[str, Any] = field(default_factory=dict)
-
-    def provide(self, name: str, service: Any) -> None:
-        if name in self.services:
-            raise RuntimeError(f"service {name!r} provided twice")
-        self.services[name] = service
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return self.services.get(name, default)
+    services: Services = field(default_factory=Services)
+    embeddings_owner: str = "inference"
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """The `xcstack` command. Core verbs live here; each capability adds its own through
-`xcstack.<cap>.cli.register(subparsers)` (listed in CLI_MODULES).
+`xcstack.<cap>.cli.register(subparsers)` (its `cli` in `capability.REGISTRY`, the table the app
+and the supervisor read too).
 
 The CLI modules are light: they build argparse parsers from the stdlib and config only, and import
 their capability inside the command that needs it. So one optional native package that is missing
@@ -20,18 +21,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from xcstack.capability import CLI_MODULES  # modules exposing `register(subparsers) -> None`
 from xcstack.config import ConfigError, load_settings, masked_dump
-
-# Modules exposing `register(subparsers: argparse._SubParsersAction) -> None`.
-CLI_MODULES: list[str] = [
-    "xcstack.inference.cli",
-    "xcstack.gateway.cli",
-    "xcstack.platform.cli",
-    "xcstack.crypto.cli",
-    "xcstack.supply.cli",
-    "xcstack.security.cli",
-    "xcstack.db.cli",
-]
 
 
 def _config_show(args: argparse.Namespace) -> int:

@@ -79,6 +79,18 @@ def collect_side_processes(settings: Settings, plan: Any, modules: Sequence[str]
     return specs
 
 
+def collect_child_env(settings: Settings, plan: Any, modules: Sequence[str]) -> dict[str, str]:
+    """What the capabilities' `child_env(settings, plan)` hooks tell every child (http workers and side
+    processes alike), e.g. the model-worker count: passed in each child's environment, never written
+    into this process's own."""
+    env: dict[str, str] = {}
+    for name in modules:
+        hook = getattr(importlib.import_module(name), "child_env", None)
+        if hook is not None:
+            env.update(hook(settings, plan))
+    return env
+
+
 def bind_socket(host: str, port: int, backlog: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -249,18 +261,26 @@ class Supervisor:
         log.info("reload: done")
 
     # -- main loop -----------------------------------------------------------------------------
-    def run(self) -> int:
+    def plan_children(self) -> None:
+        """The side processes the capabilities declare and the http workers, each with the variables
+        of the capabilities' `child_env` hooks in its environment (none is set in this process)."""
         srv = self.settings.server
-        self.sock = bind_socket(srv.host, srv.port, srv.backlog)
-        host, port = self.sock.getsockname()[:2]
         worker_argv = [sys.executable, "-m", "xcstack.worker"]
+        shared = collect_child_env(self.settings, self.layout.plan, self.modules)
         for spec in collect_side_processes(self.settings, self.layout.plan, self.modules):
             for i in range(spec.instances):
                 cpus = list(spec.cpus[i]) if i < len(spec.cpus) and srv.pin_cpus else []
                 argv = [*worker_argv, "--side", spec.target, "--index", str(i)]
-                self.side.append(Child(spec.name, i, argv, cpus, dict(spec.env), ready_check=spec.ready_check))
+                self.side.append(Child(spec.name, i, argv, cpus, {**shared, **spec.env},
+                                       ready_check=spec.ready_check))
         for i in range(self.layout.http_workers):
-            self.http.append(Child("http", i, worker_argv, self.layout.http_cpus[i]))
+            self.http.append(Child("http", i, worker_argv, self.layout.http_cpus[i], dict(shared)))
+
+    def run(self) -> int:
+        srv = self.settings.server
+        self.sock = bind_socket(srv.host, srv.port, srv.backlog)
+        host, port = self.sock.getsockname()[:2]
+        self.plan_children()
 
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)

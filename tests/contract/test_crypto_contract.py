@@ -101,7 +101,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
                              crypto={"access": "direct", "max_input_bytes": 4096})
     app = create_app(settings, ["xcstack.crypto.capability"])
     with TestClient(app, raise_server_exceptions=False) as c:
-        crypto = app.state.xc.ctx.get("crypto")
+        crypto = app.state.xc.services.crypto
         for name, kind in (("sig", "sm2"), ("enc", "sm4"), ("mac", "hmac-sm3")):
             c.portal.call(crypto.create_key, name, kind)  # type: ignore[union-attr]
         c.portal.call(crypto.rotate_key, "enc")  # type: ignore[union-attr]

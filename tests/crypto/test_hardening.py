@@ -21,7 +21,7 @@ def client(data_dir: Path) -> Iterator[TestClient]:
     settings = load_settings(None, data_dir=data_dir, crypto={"access": "direct"})
     app = create_app(settings, ["xcstack.crypto.capability"])
     with TestClient(app, raise_server_exceptions=False) as c:
-        crypto = app.state.xc.ctx.get("crypto")
+        crypto = app.state.xc.services.crypto
         c.portal.call(crypto.create_key, "sig", "sm2")  # type: ignore[union-attr]
         c.portal.call(crypto.create_key, "enc", "sm4")  # type: ignore[union-attr]
         yield c

@@ -38,7 +38,7 @@ def app_client(data_dir: Path) -> Iterator[TestClient]:
     settings = load_settings(None, data_dir=data_dir, crypto={"access": "direct", "max_input_bytes": 4096})
     app = create_app(settings, CAP)
     with TestClient(app, raise_server_exceptions=False) as c:
-        client = app.state.xc.ctx.get("crypto")
+        client = app.state.xc.services.crypto
         c.portal.call(client.create_key, "sig", "sm2")  # type: ignore[union-attr]
         c.portal.call(client.create_key, "enc", "sm4")  # type: ignore[union-attr]
         c.portal.call(client.create_key, "mac", "hmac-sm3")  # type: ignore[union-attr]
@@ -143,7 +143,7 @@ def test_authorize_is_called_with_key_resource(data_dir: Path) -> None:
         await app(scope, receive, send)
 
     with TestClient(wrapper, raise_server_exceptions=False) as c:
-        c.portal.call(app.state.xc.ctx.get("crypto").create_key, "sig", "sm2")
+        c.portal.call(app.state.xc.services.crypto.create_key, "sig", "sm2")
         assert c.post("/v1/crypto/sign", json={"key": "sig", "text": "x"}).status_code == 200
         r = c.post("/v1/crypto/decrypt", json={"key": "sig", "ciphertext": b64(b"x" * 120)})
         assert r.status_code == 403
@@ -154,7 +154,7 @@ def test_http_through_owner_process_and_owner_down(owner: OwnerProc) -> None:
     settings = load_settings(None, data_dir=owner.data_dir, crypto={"call_timeout_s": 2.0})
     app = create_app(settings, CAP)
     with TestClient(app, raise_server_exceptions=False) as c:
-        client = app.state.xc.ctx.get("crypto")
+        client = app.state.xc.services.crypto
         c.portal.call(client.create_key, "sig", "sm2")
         assert c.get("/readyz").status_code == 200
         r = c.post("/v1/crypto/sign", json={"key": "sig", "text": "hi"})

@@ -31,7 +31,7 @@ async def test_in_the_app(tmp_path: Path) -> None:
     }}})
     app = create_app(settings, ["xcstack.db.capability"])
     xc = app.state.xc
-    assert isinstance(xc.ctx.get("db.bridge"), Bridge)
+    assert isinstance(next(c for c in xc.capabilities if isinstance(c, capability.DbCapability)).bridge, Bridge)
     async with serve(app, lifespan="on") as base, aiohttp.ClientSession() as s:
         async with s.post(f"{base}/v1/db/main/hello", json={"params": {"who": "xc"}}) as r:
             assert r.status == 200, await r.text()

@@ -75,15 +75,18 @@ def test_embeddings_upstream(gateway: GatewayServer) -> None:
 def test_embeddings_local_model_goes_to_local_embedder(gateway: GatewayServer) -> None:
     calls: list[tuple[str, list[str]]] = []
 
-    async def embed(model: str, inputs: list[str]) -> tuple[list[list[float]], dict[str, int]]:
-        calls.append((model, inputs))
-        return [[1.0, 0.0]] * len(inputs), {"prompt_tokens": 2, "total_tokens": 2}
+    async def exchange(body: dict[str, Any]) -> dict[str, Any]:
+        calls.append((body["model"], body["input"]))
+        return {"object": "list", "data": [{"object": "embedding", "index": i, "embedding": [1.0, 0.0]}
+                                           for i in range(len(body["input"]))],
+                "model": body["model"], "usage": {"prompt_tokens": 2, "total_tokens": 2}}
 
-    gateway.capability.ctx.services["local_embedder"] = embed
+    local = gateway.capability.service.services  # what gateway/capability.py takes from Services.local_embedder
+    local["local_embeddings"] = exchange
     try:
         r = client(gateway).embeddings.create(model="local-minilm", input=["x", "y"])
     finally:
-        del gateway.capability.ctx.services["local_embedder"]
+        del local["local_embeddings"]
     assert calls == [("local-minilm", ["x", "y"])]
     assert [d.embedding for d in r.data] == [[1.0, 0.0], [1.0, 0.0]]
 
@@ -201,22 +204,22 @@ def test_embeddings_not_forwarded_to_upstream_with_embeddings_off(gateway_factor
     assert client(gw).chat.completions.create(model="mock-model", messages=MSG, max_tokens=1).choices
 
 
-def test_published_services(gateway: GatewayServer) -> None:
-    ctx = gateway.capability.ctx
-    assert {"mock-model", "other-model", "mock-alias"} <= ctx.get("gateway.upstream_models")()
+def test_in_process_calls_and_local_models(gateway: GatewayServer) -> None:
+    assert {"mock-model", "other-model", "mock-alias"} <= gateway.capability.service.upstream_models()
 
     async def call() -> tuple[int, bytes]:
-        fn = ctx.get("gateway.complete")
-        return await fn("/v1/chat/completions", {"model": "mock-alias", "messages": MSG, "max_tokens": 2})  # type: ignore[no-any-return]
+        fn = gateway.capability.complete
+        return await fn("/v1/chat/completions", {"model": "mock-alias", "messages": MSG, "max_tokens": 2})
 
     status, body = gateway.call(call)
     assert status == 200 and b"xxx xxx " in body
 
-    ctx.services["local_models"] = lambda: ["bge-small-zh", "mock-model"]
+    local = gateway.capability.service.services
+    local["local_models"] = lambda: ["bge-small-zh", "mock-model"]
     try:
         ids = [m.id for m in client(gateway).models.list()]
     finally:
-        del ctx.services["local_models"]
+        del local["local_models"]
     assert "bge-small-zh" in ids and ids.count("mock-model") == 1
 
 
@@ -228,8 +231,8 @@ def test_embeddings_local_exchange_preferred_and_default_model(gateway: GatewayS
         return {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.5]}],
                 "model": body.get("model") or "all-minilm-l6-v2", "usage": {"prompt_tokens": 1, "total_tokens": 1}}
 
-    ctx = gateway.capability.ctx
-    ctx.services["local_embeddings"] = exchange
+    local = gateway.capability.service.services
+    local["local_embeddings"] = exchange
     try:
         r = httpx.post(gateway.base_url + "/embeddings", json={"input": "x"})  # no model: the configured default
         assert r.status_code == 200 and r.json()["model"] == seen[-1]["model"] == "all-minilm-l6-v2-int8"
@@ -238,22 +241,8 @@ def test_embeddings_local_exchange_preferred_and_default_model(gateway: GatewayS
         up = client(gateway).embeddings.create(model="mock-model", input="x")  # upstream models still go upstream
         assert len(up.data[0].embedding) == 8
     finally:
-        del ctx.services["local_embeddings"]
+        del local["local_embeddings"]
     assert len(seen) == 2
-
-
-def test_embeddings_local_embedder_numpy_vectors(gateway: GatewayServer) -> None:
-    import numpy as np
-
-    async def embed(model: str | None, inputs: list[str]) -> tuple[Any, dict[str, int]]:
-        return np.ones((len(inputs), 3), dtype=np.float32), {"prompt_tokens": 2, "total_tokens": 2}
-
-    gateway.capability.ctx.services["local_embedder"] = embed
-    try:
-        r = client(gateway).embeddings.create(model="local", input=["a", "b"])
-    finally:
-        del gateway.capability.ctx.services["local_embedder"]
-    assert [d.embedding for d in r.data] == [[1.0, 1.0, 1.0]] * 2
 
 
 def test_with_the_real_inference_capability(tmp_path: Any, mock: MockUpstream) -> None:

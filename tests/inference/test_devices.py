@@ -119,9 +119,10 @@ def test_session_options_single_threaded_no_spinning() -> None:
 def test_side_processes_follow_plan_and_config(
     model_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import os
     from types import SimpleNamespace
 
-    from xcstack.inference.capability import side_processes
+    from xcstack.inference.capability import child_env, side_processes
     from xcstack.inference.worker import COUNT_ENV, worker_count
 
     monkeypatch.delenv(COUNT_ENV, raising=False)
@@ -133,7 +134,11 @@ def test_side_processes_follow_plan_and_config(
     assert [list(c) for c in spec.cpus] == [[1], [2], [3]]
     assert spec.env["OMP_NUM_THREADS"] == "1"
     assert spec.ready_check is not None and spec.ready_check(0) is False
-    # pinned children see one core: they take the count the supervisor published, not their own plan
+    # pinned children see one core: they take the count the supervisor passes them, not their own plan
+    env = child_env(s, plan)
+    assert env[COUNT_ENV] == "3" and COUNT_ENV not in os.environ
+    for key, value in env.items():  # a child's environment
+        monkeypatch.setenv(key, value)
     one_core = SimpleNamespace(model_workers=1, model_cpus=[[0]], pin=True)
     assert worker_count(s, one_core) == 3
     s2 = inference_settings(tmp_path, model_repo, workers=1, worker_cpus=[[0]])

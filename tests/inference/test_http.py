@@ -241,8 +241,8 @@ def test_infer_oversize_body_is_413(client: TestClient) -> None:
 
 def test_local_embedder_service(client: TestClient) -> None:
     xc = client.app.state.xc  # type: ignore[attr-defined]
-    fn = xc.ctx.get("local_embedder")
-    assert fn is not None
+    assert xc.services.local_embedder is not None
+    fn = xc.services.local_embedder.embed
 
     async def go() -> tuple[Any, Any]:
         return await fn(None, ["a", "b"])  # type: ignore[no-any-return]
@@ -253,10 +253,9 @@ def test_local_embedder_service(client: TestClient) -> None:
 
 def test_services_for_other_capabilities(client: TestClient) -> None:
     xc = client.app.state.xc  # type: ignore[attr-defined]
-    assert set(xc.ctx.get("local_models")()) == {MODEL, MODEL + "-int8"}
-    assert xc.ctx.get("local_embedding_models")(None) is True
-    assert xc.ctx.get("local_embedding_models")("gpt-4o") is False
-    full = xc.ctx.get("local_embeddings")
+    local = xc.services.local_embedder
+    assert set(local.model_names()) == {MODEL, MODEL + "-int8"}
+    full = local.embeddings_body
 
     async def go() -> Any:
         return await full({"input": ["a"], "encoding_format": "base64"})
@@ -266,14 +265,16 @@ def test_services_for_other_capabilities(client: TestClient) -> None:
 
 
 def test_embeddings_route_yields_to_the_gateway(model_repo: Path, tmp_path: Path) -> None:
+    from xcstack.app import embeddings_owner
     from xcstack.capability import AppContext
     from xcstack.inference.capability import create
 
     settings = inference_settings(tmp_path, model_repo, mode="inline")
-    ctx = AppContext(settings=settings, state=None)  # type: ignore[arg-type]
-    ctx.provide("gateway.upstream_models", lambda: set())
+    assert embeddings_owner(settings, ["xcstack.gateway.capability", "xcstack.inference.capability"]) == "gateway"
+    assert embeddings_owner(settings, ["xcstack.inference.capability"]) == "inference"
+    ctx = AppContext(settings=settings, state=None, embeddings_owner="gateway")  # type: ignore[arg-type]
     cap = create(ctx)
-    assert cap is not None
+    assert cap is not None and ctx.services.local_embedder is cap.models
     paths = {getattr(r, "path", "") for r in cap.routes()}
     assert "/v1/embeddings" not in paths and "/v2/models/{name}/infer" in paths
 
@@ -294,7 +295,7 @@ def test_infer_text_input_json_and_bad_utf8(client: TestClient) -> None:
 
 def test_local_embedder_chunks_large_inputs(client: TestClient) -> None:
     xc = client.app.state.xc  # type: ignore[attr-defined]
-    fn = xc.ctx.get("local_embedder")
+    fn = xc.services.local_embedder.embed
     texts = [f"doc {i}" for i in range(1200)]  # more than one chunk, and more than max_inputs of the API
 
     async def go() -> Any:

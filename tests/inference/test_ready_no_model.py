@@ -67,7 +67,7 @@ def test_onnxruntime_that_crashes_means_no_local_inference_not_a_crashed_worker(
     """Under qemu-user `import onnxruntime` dies with SIGSEGV. The plan then has no model workers, and
     the http side must not load the models inline instead (the same import would kill the http worker):
     it answers 503 with the reason, and readiness says so."""
-    from xcstack.inference.capability import UNAVAILABLE_ENV, InferenceCapability, side_processes
+    from xcstack.inference.capability import UNAVAILABLE_ENV, InferenceCapability, child_env, side_processes
     from xcstack.inference.worker import COUNT_ENV, current_plan
 
     stubs = tmp_path / "stubs"
@@ -83,8 +83,13 @@ def test_onnxruntime_that_crashes_means_no_local_inference_not_a_crashed_worker(
     cap = InferenceCapability(settings)  # not supervised: derives the plan itself
     assert type(cap.backend).__name__ == "UnavailableBackend"
 
+    before = dict(os.environ)
     assert side_processes(settings, plan) == []  # the supervisor: no model worker, and it tells its http workers
-    assert "SIGSEGV" in os.environ[UNAVAILABLE_ENV] and os.environ[COUNT_ENV] == "0"
+    env = child_env(settings, plan)
+    assert "SIGSEGV" in env[UNAVAILABLE_ENV] and env[COUNT_ENV] == "0"
+    assert dict(os.environ) == before  # through each child's environment, not this process's
+    for key, value in env.items():  # what an http worker the supervisor started finds
+        monkeypatch.setenv(key, value)
     with TestClient(create_app(settings, INFERENCE), raise_server_exceptions=False) as c:
         r = c.get("/readyz")
         assert r.status_code == 503

@@ -210,19 +210,16 @@ async def test_retention_prunes_audited_and_what_remains_verifies(tmp_path: Path
 
 
 async def test_records_api_reads_compressed_segments(tmp_path: Path, signer: SoftSM2Signer) -> None:
-    from types import SimpleNamespace
-
     from xcstack.security import protocol as p
-    from xcstack.security.routes import _read_records
+    from xcstack.security.routes import read_records
 
     log = await _rotated_chain(tmp_path, signer)
     assert await log.archive()
     await log.close()
-    cap: Any = SimpleNamespace(audit_root=tmp_path)
-    page = _read_records(cap, p.AuditQuery(chain="a", limit=1000))
+    page = read_records(tmp_path, p.AuditQuery(chain="a", limit=1000))
     last = (await verify_chain(log.dir)).last_seq
     assert [r["seq"] for r in page["records"]] == list(range(1, last + 1))
-    merged = _read_records(cap, p.AuditQuery(limit=1000))
+    merged = read_records(tmp_path, p.AuditQuery(limit=1000))
     assert len(merged["records"]) == last
 
 

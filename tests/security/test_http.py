@@ -350,7 +350,7 @@ def test_with_crypto_capability_signs_and_seals_through_the_crypto_client(data_d
         (chain,) = r.json()["chains"]
         assert r.json()["ok"] and chain["signatures_checked"] and chain["checkpoints"] >= 2
         # named secrets for other capabilities: sealed through the keystore's SM4 key
-        secrets = app.state.xc.ctx.get("secrets")
+        secrets = app.state.xc.services.secrets
         _run(c, secrets.set("upstream-key", b"sk-live-123456"))
         assert _run(c, secrets.resolve("secret:upstream-key")) == "sk-live-123456"
         assert b"sk-live-123456" not in (data_dir / "state.db").read_bytes()

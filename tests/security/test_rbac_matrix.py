@@ -319,7 +319,7 @@ def test_fine_grained_denials_are_403_and_audited(full_app: tuple[TestClient, di
     r = c.put(f"/v1/security/users/{NOROLES}/roles", headers=sec, json={"roles": ["coarse"]})
     assert r.status_code == 200, r.text
     assert c.portal is not None
-    crypto: Any = c.app.state.xc.ctx.get("crypto")  # type: ignore[attr-defined]
+    crypto: Any = c.app.state.xc.services.crypto  # type: ignore[attr-defined]
     c.portal.call(crypto.create_key, "app-sig", "sm2")
     h = {"Authorization": f"Bearer {tokens[NOROLES]}"}
     msg = [{"role": "user", "content": "hi"}]
@@ -351,7 +351,7 @@ def test_security_keys_are_not_usable_through_the_api(full_app: tuple[TestClient
     r = c.put(f"/v1/security/users/{NOROLES}/roles", headers=sec, json={"roles": ["key-user"]})
     assert r.status_code == 200, r.text
     assert c.portal is not None
-    crypto = c.app.state.xc.ctx.get("crypto")  # type: ignore[attr-defined]
+    crypto = c.app.state.xc.services.crypto  # type: ignore[attr-defined]
     c.portal.call(crypto.create_key, "app-sig", "sm2")
     forged = rec.checkpoint_message(cap.audit.chain, 10**6, "ab" * 32, "2030-01-01T00:00:00.000000Z")
     data = base64.b64encode(forged).decode()

@@ -60,6 +60,12 @@ async def started(settings: Settings, modules: list[str]) -> AsyncIterator[XCSta
         yield xc
 
 
+def _bridge(xc: XCStackApp) -> Any:
+    from xcstack.db.capability import DbCapability
+
+    return next(c for c in xc.capabilities if isinstance(c, DbCapability)).bridge
+
+
 def assert_nowhere(value: str, root: Path, *texts: str) -> None:
     for text in texts:
         assert value not in text
@@ -193,7 +199,7 @@ async def test_db_password_placeholder_logs_in_to_mariadb(tmp_path: Path, my_use
                                                 "queries": {"item": ITEM}}})
     await seed(settings, **{"my-pw": pw})
     async with started(settings, [SECURITY_CAP, DB_CAP]) as xc:
-        bridge = xc.ctx.get("db.bridge")
+        bridge = _bridge(xc)
         assert bridge.ready() == (True, "ok")
         r = await bridge.query("main", "item", {"id": 7})
         assert r.rows[0][:2] == (7, "item 7")
@@ -239,7 +245,7 @@ async def test_db_whole_dsn_secret_connects_to_postgres(tmp_path: Path, pg: str)
         })
         await seed(settings, **{"pg-dsn": f"host=127.0.0.1 port=5432 user={role} dbname=xcdb_test"})
         async with started(settings, [SECURITY_CAP, DB_CAP]) as xc:
-            bridge = xc.ctx.get("db.bridge")
+            bridge = _bridge(xc)
             assert (await bridge.query("pgmain", "me", {})).rows == [(role,)]
             assert sorted(r[0] for r in (await bridge.query("pgshards", "me", {})).rows) == sorted([role,
                                                                                                     "postgres"])
@@ -278,7 +284,7 @@ async def test_db_connect_errors_are_logged_without_the_password(tmp_path: Path,
                                                 "reconnect_backoff_initial_s": 5, "reconnect_backoff_max_s": 5}})
     await seed(settings, **{"bad-dsn": secret_dsn})
     async with started(settings, [SECURITY_CAP, DB_CAP]) as xc:
-        assert xc.ctx.get("db.bridge").ready()[0] is False
+        assert _bridge(xc).ready()[0] is False
     assert "connect failed: ProgrammingError: invalid percent-encoded token" in caplog.text
     assert "Zz9%ZZ-very-secret" not in caplog.text and "very-secret" not in caplog.text
 

@@ -223,7 +223,17 @@ async def test_text_input_without_and_with_embedder(vapp: VecApp) -> None:
         calls.append((model, inputs))
         return [[float(len(t)), 1.0, 0.0, 0.5] for t in inputs], {"prompt_tokens": len(inputs)}
 
-    vapp.app.state.xc.ctx.provide("local_embedder", embed)
+    class Local:  # the inference capability's side of `Services.local_embedder`, as a double
+        async def embed(self, model: str | None, inputs: list[str]) -> tuple[Any, dict[str, int]]:
+            return await embed(model, inputs)
+
+        async def embeddings_body(self, body: dict[str, Any]) -> dict[str, Any]:
+            raise AssertionError("not used by the vector capability")
+
+        def model_names(self) -> list[str]:
+            return ["m1"]
+
+    vapp.app.state.xc.services.local_embedder = Local()
     r = await vapp.client.post(
         "/v1/vectors/docs/upsert", json={"ids": ["s", "l"], "texts": ["a", "a much longer text"], "model": "m1"}
     )

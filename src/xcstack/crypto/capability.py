@@ -1,6 +1,6 @@
 """The crypto capability: HTTP routes, the `crypto` service for other capabilities, the HSM owner.
 
-- `create(ctx)` publishes `ctx.provide("crypto", client)`: a `CryptoClient` with async `sign`,
+- `create(ctx)` sets `ctx.services.crypto` to a `CryptoClient` with async `sign`,
   `verify`, `encrypt`, `decrypt`, `hash`, `hmac`, `random` (and key management). With
   `access = "owner"` (default) the client talks to the HSM owner process; with `access = "direct"`
   (soft backend only) the keys are opened in this process.
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.routing import BaseRoute
 
-from xcstack.capability import AppContext, SideProcessSpec
+from xcstack.capability import AppContext, SideProcessSpec, Wiring
 from xcstack.crypto.client import CryptoClient, DirectClient, OwnerClient
 from xcstack.crypto.routes import CryptoRoutes
 from xcstack.crypto.service import CryptoService
@@ -23,6 +23,8 @@ from xcstack.errors import XCError
 
 if TYPE_CHECKING:
     from xcstack.config import Settings
+
+WIRING = Wiring(provides=("crypto",))
 
 
 def make_client(settings: Settings, state: Any = None) -> CryptoClient:
@@ -68,7 +70,7 @@ def create(ctx: AppContext) -> CryptoCapability | None:
     if not settings.crypto.enabled:
         return None
     client = make_client(settings, ctx.state)
-    ctx.provide("crypto", client)
+    ctx.services.crypto = client
     return CryptoCapability(settings, client)
 
 

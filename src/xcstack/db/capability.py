@@ -1,10 +1,7 @@
 """The db capability: the DB-API bridge and its named-query endpoint.
 
-Publishes the bridge as the `db.bridge` service, so other capabilities can run named queries
-(`await ctx.get("db.bridge").query("main", "user_by_id", {"id": 1})`).
-
-Uses the `secrets` service (the security capability's SecretStore, which starts earlier) at start to
-resolve `secret:NAME` / `{secret:NAME}` references in DSNs; see docs/db.md, "Passwords".
+Uses `Services.secrets` (the security capability's SecretStore, created and started before this one)
+at start to resolve `secret:NAME` / `{secret:NAME}` references in DSNs; see docs/db.md, "Passwords".
 """
 
 from __future__ import annotations
@@ -13,7 +10,9 @@ from collections.abc import Sequence
 
 from starlette.routing import BaseRoute
 
-from xcstack.capability import AppContext
+from xcstack.capability import AppContext, Wiring
+
+WIRING = Wiring(uses=("secrets",))
 
 
 class DbCapability:
@@ -25,7 +24,6 @@ class DbCapability:
         self.ctx = ctx
         self.settings = ctx.settings.db
         self.bridge = Bridge(self.settings)
-        ctx.provide("db.bridge", self.bridge)
 
     def routes(self) -> Sequence[BaseRoute]:
         from xcstack.db.routes import build_routes
@@ -34,7 +32,7 @@ class DbCapability:
 
     async def start(self) -> None:
         # `secret:NAME` / `{secret:NAME}` in DSNs: from the security capability's store (started before this one)
-        await self.bridge.start(secrets=self.ctx.get("secrets"))
+        await self.bridge.start(secrets=self.ctx.services.secrets)
 
     async def stop(self) -> None:
         await self.bridge.stop()

@@ -1,19 +1,16 @@
 """The gateway capability: OpenAI-compatible proxy, admission control, rate limits, streaming
-relay, async jobs. Plugged in by `app.py` through CAPABILITY_MODULES.
+relay, async jobs. Listed in `capability.REGISTRY`.
 
-Services published on the context:
-- `gateway.upstream_models`: `() -> set[str]`, the model names (and aliases) upstreams serve;
-- `gateway.complete`: `async (endpoint_path, body: dict, key: str) -> (status, bytes)`, a
-  non-streamed call through routing/failover/limits (for other capabilities, e.g. RAG).
+Services used (`WIRING`; both are created before this capability when they are in the app):
+- `secrets` (the security capability's SecretStore, started before this one) resolves
+  `api_key = "secret:NAME"` at start; a reference without it, or to a missing secret, fails start-up
+  with the key (`gateway.upstreams[0].api_key: secret 'openai' not found ...`);
+- `local_embedder` (the inference capability's local models): `/v1/embeddings` for a model no
+  upstream serves goes there (the gateway owns `/v1/embeddings` when it is on, see
+  `app.embeddings_owner`), and `/v1/models` lists its models too.
 
-Services used at start: `secrets` (the security capability's SecretStore, which starts earlier in
-CAPABILITY_MODULES) resolves `api_key = "secret:NAME"`; a reference without it, or to a missing
-secret, fails start-up with the key (`gateway.upstreams[0].api_key: secret 'openai' not found ...`).
-
-Services used (looked up at request time, so capability order does not matter):
-- `local_embedder`: `async (model, inputs) -> (vectors, usage)` from the inference capability;
-  `/v1/embeddings` for a model no upstream serves goes there;
-- `local_models`: `() -> list[str]`, listed by `/v1/models` too.
+`complete(path, body, key)` is a non-streamed call through routing/failover/limits for code in this
+process (e.g. RAG).
 """
 
 from __future__ import annotations
@@ -23,7 +20,7 @@ from typing import Any
 
 from starlette.routing import BaseRoute
 
-from xcstack.capability import AppContext
+from xcstack.capability import AppContext, LocalEmbedder, Wiring
 from xcstack.gateway import metrics
 from xcstack.gateway.jobs import JobManager, disabled_routes
 from xcstack.gateway.jobstore import open_job_store
@@ -31,6 +28,15 @@ from xcstack.gateway.prepare import ENDPOINTS
 from xcstack.gateway.routes import build_routes
 from xcstack.gateway.service import GatewayService
 from xcstack.gateway.watchdog import Watchdog
+
+WIRING = Wiring(uses=("secrets", "local_embedder"))
+
+
+def local_services(local: LocalEmbedder | None) -> dict[str, Any]:
+    """What `GatewayService` takes from the local models: the embeddings exchange and their names."""
+    if local is None:
+        return {}
+    return {"local_embeddings": local.embeddings_body, "local_models": local.model_names}
 
 
 class GatewayCapability:
@@ -42,13 +48,11 @@ class GatewayCapability:
         inference = ctx.settings.inference
         metrics.limit_keys(settings.metrics_keys)
         self.service = GatewayService(settings, max_body_bytes=ctx.settings.server.max_body_bytes,
-                                      services=ctx.services,
+                                      services=local_services(ctx.services.local_embedder),
                                       default_embedding_model=inference.default_embedding_model
                                       if inference.enabled else None)
         self.jobs = (JobManager(self.service, open_job_store(settings, ctx.state), settings.jobs)
                      if settings.jobs.enabled else None)
-        ctx.provide("gateway.upstream_models", self.service.upstream_models)
-        ctx.provide("gateway.complete", self.complete)
 
     async def complete(self, path: str, body: dict[str, Any], key: str = "internal") -> tuple[int, bytes]:
         from xcstack.httputil import dumps
@@ -69,7 +73,7 @@ class GatewayCapability:
 
     async def start(self) -> None:
         # `api_key = "secret:NAME"`: from the security capability's store (it starts before this one)
-        secrets = self.ctx.get("secrets")
+        secrets = self.ctx.services.secrets
         for i, up in enumerate(self.service.upstreams):
             await up.resolve_api_key(secrets, f"gateway.upstreams[{i}].api_key")
         await self.service.start()

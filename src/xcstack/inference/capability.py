@@ -1,9 +1,12 @@
 """The inference capability: model repository, model workers (side processes), KServe v2 and
-OpenAI embeddings routes, and the `local_embedder` service for other capabilities.
+OpenAI embeddings routes, and `Services.local_embedder` (`inference.local.LocalModels`) for the
+gateway and the vector capability.
 
-`ctx.provide("local_embedder", fn)`: `await fn(model: str | None, inputs: list[str])` returns
-`(vectors: numpy float32 [n, dims], usage: {"prompt_tokens", "total_tokens"})`; it raises XCError
-(404 unknown model, 503 retriable overload / worker down, 504 timeout).
+It mounts `/v1/embeddings` only when `app.py` says it owns it (`ctx.embeddings_owner`): with the
+gateway on, the gateway serves it and hands local model names to `Services.local_embedder`.
+
+The supervisor learns the model-worker count and why local inference cannot run here (if so) from
+`child_env`, and passes them to every child it starts; nothing here writes `os.environ`.
 """
 
 from __future__ import annotations
@@ -14,14 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.routing import BaseRoute
 
-from xcstack.capability import AppContext, SideProcessSpec
-from xcstack.errors import NotFound, Overloaded
-from xcstack.inference import metrics
+from xcstack.capability import AppContext, SideProcessSpec, Wiring
+from xcstack.errors import Overloaded
 from xcstack.inference.pacing import LoopPacer
 from xcstack.inference.worker import (
     COUNT_ENV,
     WORKER_ENV,
-    _count_known,
+    count_known,
     current_plan,
     socket_path,
     worker_count,
@@ -35,12 +37,11 @@ if TYPE_CHECKING:
 
     from xcstack.config import Settings
     from xcstack.inference.client import Backend
-    from xcstack.inference.protocol import EmbeddingsRequest
 
 
-EMBED_CHUNK = 512  # texts per worker call for `local_embedder`
-# Why local inference cannot run on this machine, published by the supervisor for its http workers
-# (the tuning plan's `inference_unavailable`, e.g. onnxruntime killed by SIGSEGV under qemu-user).
+WIRING = Wiring(provides=("local_embedder",))
+# Why local inference cannot run on this machine, passed by the supervisor to its children (`child_env`:
+# the tuning plan's `inference_unavailable`, e.g. onnxruntime killed by SIGSEGV under qemu-user).
 UNAVAILABLE_ENV = "XC_INFERENCE_UNAVAILABLE"
 
 
@@ -77,6 +78,7 @@ class InferenceCapability:
     def __init__(self, settings: Settings, *, backend: Backend | None = None, total_workers: int | None = None,
                  mount_embeddings: bool = True) -> None:
         from xcstack.inference.client import InlineBackend, ProcessBackend
+        from xcstack.inference.local import LocalModels
         from xcstack.inference.repository import ModelRepository
 
         self.root_settings = settings
@@ -87,7 +89,7 @@ class InferenceCapability:
             n = total_workers
             plan: Any = None
             if n is None and self.settings.mode == "process":
-                plan = None if _count_known(settings) else current_plan(settings)
+                plan = None if count_known(settings) else current_plan(settings)
                 n = worker_count(settings, plan)
             off = os.environ.get(UNAVAILABLE_ENV, "") or str(getattr(plan, "inference_unavailable", "") or "")
             if self.settings.mode == "process" and not n and off:
@@ -98,12 +100,13 @@ class InferenceCapability:
                 backend = ProcessBackend(self.repo, self.settings, [str(socket_path(settings, i)) for i in range(n)])
         self.backend = backend
         self.pacer = LoopPacer(self.settings.loop_budget_ms / 1000.0) if self.settings.loop_budget_ms > 0 else None
+        self.models = LocalModels(self.settings, self.repo, backend, self.pacer)
 
     # --- Capability protocol ---------------------------------------------------------------------
     def routes(self) -> Sequence[BaseRoute]:
         from xcstack.inference.routes import InferenceRoutes
 
-        return InferenceRoutes(self).routes(embeddings=self.mount_embeddings)
+        return InferenceRoutes(self.models).routes(embeddings=self.mount_embeddings)
 
     async def start(self) -> None:
         await self.backend.start()
@@ -112,105 +115,38 @@ class InferenceCapability:
         await self.backend.stop()
 
     async def ready(self) -> tuple[bool, str]:
-        """Not ready without a model: an enabled inference capability that cannot embed anything would
-        send a load balancer traffic it must fail. A node meant to run without local models sets
-        [inference] enabled = false."""
-        if not self.repo.models():
-            broken = "; ".join(e.error for e in self.repo.entries.values() if e.error)
-            return False, (f"degraded: no model in {self.repo.root}" + (f" that loads ({broken})" if broken else "")
-                           + "; run `xcstack model import-default`")  # fmt: skip
-        return await self.backend.ready()
-
-    # --- services --------------------------------------------------------------------------------
-    def _embedding_model(self, name: str | None) -> str:
-        model = name or self.settings.default_embedding_model
-        entry = self.repo.get(model)
-        if entry is None:
-            raise NotFound(f"model {model!r} is not in the model repository", code="model_not_found")
-        if entry.config is None:
-            raise Overloaded(f"model {model!r} is unavailable: {entry.error}", code="model_unavailable")
-        if entry.config.kind != "embedding":
-            raise NotFound(f"model {model!r} is not an embedding model", code="model_not_found")
-        return model
-
-    async def embed(self, model: str | None, inputs: list[str]) -> tuple[np.ndarray, dict[str, int]]:
-        """The `local_embedder` service: texts -> unit-norm float32 vectors [n, dims] and usage."""
-        name = self._embedding_model(model)
-        try:
-            if len(inputs) <= EMBED_CHUNK:
-                vectors, tokens = await self.backend.embed(name, inputs, self.settings.request_timeout_s)
-            else:  # internal callers (indexing) may pass thousands: chunks keep each call within the queue
-                parts: list[np.ndarray] = []
-                tokens = 0
-                for i in range(0, len(inputs), EMBED_CHUNK):
-                    v, t = await self.backend.embed(name, inputs[i : i + EMBED_CHUNK], self.settings.request_timeout_s)
-                    parts.append(v)
-                    tokens += t
-                import numpy as np
-
-                vectors = np.concatenate(parts)
-        except Exception:
-            metrics.count_request(name, "embed", "error")
-            raise
-        metrics.count_request(name, "embed", "ok")
-        return vectors, {"prompt_tokens": tokens, "total_tokens": tokens}
-
-    async def embed_request(self, name: str, req: EmbeddingsRequest) -> tuple[np.ndarray, dict[str, int]]:
-        from xcstack.errors import BadRequest
-        from xcstack.inference.protocol import texts_of
-
-        texts = texts_of(req, self.settings.max_inputs, self.settings.max_input_chars)
-        model = self._embedding_model(name)
-        dims = self.repo.get(model).config.dimensions  # type: ignore[union-attr]
-        if req.dimensions is not None and dims is not None and req.dimensions != dims:
-            raise BadRequest(f"dimensions: model {model} produces {dims}-dimensional vectors only",
-                             code="invalid_parameter", param="dimensions")
-        return await self.embed(model, texts)
-
-    async def embeddings_body(self, body: dict[str, Any]) -> dict[str, Any]:
-        """The whole OpenAI /v1/embeddings exchange for a local model: request dict -> response dict
-        (validation, limits, encoding_format, usage); raises XCError. For a combined dispatcher."""
-        from xcstack.httputil import parse_model
-        from xcstack.inference.protocol import EmbeddingsRequest, embeddings_response
-
-        if self.pacer is not None:  # the gateway's /v1/embeddings comes this way: pace it like ours
-            await self.pacer.turn()
-        req = parse_model(body, EmbeddingsRequest)
-        name = req.model or self.settings.default_embedding_model
-        vectors, usage = await self.embed_request(name, req)
-        if self.pacer is not None:
-            await self.pacer.turn()
-        return embeddings_response(name, vectors, usage["prompt_tokens"], req.encoding_format)
-
-    def model_names(self) -> list[str]:
-        return [m.name for m in self.repo.models()]
-
-    def handles_embedding_model(self, model: str | None) -> bool:
-        """For a combined /v1/embeddings: True when `model` (or the default) is a local embedding model."""
-        entry = self.repo.get(model or self.settings.default_embedding_model)
-        return entry is not None and entry.config is not None and entry.config.kind == "embedding"
+        return await self.models.ready()
 
 
 def create(ctx: AppContext) -> InferenceCapability | None:
     if not ctx.settings.inference.enabled:
         return None
-    # The gateway owns /v1/embeddings when it is in the app (it sends models no upstream serves to
-    # `local_embedder`); otherwise this capability mounts its own. Needs the gateway listed first in
-    # CAPABILITY_MODULES (it publishes "gateway.upstream_models" at create time).
-    gateway_on = ctx.get("gateway.upstream_models") is not None
-    cap = InferenceCapability(ctx.settings, mount_embeddings=not gateway_on)
-    ctx.provide("local_embedder", cap.embed)
-    ctx.provide("local_embeddings", cap.embeddings_body)
-    ctx.provide("local_models", cap.model_names)
-    ctx.provide("local_embedding_models", cap.handles_embedding_model)
-    ctx.provide("local_embeddings_endpoint", _endpoint(cap))
+    cap = InferenceCapability(ctx.settings, mount_embeddings=ctx.embeddings_owner == "inference")
+    ctx.services.local_embedder = cap.models
     return cap
 
 
-def _endpoint(cap: InferenceCapability) -> Any:
-    from xcstack.inference.routes import InferenceRoutes
+def planned_workers(settings: Settings, plan: Any) -> tuple[int, str]:
+    """(model workers to start, why local inference cannot run here or ""), for process mode."""
+    n = worker_count(settings, plan)
+    off = str(getattr(plan, "inference_unavailable", "") or "") if n <= 0 else ""
+    from xcstack.inference.repository import ModelRepository
 
-    return InferenceRoutes(cap).embeddings
+    repo = ModelRepository(settings.inference.repository_dir(settings.data_dir)).scan()
+    if n <= 0 or not repo.models():
+        n = 0  # nothing to serve: no idle processes (import a model, then restart)
+    return n, off
+
+
+def child_env(settings: Settings, plan: Any) -> dict[str, str]:
+    """What the supervisor's children (http workers, model workers) learn instead of re-deriving the
+    plan: the model-worker count, and why local inference cannot run here ("" when it can; an http
+    worker then must not load models inline either)."""
+    inf = settings.inference
+    if not inf.enabled or inf.mode != "process":
+        return {}
+    n, off = planned_workers(settings, plan)
+    return {COUNT_ENV: str(n), UNAVAILABLE_ENV: off}
 
 
 def side_processes(settings: Settings, plan: Any) -> list[SideProcessSpec]:
@@ -218,19 +154,7 @@ def side_processes(settings: Settings, plan: Any) -> list[SideProcessSpec]:
     inf = settings.inference
     if not inf.enabled or inf.mode != "process":
         return []
-    n = worker_count(settings, plan)
-    off = str(getattr(plan, "inference_unavailable", "") or "") if n <= 0 else ""
-    if off:  # http workers must not load models inline either
-        os.environ[UNAVAILABLE_ENV] = off
-    else:
-        os.environ.pop(UNAVAILABLE_ENV, None)
-    from xcstack.inference.repository import ModelRepository
-
-    repo = ModelRepository(inf.repository_dir(settings.data_dir)).scan()
-    if n <= 0 or not repo.models():
-        n = 0  # nothing to serve: no idle processes (import a model, then restart)
-    # children (http workers, model workers) inherit the count instead of re-deriving the plan
-    os.environ[COUNT_ENV] = str(n)
+    n, _off = planned_workers(settings, plan)
     if n == 0:
         return []
     cpus = worker_cpus(settings, plan)

@@ -1,8 +1,6 @@
-"""HTTP adapter of the inference capability: KServe v2 (`/v2/...`) and OpenAI `/v1/embeddings`.
-
-`InferenceRoutes.embeddings` is a plain Starlette endpoint; the integrator may mount it directly or call
-it from a combined `/v1/embeddings` dispatcher (local model names here, upstream ones in the gateway):
-`InferenceRoutes.serves(model)` says whether a model name is local.
+"""HTTP adapter of the inference capability: KServe v2 (`/v2/...`) and OpenAI `/v1/embeddings`, over
+the local models service (`inference.local.LocalModels`). `/v1/embeddings` is mounted only when the
+inference capability owns it (the gateway's, otherwise; see `app.embeddings_owner`).
 
 While a request waits for its batch, `CancelOnDisconnect` watches for the client's `http.disconnect`:
 a client that leaves cancels its work (queued rows leave the batcher; the model worker gets an IPC
@@ -14,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -49,7 +47,7 @@ from xcstack.inference.repository import ModelConfig
 from xcstack.security.guard import authorize, requires, requires_route
 
 if TYPE_CHECKING:
-    from xcstack.inference.capability import InferenceCapability
+    from xcstack.inference.local import LocalModels
 
 
 OFFLOAD_BYTES = 256 * 1024  # bodies/results above this are decoded/encoded off the event loop
@@ -96,8 +94,8 @@ def kserve_errors(fn: Endpoint) -> Endpoint:
 
 
 class InferenceRoutes:
-    def __init__(self, cap: InferenceCapability) -> None:
-        self.cap = cap
+    def __init__(self, models: LocalModels) -> None:
+        self.models = models
 
     def routes(self, *, embeddings: bool = True) -> list[BaseRoute]:
         # Starlette tries routes in order (a regex each): the hot ones first.
@@ -118,8 +116,7 @@ class InferenceRoutes:
         return r
 
     async def _turn(self) -> None:
-        if self.cap.pacer is not None:
-            await self.cap.pacer.turn()
+        await self.models.turn()
 
     # --- health and metadata ---------------------------------------------------------------------
     @requires_route
@@ -136,7 +133,7 @@ class InferenceRoutes:
     @api("KServe v2 readiness of the inference server (details only for an authenticated caller)",
          response=ReadyProbe, also={503: ReadyProbe})
     async def ready(self, request: Request) -> Response:
-        ok, detail = await self.cap.ready()
+        ok, detail = await self.models.ready()
         return JSONResponse(probe_body(request.scope, ok, detail), status_code=200 if ok else 503)
 
     async def _allowed_config(self, request: Request, action: str) -> Any:
@@ -148,7 +145,7 @@ class InferenceRoutes:
     def _config(self, request: Request) -> Any:
         name = request.path_params["name"]
         version = request.path_params.get("version")
-        entry = self.cap.repo.get(name)
+        entry = self.models.repo.get(name)
         if entry is None or (version is not None and version != "1"):
             raise NotFound(f"model {name!r}{' version ' + version if version else ''} is not in the repository",
                            code="model_not_found")
@@ -181,13 +178,13 @@ class InferenceRoutes:
     @kserve_errors
     async def model_ready(self, request: Request) -> Response:
         cfg = await self._allowed_config(request, "read")
-        ok = await self.cap.backend.model_ready(cfg.name)
+        ok = await self.models.backend.model_ready(cfg.name)
         return JSONResponse({"name": cfg.name, "ready": ok}, status_code=200 if ok else 503)
 
     @requires("inference", "read")
     @kserve_errors
     async def repository_index(self, request: Request) -> Response:
-        index = self.cap.repo.index()
+        index = self.models.repo.index()
         raw = await request.body() if request.method == "POST" else b""
         if raw.strip():  # KServe's optional body {"ready": true}: only the models that are ready
             try:
@@ -207,7 +204,7 @@ class InferenceRoutes:
     @kserve_errors
     async def infer(self, request: Request) -> Response:
         cfg = await self._allowed_config(request, "infer")
-        limit = self.cap.settings.max_tensor_bytes
+        limit = self.models.settings.max_tensor_bytes
         declared = content_length(request)
         if declared is not None and declared > limit:
             raise PayloadTooLarge(f"request body is {declared} bytes; the inference limit is {limit}")
@@ -215,23 +212,23 @@ class InferenceRoutes:
         if len(body) > limit:
             raise PayloadTooLarge(f"request body is {len(body)} bytes; the inference limit is {limit}")
         encoding, hlen = request.headers.get("content-encoding"), request.headers.get(HEADER_LENGTH)
-        max_chars = self.cap.settings.max_input_chars  # the /v1/embeddings limit, for /v2 texts too
+        max_chars = self.models.settings.max_input_chars  # the /v1/embeddings limit, for /v2 texts too
         if len(body) > OFFLOAD_BYTES or encoding:
             # validating (finite, ranges) or inflating megabytes would stall the loop: do it in a thread
             req = await asyncio.to_thread(_decode, body, encoding, limit, hlen, cfg, max_chars)
         else:
             req = decode_infer_request(body, hlen, cfg, max_chars)
-        timeout = self.cap.settings.request_timeout_s
+        timeout = self.models.settings.request_timeout_s
         try:
-            if req.texts is not None and len(req.texts) > self.cap.settings.max_inputs:
+            if req.texts is not None and len(req.texts) > self.models.settings.max_inputs:
                 raise BadRequest(f"input '{cfg.text_input}': {len(req.texts)} texts; the limit is "
-                                 f"{self.cap.settings.max_inputs}", code="too_many_inputs", param=cfg.text_input)
+                                 f"{self.models.settings.max_inputs}", code="too_many_inputs", param=cfg.text_input)
             async with CancelOnDisconnect(request.receive):  # a departed client's rows leave the queue
                 if req.texts is not None:
-                    vectors, _tokens = await self.cap.backend.embed(cfg.name, req.texts, timeout)
+                    vectors, _tokens = await self.models.backend.embed(cfg.name, req.texts, timeout)
                     results = {cfg.outputs[0].name: np.ascontiguousarray(vectors, dtype=np.float32)}
                 else:
-                    results = await self.cap.backend.infer(cfg.name, req.inputs, [n for n, _ in req.outputs],
+                    results = await self.models.backend.infer(cfg.name, req.inputs, [n for n, _ in req.outputs],
                                                            timeout)
         except ClientDisconnected:
             metrics.count_departed(cfg.name, "kserve")
@@ -254,11 +251,11 @@ class InferenceRoutes:
     async def embeddings(self, request: Request) -> Response:
         await self._turn()
         req = await read_model(request, EmbeddingsRequest)
-        name = req.model or self.cap.settings.default_embedding_model
+        name = req.model or self.models.settings.default_embedding_model
         await authorize(request, f"model:{name}", "embed")
         try:
             async with CancelOnDisconnect(request.receive):  # a departed client's rows leave the queue
-                vectors, usage = await self.cap.embed_request(name, req)
+                vectors, usage = await self.models.embed_request(name, req)
         except ClientDisconnected:
             metrics.count_departed(name, "embed")
             return DepartedResponse()
@@ -271,7 +268,3 @@ api_for("GET", InferenceRoutes.repository_index, ApiDoc(
 api_for("POST", InferenceRoutes.repository_index, ApiDoc(
     "KServe v2 repository index; `{\"ready\": true}` lists the ready models only", body=RepositoryIndexRequest,
     body_required=False, response=RepositoryIndex, error_model="kserve"))
-
-
-def local_routes(cap: InferenceCapability, embeddings: bool) -> Sequence[BaseRoute]:
-    return InferenceRoutes(cap).routes(embeddings=embeddings)

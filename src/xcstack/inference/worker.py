@@ -71,7 +71,7 @@ def worker_count(settings: Settings, plan: Any = None) -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
-def _count_known(settings: Settings) -> bool:
+def count_known(settings: Settings) -> bool:
     inf = settings.inference
     return inf.workers is not None or inf.worker_cpus is not None or os.environ.get(COUNT_ENV, "").isdigit()
 
@@ -112,7 +112,7 @@ async def serve(
 
     repo = ModelRepository(settings.inference.repository_dir(settings.data_dir)).scan()
     if total is None:
-        total = worker_count(settings, None if _count_known(settings) else current_plan(settings))
+        total = worker_count(settings, None if count_known(settings) else current_plan(settings))
     core = WorkerCore(repo, settings.inference, worker_index=index, total_workers=max(1, total))
     core.load()  # load + warm once, before the socket exists: callers see "unavailable" until ready
     core.start()

@@ -81,7 +81,7 @@ class SecurityAuthorizer:
 
     async def authorize(self, request: Request, resource: str, action: str) -> None:
         pr = _principal(request.scope)
-        info = _info(request)
+        info = caller_info(request)
         if resource in self.reserved_keys and action not in RESERVED_KEY_ACTIONS:
             DENIALS.labels("reserved_key").inc()
             await self.service.audit(pr.name, "access.denied", resource, "denied", info,
@@ -95,6 +95,7 @@ class SecurityAuthorizer:
             raise Forbidden(f"permission denied: {action} on {resource}", code="forbidden")
 
 
-def _info(request: Request) -> ReqInfo:
+def caller_info(request: Request) -> ReqInfo:
+    """Who called, for an audit record: the client IP the middleware resolved (proxy headers), else the peer."""
     ip = request.scope.get("xc.client_ip") or (request.client.host if request.client else None)
     return ReqInfo(ip, request.scope.get("xc.request_id"))

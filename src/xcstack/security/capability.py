@@ -2,16 +2,12 @@
 
 What `app.py` uses: `create(ctx)` returns a `SecurityCapability` (None when `[security] enabled =
 false`) with `routes()`, `middleware() -> list[Middleware]` (one `SecurityMiddleware`), `start()`,
-`stop()`, `ready()`. It publishes on the context:
-
-- `ctx.provide("audit", cap.audit)`   — the `AuditLog` (for code without a request: `await append(...)`);
-- `ctx.provide("secretbox", ...)` — SM4-GCM `seal(plaintext, aad)` / `open(sealed, aad)`;
-- `ctx.provide("secrets", cap.secrets)` — named secrets at rest: `await secrets.resolve("secret:NAME")`
-  for upstream API keys and DB passwords referenced from config (see `security/secrets.py`);
-  usable after the security capability started (its migrations create the table).
+`stop()`, `ready()` and `route_authorizer()`. It sets `ctx.services.secrets`: named secrets at rest,
+`await secrets.resolve("secret:NAME")` for upstream API keys and DB passwords referenced from config
+(see `security/secrets.py`), usable after this capability started (its migrations create the table).
 
 Signing (audit checkpoints, trusted-boot manifest) goes through the crypto capability's client
-(`ctx.get("crypto")`, key `[security] signing_key`) when it is there; without it an in-process
+(`ctx.services.crypto`, key `[security] signing_key`) when it is there; without it an in-process
 SM2 key kept under `<data_dir>/security/` (0600) is used and a warning is logged.
 """
 
@@ -27,11 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from starlette.middleware import Middleware
-from starlette.requests import Request
 from starlette.routing import BaseRoute
 
 from xcstack.aio import cancel_and_wait
-from xcstack.capability import AppContext
+from xcstack.capability import AppContext, Wiring
 from xcstack.errors import XCError
 from xcstack.security.audit.export import Exporter, HttpSink, Sink, SyslogTcpSink
 from xcstack.security.audit.log import AuditLog
@@ -42,12 +37,13 @@ from xcstack.security.middleware import SecurityMiddleware
 from xcstack.security.routes import build_routes
 from xcstack.security.secretbox import LocalSecretBox, SecretBox, ServiceSecretBox
 from xcstack.security.secrets import SecretStore
-from xcstack.security.service import Principal, ReqInfo, SecurityService
+from xcstack.security.service import SecurityService
 from xcstack.security.signing import ServiceSigner, Signer
 
 log = logging.getLogger("xcstack.security")
 
 SECRETBOX_KEY = "security-secrets"
+WIRING = Wiring(provides=("secrets",), uses=("crypto",))
 
 
 def local_secretbox(ctx_settings: Any) -> LocalSecretBox:
@@ -79,7 +75,7 @@ class SecurityCapability:
         self.clock = clock
         self._signer = signer
         self._print = print_bootstrap or (lambda s: print(s, file=sys.stderr, flush=True))
-        crypto = ctx.get("crypto")
+        crypto = ctx.services.crypto
         if secretbox is None:
             secretbox = ServiceSecretBox(crypto, SECRETBOX_KEY) if crypto is not None else None
         self.box: SecretBox | None = secretbox
@@ -97,17 +93,15 @@ class SecurityCapability:
         self._exporters: list[Exporter] = []
         self.trust_monitor: Any = None
         self._key_verifier: Any = None
-        ctx.provide("audit", self.audit)
-        ctx.provide("secretbox", _LazyBox(self))
         self.secrets = SecretStore(ctx.state, _LazyBox(self), clock)
-        ctx.provide("secrets", self.secrets)
+        ctx.services.secrets = self.secrets
 
     # -- Capability protocol ---------------------------------------------------------------------
     def routes(self) -> Sequence[BaseRoute]:
-        return build_routes(self)
+        return build_routes(self.service, self.audit_root, self.sig_verify)
 
     def middleware(self) -> list[Middleware]:
-        return [Middleware(SecurityMiddleware, security=self)]
+        return [Middleware(SecurityMiddleware, service=self.service, settings=self.settings, authorizer=self._authz)]
 
     @property
     def signer(self) -> Signer | None:
@@ -115,7 +109,7 @@ class SecurityCapability:
 
     async def start(self) -> None:
         if self._signer is None:
-            crypto = self.ctx.get("crypto")
+            crypto = self.ctx.services.crypto
             if crypto is not None:
                 try:
                     await ensure_key(crypto, self.settings.signing_key, "sm2")
@@ -196,13 +190,6 @@ class SecurityCapability:
         """The app's authorizer: `app.py` wraps every route with its check, the middleware installs it."""
         return self._authz
 
-    async def audit_sink(
-        self, request: Request, action: str, resource: str, outcome: str, detail: dict[str, Any] | None
-    ) -> None:
-        pr = request.scope.get("xc.principal")
-        actor = pr.name if isinstance(pr, Principal) else "anonymous"
-        await self.service.audit(actor, action, resource, outcome, _info(request), detail)
-
     async def sig_verify(self, key_id: str, message: bytes, signature: bytes) -> bool:
         """Checkpoints of this signer's key go through it (every keystore version); others (a local
         key used before the crypto capability was enabled, a retired key id) by public key."""
@@ -215,13 +202,8 @@ class SecurityCapability:
         return await self._key_verifier(key_id, message, signature)
 
 
-def _info(request: Request) -> ReqInfo:
-    ip = request.scope.get("xc.client_ip") or (request.client.host if request.client else None)
-    return ReqInfo(ip, request.scope.get("xc.request_id"))
-
-
 class _LazyBox:
-    """The secret box resolved at start (the crypto client may be provided after create)."""
+    """The secret box resolved at start (the local one is derived off the loop, in `start`)."""
 
     def __init__(self, cap: SecurityCapability) -> None:
         self.cap = cap

@@ -20,20 +20,19 @@ A public path is flagged (`authz.PUBLIC_PATH`) so that check lets it through.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import Any
 
 from prometheus_client import Counter
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from xcstack import apiref
 from xcstack.errors import Unauthorized, XCError
 from xcstack.httputil import ANONYMOUS_PROBE, dumps
-from xcstack.security.authz import PUBLIC_PATH
+from xcstack.security.authz import PUBLIC_PATH, SecurityAuthorizer, caller_info
 from xcstack.security.guard import AUDIT, AUTHORIZER, ROUTE_TEMPLATE
-from xcstack.security.service import Principal, ReqInfo
-
-if TYPE_CHECKING:
-    from xcstack.security.capability import SecurityCapability
+from xcstack.security.service import Principal, ReqInfo, SecurityService
+from xcstack.security.settings import SecuritySettings
 
 log = logging.getLogger("xcstack.security")
 
@@ -74,19 +73,29 @@ async def send_error(send: Send, exc: XCError, request_id: str | None) -> None:
 
 
 class SecurityMiddleware:
-    def __init__(self, app: ASGIApp, security: SecurityCapability) -> None:
+    """Built by the security capability with the services it uses (no capability object: no cycle)."""
+
+    def __init__(self, app: ASGIApp, *, service: SecurityService, settings: SecuritySettings,
+                 authorizer: SecurityAuthorizer) -> None:
         self.app = app
-        self.sec = security
-        self.authorize = security.route_authorizer().authorize
+        self.service = service
+        self.settings = settings
+        self.authorize = authorizer.authorize
+
+    async def audit_sink(self, request: Request, action: str, resource: str, outcome: str,
+                         detail: dict[str, Any] | None) -> None:
+        """`security.guard.audit`'s record: the request's principal (or anonymous) did `action`."""
+        pr = request.scope.get("xc.principal")
+        actor = pr.name if isinstance(pr, Principal) else "anonymous"
+        await self.service.audit(actor, action, resource, outcome, caller_info(request), detail)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        sec = self.sec
-        settings = sec.settings
+        settings = self.settings
         scope[AUTHORIZER] = self.authorize
-        scope[AUDIT] = sec.audit_sink
+        scope[AUDIT] = self.audit_sink
         path: str = scope["path"]
         method: str = scope.get("method", "GET")
         if path in settings.public_paths or (path == "/metrics" and settings.metrics_public) or (
@@ -104,11 +113,11 @@ class SecurityMiddleware:
         scope["xc.client_ip"] = info.ip
         try:
             token = bearer(scope)
-            principal = await sec.service.authenticate(token) if token else None
+            principal = await self.service.authenticate(token) if token else None
             if principal is None:
                 _AUTH_DENIED.inc()
-                await sec.service.audit("anonymous", "auth.denied", f"route:{path[:256]}", "denied", info,
-                                        {"method": method, "reason": "invalid token" if token else "no token"})
+                await self.service.audit("anonymous", "auth.denied", f"route:{path[:256]}", "denied", info,
+                                         {"method": method, "reason": "invalid token" if token else "no token"})
                 raise Unauthorized("authentication required: send 'Authorization: Bearer <token>'",
                                    code="unauthorized", headers={"WWW-Authenticate": 'Bearer realm="xcstack"'})
         except XCError as exc:
@@ -128,7 +137,7 @@ class SecurityMiddleware:
         if not token:
             return False
         try:
-            return await self.sec.service.authenticate(token) is not None
+            return await self.service.authenticate(token) is not None
         except Exception as exc:
             log.warning("token check for a public path failed: %s", type(exc).__name__)
             return False
@@ -136,7 +145,7 @@ class SecurityMiddleware:
     async def _call_audited(
         self, scope: Scope, receive: Receive, send: Send, principal: Principal, method: str, info: ReqInfo,
     ) -> None:
-        if not self.sec.settings.audit.log_api_calls:
+        if not self.settings.audit.log_api_calls:
             await self.app(scope, receive, send)
             return
         started = False
@@ -144,8 +153,8 @@ class SecurityMiddleware:
         async def record(status: int) -> None:
             template = scope.get(ROUTE_TEMPLATE) or scope["path"][:256]  # set by the route's Guarded app
             outcome = "success" if status < 400 else ("denied" if status in (401, 403) else "failure")
-            await self.sec.service.audit(principal.name, "api.call", f"route:{template}", outcome, info,
-                                         {"method": method, "status": status}, data_plane=True)
+            await self.service.audit(principal.name, "api.call", f"route:{template}", outcome, info,
+                                     {"method": method, "status": status}, data_plane=True)
 
         async def audited_send(message: Message) -> None:
             nonlocal started

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -29,12 +30,12 @@ from xcstack.httputil import JSONResponse, parse_model, read_model
 from xcstack.security import protocol as p
 from xcstack.security.audit import record as rec
 from xcstack.security.audit.log import list_chains, list_segments, read_segment
-from xcstack.security.audit.verify import verify_chain
+from xcstack.security.audit.verify import SigVerify, verify_chain
 from xcstack.security.guard import authenticated, public, requires
 from xcstack.security.service import Principal, ReqInfo
 
 if TYPE_CHECKING:
-    from xcstack.security.capability import SecurityCapability
+    from xcstack.security.service import SecurityService
 
 USER_404 = "user_not_found"
 SELF = "Self-service: any authenticated principal, also a session restricted to a password change or TOTP enrolment."
@@ -71,8 +72,9 @@ def _info(request: Request) -> ReqInfo:
     return ReqInfo(ip, request.scope.get("xc.request_id"))
 
 
-def build_routes(cap: SecurityCapability) -> list[BaseRoute]:
-    svc = cap.service
+def build_routes(svc: SecurityService, audit_root: Path, sig_verify: SigVerify) -> list[BaseRoute]:
+    """The routes over the security service and the audit chains under `audit_root` (checkpoint
+    signatures checked with `sig_verify`)."""
 
     @public
     @api("Sign in: a session token for a user name and password (and a TOTP or recovery code once enrolled)",
@@ -224,7 +226,7 @@ def build_routes(cap: SecurityCapability) -> list[BaseRoute]:
     @requires("audit", "read")
     async def audit_chains(request: Request) -> Response:
         chains = [{"chain": d.name, "segments": [s.name for _, s in list_segments(d)]}
-                  for d in list_chains(cap.audit_root)]
+                  for d in list_chains(audit_root)]
         return JSONResponse({"chains": chains})
 
     @api("Read audit records: one chain from `after_seq` on, or every chain merged by time", query=p.AuditQuery,
@@ -233,7 +235,7 @@ def build_routes(cap: SecurityCapability) -> list[BaseRoute]:
     @requires("audit", "read")
     async def audit_records(request: Request) -> Response:
         q = parse_model(dict(request.query_params), p.AuditQuery)
-        page = await asyncio.to_thread(_read_records, cap, q)
+        page = await asyncio.to_thread(read_records, audit_root, q)
         await svc.audit(_principal(request).name, "audit.read", f"audit:{q.chain or '*'}", "success", _info(request),
                         {"query": q.model_dump(exclude_none=True), "returned": len(page["records"])})
         return JSONResponse(page)
@@ -243,7 +245,7 @@ def build_routes(cap: SecurityCapability) -> list[BaseRoute]:
                      "(`audit.verify`).")
     @requires("audit", "verify")
     async def audit_verify(request: Request) -> Response:
-        reports = [(await verify_chain(d, cap.sig_verify)).to_dict() for d in list_chains(cap.audit_root)]
+        reports = [(await verify_chain(d, sig_verify)).to_dict() for d in list_chains(audit_root)]
         ok = all(r["ok"] for r in reports)
         await svc.audit(_principal(request).name, "audit.verify", "audit:*", "success" if ok else "failure",
                         _info(request), {"chains": len(reports), "ok": ok})
@@ -282,8 +284,9 @@ def _match(obj: dict[str, Any], q: p.AuditQuery) -> bool:
     )
 
 
-def _read_records(cap: SecurityCapability, q: p.AuditQuery) -> dict[str, Any]:
-    chains = list_chains(cap.audit_root)
+def read_records(audit_root: Path, q: p.AuditQuery) -> dict[str, Any]:
+    """A page of audit records under `audit_root` (blocking: file reads; the route runs it in a thread)."""
+    chains = list_chains(audit_root)
     if q.chain is not None:
         chains = [c for c in chains if c.name == q.chain]
         if not chains:

@@ -1,4 +1,5 @@
-"""The vector capability: plugs the VectorStore + service + routes into xcstack."""
+"""The vector capability: plugs the VectorStore + service + routes into xcstack. Texts are embedded by
+`Services.local_embedder` (the inference capability) when it is there; without it they get 400."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.routing import BaseRoute
 
-from xcstack.capability import AppContext, SideProcessSpec
+from xcstack.capability import AppContext, SideProcessSpec, Wiring
 
 if TYPE_CHECKING:
     # the store, service and routes (numpy; pymilvus or psycopg) load in create(), when the capability is on
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from xcstack.vector.store import VectorStore
 
 log = logging.getLogger("xcstack.vector")
+WIRING = Wiring(uses=("local_embedder",))
 
 
 class VectorCapability:
@@ -29,13 +31,11 @@ class VectorCapability:
         self.ctx = ctx
         self.settings = ctx.settings.vector
         self.store = store or make_store(self.settings, ctx.settings.data_dir)
-        # looked up per request: the inference capability may be created after this one
         self.service = VectorService(self.settings, self.store, embedder=self._embedder)
-        ctx.provide("vector_service", self.service)
 
     def _embedder(self) -> Embedder | None:
-        fn: Embedder | None = self.ctx.get("local_embedder")
-        return fn
+        local = self.ctx.services.local_embedder  # read per request: tests swap in a double
+        return local.embed if local is not None else None
 
     def routes(self) -> Sequence[BaseRoute]:
         from xcstack.vector.routes import build_routes
