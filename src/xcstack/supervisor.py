@@ -1,4 +1,4 @@
-"""`xcstack serve`: the process tree of ARCHITECTURE.md §1.
+"""`xcstack serve`: the process tree of docs/architecture.md §1.
 
 The supervisor owns no request. It binds the one listening socket, starts W http workers that
 inherit it, starts the side processes capabilities declare (model workers, the HSM owner), and:

@@ -1,6 +1,6 @@
 """The tuning plan: how many http and model workers, which core each is pinned to, which event loop.
 
-Rules (ARCHITECTURE.md §1):
+Rules (docs/architecture.md §1):
 - The usable CPUs are online ∩ this process' affinity ∩ the cgroup cpuset. A CFS quota (cgroup
   cpu.max) caps how many of them are planned: the quota rounded half up (1.5 cores -> 2 slots,
   with a throttling warning).
