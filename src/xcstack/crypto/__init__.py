@@ -3,7 +3,7 @@
 - `xcstack.crypto.recipes`: what other capabilities use (SM4-GCM seal/open, HMAC-SM3, PBKDF2, SM3), with the
   SM2 key API in `xcstack.crypto.primitives.sm2`; `primitives/` holds SM2/SM3/SM4, DER and the SM2 backends;
 - `xcstack.crypto.errors`: error classes with stable codes;
-- `xcstack.crypto.client`: `CryptoClient` (`ctx.get("crypto")`): async sign/verify/encrypt/decrypt/
+- `xcstack.crypto.client`: `CryptoClient` (`ctx.services.crypto`): async sign/verify/encrypt/decrypt/
   hash/hmac/random; `OwnerClient` (HSM owner over IPC) and `DirectClient` (in-process soft keys);
 - `xcstack.crypto.service`: the op dispatcher shared by the owner and direct mode;
 - `xcstack.crypto.keystore`: key records, master key, sealing;

@@ -1,7 +1,7 @@
-"""What other code uses to reach keys: `CryptoClient` (published as `ctx.get("crypto")`).
+"""What other code uses to reach keys: `CryptoClient` (`ctx.services.crypto` in a capability).
 
 ```python
-crypto = ctx.get("crypto")
+crypto = ctx.services.crypto
 sig = await crypto.sign("audit-signing", data)           # DER SM2 signature (fmt="raw" for r||s)
 ok = await crypto.verify("audit-signing", data, sig)     # tries every active version
 ct = await crypto.encrypt("secrets", b"...", aad=b"ctx")  # sm4 key: nonce||ct||tag; sm2 key: DER C1C3C2

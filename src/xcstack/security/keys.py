@@ -1,6 +1,6 @@
 """Reaching the keys security signs with, inside the server and from the CLI / supervisor.
 
-- In the server: the crypto capability's client (`ctx.get("crypto")`), keys created on first use.
+- In the server: the crypto capability's client (`ctx.services.crypto`), keys created on first use.
 - Offline (CLI, supervisor before the HSM owner runs): the HSM owner if its socket answers, else the
   soft backend in process (`DirectClient`), else — no crypto at all — a local SM2 key file.
 - Verification needs only public keys: `KeyVerifier` reads them from the keystore (state store),

@@ -4,7 +4,7 @@ Store once, by name, with `xcstack secret set NAME` (read from the terminal with
 stdin); reference it from config as `secret:NAME` instead of the clear value. Capabilities resolve
 references when they start (the security capability, which provides the store, starts first)::
 
-    secrets = ctx.get("secrets")               # SecretStore, or None without the security capability
+    secrets = ctx.services.secrets             # SecretStore, or None without the security capability
     value = await resolve_setting(secrets, "secret:openai", "gateway.upstreams[0].api_key")
     dsn, used = await resolve_dsn(secrets, "mysql://app:{secret:db-main}@db/app", "db.databases.main.dsn")
 

@@ -1,6 +1,6 @@
 """The signer interface security code signs with (audit checkpoints, the trusted-boot manifest).
 
-Production signs with SM2 through the crypto capability's client (`ctx.get("crypto")`, the HSM
+Production signs with SM2 through the crypto capability's client (`ctx.services.crypto`, the HSM
 owner); tests and the CLI without a running server use an in-process signer over the crypto
 capability's SM2 adapter. Everything in `security/` takes a `Signer`, never a key.
 """
@@ -49,7 +49,7 @@ def verify_sm2(public_key: bytes | str, data: bytes, signature: bytes) -> bool:
 
 
 class ServiceSigner:
-    """Adapter over the crypto capability's client (`ctx.get("crypto")`): `await client.sign(key, data)`,
+    """Adapter over the crypto capability's client (`ctx.services.crypto`): `await client.sign(key, data)`,
     `await client.verify(key, data, signature)`."""
 
     def __init__(self, client: Any, key_id: str) -> None:
