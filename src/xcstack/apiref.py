@@ -16,7 +16,7 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from xcstack.apidoc import ApiDoc, api_for
-from xcstack.errors import NotFound
+from xcstack.errors import CoreCode, NotFound
 from xcstack.httputil import dumps
 from xcstack.security.guard import public
 
@@ -70,7 +70,7 @@ def build_routes(document: Callable[[], dict[str, Any]]) -> list[BaseRoute]:
     async def page(request: Request) -> Response:
         if static is None:
             raise NotFound("the API reference page needs the swagger-ui-py package; /openapi.json is served",
-                           code="not_found")
+                           code=CoreCode.NOT_FOUND)
         return Response(PAGE, media_type="text/html; charset=utf-8", headers=headers)
 
     @public
@@ -81,7 +81,7 @@ def build_routes(document: Callable[[], dict[str, Any]]) -> list[BaseRoute]:
         @public
         async def serve(request: Request) -> Response:
             if static is None:
-                raise NotFound(f"no {name}: the swagger-ui-py package is not installed", code="not_found")
+                raise NotFound(f"no {name}: the swagger-ui-py package is not installed", code=CoreCode.NOT_FOUND)
             return FileResponse(static / name, media_type=ASSETS[name],
                                 headers={**headers, "Cache-Control": "max-age=86400"})
 

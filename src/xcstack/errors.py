@@ -2,12 +2,42 @@
 
 Codes are stable strings that clients can switch on; messages are for humans. Services raise
 `XCError` (or a subclass) and never build responses themselves; `app.py` turns them into JSON.
+Every code is a member of one catalogue enum: `CoreCode` here (codes of the HTTP layer and codes
+several capabilities share), one `StrEnum` per capability in its `protocol.py`; members are `str`,
+so the JSON is the plain code. `openapi.ERROR_CATALOGUE` lists them all.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from enum import StrEnum
 from typing import Any
+
+
+class CoreCode(StrEnum):
+    """Codes of the HTTP layer and the status defaults, plus codes more than one capability raises."""
+
+    INTERNAL_ERROR = "internal_error"
+    BAD_REQUEST = "bad_request"
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
+    NOT_FOUND = "not_found"
+    CONFLICT = "conflict"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    RATE_LIMITED = "rate_limited"
+    OVERLOADED = "overloaded"
+    UPSTREAM_ERROR = "upstream_error"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    HTTP_ERROR = "http_error"  # any other status Starlette raises
+    REQUEST_TIMEOUT = "request_timeout"
+    URL_TOO_LONG = "url_too_long"
+    TOO_MANY_HEADERS = "too_many_headers"
+    HEADERS_TOO_LARGE = "headers_too_large"
+    INVALID_JSON = "invalid_json"
+    INVALID_PARAMETER = "invalid_parameter"
+    MODEL_NOT_FOUND = "model_not_found"  # gateway and local inference
+    BATCH_TOO_LARGE = "batch_too_large"  # inference and vectors
 
 
 class XCError(Exception):
@@ -15,7 +45,7 @@ class XCError(Exception):
 
     status: int = 500
     type: str = "server_error"
-    code: str = "internal_error"
+    code: str = CoreCode.INTERNAL_ERROR
 
     def __init__(
         self,
@@ -48,37 +78,37 @@ class XCError(Exception):
 class BadRequest(XCError):
     status = 400
     type = "invalid_request_error"
-    code = "bad_request"
+    code = CoreCode.BAD_REQUEST
 
 
 class Unauthorized(XCError):
     status = 401
     type = "authentication_error"
-    code = "unauthorized"
+    code = CoreCode.UNAUTHORIZED
 
 
 class Forbidden(XCError):
     status = 403
     type = "permission_error"
-    code = "forbidden"
+    code = CoreCode.FORBIDDEN
 
 
 class NotFound(XCError):
     status = 404
     type = "not_found_error"
-    code = "not_found"
+    code = CoreCode.NOT_FOUND
 
 
 class Conflict(XCError):
     status = 409
     type = "invalid_request_error"
-    code = "conflict"
+    code = CoreCode.CONFLICT
 
 
 class PayloadTooLarge(XCError):
     status = 413
     type = "invalid_request_error"
-    code = "payload_too_large"
+    code = CoreCode.PAYLOAD_TOO_LARGE
 
 
 class RateLimited(XCError):
@@ -86,7 +116,7 @@ class RateLimited(XCError):
 
     status = 429
     type = "rate_limit_error"
-    code = "rate_limited"
+    code = CoreCode.RATE_LIMITED
 
     def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None) -> None:
         super().__init__(message, code=code, headers={"Retry-After": _retry_after(retry_after)})
@@ -97,7 +127,7 @@ class Overloaded(XCError):
 
     status = 503
     type = "server_error"
-    code = "overloaded"
+    code = CoreCode.OVERLOADED
 
     def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None) -> None:
         super().__init__(message, code=code, headers={"Retry-After": _retry_after(retry_after)})
@@ -106,23 +136,17 @@ class Overloaded(XCError):
 class UpstreamError(XCError):
     status = 502
     type = "server_error"
-    code = "upstream_error"
+    code = CoreCode.UPSTREAM_ERROR
 
 
 class GatewayTimeout(XCError):
     status = 504
     type = "server_error"
-    code = "upstream_timeout"
+    code = CoreCode.UPSTREAM_TIMEOUT
 
 
 def _retry_after(seconds: float) -> str:
     return str(max(1, int(seconds + 0.999)))
 
 
-#: Codes that are built at run time rather than written as a literal `code=` (the OpenAPI document
-#: collects literals from the source; these complete it).
-HTTP_METHOD_NOT_ALLOWED = "method_not_allowed"
-HTTP_ERROR = "http_error"
-REQUEST_TIMEOUT = "request_timeout"
-PASSWORD_CHANGE_REQUIRED = "password_change_required"  # a session restricted to a password change
-TOTP_ENROLLMENT_REQUIRED = "totp_enrollment_required"  # a session restricted to TOTP enrolment
+HTTP_ERROR = CoreCode.HTTP_ERROR  # the old name, until app.py uses the enum

@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Scope
 
-from xcstack.errors import BadRequest, PayloadTooLarge
+from xcstack.errors import BadRequest, CoreCode, PayloadTooLarge
 
 try:
     import orjson
@@ -44,11 +44,11 @@ async def read_json(request: Request) -> Any:
     """The request body as JSON; 400 `invalid_json` when it is not."""
     body = await request.body()
     if not body:
-        raise BadRequest("request body is empty; JSON expected", code="invalid_json")
+        raise BadRequest("request body is empty; JSON expected", code=CoreCode.INVALID_JSON)
     try:
         return loads(body)
     except ValueError as exc:
-        raise BadRequest(f"malformed JSON: {exc}", code="invalid_json") from None
+        raise BadRequest(f"malformed JSON: {exc}", code=CoreCode.INVALID_JSON) from None
 
 
 async def read_model(request: Request, model: type[M]) -> M:
@@ -70,7 +70,7 @@ def validation_error(exc: ValidationError) -> BadRequest:
     extra = len(exc.errors()) - 1
     if extra:
         message += f" (and {extra} more error{'s' if extra > 1 else ''})"
-    return BadRequest(message, code="invalid_parameter", param=loc or None)
+    return BadRequest(message, code=CoreCode.INVALID_PARAMETER, param=loc or None)
 
 
 def content_length(request: Request) -> int | None:
@@ -81,7 +81,7 @@ def content_length(request: Request) -> int | None:
 
 def ensure_size(size: int, limit: int, what: str = "request body") -> None:
     if size > limit:
-        raise PayloadTooLarge(f"{what} is {size} bytes; the limit is {limit}", code="payload_too_large")
+        raise PayloadTooLarge(f"{what} is {size} bytes; the limit is {limit}", code=CoreCode.PAYLOAD_TOO_LARGE)
 
 
 #: Scope flag the security middleware sets on a public path reached without a valid token.

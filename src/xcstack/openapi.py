@@ -3,16 +3,14 @@
 Every mounted route contributes its path, methods and path parameters; `@api` marks (apidoc.py) add
 the request and response schemas, taken from the pydantic models the route itself parses with, and
 `@requires` marks the permission. Error responses share one schema whose `code` lists every stable
-code the source raises (collected from the code, so the contract cannot forget one).
+code of the error catalogue (the `StrEnum`s of `ERROR_CATALOGUE`, which every raise site uses).
 """
 
 from __future__ import annotations
 
-import ast
 import functools
-import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from pathlib import Path
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel
@@ -21,7 +19,14 @@ from starlette.convertors import FloatConvertor, IntegerConvertor
 from starlette.routing import BaseRoute, Route
 
 from xcstack.apidoc import ApiDoc, Schema, doc_of
+from xcstack.crypto.protocol import CryptoCode
+from xcstack.db.protocol import DbCode
+from xcstack.errors import CoreCode
+from xcstack.gateway.protocol import GatewayCode
+from xcstack.inference.protocol import InferenceCode
 from xcstack.security.guard import permission_of
+from xcstack.security.protocol import SecurityCode
+from xcstack.vector.protocol import VectorCode
 
 REF = "#/components/schemas/{model}"
 COMMON_ERRORS = (400, 401, 403, 413, 429, 503)
@@ -46,38 +51,18 @@ _STATUS_TEXT = {
     503: "Overloaded or a backend is unavailable (`Retry-After`)",
     504: "Timed out",
 }
-_CODE_RE = re.compile(r"^[a-z][a-z0-9_]{1,63}$")
+
+
+#: The error catalogue: every stable code a response can carry is a member of exactly one of these
+#: (core codes in `errors.py`, one enum per capability in its `protocol.py`).
+ERROR_CATALOGUE: tuple[type[StrEnum], ...] = (CoreCode, GatewayCode, InferenceCode, VectorCode, DbCode, CryptoCode,
+                                              SecurityCode)
 
 
 @functools.cache
 def error_codes() -> tuple[str, ...]:
-    """Every stable error code in the source: `code="..."` arguments, `code = "..."` class attributes
-    and the module constants of `protocol.py`/`errors.py` files that are passed as `code=`."""
-    root = Path(__file__).resolve().parent
-    codes: set[str] = set()
-    for path in sorted(root.rglob("*.py")):
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        constants: dict[str, str] = {}
-        for stmt in tree.body:
-            if (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)
-                    and isinstance(stmt.value, ast.Constant) and isinstance(stmt.value.value, str)):
-                constants[stmt.targets[0].id] = stmt.value.value
-        if path.name in ("protocol.py", "errors.py"):
-            codes.update(v for k, v in constants.items() if k.isupper() and _CODE_RE.match(v))
-        for node in ast.walk(tree):
-            if isinstance(node, ast.keyword) and node.arg == "code":
-                if isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
-                    codes.add(node.value.value)
-            elif isinstance(node, ast.Assign | ast.AnnAssign) and _assigns_code(node):
-                assert isinstance(node.value, ast.Constant)
-                codes.add(str(node.value.value))
-    return tuple(sorted(c for c in codes if _CODE_RE.match(c)))
-
-
-def _assigns_code(node: ast.Assign | ast.AnnAssign) -> bool:
-    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-    return (len(targets) == 1 and isinstance(targets[0], ast.Name) and targets[0].id == "code"
-            and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str))
+    """Every stable error code, read from the catalogue enums: the `Error.code` enum of the document."""
+    return tuple(sorted({member.value for enum in ERROR_CATALOGUE for member in enum}))
 
 
 def error_schema() -> dict[str, Any]:

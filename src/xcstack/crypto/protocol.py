@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -18,6 +19,28 @@ from pydantic.config import JsonDict
 from pydantic.json_schema import SkipJsonSchema
 
 from xcstack.errors import BadRequest
+
+
+class CryptoCode(StrEnum):
+    """Stable error codes of the crypto capability (docs/crypto.md, Errors)."""
+
+    CRYPTO_ERROR = "crypto_error"
+    KEY_NOT_FOUND = "key_not_found"
+    KEY_EXISTS = "key_exists"
+    WRONG_KEY_TYPE = "wrong_key_type"
+    MALFORMED_SIGNATURE = "malformed_signature"
+    MALFORMED_CIPHERTEXT = "malformed_ciphertext"
+    MALFORMED_KEY = "malformed_key"
+    DECRYPTION_FAILED = "decryption_failed"
+    INPUT_TOO_LARGE = "input_too_large"
+    INVALID_CRYPTO_INPUT = "invalid_crypto_input"
+    INVALID_BASE64 = "invalid_base64"
+    UNSUPPORTED_OPERATION = "unsupported_operation"
+    CRYPTO_UNAVAILABLE = "crypto_unavailable"
+    CRYPTO_TIMEOUT = "crypto_timeout"
+    CRYPTO_BACKEND_ERROR = "crypto_backend_error"
+    MASTER_KEY_ERROR = "master_key_error"
+
 
 MAX_VERSION = 2**31 - 1  # key versions are INTEGER columns in the keystore
 KeyName = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

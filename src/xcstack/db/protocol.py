@@ -6,6 +6,7 @@ import base64
 import datetime as dt
 import uuid
 from decimal import Decimal
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool
@@ -13,6 +14,30 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool
 from xcstack.db.database import QueryResult
 from xcstack.db.profiles import Row
 from xcstack.db.settings import ParamSpec
+
+
+class DbCode(StrEnum):
+    """Stable error codes of the db capability (docs/db.md, Errors)."""
+
+    UNKNOWN_DATABASE = "unknown_database"
+    UNKNOWN_QUERY = "unknown_query"
+    INVALID_PARAMETER_VALUE = "invalid_parameter_value"
+    NOT_STREAMABLE = "not_streamable"
+    SHARD_KEY = "shard_key"
+    SHARD_MISMATCH = "shard_mismatch"
+    NESTED_TRANSACTION = "nested_transaction"
+    TRANSACTION_CLOSED = "transaction_closed"
+    CONSTRAINT_VIOLATION = "constraint_violation"
+    DB_POOL_EXHAUSTED = "db_pool_exhausted"
+    DB_UNAVAILABLE = "db_unavailable"
+    DB_CONNECTION_LOST = "db_connection_lost"
+    DB_CONFLICT = "db_conflict"
+    QUERY_TIMEOUT = "query_timeout"
+    QUERY_INVALID = "query_invalid"
+    DB_ERROR = "db_error"
+    STREAM_IDLE_TIMEOUT = "stream_idle_timeout"
+    ROW_CAP_REACHED = "row_cap_reached"  # the tail line of a stream cut at max_rows
+
 
 NDJSON = "application/x-ndjson"
 

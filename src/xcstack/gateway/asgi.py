@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import hashlib
 
-from xcstack.errors import PayloadTooLarge, XCError
-from xcstack.gateway import protocol as p
+from xcstack.errors import CoreCode, PayloadTooLarge, XCError
 from xcstack.gateway.types import Receive, Scope, Send
 from xcstack.httputil import dumps
 
@@ -38,7 +37,8 @@ async def read_body(receive: Receive, limit: int, scope: Scope) -> bytes:
     exceeded, or at once when Content-Length says so); `ClientGone` if the client leaves."""
     for name, value in scope.get("headers", ()):
         if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise PayloadTooLarge(f"request body is {int(value)} bytes; the limit is {limit}", code=p.PAYLOAD_TOO_LARGE)
+            raise PayloadTooLarge(f"request body is {int(value)} bytes; the limit is {limit}",
+                                  code=CoreCode.PAYLOAD_TOO_LARGE)
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -49,7 +49,8 @@ async def read_body(receive: Receive, limit: int, scope: Scope) -> bytes:
         if body:
             size += len(body)
             if size > limit:
-                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes", code=p.PAYLOAD_TOO_LARGE)
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes",
+                                      code=CoreCode.PAYLOAD_TOO_LARGE)
             chunks.append(body)
         if not msg.get("more_body", False):
             break

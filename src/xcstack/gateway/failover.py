@@ -16,11 +16,11 @@ from typing import Any
 
 import aiohttp
 
-from xcstack.errors import GatewayTimeout, Overloaded, UpstreamError, XCError
+from xcstack.errors import CoreCode, GatewayTimeout, Overloaded, UpstreamError, XCError
 from xcstack.gateway import metrics
-from xcstack.gateway import protocol as p
 from xcstack.gateway.admission import GateFull, GateTimeout
 from xcstack.gateway.prepare import EMBEDDINGS, Prepared, upstream_body
+from xcstack.gateway.protocol import GatewayCode
 from xcstack.gateway.settings import RetrySettings
 from xcstack.gateway.upstream import Router, Target, Upstream
 from xcstack.gateway.watchdog import Watchdog
@@ -77,7 +77,8 @@ class Failover:
                 up.outcome("breaker_open")
                 retry_after = max(retry_after, up.breaker.retry_after())
                 if last is None:
-                    last = Overloaded(f"upstream {up.name} is unavailable (circuit open)", code=p.UPSTREAM_UNAVAILABLE)
+                    last = Overloaded(f"upstream {up.name} is unavailable (circuit open)",
+                                      code=GatewayCode.UPSTREAM_UNAVAILABLE)
                 continue
             if tried:
                 base = self.retry.backoff_base_s * (2 ** (tried - 1))
@@ -89,7 +90,7 @@ class Failover:
                 up.breaker.neutral()
                 up.outcome("gate_full")
                 metrics.rejected("upstream_full")
-                last = Overloaded(f"upstream {up.name} is at its concurrency limit", code=p.OVERLOADED)
+                last = Overloaded(f"upstream {up.name} is at its concurrency limit", code=CoreCode.OVERLOADED)
                 continue
             up.m_in_flight.inc()
             opened: Opened | None = None
@@ -106,7 +107,7 @@ class Failover:
                     up.gate.release()
                     up.m_in_flight.dec()
         if last is None:
-            last = Overloaded(f"no upstream available for model {pr.model!r}", code=p.UPSTREAM_UNAVAILABLE)
+            last = Overloaded(f"no upstream available for model {pr.model!r}", code=GatewayCode.UPSTREAM_UNAVAILABLE)
         if isinstance(last, Overloaded):
             last.headers["Retry-After"] = str(max(1, int(retry_after + 0.999)))
         raise last
@@ -131,11 +132,11 @@ class Failover:
                     up.outcome("429")
                     ra = retry_after_header(resp.headers.get("Retry-After"))
                     raise UpstreamFailed(Overloaded(f"upstream {up.name} is rate limiting (429)",
-                                                    code=p.UPSTREAM_UNAVAILABLE, retry_after=ra))
+                                                    code=GatewayCode.UPSTREAM_UNAVAILABLE, retry_after=ra))
                 up.breaker.failure()
                 up.outcome("5xx")
                 raise UpstreamFailed(UpstreamError(
-                    f"upstream {up.name} answered {status}: {snippet(body)}", code=p.UPSTREAM_ERROR))
+                    f"upstream {up.name} answered {status}: {snippet(body)}", code=CoreCode.UPSTREAM_ERROR))
             if status >= 400:
                 # The upstream refused the request itself: not retriable, relay its status and message in
                 # the gateway's error model (vLLM, TGI and OpenAI each shape theirs differently)
@@ -151,7 +152,7 @@ class Failover:
                     up.breaker.failure()
                     up.outcome("empty")
                     raise UpstreamFailed(UpstreamError(f"upstream {up.name} closed the stream before any data",
-                                                       code=p.UPSTREAM_ERROR))
+                                                       code=CoreCode.UPSTREAM_ERROR))
             else:
                 wd.clear_phase()
                 first = await _read_capped(up, resp)
@@ -161,7 +162,7 @@ class Failover:
             up.breaker.failure()
             up.outcome("connect_error" if isinstance(exc, aiohttp.ClientConnectionError | OSError) else "error")
             raise UpstreamFailed(Overloaded(f"upstream {up.name} failed: {type(exc).__name__}: {exc}"[:300],
-                                            code=p.UPSTREAM_UNAVAILABLE)) from None
+                                            code=GatewayCode.UPSTREAM_UNAVAILABLE)) from None
         except asyncio.CancelledError:
             reason = wd.take()
             if reason is None:
@@ -171,7 +172,7 @@ class Failover:
                 up.breaker.failure()
                 up.outcome("ttfb_timeout")
                 raise UpstreamFailed(GatewayTimeout(
-                    f"upstream {up.name} sent nothing within {tmo.ttfb_s}s", code=p.UPSTREAM_TIMEOUT)) from None
+                    f"upstream {up.name} sent nothing within {tmo.ttfb_s}s", code=CoreCode.UPSTREAM_TIMEOUT)) from None
             up.breaker.neutral()
             raise Stopped(reason) from None  # total timeout or disconnect: the caller handles it
         finally:
@@ -205,7 +206,7 @@ async def _read_capped(up: Upstream, resp: aiohttp.ClientResponse) -> bytes:
     """A non-streamed answer, whole, at most MAX_UNARY_BYTES."""
     if resp.content_length is not None and resp.content_length > MAX_UNARY_BYTES:
         up.breaker.neutral()
-        raise UpstreamFailed(UpstreamError(f"upstream {up.name} answer is too large", code=p.UPSTREAM_ERROR))
+        raise UpstreamFailed(UpstreamError(f"upstream {up.name} answer is too large", code=CoreCode.UPSTREAM_ERROR))
     if resp.content_length is not None:
         return await resp.read()
     parts: list[bytes] = []  # chunked: read with a cap
@@ -214,7 +215,7 @@ async def _read_capped(up: Upstream, resp: aiohttp.ClientResponse) -> bytes:
         size += len(chunk)
         if size > MAX_UNARY_BYTES:
             up.breaker.neutral()
-            raise UpstreamFailed(UpstreamError(f"upstream {up.name} answer is too large", code=p.UPSTREAM_ERROR))
+            raise UpstreamFailed(UpstreamError(f"upstream {up.name} answer is too large", code=CoreCode.UPSTREAM_ERROR))
         parts.append(chunk)
     return b"".join(parts)
 
@@ -232,7 +233,7 @@ def rejection_body(upstream: str, status: int, body: bytes) -> bytes:
         inner if isinstance(inner, str) else snippet(body) or f"upstream {upstream} answered {status}")
     etype = src.get("type")
     err: dict[str, Any] = {"type": etype[:64] if isinstance(etype, str) else "invalid_request_error",
-                           "code": p.UPSTREAM_REJECTED, "message": str(message)[:4096]}
+                           "code": GatewayCode.UPSTREAM_REJECTED, "message": str(message)[:4096]}
     param = src.get("param")
     if isinstance(param, str):
         err["param"] = param[:256]

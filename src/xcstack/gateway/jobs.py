@@ -29,13 +29,14 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from xcstack.apidoc import api
-from xcstack.errors import NotFound, Overloaded, XCError
+from xcstack.errors import CoreCode, NotFound, Overloaded, XCError
 from xcstack.gateway import metrics
 from xcstack.gateway import protocol as p
 from xcstack.gateway.asgi import key_id
 from xcstack.gateway.failover import Stopped
 from xcstack.gateway.jobstore import JobStore
 from xcstack.gateway.prepare import ENDPOINTS
+from xcstack.gateway.protocol import GatewayCode
 from xcstack.gateway.service import GatewayService
 from xcstack.gateway.settings import JobSettings
 from xcstack.gateway.watchdog import Watchdog
@@ -209,7 +210,7 @@ class JobManager:
         try:
             pr = self.service.prepare_data(endpoint, body, dumps(body), job["owner"])
             if not self.service.router.has(pr.model, endpoint.path == "/v1/embeddings"):
-                raise NotFound(f"model {pr.model!r} is not served here", code=p.MODEL_NOT_FOUND)
+                raise NotFound(f"model {pr.model!r} is not served here", code=CoreCode.MODEL_NOT_FOUND)
             http_status, payload = await self.service.complete(pr, wd)
             if http_status >= 400:
                 error = payload
@@ -217,7 +218,7 @@ class JobManager:
                 status, result = "succeeded", payload
             else:  # stored results are served as JSON objects: an upstream that answered anything else failed
                 http_status = 502
-                error = dumps({"error": {"type": "server_error", "code": p.UPSTREAM_ERROR,
+                error = dumps({"error": {"type": "server_error", "code": CoreCode.UPSTREAM_ERROR,
                                          "message": "the upstream's answer is not a JSON object"}})
         except asyncio.CancelledError:
             if wd.take() is None:
@@ -225,7 +226,7 @@ class JobManager:
                 await wd.close()
                 raise
         except Stopped as stop:
-            error = dumps({"error": {"type": "server_error", "code": p.UPSTREAM_TIMEOUT,
+            error = dumps({"error": {"type": "server_error", "code": CoreCode.UPSTREAM_TIMEOUT,
                                      "message": f"job stopped: {stop.reason}"}})
             http_status = 504
         except Overloaded as err:
@@ -242,7 +243,8 @@ class JobManager:
         except Exception as exc:  # a bug must not kill the runner
             log.exception("job %s crashed", job_id)
             http_status = 500
-            error = dumps({"error": {"type": "server_error", "code": "internal_error", "message": type(exc).__name__}})
+            error = dumps({"error": {"type": "server_error",
+                                     "code": CoreCode.INTERNAL_ERROR, "message": type(exc).__name__}})
         await wd.close()
         await self._finish(job_id, status, http_status, result, error)
 
@@ -292,14 +294,14 @@ class JobManager:
             await authorize(request, f"model:{pr.model}", "invoke")
         if not self.service.router.has(pr.model, endpoint.path == "/v1/embeddings"):
             raise NotFound(f"model {pr.model!r} is not served by an upstream; see GET /v1/models",
-                           code=p.MODEL_NOT_FOUND, param="body.model")
+                           code=CoreCode.MODEL_NOT_FOUND, param="body.model")
         await self.service.limiter.check(owner, pr.estimate)
         now = time.time()
         job_id = "job_" + secrets.token_hex(12)
         limit = self.settings.max_queued
         if not await self.store.submit(job_id, owner, req.endpoint, dumps(body).decode(),
                                        dumps(req.metadata).decode() if req.metadata else None, now, limit):
-            raise Overloaded(f"the job queue is full ({limit} queued jobs)", code=p.JOBS_FULL, retry_after=5)
+            raise Overloaded(f"the job queue is full ({limit} queued jobs)", code=GatewayCode.JOBS_FULL, retry_after=5)
         self._wake.set()
         return {"id": job_id, "object": "job", "status": "queued", "endpoint": req.endpoint, "created_at": now,
                 "metadata": req.metadata}
@@ -307,12 +309,13 @@ class JobManager:
     async def get(self, owner: str, job_id: str) -> dict[str, Any]:
         row = await self.store.get(owner, job_id, time.time())
         if row is None:
-            raise NotFound(f"job {job_id!r} not found (or expired)", code=p.JOB_NOT_FOUND)
+            raise NotFound(f"job {job_id!r} not found (or expired)", code=GatewayCode.JOB_NOT_FOUND)
         return self._view(row)
 
     async def cancel(self, owner: str, job_id: str) -> dict[str, Any]:
         now = time.time()
-        err = dumps({"error": {"type": "cancelled", "code": "cancelled", "message": "job cancelled"}}).decode()
+        err = dumps({"error": {"type": "cancelled",
+                               "code": GatewayCode.CANCELLED, "message": "job cancelled"}}).decode()
         # The store checks the owner: only a cancel it accepted stops the local runner (another user's
         # DELETE answers 404 and leaves the job alone). A job cancelled elsewhere is stopped by its
         # worker's next lease renewal.
@@ -384,7 +387,7 @@ def disabled_routes() -> list[BaseRoute]:
     @requires_route
     @api("Async jobs are disabled on this node: every call answers 404 `jobs_disabled`", status=404, errors=(404,))
     async def off(request: Request) -> Response:
-        err = NotFound("async jobs are disabled ([gateway.jobs] enabled = false)", code=p.JOBS_DISABLED)
+        err = NotFound("async jobs are disabled ([gateway.jobs] enabled = false)", code=GatewayCode.JOBS_DISABLED)
         return JSONResponse(err.body(), status_code=err.status)
 
     return [Route("/v1/jobs", off, methods=["GET", "POST"]), Route("/v1/jobs/{job_id}", off, methods=["GET", "DELETE"])]

@@ -12,8 +12,9 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from xcstack.errors import BadRequest
+from xcstack.errors import BadRequest, CoreCode
 from xcstack.gateway import protocol as p
+from xcstack.gateway.protocol import GatewayCode
 from xcstack.gateway.upstream import Target
 from xcstack.httputil import dumps, loads, validation_error
 
@@ -51,13 +52,13 @@ class Prepared:
 def parse_object(raw: bytes) -> dict[str, Any]:
     """The request body as a JSON object, else 400 `invalid_json`."""
     if not raw:
-        raise BadRequest("request body is empty; JSON expected", code=p.INVALID_JSON)
+        raise BadRequest("request body is empty; JSON expected", code=CoreCode.INVALID_JSON)
     try:
         data = loads(raw)
     except ValueError as exc:
-        raise BadRequest(f"malformed JSON: {exc}", code=p.INVALID_JSON) from None
+        raise BadRequest(f"malformed JSON: {exc}", code=CoreCode.INVALID_JSON) from None
     if not isinstance(data, dict):
-        raise BadRequest("the request body must be a JSON object", code=p.INVALID_JSON)
+        raise BadRequest("the request body must be a JSON object", code=CoreCode.INVALID_JSON)
     return data
 
 
@@ -77,7 +78,7 @@ def validate(endpoint: Endpoint, data: dict[str, Any], raw: bytes, key: str, max
             value = getattr(req, field, None)
             if value is not None and value > max_tokens_limit:
                 raise BadRequest(f"{field} is {value}; the largest accepted is {max_tokens_limit}",
-                                 code=p.MAX_TOKENS_TOO_LARGE, param=field)
+                                 code=GatewayCode.MAX_TOKENS_TOO_LARGE, param=field)
         stream = bool(req.stream)
         client_usage = bool(req.stream_options and req.stream_options.include_usage)
     return Prepared(endpoint, data, raw, req.model, stream, client_usage, key, p.estimate_prompt_tokens(data))

@@ -7,30 +7,29 @@ what is forwarded, not a re-serialisation of these models).
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from xcstack.errors import BadRequest
+from xcstack.errors import BadRequest, CoreCode
 
-# Stable error codes of this capability (clients switch on these).
-MODEL_NOT_FOUND = "model_not_found"
-INVALID_JSON = "invalid_json"
-INVALID_PARAMETER = "invalid_parameter"
-MAX_TOKENS_TOO_LARGE = "max_tokens_too_large"
-RATE_LIMITED_REQUESTS = "rate_limited_requests"
-RATE_LIMITED_TOKENS = "rate_limited_tokens"
-OVERLOADED = "overloaded"
-UPSTREAM_UNAVAILABLE = "upstream_unavailable"
-UPSTREAM_ERROR = "upstream_error"
-UPSTREAM_REJECTED = "upstream_rejected"
-UPSTREAM_TIMEOUT = "upstream_timeout"
-STREAM_INTERRUPTED = "stream_interrupted"
-JOB_NOT_FOUND = "job_not_found"
-JOBS_FULL = "jobs_full"
-JOBS_DISABLED = "jobs_disabled"
-PAYLOAD_TOO_LARGE = "payload_too_large"
-MODEL_REQUIRED = "model_required"
+
+class GatewayCode(StrEnum):
+    """Stable error codes of the gateway (clients switch on them; docs/gateway.md, Errors)."""
+
+    MODEL_REQUIRED = "model_required"
+    MAX_TOKENS_TOO_LARGE = "max_tokens_too_large"
+    RATE_LIMITED_REQUESTS = "rate_limited_requests"
+    RATE_LIMITED_TOKENS = "rate_limited_tokens"
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    UPSTREAM_REJECTED = "upstream_rejected"  # an upstream's own 4xx, relayed
+    STREAM_INTERRUPTED = "stream_interrupted"
+    JOB_NOT_FOUND = "job_not_found"
+    JOBS_FULL = "jobs_full"
+    JOBS_DISABLED = "jobs_disabled"
+    JOBS_STORE_UNAVAILABLE = "jobs_store_unavailable"
+    CANCELLED = "cancelled"  # the error of a cancelled job's result
 
 
 class _Open(BaseModel):
@@ -88,14 +87,15 @@ def check_embedding_input(value: str | list[str] | list[int] | list[list[int]]) 
     special tokens only, a meaningless answer that looks like a real one."""
     if isinstance(value, str):
         if not value:
-            raise BadRequest("input: must not be an empty string", code=INVALID_PARAMETER, param="input")
+            raise BadRequest("input: must not be an empty string", code=CoreCode.INVALID_PARAMETER, param="input")
         return
     if not value:
-        raise BadRequest("input: must not be an empty list", code=INVALID_PARAMETER, param="input")
+        raise BadRequest("input: must not be an empty list", code=CoreCode.INVALID_PARAMETER, param="input")
     for i, item in enumerate(value):
         if isinstance(item, str | list) and not item:
             what = "string" if isinstance(item, str) else "token list"
-            raise BadRequest(f"input[{i}]: must not be an empty {what}", code=INVALID_PARAMETER, param=f"input[{i}]")
+            raise BadRequest(f"input[{i}]: must not be an empty {what}",
+                             code=CoreCode.INVALID_PARAMETER, param=f"input[{i}]")
 
 
 JobEndpoint = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]

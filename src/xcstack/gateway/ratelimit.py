@@ -27,7 +27,7 @@ from typing import Any
 from xcstack.errors import RateLimited
 from xcstack.gateway import metrics
 from xcstack.gateway.admission import Breaker
-from xcstack.gateway.protocol import RATE_LIMITED_REQUESTS, RATE_LIMITED_TOKENS
+from xcstack.gateway.protocol import GatewayCode
 from xcstack.gateway.settings import RateLimitSettings
 
 log = logging.getLogger("xcstack.gateway.ratelimit")
@@ -201,7 +201,7 @@ class RateLimiter:
             raise RateLimited(
                 f"rate limit exceeded: {per} {what} per minute for this API key; retry in {retry:.1f}s",
                 retry_after=retry,
-                code=RATE_LIMITED_REQUESTS if code == 1 else RATE_LIMITED_TOKENS,
+                code=GatewayCode.RATE_LIMITED_REQUESTS if code == 1 else GatewayCode.RATE_LIMITED_TOKENS,
             )
 
     async def charge(self, key: str, delta_tokens: int) -> None:

@@ -14,12 +14,12 @@ import time
 
 import aiohttp
 
-from xcstack.errors import GatewayTimeout, UpstreamError, XCError
+from xcstack.errors import CoreCode, GatewayTimeout, UpstreamError, XCError
 from xcstack.gateway import metrics
-from xcstack.gateway import protocol as p
 from xcstack.gateway.accounting import Accounting
 from xcstack.gateway.failover import Failover, Opened
 from xcstack.gateway.prepare import Prepared
+from xcstack.gateway.protocol import GatewayCode
 from xcstack.gateway.settings import GatewaySettings
 from xcstack.gateway.sse import EventStream, EventTooLarge, error_tail
 from xcstack.gateway.types import Send
@@ -63,7 +63,7 @@ class Relay:
                     out = events.feed(chunk)
                 except EventTooLarge:
                     error = UpstreamError(f"upstream sent an SSE event over {max_event} bytes",
-                                          code=p.STREAM_INTERRUPTED)
+                                          code=GatewayCode.STREAM_INTERRUPTED)
                     healthy = False
                     break
                 if out:
@@ -85,7 +85,7 @@ class Relay:
                     else:
                         healthy = False
                         error = UpstreamError(f"upstream {up.name} ended the stream without [DONE]",
-                                              code=p.STREAM_INTERRUPTED)
+                                              code=GatewayCode.STREAM_INTERRUPTED)
                     break
         except asyncio.CancelledError:
             if wd.take() is None:
@@ -94,7 +94,7 @@ class Relay:
         except (aiohttp.ClientError, OSError) as exc:
             healthy = False
             error = UpstreamError(f"upstream {up.name} failed mid-stream: {type(exc).__name__}",
-                                  code=p.STREAM_INTERRUPTED)
+                                  code=GatewayCode.STREAM_INTERRUPTED)
         reason = wd.reason
         if reason is not None:
             await wd.settle()
@@ -106,7 +106,7 @@ class Relay:
             if reason in ("idle", "total"):
                 healthy = False if reason == "idle" else None
                 what = f"no data for {up.timeouts.idle_s}s" if reason == "idle" else "total time limit reached"
-                error = GatewayTimeout(f"upstream {up.name}: {what}", code=p.UPSTREAM_TIMEOUT)
+                error = GatewayTimeout(f"upstream {up.name}: {what}", code=CoreCode.UPSTREAM_TIMEOUT)
             self.failover.finish(opened, healthy)
             wd.disarm()
             if error is not None:

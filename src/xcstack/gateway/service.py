@@ -14,15 +14,15 @@ import asyncio
 import time
 from typing import Any
 
-from xcstack.errors import BadRequest, GatewayTimeout, NotFound, Overloaded, XCError
+from xcstack.errors import BadRequest, CoreCode, GatewayTimeout, NotFound, Overloaded, XCError
 from xcstack.gateway import metrics
-from xcstack.gateway import protocol as p
 from xcstack.gateway.accounting import Accounting
 from xcstack.gateway.admission import Gate, GateFull, GateTimeout
 from xcstack.gateway.asgi import ClientGone, key_id, read_body, send_error, send_json
 from xcstack.gateway.failover import Failover, Stopped
 from xcstack.gateway.local import LocalEmbeddings
 from xcstack.gateway.prepare import EMBEDDINGS, Endpoint, Prepared, parse_object, validate
+from xcstack.gateway.protocol import GatewayCode
 from xcstack.gateway.ratelimit import RateLimiter
 from xcstack.gateway.relay import Relay
 from xcstack.gateway.settings import GatewaySettings
@@ -82,7 +82,8 @@ class GatewayService:
         routing and the answer all see the same name; else 400 `model_required`."""
         name = self.default_embedding_model
         if name is None or not (self.local.available or self.router.has(name, True)):
-            raise BadRequest("model: required (no default embedding model is served here)", code=p.MODEL_REQUIRED,
+            raise BadRequest("model: required (no default embedding model is served here)",
+                             code=GatewayCode.MODEL_REQUIRED,
                              param="model")
         return name
 
@@ -105,7 +106,7 @@ class GatewayService:
             await self._authorize(scope, receive, pr.model)
             if not self.router.has(pr.model, endpoint is EMBEDDINGS):
                 raise NotFound(f"model {pr.model!r} is not served here; see GET /v1/models",
-                               code=p.MODEL_NOT_FOUND, param="model")
+                               code=CoreCode.MODEL_NOT_FOUND, param="model")
             await self.limiter.check(pr.key, pr.estimate)
             # from here on a departed client is noticed: it leaves the admission queue at once
             wd.watch_client(receive)
@@ -166,11 +167,11 @@ class GatewayService:
         except GateFull:
             metrics.rejected("global_full")
             raise Overloaded("the gateway is at its in-flight limit; retry later", retry_after=1.0,
-                             code=p.OVERLOADED) from None
+                             code=CoreCode.OVERLOADED) from None
         except GateTimeout:
             metrics.rejected("global_timeout")
             raise Overloaded("timed out waiting for an in-flight slot; retry later", retry_after=1.0,
-                             code=p.OVERLOADED) from None
+                             code=CoreCode.OVERLOADED) from None
 
     def _total_s(self, pr: Prepared) -> float:
         """The call's total deadline: the most patient of the model's upstreams."""
@@ -222,7 +223,7 @@ class GatewayService:
             return 499
         wd.disarm()
         what = "the total time limit" if reason == "total" else f"a {reason} timeout"
-        err = GatewayTimeout(f"the upstream call hit {what}", code=p.UPSTREAM_TIMEOUT)
+        err = GatewayTimeout(f"the upstream call hit {what}", code=CoreCode.UPSTREAM_TIMEOUT)
         await send_error(send, err)
         return err.status
 

@@ -18,6 +18,7 @@ import base64
 import re
 import zlib
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -29,6 +30,42 @@ from xcstack.httputil import dumps, loads
 from xcstack.inference.repository import ModelConfig, TensorSpec
 from xcstack.inference.settings import MAX_INPUT_CHARS
 from xcstack.inference.tensors import DTYPES, datatype_of, element_count, from_buffer, tensor_bytes
+
+
+class InferenceCode(StrEnum):
+    """Stable error codes of the inference capability (docs/inference.md, Errors)."""
+
+    UNSUPPORTED_ENCODING = "unsupported_encoding"
+    INVALID_ENCODING = "invalid_encoding"
+    INVALID_HEADER = "invalid_header"
+    MISSING_INPUT = "missing_input"
+    TOO_MANY_INPUTS = "too_many_inputs"
+    INVALID_INPUT = "invalid_input"
+    UNKNOWN_INPUT = "unknown_input"
+    DUPLICATE_INPUT = "duplicate_input"
+    INVALID_DATATYPE = "invalid_datatype"
+    INVALID_TENSOR_SIZE = "invalid_tensor_size"
+    MISSING_DATA = "missing_data"
+    INVALID_SHAPE = "invalid_shape"
+    INVALID_DATA = "invalid_data"
+    INPUT_TOO_LONG = "input_too_long"
+    VALUE_OUT_OF_RANGE = "value_out_of_range"
+    NON_FINITE_VALUE = "non_finite_value"
+    INVALID_OUTPUT = "invalid_output"
+    UNKNOWN_OUTPUT = "unknown_output"
+    DUPLICATE_OUTPUT = "duplicate_output"
+    UNSUPPORTED_INPUT = "unsupported_input"
+    NOT_AN_EMBEDDING_MODEL = "not_an_embedding_model"
+    REQUEST_TOO_LARGE = "request_too_large"
+    MODEL_UNAVAILABLE = "model_unavailable"
+    QUEUE_FULL = "queue_full"
+    WORKER_STOPPING = "worker_stopping"
+    WORKER_BUSY = "worker_busy"
+    MODEL_WORKER_UNAVAILABLE = "model_worker_unavailable"
+    INFERENCE_TIMEOUT = "inference_timeout"
+    INFERENCE_FAILED = "inference_failed"
+    INFERENCE_UNAVAILABLE = "inference_unavailable"
+
 
 HEADER_LENGTH = "inference-header-content-length"
 _ASCII_UINT = re.compile(r"[0-9]{1,19}")  # int() alone would take "١٢", " 12", "+12" and "1_2"

@@ -27,7 +27,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from xcstack.config import ServerSettings
-from xcstack.errors import PayloadTooLarge, XCError
+from xcstack.errors import CoreCode, PayloadTooLarge, XCError
 from xcstack.httputil import dumps
 from xcstack.observability.logs import request_id_var, reset_client_request_id, set_client_request_id
 from xcstack.observability.metrics import HTTP_EARLY_CLOSES, HTTP_INFLIGHT, HTTP_LATENCY, HTTP_REQUESTS
@@ -48,7 +48,7 @@ def new_request_id() -> str:
 class RequestTimeout(XCError):
     status = 408
     type = "invalid_request_error"
-    code = "request_timeout"
+    code = CoreCode.REQUEST_TIMEOUT
 
 
 class ObservabilityMiddleware:
@@ -181,13 +181,13 @@ class ObservabilityMiddleware:
         rejection: XCError | None = None
         if target > self.max_url:
             rejection = XCError(f"the request target is {target} bytes; the limit is {self.max_url}",
-                                status=414, type="invalid_request_error", code="url_too_long")
+                                status=414, type="invalid_request_error", code=CoreCode.URL_TOO_LONG)
         elif len(headers) > self.max_headers:
             rejection = XCError(f"the request has {len(headers)} header fields; the limit is {self.max_headers}",
-                                status=431, type="invalid_request_error", code="too_many_headers")
+                                status=431, type="invalid_request_error", code=CoreCode.TOO_MANY_HEADERS)
         elif size > self.max_head:
             rejection = XCError(f"the request head is {size} bytes; the limit is {self.max_head}",
-                                status=431, type="invalid_request_error", code="headers_too_large")
+                                status=431, type="invalid_request_error", code=CoreCode.HEADERS_TOO_LARGE)
         if rejection is not None:
             HTTP_EARLY_CLOSES.labels(rejection.code).inc()
         return client_rid, declared, rejection

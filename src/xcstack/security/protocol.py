@@ -6,10 +6,37 @@ stays lax, since every query value arrives as text; its patterns accept ASCII di
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 from pydantic import Strict as StrictMode
+
+
+class SecurityCode(StrEnum):
+    """Stable error codes of the security capability (docs/security.md, Errors)."""
+
+    INVALID_CREDENTIALS = "invalid_credentials"
+    ACCOUNT_LOCKED = "account_locked"
+    AUTH_OVERLOADED = "auth_overloaded"
+    TOTP_REQUIRED = "totp_required"
+    INVALID_TOTP = "invalid_totp"
+    TOTP_ENROLLED = "totp_enrolled"
+    TOTP_NOT_PENDING = "totp_not_pending"
+    PASSWORD_CHANGE_REQUIRED = "password_change_required"  # a session restricted to a password change
+    TOTP_ENROLLMENT_REQUIRED = "totp_enrollment_required"  # a session restricted to TOTP enrolment
+    PASSWORD_POLICY = "password_policy"
+    USER_EXISTS = "user_exists"
+    USER_NOT_FOUND = "user_not_found"
+    ROLE_EXISTS = "role_exists"
+    ROLE_NOT_FOUND = "role_not_found"
+    BUILTIN_ROLE = "builtin_role"
+    UNKNOWN_ROLE = "unknown_role"
+    SEPARATION_OF_DUTIES = "separation_of_duties"
+    APIKEY_NOT_FOUND = "apikey_not_found"
+    SECRET_NOT_FOUND = "secret_not_found"
+    AUDIT_UNAVAILABLE = "audit_unavailable"
+
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
 # text the service looks up or stores as is: PostgreSQL refuses a NUL character in text (500), and

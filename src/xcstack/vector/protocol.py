@@ -11,6 +11,7 @@ refuse it alike (400).
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -18,6 +19,26 @@ from pydantic.json_schema import SkipJsonSchema
 
 from xcstack.vector.filters import MAX_FILTER_CHARS
 from xcstack.vector.service import FIELD_RE, MAX_ID_CHARS, NAME_RE
+
+
+class VectorCode(StrEnum):
+    """Stable error codes of the vector capability (docs/vectors.md, Errors)."""
+
+    INVALID_COLLECTION_NAME = "invalid_collection_name"
+    INVALID_VECTOR = "invalid_vector"
+    INVALID_FILTER = "invalid_filter"
+    FILTER_TOO_DEEP = "filter_too_deep"
+    INVALID_ID = "invalid_id"
+    DUPLICATE_ID = "duplicate_id"
+    TOP_K_TOO_LARGE = "top_k_too_large"
+    TOO_MANY_COLLECTIONS = "too_many_collections"
+    EMBEDDING_UNAVAILABLE = "embedding_unavailable"
+    COLLECTION_NOT_FOUND = "collection_not_found"
+    COLLECTION_EXISTS = "collection_exists"
+    VECTOR_POOL_EXHAUSTED = "vector_pool_exhausted"
+    VECTOR_BACKEND_UNAVAILABLE = "vector_backend_unavailable"
+    VECTOR_BACKEND_TIMEOUT = "vector_backend_timeout"
+
 
 NO_NUL = r"^[^\x00]*$"
 FIELD = FIELD_RE.pattern

@@ -28,6 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from xcstack.errors import Overloaded
 from xcstack.gateway.jobstore.base import Job
+from xcstack.gateway.protocol import GatewayCode
 
 log = logging.getLogger("xcstack.gateway.jobs")
 
@@ -172,7 +173,7 @@ def _available() -> Iterator[None]:
         yield
     except (RedisConnectionError, RedisTimeoutError) as exc:
         raise Overloaded(f"the job store (Redis) is unavailable: {type(exc).__name__}",
-                         code="jobs_store_unavailable", retry_after=1) from exc
+                         code=GatewayCode.JOBS_STORE_UNAVAILABLE, retry_after=1) from exc
 
 
 def _num(value: float) -> str:
