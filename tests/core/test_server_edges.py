@@ -254,7 +254,7 @@ def test_audit_records_keep_the_client_id_apart(tmp_path: Path) -> None:
     from xcstack.app import create_app
     from xcstack.config import load_settings
     from xcstack.security.audit import record as rec
-    from xcstack.security.audit.log import list_chains, list_segments
+    from xcstack.security.audit.files import list_chains, list_segments
     from xcstack.security.capability import SecurityCapability
 
     settings = load_settings(None, data_dir=tmp_path, security={"pbkdf2_iterations": 100_000})

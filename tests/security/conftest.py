@@ -99,7 +99,7 @@ async def service(state: object, tmp_path: Path, clock: FakeClock, signer: SoftS
 
 def audit_records(root: Path) -> list[dict[str, object]]:
     from xcstack.security.audit import record as rec
-    from xcstack.security.audit.log import list_chains, list_segments
+    from xcstack.security.audit.files import list_chains, list_segments
 
     out = []
     for chain in list_chains(root):

@@ -10,7 +10,8 @@ from typing import Any
 
 from xcstack.security.audit import record as rec
 from xcstack.security.audit.archive import export_chain
-from xcstack.security.audit.log import AuditLog, list_segments, read_segment, seal_path
+from xcstack.security.audit.files import list_segments, read_segment, seal_path
+from xcstack.security.audit.log import AuditLog
 from xcstack.security.audit.verify import verify_archive, verify_chain
 from xcstack.security.settings import AuditSettings
 from xcstack.security.signing import SoftSM2Signer

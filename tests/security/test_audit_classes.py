@@ -22,7 +22,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from xcstack.security.audit import record as rec
-from xcstack.security.audit.log import AuditLog, list_segments
+from xcstack.security.audit.files import list_segments
+from xcstack.security.audit.log import AuditLog
 from xcstack.security.audit.verify import verify_chain
 from xcstack.security.settings import AuditSettings
 from xcstack.security.signing import SoftSM2Signer

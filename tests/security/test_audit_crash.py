@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 from xcstack.security.audit import record as rec
-from xcstack.security.audit.log import AuditIntegrityError, AuditLog, list_segments
+from xcstack.security.audit.files import list_segments
+from xcstack.security.audit.log import AuditIntegrityError, AuditLog
 from xcstack.security.audit.verify import SigVerify, verify_chain
 from xcstack.security.settings import AuditSettings
 from xcstack.security.signing import SoftSM2Signer

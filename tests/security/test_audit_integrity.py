@@ -14,7 +14,8 @@ import pytest
 
 from xcstack.security import cli as sec_cli
 from xcstack.security.audit import record as rec
-from xcstack.security.audit.log import AUDIT_INTEGRITY, CHECKPOINTS, AuditIntegrityError, AuditLog, list_segments
+from xcstack.security.audit.files import CHECKPOINTS, list_segments
+from xcstack.security.audit.log import AUDIT_INTEGRITY, AuditIntegrityError, AuditLog
 from xcstack.security.audit.verify import ChainReport, verify_chain
 from xcstack.security.settings import AuditSettings
 from xcstack.security.signing import SoftSM2Signer

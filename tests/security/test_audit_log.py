@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from xcstack.security.audit import record as rec
-from xcstack.security.audit.log import CHECKPOINTS, AuditLog, AuditUnavailable, list_segments
+from xcstack.security.audit.files import CHECKPOINTS, list_segments
+from xcstack.security.audit.log import AuditLog, AuditUnavailable
 from xcstack.security.audit.verify import verify_all, verify_chain
 from xcstack.security.settings import AuditSettings
 from xcstack.security.signing import SoftSM2Signer

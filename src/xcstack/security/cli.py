@@ -310,7 +310,7 @@ async def _secret_delete(args: argparse.Namespace, settings: Settings, svc: Secu
 
 
 async def _audit_verify(args: argparse.Namespace, settings: Settings, _: Any) -> int:
-    from xcstack.security.audit.log import list_chains
+    from xcstack.security.audit.files import list_chains
     from xcstack.security.audit.verify import verify_chain
     from xcstack.security.keys import KeyVerifier
 
@@ -366,7 +366,8 @@ async def _audit_prune(args: argparse.Namespace, settings: Settings, _: Any) -> 
     chain is opened like a writer would (start check, `audit.start`), its closed segments sealed and
     compressed, those past `retention_days` deleted with an `audit.purge` record each, then closed
     with a signed checkpoint. Live chains are pruned by their own writer (hourly)."""
-    from xcstack.security.audit.log import AuditLog, chain_is_live, list_chains
+    from xcstack.security.audit.files import chain_is_live, list_chains
+    from xcstack.security.audit.log import AuditLog
     from xcstack.security.keys import KeyVerifier, offline_signer
 
     a = settings.security.audit
@@ -389,7 +390,7 @@ async def _audit_prune(args: argparse.Namespace, settings: Settings, _: Any) -> 
 
 async def _audit_export(args: argparse.Namespace, settings: Settings, _: Any) -> int:
     from xcstack.security.audit.export import Exporter, HttpSink, Sink, SyslogTcpSink
-    from xcstack.security.audit.log import list_chains
+    from xcstack.security.audit.files import list_chains
 
     a = settings.security.audit
     root = Path(args.dir or a.dir or settings.data_dir / "audit")

@@ -29,7 +29,7 @@ from xcstack.errors import BadRequest, NotFound, Unauthorized
 from xcstack.httputil import JSONResponse, parse_model, read_model
 from xcstack.security import protocol as p
 from xcstack.security.audit import record as rec
-from xcstack.security.audit.log import list_chains, list_segments, read_segment
+from xcstack.security.audit.files import list_chains, list_segments, read_segment
 from xcstack.security.audit.verify import SigVerify, verify_chain
 from xcstack.security.guard import authenticated, public, requires
 from xcstack.security.service import Principal, ReqInfo

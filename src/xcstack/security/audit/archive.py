@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xcstack.security.audit import record as rec
-from xcstack.security.audit.log import CHECKPOINTS, fsync_dir, list_segments, seal_path
+from xcstack.security.audit.files import CHECKPOINTS, fsync_dir, list_segments, seal_path
 
 
 @dataclass

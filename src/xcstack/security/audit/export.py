@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from xcstack.security.audit import record as rec
-from xcstack.security.audit.log import list_segments, read_segment
+from xcstack.security.audit.files import list_segments, read_segment
 
 log = logging.getLogger("xcstack.security.audit.export")
 

@@ -62,6 +62,15 @@ from xcstack.errors import Overloaded
 from xcstack.observability.logs import client_request_id_for
 from xcstack.observability.metrics import QUEUE_DEPTH
 from xcstack.security.audit import record as rec
+from xcstack.security.audit.files import (
+    CHECKPOINTS,
+    SEGMENT_RE,
+    fsync_dir,
+    list_segments,
+    read_segment,
+    seal_path,
+    segment_name,
+)
 from xcstack.security.settings import AuditSettings
 from xcstack.security.signing import Signer
 
@@ -77,10 +86,7 @@ AUDIT_LOST = Counter("xc_audit_data_plane_lost_total",
                      "Data-plane audit records whose group commit failed after their response went out")
 AUDIT_PENDING = QUEUE_DEPTH.labels("audit")
 
-SEGMENT_RE = re.compile(r"^seg-(\d{12})\.log(\.gz)?$")
-SEAL_SUFFIX = ".seal"
 GZ_LEVEL = 6  # gzip -6: ~10x on audit JSON lines at ~40 MB/s of one core; -9 gains ~3% for 2-3x the CPU
-CHECKPOINTS = "checkpoints.log"
 MAX_RECORD_BYTES = 64 * 1024
 
 
@@ -101,68 +107,6 @@ SigVerify = Callable[[str, bytes, bytes], Awaitable[bool]]  # (key_id, message, 
 
 def utc_ts(t: float) -> str:
     return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def segment_name(first_seq: int) -> str:
-    return f"seg-{first_seq:012d}.log"
-
-
-def list_segments(chain_dir: Path) -> list[tuple[int, Path]]:
-    """(first seq, path) of each segment in order; a closed segment may be compressed (`.log.gz`).
-    When both exist (a crash between compressing and removing the original) the original wins."""
-    found: dict[int, Path] = {}
-    for p in chain_dir.iterdir() if chain_dir.is_dir() else ():
-        m = SEGMENT_RE.match(p.name)
-        if m:
-            first = int(m.group(1))
-            if first not in found or not m.group(2):
-                found[first] = p
-    return sorted(found.items())
-
-
-def read_segment(path: Path) -> bytes:
-    """A segment's record lines, decompressed when it is a sealed `.log.gz`."""
-    if path.name.endswith(".gz"):
-        import gzip
-
-        with gzip.open(path, "rb") as fh:
-            return fh.read()
-    return path.read_bytes()
-
-
-def seal_path(segment: Path) -> Path:
-    return segment.with_name(segment.name.split(".", 1)[0] + SEAL_SUFFIX)
-
-
-def list_chains(root: Path) -> list[Path]:
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def chain_is_live(chain_dir: Path) -> bool:
-    """True when a process holds the chain's writer lock."""
-    lock = chain_dir / ".lock"
-    if not lock.exists():
-        return False
-    fd = os.open(lock, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
 
 
 @dataclass

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from xcstack.security.audit import record as rec
-from xcstack.security.audit.log import (
+from xcstack.security.audit.files import (
     CHECKPOINTS,
     SEAL_SUFFIX,
     chain_is_live,
