@@ -170,7 +170,7 @@ def probe_io_uring(
     if sys.platform != "linux":
         info.status, info.reason = "unsupported", f"not Linux ({sys.platform})"
         return info
-    if nr is None or arch != _norm(platform.machine()):
+    if nr is None or arch != normalize_machine(platform.machine()):
         info.status, info.reason = "unsupported", f"io_uring_setup syscall number unknown for {arch}"
         return info
 
@@ -220,6 +220,6 @@ def probe_io_uring(
     return info
 
 
-def _norm(machine: str) -> str:
+def normalize_machine(machine: str) -> str:
     m = machine.lower()
     return {"amd64": "x86_64", "arm64": "aarch64", "loong64": "loongarch64"}.get(m, m)

@@ -25,7 +25,7 @@ from typing import Any
 
 from xcstack.platform.cpu import CpuInfo, identify_cpu_checked, infer_arch
 from xcstack.platform.cpulist import parse_cpulist
-from xcstack.platform.iouring import IoUringInfo, _norm, probe_io_uring
+from xcstack.platform.iouring import IoUringInfo, normalize_machine, probe_io_uring
 from xcstack.platform.native import MORE_NATIVE, ImportCheck, check_imports, fix_for
 from xcstack.platform.osinfo import OsInfo, identify_os
 
@@ -542,11 +542,11 @@ def probe(
     r = _Reader(root_p)
     cpuinfo = r.read("proc/cpuinfo", note=True) or ""
     if machine:
-        arch = _norm(machine)
+        arch = normalize_machine(machine)
     elif is_live:
-        arch = _norm(platform.machine())
+        arch = normalize_machine(platform.machine())
     else:
-        arch = infer_arch(cpuinfo) or _norm(platform.machine())
+        arch = infer_arch(cpuinfo) or normalize_machine(platform.machine())
     cpu, emulation = identify_cpu_checked(cpuinfo, arch)
 
     kernel = r.read1("proc/sys/kernel/osrelease") or ""
