@@ -122,3 +122,14 @@ def test_the_walk_sees_lazy_and_type_checking_imports() -> None:
     assert "xcstack.inference.routes" in graph["xcstack.inference.capability"]  # inside routes()
     assert "xcstack.security.service" in graph["xcstack.security.routes"]  # under TYPE_CHECKING
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+def test_no_private_name_is_imported_across_modules() -> None:
+    """A module's `_names` are its own: what another module needs is public (issue 14 item 2)."""
+    crossing = []
+    for path in sorted((SRC / "xcstack").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("xcstack"):
+                crossing += [f"{path.relative_to(SRC)}: {node.module}.{a.name}" for a in node.names
+                             if a.name.startswith("_") and not a.name.startswith("__")]
+    assert crossing == []
