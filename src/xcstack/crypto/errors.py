@@ -20,6 +20,7 @@ client gets `{"error": {type, code, message}}` with a stable code; services rais
 
 from __future__ import annotations
 
+from xcstack.crypto.protocol import CryptoCode
 from xcstack.errors import BadRequest, Conflict, NotFound, Overloaded, XCError
 
 
@@ -28,62 +29,62 @@ class CryptoError(XCError):
 
     status = 500
     type = "server_error"
-    code = "crypto_error"
+    code = CryptoCode.CRYPTO_ERROR
 
 
 class KeyNotFound(NotFound):
-    code = "key_not_found"
+    code = CryptoCode.KEY_NOT_FOUND
 
 
 class KeyExists(Conflict):
-    code = "key_exists"
+    code = CryptoCode.KEY_EXISTS
 
 
 class WrongKeyType(BadRequest):
-    code = "wrong_key_type"
+    code = CryptoCode.WRONG_KEY_TYPE
 
 
 class MalformedSignature(BadRequest):
-    code = "malformed_signature"
+    code = CryptoCode.MALFORMED_SIGNATURE
 
 
 class MalformedCiphertext(BadRequest):
-    code = "malformed_ciphertext"
+    code = CryptoCode.MALFORMED_CIPHERTEXT
 
 
 class MalformedKey(BadRequest):
-    code = "malformed_key"
+    code = CryptoCode.MALFORMED_KEY
 
 
 class DecryptionFailed(BadRequest):
-    code = "decryption_failed"
+    code = CryptoCode.DECRYPTION_FAILED
 
     def __init__(self, message: str = "decryption failed (wrong key, or the ciphertext was altered)") -> None:
         super().__init__(message)
 
 
 class InputTooLarge(BadRequest):
-    code = "input_too_large"
+    code = CryptoCode.INPUT_TOO_LARGE
 
 
 class InvalidCryptoInput(BadRequest):
-    code = "invalid_crypto_input"
+    code = CryptoCode.INVALID_CRYPTO_INPUT
 
 
 class UnsupportedOperation(BadRequest):
-    code = "unsupported_operation"
+    code = CryptoCode.UNSUPPORTED_OPERATION
 
 
 class CryptoUnavailable(Overloaded):
-    code = "crypto_unavailable"
+    code = CryptoCode.CRYPTO_UNAVAILABLE
 
 
 class CryptoTimeout(Overloaded):
-    code = "crypto_timeout"
+    code = CryptoCode.CRYPTO_TIMEOUT
 
 
 class BackendError(CryptoError):
-    code = "crypto_backend_error"
+    code = CryptoCode.CRYPTO_BACKEND_ERROR
 
 
 # code -> class, so an error that crossed the IPC boundary is re-raised as the same type

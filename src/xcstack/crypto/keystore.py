@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from xcstack.crypto.errors import BackendError, CryptoError, InvalidCryptoInput, KeyExists, KeyNotFound
+from xcstack.crypto.protocol import CryptoCode
 from xcstack.crypto.recipes import hmac_sm3
 from xcstack.crypto.settings import CryptoSettings, parse_master_key
 from xcstack.state.store import StateStore, Tx
@@ -117,7 +118,7 @@ def _row(r: dict[str, Any]) -> KeyRecord:
 # master key
 # ---------------------------------------------------------------------------------------------
 class MasterKeyError(CryptoError):
-    code = "master_key_error"
+    code = CryptoCode.MASTER_KEY_ERROR
 
 
 def master_key_path(settings: CryptoSettings, data_dir: Path) -> Path:

@@ -27,6 +27,7 @@ from prometheus_client import Counter
 
 from xcstack.crypto.backends import open_backend
 from xcstack.crypto.keystore import Keystore
+from xcstack.crypto.protocol import CryptoCode
 from xcstack.crypto.service import CryptoService
 from xcstack.errors import Overloaded, XCError
 from xcstack.ipc.channel import IPCRemoteError, IPCServer
@@ -121,7 +122,8 @@ def make_handler(service: CryptoService) -> Any:
             raise
         except Exception:
             log.exception("crypto op %r failed in the backend", meta.get("op"))
-            raise IPCRemoteError("crypto_backend_error", "crypto backend failure (see the HSM owner's log)") from None
+            raise IPCRemoteError(CryptoCode.CRYPTO_BACKEND_ERROR,
+                                 "crypto backend failure (see the HSM owner's log)") from None
 
     return handler
 

@@ -59,7 +59,7 @@ def b64decode(value: str, field: str) -> bytes:
     except (binascii.Error, ValueError):
         out = None
     if out is None or len(value) != -(-len(out) // 3) * 4:
-        raise BadRequest(f"{field}: not valid base64", code="invalid_base64", param=field)
+        raise BadRequest(f"{field}: not valid base64", code=CryptoCode.INVALID_BASE64, param=field)
     return out
 
 

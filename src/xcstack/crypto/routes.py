@@ -39,7 +39,7 @@ from xcstack.crypto.protocol import (
     b64decode,
 )
 from xcstack.crypto.settings import CryptoSettings
-from xcstack.errors import BadRequest
+from xcstack.errors import BadRequest, CoreCode
 from xcstack.httputil import JSONResponse, read_model
 from xcstack.security.guard import authorize, requires
 
@@ -61,7 +61,7 @@ def query_version(raw: str | None) -> int | None:
         return None
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 10 or not 1 <= int(raw) <= MAX_VERSION:
         raise BadRequest(
-            f"version must be an integer from 1 to {MAX_VERSION}", code="invalid_parameter", param="version"
+            f"version must be an integer from 1 to {MAX_VERSION}", code=CoreCode.INVALID_PARAMETER, param="version"
         )
     return int(raw)
 
