@@ -1,4 +1,4 @@
-"""Audit durability by event class (issue 15 item 2, docs/architecture.md §7 rule 4).
+"""Audit durability by event class (issue 15 item 2, docs/architecture.md §8 rule 4).
 
 Security events are durable before `append` returns; data-plane call records (`api.call`) are
 queued in order and committed within `data_plane_flush_ms` without holding the caller; a security
