@@ -24,9 +24,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from xcstack.vector.protocol import MAX_FILTER_CHARS
 from xcstack.vector.store import FilterTooDeep, InvalidFilter
 
-MAX_FILTER_CHARS = 4096
 MAX_DEPTH = 32
 MAX_IN_ITEMS = 1024
 

@@ -11,14 +11,12 @@ refuse it alike (400).
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.json_schema import SkipJsonSchema
-
-from xcstack.vector.filters import MAX_FILTER_CHARS
-from xcstack.vector.service import FIELD_RE, MAX_ID_CHARS, NAME_RE
 
 
 class VectorCode(StrEnum):
@@ -40,6 +38,10 @@ class VectorCode(StrEnum):
     VECTOR_BACKEND_TIMEOUT = "vector_backend_timeout"
 
 
+NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,47}$")  # collection names
+FIELD_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")  # payload field names
+MAX_ID_CHARS = 256
+MAX_FILTER_CHARS = 4096
 NO_NUL = r"^[^\x00]*$"
 FIELD = FIELD_RE.pattern
 MAX_DIMENSION = 32768  # the cap of `[vector] max_dimension` (settings.py); the configured value applies

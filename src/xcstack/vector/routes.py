@@ -28,7 +28,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from xcstack.apidoc import NDJSON, api
-from xcstack.errors import BadRequest, XCError
+from xcstack.errors import BadRequest, CoreCode, XCError
 from xcstack.httputil import JSONResponse, dumps, read_json, validation_error
 from xcstack.security.guard import audit, authorize, requires
 from xcstack.vector import protocol as p
@@ -63,13 +63,13 @@ def _parse(data: Any, model: type[M], codes: dict[str, str] = _FIELD_CODES) -> M
 def _object(data: Any, model: type[BaseModel]) -> dict[str, Any]:
     """A JSON object with only `model`'s fields (the unknown ones are named with the allowed ones)."""
     if not isinstance(data, dict):
-        raise BadRequest("request body must be a JSON object", code="invalid_parameter")
+        raise BadRequest("request body must be a JSON object", code=CoreCode.INVALID_PARAMETER)
     allowed = set(model.model_fields)
     unknown = set(data) - allowed
     if unknown:
         raise BadRequest(
             f"unknown field(s): {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}",
-            code="invalid_parameter",
+            code=CoreCode.INVALID_PARAMETER,
             param=sorted(unknown)[0],
         )
     return data
@@ -85,7 +85,7 @@ _FLAGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no"
 def _flag(raw: str, name: str) -> bool:
     value = _FLAGS.get(raw.lower())
     if value is None:
-        raise BadRequest(f"{name} must be true or false", code="invalid_parameter", param=name)
+        raise BadRequest(f"{name} must be true or false", code=CoreCode.INVALID_PARAMETER, param=name)
     return value
 
 
@@ -216,7 +216,7 @@ def build_routes(service: VectorService) -> list[BaseRoute]:
         given = [k for k in ("vector", "vectors", "text", "texts") if getattr(body, k) is not None]
         if len(given) != 1:
             raise BadRequest(
-                "send exactly one of vector, vectors, text, texts", code="invalid_parameter", param="vector"
+                "send exactly one of vector, vectors, text, texts", code=CoreCode.INVALID_PARAMETER, param="vector"
             )
         single = body.vector is not None or body.text is not None
         vectors = [body.vector] if body.vector is not None else body.vectors

@@ -5,7 +5,6 @@ Free of HTTP: routes.py maps requests to these methods; tests and the benchmark 
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
@@ -14,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from xcstack.errors import BadRequest, PayloadTooLarge
+from xcstack.errors import BadRequest, CoreCode, PayloadTooLarge
 from xcstack.vector.filters import check_filter
+from xcstack.vector.protocol import FIELD_RE, MAX_ID_CHARS, NAME_RE, VectorCode
 from xcstack.vector.settings import VectorSettings
 from xcstack.vector.store import (
     METRICS,
@@ -28,10 +28,7 @@ from xcstack.vector.store import (
     VectorStore,
 )
 
-NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,47}$")
-FIELD_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 RESERVED_FIELDS = {"id", "vector", "score", "distance", "payload", "$meta"}
-MAX_ID_CHARS = 256
 
 Embedder = Callable[[str | None, list[str]], Awaitable[tuple[Any, Any]]]
 
@@ -41,7 +38,7 @@ def check_name(name: str) -> str:
         raise BadRequest(
             f"invalid collection name {str(name)[:80]!r}: 1-48 characters, letters, digits and '_', "
             "starting with a letter",
-            code="invalid_collection_name",
+            code=VectorCode.INVALID_COLLECTION_NAME,
             param="name",
         )
     return name
@@ -90,7 +87,8 @@ class VectorService:
     def _check_batch(self, n: int, what: str) -> None:
         if n > self.settings.max_batch:
             raise PayloadTooLarge(
-                f"{n} {what} in one request; the limit is {self.settings.max_batch}", code="batch_too_large", param=what
+                f"{n} {what} in one request; the limit is {self.settings.max_batch}",
+                code=CoreCode.BATCH_TOO_LARGE, param=what
             )
 
     async def _dimension(self, name: str) -> int:
@@ -106,11 +104,11 @@ class VectorService:
             raise BadRequest(
                 "text input needs the local embedding model, which is not available here (the inference "
                 "capability is disabled or has no embedding model); send vectors instead",
-                code="embedding_unavailable",
+                code=VectorCode.EMBEDDING_UNAVAILABLE,
                 param="texts",
             )
         if any(not isinstance(t, str) or not t for t in texts):
-            raise BadRequest("texts must be non-empty strings", code="invalid_parameter", param="texts")
+            raise BadRequest("texts must be non-empty strings", code=CoreCode.INVALID_PARAMETER, param="texts")
         vectors, _usage = await embedder(model or self.settings.embedding_model, texts)
         return to_matrix(np.asarray(vectors, dtype=np.float32).tolist(), what="embeddings")
 
@@ -129,14 +127,16 @@ class VectorService:
                 f"dimension must be an integer from 1 to {self.settings.max_dimension}", param="dimension"
             )
         if metric not in METRICS:
-            raise BadRequest(f"metric must be one of {', '.join(METRICS)}", code="invalid_parameter", param="metric")
+            raise BadRequest(f"metric must be one of {', '.join(METRICS)}",
+                             code=CoreCode.INVALID_PARAMETER, param="metric")
         if len(description) > 1024:
             raise BadRequest(
-                "description is longer than 1024 characters", code="invalid_parameter", param="description"
+                "description is longer than 1024 characters", code=CoreCode.INVALID_PARAMETER, param="description"
             )
         existing = await self.store.list_collections()
         if len(existing) >= self.settings.max_collections and name not in existing:
-            raise BadRequest(f"collection limit reached ({self.settings.max_collections})", code="too_many_collections")
+            raise BadRequest(f"collection limit reached ({self.settings.max_collections})",
+                             code=VectorCode.TOO_MANY_COLLECTIONS)
         m: Metric = metric  # type: ignore[assignment]
         info = await self.store.create_collection(name, dimension, m, description)
         self._dims[name] = dimension
@@ -169,13 +169,14 @@ class VectorService:
     ) -> dict[str, Any]:
         check_name(name)
         if (vectors is None) == (texts is None):
-            raise BadRequest("send either 'vectors' or 'texts'", code="invalid_parameter", param="vectors")
+            raise BadRequest("send either 'vectors' or 'texts'", code=CoreCode.INVALID_PARAMETER, param="vectors")
         n = len(vectors) if isinstance(vectors, list) else len(texts) if isinstance(texts, list) else 0
         self._check_batch(n, "rows")
         dim = await self._dimension(name)
         if texts is not None:
             if not isinstance(texts, list) or not texts:
-                raise BadRequest("texts must be a non-empty list of strings", code="invalid_parameter", param="texts")
+                raise BadRequest("texts must be a non-empty list of strings",
+                                 code=CoreCode.INVALID_PARAMETER, param="texts")
             mat = await self.embed(texts, model)
             if mat.shape[1] != dim:
                 raise InvalidVector(
@@ -191,21 +192,22 @@ class VectorService:
         else:
             if not isinstance(ids, list) or len(ids) != rows:
                 raise BadRequest(
-                    f"ids must be a list of {rows} strings (one per row)", code="invalid_parameter", param="ids"
+                    f"ids must be a list of {rows} strings (one per row)", code=CoreCode.INVALID_PARAMETER, param="ids"
                 )
             for i in ids:
                 if not isinstance(i, str) or not 0 < len(i) <= MAX_ID_CHARS:
                     raise BadRequest(
-                        f"every id must be a string of 1-{MAX_ID_CHARS} characters", code="invalid_id", param="ids"
+                        f"every id must be a string of 1-{MAX_ID_CHARS} characters",
+                        code=VectorCode.INVALID_ID, param="ids"
                     )
             if len(set(ids)) != rows:
-                raise BadRequest("ids contain duplicates", code="duplicate_id", param="ids")
+                raise BadRequest("ids contain duplicates", code=VectorCode.DUPLICATE_ID, param="ids")
         if payloads is None:
             payloads = [{} for _ in range(rows)]
         else:
             if not isinstance(payloads, list) or len(payloads) != rows:
                 raise BadRequest(
-                    f"payloads must be a list of {rows} objects", code="invalid_parameter", param="payloads"
+                    f"payloads must be a list of {rows} objects", code=CoreCode.INVALID_PARAMETER, param="payloads"
                 )
             for p in payloads:
                 self._check_payload(p)
@@ -214,11 +216,11 @@ class VectorService:
 
     def _check_payload(self, p: Any) -> None:
         if not isinstance(p, dict):
-            raise BadRequest("every payload must be a JSON object", code="invalid_parameter", param="payloads")
+            raise BadRequest("every payload must be a JSON object", code=CoreCode.INVALID_PARAMETER, param="payloads")
         if len(p) > self.settings.max_payload_fields:
             raise BadRequest(
                 f"a payload has {len(p)} fields; the limit is {self.settings.max_payload_fields}",
-                code="invalid_parameter",
+                code=CoreCode.INVALID_PARAMETER,
                 param="payloads",
             )
         for key in p:
@@ -226,17 +228,17 @@ class VectorService:
                 raise BadRequest(
                     f"invalid payload field {key[:80]!r}: letters, digits, '_' (not starting with a digit), "
                     f"and not one of {', '.join(sorted(RESERVED_FIELDS))}",
-                    code="invalid_parameter",
+                    code=CoreCode.INVALID_PARAMETER,
                     param="payloads",
                 )
 
     async def delete(self, name: str, *, ids: list[str] | None = None, filter: str | None = None) -> dict[str, Any]:
         check_name(name)
         if ids is None and not filter:
-            raise BadRequest("send 'ids' and/or 'filter'", code="invalid_parameter", param="ids")
+            raise BadRequest("send 'ids' and/or 'filter'", code=CoreCode.INVALID_PARAMETER, param="ids")
         if ids is not None:
             if not isinstance(ids, list) or not ids or any(not isinstance(i, str) or not i for i in ids):
-                raise BadRequest("ids must be a non-empty list of strings", code="invalid_id", param="ids")
+                raise BadRequest("ids must be a non-empty list of strings", code=VectorCode.INVALID_ID, param="ids")
             self._check_batch(len(ids), "ids")
         self._check_filter(filter)
         n = await self.store.delete(name, ids, filter)
@@ -260,29 +262,30 @@ class VectorService:
     ) -> list[list[Hit]]:
         check_name(name)
         if (vectors is None) == (texts is None):
-            raise BadRequest("send either a vector or a text", code="invalid_parameter", param="vector")
+            raise BadRequest("send either a vector or a text", code=CoreCode.INVALID_PARAMETER, param="vector")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise BadRequest("top_k must be a positive integer", code="invalid_parameter", param="top_k")
+            raise BadRequest("top_k must be a positive integer", code=CoreCode.INVALID_PARAMETER, param="top_k")
         if top_k > self.settings.max_top_k:
             raise BadRequest(
                 f"top_k {top_k} is above the maximum of {self.settings.max_top_k}",
-                code="top_k_too_large",
+                code=VectorCode.TOP_K_TOO_LARGE,
                 param="top_k",
             )
         if ef is not None and (isinstance(ef, bool) or not isinstance(ef, int) or not 1 <= ef <= 32768):
-            raise BadRequest("ef must be an integer from 1 to 32768", code="invalid_parameter", param="ef")
+            raise BadRequest("ef must be an integer from 1 to 32768", code=CoreCode.INVALID_PARAMETER, param="ef")
         if ef is not None and ef < top_k:
             ef = top_k
         self._check_filter(filter)
         if output_fields is not None:
             if not isinstance(output_fields, list) or len(output_fields) > 256:
                 raise BadRequest(
-                    "output_fields must be a list of field names", code="invalid_parameter", param="output_fields"
+                    "output_fields must be a list of field names",
+                    code=CoreCode.INVALID_PARAMETER, param="output_fields"
                 )
             for f in output_fields:
                 if f != "*" and (not isinstance(f, str) or not FIELD_RE.fullmatch(f) or f in RESERVED_FIELDS):
                     raise BadRequest(
-                        f"invalid output field {str(f)[:80]!r}", code="invalid_parameter", param="output_fields"
+                        f"invalid output field {str(f)[:80]!r}", code=CoreCode.INVALID_PARAMETER, param="output_fields"
                     )
         n = len(vectors) if isinstance(vectors, list) else len(texts) if isinstance(texts, list) else 0
         self._check_batch(n, "queries")

@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from xcstack.errors import BadRequest, Conflict, NotFound, Overloaded
+from xcstack.vector.protocol import VectorCode
 
 Metric = Literal["cosine", "l2", "ip"]
 METRICS: tuple[Metric, ...] = ("cosine", "l2", "ip")
@@ -135,21 +136,21 @@ class VectorStore(Protocol):
 
 
 class CollectionNotFound(NotFound):
-    code = "collection_not_found"
+    code = VectorCode.COLLECTION_NOT_FOUND
 
     def __init__(self, name: str) -> None:
         super().__init__(f"collection {name!r} does not exist", param="collection")
 
 
 class CollectionExists(Conflict):
-    code = "collection_exists"
+    code = VectorCode.COLLECTION_EXISTS
 
     def __init__(self, name: str) -> None:
         super().__init__(f"collection {name!r} already exists", param="name")
 
 
 class InvalidFilter(BadRequest):
-    code = "invalid_filter"
+    code = VectorCode.INVALID_FILTER
 
     def __init__(self, message: str) -> None:
         super().__init__(f"invalid filter: {message}", param="filter")
@@ -158,23 +159,23 @@ class InvalidFilter(BadRequest):
 class FilterTooDeep(InvalidFilter):
     """Nesting is bounded: Milvus Lite's recursive parser overflows its stack past ~100 levels (a 500)."""
 
-    code = "filter_too_deep"
+    code = VectorCode.FILTER_TOO_DEEP
 
 
 class InvalidVector(BadRequest):
-    code = "invalid_vector"
+    code = VectorCode.INVALID_VECTOR
 
 
 class PoolExhausted(Overloaded):
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
-        super().__init__(message, retry_after=retry_after, code="vector_pool_exhausted")
+        super().__init__(message, retry_after=retry_after, code=VectorCode.VECTOR_POOL_EXHAUSTED)
 
 
 class BackendUnavailable(Overloaded):
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
-        super().__init__(message, retry_after=retry_after, code="vector_backend_unavailable")
+        super().__init__(message, retry_after=retry_after, code=VectorCode.VECTOR_BACKEND_UNAVAILABLE)
 
 
 class BackendTimeout(Overloaded):
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
-        super().__init__(message, retry_after=retry_after, code="vector_backend_timeout")
+        super().__init__(message, retry_after=retry_after, code=VectorCode.VECTOR_BACKEND_TIMEOUT)
