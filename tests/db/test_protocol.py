@@ -8,7 +8,8 @@ import uuid
 from decimal import Decimal
 
 from xcstack.db.database import QueryResult
-from xcstack.db.protocol import dumps, result_body, unique_columns
+from xcstack.db.protocol import dumps, unique_columns
+from xcstack.db.routes import result_body
 
 
 def test_unique_columns() -> None:

@@ -23,6 +23,7 @@ from xcstack.db import errors as dberr
 from xcstack.db import metrics as m
 from xcstack.db.pool import ABANDONED, RUNNING, Job, JobFailure, Pool, StreamState, TransactionClosed, Worker
 from xcstack.db.profiles import DriverProfile, ErrorKind, Row, get_profile
+from xcstack.db.protocol import DbCode
 from xcstack.db.queries import NamedQuery
 from xcstack.db.settings import DatabaseSettings
 from xcstack.db.sqlparams import CompiledSQL
@@ -238,9 +239,11 @@ class Database:
         the statement and discards the connection. Errors before the first row raise here."""
         q = self.query_named(name)
         if len(q.statements) != 1 or not q.read_only:
-            raise BadRequest(f"query {self.name}/{name} writes; only read-only queries stream", code="not_streamable")
+            raise BadRequest(f"query {self.name}/{name} writes; only read-only queries stream",
+                             code=DbCode.NOT_STREAMABLE)
         if q.settings.fan_out and len(self.pools) > 1:
-            raise BadRequest(f"query {self.name}/{name} fans out over shards; it cannot stream", code="not_streamable")
+            raise BadRequest(f"query {self.name}/{name} fans out over shards; it cannot stream",
+                             code=DbCode.NOT_STREAMABLE)
         values = q.validate(params)
         pool = self._pool_for(q, values)
         t = timeout or q.timeout_s
@@ -268,7 +271,8 @@ class Database:
     def transaction(self, shard_key: Any = None, *, timeout: float | None = None) -> Transaction:
         """`async with db.transaction() as tx: await tx.query(...)`: named queries on one connection."""
         if len(self.pools) > 1 and shard_key is None:
-            raise BadRequest(f"database {self.name!r} is sharded: a transaction needs a shard key", code="shard_key")
+            raise BadRequest(f"database {self.name!r} is sharded: a transaction needs a shard key",
+                             code=DbCode.SHARD_KEY)
         pool = self.shard_for(shard_key) if len(self.pools) > 1 else self.pools[0]
         return Transaction(self, pool, timeout or self.cfg.query_timeout_s)
 
@@ -307,7 +311,7 @@ class RowStream:
             await self.aclose()
             raise GatewayTimeout(
                 f"stream {self.db.name}/{self.query.name} was idle longer than "
-                f"{self.db.cfg.stream_idle_timeout_s:g}s and was closed", code="stream_idle_timeout")
+                f"{self.db.cfg.stream_idle_timeout_s:g}s and was closed", code=DbCode.STREAM_IDLE_TIMEOUT)
         loop = pool.loop
         assert loop is not None and job.stream_credits is not None
         fut: asyncio.Future[Any] = loop.create_future()
@@ -361,7 +365,7 @@ class Transaction:
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None, tb: Any) -> None:
         if self.broken and et is None:  # never let a block end as if it had committed
-            raise dberr.DbError("the transaction was not committed: it failed earlier", code="transaction_closed")
+            raise dberr.DbError("the transaction was not committed: it failed earlier", code=DbCode.TRANSACTION_CLOSED)
         if self.broken or self.done or self.worker is None:
             return
         self.done = True
@@ -376,15 +380,16 @@ class Transaction:
         w = self.worker
         if self.broken or self.done or w is None or w.pin_owner is not self:
             self.broken = self.broken or not self.done
-            raise dberr.DbError("the transaction is over (failed, committed or rolled back)", code="transaction_closed")
+            raise dberr.DbError("the transaction is over (failed, committed or rolled back)",
+                                code=DbCode.TRANSACTION_CLOSED)
         q = self.db.query_named(name)
         values = q.validate(params)
         pools = self.db.pools
         if len(pools) > 1 and q.shard_key is not None and self.db.shard_for(values[q.shard_key]) is not self.pool:
             raise BadRequest(f"query {name}: its shard key routes to another shard than this transaction's",
-                             code="shard_mismatch")
+                             code=DbCode.SHARD_MISMATCH)
         if len(q.statements) != 1:
-            raise BadRequest(f"query {name} is itself a transaction", code="nested_transaction")
+            raise BadRequest(f"query {name} is itself a transaction", code=DbCode.NESTED_TRANSACTION)
         job = Job(_query_op(q.statements[0], values, q.max_rows), retriable=False)
         result: QueryResult = await self._run(job, q.name, w)
         return result
@@ -399,7 +404,7 @@ class Transaction:
             if isinstance(f.exc, TransactionClosed):
                 self.broken = True
                 raise dberr.DbError("the transaction is over (idle too long or its connection was replaced)",
-                                    code="transaction_closed") from None
+                                    code=DbCode.TRANSACTION_CLOSED) from None
             if f.kind is ErrorKind.CONNECTION_LOST:
                 self.broken = True  # the worker unpinned itself and is reconnecting
             raise dberr.from_driver(f.kind, self.db.name, what, f.exc or ConnectionError("lost")) from None

@@ -11,8 +11,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool
 
-from xcstack.db.database import QueryResult
-from xcstack.db.profiles import Row
 from xcstack.db.settings import ParamSpec
 
 
@@ -145,21 +143,3 @@ def unique_columns(columns: list[str]) -> list[str]:
         seen.setdefault(name, 1)
         out.append(name)
     return out
-
-
-def rows_as_objects(columns: list[str], rows: list[Row]) -> list[dict[str, Any]]:
-    return [dict(zip(columns, r, strict=False)) for r in rows]
-
-
-def result_body(database: str, query: str, result: QueryResult) -> dict[str, Any]:
-    if result.columns is None:
-        return {"database": database, "query": query, "rowcount": result.rowcount}
-    cols = unique_columns(result.columns)
-    return {
-        "database": database,
-        "query": query,
-        "columns": cols,
-        "rows": rows_as_objects(cols, result.rows),
-        "row_count": len(result.rows),
-        "truncated": result.truncated,
-    }

@@ -19,14 +19,14 @@ from typing import Any
 from xcstack.db.profiles import DriverProfile
 from xcstack.db.settings import ParamSpec, QuerySettings
 from xcstack.db.sqlparams import CompiledSQL, SQLTemplateError
-from xcstack.errors import BadRequest
+from xcstack.errors import BadRequest, CoreCode
 
 _INT64 = (-(2**63), 2**63 - 1)
 _MISSING = object()
 
 
 def _bad(name: str, why: str) -> BadRequest:
-    return BadRequest(f"parameter {name!r}: {why}", code="invalid_parameter", param=f"params.{name}")
+    return BadRequest(f"parameter {name!r}: {why}", code=CoreCode.INVALID_PARAMETER, param=f"params.{name}")
 
 
 def _make_checker(name: str, spec: ParamSpec) -> Callable[[Any], Any]:
@@ -161,7 +161,7 @@ class NamedQuery:
         if params is None:
             params = {}
         if not isinstance(params, dict):
-            raise BadRequest("params must be a JSON object", code="invalid_parameter", param="params")
+            raise BadRequest("params must be a JSON object", code=CoreCode.INVALID_PARAMETER, param="params")
         out: dict[str, Any] = {}
         for p, (spec, check) in self.checkers.items():
             v = params.get(p, _MISSING)
@@ -180,7 +180,7 @@ class NamedQuery:
             extra = sorted(k for k in params if k not in self.checkers)
             raise BadRequest(
                 f"unknown parameter(s) {extra[:5]}; query {self.database}/{self.name} takes {sorted(self.checkers)}",
-                code="invalid_parameter",
+                code=CoreCode.INVALID_PARAMETER,
                 param=f"params.{extra[0]}" if extra else "params",
             )
         return out

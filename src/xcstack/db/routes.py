@@ -14,22 +14,41 @@ from starlette.types import Receive, Scope, Send
 from xcstack.apidoc import api
 from xcstack.db import errors as dberr
 from xcstack.db.bridge import Bridge
-from xcstack.db.database import RowStream
+from xcstack.db.database import QueryResult, RowStream
+from xcstack.db.profiles import Row
 from xcstack.db.protocol import (
     NDJSON,
     DatabaseList,
+    DbCode,
     QueryContract,
     QueryRequest,
     QueryResponse,
     dumps,
-    result_body,
-    rows_as_objects,
     unique_columns,
 )
 from xcstack.disconnect import wait_disconnect
-from xcstack.errors import BadRequest, XCError
+from xcstack.errors import BadRequest, CoreCode, XCError
 from xcstack.httputil import content_length, ensure_size, loads, parse_model
 from xcstack.security.guard import audit, authorize, requires
+
+
+def rows_as_objects(columns: list[str], rows: list[Row]) -> list[dict[str, Any]]:
+    return [dict(zip(columns, r, strict=False)) for r in rows]
+
+
+def result_body(database: str, query: str, result: QueryResult) -> dict[str, Any]:
+    """The JSON answer of a run query (here, not in protocol.py, which imports nothing that raises)."""
+    if result.columns is None:
+        return {"database": database, "query": query, "rowcount": result.rowcount}
+    cols = unique_columns(result.columns)
+    return {
+        "database": database,
+        "query": query,
+        "columns": cols,
+        "rows": rows_as_objects(cols, result.rows),
+        "row_count": len(result.rows),
+        "truncated": result.truncated,
+    }
 
 
 class NDJSONRowResponse(Response):
@@ -72,7 +91,7 @@ class NDJSONRowResponse(Response):
                         return
                 tail = b""
                 if stream.truncated:
-                    tail = dumps({"error": {"type": "invalid_request_error", "code": "row_cap_reached",
+                    tail = dumps({"error": {"type": "invalid_request_error", "code": DbCode.ROW_CAP_REACHED,
                                             "message": f"stream stopped at the query's cap of {stream.sent} rows"}})
                     tail += b"\n"
             except XCError as exc:
@@ -123,7 +142,7 @@ def build_routes(bridge: Bridge, max_body_bytes: int) -> list[BaseRoute]:
             try:
                 data = loads(raw)
             except ValueError as exc:
-                raise BadRequest(f"malformed JSON: {exc}", code="invalid_json") from None
+                raise BadRequest(f"malformed JSON: {exc}", code=CoreCode.INVALID_JSON) from None
         body = parse_model(data, QueryRequest)
         stream = body.stream or NDJSON in request.headers.get("accept", "")
         if stream:
