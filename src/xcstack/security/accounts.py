@@ -9,12 +9,13 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from xcstack.errors import BadRequest, Conflict, Forbidden, NotFound
+from xcstack.errors import BadRequest, Conflict, CoreCode, Forbidden, NotFound
 from xcstack.security import passwords, totp
 from xcstack.security.auditor import Auditor
 from xcstack.security.credentials import Credentials, InvalidCredentials
 from xcstack.security.lockout import identity_key
 from xcstack.security.principal import SYSTEM, Principal, ReqInfo
+from xcstack.security.protocol import SecurityCode
 from xcstack.security.rbac import BUILTIN_ADMIN_ROLES
 from xcstack.security.repository import NewUser, SecurityRepository, UserRow
 from xcstack.security.roles import Roles
@@ -71,7 +72,7 @@ class Accounts:
     async def require(self, name: str) -> UserRow:
         user = await self.repo.user(name)
         if user is None:
-            raise NotFound(f"no user {name!r}", code="user_not_found")
+            raise NotFound(f"no user {name!r}", code=SecurityCode.USER_NOT_FOUND)
         return user
 
     async def create(self, actor: Principal, name: str, roles: list[str], kind: str = "human",
@@ -81,11 +82,11 @@ class Accounts:
         first-start passwords. Only the in-process `system` principal (provisioning code, tests) sets a
         lasting password; the console CLI never passes one."""
         if kind not in ("human", "service"):
-            raise BadRequest("kind must be 'human' or 'service'", code="invalid_parameter")
+            raise BadRequest("kind must be 'human' or 'service'", code=CoreCode.INVALID_PARAMETER)
         if roles and actor.kind != "system" and not await self.roles.is_allowed(actor, "security.role", "assign"):
             await self.audit(actor.name, "user.create", f"user:{name}", "denied", info,
                              {"reason": "role assignment needs security.role:assign", "roles": roles})
-            raise Forbidden("assigning roles is the security administrator's right (三权分立)", code="forbidden")
+            raise Forbidden("assigning roles is the security administrator's right (三权分立)", code=CoreCode.FORBIDDEN)
         await self.roles.check_assignable(roles)
         one_time = None
         if password is None:
@@ -98,7 +99,7 @@ class Accounts:
         if not await self.repo.insert_user(NewUser(uuid.uuid4().hex, name, kind, tuple(roles), h, must_change,
                                                    self.clock())):
             await self.audit(actor.name, "user.create", f"user:{name}", "failure", info, {"reason": "exists"})
-            raise Conflict(f"user {name!r} exists", code="user_exists")
+            raise Conflict(f"user {name!r} exists", code=SecurityCode.USER_EXISTS)
         await self.audit(actor.name, "user.create", f"user:{name}", "success", info, {"roles": roles, "kind": kind})
         return public_user(await self.require(name)), one_time
 
@@ -113,14 +114,14 @@ class Accounts:
         await self.audit(actor.name, action, f"user:{user.name}", "denied", info,
                          {"reason": "administrator account", "roles": sorted(roles)})
         raise Forbidden("accounts of the sysadmin, secadmin and auditor roles are managed from the server "
-                        "console (xcstack user ...), not through the API (三权分立)", code="forbidden")
+                        "console (xcstack user ...), not through the API (三权分立)", code=CoreCode.FORBIDDEN)
 
     async def set_disabled(self, actor: Principal, name: str, disabled: bool, info: ReqInfo | None = None) -> None:
         user = await self.require(name)
         action = "user.disable" if disabled else "user.enable"
         await self._guard_admin_account(actor, user, action, info)
         if actor.id == user.id and disabled:
-            raise BadRequest("you cannot disable yourself", code="invalid_parameter")
+            raise BadRequest("you cannot disable yourself", code=CoreCode.INVALID_PARAMETER)
         await self.repo.set_disabled(user.id, disabled)
         self.cache.clear()
         await self.audit(actor.name, action, f"user:{name}", "success", info)
@@ -129,7 +130,7 @@ class Accounts:
         user = await self.require(name)
         await self._guard_admin_account(actor, user, "user.delete", info)
         if actor.id == user.id:
-            raise BadRequest("you cannot delete yourself", code="invalid_parameter")
+            raise BadRequest("you cannot delete yourself", code=CoreCode.INVALID_PARAMETER)
         await self.repo.delete_user(user.id)
         self.cache.clear()
         await self.audit(actor.name, "user.delete", f"user:{name}", "success", info)
@@ -152,7 +153,7 @@ class Accounts:
             if reason:
                 await self.audit(actor.name, "user.roles", f"user:{name}", "denied", info,
                                  {"reason": reason, "old": sorted(old), "new": roles})
-                raise Forbidden(f"{reason} (三权分立)", code="forbidden")
+                raise Forbidden(f"{reason} (三权分立)", code=CoreCode.FORBIDDEN)
             await self._guard_admin_account(actor, user, "user.roles", info)
         await self.repo.set_roles(user.id, roles)
         self.cache.clear()
@@ -173,7 +174,7 @@ class Accounts:
 
     async def change_password(self, principal: Principal, old: str, new: str, info: ReqInfo | None = None) -> None:
         if principal.kind != "user":
-            raise Forbidden("API keys have no password", code="forbidden")
+            raise Forbidden("API keys have no password", code=CoreCode.FORBIDDEN)
         cred = self.credentials
         user = await self.require(principal.name)
         key, resource = identity_key(principal.name), f"user:{principal.name}"
@@ -211,7 +212,8 @@ class Accounts:
     async def totp_begin(self, principal: Principal, info: ReqInfo | None = None) -> dict[str, str]:
         user = await self.require(principal.name)
         if user.totp_enabled:
-            raise Conflict("TOTP is already enrolled; ask an administrator to reset it", code="totp_enrolled")
+            raise Conflict("TOTP is already enrolled; ask an administrator to reset it",
+                           code=SecurityCode.TOTP_ENROLLED)
         secret = totp.new_secret()
         await self.repo.set_totp_secret(user.id, await self.credentials.seal_totp_secret(user, secret))
         uri = totp.provisioning_uri(secret, principal.name, self.settings.totp_issuer)
@@ -222,7 +224,7 @@ class Accounts:
         """Activate TOTP with a first valid code; returns the recovery codes (shown once, stored hashed)."""
         user = await self.require(principal.name)
         if user.totp_enabled or not user.totp_secret:
-            raise Conflict("no TOTP enrolment in progress", code="totp_not_pending")
+            raise Conflict("no TOTP enrolment in progress", code=SecurityCode.TOTP_NOT_PENDING)
         cred = self.credentials
         key, resource = identity_key(principal.name), f"user:{principal.name}"
         await cred.refuse_if_locked(key, principal.name, "user.totp_confirm", resource, info)
@@ -231,7 +233,7 @@ class Accounts:
         if step is None:
             await cred.fail(key, principal.name, resource, info, "malformed_totp" if malformed else "bad_totp",
                             "user.totp_confirm")
-            raise BadRequest("invalid TOTP code", code="invalid_totp")
+            raise BadRequest("invalid TOTP code", code=SecurityCode.INVALID_TOTP)
         codes = totp.new_recovery_codes(self.settings.recovery_codes)
         await self.repo.enable_totp(user.id, [totp.hash_recovery_code(c, user.id) for c in codes])
         self.cache.clear()

@@ -7,9 +7,10 @@ import hmac
 from collections.abc import Callable
 from typing import Any
 
-from xcstack.errors import BadRequest, Forbidden, NotFound
+from xcstack.errors import BadRequest, CoreCode, Forbidden, NotFound
 from xcstack.security.auditor import Auditor
 from xcstack.security.principal import Principal, ReqInfo
+from xcstack.security.protocol import SecurityCode
 from xcstack.security.rbac import BUILTIN_ROLES, Role
 from xcstack.security.repository import ApiKeyRow, SecurityRepository
 from xcstack.security.roles import Roles, excess_right
@@ -52,10 +53,10 @@ class ApiKeys:
         if reason:
             await self.audit(actor.name, "apikey.create", f"apikey:{name}", "denied", info,
                              {"reason": reason, "roles": roles})
-            raise Forbidden(reason, code="forbidden")
+            raise Forbidden(reason, code=CoreCode.FORBIDDEN)
         days = days or self.settings.api_key_max_days
         if not 1 <= days <= self.settings.api_key_max_days:
-            raise BadRequest(f"days must be 1..{self.settings.api_key_max_days}", code="invalid_parameter")
+            raise BadRequest(f"days must be 1..{self.settings.api_key_max_days}", code=CoreCode.INVALID_PARAMETER)
         now = self.clock()
         expires = now + days * 86400
         owner = actor.id
@@ -64,7 +65,7 @@ class ApiKeys:
             if parent is None or actor.owner_id is None:
                 await self.audit(actor.name, "apikey.create", f"apikey:{name}", "denied", info,
                                  {"reason": "the creating key no longer exists"})
-                raise Forbidden("the API key this request was made with no longer exists", code="forbidden")
+                raise Forbidden("the API key this request was made with no longer exists", code=CoreCode.FORBIDDEN)
             owner = actor.owner_id
             expires = min(expires, parent.expires_at)
         kid, token = new_api_key()
@@ -79,7 +80,7 @@ class ApiKeys:
 
     async def revoke(self, actor: Principal, kid: str, info: ReqInfo | None = None) -> None:
         if not await self.repo.revoke_api_key(kid):
-            raise NotFound(f"no API key {kid!r}", code="apikey_not_found")
+            raise NotFound(f"no API key {kid!r}", code=SecurityCode.APIKEY_NOT_FOUND)
         self.cache.clear()
         await self.audit(actor.name, "apikey.revoke", f"apikey:{kid}", "success", info)
 

@@ -25,8 +25,9 @@ from prometheus_client import Counter
 from starlette.requests import Request
 from starlette.types import Scope
 
-from xcstack.errors import Forbidden, Unauthorized
+from xcstack.errors import CoreCode, Forbidden, Unauthorized
 from xcstack.security.guard import Permission
+from xcstack.security.protocol import SecurityCode
 from xcstack.security.service import Principal, ReqInfo
 
 if TYPE_CHECKING:
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
 DENIALS = Counter("xc_security_denials_total", "Requests denied by RBAC", ["reason"])
 #: scope flag the middleware sets on a path it served without authentication
 PUBLIC_PATH = "xc.public_path"
+#: a restricted session's reason (Principal.restricted) -> the code of the 403 on any other route
+RESTRICTED_CODES = {"password_change": SecurityCode.PASSWORD_CHANGE_REQUIRED,
+                    "totp_enrollment": SecurityCode.TOTP_ENROLLMENT_REQUIRED}
 #: what anyone allowed to may still do with the security capability's own keys (public-key reads)
 RESERVED_KEY_ACTIONS = frozenset({"read", "verify"})
 
@@ -46,7 +50,7 @@ def request_info(scope: Scope) -> ReqInfo:
 def _principal(scope: Scope) -> Principal:
     pr = scope.get("xc.principal")
     if not isinstance(pr, Principal):
-        raise Unauthorized("authentication required", code="unauthorized")
+        raise Unauthorized("authentication required", code=CoreCode.UNAUTHORIZED)
     return pr
 
 
@@ -68,7 +72,7 @@ class SecurityAuthorizer:
             await self.service.audit(principal.name, "access.denied", f"route:{template}", "denied",
                                      request_info(scope), {"method": method, "reason": principal.restricted})
             raise Forbidden(f"this session may only be used to complete: {principal.restricted.replace('_', ' ')}",
-                            code=f"{principal.restricted}_required")
+                            code=RESTRICTED_CODES.get(principal.restricted, CoreCode.FORBIDDEN))
         if self_service:
             return
         resource, action = permission.resolve(template, method)
@@ -77,7 +81,7 @@ class SecurityAuthorizer:
             await self.service.audit(principal.name, "access.denied", resource, "denied", request_info(scope),
                                      {"method": method, "route": template, "action": action,
                                       "roles": list(principal.roles)})
-            raise Forbidden(f"permission denied: {action} on {resource}", code="forbidden")
+            raise Forbidden(f"permission denied: {action} on {resource}", code=CoreCode.FORBIDDEN)
 
     async def authorize(self, request: Request, resource: str, action: str) -> None:
         pr = _principal(request.scope)
@@ -88,11 +92,11 @@ class SecurityAuthorizer:
                                      {"action": action, "roles": list(pr.roles),
                                       "reason": "key reserved to the security capability"})
             raise Forbidden(f"permission denied: {action} on {resource} (reserved to the security capability)",
-                            code="forbidden")
+                            code=CoreCode.FORBIDDEN)
         if not await self.service.is_allowed(pr, resource, action):
             await self.service.audit(pr.name, "access.denied", resource, "denied", info,
                                      {"action": action, "roles": list(pr.roles)})
-            raise Forbidden(f"permission denied: {action} on {resource}", code="forbidden")
+            raise Forbidden(f"permission denied: {action} on {resource}", code=CoreCode.FORBIDDEN)
 
 
 def caller_info(request: Request) -> ReqInfo:

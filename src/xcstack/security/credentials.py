@@ -15,6 +15,7 @@ from xcstack.security import passwords, totp
 from xcstack.security.auditor import Auditor
 from xcstack.security.lockout import Lockout
 from xcstack.security.principal import ReqInfo
+from xcstack.security.protocol import SecurityCode
 from xcstack.security.repository import SecurityRepository, UserRow
 from xcstack.security.secretbox import SecretBox, zero
 from xcstack.security.settings import SecuritySettings
@@ -23,11 +24,11 @@ T = TypeVar("T")
 
 
 class InvalidCredentials(Unauthorized):
-    code = "invalid_credentials"
+    code = SecurityCode.INVALID_CREDENTIALS
 
 
 class AccountLocked(RateLimited):
-    code = "account_locked"
+    code = SecurityCode.ACCOUNT_LOCKED
 
 
 class KdfPool:
@@ -42,7 +43,7 @@ class KdfPool:
         try:
             await asyncio.wait_for(self.slots.acquire(), self.wait_s)
         except TimeoutError:
-            raise Overloaded("too many logins in progress; retry shortly", code="auth_overloaded",
+            raise Overloaded("too many logins in progress; retry shortly", code=SecurityCode.AUTH_OVERLOADED,
                              retry_after=1) from None
         try:
             return await asyncio.to_thread(fn, *args)

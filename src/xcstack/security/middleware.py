@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from xcstack import apiref
-from xcstack.errors import Unauthorized, XCError
+from xcstack.errors import CoreCode, Unauthorized, XCError
 from xcstack.httputil import ANONYMOUS_PROBE, dumps
 from xcstack.security.authz import PUBLIC_PATH, SecurityAuthorizer, caller_info
 from xcstack.security.guard import AUDIT, AUTHORIZER, ROUTE_TEMPLATE
@@ -119,7 +119,7 @@ class SecurityMiddleware:
                 await self.service.audit("anonymous", "auth.denied", f"route:{path[:256]}", "denied", info,
                                          {"method": method, "reason": "invalid token" if token else "no token"})
                 raise Unauthorized("authentication required: send 'Authorization: Bearer <token>'",
-                                   code="unauthorized", headers={"WWW-Authenticate": 'Bearer realm="xcstack"'})
+                                   code=CoreCode.UNAUTHORIZED, headers={"WWW-Authenticate": 'Bearer realm="xcstack"'})
         except XCError as exc:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})

@@ -15,10 +15,11 @@ import string
 
 from xcstack.crypto.recipes import pbkdf2_sm3
 from xcstack.errors import BadRequest
+from xcstack.security.protocol import SecurityCode
 
 
 class PasswordPolicyError(BadRequest):
-    code = "password_policy"
+    code = SecurityCode.PASSWORD_POLICY
 
 
 def hash_password(password: str, scheme: str = "pbkdf2-sm3", iterations: int = 100_000) -> str:

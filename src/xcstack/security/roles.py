@@ -11,6 +11,7 @@ from typing import Any
 from xcstack.errors import BadRequest, Conflict, NotFound
 from xcstack.security.auditor import Auditor
 from xcstack.security.principal import Principal, ReqInfo
+from xcstack.security.protocol import SecurityCode
 from xcstack.security.rbac import (
     BUILTIN_ADMIN_ROLES,
     BUILTIN_ROLES,
@@ -97,10 +98,10 @@ class Roles:
         await self.load(force=True)
         for r in roles:
             if self.get(r) is None:
-                raise BadRequest(f"unknown role {r!r}", code="unknown_role")
+                raise BadRequest(f"unknown role {r!r}", code=SecurityCode.UNKNOWN_ROLE)
         if len([r for r in roles if r in BUILTIN_ADMIN_ROLES]) > 1:
             raise BadRequest("a user may hold at most one of sysadmin, secadmin, auditor (三权分立)",
-                             code="separation_of_duties")
+                             code=SecurityCode.SEPARATION_OF_DUTIES)
 
     async def list_roles(self) -> list[dict[str, Any]]:
         await self.load(force=True)
@@ -109,24 +110,24 @@ class Roles:
     async def create(self, actor: Principal, name: str, allow: list[Perm], deny: list[Perm] | None = None,
                      description: str = "", info: ReqInfo | None = None) -> dict[str, Any]:
         if name in BUILTIN_ROLES:
-            raise Conflict(f"{name!r} is a built-in role", code="role_exists")
+            raise Conflict(f"{name!r} is a built-in role", code=SecurityCode.ROLE_EXISTS)
         try:
             check_custom_permissions(allow)
         except ValueError as exc:
             await self.audit(actor.name, "role.create", f"role:{name}", "denied", info, {"reason": str(exc)})
-            raise BadRequest(str(exc), code="separation_of_duties") from None
+            raise BadRequest(str(exc), code=SecurityCode.SEPARATION_OF_DUTIES) from None
         deny = deny or []
         role = Role(name, tuple((r, a) for r, a in allow), tuple((r, a) for r, a in deny), False, description)
         if not await self.repo.insert_role(role, self.clock()):
-            raise Conflict(f"role {name!r} exists", code="role_exists")
+            raise Conflict(f"role {name!r} exists", code=SecurityCode.ROLE_EXISTS)
         await self.load(force=True)
         await self.audit(actor.name, "role.create", f"role:{name}", "success", info, {"allow": allow, "deny": deny})
         return self.custom[name].to_dict()
 
     async def delete(self, actor: Principal, name: str, info: ReqInfo | None = None) -> None:
         if name in BUILTIN_ROLES:
-            raise BadRequest(f"{name!r} is a built-in role", code="builtin_role")
+            raise BadRequest(f"{name!r} is a built-in role", code=SecurityCode.BUILTIN_ROLE)
         if not await self.repo.delete_role(name):
-            raise NotFound(f"no role {name!r}", code="role_not_found")
+            raise NotFound(f"no role {name!r}", code=SecurityCode.ROLE_NOT_FOUND)
         await self.load(force=True)
         await self.audit(actor.name, "role.delete", f"role:{name}", "success", info)

@@ -25,7 +25,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from xcstack.apidoc import api
-from xcstack.errors import BadRequest, NotFound, Unauthorized
+from xcstack.errors import BadRequest, CoreCode, NotFound, Unauthorized
 from xcstack.httputil import JSONResponse, parse_model, read_model
 from xcstack.security import protocol as p
 from xcstack.security.audit import record as rec
@@ -37,7 +37,9 @@ from xcstack.security.service import Principal, ReqInfo
 if TYPE_CHECKING:
     from xcstack.security.service import SecurityService
 
-USER_404 = "user_not_found"
+USER_404 = p.SecurityCode.USER_NOT_FOUND
+ROLE_404 = p.SecurityCode.ROLE_NOT_FOUND
+KEY_404 = p.SecurityCode.APIKEY_NOT_FOUND
 SELF = "Self-service: any authenticated principal, also a session restricted to a password change or TOTP enrolment."
 ADMIN_ACCOUNTS = ("Accounts holding sysadmin, secadmin or auditor are managed from the server console, not by another "
                   "administrator through the API (403, 三权分立).")
@@ -54,11 +56,11 @@ USER_ACTIONS = {
 def _principal(request: Request) -> Principal:
     pr = request.scope.get("xc.principal")
     if not isinstance(pr, Principal):
-        raise Unauthorized("authentication required", code="unauthorized")
+        raise Unauthorized("authentication required", code=CoreCode.UNAUTHORIZED)
     return pr
 
 
-def _name(request: Request, key: str, what: str, code: str) -> str:
+def _name(request: Request, key: str, what: str, code: p.SecurityCode) -> str:
     """A path parameter naming a stored user, role or key. No name holds a NUL character (and PostgreSQL
     refuses one in a query: 500), so such a name is simply not found."""
     value: str = request.path_params[key]
@@ -197,7 +199,7 @@ def build_routes(svc: SecurityService, audit_root: Path, sig_verify: SigVerify) 
          description="Built-in roles cannot be deleted (400 `builtin_role`).")
     @requires("security.role", "write")
     async def roles_delete(request: Request) -> Response:
-        await svc.delete_role(_principal(request), _name(request, "name", "role", "role_not_found"), _info(request))
+        await svc.delete_role(_principal(request), _name(request, "name", "role", ROLE_404), _info(request))
         return JSONResponse({"ok": True})
 
     @api("List the API keys (never the keys themselves)", response=p.ApiKeyList)
@@ -218,7 +220,7 @@ def build_routes(svc: SecurityService, audit_root: Path, sig_verify: SigVerify) 
     @api("Revoke an API key", response=p.SecurityOk, errors=(404,))
     @requires("security.apikey", "write")
     async def keys_revoke(request: Request) -> Response:
-        await svc.revoke_api_key(_principal(request), _name(request, "id", "API key", "apikey_not_found"),
+        await svc.revoke_api_key(_principal(request), _name(request, "id", "API key", KEY_404),
                                  _info(request))
         return JSONResponse({"ok": True})
 
@@ -290,7 +292,7 @@ def read_records(audit_root: Path, q: p.AuditQuery) -> dict[str, Any]:
     if q.chain is not None:
         chains = [c for c in chains if c.name == q.chain]
         if not chains:
-            raise NotFound(f"no audit chain {q.chain!r}", code="not_found")
+            raise NotFound(f"no audit chain {q.chain!r}", code=CoreCode.NOT_FOUND)
         out: list[dict[str, Any]] = []
         for first, path in list_segments(chains[0]):
             data = read_segment(path)  # closed segments are compressed
@@ -313,7 +315,8 @@ def read_records(audit_root: Path, q: p.AuditQuery) -> dict[str, Any]:
                 raise ValueError(a_seq)
             after = (a_ts, a_chain, int(a_seq))
         except ValueError:
-            raise BadRequest("after: use the 'next' value of the previous page", code="invalid_parameter") from None
+            raise BadRequest("after: use the 'next' value of the previous page",
+                             code=CoreCode.INVALID_PARAMETER) from None
     since = q.since or ""
     until = q.until or "9999"
     since_epoch = _epoch(since) if since else 0.0

@@ -28,7 +28,8 @@ from collections.abc import Callable
 from urllib.parse import quote, unquote, urlsplit
 
 from xcstack.config import ConfigError
-from xcstack.errors import BadRequest, NotFound
+from xcstack.errors import BadRequest, CoreCode, NotFound
+from xcstack.security.protocol import SecurityCode
 from xcstack.security.secretbox import SecretBox, zero
 from xcstack.state.store import StateStore
 
@@ -55,7 +56,7 @@ class SecretStore:
     def check_name(name: str) -> str:
         if not NAME_RE.match(name):
             raise BadRequest("secret names are 1-128 of A-Z a-z 0-9 . _ - (starting alphanumeric)",
-                             code="invalid_parameter")
+                             code=CoreCode.INVALID_PARAMETER)
         return name
 
     async def set(self, name: str, value: bytes | bytearray) -> None:
@@ -69,7 +70,7 @@ class SecretStore:
     async def reveal(self, name: str) -> bytearray:
         row = await self.store.fetchone("SELECT sealed FROM sec_secrets WHERE name = ?", (self.check_name(name),))
         if row is None:
-            raise NotFound(f"no secret named {name!r}", code="secret_not_found")
+            raise NotFound(f"no secret named {name!r}", code=SecurityCode.SECRET_NOT_FOUND)
         return await self.box.open(base64.b64decode(row["sealed"]), _aad(name))
 
     async def resolve(self, value: str | None) -> str | None:

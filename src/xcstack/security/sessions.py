@@ -13,6 +13,7 @@ from xcstack.security.auditor import Auditor
 from xcstack.security.credentials import AccountLocked, Credentials, InvalidCredentials
 from xcstack.security.lockout import identity_key
 from xcstack.security.principal import Principal, ReqInfo
+from xcstack.security.protocol import SecurityCode
 from xcstack.security.repository import SecurityRepository, UserRow
 from xcstack.security.settings import SecuritySettings
 from xcstack.security.tokens import (
@@ -78,22 +79,22 @@ class Sessions:
         cred, username = self.credentials, user.name
         if not totp_code and not recovery_code:
             await cred.fail(key, username, resource, info, "totp_missing")
-            raise Unauthorized("a TOTP code (or a recovery code) is required", code="totp_required")
+            raise Unauthorized("a TOTP code (or a recovery code) is required", code=SecurityCode.TOTP_REQUIRED)
         if totp_code:
             if not totp.is_code(totp.normalize(totp_code)):
                 await cred.fail(key, username, resource, info, "malformed_totp")
-                raise InvalidCredentials("invalid or already used TOTP code", code="invalid_totp")
+                raise InvalidCredentials("invalid or already used TOTP code", code=SecurityCode.INVALID_TOTP)
             if await cred.check_totp(user, totp_code, now) is None:
                 await cred.fail(key, username, resource, info, "bad_totp")
-                raise InvalidCredentials("invalid or already used TOTP code", code="invalid_totp")
+                raise InvalidCredentials("invalid or already used TOTP code", code=SecurityCode.INVALID_TOTP)
             return
         assert recovery_code is not None
         if not totp.is_recovery_code(recovery_code):
             await cred.fail(key, username, resource, info, "malformed_recovery_code")
-            raise InvalidCredentials("invalid recovery code", code="invalid_totp")
+            raise InvalidCredentials("invalid recovery code", code=SecurityCode.INVALID_TOTP)
         if not await cred.use_recovery(user, recovery_code):
             await cred.fail(key, username, resource, info, "bad_recovery_code")
-            raise InvalidCredentials("invalid recovery code", code="invalid_totp")
+            raise InvalidCredentials("invalid recovery code", code=SecurityCode.INVALID_TOTP)
 
     async def logout(self, principal: Principal, info: ReqInfo | None = None) -> None:
         if principal.session:

@@ -71,6 +71,7 @@ from xcstack.security.audit.files import (
     seal_path,
     segment_name,
 )
+from xcstack.security.protocol import SecurityCode
 from xcstack.security.settings import AuditSettings
 from xcstack.security.signing import Signer
 
@@ -91,7 +92,7 @@ MAX_RECORD_BYTES = 64 * 1024
 
 
 class AuditUnavailable(Overloaded):
-    code = "audit_unavailable"
+    code = SecurityCode.AUDIT_UNAVAILABLE
 
 
 class AuditIntegrityError(RuntimeError):
