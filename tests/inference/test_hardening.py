@@ -264,7 +264,7 @@ def test_header_length_is_ascii_digits_only(stack: Any, value: str) -> None:
 def test_header_length_unicode_digits() -> None:
     """HTTP headers are Latin-1, so these reach the decoder only from another front end; int() took them."""
     from xcstack.errors import BadRequest
-    from xcstack.inference.protocol import decode_infer_request
+    from xcstack.inference.kserve import decode_infer_request
     from xcstack.inference.repository import ModelConfig
 
     cfg = ModelConfig.model_validate({"name": "m", "inputs": [{"name": "x", "datatype": "INT32", "shape": [-1, 2]}],

@@ -145,7 +145,7 @@ def test_infer_binary_roundtrip_and_zero_copy(client: TestClient) -> None:
 
 
 def test_decoder_does_not_copy() -> None:
-    from xcstack.inference.protocol import decode_infer_request
+    from xcstack.inference.kserve import decode_infer_request
     from xcstack.inference.repository import ModelConfig
 
     cfg = ModelConfig.model_validate({"name": "m", "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
@@ -215,7 +215,7 @@ def test_infer_bad_tensors_are_400_naming_the_tensor(
 
 def test_infer_non_finite_is_rejected(tmp_path: Path) -> None:
     from xcstack.errors import BadRequest
-    from xcstack.inference.protocol import decode_infer_request
+    from xcstack.inference.kserve import decode_infer_request
     from xcstack.inference.repository import ModelConfig
 
     cfg = ModelConfig.model_validate({"name": "m", "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}],

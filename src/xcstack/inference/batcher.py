@@ -28,6 +28,7 @@ import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from xcstack.aio import cancel_and_wait
@@ -37,31 +38,47 @@ from xcstack.inference.repository import BatchParams
 log = logging.getLogger("xcstack.inference")
 
 
+class WorkerCode(StrEnum):
+    """Codes of a model worker's failures as they cross IPC to the http worker, which answers them with
+    InferenceCode/CoreCode (`client.http_error`): not HTTP codes, so not in the error catalogue."""
+
+    INFERENCE_ERROR = "inference_error"
+    QUEUE_FULL = "queue_full"
+    REQUEST_TOO_LARGE = "request_too_large"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    BATCH_FAILED = "batch_failed"
+    WORKER_STOPPING = "worker_stopping"
+    MODEL_UNAVAILABLE = "model_unavailable"
+    MODEL_NOT_FOUND = "model_not_found"
+    NOT_AN_EMBEDDING_MODEL = "not_an_embedding_model"
+    BUSY = "busy"  # the IPC channel's own: too many requests in flight on one connection
+
+
 class BatcherError(Exception):
-    code = "inference_error"
+    code = WorkerCode.INFERENCE_ERROR
     retriable = False
 
 
 class QueueFull(BatcherError):
-    code = "queue_full"
+    code = WorkerCode.QUEUE_FULL
     retriable = True
 
 
 class RequestTooLarge(BatcherError):
-    code = "request_too_large"
+    code = WorkerCode.REQUEST_TOO_LARGE
 
 
 class DeadlineExceeded(BatcherError):
-    code = "deadline_exceeded"
+    code = WorkerCode.DEADLINE_EXCEEDED
     retriable = True
 
 
 class BatchFailed(BatcherError):
-    code = "batch_failed"
+    code = WorkerCode.BATCH_FAILED
 
 
 class BatcherClosed(BatcherError):
-    code = "worker_stopping"
+    code = WorkerCode.WORKER_STOPPING
     retriable = True
 
 

@@ -20,6 +20,7 @@ from starlette.routing import BaseRoute
 from xcstack.capability import AppContext, SideProcessSpec, Wiring
 from xcstack.errors import Overloaded
 from xcstack.inference.pacing import LoopPacer
+from xcstack.inference.protocol import InferenceCode
 from xcstack.inference.worker import (
     COUNT_ENV,
     WORKER_ENV,
@@ -65,11 +66,13 @@ class UnavailableBackend:
         return False
 
     async def embed(self, model: str, texts: Sequence[str], timeout: float) -> tuple[np.ndarray, int]:
-        raise Overloaded(f"local inference cannot run on this machine: {self.reason}", code="inference_unavailable")
+        raise Overloaded(f"local inference cannot run on this machine: {self.reason}",
+                         code=InferenceCode.INFERENCE_UNAVAILABLE)
 
     async def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None,
                     timeout: float) -> dict[str, np.ndarray]:  # fmt: skip
-        raise Overloaded(f"local inference cannot run on this machine: {self.reason}", code="inference_unavailable")
+        raise Overloaded(f"local inference cannot run on this machine: {self.reason}",
+                         code=InferenceCode.INFERENCE_UNAVAILABLE)
 
 
 class InferenceCapability:

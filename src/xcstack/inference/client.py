@@ -17,9 +17,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from xcstack.errors import BadRequest, GatewayTimeout, NotFound, Overloaded, XCError
+from xcstack.errors import BadRequest, CoreCode, GatewayTimeout, NotFound, Overloaded, XCError
 from xcstack.inference import metrics
+from xcstack.inference.batcher import WorkerCode
 from xcstack.inference.core import CoreError, WorkerCore
+from xcstack.inference.protocol import InferenceCode
 from xcstack.inference.repository import ModelRepository
 from xcstack.inference.settings import InferenceSettings
 from xcstack.inference.tensors import encode_bytes_tensor, pack, unpack
@@ -28,17 +30,27 @@ log = logging.getLogger("xcstack.inference")
 
 
 def http_error(code: str, message: str, retriable: bool, retry_after: float = 1.0) -> XCError:
-    if code == "model_not_found":
-        return NotFound(message, code="model_not_found")
-    if code in ("deadline_exceeded",):
-        return GatewayTimeout(message, code="inference_timeout")
-    if code in ("not_an_embedding_model", "bad_input", "request_too_large"):
-        return BadRequest(message, code=code)
-    if code == "batch_failed":
-        return XCError(message, code="inference_failed", status=500)
-    if retriable or code in ("queue_full", "model_unavailable", "worker_stopping", "busy"):
-        return Overloaded(message, code=code if code != "busy" else "worker_busy", retry_after=retry_after)
-    return XCError(message, code="inference_failed", status=500)
+    """A model worker's IPC failure (WorkerCode) as the HTTP error the client gets (catalogue codes)."""
+    if code == WorkerCode.MODEL_NOT_FOUND:
+        return NotFound(message, code=CoreCode.MODEL_NOT_FOUND)
+    if code == WorkerCode.DEADLINE_EXCEEDED:
+        return GatewayTimeout(message, code=InferenceCode.INFERENCE_TIMEOUT)
+    if code in _BAD_REQUEST:
+        return BadRequest(message, code=_BAD_REQUEST[code])
+    if code == WorkerCode.BATCH_FAILED:
+        return XCError(message, code=InferenceCode.INFERENCE_FAILED, status=500)
+    if retriable or code in _OVERLOADED:
+        return Overloaded(message, code=_OVERLOADED.get(code, InferenceCode.MODEL_WORKER_UNAVAILABLE),
+                          retry_after=retry_after)
+    return XCError(message, code=InferenceCode.INFERENCE_FAILED, status=500)
+
+
+_BAD_REQUEST = {WorkerCode.NOT_AN_EMBEDDING_MODEL: InferenceCode.NOT_AN_EMBEDDING_MODEL,
+                WorkerCode.REQUEST_TOO_LARGE: InferenceCode.REQUEST_TOO_LARGE}
+_OVERLOADED = {WorkerCode.QUEUE_FULL: InferenceCode.QUEUE_FULL,
+               WorkerCode.MODEL_UNAVAILABLE: InferenceCode.MODEL_UNAVAILABLE,
+               WorkerCode.WORKER_STOPPING: InferenceCode.WORKER_STOPPING,
+               WorkerCode.BUSY: InferenceCode.WORKER_BUSY}
 
 
 class Backend(Protocol):
@@ -121,7 +133,7 @@ class ProcessBackend:
     def _order(self, model: str) -> list[int]:
         holders = self.holders.get(model)
         if not holders:
-            raise NotFound(f"model {model!r} is not in the model repository", code="model_not_found")
+            raise NotFound(f"model {model!r} is not in the model repository", code=CoreCode.MODEL_NOT_FOUND)
         start = zlib.crc32(model.encode()) % len(holders)
         rotated = holders[start:] + holders[:start]
         return sorted(rotated, key=lambda i: self.clients[i].inflight)  # stable: hash order breaks ties
@@ -141,7 +153,7 @@ class ProcessBackend:
                 continue
             except IPCTimeout:
                 raise GatewayTimeout(
-                    f"model {model}: no answer within {timeout:.3g}s", code="inference_timeout"
+                    f"model {model}: no answer within {timeout:.3g}s", code=InferenceCode.INFERENCE_TIMEOUT
                 ) from None
             except IPCRemoteError as exc:
                 if exc.code == "worker_stopping":  # draining: another holder may take it
@@ -149,7 +161,7 @@ class ProcessBackend:
                     continue
                 raise http_error(exc.code, exc.message, exc.retriable, self.settings.retry_after_s) from None
         raise Overloaded(
-            f"model {model}: model worker unavailable ({last}); retry", code="model_worker_unavailable",
+            f"model {model}: model worker unavailable ({last}); retry", code=InferenceCode.MODEL_WORKER_UNAVAILABLE,
             retry_after=self.settings.retry_after_s,
         )
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from xcstack.inference.batcher import Batcher, BatcherError, Item
+from xcstack.inference.batcher import Batcher, BatcherError, Item, WorkerCode
 from xcstack.inference.repository import ModelConfig, ModelRepository
 from xcstack.inference.runtime import LEDGER, ModelLoadError, OrtModel
 from xcstack.inference.settings import InferenceSettings
@@ -153,19 +153,20 @@ class WorkerCore:
 
     def _get(self, name: str) -> Loaded:
         if self.draining:
-            raise CoreError("worker_stopping", f"model worker {self.worker_index} is stopping; retry", True)
+            raise CoreError(WorkerCode.WORKER_STOPPING, f"model worker {self.worker_index} is stopping; retry", True)
         loaded = self.models.get(name)
         if loaded is None:
             if name in self.errors:
-                raise CoreError("model_unavailable", f"model {name} failed to load: {self.errors[name]}")
-            raise CoreError("model_not_found", f"model {name} is not loaded on worker {self.worker_index}")
+                raise CoreError(WorkerCode.MODEL_UNAVAILABLE, f"model {name} failed to load: {self.errors[name]}")
+            raise CoreError(WorkerCode.MODEL_NOT_FOUND, f"model {name} is not loaded on worker {self.worker_index}")
         return loaded
 
     # --- operations ------------------------------------------------------------------------------
     async def embed(self, name: str, texts: Sequence[str], timeout: float) -> tuple[np.ndarray, int]:
         loaded = self._get(name)
         if loaded.model.tokenizer is None:
-            raise CoreError("not_an_embedding_model", f"model {name} has no tokenizer; use /v2/models/{name}/infer")
+            raise CoreError(WorkerCode.NOT_AN_EMBEDDING_MODEL,
+                            f"model {name} has no tokenizer; use /v2/models/{name}/infer")
         if sum(len(t) for t in texts) > TOKENIZE_OFFLOAD_CHARS:  # big inputs: keep the worker loop responsive
             seqs = await asyncio.to_thread(loaded.model.tokenize, texts)
         else:

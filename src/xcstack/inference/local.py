@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from xcstack.errors import BadRequest, NotFound, Overloaded
+from xcstack.errors import BadRequest, CoreCode, NotFound, Overloaded
 from xcstack.inference import metrics
+from xcstack.inference.protocol import InferenceCode
 
 if TYPE_CHECKING:  # numpy loads with the backend, when the capability is on
     import numpy as np
@@ -53,11 +54,11 @@ class LocalModels:
         model = name or self.settings.default_embedding_model
         entry = self.repo.get(model)
         if entry is None:
-            raise NotFound(f"model {model!r} is not in the model repository", code="model_not_found")
+            raise NotFound(f"model {model!r} is not in the model repository", code=CoreCode.MODEL_NOT_FOUND)
         if entry.config is None:
-            raise Overloaded(f"model {model!r} is unavailable: {entry.error}", code="model_unavailable")
+            raise Overloaded(f"model {model!r} is unavailable: {entry.error}", code=InferenceCode.MODEL_UNAVAILABLE)
         if entry.config.kind != "embedding":
-            raise NotFound(f"model {model!r} is not an embedding model", code="model_not_found")
+            raise NotFound(f"model {model!r} is not an embedding model", code=CoreCode.MODEL_NOT_FOUND)
         return model
 
     async def embed(self, model: str | None, inputs: list[str]) -> tuple[np.ndarray, dict[str, int]]:
@@ -90,7 +91,7 @@ class LocalModels:
         dims = self.repo.get(model).config.dimensions  # type: ignore[union-attr]
         if req.dimensions is not None and dims is not None and req.dimensions != dims:
             raise BadRequest(f"dimensions: model {model} produces {dims}-dimensional vectors only",
-                             code="invalid_parameter", param="dimensions")
+                             code=CoreCode.INVALID_PARAMETER, param="dimensions")
         return await self.embed(model, texts)
 
     async def embeddings_body(self, body: dict[str, Any]) -> dict[str, Any]:

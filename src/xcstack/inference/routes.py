@@ -22,13 +22,15 @@ from starlette.routing import BaseRoute, Route
 
 from xcstack.apidoc import ApiDoc, api, api_for
 from xcstack.disconnect import CancelOnDisconnect, ClientDisconnected, DepartedResponse
-from xcstack.errors import BadRequest, NotFound, Overloaded, PayloadTooLarge, XCError
+from xcstack.errors import BadRequest, CoreCode, NotFound, Overloaded, PayloadTooLarge, XCError
 from xcstack.httputil import JSONResponse, content_length, loads, parse_model, probe_body, read_model
 from xcstack.inference import metrics
+from xcstack.inference.kserve import decode_infer_request, decompress, encode_infer_response
 from xcstack.inference.protocol import (
     HEADER_LENGTH,
     EmbeddingsRequest,
     EmbeddingsResponse,
+    InferenceCode,
     InferRequestJSON,
     InferResponseJSON,
     ModelMetadata,
@@ -38,10 +40,7 @@ from xcstack.inference.protocol import (
     RepositoryIndexRequest,
     ServerLive,
     ServerMetadata,
-    decode_infer_request,
-    decompress,
     embeddings_response,
-    encode_infer_response,
 )
 from xcstack.inference.repository import ModelConfig
 from xcstack.security.guard import authorize, requires, requires_route
@@ -148,9 +147,9 @@ class InferenceRoutes:
         entry = self.models.repo.get(name)
         if entry is None or (version is not None and version != "1"):
             raise NotFound(f"model {name!r}{' version ' + version if version else ''} is not in the repository",
-                           code="model_not_found")
+                           code=CoreCode.MODEL_NOT_FOUND)
         if entry.config is None:
-            raise Overloaded(f"model {name!r} is unavailable: {entry.error}", code="model_unavailable")
+            raise Overloaded(f"model {name!r} is unavailable: {entry.error}", code=InferenceCode.MODEL_UNAVAILABLE)
         return entry.config
 
     @api("KServe v2 model metadata: its inputs and outputs", response=ModelMetadata, errors=(404,),
@@ -190,7 +189,7 @@ class InferenceRoutes:
             try:
                 data = loads(raw)
             except ValueError as exc:
-                raise BadRequest(f"malformed JSON: {exc}", code="invalid_json") from None
+                raise BadRequest(f"malformed JSON: {exc}", code=CoreCode.INVALID_JSON) from None
             if parse_model(data, RepositoryIndexRequest).ready:
                 index = [m for m in index if m["state"] == "READY"]
         return JSONResponse(index)
@@ -222,7 +221,8 @@ class InferenceRoutes:
         try:
             if req.texts is not None and len(req.texts) > self.models.settings.max_inputs:
                 raise BadRequest(f"input '{cfg.text_input}': {len(req.texts)} texts; the limit is "
-                                 f"{self.models.settings.max_inputs}", code="too_many_inputs", param=cfg.text_input)
+                                 f"{self.models.settings.max_inputs}",
+                                 code=InferenceCode.TOO_MANY_INPUTS, param=cfg.text_input)
             async with CancelOnDisconnect(request.receive):  # a departed client's rows leave the queue
                 if req.texts is not None:
                     vectors, _tokens = await self.models.backend.embed(cfg.name, req.texts, timeout)

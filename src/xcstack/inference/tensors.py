@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from xcstack.errors import BadRequest
+from xcstack.inference.protocol import InferenceCode
 
 # KServe v2 datatype -> numpy dtype (little-endian). BYTES is object (Python bytes) after decoding.
 DTYPES: dict[str, np.dtype[Any]] = {
@@ -74,7 +75,7 @@ def decode_bytes_tensor(view: memoryview, count: int, name: str) -> np.ndarray:
     if count > size // 4:  # each element has its 4-byte length: refuse before allocating `count` slots
         raise BadRequest(
             f"input '{name}': {size} bytes cannot hold {count} BYTES elements (4-byte length each)",
-            code="invalid_tensor_size",
+            code=InferenceCode.INVALID_TENSOR_SIZE,
             param=name,
         )
     out = np.empty(count, dtype=object)
@@ -82,7 +83,7 @@ def decode_bytes_tensor(view: memoryview, count: int, name: str) -> np.ndarray:
         if pos + 4 > size:
             raise BadRequest(
                 f"input '{name}': BYTES data ends inside element {i} (expected {count} elements)",
-                code="invalid_tensor_size",
+                code=InferenceCode.INVALID_TENSOR_SIZE,
                 param=name,
             )
         (n,) = _LEN.unpack_from(view, pos)
@@ -90,7 +91,7 @@ def decode_bytes_tensor(view: memoryview, count: int, name: str) -> np.ndarray:
         if pos + n > size:
             raise BadRequest(
                 f"input '{name}': BYTES element {i} claims {n} bytes but only {size - pos} remain",
-                code="invalid_tensor_size",
+                code=InferenceCode.INVALID_TENSOR_SIZE,
                 param=name,
             )
         out[i] = bytes(view[pos : pos + n])
@@ -98,7 +99,7 @@ def decode_bytes_tensor(view: memoryview, count: int, name: str) -> np.ndarray:
     if pos != size:
         raise BadRequest(
             f"input '{name}': {size - pos} bytes left after {count} BYTES elements",
-            code="invalid_tensor_size",
+            code=InferenceCode.INVALID_TENSOR_SIZE,
             param=name,
         )
     return out
@@ -133,7 +134,7 @@ def from_buffer(view: memoryview, datatype: str, shape: Sequence[int], name: str
     if view.nbytes != expected:
         raise BadRequest(
             f"input '{name}': {view.nbytes} bytes of data, but shape {list(shape)} of {datatype} needs {expected}",
-            code="invalid_tensor_size",
+            code=InferenceCode.INVALID_TENSOR_SIZE,
             param=name,
         )
     return np.frombuffer(view, dtype=dtype).reshape(tuple(shape))
