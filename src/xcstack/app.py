@@ -33,7 +33,7 @@ from xcstack import apiref, openapi
 from xcstack.apidoc import api
 from xcstack.capability import CAPABILITY_MODULES, AppContext, Capability, Services, Wiring
 from xcstack.config import Settings
-from xcstack.errors import HTTP_ERROR, XCError
+from xcstack.errors import CoreCode, XCError
 from xcstack.httputil import JSONResponse, probe_body
 from xcstack.observability.looplag import LoopLagMonitor
 from xcstack.observability.metrics import render
@@ -56,13 +56,13 @@ SECURITY_MODULE = "xcstack.security.capability"
 GATEWAY_MODULE = "xcstack.gateway.capability"
 
 _HTTP_CODES = {
-    400: ("invalid_request_error", "bad_request"),
-    401: ("authentication_error", "unauthorized"),
-    403: ("permission_error", "forbidden"),
-    404: ("not_found_error", "not_found"),
-    405: ("invalid_request_error", "method_not_allowed"),
-    408: ("invalid_request_error", "request_timeout"),
-    413: ("invalid_request_error", "payload_too_large"),
+    400: ("invalid_request_error", CoreCode.BAD_REQUEST),
+    401: ("authentication_error", CoreCode.UNAUTHORIZED),
+    403: ("permission_error", CoreCode.FORBIDDEN),
+    404: ("not_found_error", CoreCode.NOT_FOUND),
+    405: ("invalid_request_error", CoreCode.METHOD_NOT_ALLOWED),
+    408: ("invalid_request_error", CoreCode.REQUEST_TIMEOUT),
+    413: ("invalid_request_error", CoreCode.PAYLOAD_TOO_LARGE),
 }
 _HEALTH = {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}
 _READY = {
@@ -88,7 +88,7 @@ async def _xc_error(request: Request, exc: Exception) -> Response:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    etype, code = _HTTP_CODES.get(exc.status_code, ("invalid_request_error", HTTP_ERROR))
+    etype, code = _HTTP_CODES.get(exc.status_code, ("invalid_request_error", CoreCode.HTTP_ERROR))
     if exc.status_code == 404:
         message = f"no route for {request.method} {request.url.path}"
     elif exc.status_code == 405:
@@ -117,7 +117,7 @@ async def _unhandled(request: Request, exc: Exception) -> Response:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     rid = request.scope.get("xc.request_id", "")
     return JSONResponse(
-        {"error": {"type": "server_error", "code": "internal_error",
+        {"error": {"type": "server_error", "code": CoreCode.INTERNAL_ERROR,
                    "message": f"internal error (request id {rid})"}},
         status_code=500,
         headers={"X-Request-Id": rid},

@@ -34,6 +34,7 @@ class CoreCode(StrEnum):
     URL_TOO_LONG = "url_too_long"
     TOO_MANY_HEADERS = "too_many_headers"
     HEADERS_TOO_LARGE = "headers_too_large"
+    MALFORMED_REQUEST = "malformed_request"  # not valid HTTP/1.1 (answered by the worker's protocol layer)
     INVALID_JSON = "invalid_json"
     INVALID_PARAMETER = "invalid_parameter"
     MODEL_NOT_FOUND = "model_not_found"  # gateway and local inference
@@ -78,37 +79,37 @@ class XCError(Exception):
 class BadRequest(XCError):
     status = 400
     type = "invalid_request_error"
-    code = CoreCode.BAD_REQUEST
+    code: str = CoreCode.BAD_REQUEST
 
 
 class Unauthorized(XCError):
     status = 401
     type = "authentication_error"
-    code = CoreCode.UNAUTHORIZED
+    code: str = CoreCode.UNAUTHORIZED
 
 
 class Forbidden(XCError):
     status = 403
     type = "permission_error"
-    code = CoreCode.FORBIDDEN
+    code: str = CoreCode.FORBIDDEN
 
 
 class NotFound(XCError):
     status = 404
     type = "not_found_error"
-    code = CoreCode.NOT_FOUND
+    code: str = CoreCode.NOT_FOUND
 
 
 class Conflict(XCError):
     status = 409
     type = "invalid_request_error"
-    code = CoreCode.CONFLICT
+    code: str = CoreCode.CONFLICT
 
 
 class PayloadTooLarge(XCError):
     status = 413
     type = "invalid_request_error"
-    code = CoreCode.PAYLOAD_TOO_LARGE
+    code: str = CoreCode.PAYLOAD_TOO_LARGE
 
 
 class RateLimited(XCError):
@@ -116,7 +117,7 @@ class RateLimited(XCError):
 
     status = 429
     type = "rate_limit_error"
-    code = CoreCode.RATE_LIMITED
+    code: str = CoreCode.RATE_LIMITED
 
     def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None) -> None:
         super().__init__(message, code=code, headers={"Retry-After": _retry_after(retry_after)})
@@ -127,7 +128,7 @@ class Overloaded(XCError):
 
     status = 503
     type = "server_error"
-    code = CoreCode.OVERLOADED
+    code: str = CoreCode.OVERLOADED
 
     def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None) -> None:
         super().__init__(message, code=code, headers={"Retry-After": _retry_after(retry_after)})
@@ -136,17 +137,15 @@ class Overloaded(XCError):
 class UpstreamError(XCError):
     status = 502
     type = "server_error"
-    code = CoreCode.UPSTREAM_ERROR
+    code: str = CoreCode.UPSTREAM_ERROR
 
 
 class GatewayTimeout(XCError):
     status = 504
     type = "server_error"
-    code = CoreCode.UPSTREAM_TIMEOUT
+    code: str = CoreCode.UPSTREAM_TIMEOUT
 
 
 def _retry_after(seconds: float) -> str:
     return str(max(1, int(seconds + 0.999)))
 
-
-HTTP_ERROR = CoreCode.HTTP_ERROR  # the old name, until app.py uses the enum

@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from xcstack.config import Settings, load_settings
+from xcstack.errors import CoreCode
 from xcstack.httputil import dumps
 from xcstack.observability.logs import setup_logging
 from xcstack.observability.metrics import HTTP_EARLY_CLOSES
@@ -162,7 +163,7 @@ def uvicorn_protocol(settings: Settings) -> type[asyncio.Protocol]:
             if self._in_head and not self.transport.is_closing():
                 self._head_bytes += len(data)
                 if self._head_bytes > head_limit:
-                    self._reject(431, "Request Header Fields Too Large", "headers_too_large",
+                    self._reject(431, "Request Header Fields Too Large", CoreCode.HEADERS_TOO_LARGE,
                                  f"the request head exceeds {head_limit} bytes")
 
         def _reject(self, status: int, reason: str, code: str, message: str) -> None:
@@ -173,7 +174,7 @@ def uvicorn_protocol(settings: Settings) -> type[asyncio.Protocol]:
             self.transport.close()
 
         def send_400_response(self, msg: str) -> None:
-            self._reject(400, "Bad Request", "malformed_request", "the request is not valid HTTP/1.1")
+            self._reject(400, "Bad Request", CoreCode.MALFORMED_REQUEST, "the request is not valid HTTP/1.1")
 
         def on_message_begin(self) -> None:
             super().on_message_begin()

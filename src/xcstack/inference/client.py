@@ -45,9 +45,9 @@ def http_error(code: str, message: str, retriable: bool, retry_after: float = 1.
     return XCError(message, code=InferenceCode.INFERENCE_FAILED, status=500)
 
 
-_BAD_REQUEST = {WorkerCode.NOT_AN_EMBEDDING_MODEL: InferenceCode.NOT_AN_EMBEDDING_MODEL,
+_BAD_REQUEST: dict[str, InferenceCode] = {WorkerCode.NOT_AN_EMBEDDING_MODEL: InferenceCode.NOT_AN_EMBEDDING_MODEL,
                 WorkerCode.REQUEST_TOO_LARGE: InferenceCode.REQUEST_TOO_LARGE}
-_OVERLOADED = {WorkerCode.QUEUE_FULL: InferenceCode.QUEUE_FULL,
+_OVERLOADED: dict[str, InferenceCode] = {WorkerCode.QUEUE_FULL: InferenceCode.QUEUE_FULL,
                WorkerCode.MODEL_UNAVAILABLE: InferenceCode.MODEL_UNAVAILABLE,
                WorkerCode.WORKER_STOPPING: InferenceCode.WORKER_STOPPING,
                WorkerCode.BUSY: InferenceCode.WORKER_BUSY}
@@ -156,7 +156,7 @@ class ProcessBackend:
                     f"model {model}: no answer within {timeout:.3g}s", code=InferenceCode.INFERENCE_TIMEOUT
                 ) from None
             except IPCRemoteError as exc:
-                if exc.code == "worker_stopping":  # draining: another holder may take it
+                if exc.code == WorkerCode.WORKER_STOPPING:  # draining: another holder may take it
                     last = exc
                     continue
                 raise http_error(exc.code, exc.message, exc.retriable, self.settings.retry_after_s) from None

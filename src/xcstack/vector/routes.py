@@ -40,13 +40,13 @@ M = TypeVar("M", bound=BaseModel)
 
 #: a bad value of these fields keeps the code the service gives it (docs/vectors.md, Errors); the
 #: other fields' are `invalid_parameter`
-_FIELD_CODES = {
-    "name": "invalid_collection_name",
-    "dimension": "invalid_vector",
-    "vector": "invalid_vector",
-    "vectors": "invalid_vector",
-    "ids": "invalid_id",
-    "filter": "invalid_filter",
+_FIELD_CODES: dict[str, str] = {
+    "name": p.VectorCode.INVALID_COLLECTION_NAME,
+    "dimension": p.VectorCode.INVALID_VECTOR,
+    "vector": p.VectorCode.INVALID_VECTOR,
+    "vectors": p.VectorCode.INVALID_VECTOR,
+    "ids": p.VectorCode.INVALID_ID,
+    "filter": p.VectorCode.INVALID_FILTER,
 }
 
 
@@ -267,7 +267,7 @@ def build_routes(service: VectorService) -> list[BaseRoute]:
         await authorize(request, f"collection:{name}", "read")
         with_vectors = _flag(request.query_params.get("vectors", "true"), "vectors")
         given = {k: request.query_params[k] for k in ("filter", "vectors") if k in request.query_params}
-        filt = _parse(given, p.ExportQuery, {"filter": "invalid_filter"}).filter or None
+        filt = _parse(given, p.ExportQuery, {"filter": p.VectorCode.INVALID_FILTER}).filter or None
         await service.describe_collection(name)  # 404 before the stream starts
         batches = service.export(name, filter=filt, include_vectors=with_vectors)
         # The first batch is read before the response starts, so that whatever the engine rejects (a bad
