@@ -65,6 +65,7 @@ from xcstack.crypto.primitives.sm2 import SM2PublicKey
 from xcstack.crypto.primitives.sm3 import sm3
 from xcstack.crypto.settings import CryptoSettings
 from xcstack.errors import Overloaded, XCError
+from xcstack.observability.metrics import Children
 
 OPS_TOTAL = Counter("xc_crypto_ops_total", "Crypto operations", ["op", "backend", "outcome"])
 OP_SECONDS = Histogram(
@@ -74,18 +75,13 @@ OP_SECONDS = Histogram(
     buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1, 5),
 )
 
-_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+_OPS = Children(OPS_TOTAL, limit=1000)  # bounded: op names are validated, outcomes are error codes
+_SECONDS = Children(OP_SECONDS, limit=1000)
 
 
 def _observe(op: str, backend: str, outcome: str, seconds: float) -> None:
-    key = (op, backend, outcome)
-    pair = _children.get(key)
-    if pair is None:
-        if len(_children) > 1000:  # bounded: op names are validated, outcomes are error codes
-            _children.clear()
-        pair = _children[key] = (OPS_TOTAL.labels(op, backend, outcome), OP_SECONDS.labels(op, backend))
-    pair[0].inc()
-    pair[1].observe(seconds)
+    _OPS(op, backend, outcome).inc()
+    _SECONDS(op, backend).observe(seconds)
 
 
 OFFLOAD_BYTES = 64 * 1024  # inputs above this run on a thread so the event loop keeps moving

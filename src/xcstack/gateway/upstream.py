@@ -16,6 +16,7 @@ from xcstack.config import ConfigError
 from xcstack.gateway import metrics
 from xcstack.gateway.admission import Breaker, Gate
 from xcstack.gateway.settings import BreakerSettings, UpstreamSettings
+from xcstack.observability.metrics import Children
 from xcstack.security.secrets import SecretStore, is_ref, resolve_setting
 
 log = logging.getLogger("xcstack.gateway")
@@ -42,13 +43,10 @@ class Upstream:
         self.session: aiohttp.ClientSession | None = None
         self.m_in_flight = metrics.UPSTREAM_IN_FLIGHT.labels(cfg.name)
         self.m_breaker = metrics.BREAKER_STATE.labels(cfg.name)
-        self._m_outcome: dict[str, metrics.Counter] = {}
+        self._m_outcome = Children(metrics.UPSTREAM_ATTEMPTS)
 
     def outcome(self, what: str) -> None:
-        c = self._m_outcome.get(what)
-        if c is None:
-            c = self._m_outcome[what] = metrics.UPSTREAM_ATTEMPTS.labels(self.name, what)
-        c.inc()
+        self._m_outcome(self.name, what).inc()
         self.m_breaker.set(self.breaker.state)
 
     def url(self, path: str) -> str:

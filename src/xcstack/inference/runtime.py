@@ -19,6 +19,7 @@ import numpy as np
 
 from xcstack.inference.repository import ModelEntry
 from xcstack.inference.tensors import DTYPES, ONNX_TO_DATATYPE
+from xcstack.observability.metrics import Children
 
 log = logging.getLogger("xcstack.inference")
 
@@ -60,16 +61,16 @@ class DeviceMemoryLedger:
 LEDGER = DeviceMemoryLedger()
 
 
-_GAUGES: dict[str, Any] = {}
+_GAUGES: Children[Any] | None = None  # made on first use: the metrics module loads with the first model run
 
 
 def _gauge_set(device: str, value: int) -> None:
-    child = _GAUGES.get(device)
-    if child is None:  # labels() costs more than set(); this runs four times per model run
+    global _GAUGES
+    if _GAUGES is None:  # labels() costs more than set(); this runs four times per model run
         from xcstack.inference.metrics import DEVICE_LIVE_BYTES
 
-        child = _GAUGES[device] = DEVICE_LIVE_BYTES.labels(device=device)
-    child.set(value)
+        _GAUGES = Children(DEVICE_LIVE_BYTES)
+    _GAUGES(device).set(value)
 
 
 def _release(ledger: DeviceMemoryLedger, device: str, held: list[Any], sizes: list[int]) -> None:

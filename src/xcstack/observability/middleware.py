@@ -30,7 +30,11 @@ from xcstack.config import ServerSettings
 from xcstack.errors import CoreCode, PayloadTooLarge, XCError
 from xcstack.httputil import dumps
 from xcstack.observability.logs import request_id_var, reset_client_request_id, set_client_request_id
-from xcstack.observability.metrics import HTTP_EARLY_CLOSES, HTTP_INFLIGHT, HTTP_LATENCY, HTTP_REQUESTS
+from xcstack.observability.metrics import HTTP_EARLY_CLOSES, HTTP_INFLIGHT, HTTP_LATENCY, HTTP_REQUESTS, Children
+
+# one child per (route, method, status): label look-ups cost more than the updates they precede
+_REQUESTS = Children(HTTP_REQUESTS)
+_LATENCY = Children(HTTP_LATENCY)
 
 access_log = logging.getLogger("xcstack.access")
 log = logging.getLogger("xcstack.http")
@@ -63,7 +67,6 @@ class ObservabilityMiddleware:
         self.max_head = limits.max_header_bytes
         self.max_headers = limits.max_headers
         self.body_timeout = limits.body_timeout_s
-        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -197,15 +200,9 @@ class ObservabilityMiddleware:
     ) -> None:
         elapsed = time.perf_counter() - start
         route = _route_label(scope, status)
-        key = (route, method, status)
-        children = self._children.get(key)
-        if children is None:  # label look-ups cost more than the increments: once per (route, method, status)
-            code = str(status)
-            children = (HTTP_REQUESTS.labels(route, method, code), HTTP_LATENCY.labels(route, method, code))
-            if len(self._children) < 10_000:
-                self._children[key] = children
-        children[0].inc()
-        children[1].observe(elapsed)
+        code = str(status)
+        _REQUESTS(route, method, code).inc()
+        _LATENCY(route, method, code).observe(elapsed)
         if self.log_access:
             access_log.info(
                 "%s %s %d",
