@@ -9,13 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, get_args
 
-import jsonschema
 import orjson
 import pytest
-from referencing import Registry, Resource
-from referencing.jsonschema import DRAFT202012
 from starlette.testclient import TestClient
 
+from tests.contract.schema import Contract
 from tests.inference.conftest import inference_settings, make_scale_model
 from xcstack.app import create_app
 from xcstack.config import load_settings
@@ -23,37 +21,6 @@ from xcstack.inference.protocol import Datatype
 from xcstack.inference.tensors import DTYPES
 
 MODEL = "all-minilm-l6-v2"
-DOC_URI = "urn:xcstack:openapi"
-
-
-class Contract:
-    """Validates bodies against the schemas the document gives, resolving `#/components/...` in it."""
-
-    def __init__(self, doc: dict[str, Any]) -> None:
-        self.doc = doc
-        self.registry: Registry[Any] = Registry().with_resource(DOC_URI, Resource(doc, DRAFT202012))
-
-    def response_schema(self, method: str, path: str, status: int, media: str = "application/json") -> Any:
-        responses = self.doc["paths"][path][method]["responses"]
-        resp = responses.get(str(status), responses["default"])
-        if "$ref" in resp:
-            resp = self.doc["components"]["responses"][resp["$ref"].rsplit("/", 1)[1]]
-        return resp["content"][media]["schema"]
-
-    def request_schema(self, method: str, path: str) -> Any:
-        return self.doc["paths"][path][method]["requestBody"]["content"]["application/json"]["schema"]
-
-    def errors(self, body: Any, schema: Any) -> list[str]:
-        # the document's refs are `#/components/...`: point them at the document in the registry
-        anchored = orjson.loads(orjson.dumps(schema).replace(b'"#/components/', f'"{DOC_URI}#/components/'.encode()))
-        validator = jsonschema.Draft202012Validator(anchored, registry=self.registry)
-        return [f"{list(e.path)}: {e.message}" for e in validator.iter_errors(body)]
-
-    def check(self, r: Any, method: str, path: str) -> Any:
-        body = r.json()
-        problems = self.errors(body, self.response_schema(method, path, r.status_code))
-        assert not problems, (method, path, r.status_code, problems, body)
-        return body
 
 
 def _default_models(tmp_path_factory: pytest.TempPathFactory) -> Path:

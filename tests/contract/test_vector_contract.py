@@ -11,17 +11,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import orjson
 import pytest
-from referencing import Registry, Resource
-from referencing.jsonschema import DRAFT202012
 from starlette.testclient import TestClient
 
+from tests.contract.schema import Contract
 from xcstack.app import create_app
 from xcstack.config import load_settings
 
-DOC_URI = "urn:xcstack:openapi"
 DIM = 4
 OPS = {  # (method, path) -> permission
     ("post", "/v1/vectors/collections"): "vector:admin",
@@ -35,37 +32,6 @@ OPS = {  # (method, path) -> permission
     ("get", "/v1/vectors/{collection}/export"): "vector:read",
 }
 COLLECTION = "/v1/vectors/collections/{name}"
-
-
-class Contract:
-    """Validates bodies against the schemas the document gives, resolving `#/components/...` in it."""
-
-    def __init__(self, doc: dict[str, Any]) -> None:
-        self.doc = doc
-        self.registry: Registry[Any] = Registry().with_resource(DOC_URI, Resource(doc, DRAFT202012))
-
-    def response_schema(self, method: str, path: str, status: int) -> Any:
-        responses = self.doc["paths"][path][method]["responses"]
-        resp = responses.get(str(status), responses["default"])
-        if "$ref" in resp:
-            resp = self.doc["components"]["responses"][resp["$ref"].rsplit("/", 1)[1]]
-        return resp["content"]["application/json"]["schema"]
-
-    def request_schema(self, method: str, path: str) -> Any:
-        return self.doc["paths"][path][method]["requestBody"]["content"]["application/json"]["schema"]
-
-    def errors(self, body: Any, schema: Any) -> list[str]:
-        anchored = orjson.loads(orjson.dumps(schema).replace(b'"#/components/', f'"{DOC_URI}#/components/'.encode()))
-        validator = jsonschema.Draft202012Validator(anchored, registry=self.registry)
-        return [f"{list(e.path)}: {e.message}" for e in validator.iter_errors(body)]
-
-    def check(self, r: Any, method: str, path: str, status: int) -> Any:
-        assert r.status_code == status, (method, path, r.status_code, r.text)
-        assert r.headers["content-type"].startswith("application/json")
-        body = r.json()
-        problems = self.errors(body, self.response_schema(method, path, r.status_code))
-        assert not problems, (method, path, r.status_code, problems, body)
-        return body
 
 
 def _settings(backend: str, data_dir: Path, pg_url: str | None) -> Any:
