@@ -1,9 +1,9 @@
 """The gateway package's shape (issue 14 items 2 and 4): modules of one idea each, read with `ast`
 so every import counts, also those inside functions.
 
-No private name imported from another module, no import cycle inside `xcstack.gateway` (the job
-stores were one: jobstore <-> jobstore_redis), the SSE parser free of I/O, and the watchdog's state
-changed only through its methods.
+The SSE parser free of I/O, and the watchdog's state changed only through its methods. Private names
+and import cycles (the job stores were one) are checked for the whole source in
+tests/core/test_import_cycles.py.
 """
 
 from __future__ import annotations
@@ -21,11 +21,6 @@ GATEWAY = Path(xcstack.gateway.__file__).parent
 PREFIX = "xcstack.gateway"
 
 
-def _module(path: Path) -> str:
-    parts = path.relative_to(GATEWAY.parent.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
 def _imports(path: Path) -> list[tuple[str, list[str]]]:
     """(module, names) of every import in the file (all modules, not only the gateway's)."""
     found: list[tuple[str, list[str]]] = []
@@ -35,58 +30,6 @@ def _imports(path: Path) -> list[tuple[str, list[str]]]:
         elif isinstance(node, ast.Import):
             found.extend((a.name, []) for a in node.names)
     return found
-
-
-def _graph() -> dict[str, set[str]]:
-    modules = {_module(p): p for p in GATEWAY.rglob("*.py")}
-    graph: dict[str, set[str]] = {name: set() for name in modules}
-    for name, path in modules.items():
-        for target, names in _imports(path):
-            # `from xcstack.gateway import metrics` names a module, `from xcstack.gateway.sse import DONE` a name
-            for dep in [f"{target}.{n}" for n in names if f"{target}.{n}" in modules] or [target]:
-                if dep in modules and dep != name:
-                    graph[name].add(dep)
-    return graph
-
-
-def test_no_private_name_is_imported_from_a_gateway_module() -> None:
-    crossing = [
-        f"{_module(path)}: from {target} import {n}"
-        for path in GATEWAY.rglob("*.py")
-        for target, names in _imports(path)
-        if target.startswith(PREFIX)
-        for n in names
-        if n.startswith("_")
-    ]
-    assert crossing == []
-
-
-def test_no_import_cycle_inside_the_gateway() -> None:
-    graph = _graph()
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-    cycles: list[list[str]] = []
-
-    def visit(node: str, path: list[str]) -> None:
-        state[node] = 1
-        for dep in sorted(graph[node]):
-            if state.get(dep) == 1:
-                cycles.append([*path[path.index(dep):], dep])
-            elif dep not in state:
-                visit(dep, [*path, dep])
-        state[node] = 2
-
-    for node in sorted(graph):
-        if node not in state:
-            visit(node, [node])
-    assert cycles == []
-    # the seams of the split: the service over failover, relay and accounting; the relay over the parser;
-    # each job store over the protocol, the Redis one imported only where it is chosen
-    assert {f"{PREFIX}.failover", f"{PREFIX}.relay", f"{PREFIX}.accounting", f"{PREFIX}.local"} <= graph[
-        f"{PREFIX}.service"]
-    assert f"{PREFIX}.sse" in graph[f"{PREFIX}.relay"]
-    assert graph[f"{PREFIX}.jobstore.redis"] & {f"{PREFIX}.jobstore", f"{PREFIX}.jobstore.sql"} == set()
-    assert f"{PREFIX}.jobstore.base" in graph[f"{PREFIX}.jobstore.redis"]
-    assert f"{PREFIX}.jobstore.base" in graph[f"{PREFIX}.jobstore.sql"]
 
 
 def test_the_sse_parser_does_no_io() -> None:
