@@ -172,7 +172,7 @@ def test_full_app_gives_embeddings_to_the_gateway_and_local_models_to_it(tmp_pat
     gateway = next(c for c in xc.capabilities if isinstance(c, GatewayCapability))
     inference = next(c for c in xc.capabilities if isinstance(c, InferenceCapability))
     assert xc.services.local_embedder is inference.models
-    assert gateway.service.services["local_embeddings"] == inference.models.embeddings_body
+    assert gateway.service.local.embedder is inference.models  # typed: the gateway holds the LocalEmbedder itself
     assert "/v1/embeddings" not in {getattr(r, "path", "") for r in inference.routes()}
     alone = create_app(settings, ["xcstack.inference.capability"]).state.xc.capabilities[0]
     assert "/v1/embeddings" in {getattr(r, "path", "") for r in alone.routes()}

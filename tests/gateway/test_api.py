@@ -14,6 +14,24 @@ from tests.gateway.conftest import GatewayServer, MockUpstream, upstream
 MSG = [{"role": "user", "content": "hello there"}]
 
 
+
+
+class FakeLocal:
+    """A stand-in for the inference capability's `LocalEmbedder` (capability.py): an exchange and names."""
+
+    def __init__(self, exchange: Any = None, names: list[str] | None = None) -> None:
+        self.exchange = exchange
+        self.names = names or []
+
+    async def embed(self, model: str | None, inputs: list[str]) -> Any:
+        raise NotImplementedError
+
+    async def embeddings_body(self, body: dict[str, Any]) -> dict[str, Any]:
+        return dict(await self.exchange(body))
+
+    def model_names(self) -> list[str]:
+        return list(self.names)
+
 def client(gw: GatewayServer, key: str = "sk-test") -> openai.OpenAI:
     return openai.OpenAI(base_url=gw.base_url, api_key=key, max_retries=0, timeout=10)
 
@@ -81,12 +99,12 @@ def test_embeddings_local_model_goes_to_local_embedder(gateway: GatewayServer) -
                                            for i in range(len(body["input"]))],
                 "model": body["model"], "usage": {"prompt_tokens": 2, "total_tokens": 2}}
 
-    local = gateway.capability.service.services  # what gateway/capability.py takes from Services.local_embedder
-    local["local_embeddings"] = exchange
+    local = gateway.capability.service.local  # what gateway/capability.py takes from Services.local_embedder
+    local.embedder = FakeLocal(exchange)
     try:
         r = client(gateway).embeddings.create(model="local-minilm", input=["x", "y"])
     finally:
-        del local["local_embeddings"]
+        local.embedder = None
     assert calls == [("local-minilm", ["x", "y"])]
     assert [d.embedding for d in r.data] == [[1.0, 0.0], [1.0, 0.0]]
 
@@ -214,12 +232,12 @@ def test_in_process_calls_and_local_models(gateway: GatewayServer) -> None:
     status, body = gateway.call(call)
     assert status == 200 and b"xxx xxx " in body
 
-    local = gateway.capability.service.services
-    local["local_models"] = lambda: ["bge-small-zh", "mock-model"]
+    local = gateway.capability.service.local
+    local.embedder = FakeLocal(names=["bge-small-zh", "mock-model"])
     try:
         ids = [m.id for m in client(gateway).models.list()]
     finally:
-        del local["local_models"]
+        local.embedder = None
     assert "bge-small-zh" in ids and ids.count("mock-model") == 1
 
 
@@ -231,8 +249,8 @@ def test_embeddings_local_exchange_preferred_and_default_model(gateway: GatewayS
         return {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.5]}],
                 "model": body.get("model") or "all-minilm-l6-v2", "usage": {"prompt_tokens": 1, "total_tokens": 1}}
 
-    local = gateway.capability.service.services
-    local["local_embeddings"] = exchange
+    local = gateway.capability.service.local
+    local.embedder = FakeLocal(exchange)
     try:
         r = httpx.post(gateway.base_url + "/embeddings", json={"input": "x"})  # no model: the configured default
         assert r.status_code == 200 and r.json()["model"] == seen[-1]["model"] == "all-minilm-l6-v2-int8"
@@ -241,7 +259,7 @@ def test_embeddings_local_exchange_preferred_and_default_model(gateway: GatewayS
         up = client(gateway).embeddings.create(model="mock-model", input="x")  # upstream models still go upstream
         assert len(up.data[0].embedding) == 8
     finally:
-        del local["local_embeddings"]
+        local.embedder = None
     assert len(seen) == 2
 
 

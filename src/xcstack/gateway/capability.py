@@ -20,7 +20,7 @@ from typing import Any
 
 from starlette.routing import BaseRoute
 
-from xcstack.capability import AppContext, LocalEmbedder, Wiring
+from xcstack.capability import AppContext, Wiring
 from xcstack.gateway import metrics
 from xcstack.gateway.jobs import JobManager, disabled_routes
 from xcstack.gateway.jobstore import open_job_store
@@ -32,13 +32,6 @@ from xcstack.gateway.watchdog import Watchdog
 WIRING = Wiring(uses=("secrets", "local_embedder"))
 
 
-def local_services(local: LocalEmbedder | None) -> dict[str, Any]:
-    """What `GatewayService` takes from the local models: the embeddings exchange and their names."""
-    if local is None:
-        return {}
-    return {"local_embeddings": local.embeddings_body, "local_models": local.model_names}
-
-
 class GatewayCapability:
     name = "gateway"
 
@@ -48,7 +41,7 @@ class GatewayCapability:
         inference = ctx.settings.inference
         metrics.limit_keys(settings.metrics_keys)
         self.service = GatewayService(settings, max_body_bytes=ctx.settings.server.max_body_bytes,
-                                      services=local_services(ctx.services.local_embedder),
+                                      local=ctx.services.local_embedder,
                                       default_embedding_model=inference.default_embedding_model
                                       if inference.enabled else None)
         self.jobs = (JobManager(self.service, open_job_store(settings, ctx.state), settings.jobs)

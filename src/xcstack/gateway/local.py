@@ -1,14 +1,14 @@
 """`/v1/embeddings` for a model no upstream serves: handed to the inference capability in this process.
 
-`services["local_embeddings"]` is the inference capability's whole exchange (request dict -> response
+`LocalEmbedder.embeddings_body` is the inference capability's whole exchange (request dict -> response
 dict), put there by `gateway/capability.py` from `Services.local_embedder`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
+from xcstack.capability import LocalEmbedder
 from xcstack.disconnect import CancelOnDisconnect, ClientDisconnected
 from xcstack.gateway.asgi import ClientGone, send_json
 from xcstack.gateway.prepare import Prepared
@@ -18,14 +18,14 @@ from xcstack.httputil import dumps
 
 
 class LocalEmbeddings:
-    def __init__(self, services: Mapping[str, Any], limiter: RateLimiter) -> None:
-        self.services = services
+    def __init__(self, embedder: LocalEmbedder | None, limiter: RateLimiter) -> None:
+        self.embedder = embedder
         self.limiter = limiter
 
     @property
     def available(self) -> bool:
         """Whether this process can embed locally (the inference capability is on)."""
-        return self.services.get("local_embeddings") is not None
+        return self.embedder is not None
 
     async def serve(self, pr: Prepared, send: Send, receive: Receive) -> int:
         """Answer a validated request. A client that leaves while its rows wait for a batch has them
@@ -44,5 +44,6 @@ class LocalEmbeddings:
         return 200
 
     async def embed(self, data: dict[str, Any], model: str) -> Any:
-        exchange = self.services["local_embeddings"]
-        return await exchange(data)
+        if self.embedder is None:
+            raise RuntimeError("no local models in this process")  # callers check `available` first
+        return await self.embedder.embeddings_body(data)

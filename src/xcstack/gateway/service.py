@@ -14,6 +14,7 @@ import asyncio
 import time
 from typing import Any
 
+from xcstack.capability import LocalEmbedder
 from xcstack.errors import BadRequest, CoreCode, GatewayTimeout, NotFound, Overloaded, XCError
 from xcstack.gateway import metrics
 from xcstack.gateway.accounting import Accounting
@@ -34,11 +35,10 @@ from xcstack.httputil import dumps
 
 class GatewayService:
     def __init__(self, settings: GatewaySettings, *, max_body_bytes: int = 8 * 1024 * 1024,
-                 services: dict[str, Any] | None = None, default_embedding_model: str | None = None) -> None:
+                 local: LocalEmbedder | None = None, default_embedding_model: str | None = None) -> None:
         self.settings = settings
         self.default_embedding_model = default_embedding_model  # for /v1/embeddings without `model`
         self.max_body = max_body_bytes
-        self.services = services if services is not None else {}
         self.upstreams = [Upstream(u, settings.breaker, settings.queue_timeout_s) for u in settings.upstreams]
         self.router = Router(self.upstreams)
         self.gate = Gate("global", settings.max_in_flight, settings.max_queue, settings.queue_timeout_s)
@@ -47,7 +47,7 @@ class GatewayService:
         self.failover = Failover(self.router, settings.retry)
         self.accounting = Accounting(self.limiter)
         self.relay = Relay(self.failover, self.accounting, settings)
-        self.local = LocalEmbeddings(self.services, self.limiter)
+        self.local = LocalEmbeddings(local, self.limiter)  # the inference capability's models, when on
         self.created = int(time.time())
 
     async def start(self) -> None:
@@ -255,10 +255,9 @@ class GatewayService:
     def list_models(self) -> list[dict[str, Any]]:
         out = [{"id": m, "object": "model", "created": self.created, "owned_by": ",".join(owners)}
                for m, owners in self.router.models()]
-        local = self.services.get("local_models")
-        if callable(local):
+        if self.local.embedder is not None:
             seen = {m["id"] for m in out}
-            for name in local():
+            for name in self.local.embedder.model_names():
                 if name not in seen:
                     out.append({"id": name, "object": "model", "created": self.created, "owned_by": "xcstack"})
         return out
