@@ -140,7 +140,7 @@ async def test_gateway_reference_without_security_capability_fails_start(tmp_pat
     # and the service on its own (no capability to resolve it) refuses to send the reference
     from xcstack.gateway.service import GatewayService
 
-    svc = GatewayService(settings.gateway, max_body_bytes=1 << 20, services={})
+    svc = GatewayService(settings.gateway, max_body_bytes=1 << 20)
     assert "Authorization" not in svc.upstreams[0].headers
     with pytest.raises(ConfigError, match="api_key 'secret:openai' was not resolved"):
         await svc.start()
