@@ -29,15 +29,9 @@ EXCLUDED_CHECKS = "use_after_free,ensure_resource_availability,ignored_auth,posi
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FullStack]:
-    from xcstack.inference.export import import_default
+    from tests.inference.conftest import default_model_repo
 
-    cached = os.environ.get("XC_TEST_MODEL_REPO")
-    if cached and (Path(cached) / "all-minilm-l6-v2" / "model.onnx").is_file():
-        repo = Path(cached)
-    else:
-        repo = tmp_path_factory.mktemp("models")
-        import_default(repo)
-    st = FullStack(tmp_path_factory.mktemp("fuzz"), repo, server="granian").start()
+    st = FullStack(tmp_path_factory.mktemp("fuzz"), default_model_repo(tmp_path_factory), server="granian").start()
     try:
         yield st
     finally:

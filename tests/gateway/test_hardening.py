@@ -310,16 +310,9 @@ def test_embeddings_without_model_go_to_the_default_model_upstream(tmp_path: Pat
 
 @pytest.fixture(scope="module")
 def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import os
+    from tests.inference.conftest import default_model_repo
 
-    from xcstack.inference.export import import_default
-
-    cached = os.environ.get("XC_TEST_MODEL_REPO")
-    if cached and (Path(cached) / "all-minilm-l6-v2-int8" / "model.onnx").is_file():
-        return Path(cached)
-    root = tmp_path_factory.mktemp("models")
-    import_default(root)
-    return root
+    return default_model_repo(tmp_path_factory)
 
 
 def test_embeddings_without_model_are_authorized_against_the_default_model(tmp_path: Path, mock: MockUpstream,

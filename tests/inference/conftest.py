@@ -18,17 +18,23 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "inference"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-@pytest.fixture(scope="session")
-def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A repository holding all-minilm-l6-v2 (fp32) and -int8, built by the importer (no torch)."""
+def default_model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository holding all-minilm-l6-v2 (fp32) and -int8, built by the importer (no torch);
+    `XC_TEST_MODEL_REPO` names one already built (a manual run's cache)."""
     from xcstack.inference.export import import_default
 
     cached = os.environ.get("XC_TEST_MODEL_REPO")
-    if cached and (Path(cached) / "all-minilm-l6-v2" / "model.onnx").is_file():
+    names = ("all-minilm-l6-v2", "all-minilm-l6-v2-int8")
+    if cached and all((Path(cached) / m / "model.onnx").is_file() for m in names):
         return Path(cached)
     root = tmp_path_factory.mktemp("models")
     import_default(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return default_model_repo(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
