@@ -63,6 +63,9 @@ def test_schema_fuzz_finds_no_server_error_and_no_contract_violation(stack: Full
         rc, out = _schemathesis(stack, token, max(10.0, BUDGET_S * share), tmp_path / f"{name}.xml", *filters)
         if rc != 0:  # schemathesis exits non-zero on any failed check or error
             failures.append(f"--- pass {name} (exit {rc}) ---\n{out[-12000:]}")
-    crashed = [line for line in stack.served.output if '"level":"ERROR"' in line and "Traceback" in line]
+    # Milvus Lite's own gRPC server (a side process) logs a traceback when pymilvus probes AllocTimestamp,
+    # which Lite does not implement; pymilvus goes on without it and the answer is right: not ours
+    crashed = [line for line in stack.served.output if '"level":"ERROR"' in line and "Traceback" in line
+               and not ('"logger":"grpc._server"' in line and "AllocTimestamp" in line)]
     assert failures == [], "\n".join(failures)
     assert crashed == [], "server logged tracebacks during the fuzz:\n" + "".join(crashed[-5:])
