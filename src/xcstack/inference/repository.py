@@ -90,7 +90,7 @@ class ModelConfig(BaseModel):
 
     name: str
     platform: Literal["onnxruntime"] = "onnxruntime"
-    kind: Literal["embedding", "generic"] = "generic"
+    kind: Literal["embedding", "rerank", "generic"] = "generic"
     inputs: list[TensorSpec] = Field(min_length=1, max_length=64)
     outputs: list[TensorSpec] = Field(min_length=1, max_length=64)
     max_batch_size: int = Field(32, ge=1, le=4096)
@@ -117,8 +117,8 @@ class ModelConfig(BaseModel):
             names = [t.name for t in group]
             if len(set(names)) != len(names):
                 raise ValueError(f"duplicate tensor names in {names}")
-        if self.kind == "embedding" and not self.tokenizer:
-            raise ValueError("an embedding model needs `tokenizer`")
+        if self.kind in ("embedding", "rerank") and not self.tokenizer:
+            raise ValueError(f"{'an' if self.kind == 'embedding' else 'a'} {self.kind} model needs `tokenizer`")
         if self.text_input and (not self.tokenizer or self.text_input in {t.name for t in self.inputs}):
             raise ValueError("text_input needs a tokenizer and a name that is not one of `inputs`")
         return self

@@ -155,7 +155,10 @@ def smooth_for_int8(
     del probe
     names = list(groups)
     act_max: dict[str, np.ndarray] = {}
+    wants_types = "token_type_ids" in {i.name for i in sess.get_inputs()}  # a BERT cross-encoder
     for feed in _calibration_feeds(load_tokenizer(str(tokenizer_path), max_len), sentences):
+        if wants_types:  # single texts: segment 0 throughout
+            feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
         keep = feed["attention_mask"].astype(bool)
         for name, value in zip(names, sess.run(names, feed), strict=True):
             m = np.abs(value[keep]).max(axis=0)
