@@ -85,6 +85,14 @@ class LocalEmbedder(Protocol):
 
     def model_names(self) -> list[str]: ...
 
+    def rerank_models(self) -> list[str]:
+        """The local cross-encoders (models of kind `rerank`)."""
+        ...
+
+    async def rerank(self, model: str, query: str, documents: list[str]) -> tuple[Any, dict[str, int]]:
+        """Relevance scores (float32 [n], in (0, 1)) of `documents` to `query` and usage; raises XCError."""
+        ...
+
 
 @dataclass
 class Services:

@@ -51,6 +51,7 @@ class WorkerCode(StrEnum):
     MODEL_UNAVAILABLE = "model_unavailable"
     MODEL_NOT_FOUND = "model_not_found"
     NOT_AN_EMBEDDING_MODEL = "not_an_embedding_model"
+    NOT_A_RERANK_MODEL = "not_a_rerank_model"
     BUSY = "busy"  # the IPC channel's own: too many requests in flight on one connection
 
 

@@ -69,6 +69,11 @@ class UnavailableBackend:
         raise Overloaded(f"local inference cannot run on this machine: {self.reason}",
                          code=InferenceCode.INFERENCE_UNAVAILABLE)
 
+    async def rerank(self, model: str, query: str, documents: Sequence[str], timeout: float
+                     ) -> tuple[np.ndarray, int]:
+        raise Overloaded(f"local inference cannot run on this machine: {self.reason}",
+                         code=InferenceCode.INFERENCE_UNAVAILABLE)
+
     async def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None,
                     timeout: float) -> dict[str, np.ndarray]:  # fmt: skip
         raise Overloaded(f"local inference cannot run on this machine: {self.reason}",

@@ -46,6 +46,7 @@ def http_error(code: str, message: str, retriable: bool, retry_after: float = 1.
 
 
 _BAD_REQUEST: dict[str, InferenceCode] = {WorkerCode.NOT_AN_EMBEDDING_MODEL: InferenceCode.NOT_AN_EMBEDDING_MODEL,
+                WorkerCode.NOT_A_RERANK_MODEL: InferenceCode.NOT_A_RERANK_MODEL,
                 WorkerCode.REQUEST_TOO_LARGE: InferenceCode.REQUEST_TOO_LARGE}
 _OVERLOADED: dict[str, InferenceCode] = {WorkerCode.QUEUE_FULL: InferenceCode.QUEUE_FULL,
                WorkerCode.MODEL_UNAVAILABLE: InferenceCode.MODEL_UNAVAILABLE,
@@ -63,6 +64,9 @@ class Backend(Protocol):
     async def model_ready(self, model: str) -> bool: ...
 
     async def embed(self, model: str, texts: Sequence[str], timeout: float) -> tuple[np.ndarray, int]: ...
+
+    async def rerank(self, model: str, query: str, documents: Sequence[str], timeout: float
+                     ) -> tuple[np.ndarray, int]: ...
 
     async def infer(
         self, model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None, timeout: float
@@ -94,6 +98,13 @@ class InlineBackend:
     async def embed(self, model: str, texts: Sequence[str], timeout: float) -> tuple[np.ndarray, int]:
         try:
             return await self.core.embed(model, texts, timeout)
+        except CoreError as exc:
+            raise http_error(exc.code, exc.message, exc.retriable, self.settings.retry_after_s) from None
+
+    async def rerank(self, model: str, query: str, documents: Sequence[str], timeout: float
+                     ) -> tuple[np.ndarray, int]:
+        try:
+            return await self.core.rerank(model, query, documents, timeout)
         except CoreError as exc:
             raise http_error(exc.code, exc.message, exc.retriable, self.settings.retry_after_s) from None
 
@@ -201,6 +212,15 @@ class ProcessBackend:
         )
         arr = np.frombuffer(payload, dtype="<f4").reshape(meta["shape"])
         return arr, int(meta["tokens"])
+
+    async def rerank(self, model: str, query: str, documents: Sequence[str], timeout: float
+                     ) -> tuple[np.ndarray, int]:
+        texts = [query, *documents]  # in the payload, like embed's texts
+        raw = encode_bytes_tensor(np.array([t.encode("utf-8", "surrogatepass") for t in texts], dtype=object))
+        meta, payload = await self._call(
+            model, "rerank", {"model": model, "count": len(texts), "timeout": timeout}, raw, timeout
+        )
+        return np.frombuffer(payload, dtype="<f4").copy(), int(meta["tokens"])
 
     async def infer(
         self, model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None, timeout: float

@@ -1,7 +1,7 @@
 """What a model worker does, free of transport: load + warm its models once, batch and run requests.
 
-`WorkerCore.handle(meta, payload)` is the IPC handler of a model worker process (ops: embed, infer,
-health); the inline backend calls `embed`/`infer` directly in the http worker (tests, tiny setups).
+`WorkerCore.handle(meta, payload)` is the IPC handler of a model worker process (ops: embed, rerank,
+infer, health); the inline backend calls `embed`/`infer` directly in the http worker (tests, tiny setups).
 """
 
 from __future__ import annotations
@@ -70,10 +70,19 @@ def _tensor_run(model: OrtModel) -> Any:
     return run
 
 
+def _rerank_run(model: OrtModel) -> Any:
+    def run(batch: list[Item]) -> list[float]:
+        return [float(x) for x in model.score_pairs([it.data for it in batch])]
+
+    return run
+
+
 def _run_fn(model: OrtModel) -> Any:
-    """Text items (key None) go through the tokenizer path; tensor items (key = signature) run as given.
-    A batch never mixes the two: items of different keys are never grouped."""
-    embed, tensor = _embed_run(model), _tensor_run(model)
+    """Text items (key None) go through the tokenizer path (a rerank model: one (query, document) pair per
+    item); tensor items (key = signature) run as given. A batch never mixes the two: items of different keys
+    are never grouped."""
+    embed = _rerank_run(model) if model.config.kind == "rerank" else _embed_run(model)
+    tensor = _tensor_run(model)
 
     def run(batch: list[Item]) -> list[Any]:
         return embed(batch) if batch[0].key is None else tensor(batch)  # type: ignore[no-any-return]
@@ -164,9 +173,10 @@ class WorkerCore:
     # --- operations ------------------------------------------------------------------------------
     async def embed(self, name: str, texts: Sequence[str], timeout: float) -> tuple[np.ndarray, int]:
         loaded = self._get(name)
-        if loaded.model.tokenizer is None:
+        if loaded.model.tokenizer is None or loaded.config.kind == "rerank":
             raise CoreError(WorkerCode.NOT_AN_EMBEDDING_MODEL,
-                            f"model {name} has no tokenizer; use /v2/models/{name}/infer")
+                            f"model {name} is not an embedding model; use /v2/models/{name}/infer"
+                            + (" or /v1/rerank" if loaded.config.kind == "rerank" else ""))
         if sum(len(t) for t in texts) > TOKENIZE_OFFLOAD_CHARS:  # big inputs: keep the worker loop responsive
             seqs = await asyncio.to_thread(loaded.model.tokenize, texts)
         else:
@@ -178,6 +188,22 @@ class WorkerCore:
         dims = loaded.config.dimensions or (rows[0].shape[0] if rows else 0)
         out = np.stack(rows) if rows else np.zeros((0, dims), np.float32)
         return out, tokens
+
+    async def rerank(self, name: str, query: str, documents: Sequence[str], timeout: float
+                     ) -> tuple[np.ndarray, int]:
+        """Relevance scores [n] of `documents` to `query` with a cross-encoder, and the tokens read. Each
+        pair is one row of the model's dynamic batch (its length counts against the token budget)."""
+        loaded = self._get(name)
+        if loaded.config.kind != "rerank":
+            raise CoreError(WorkerCode.NOT_A_RERANK_MODEL, f"model {name} is not a rerank model")
+        if len(query) + sum(len(d) for d in documents) > TOKENIZE_OFFLOAD_CHARS:
+            pairs = await asyncio.to_thread(loaded.model.tokenize_pairs, query, documents)
+        else:
+            pairs = loaded.model.tokenize_pairs(query, documents)
+        tokens = sum(len(p[0]) for p in pairs)
+        job = self._submit(loaded, [(1, len(p[0]), p) for p in pairs], timeout, None)
+        scores = await self._wait(job)
+        return np.asarray(scores, dtype=np.float32), tokens
 
     async def infer(
         self, name: str, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None, timeout: float
@@ -240,6 +266,12 @@ class WorkerCore:
                 arr, tokens = await self.embed(str(meta["model"]), texts, float(meta.get("timeout", 30.0)))
                 arr = np.ascontiguousarray(arr, dtype=np.float32)
                 return {"shape": list(arr.shape), "tokens": tokens}, arr.tobytes()
+            if op == "rerank":  # payload: BYTES [1 + n], the query then the documents
+                elems = decode_bytes_tensor(payload, int(meta["count"]), "texts")
+                texts = [b.decode("utf-8", "replace") for b in elems]
+                scores, tokens = await self.rerank(str(meta["model"]), texts[0], texts[1:],
+                                                   float(meta.get("timeout", 30.0)))
+                return {"count": len(scores), "tokens": tokens}, np.ascontiguousarray(scores, "<f4").tobytes()
             if op == "infer":
                 inputs = self._open_inputs(meta, payload)
                 timeout = float(meta.get("timeout", 30.0))

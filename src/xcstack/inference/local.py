@@ -109,3 +109,27 @@ class LocalModels:
 
     def model_names(self) -> list[str]:
         return [m.name for m in self.repo.models()]
+
+    # --- rerank (cross-encoders) ------------------------------------------------------------------
+    def rerank_models(self) -> list[str]:
+        """The loadable models of kind `rerank`, by name."""
+        return sorted(m.name for m in self.repo.models() if m.kind == "rerank")
+
+    async def rerank(self, model: str, query: str, documents: list[str]) -> tuple[np.ndarray, dict[str, int]]:
+        """Relevance of each document to the query with the cross-encoder `model`: float32 scores [n] in
+        (0, 1) (sigmoid of one logit, or the probability of label 1 of two), and usage. Paced like embed."""
+        entry = self.repo.get(model)
+        if entry is None or (entry.config is not None and entry.config.kind != "rerank"):
+            raise NotFound(f"model {model!r} is not a rerank model in the model repository",
+                           code=CoreCode.MODEL_NOT_FOUND)
+        if entry.config is None:
+            raise Overloaded(f"model {model!r} is unavailable: {entry.error}", code=InferenceCode.MODEL_UNAVAILABLE)
+        await self.turn()
+        try:
+            scores, tokens = await self.backend.rerank(model, query, documents, self.settings.request_timeout_s)
+        except Exception:
+            metrics.count_request(model, "rerank", "error")
+            raise
+        metrics.count_request(model, "rerank", "ok")
+        await self.turn()
+        return scores, {"prompt_tokens": tokens, "total_tokens": tokens}

@@ -40,6 +40,7 @@ class InferenceCode(StrEnum):
     DUPLICATE_OUTPUT = "duplicate_output"
     UNSUPPORTED_INPUT = "unsupported_input"
     NOT_AN_EMBEDDING_MODEL = "not_an_embedding_model"
+    NOT_A_RERANK_MODEL = "not_a_rerank_model"
     REQUEST_TOO_LARGE = "request_too_large"
     MODEL_UNAVAILABLE = "model_unavailable"
     QUEUE_FULL = "queue_full"

@@ -222,8 +222,47 @@ class OrtModel:
             feed["token_type_ids"] = np.zeros_like(ids)
         return self.run(feed, [self.output_names[0]])[self.output_names[0]]
 
+    # --- rerank models (kind "rerank": a cross-encoder's logits) ---------------------------------
+    def tokenize_pairs(self, query: str, documents: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+        """(query, document) pairs as (ids, token types), truncated to max_seq_length by cutting the
+        document: the query is first cut to half the length (at a token boundary, by its offsets) so
+        that a document always keeps room."""
+        if self.tokenizer is None:
+            raise ModelLoadError(f"model {self.name} has no tokenizer")
+        half = max(1, self.config.max_seq_length // 2)
+        q = self.tokenizer.encode(query, add_special_tokens=False)
+        if len(q.ids) > half:
+            query = query[: q.offsets[half - 1][1]]
+        enc = self.tokenizer.encode_batch([(query, d) for d in documents])
+        return [(e.ids, e.type_ids) for e in enc]
+
+    def score_pairs(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> np.ndarray:
+        """Pad tokenized pairs and run the cross-encoder; returns [n] float32 relevance scores: the
+        sigmoid of a single logit, or the softmax probability of label 1 of two."""
+        n = len(pairs)
+        width = max(len(p[0]) for p in pairs)
+        ids = np.zeros((n, width), dtype=np.int64)
+        mask = np.zeros((n, width), dtype=np.int64)
+        types = np.zeros((n, width), dtype=np.int64)
+        for i, (s, t) in enumerate(pairs):
+            ids[i, : len(s)] = s
+            mask[i, : len(s)] = 1
+            types[i, : len(t)] = t
+        feed: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in {t.name for t in self.config.inputs}:
+            feed["token_type_ids"] = types
+        logits = self.run(feed, [self.output_names[0]])[self.output_names[0]].astype(np.float64)
+        if logits.shape[1] == 1:
+            return (1.0 / (1.0 + np.exp(-logits[:, 0]))).astype(np.float32)  # type: ignore[no-any-return]
+        z = logits - logits.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        return (p[:, 1] / p.sum(axis=1)).astype(np.float32)  # type: ignore[no-any-return]
+
     def warm(self) -> None:
         """One run per typical shape so the first real request pays no lazy initialisation."""
+        if self.tokenizer is not None and self.config.kind == "rerank":
+            self.score_pairs(self.tokenize_pairs("warm up", ["warm up"]))
+            return
         if self.tokenizer is not None:
             self.embed_ids([self.tokenize(["warm up"])[0]])
             return
