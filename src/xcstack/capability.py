@@ -50,6 +50,7 @@ REGISTRY: tuple[Entry, ...] = (
     Entry("db", "xcstack.db.capability", "xcstack.db.cli"),
     Entry("inference", "xcstack.inference.capability", "xcstack.inference.cli"),
     Entry("vector", "xcstack.vector.capability", None),
+    Entry("usage", "xcstack.usage.capability", None),
     Entry("platform", None, "xcstack.platform.cli"),
     Entry("supply", None, "xcstack.supply.cli"),
 )
@@ -94,6 +95,33 @@ class LocalEmbedder(Protocol):
         ...
 
 
+class GroupDirectory(Protocol):
+    """The security capability's groups and users, as the usage capability checks the names quotas use."""
+
+    async def group_exists(self, name: str) -> bool: ...
+
+    async def user_id(self, name: str) -> str | None:
+        """The id of the user called `name`, None when there is none."""
+        ...
+
+
+class UsageGovernor(Protocol):
+    """The usage capability's quotas and ledger, as the gateway calls them around each request."""
+
+    async def reserve(self, scope: Any, endpoint: str, model: str, est_in: int, max_tokens: int | None) -> Any:
+        """A ticket for the call (filled in as it runs); raises 429 `quota_exceeded` (or 503 when the
+        shared counters are down and `on_counter_failure = "closed"`)."""
+        ...
+
+    async def settle(self, ticket: Any, status: int) -> None:
+        """Charge what the call used and write its ledger record."""
+        ...
+
+    async def cancel(self, ticket: Any, status: int) -> None:
+        """The call was not served: give its reservation back (still one ledger record)."""
+        ...
+
+
 @dataclass
 class Services:
     """What capabilities give each other. A field is None when the capability providing it is off
@@ -102,6 +130,8 @@ class Services:
     crypto: CryptoClient | None = None  # crypto: keys in the HSM owner (or in process, `access = "direct"`)
     secrets: SecretStore | None = None  # security: `secret:NAME` references in config (after its start)
     local_embedder: LocalEmbedder | None = None  # inference: the local models
+    groups: GroupDirectory | None = None  # security: group and user look-ups
+    usage: UsageGovernor | None = None  # usage: quotas and the usage ledger
 
 
 SERVICE_NAMES = frozenset(f.name for f in fields(Services))

@@ -27,6 +27,7 @@ from xcstack.gateway.settings import GatewaySettings
 from xcstack.inference.settings import InferenceSettings
 from xcstack.security.settings import SecuritySettings
 from xcstack.supply.settings import SupplySettings
+from xcstack.usage.settings import UsageSettings
 from xcstack.vector.settings import VectorSettings
 
 
@@ -131,6 +132,7 @@ class Settings(BaseSettings):
     crypto: CryptoSettings = CryptoSettings()
     security: SecuritySettings = SecuritySettings()
     supply: SupplySettings = SupplySettings()
+    usage: UsageSettings = UsageSettings()
 
     @classmethod
     def settings_customise_sources(

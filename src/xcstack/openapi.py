@@ -26,6 +26,7 @@ from xcstack.gateway.protocol import GatewayCode
 from xcstack.inference.protocol import InferenceCode
 from xcstack.security.guard import permission_of
 from xcstack.security.protocol import SecurityCode
+from xcstack.usage.protocol import UsageCode
 from xcstack.vector.protocol import VectorCode
 
 REF = "#/components/schemas/{model}"
@@ -56,7 +57,7 @@ _STATUS_TEXT = {
 #: The error catalogue: every stable code a response can carry is a member of exactly one of these
 #: (core codes in `errors.py`, one enum per capability in its `protocol.py`).
 ERROR_CATALOGUE: tuple[type[StrEnum], ...] = (CoreCode, GatewayCode, InferenceCode, VectorCode, DbCode, CryptoCode,
-                                              SecurityCode)
+                                              SecurityCode, UsageCode)
 
 
 @functools.cache

@@ -42,6 +42,8 @@ class Accounting:
         pt = usage.get("prompt_tokens") or 0
         ct = usage.get("completion_tokens") or 0
         if isinstance(pt, int) and isinstance(ct, int):
+            if pr.usage is not None:  # the usage capability's ticket: what the ledger and quotas charge
+                pr.usage.record_usage(pt, ct, estimated=bool(usage.get("xc_estimated")))
             metrics.TOKENS.labels(pr.key, pr.model, "prompt").inc(pt)
             if ct:
                 metrics.TOKENS.labels(pr.key, pr.model, "completion").inc(ct)
@@ -64,6 +66,7 @@ class Accounting:
         """The usage of a stream (also one the client left: the upstream did the work so far); without
         a usage chunk, each data event counts as one completion token."""
         if usage is None and events:
-            usage = {"prompt_tokens": pr.estimate, "completion_tokens": events, "total_tokens": pr.estimate + events}
+            usage = {"prompt_tokens": pr.estimate, "completion_tokens": events, "total_tokens": pr.estimate + events,
+                     "xc_estimated": True}
         if usage is not None:
             await self.usage(pr, usage, seconds)

@@ -29,7 +29,7 @@ from xcstack.gateway.routes import build_routes
 from xcstack.gateway.service import GatewayService
 from xcstack.gateway.watchdog import Watchdog
 
-WIRING = Wiring(uses=("secrets", "local_embedder"))
+WIRING = Wiring(uses=("secrets", "local_embedder", "usage"))
 
 
 class GatewayCapability:
@@ -43,7 +43,7 @@ class GatewayCapability:
         self.service = GatewayService(settings, max_body_bytes=ctx.settings.server.max_body_bytes,
                                       local=ctx.services.local_embedder,
                                       default_embedding_model=inference.default_embedding_model
-                                      if inference.enabled else None)
+                                      if inference.enabled else None, usage=ctx.services.usage)
         self.jobs = (JobManager(self.service, open_job_store(settings, ctx.state), settings.jobs)
                      if settings.jobs.enabled else None)
 

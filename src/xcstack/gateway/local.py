@@ -40,6 +40,9 @@ class LocalEmbeddings:
         spent = out.get("usage") if isinstance(out, dict) else None
         if isinstance(spent, dict) and isinstance(spent.get("total_tokens"), int):
             await self.limiter.charge(pr.key, spent["total_tokens"] - pr.estimate)
+            if pr.usage is not None:  # the local tokenizer's count: exact, not an estimate
+                pt = spent.get("prompt_tokens")
+                pr.usage.record_usage(pt if isinstance(pt, int) else spent["total_tokens"], 0)
         await send_json(send, 200, dumps(out))
         return 200
 

@@ -47,6 +47,7 @@ class Prepared:
     key: str
     estimate: int
     request_id: str | None = None
+    usage: Any = None  # the usage capability's ticket (quota reservation, ledger record), when it is on
 
 
 def parse_object(raw: bytes) -> dict[str, Any]:

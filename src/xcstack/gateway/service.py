@@ -14,7 +14,7 @@ import asyncio
 import time
 from typing import Any
 
-from xcstack.capability import LocalEmbedder
+from xcstack.capability import LocalEmbedder, UsageGovernor
 from xcstack.errors import BadRequest, CoreCode, GatewayTimeout, NotFound, Overloaded, XCError
 from xcstack.gateway import metrics
 from xcstack.gateway.accounting import Accounting
@@ -35,8 +35,10 @@ from xcstack.httputil import dumps
 
 class GatewayService:
     def __init__(self, settings: GatewaySettings, *, max_body_bytes: int = 8 * 1024 * 1024,
-                 local: LocalEmbedder | None = None, default_embedding_model: str | None = None) -> None:
+                 local: LocalEmbedder | None = None, default_embedding_model: str | None = None,
+                 usage: UsageGovernor | None = None) -> None:
         self.settings = settings
+        self.usage = usage  # quotas and the usage ledger (the usage capability), when it is on
         self.default_embedding_model = default_embedding_model  # for /v1/embeddings without `model`
         self.max_body = max_body_bytes
         self.upstreams = [Upstream(u, settings.breaker, settings.queue_timeout_s) for u in settings.upstreams]
@@ -98,7 +100,15 @@ class GatewayService:
             if endpoint is EMBEDDINGS and not self.router.has(pr.model, True) and self.local.available:
                 # not an upstream embedding model: the local one
                 await self._authorize(scope, receive, pr.model)
-                status = await self.local.serve(pr, send, receive)
+                await self._reserve(scope, pr)
+                if pr.usage is not None:
+                    pr.usage.upstream = "local"
+                try:
+                    status = await self.local.serve(pr, send, receive)
+                except (XCError, ClientGone) as exc:
+                    await self._settle(pr, getattr(exc, "status", 499), cancel=True)
+                    raise
+                await self._settle(pr, status)
                 self.accounting.count(endpoint.label, "-", status)
                 return
             pr.request_id = scope.get("xc.request_id")
@@ -108,13 +118,19 @@ class GatewayService:
                 raise NotFound(f"model {pr.model!r} is not served here; see GET /v1/models",
                                code=CoreCode.MODEL_NOT_FOUND, param="model")
             await self.limiter.check(pr.key, pr.estimate)
+            try:
+                await self._reserve(scope, pr)  # quotas (429 quota_exceeded)
+            except XCError:
+                await self.limiter.refund(pr.key, pr.estimate)
+                raise
             # from here on a departed client is noticed: it leaves the admission queue at once
             wd.watch_client(receive)
             try:
                 await self._admit(wd)
-            except (XCError, ClientGone):
+            except (XCError, ClientGone) as exc:
                 await wd.close()  # disarmed first: a late disconnect must not cancel what follows
                 await self.limiter.refund(pr.key, pr.estimate)  # not served: not counted
+                await self._settle(pr, getattr(exc, "status", 499), cancel=True)
                 raise
         except ClientGone:
             metrics.DISCONNECTS.labels(endpoint.label).inc()
@@ -139,6 +155,19 @@ class GatewayService:
             if status == 499:
                 scope["xc.client_disconnected"] = True  # for outer layers: no response was sent on purpose
             await wd.close()
+            await self._settle(pr, status)
+
+    async def _reserve(self, scope: Scope, pr: Prepared) -> None:
+        """The usage capability's quota reservation for this call (none without it)."""
+        if self.usage is not None:
+            mt = pr.data.get("max_tokens") or pr.data.get("max_completion_tokens")
+            pr.usage = await self.usage.reserve(scope, pr.endpoint.label, pr.model, pr.estimate,
+                                                mt if isinstance(mt, int) else None)
+
+    async def _settle(self, pr: Prepared, status: int, cancel: bool = False) -> None:
+        """Charge the call's usage (or give back a call never served) and write its ledger record."""
+        if self.usage is not None and pr.usage is not None:
+            await (self.usage.cancel if cancel else self.usage.settle)(pr.usage, status)
 
     async def _authorize(self, scope: Scope, receive: Receive, model: str) -> None:
         """The model permission, always asked (no authorizer in the scope raises: fails closed)."""
@@ -189,6 +218,8 @@ class GatewayService:
                 raise
             raise Stopped(reason) from None
         healthy: bool | None = None
+        if pr.usage is not None:
+            pr.usage.upstream = opened.upstream.name
         try:
             payload = opened.first
             if opened.status < 400:
@@ -244,6 +275,8 @@ class GatewayService:
             wd.disarm()
             await send_error(send, err)
             return err.status
+        if pr.usage is not None:
+            pr.usage.upstream = opened.upstream.name
         if opened.status >= 400:
             self.failover.finish(opened, None)
             wd.disarm()

@@ -28,7 +28,7 @@ def public_user(u: UserRow) -> dict[str, Any]:
     return {
         "id": u.id, "name": u.name, "kind": u.kind, "roles": list(u.roles), "disabled": u.disabled,
         "must_change_password": u.must_change, "totp_enabled": u.totp_enabled, "created_at": u.created_at,
-        "password_changed_at": u.pw_changed_at,
+        "password_changed_at": u.pw_changed_at, "group": u.group,
     }
 
 

@@ -21,7 +21,7 @@ from xcstack.security.tokens import KEY_PREFIX, MAX_TOKEN_LEN, AuthCache, new_ap
 def public_key(k: ApiKeyRow) -> dict[str, Any]:
     """A key as listed through the API (never its hash)."""
     return {"id": k.id, "name": k.name, "roles": list(k.roles), "owner_id": k.owner_id, "created_at": k.created_at,
-            "expires_at": k.expires_at, "revoked": k.revoked}
+            "expires_at": k.expires_at, "revoked": k.revoked, "group": k.group}
 
 
 class ApiKeys:
@@ -95,4 +95,5 @@ class ApiKeys:
         k = found.key
         if k.revoked or found.owner_disabled or self.clock() >= k.expires_at:
             return None
-        return Principal(f"apikey:{k.id}", f"apikey:{k.name}", k.roles, "api_key", owner_id=k.owner_id)
+        return Principal(f"apikey:{k.id}", f"apikey:{k.name}", k.roles, "api_key", owner_id=k.owner_id,
+                         group=k.group or found.owner_group)

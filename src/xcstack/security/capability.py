@@ -43,7 +43,7 @@ from xcstack.security.signing import ServiceSigner, Signer
 log = logging.getLogger("xcstack.security")
 
 SECRETBOX_KEY = "security-secrets"
-WIRING = Wiring(provides=("secrets",), uses=("crypto",))
+WIRING = Wiring(provides=("secrets", "groups"), uses=("crypto",))
 
 
 def local_secretbox(ctx_settings: Any) -> LocalSecretBox:
@@ -95,6 +95,7 @@ class SecurityCapability:
         self._key_verifier: Any = None
         self.secrets = SecretStore(ctx.state, _LazyBox(self), clock)
         ctx.services.secrets = self.secrets
+        ctx.services.groups = self.service.groups
 
     # -- Capability protocol ---------------------------------------------------------------------
     def routes(self) -> Sequence[BaseRoute]:

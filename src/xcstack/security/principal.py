@@ -19,6 +19,7 @@ class Principal:
     session: str | None = None  # token hash of the session
     restricted: str | None = None  # None | password_change | totp_enrollment
     owner_id: str | None = None  # an API key's user: what it may not do to itself, its key may not either
+    group: str | None = None  # the user's group, or the key's own (else its owner's): usage quotas and reports
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "roles": list(self.roles), "kind": self.kind,

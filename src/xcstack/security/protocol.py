@@ -36,6 +36,9 @@ class SecurityCode(StrEnum):
     APIKEY_NOT_FOUND = "apikey_not_found"
     SECRET_NOT_FOUND = "secret_not_found"
     AUDIT_UNAVAILABLE = "audit_unavailable"
+    GROUP_EXISTS = "group_exists"
+    GROUP_NOT_FOUND = "group_not_found"
+    GROUP_IN_USE = "group_in_use"
 
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
@@ -161,6 +164,7 @@ class UserInfo(BaseModel):
     totp_enabled: bool
     created_at: float
     password_changed_at: float
+    group: str | None = None
 
 
 class UserList(BaseModel):
@@ -213,10 +217,32 @@ class ApiKeyInfo(BaseModel):
     created_at: float
     expires_at: float
     revoked: bool
+    group: str | None = Field(default=None, description="its own group; null: its owner's")
 
 
 class ApiKeyList(BaseModel):
     keys: list[ApiKeyInfo]
+
+
+class GroupCreate(Strict):
+    name: str = Field(pattern=NAME, description="a department or tenant (部门/租户)")
+    description: str = Field(default="", max_length=256)
+
+
+class GroupInfo(BaseModel):
+    name: str
+    description: str
+    created_at: float
+    users: int
+    keys: int
+
+
+class GroupList(BaseModel):
+    groups: list[GroupInfo]
+
+
+class GroupAssign(Strict):
+    group: str | None = Field(max_length=64, pattern=NO_NUL, description="the group; null: none")
 
 
 class AuditChain(BaseModel):

@@ -47,6 +47,7 @@ class UserRow:
     recovery: tuple[str, ...] | None  # hashed recovery codes
     created_at: float
     pw_history: tuple[str, ...] | None  # newest first; None on rows older than the column
+    group: str | None = None
 
     @classmethod
     def from_record(cls, r: Mapping[str, Any]) -> UserRow:
@@ -55,7 +56,7 @@ class UserRow:
             pw_changed_at=float(r["pw_changed_at"]), must_change=bool(r["must_change"]),
             disabled=bool(r["disabled"]), totp_secret=r["totp_secret"], totp_enabled=bool(r["totp_enabled"]),
             totp_last_step=int(r["totp_last_step"]), recovery=_strs(r["recovery"]),
-            created_at=float(r["created_at"]), pw_history=_strs(r.get("pw_history")),
+            created_at=float(r["created_at"]), pw_history=_strs(r.get("pw_history")), group=r.get("group_name"),
         )
 
     def as_record(self) -> dict[str, Any]:
@@ -91,6 +92,7 @@ class SessionRow:
     name: str
     roles: tuple[str, ...]
     disabled: bool
+    group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -103,18 +105,20 @@ class ApiKeyRow:
     created_at: float
     expires_at: float
     revoked: bool
+    group: str | None = None  # its own group; None: its owner's
 
     @classmethod
     def from_record(cls, r: Mapping[str, Any]) -> ApiKeyRow:
         return cls(id=r["id"], name=r["name"], key_hash=r["key_hash"], owner_id=r["owner_id"],
                    roles=tuple(json.loads(r["roles"])), created_at=float(r["created_at"]),
-                   expires_at=float(r["expires_at"]), revoked=bool(r["revoked"]))
+                   expires_at=float(r["expires_at"]), revoked=bool(r["revoked"]), group=r.get("group_name"))
 
 
 @dataclass(frozen=True)
 class KeyWithOwner:
     key: ApiKeyRow
     owner_disabled: bool
+    owner_group: str | None = None
 
 
 class SecurityRepository:
@@ -249,13 +253,13 @@ class SecurityRepository:
 
     async def session(self, th: str) -> SessionRow | None:
         r = await self.store.fetchone(
-            "SELECT s.user_id, s.created_at, s.last_seen, s.restricted, u.name, u.roles, u.disabled "
+            "SELECT s.user_id, s.created_at, s.last_seen, s.restricted, u.name, u.roles, u.disabled, u.group_name "
             "FROM sec_sessions s JOIN sec_users u ON u.id = s.user_id WHERE s.token_hash = ?", (th,))
         if r is None:
             return None
         return SessionRow(user_id=r["user_id"], created_at=float(r["created_at"]), last_seen=float(r["last_seen"]),
                           restricted=r["restricted"], name=r["name"], roles=tuple(json.loads(r["roles"])),
-                          disabled=bool(r["disabled"]))
+                          disabled=bool(r["disabled"]), group=r["group_name"])
 
     async def delete_session(self, th: str) -> None:
         await self.store.execute("DELETE FROM sec_sessions WHERE token_hash = ?", (th,))
@@ -277,9 +281,9 @@ class SecurityRepository:
 
     async def api_key_with_owner(self, kid: str) -> KeyWithOwner | None:
         r = await self.store.fetchone(
-            "SELECT k.*, u.disabled FROM sec_api_keys k JOIN sec_users u ON u.id = k.owner_id WHERE k.id = ?",
-            (kid,))
-        return None if r is None else KeyWithOwner(ApiKeyRow.from_record(r), bool(r["disabled"]))
+            "SELECT k.*, u.disabled, u.group_name AS owner_group FROM sec_api_keys k JOIN sec_users u "
+            "ON u.id = k.owner_id WHERE k.id = ?", (kid,))
+        return None if r is None else KeyWithOwner(ApiKeyRow.from_record(r), bool(r["disabled"]), r["owner_group"])
 
     async def api_keys(self) -> list[ApiKeyRow]:
         rows = await self.store.fetchall("SELECT * FROM sec_api_keys ORDER BY created_at")
@@ -288,6 +292,56 @@ class SecurityRepository:
     async def revoke_api_key(self, kid: str) -> bool:
         """False when there is no such key."""
         return await self.store.execute("UPDATE sec_api_keys SET revoked = 1 WHERE id = ?", (kid,)) > 0
+
+    # -- groups ---------------------------------------------------------------------------------------
+    async def groups(self) -> list[dict[str, Any]]:
+        """Each group with how many users and API keys are in it."""
+        return await self.store.fetchall(
+            "SELECT g.name, g.description, g.created_at, "
+            "(SELECT COUNT(*) FROM sec_users u WHERE u.group_name = g.name) AS users, "
+            "(SELECT COUNT(*) FROM sec_api_keys k WHERE k.group_name = g.name AND k.revoked = 0) AS keys "
+            "FROM sec_groups g ORDER BY g.name")
+
+    async def group_exists(self, name: str) -> bool:
+        return await self.store.fetchone("SELECT name FROM sec_groups WHERE name = ?", (name,)) is not None
+
+    async def insert_group(self, name: str, description: str, now: float) -> bool:
+        """False (nothing written) when the name is taken."""
+
+        def run(tx: Tx) -> bool:
+            if tx.fetchone("SELECT name FROM sec_groups WHERE name = ?", (name,)):
+                return False
+            tx.execute("INSERT INTO sec_groups (name, description, created_at) VALUES (?, ?, ?)",
+                       (name, description, now))
+            return True
+
+        return await self.store.transaction(run)
+
+    async def delete_group(self, name: str) -> str | None:
+        """None when deleted; else why not ('missing', or 'in use': members must leave first)."""
+
+        def run(tx: Tx) -> str | None:
+            if not tx.fetchone("SELECT name FROM sec_groups WHERE name = ?", (name,)):
+                return "missing"
+            if tx.fetchone("SELECT id FROM sec_users WHERE group_name = ? UNION ALL "
+                           "SELECT id FROM sec_api_keys WHERE group_name = ? AND revoked = 0", (name, name)):
+                return "in use"
+            tx.execute("DELETE FROM sec_groups WHERE name = ?", (name,))
+            return None
+
+        return await self.store.transaction(run)
+
+    async def set_group(self, table: str, row_id: str, group: str | None) -> bool:
+        """Put a user (`sec_users`) or an API key (`sec_api_keys`) in `group` (None: no group); False when
+        the row or the group does not exist (checked in the same transaction)."""
+        assert table in ("sec_users", "sec_api_keys")
+
+        def run(tx: Tx) -> bool:
+            if group is not None and not tx.fetchone("SELECT name FROM sec_groups WHERE name = ?", (group,)):
+                return False
+            return tx.execute(f"UPDATE {table} SET group_name = ? WHERE id = ?", (group, row_id)) > 0
+
+        return await self.store.transaction(run)
 
     # -- roles ----------------------------------------------------------------------------------------
     async def custom_roles(self) -> list[Role]:

@@ -9,6 +9,8 @@ Administration (RBAC):
   PUT /v1/security/users/{name}/roles                                          security.role:assign
   GET/POST /v1/security/roles · DELETE /v1/security/roles/{name}               security.role
   GET/POST /v1/security/keys · DELETE /v1/security/keys/{id}                   security.apikey
+  GET/POST /v1/security/groups · DELETE /v1/security/groups/{name}
+  PUT /v1/security/users/{name}/group · PUT /v1/security/keys/{id}/group        security.group
 Audit (auditor only):
   GET /v1/audit/records · POST /v1/audit/verify · GET /v1/audit/chains          audit:read / audit:verify
 """
@@ -224,6 +226,46 @@ def build_routes(svc: SecurityService, audit_root: Path, sig_verify: SigVerify) 
                                  _info(request))
         return JSONResponse({"ok": True})
 
+    # -- groups (docs/usage.md) ------------------------------------------------------------------------
+    @api("List the groups (部门/租户) with their numbers of users and API keys", response=p.GroupList)
+    @requires("security.group", "read")
+    async def groups_list(request: Request) -> Response:
+        return JSONResponse({"groups": await svc.groups.list()})
+
+    @api("Create a group", body=p.GroupCreate, response=p.SecurityOk, status=201, errors=(409,),
+         description="409 `group_exists`. Audited (`group.create`).")
+    @requires("security.group", "write")
+    async def groups_create(request: Request) -> Response:
+        body = await read_model(request, p.GroupCreate)
+        await svc.groups.create(_principal(request), body.name, body.description, _info(request))
+        return JSONResponse({"ok": True}, status_code=201)
+
+    @api("Delete a group without members", response=p.SecurityOk, errors=(404, 409),
+         description="404 `group_not_found`; 409 `group_in_use` while users or API keys are in it.")
+    @requires("security.group", "write")
+    async def groups_delete(request: Request) -> Response:
+        name = _name(request, "name", "group", p.SecurityCode.GROUP_NOT_FOUND)
+        await svc.groups.delete(_principal(request), name, _info(request))
+        return JSONResponse({"ok": True})
+
+    @api("Put a user in a group (null: none)", body=p.GroupAssign, response=p.SecurityOk, errors=(404,),
+         description="400 `group_not_found` for a group that does not exist. Audited (`group.assign`).")
+    @requires("security.group", "write")
+    async def users_group(request: Request) -> Response:
+        body = await read_model(request, p.GroupAssign)
+        await svc.groups.assign_user(_principal(request), _name(request, "name", "user", USER_404), body.group,
+                                     _info(request))
+        return JSONResponse({"ok": True})
+
+    @api("Put an API key in a group of its own (null: its owner's)", body=p.GroupAssign, response=p.SecurityOk,
+         errors=(404,), description="400 `group_not_found` for a group that does not exist. Audited.")
+    @requires("security.group", "write")
+    async def keys_group(request: Request) -> Response:
+        body = await read_model(request, p.GroupAssign)
+        await svc.groups.assign_key(_principal(request), _name(request, "id", "API key", KEY_404), body.group,
+                                    _info(request))
+        return JSONResponse({"ok": True})
+
     @api("List the audit chains and their segment files", response=p.AuditChainList)
     @requires("audit", "read")
     async def audit_chains(request: Request) -> Response:
@@ -272,6 +314,11 @@ def build_routes(svc: SecurityService, audit_root: Path, sig_verify: SigVerify) 
         Route("/v1/security/keys", keys_list, methods=["GET"]),
         Route("/v1/security/keys", keys_create, methods=["POST"]),
         Route("/v1/security/keys/{id}", keys_revoke, methods=["DELETE"]),
+        Route("/v1/security/keys/{id}/group", keys_group, methods=["PUT"]),
+        Route("/v1/security/groups", groups_list, methods=["GET"]),
+        Route("/v1/security/groups", groups_create, methods=["POST"]),
+        Route("/v1/security/groups/{name}", groups_delete, methods=["DELETE"]),
+        Route("/v1/security/users/{name}/group", users_group, methods=["PUT"]),
         Route("/v1/audit/chains", audit_chains, methods=["GET"]),
         Route("/v1/audit/records", audit_records, methods=["GET"]),
         Route("/v1/audit/verify", audit_verify, methods=["POST"]),

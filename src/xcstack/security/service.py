@@ -19,6 +19,7 @@ from xcstack.security.apikeys import ApiKeys
 from xcstack.security.audit.log import AuditLog
 from xcstack.security.auditor import Auditor
 from xcstack.security.credentials import AccountLocked, Credentials, InvalidCredentials, KdfPool
+from xcstack.security.groups import Groups
 from xcstack.security.lockout import Lockout
 from xcstack.security.principal import SYSTEM, Principal, ReqInfo
 from xcstack.security.repository import SecurityRepository, UserRow
@@ -57,6 +58,7 @@ class SecurityService:
         self.accounts = Accounts(settings, repo, credentials, self.roles, self._cache, self._auditor, clock)
         self.keys = ApiKeys(settings, repo, self.roles, self._cache, self._auditor, clock)
         self.sessions = Sessions(settings, repo, credentials, self.keys, self._cache, self._auditor, clock)
+        self.groups = Groups(repo, self._cache, self._auditor, clock)
 
     # -- knobs kept as attributes (tests and the capability set them) ----------------------------------
     @property

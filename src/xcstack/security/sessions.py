@@ -137,4 +137,4 @@ class Sessions:
             return None
         if now - row.last_seen >= min(TOUCH_EVERY_S, self.settings.session_idle_s / 4):
             await self.repo.touch_session(th, now)
-        return Principal(row.user_id, row.name, row.roles, "user", th, row.restricted)
+        return Principal(row.user_id, row.name, row.roles, "user", th, row.restricted, group=row.group)

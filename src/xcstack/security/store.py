@@ -34,4 +34,9 @@ MIGRATIONS: list[Any] = [
     {"sqlite": _COMMON.format(real="REAL"), "postgres": _COMMON.format(real="DOUBLE PRECISION")},
     # v2: password history as an ordered list in the user row (timestamps can tie)
     "ALTER TABLE sec_users ADD COLUMN pw_history TEXT; DROP TABLE IF EXISTS sec_pw_history",
+    # v3: groups (部门/租户) of users and API keys, for usage quotas and reports (docs/usage.md)
+    {dialect: "CREATE TABLE IF NOT EXISTS sec_groups (name TEXT PRIMARY KEY, description TEXT NOT NULL, "
+              f"created_at {real} NOT NULL); ALTER TABLE sec_users ADD COLUMN group_name TEXT; "
+              "ALTER TABLE sec_api_keys ADD COLUMN group_name TEXT"
+     for dialect, real in (("sqlite", "REAL"), ("postgres", "DOUBLE PRECISION"))},
 ]

@@ -1,0 +1,1 @@
+"""Usage governance: groups' quotas, the usage ledger and cost (docs/usage.md)."""
