@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # kept out of the import: the CLI reads REGISTRY and must sta
 
     from xcstack.config import Settings
     from xcstack.crypto.client import CryptoClient
+    from xcstack.gateway.settings import UpstreamSettings
     from xcstack.security.secrets import SecretStore
     from xcstack.state.store import StateStore
 
@@ -49,6 +50,7 @@ REGISTRY: tuple[Entry, ...] = (
     Entry("gateway", "xcstack.gateway.capability", "xcstack.gateway.cli"),
     Entry("db", "xcstack.db.capability", "xcstack.db.cli"),
     Entry("inference", "xcstack.inference.capability", "xcstack.inference.cli"),
+    Entry("llm", "xcstack.llm.capability", "xcstack.llm.cli"),
     Entry("vector", "xcstack.vector.capability", None),
     Entry("usage", "xcstack.usage.capability", None),
     Entry("platform", None, "xcstack.platform.cli"),
@@ -122,6 +124,13 @@ class UsageGovernor(Protocol):
         ...
 
 
+class LocalLLM(Protocol):
+    """The llm capability's local chat model, as the gateway routes to it: an upstream entry generated for
+    its worker (address, key, slots, context)."""
+
+    def upstream(self) -> UpstreamSettings: ...
+
+
 @dataclass
 class Services:
     """What capabilities give each other. A field is None when the capability providing it is off
@@ -130,6 +139,7 @@ class Services:
     crypto: CryptoClient | None = None  # crypto: keys in the HSM owner (or in process, `access = "direct"`)
     secrets: SecretStore | None = None  # security: `secret:NAME` references in config (after its start)
     local_embedder: LocalEmbedder | None = None  # inference: the local models
+    local_llm: LocalLLM | None = None  # llm: the local chat model (a llama.cpp worker), routed by the gateway
     groups: GroupDirectory | None = None  # security: group and user look-ups
     usage: UsageGovernor | None = None  # usage: quotas and the usage ledger
 

@@ -25,6 +25,7 @@ from xcstack.crypto.settings import CryptoSettings
 from xcstack.db.settings import DbSettings
 from xcstack.gateway.settings import GatewaySettings
 from xcstack.inference.settings import InferenceSettings
+from xcstack.llm.settings import LLMSettings
 from xcstack.security.settings import SecuritySettings
 from xcstack.supply.settings import SupplySettings
 from xcstack.usage.settings import UsageSettings
@@ -127,6 +128,7 @@ class Settings(BaseSettings):
     state: StateSettings = StateSettings()
     gateway: GatewaySettings = GatewaySettings()
     inference: InferenceSettings = InferenceSettings()
+    llm: LLMSettings = LLMSettings()
     vector: VectorSettings = VectorSettings()
     db: DbSettings = DbSettings()
     crypto: CryptoSettings = CryptoSettings()

@@ -29,7 +29,7 @@ from xcstack.gateway.routes import build_routes
 from xcstack.gateway.service import GatewayService
 from xcstack.gateway.watchdog import Watchdog
 
-WIRING = Wiring(uses=("secrets", "local_embedder", "usage"))
+WIRING = Wiring(uses=("secrets", "local_embedder", "local_llm", "usage"))
 
 
 class GatewayCapability:
@@ -38,6 +38,9 @@ class GatewayCapability:
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
         settings = ctx.settings.gateway
+        if ctx.services.local_llm is not None:  # the llm capability's worker: an upstream like any other
+            local_llm = ctx.services.local_llm.upstream()
+            settings = settings.model_copy(update={"upstreams": [*settings.upstreams, local_llm]})
         inference = ctx.settings.inference
         metrics.limit_keys(settings.metrics_keys)
         self.service = GatewayService(settings, max_body_bytes=ctx.settings.server.max_body_bytes,

@@ -237,7 +237,17 @@ def rejection_body(upstream: str, status: int, body: bytes) -> bytes:
     param = src.get("param")
     if isinstance(param, str):
         err["param"] = param[:256]
+    if _context_exceeded(src, str(message)):  # OpenAI's shape, whatever the server said it in
+        err.update(type="invalid_request_error", code=GatewayCode.CONTEXT_LENGTH_EXCEEDED)
+        err.setdefault("param", "messages")
     return dumps({"error": err})
+
+
+def _context_exceeded(src: dict[str, Any], message: str) -> bool:
+    """A prompt longer than the model's context: llama.cpp's `exceed_context_size_error`, OpenAI's
+    `context_length_exceeded`, vLLM's "maximum context length" message."""
+    return (src.get("type") == "exceed_context_size_error" or src.get("code") == "context_length_exceeded"
+            or "maximum context length" in message)
 
 
 def snippet(body: bytes) -> str:

@@ -85,6 +85,18 @@ def validate(endpoint: Endpoint, data: dict[str, Any], raw: bytes, key: str, max
     return Prepared(endpoint, data, raw, req.model, stream, client_usage, key, p.estimate_prompt_tokens(data))
 
 
+def check_context(pr: Prepared, context_length: int | None) -> None:
+    """`max_tokens` that cannot fit the model's context (an upstream's `context_length`, e.g. a local llm slot):
+    400 before the call, naming the limit, instead of an answer cut short without a word."""
+    if context_length is None or not pr.endpoint.generation:
+        return
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = pr.data.get(field)
+        if isinstance(value, int) and value >= context_length:
+            raise BadRequest(f"{field} is {value}; model {pr.model!r} has a context of {context_length} tokens per "
+                             "request (prompt and answer together)", code=GatewayCode.MAX_TOKENS_TOO_LARGE, param=field)
+
+
 def upstream_body(pr: Prepared, target: Target) -> bytes:
     """The body sent upstream: the client's bytes untouched unless the model name changes
     (alias) or, for streams, usage must be requested (for metrics and token limits)."""

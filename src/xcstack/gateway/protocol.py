@@ -30,6 +30,7 @@ class GatewayCode(StrEnum):
     JOBS_DISABLED = "jobs_disabled"
     JOBS_STORE_UNAVAILABLE = "jobs_store_unavailable"
     CANCELLED = "cancelled"  # the error of a cancelled job's result
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # an upstream's own "prompt too long" 400, in OpenAI's shape
 
 
 class _Open(BaseModel):

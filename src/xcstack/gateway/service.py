@@ -22,7 +22,7 @@ from xcstack.gateway.admission import Gate, GateFull, GateTimeout
 from xcstack.gateway.asgi import ClientGone, key_id, read_body, send_error, send_json
 from xcstack.gateway.failover import Failover, Stopped
 from xcstack.gateway.local import LocalEmbeddings
-from xcstack.gateway.prepare import EMBEDDINGS, Endpoint, Prepared, parse_object, validate
+from xcstack.gateway.prepare import EMBEDDINGS, Endpoint, Prepared, check_context, parse_object, validate
 from xcstack.gateway.protocol import GatewayCode
 from xcstack.gateway.ratelimit import RateLimiter
 from xcstack.gateway.relay import Relay
@@ -117,6 +117,7 @@ class GatewayService:
             if not self.router.has(pr.model, endpoint is EMBEDDINGS):
                 raise NotFound(f"model {pr.model!r} is not served here; see GET /v1/models",
                                code=CoreCode.MODEL_NOT_FOUND, param="model")
+            check_context(pr, self.router.context_length(pr.model))
             await self.limiter.check(pr.key, pr.estimate)
             try:
                 await self._reserve(scope, pr)  # quotas (429 quota_exceeded)

@@ -81,6 +81,11 @@ class UpstreamSettings(BaseModel):
         "0 lets the kernel auto-tune (better for large answers over high-latency links)",
     )
     embeddings: bool = Field(default=True, description="forward /v1/embeddings for this upstream's models")
+    context_length: int | None = Field(
+        default=None, ge=1, le=10_000_000,
+        description="the context of one request (prompt + answer), in tokens, when known: `max_tokens` at or beyond it "
+        "gets 400 `max_tokens_too_large` before the call (the local llm upstream sets it)",
+    )
 
     @field_validator("name")
     @classmethod

@@ -143,6 +143,11 @@ class Router:
         rnd = random.random
         return sorted(targets, key=lambda t: (not t.upstream.breaker.available(), t.upstream.load, rnd()))
 
+    def context_length(self, model: str) -> int | None:
+        """The smallest context the model's upstreams declare (None: none does)."""
+        known = [t.upstream.cfg.context_length for t in self.routes.get(model, ()) if t.upstream.cfg.context_length]
+        return min(known) if known else None
+
     def models(self) -> list[tuple[str, list[str]]]:
         return [(m, [t.upstream.name for t in ts]) for m, ts in self.routes.items()]
 

@@ -18,6 +18,13 @@ def _repo(args: argparse.Namespace) -> Path:
 
 
 def _import(args: argparse.Namespace) -> int:
+    if args.gguf:  # a chat model for the llm capability's llama.cpp worker
+        from xcstack.llm.cli import import_gguf_command
+
+        return import_gguf_command(args)
+    if not args.source:
+        print("xcstack model import: SOURCE (a checkpoint folder) or --gguf FILE is required", file=sys.stderr)
+        return 2
     from xcstack.inference.export import ModelImportError, import_model
 
     repo = _repo(args)
@@ -63,7 +70,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     sub = p.add_subparsers(dest="model_command", required=True)
 
     imp = sub.add_parser("import", help="build ONNX from a BERT-family safetensors checkpoint (no torch)")
-    imp.add_argument("source", help="directory with config.json, *.safetensors, tokenizer.json")
+    imp.add_argument("source", nargs="?", help="directory with config.json, *.safetensors, tokenizer.json")
+    imp.add_argument("--gguf", metavar="FILE", help="a GGUF chat model for the llama.cpp worker: header and "
+                     "completeness checked, sha256 recorded, copied into the LLM repository ([llm] repository, "
+                     "or --repository)")
     imp.add_argument("--name", help="model name in the repository (default: the folder name)")
     imp.add_argument("--int8", action="store_true", help="also write a per-channel int8 copy as <name>-int8")
     imp.add_argument("--int8-name", help="name of the int8 copy (implies --int8)")
