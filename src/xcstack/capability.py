@@ -78,8 +78,10 @@ class Capability(Protocol):
 class LocalEmbedder(Protocol):
     """The inference capability's local models, as the gateway and the vector capability use them."""
 
-    async def embed(self, model: str | None, inputs: list[str]) -> tuple[Any, dict[str, int]]:
-        """Texts -> (float32 vectors [n, dims], usage); raises XCError (404, 503, 504)."""
+    async def embed(self, model: str | None, inputs: list[str],
+                    input_type: str | None = None) -> tuple[Any, dict[str, int]]:
+        """Texts -> (float32 vectors [n, dims], usage); raises XCError (404, 503, 504). `input_type`
+        (query | document): the model's prefix for that kind of text (None: its default)."""
         ...
 
     async def embeddings_body(self, body: dict[str, Any]) -> dict[str, Any]:

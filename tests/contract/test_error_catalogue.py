@@ -44,7 +44,8 @@ def test_catalogue_is_one_enum_per_capability_and_each_code_has_one_home() -> No
     assert all(issubclass(e, StrEnum) for e in ERROR_CATALOGUE)
     names = {e.__module__ for e in ERROR_CATALOGUE}
     assert names == {"xcstack.errors", *(f"xcstack.{cap}.protocol" for cap in
-                                         ("gateway", "inference", "vector", "db", "crypto", "security"))}
+                                         ("gateway", "inference", "vector", "db", "crypto", "security",
+                                                                             "usage"))}
     twice = {code: homes for code, homes in catalogue().items() if len(homes) > 1}
     assert twice == {}, "a code shared by capabilities belongs in CoreCode (errors.py), once"
     assert set(error_codes()) == set(catalogue()), "the OpenAPI Error.code enum is exactly the catalogue"

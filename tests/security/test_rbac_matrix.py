@@ -108,6 +108,16 @@ MATRIX: dict[tuple[str, str], tuple[frozenset[str], list[Call]]] = {
     ("GET", "/v1/security/keys"): (SYS, [Call("/v1/security/keys")]),
     ("POST", "/v1/security/keys"): (SYS, [Call("/v1/security/keys", {})]),
     ("DELETE", "/v1/security/keys/{id}"): (SYS, [Call("/v1/security/keys/ghost")]),
+    # groups (security.group: sysadmin, who manages users and keys) and usage (docs/usage.md)
+    ("PUT", "/v1/security/keys/{id}/group"): (SYS, [Call("/v1/security/keys/ghost/group", {"group": None})]),
+    ("GET", "/v1/security/groups"): (SYS, [Call("/v1/security/groups")]),
+    ("POST", "/v1/security/groups"): (SYS, [Call("/v1/security/groups", {})]),
+    ("DELETE", "/v1/security/groups/{name}"): (SYS, [Call("/v1/security/groups/ghost")]),
+    ("PUT", "/v1/security/users/{name}/group"): (SYS, [Call("/v1/security/users/ghost/group", {"group": None})]),
+    ("GET", "/v1/usage"): (SELF, [Call("/v1/usage")]),
+    ("GET", "/v1/quotas"): (SELF, [Call("/v1/quotas")]),
+    ("POST", "/v1/quotas"): (SYS, [Call("/v1/quotas", {})]),
+    ("DELETE", "/v1/quotas/{qid}"): (SYS, [Call("/v1/quotas/ghost")]),
     # audit log: the auditor only
     ("GET", "/v1/audit/chains"): (AUD, [Call("/v1/audit/chains")]),
     ("GET", "/v1/audit/records"): (AUD, [Call("/v1/audit/records?limit=1")]),
@@ -162,7 +172,7 @@ MATRIX: dict[tuple[str, str], tuple[frozenset[str], list[Call]]] = {
 }
 
 # every capability of the default list must be in the app: one silently disabled would hide its routes
-CAPABILITIES = {"security", "crypto", "gateway", "db", "inference", "vector"}
+CAPABILITIES = {"security", "crypto", "gateway", "db", "inference", "vector", "usage"}
 
 
 def _settings(data_dir: Path) -> Any:

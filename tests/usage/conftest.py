@@ -23,11 +23,14 @@ def governed(tmp: Path, m: MockUpstream, usage: dict[str, Any] | None = None, st
     from xcstack.security.settings import SecuritySettings
     from xcstack.usage.settings import UsageSettings
 
+    tmp.mkdir(parents=True, exist_ok=True)
     settings = make_settings(tmp, [upstream(m)])
     settings.security = SecuritySettings.model_validate({"pbkdf2_iterations": 100_000})
     settings.usage = UsageSettings.model_validate({"ledger_flush_ms": 20, **(usage or {})})
     if state_url:
-        settings.state.url = state_url
+        from pydantic import SecretStr
+
+        settings.state.url = SecretStr(state_url)
     mods = [SECURITY_CAP, USAGE_CAP, GATEWAY_CAP] if security else [USAGE_CAP, GATEWAY_CAP]
     return GatewayServer(settings, mods).start()
 

@@ -2,7 +2,8 @@
 
 It is not a model server. It exists so the gateway can be tested and benchmarked without GPUs:
 
-- answers `/v1/chat/completions`, `/v1/completions` (streamed and not), `/v1/embeddings`, `/v1/models`;
+- answers `/v1/chat/completions`, `/v1/completions` (streamed and not), `/v1/embeddings`, `/v1/rerank`
+  (vLLM's shape, a toy lexical score), `/v1/models`;
 - configurable time-to-first-token, tokens per second, bytes per token, usage in the last chunk
   (`stream_options.include_usage`), like vLLM;
 - notices and records client disconnects while it is generating (vLLM aborts the request only when
@@ -227,7 +228,8 @@ class MockProtocol(asyncio.Protocol):
             data = [{"id": m, "object": "model", "created": now, "owned_by": cfg.name} for m in cfg.models]
             self._write_simple(200, {"object": "list", "data": data})
             return
-        kind = {b"/v1/chat/completions": "chat", b"/v1/completions": "text", b"/v1/embeddings": "embed"}.get(path)
+        kind = {b"/v1/chat/completions": "chat", b"/v1/completions": "text", b"/v1/embeddings": "embed",
+                b"/v1/rerank": "rerank", b"/rerank": "rerank"}.get(path)
         if kind is None:
             self._write_simple(404, {"error": {"message": f"no route {path.decode(errors='replace')}"}})
             return
@@ -245,11 +247,10 @@ class MockProtocol(asyncio.Protocol):
         mock: dict[str, Any] = raw_mock if isinstance(raw_mock, dict) else {}
         ttft = float(mock.get("ttft_s", cfg.ttft_s))
         tps = float(mock.get("tokens_per_s", cfg.tokens_per_s))
-        stream = bool(body.get("stream")) and kind != "embed"
+        stream = bool(body.get("stream")) and kind not in ("embed", "rerank")
         fault_override = mock.get("fault")
-        needs_task = stream or ttft > 0 or (tps > 0 and kind != "embed") or fault_override in ("stall_headers",) or (
-            cfg.fault in ("stall_headers",) and cfg.fault_times != 0
-        )
+        needs_task = stream or ttft > 0 or (tps > 0 and kind not in ("embed", "rerank")) or fault_override in (
+            "stall_headers",) or (cfg.fault in ("stall_headers",) and cfg.fault_times != 0)
         if needs_task and not fresh:
             await _suspend()  # restarted in a task by _dispatch
         if fresh or not needs_task:
@@ -272,6 +273,11 @@ class MockProtocol(asyncio.Protocol):
         model = str(body.get("model", "mock-model"))
         if kind == "embed":
             self._embed(body, model)
+            return
+        if kind == "rerank":
+            if ttft > 0:
+                await asyncio.sleep(ttft)
+            self._rerank(body, model)
             return
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or cfg.tokens
         n = max(0, min(int(max_tokens), cfg.max_tokens_cap))
@@ -396,6 +402,30 @@ class MockProtocol(asyncio.Protocol):
             data.append({"object": "embedding", "index": i, "embedding": vec})
         self._write_simple(200, {"object": "list", "data": data, "model": model,
                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        self.state.stats.completed += 1
+
+    def _rerank(self, body: dict[str, Any], model: str) -> None:
+        """vLLM's /v1/rerank: `documents` strings only (400 otherwise), `top_n` (0 or absent: all); the
+        score is a toy lexical one (shared words / sqrt of both word counts), in [0, 1]."""
+        query, docs, top_n = body.get("query"), body.get("documents"), body.get("top_n") or 0
+        if (not isinstance(query, str) or not isinstance(docs, list) or not all(isinstance(d, str) for d in docs)
+                or not isinstance(top_n, int)):
+            self._write_simple(400, {"object": "error", "message": "query must be a string and documents a list of "
+                                     "strings", "type": "BadRequestError", "param": None, "code": 400})
+            return
+        qw = set(query.lower().split())
+        scored = []
+        tokens = 0
+        for i, d in enumerate(docs):
+            dw = set(d.lower().split())
+            tokens += max(1, (len(query) + len(d)) // 4)
+            score = len(qw & dw) / max(1.0, (len(qw) * len(dw)) ** 0.5)
+            scored.append({"index": i, "document": {"text": d}, "relevance_score": score})
+        scored.sort(key=lambda r: -r["relevance_score"])
+        if top_n > 0:
+            scored = scored[:top_n]
+        self._write_simple(200, {"id": f"rerank-mock-{next(self.state.ids)}", "model": model,
+                                 "usage": {"total_tokens": tokens}, "results": scored})
         self.state.stats.completed += 1
 
     def _control(self, req: _Request, path: bytes) -> None:

@@ -32,6 +32,9 @@ CHAT = Endpoint("/v1/chat/completions", "/chat/completions", p.ChatCompletionReq
 COMPLETIONS = Endpoint("/v1/completions", "/completions", p.CompletionRequest, True, "completions")
 EMBEDDINGS = Endpoint("/v1/embeddings", "/embeddings", p.EmbeddingRequest, False, "embeddings")
 ENDPOINTS = {e.path: e for e in (CHAT, COMPLETIONS, EMBEDDINGS)}
+# /v1/rerank (and /rerank): validated and answered by rerank.py (local cross-encoder, bi-encoder fallback),
+# or routed to an upstream like the others; not a job endpoint
+RERANK = Endpoint("/v1/rerank", "/rerank", p.RerankRequest, False, "rerank")
 
 
 @dataclass(slots=True)

@@ -30,6 +30,10 @@ class GatewayCode(StrEnum):
     JOBS_DISABLED = "jobs_disabled"
     JOBS_STORE_UNAVAILABLE = "jobs_store_unavailable"
     CANCELLED = "cancelled"  # the error of a cancelled job's result
+    TOO_MANY_DOCUMENTS = "too_many_documents"  # /v1/rerank: over gateway.rerank.max_documents
+    DOCUMENT_TOO_LONG = "document_too_long"  # /v1/rerank: a document over gateway.rerank.max_document_chars
+    QUERY_TOO_LONG = "query_too_long"  # /v1/rerank: the query over gateway.rerank.max_query_chars
+    CONTENT_BLOCKED = "content_blocked"  # a safety policy's block action (docs/safety.md)
     CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # an upstream's own "prompt too long" 400, in OpenAI's shape
 
 
@@ -184,6 +188,48 @@ class EmbeddingList(_Relayed):
     data: list[Embedding]
     model: str
     usage: EmbeddingUsage
+
+
+class RerankDocument(_Open):
+    text: str = Field(..., max_length=10_000_000, description="the document's text")
+
+
+class RerankRequest(_Open):
+    """`POST /v1/rerank` (vLLM, Jina and Cohere clients send this shape). Strict types; the limits on
+    documents and characters are `gateway.rerank` settings (400 `too_many_documents`, `document_too_long`,
+    `query_too_long`)."""
+
+    model: str | None = Field(default=None, min_length=1, max_length=256, description=(
+        "default: `gateway.rerank.default_model`, else the first local rerank model, else the default embedding "
+        "model scoring by cosine (`method: bi-encoder`)"))
+    query: str = Field(..., min_length=1)
+    documents: list[str | RerankDocument] = Field(..., min_length=1, description="texts, or `{\"text\": ...}` objects")
+    top_n: int | None = Field(default=None, ge=1, description="answer only the best `top_n` (default: all)")
+    return_documents: bool | None = Field(default=None, description="include each document's text (default true)")
+
+
+class RerankResult(_Relayed):
+    index: int = Field(description="the document's position in the request")
+    relevance_score: float = Field(description="cross-encoder: in (0, 1), higher is more relevant; bi-encoder: "
+                                               "cosine similarity in [-1, 1]")
+    document: RerankDocument | None = Field(default=None, description="with `return_documents` (the default)")
+
+
+class RerankUsage(_Relayed):
+    prompt_tokens: int | None = None
+    total_tokens: int
+
+
+class RerankResponse(_Relayed):
+    """The results sorted by `relevance_score`, best first (vLLM/Jina/Cohere shape)."""
+
+    id: str | None = None
+    model: str
+    results: list[RerankResult]
+    usage: RerankUsage
+    method: Literal["cross-encoder", "bi-encoder"] = Field(description=(
+        "how the scores were made: a cross-encoder (a local rerank model or an upstream), or, where no "
+        "cross-encoder serves the model, cosine similarity of embeddings (never presented as a cross-encoder)"))
 
 
 class ModelCard(BaseModel):

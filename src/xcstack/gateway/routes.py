@@ -18,7 +18,7 @@ from starlette.routing import BaseRoute, Route
 
 from xcstack.apidoc import SSE, ApiDoc, api, api_for
 from xcstack.gateway import protocol as p
-from xcstack.gateway.prepare import ENDPOINTS, Endpoint
+from xcstack.gateway.prepare import ENDPOINTS, RERANK, Endpoint
 from xcstack.gateway.service import GatewayService
 from xcstack.gateway.types import Receive, Scope, Send
 from xcstack.httputil import JSONResponse
@@ -64,6 +64,18 @@ PROXY_DOCS = {
                     + _RELAYED),
 }
 
+RERANK_DOC = ApiDoc(
+    "Rerank documents against a query (vLLM/Jina/Cohere shape): a local cross-encoder, an upstream, or cosine "
+    "of local embeddings", body=p.RerankRequest, response=p.RerankResponse, errors=_ERRORS, checks=_CHECKS,
+    description="`results` sorted best first (`index` into `documents`, `relevance_score`, `document.text` unless "
+                "`return_documents: false`), cut to `top_n`. Who answers: a local model of kind `rerank` "
+                "(`method: cross-encoder`, score in (0, 1)); else an upstream listing the model (routed and failed "
+                "over like chat; `documents` are sent as strings); else, for a local embedding model, cosine "
+                "similarity (`method: bi-encoder`). Without `model`: `gateway.rerank.default_model`, else the first "
+                "local rerank model, else the default embedding model (400 `model_required` when none). Limits: "
+                "400 `too_many_documents`, `document_too_long`, `query_too_long` (`gateway.rerank`). `/rerank` is "
+                "an alias. " + _RELAYED)
+
 
 class ProxyEndpoint:
     """ASGI app for one OpenAI endpoint."""
@@ -86,6 +98,10 @@ def build_routes(service: GatewayService, jobs: JobManager | None) -> list[BaseR
     for path, ep in ENDPOINTS.items():
         endpoint = requires_route(ProxyEndpoint(service, ep))
         api_for("POST", endpoint, PROXY_DOCS[path])
+        routes.append(Route(path, endpoint, methods=["POST"]))
+    for path in (RERANK.path, "/rerank"):  # /rerank: the path Jina- and Cohere-style clients call
+        endpoint = requires_route(ProxyEndpoint(service, RERANK))
+        api_for("POST", endpoint, RERANK_DOC)
         routes.append(Route(path, endpoint, methods=["POST"]))
     routes.append(Route("/v1/models", list_models, methods=["GET"]))
     if jobs is not None:

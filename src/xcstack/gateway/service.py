@@ -22,10 +22,11 @@ from xcstack.gateway.admission import Gate, GateFull, GateTimeout
 from xcstack.gateway.asgi import ClientGone, key_id, read_body, send_error, send_json
 from xcstack.gateway.failover import Failover, Stopped
 from xcstack.gateway.local import LocalEmbeddings
-from xcstack.gateway.prepare import EMBEDDINGS, Endpoint, Prepared, check_context, parse_object, validate
+from xcstack.gateway.prepare import EMBEDDINGS, RERANK, Endpoint, Prepared, check_context, parse_object, validate
 from xcstack.gateway.protocol import GatewayCode
 from xcstack.gateway.ratelimit import RateLimiter
 from xcstack.gateway.relay import Relay
+from xcstack.gateway.rerank import Reranker, upstream_answer
 from xcstack.gateway.settings import GatewaySettings
 from xcstack.gateway.types import Receive, Scope, Send
 from xcstack.gateway.upstream import Router, Upstream
@@ -50,6 +51,7 @@ class GatewayService:
         self.accounting = Accounting(self.limiter)
         self.relay = Relay(self.failover, self.accounting, settings)
         self.local = LocalEmbeddings(local, self.limiter)  # the inference capability's models, when on
+        self.reranker = Reranker(settings.rerank, self.router, local, self.limiter, default_embedding_model)
         self.created = int(time.time())
 
     async def start(self) -> None:
@@ -73,6 +75,8 @@ class GatewayService:
         return self.prepare_data(endpoint, parse_object(raw), raw, key)
 
     def prepare_data(self, endpoint: Endpoint, data: dict[str, Any], raw: bytes, key: str) -> Prepared:
+        if endpoint is RERANK:
+            return self.reranker.prepare(data, key)
         if endpoint is EMBEDDINGS and data.get("model") is None:
             data = {**data, "model": self._default_embedding_model()}
             raw = dumps(data) if raw else raw  # the upstream gets the model that was authorized
@@ -97,6 +101,20 @@ class GatewayService:
             # validated (strict types, non-empty input) and, for embeddings, the default model filled in
             # before anything else: authorization and routing see the model that will run
             pr = self.prepare(endpoint, raw, key_id(scope))
+            method = self.reranker.local_method(pr.model) if endpoint is RERANK else None
+            if method is not None:  # a local cross-encoder, or cosine of local embeddings (rerank.py)
+                await self._authorize(scope, receive, pr.model)
+                await self._reserve(scope, pr)
+                if pr.usage is not None:
+                    pr.usage.upstream = "local"
+                try:
+                    status = await self.reranker.serve(pr, method, send, receive)
+                except (XCError, ClientGone) as exc:
+                    await self._settle(pr, getattr(exc, "status", 499), cancel=True)
+                    raise
+                await self._settle(pr, status)
+                self.accounting.count(endpoint.label, pr.model, status)
+                return
             if endpoint is EMBEDDINGS and not self.router.has(pr.model, True) and self.local.available:
                 # not an upstream embedding model: the local one
                 await self._authorize(scope, receive, pr.model)
@@ -238,6 +256,8 @@ class GatewayService:
     async def _unary(self, pr: Prepared, send: Send, wd: Watchdog) -> int:
         try:
             status, payload = await self.complete(pr, wd)
+            if pr.endpoint is RERANK and status < 400:
+                payload = upstream_answer(pr, payload)
         except Stopped as stop:
             return await self._stopped(pr, stop.reason, send, wd)
         except XCError as err:

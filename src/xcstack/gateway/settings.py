@@ -199,6 +199,25 @@ class JobSettings(BaseModel):
     poll_s: float = Field(default=1.0, gt=0, le=60, description="how often to look for jobs queued elsewhere")
 
 
+class RerankSettings(BaseModel):
+    """`POST /v1/rerank` (and `/rerank`): which model answers without `model`, and the request limits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    default_model: str | None = Field(
+        default=None, min_length=1, max_length=256,
+        description="the model of a request without `model` (a local rerank model, an upstream's model, or a local "
+                    "embedding model); unset: the first local rerank model, else the default embedding model "
+                    "(cosine, `method: bi-encoder`)",
+    )
+    max_documents: int = Field(default=1000, ge=1, le=100_000, description="documents per request")
+    max_document_chars: int = Field(
+        default=20_000, ge=1, le=10_000_000,
+        description="characters per document (a cross-encoder reads at most its max_seq_length tokens of the pair)",
+    )
+    max_query_chars: int = Field(default=4_000, ge=1, le=1_000_000, description="characters of the query")
+
+
 class GatewaySettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -223,6 +242,7 @@ class GatewaySettings(BaseModel):
     breaker: BreakerSettings = BreakerSettings()
     retry: RetrySettings = RetrySettings()
     jobs: JobSettings = JobSettings()
+    rerank: RerankSettings = RerankSettings()
 
     @field_validator("redis_url")
     @classmethod

@@ -48,7 +48,7 @@ class UsageSettings(BaseModel):
     # counters: in process (one node), or Redis shared by every node
     redis_url: SecretStr | None = None
     redis_prefix: str = "xc:usage:"
-    redis_timeout_s: float = Field(0.25, gt=0)
+    redis_timeout_s: float = Field(0.5, gt=0)
     redis_retry_s: float = Field(2.0, ge=0)  # after a failure, Redis is skipped this long
     on_counter_failure: Literal["open", "closed"] = "open"  # Redis down: per-node counters (open) or 503
     rules_reload_s: float = Field(5.0, gt=0)  # how soon a quota another node added applies here
