@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # kept out of the import: the CLI reads REGISTRY and must sta
 
     from xcstack.config import Settings
     from xcstack.crypto.client import CryptoClient
+    from xcstack.safety.service import SafetyService
     from xcstack.gateway.settings import UpstreamSettings
     from xcstack.security.secrets import SecretStore
     from xcstack.state.store import StateStore
@@ -47,6 +48,7 @@ class Entry:
 REGISTRY: tuple[Entry, ...] = (
     Entry("crypto", "xcstack.crypto.capability", "xcstack.crypto.cli"),
     Entry("security", "xcstack.security.capability", "xcstack.security.cli"),
+    Entry("safety", "xcstack.safety.capability", "xcstack.safety.cli"),
     Entry("gateway", "xcstack.gateway.capability", "xcstack.gateway.cli"),
     Entry("db", "xcstack.db.capability", "xcstack.db.cli"),
     Entry("inference", "xcstack.inference.capability", "xcstack.inference.cli"),
@@ -141,6 +143,7 @@ class Services:
     crypto: CryptoClient | None = None  # crypto: keys in the HSM owner (or in process, `access = "direct"`)
     secrets: SecretStore | None = None  # security: `secret:NAME` references in config (after its start)
     local_embedder: LocalEmbedder | None = None  # inference: the local models
+    safety: SafetyService | None = None  # safety: content filters, evidence and labels (gateway)
     local_llm: LocalLLM | None = None  # llm: the local chat model (a llama.cpp worker), routed by the gateway
     groups: GroupDirectory | None = None  # security: group and user look-ups
     usage: UsageGovernor | None = None  # usage: quotas and the usage ledger

@@ -26,6 +26,7 @@ from xcstack.db.settings import DbSettings
 from xcstack.gateway.settings import GatewaySettings
 from xcstack.inference.settings import InferenceSettings
 from xcstack.llm.settings import LLMSettings
+from xcstack.safety.settings import SafetySettings
 from xcstack.security.settings import SecuritySettings
 from xcstack.supply.settings import SupplySettings
 from xcstack.usage.settings import UsageSettings
@@ -133,6 +134,7 @@ class Settings(BaseSettings):
     db: DbSettings = DbSettings()
     crypto: CryptoSettings = CryptoSettings()
     security: SecuritySettings = SecuritySettings()
+    safety: SafetySettings = SafetySettings()
     supply: SupplySettings = SupplySettings()
     usage: UsageSettings = UsageSettings()
 

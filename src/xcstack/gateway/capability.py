@@ -29,7 +29,7 @@ from xcstack.gateway.routes import build_routes
 from xcstack.gateway.service import GatewayService
 from xcstack.gateway.watchdog import Watchdog
 
-WIRING = Wiring(uses=("secrets", "local_embedder", "local_llm", "usage"))
+WIRING = Wiring(uses=("secrets", "local_embedder", "local_llm", "usage", "safety"))
 
 
 class GatewayCapability:
@@ -47,6 +47,7 @@ class GatewayCapability:
                                       local=ctx.services.local_embedder,
                                       default_embedding_model=inference.default_embedding_model
                                       if inference.enabled else None, usage=ctx.services.usage)
+        self.service.safety = ctx.services.safety  # content filters and labels, when the capability is on
         self.jobs = (JobManager(self.service, open_job_store(settings, ctx.state), settings.jobs)
                      if settings.jobs.enabled else None)
 

@@ -50,6 +50,7 @@ class Prepared:
     key: str
     estimate: int
     request_id: str | None = None
+    safety: Any = None  # the safety capability's checks of this request (`safety.hooks.RequestSafety`)
     usage: Any = None  # the usage capability's ticket (quota reservation, ledger record), when it is on
 
 

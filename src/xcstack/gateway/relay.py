@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import aiohttp
 
-from xcstack.errors import CoreCode, GatewayTimeout, UpstreamError, XCError
+from xcstack.errors import BadRequest, CoreCode, GatewayTimeout, UpstreamError, XCError
 from xcstack.gateway import metrics
 from xcstack.gateway.accounting import Accounting
 from xcstack.gateway.failover import Failover, Opened
@@ -55,8 +56,13 @@ class Relay:
         error: XCError | None = None
         status = 200
         content = resp.content
+        # content safety (the safety capability): output filters over the events, and the label
+        safety = pr.safety
+        flt = safety.stream() if safety is not None else None
+        headers = SSE_HEADERS if safety is None else SSE_HEADERS + [
+            (k.encode(), v.encode()) for k, v in safety.headers.items()]
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
             chunk = opened.first
             while True:
                 try:
@@ -66,6 +72,12 @@ class Relay:
                                           code=GatewayCode.STREAM_INTERRUPTED)
                     healthy = False
                     break
+                if flt is not None and out:
+                    out = flt.feed(out)
+                    await safety.record(flt)
+                    if flt.blocked is not None:  # end with the error event; the upstream is closed
+                        error = _blocked(flt.blocked)
+                        break
                 if out:
                     await _send_sliced(send, out, wd)
                 if wd.reason is not None:  # client gone (or deadline) while data kept flowing
@@ -78,6 +90,12 @@ class Relay:
                 wd.relaying()  # relaying (maybe to a slow client): the idle deadline does not apply
                 if not chunk:
                     out = events.end()
+                    if flt is not None:
+                        out = flt.feed(out) + flt.end()
+                        await safety.record(flt)
+                        if flt.blocked is not None:
+                            error = _blocked(flt.blocked)
+                            break
                     if out:
                         await send({"type": "http.response.body", "body": out, "more_body": True})
                     if events.done:
@@ -121,6 +139,11 @@ class Relay:
                 pass
         await self.accounting.stream(pr, events.usage, events.events, time.monotonic() - t_first)
         return status
+
+
+def _blocked(finding: Any) -> XCError:
+    return BadRequest(f"answer blocked by policy {finding.policy!r}: category {finding.category}",
+                      code=GatewayCode.CONTENT_BLOCKED)
 
 
 async def _send_sliced(send: Send, out: bytes, wd: Watchdog) -> None:

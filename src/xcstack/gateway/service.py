@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xcstack.capability import LocalEmbedder, UsageGovernor
 from xcstack.errors import BadRequest, CoreCode, GatewayTimeout, NotFound, Overloaded, XCError
@@ -32,6 +32,10 @@ from xcstack.gateway.types import Receive, Scope, Send
 from xcstack.gateway.upstream import Router, Upstream
 from xcstack.gateway.watchdog import Watchdog
 from xcstack.httputil import dumps
+from xcstack.safety.blocked import Blocked
+
+if TYPE_CHECKING:
+    from xcstack.safety.service import SafetyService
 
 
 class GatewayService:
@@ -53,6 +57,7 @@ class GatewayService:
         self.local = LocalEmbeddings(local, self.limiter)  # the inference capability's models, when on
         self.reranker = Reranker(settings.rerank, self.router, local, self.limiter, default_embedding_model)
         self.created = int(time.time())
+        self.safety: SafetyService | None = None  # content filters and labels (the safety capability)
 
     async def start(self) -> None:
         for up in self.upstreams:
@@ -104,6 +109,7 @@ class GatewayService:
             method = self.reranker.local_method(pr.model) if endpoint is RERANK else None
             if method is not None:  # a local cross-encoder, or cosine of local embeddings (rerank.py)
                 await self._authorize(scope, receive, pr.model)
+                await self._safety_input(scope, receive, pr)
                 await self._reserve(scope, pr)
                 if pr.usage is not None:
                     pr.usage.upstream = "local"
@@ -118,6 +124,7 @@ class GatewayService:
             if endpoint is EMBEDDINGS and not self.router.has(pr.model, True) and self.local.available:
                 # not an upstream embedding model: the local one
                 await self._authorize(scope, receive, pr.model)
+                await self._safety_input(scope, receive, pr)
                 await self._reserve(scope, pr)
                 if pr.usage is not None:
                     pr.usage.upstream = "local"
@@ -135,6 +142,7 @@ class GatewayService:
             if not self.router.has(pr.model, endpoint is EMBEDDINGS):
                 raise NotFound(f"model {pr.model!r} is not served here; see GET /v1/models",
                                code=CoreCode.MODEL_NOT_FOUND, param="model")
+            await self._safety_input(scope, receive, pr)
             check_context(pr, self.router.context_length(pr.model))
             await self.limiter.check(pr.key, pr.estimate)
             try:
@@ -187,6 +195,33 @@ class GatewayService:
         """Charge the call's usage (or give back a call never served) and write its ledger record."""
         if self.usage is not None and pr.usage is not None:
             await (self.usage.cancel if cancel else self.usage.settle)(pr.usage, status)
+
+    async def _safety_input(self, scope: Scope, receive: Receive, pr: Prepared) -> None:
+        """Content safety on the input (400 `content_blocked` naming the category, or a masked body
+        upstream) and the answer's label: the safety capability, when it is on (docs/safety.md)."""
+        if self.safety is None:
+            return
+        from starlette.requests import Request
+
+        from xcstack.security.guard import audit
+
+        async def record(action: str, resource: str, outcome: str, detail: dict[str, Any]) -> None:
+            await audit(Request(scope, receive), action, resource, outcome, detail)
+
+        groups = tuple(getattr(scope.get("xc.principal"), "roles", ()) or ())
+        rs = await self.safety.begin(key=pr.key, groups=groups, model=pr.model, route=pr.endpoint.path,
+                                     request_id=scope.get("xc.request_id"), audit=record,
+                                     generation=pr.endpoint.generation)
+        if rs is None:
+            return
+        try:
+            masked = await rs.check_input(pr.data)
+        except Blocked as b:
+            raise BadRequest(f"content blocked by policy {b.finding.policy!r}: category {b.finding.category}",
+                             code=GatewayCode.CONTENT_BLOCKED, param=b.finding.field or None) from None
+        if masked is not None:
+            pr.data, pr.raw = masked, dumps(masked)  # what goes upstream (`prepare.upstream_body`)
+        pr.safety = rs
 
     async def _authorize(self, scope: Scope, receive: Receive, model: str) -> None:
         """The model permission, always asked (no authorizer in the scope raises: fails closed)."""
@@ -265,7 +300,17 @@ class GatewayService:
             await send_error(send, err)
             return err.status
         wd.disarm()
-        await send_json(send, status, payload)
+        headers = None
+        if pr.safety is not None and status < 400:  # output filters and the label (safety capability)
+            try:
+                payload = await pr.safety.answer(payload)
+            except Blocked as b:
+                err = BadRequest(f"answer blocked by policy {b.finding.policy!r}: category {b.finding.category}",
+                                 code=GatewayCode.CONTENT_BLOCKED)
+                await send_error(send, err)
+                return err.status
+            headers = pr.safety.headers
+        await send_json(send, status, payload, headers)
         return status
 
     async def _stopped(self, pr: Prepared, reason: str, send: Send, wd: Watchdog) -> int:

@@ -1,0 +1,39 @@
+"""`xcstack label verify`: check a content label's SM2 signature offline, with the public key only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("label", help="content labels (GB 45438-2025) of generated answers")
+    lsub = p.add_subparsers(dest="label_cmd", required=True)
+    v = lsub.add_parser("verify", help="verify a label: the X-XC-Content-Label header value, or a JSON answer/"
+                        "xc_label object")
+    v.add_argument("label", help="the label text, or @FILE to read it from a file ('-': stdin)")
+    v.add_argument("--public-key", required=True, type=Path, help="PEM file of the SM2 public key "
+                   "(`xcstack key export-public content-label`)")
+    v.set_defaults(func=_verify)
+
+
+def _read(arg: str) -> str:
+    if arg == "-" or arg == "@-":
+        return sys.stdin.read()
+    if arg.startswith("@"):
+        return Path(arg[1:]).read_text(encoding="utf-8")
+    return arg
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from xcstack.safety.label import verify
+
+    try:
+        fields = verify(_read(args.label), args.public_key.read_bytes())
+    except (ValueError, KeyError, OSError) as exc:
+        print(f"INVALID: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"valid": True, **fields}, ensure_ascii=False))
+    return 0

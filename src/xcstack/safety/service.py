@@ -1,0 +1,28 @@
+"""`SafetyService`: the safety capability's face to the gateway (`Services.safety`)."""
+
+from __future__ import annotations
+
+from xcstack.safety.engine import ContentSafety
+from xcstack.safety.evidence import AuditFn, Where
+from xcstack.safety.hooks import RequestSafety
+from xcstack.safety.label import Labeler
+
+
+class SafetyService:
+    def __init__(self, engine: ContentSafety, labeler: Labeler | None = None) -> None:
+        self.engine = engine
+        self.labeler = labeler
+
+    async def begin(self, *, key: str, groups: tuple[str, ...], model: str, route: str, request_id: str | None,
+                    audit: AuditFn | None, generation: bool) -> RequestSafety | None:
+        """The checks of one request (None: no policy applies and no label is due)."""
+        plan = self.engine.plan(key, groups, model, route)
+        label = None
+        if generation and self.labeler is not None:
+            label = await self.labeler.issue(request_id, model)
+        if plan is None and label is None:
+            return None
+        return RequestSafety(self.engine, plan, Where(request_id, key, model, route), audit, label)
+
+    async def reload(self) -> bool:
+        return await self.engine.reload()
