@@ -55,6 +55,7 @@ REGISTRY: tuple[Entry, ...] = (
     Entry("llm", "xcstack.llm.capability", "xcstack.llm.cli"),
     Entry("vector", "xcstack.vector.capability", None),
     Entry("usage", "xcstack.usage.capability", None),
+    Entry("console", "xcstack.console.capability", None),
     Entry("platform", None, "xcstack.platform.cli"),
     Entry("supply", None, "xcstack.supply.cli"),
 )

@@ -21,6 +21,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from xcstack.console.settings import ConsoleSettings
 from xcstack.crypto.settings import CryptoSettings
 from xcstack.db.settings import DbSettings
 from xcstack.gateway.settings import GatewaySettings
@@ -137,6 +138,7 @@ class Settings(BaseSettings):
     safety: SafetySettings = SafetySettings()
     supply: SupplySettings = SupplySettings()
     usage: UsageSettings = UsageSettings()
+    console: ConsoleSettings = ConsoleSettings()
 
     @classmethod
     def settings_customise_sources(

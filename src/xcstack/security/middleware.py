@@ -43,6 +43,33 @@ _AUTH_DENIED = AUTH_TOTAL.labels("denied")
 # the login, and the API contract and its reference page (no secret in them; clients generate code from it)
 PUBLIC_ROUTES = {("POST", "/v1/auth/login"), *(("GET", p) for p in apiref.PATHS)}
 
+# the web console (docs/console.md): under CONSOLE_PREFIX only, the session token may come in the
+# HttpOnly cookie CONSOLE_COOKIE instead of the Authorization header (`scope[CONSOLE_VIA_COOKIE]` is then
+# set: the console checks its CSRF token on every POST); its sign-in page and static files are public,
+# and a browser navigation without a valid session is sent to the sign-in page instead of a 401
+CONSOLE_PREFIX = "/console"
+CONSOLE_COOKIE = "xc_console"
+CONSOLE_VIA_COOKIE = "xc.console_cookie"
+CONSOLE_PUBLIC = frozenset({("GET", "/console/login"), ("POST", "/console/login")})
+CONSOLE_STATIC = "/console/static/"
+#: scope key: `await scope[CAN](principal, resource, action)`, a check that audits nothing (menus)
+CAN = "xc.can"
+
+
+def console_cookie(scope: Scope) -> str | None:
+    """The console session cookie's value (None: none sent)."""
+    for k, v in scope.get("headers", ()):
+        if k == b"cookie":
+            for part in v.decode("latin-1").split(";"):
+                name, _, value = part.strip().partition("=")
+                if name == CONSOLE_COOKIE and value:
+                    return value
+    return None
+
+
+def _wants_html(scope: Scope) -> bool:
+    return any(k == b"accept" and b"text/html" in v for k, v in scope.get("headers", ()))
+
 
 def client_ip(scope: Scope, trust_proxy: bool) -> str | None:
     if trust_proxy:
@@ -96,11 +123,13 @@ class SecurityMiddleware:
         settings = self.settings
         scope[AUTHORIZER] = self.authorize
         scope[AUDIT] = self.audit_sink
+        scope[CAN] = self.service.is_allowed
         path: str = scope["path"]
         method: str = scope.get("method", "GET")
+        console = path == CONSOLE_PREFIX or path.startswith(CONSOLE_PREFIX + "/")
         if path in settings.public_paths or (path == "/metrics" and settings.metrics_public) or (
             (method, path) in PUBLIC_ROUTES
-        ):
+        ) or (console and ((method, path) in CONSOLE_PUBLIC or path.startswith(CONSOLE_STATIC))):
             scope[PUBLIC_PATH] = True
             # health probes answer anyone, but their details (paths, audit position, backends) only a
             # caller whose bearer token is valid: anonymous probes get the verdicts alone
@@ -113,11 +142,19 @@ class SecurityMiddleware:
         scope["xc.client_ip"] = info.ip
         try:
             token = bearer(scope)
+            if token is None and console:
+                token = console_cookie(scope)
+                scope[CONSOLE_VIA_COOKIE] = token is not None
             principal = await self.service.authenticate(token) if token else None
             if principal is None:
                 _AUTH_DENIED.inc()
                 await self.service.audit("anonymous", "auth.denied", f"route:{path[:256]}", "denied", info,
                                          {"method": method, "reason": "invalid token" if token else "no token"})
+                if console and scope["type"] == "http" and method in ("GET", "HEAD") and _wants_html(scope):
+                    await send({"type": "http.response.start", "status": 303, "headers": [
+                        (b"location", b"/console/login"), (b"cache-control", b"no-store")]})
+                    await send({"type": "http.response.body", "body": b""})
+                    return
                 raise Unauthorized("authentication required: send 'Authorization: Bearer <token>'",
                                    code=CoreCode.UNAUTHORIZED, headers={"WWW-Authenticate": 'Bearer realm="xcstack"'})
         except XCError as exc:

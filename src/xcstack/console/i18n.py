@@ -1,0 +1,108 @@
+"""The console's words in zh-CN (the default) and English, and how a request picks its language.
+
+The MLPS (等保) names of the three administrators are used as written in the standard.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+
+LANGS = ("zh-CN", "en")
+LANG_COOKIE = "xc_lang"
+
+_ZH: dict[str, str] = {
+    "title": "xcstack 控制台", "login": "登录", "logout": "退出", "username": "用户名", "password": "密码",
+    "totp_code": "动态口令 (TOTP)", "sign_in": "登录", "home": "首页", "profile": "个人信息",
+    "sysadmin": "系统管理员", "secadmin": "安全管理员", "auditor": "审计管理员", "user": "用户",
+    "overview": "运行概览", "models": "上游与模型", "users": "用户", "roles": "角色", "keys": "API 密钥",
+    "groups": "分组", "audit": "审计记录", "chains": "审计链与检查点", "usage": "用量与配额",
+    "change_password": "修改密码", "old_password": "当前密码", "new_password": "新密码",
+    "repeat_password": "再次输入新密码", "must_change": "首次登录（或密码已过期）：请先修改密码。",
+    "totp": "动态口令", "totp_enroll": "绑定动态口令", "totp_start": "开始绑定",
+    "totp_scan": "用身份验证器应用扫描二维码（或输入密钥），然后输入应用显示的 6 位口令。",
+    "totp_secret": "密钥", "confirm": "确认", "recovery_codes": "恢复码（只显示一次，请妥善保存）",
+    "totp_enabled": "动态口令已启用", "totp_required_first": "请先绑定动态口令，之后才能使用控制台。",
+    "continue": "继续", "roles_of": "角色", "group": "分组", "kind": "类型", "created": "创建时间",
+    "disabled": "已停用", "actions": "操作", "create": "创建", "name": "名称", "days": "有效天数",
+    "expires": "到期", "revoke": "吊销", "key_once": "密钥只显示这一次，请立即复制保存：",
+    "one_time_pw": "一次性密码（只显示一次，首次登录须修改）：", "disable": "停用", "enable": "启用",
+    "reset_password": "重置密码", "reset_totp": "重置动态口令", "set_roles": "设置角色", "save": "保存",
+    "filter": "筛选", "since": "起始时间 (UTC)", "until": "截止时间 (UTC)", "actor": "操作者", "action": "动作",
+    "outcome": "结果", "request_id": "请求 ID", "resource": "资源", "time": "时间", "detail": "详情",
+    "verify": "校验审计链", "verify_ok": "审计链完整：全部校验通过", "verify_bad": "审计链校验失败",
+    "break_at": "断点位置", "export_csv": "导出 CSV", "export_jsonl": "导出 JSON Lines", "next": "下一页",
+    "chain": "链", "segments": "分段文件", "checkpoints": "检查点", "status": "状态", "health": "健康",
+    "circuit": "熔断器", "closed": "关闭（正常）", "open": "打开（已熔断）", "half_open": "半开（探测中）",
+    "req_rate": "请求速率 (次/秒)", "p50": "p50 延迟 (ms)", "p99": "p99 延迟 (ms)", "tokens_s": "tokens/秒",
+    "errors": "错误 (次/秒)", "loop_lag": "事件循环延迟 (ms)", "capabilities": "能力与后端",
+    "upstreams": "上游", "ready": "就绪", "not_ready": "未就绪", "worker": "HTTP 工作进程", "pid": "进程号",
+    "cores": "CPU 核", "no_access": "无权访问", "lang_switch": "English", "welcome": "欢迎",
+    "your_roles": "你的角色", "none": "无", "quotas": "配额", "period": "周期", "limit": "上限",
+    "used": "已用", "tokens": "tokens", "requests": "请求数", "idle_note": "空闲超时后会话自动失效",
+    "locked": "失败次数过多，账户已锁定，请稍后再试", "bad_login": "用户名或密码错误",
+    "totp_needed": "请输入动态口令", "bad_totp": "动态口令错误或已使用", "error": "错误",
+    "csrf": "请求已被拒绝（CSRF 校验失败）", "saved": "已保存", "model": "模型", "owner": "所有者",
+    "description": "说明", "builtin": "内置", "allow": "允许", "deny": "拒绝", "seq": "序号",
+    "records": "条记录", "api_keys_note": "密钥创建后只显示一次；系统只保存其哈希值。",
+    "quota_tokens": "每月 token 配额（可选）", "mismatch": "两次输入的新密码不一致",
+}
+
+_EN: dict[str, str] = {
+    "title": "xcstack console", "login": "Sign in", "logout": "Sign out", "username": "User name",
+    "password": "Password", "totp_code": "TOTP code", "sign_in": "Sign in", "home": "Home", "profile": "Profile",
+    "sysadmin": "System administrator", "secadmin": "Security administrator", "auditor": "Audit administrator",
+    "user": "User", "overview": "Overview", "models": "Upstreams and models", "users": "Users", "roles": "Roles",
+    "keys": "API keys", "groups": "Groups", "audit": "Audit records", "chains": "Chains and checkpoints",
+    "usage": "Usage and quotas", "change_password": "Change password", "old_password": "Current password",
+    "new_password": "New password", "repeat_password": "Repeat the new password",
+    "must_change": "First sign-in (or an expired password): change your password first.",
+    "totp": "TOTP", "totp_enroll": "Enrol TOTP", "totp_start": "Start enrolment",
+    "totp_scan": "Scan the QR code with an authenticator app (or type the secret), then enter the 6-digit code.",
+    "totp_secret": "Secret", "confirm": "Confirm", "recovery_codes": "Recovery codes (shown once: keep them safe)",
+    "totp_enabled": "TOTP is enabled", "totp_required_first": "Enrol TOTP before using the console.",
+    "continue": "Continue", "roles_of": "Roles", "group": "Group", "kind": "Kind", "created": "Created",
+    "disabled": "Disabled", "actions": "Actions", "create": "Create", "name": "Name", "days": "Days valid",
+    "expires": "Expires", "revoke": "Revoke", "key_once": "The key is shown this once; copy it now:",
+    "one_time_pw": "One-time password (shown once; to change at first sign-in):", "disable": "Disable",
+    "enable": "Enable", "reset_password": "Reset password", "reset_totp": "Reset TOTP", "set_roles": "Set roles",
+    "save": "Save", "filter": "Filter", "since": "Since (UTC)", "until": "Until (UTC)", "actor": "Actor",
+    "action": "Action", "outcome": "Outcome", "request_id": "Request id", "resource": "Resource", "time": "Time",
+    "detail": "Detail", "verify": "Verify the chain", "verify_ok": "Audit chain intact: every check passed",
+    "verify_bad": "Audit chain verification FAILED", "break_at": "Break at", "export_csv": "Export CSV",
+    "export_jsonl": "Export JSON Lines", "next": "Next page", "chain": "Chain", "segments": "Segments",
+    "checkpoints": "Checkpoints", "status": "Status", "health": "Health", "circuit": "Circuit breaker",
+    "closed": "closed (healthy)", "open": "open (tripped)", "half_open": "half-open (probing)",
+    "req_rate": "Requests/s", "p50": "p50 latency (ms)", "p99": "p99 latency (ms)", "tokens_s": "Tokens/s",
+    "errors": "Errors/s", "loop_lag": "Event-loop lag (ms)", "capabilities": "Capabilities and backends",
+    "upstreams": "Upstreams", "ready": "ready", "not_ready": "not ready", "worker": "HTTP worker", "pid": "PID",
+    "cores": "CPU cores", "no_access": "No access", "lang_switch": "中文", "welcome": "Welcome",
+    "your_roles": "Your roles", "none": "none", "quotas": "Quotas", "period": "Period", "limit": "Limit",
+    "used": "Used", "tokens": "tokens", "requests": "requests", "idle_note": "The session ends after idle time",
+    "locked": "Too many failed attempts: the account is locked, try again later",
+    "bad_login": "Wrong user name or password", "totp_needed": "Enter your TOTP code",
+    "bad_totp": "Wrong or already used TOTP code", "error": "Error",
+    "csrf": "Request refused (CSRF check failed)", "saved": "Saved", "model": "Model", "owner": "Owner",
+    "description": "Description", "builtin": "built-in", "allow": "Allow", "deny": "Deny", "seq": "Seq",
+    "records": "records", "api_keys_note": "A key is shown once when created; only its hash is stored.",
+    "quota_tokens": "Monthly token quota (optional)", "mismatch": "The two new passwords differ",
+}
+
+STRINGS = {"zh-CN": _ZH, "en": _EN}
+
+
+def pick_language(request: Request, default: str) -> str:
+    """The switch (`?lang=`, then its cookie) wins; else the first of Accept-Language we speak; else default."""
+    for value in (request.query_params.get("lang"), request.cookies.get(LANG_COOKIE)):
+        if value in LANGS:
+            return value
+    for part in request.headers.get("accept-language", "").split(","):
+        tag = part.split(";")[0].strip().lower()
+        if tag.startswith("zh"):
+            return "zh-CN"
+        if tag.startswith("en"):
+            return "en"
+    return default
+
+
+def translator(lang: str) -> dict[str, str]:
+    return STRINGS.get(lang, _ZH)
