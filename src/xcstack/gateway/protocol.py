@@ -30,7 +30,6 @@ class GatewayCode(StrEnum):
     JOBS_DISABLED = "jobs_disabled"
     JOBS_STORE_UNAVAILABLE = "jobs_store_unavailable"
     CANCELLED = "cancelled"  # the error of a cancelled job's result
-    CONTENT_BLOCKED = "content_blocked"  # a safety policy's block action (docs/safety.md)
     TOO_MANY_DOCUMENTS = "too_many_documents"  # /v1/rerank: over gateway.rerank.max_documents
     DOCUMENT_TOO_LONG = "document_too_long"  # /v1/rerank: a document over gateway.rerank.max_document_chars
     QUERY_TOO_LONG = "query_too_long"  # /v1/rerank: the query over gateway.rerank.max_query_chars
