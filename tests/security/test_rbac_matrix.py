@@ -126,6 +126,8 @@ MATRIX: dict[tuple[str, str], tuple[frozenset[str], list[Call]]] = {
     ("POST", "/v1/chat/completions"): (SYS, [Call("/v1/chat/completions", {})]),
     ("POST", "/v1/completions"): (SYS, [Call("/v1/completions", {})]),
     ("POST", "/v1/embeddings"): (SYS, [Call("/v1/embeddings", {})]),
+    ("POST", "/v1/rerank"): (SYS, [Call("/v1/rerank", {})]),
+    ("POST", "/rerank"): (SYS, [Call("/rerank", {})]),
     ("GET", "/v1/models"): (SYS, [Call("/v1/models")]),
     ("POST", "/v1/jobs"): (SYS, [Call("/v1/jobs", {})]),
     ("GET", "/v1/jobs"): (SYS, [Call("/v1/jobs")]),
