@@ -171,10 +171,38 @@ MATRIX: dict[tuple[str, str], tuple[frozenset[str], list[Call]]] = {
     ("POST", "/v1/crypto/random"): (SYS, [Call("/v1/crypto/random", {"n": 8})]),
     ("GET", "/v1/crypto/keys"): (SYS, [Call("/v1/crypto/keys")]),
     ("GET", "/v1/crypto/keys/{name}"): (SYS, [Call("/v1/crypto/keys/ghost")]),
+    # the web console (docs/console.md): each page needs the permission of the API calls it makes
+    ("GET", "/console/"): (SELF, [Call("/console/")]),
+    ("GET", "/console/login"): (PUBLIC, [Call("/console/login")]),
+    ("POST", "/console/login"): (PUBLIC, [Call("/console/login", {})]),
+    ("POST", "/console/logout"): (SELF, [Call("/console/logout", fresh_token=True)]),
+    ("GET", "/console/password"): (SELF, [Call("/console/password")]),
+    ("POST", "/console/password"): (SELF, [Call("/console/password", {})]),
+    ("GET", "/console/totp"): (SELF, [Call("/console/totp")]),
+    ("POST", "/console/totp"): (SELF, [Call("/console/totp", {})]),
+    ("GET", "/console/usage"): (SELF, [Call("/console/usage")]),
+    ("GET", "/console/users"): (SYS_SEC, [Call("/console/users")]),
+    ("POST", "/console/users"): (SYS, [Call("/console/users", {})]),
+    ("POST", "/console/users/{name}/roles"): (SEC, [Call("/console/users/ghost/roles", {})]),
+    ("POST", "/console/users/{name}/{action}"): (SYS, [Call("/console/users/ghost/disable", {})]),
+    ("GET", "/console/roles"): (SEC, [Call("/console/roles")]),
+    ("GET", "/console/keys"): (SYS, [Call("/console/keys")]),
+    ("POST", "/console/keys"): (SYS, [Call("/console/keys", {})]),
+    ("POST", "/console/keys/{id}/revoke"): (SYS, [Call("/console/keys/ghost/revoke", {})]),
+    ("GET", "/console/groups"): (SYS, [Call("/console/groups")]),
+    ("POST", "/console/groups"): (SYS, [Call("/console/groups", {})]),
+    ("GET", "/console/audit"): (AUD, [Call("/console/audit")]),
+    ("POST", "/console/audit/verify"): (AUD, [Call("/console/audit/verify", {})]),
+    ("GET", "/console/audit/chains"): (AUD, [Call("/console/audit/chains")]),
+    ("GET", "/console/audit/export"): (AUD, [Call("/console/audit/export?format=csv")]),
+    ("GET", "/console/overview"): (SYS, [Call("/console/overview")]),
+    ("GET", "/console/overview/data"): (SYS, [Call("/console/overview/data")]),
+    ("GET", "/console/models"): (SYS, [Call("/console/models")]),
+    ("GET", "/console/static/{name}"): (PUBLIC, [Call("/console/static/console.js")]),
 }
 
 # every capability of the default list must be in the app: one silently disabled would hide its routes
-CAPABILITIES = {"security", "crypto", "gateway", "db", "inference", "vector", "usage"}
+CAPABILITIES = {"security", "crypto", "gateway", "db", "inference", "vector", "usage", "console"}
 
 
 def _settings(data_dir: Path) -> Any:
@@ -249,6 +277,10 @@ def routed_template(routes: list[BaseRoute], method: str, path: str) -> str | No
         match, _ = route.matches(scope)
         if match == Match.FULL and isinstance(route, Route):
             return route.path
+        if match == Match.FULL and isinstance(route, Mount) and route.routes:  # the console's pages
+            inner = routed_template(list(route.routes), method, child["path"])
+            if inner is not None:
+                return route.path + inner
     return None
 
 

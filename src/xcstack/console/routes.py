@@ -41,7 +41,7 @@ from xcstack.console.web import (
     read_form,
     set_cookie,
 )
-from xcstack.errors import CoreCode, NotFound
+from xcstack.errors import CoreCode, NotFound, XCError
 from xcstack.httputil import JSONResponse, dumps
 from xcstack.security.guard import authenticated, public, requires
 from xcstack.security.middleware import console_cookie
@@ -98,7 +98,14 @@ def build_routes(pages: Pages) -> list[BaseRoute]:
     async def login_post(request: Request) -> Response:
         form = await read_form(request)
         pre = request.cookies.get(PRE_COOKIE) or ""
-        await check_csrf(request, form, secret=pre, purpose="login")
+        try:
+            await check_csrf(request, form, secret=pre, purpose="login")
+        except XCError:  # refused (and audited); the form comes back with a fresh token
+            fresh = new_pre_secret()
+            resp = await page(request, "login.html", 400, csrf=csrf_for(fresh, "login"), menu=[], username="",
+                              errors=["csrf"])
+            set_cookie(resp, request, PRE_COOKIE, fresh, max_age=3600)
+            return resp
         body: dict[str, Any] = {"username": form.get("username", ""), "password": form.get("password", "")}
         if form.get("totp"):
             body["totp"] = form["totp"].strip()
@@ -154,8 +161,8 @@ def build_routes(pages: Pages) -> list[BaseRoute]:
         r = await call_api(request, "POST", "/v1/auth/password",
                            json={"old_password": form.get("old_password", ""),
                                  "new_password": form.get("new_password", "")})
-        if not r.ok:
-            return await page(request, "password.html", r.status, api_error=r.error)
+        if not r.ok:  # a wrong current password is the API's 401; the console session itself is fine
+            return await page(request, "password.html", 400 if r.status == 401 else r.status, api_error=r.error)
         me = (await call_api(request, "GET", "/v1/auth/me")).json() or {}
         return back("/console/totp" if me.get("restricted") == "totp_enrollment" else "/console/")
 
