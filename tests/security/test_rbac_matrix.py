@@ -274,7 +274,7 @@ def routed_template(routes: list[BaseRoute], method: str, path: str) -> str | No
     must really exercise the row they are listed under."""
     scope = {"type": "http", "method": method, "path": path.split("?")[0], "root_path": ""}
     for route in routes:
-        match, _ = route.matches(scope)
+        match, child = route.matches(scope)
         if match == Match.FULL and isinstance(route, Route):
             return route.path
         if match == Match.FULL and isinstance(route, Mount) and route.routes:  # the console's pages
