@@ -305,10 +305,10 @@ class GatewayService:
             try:
                 payload = await pr.safety.answer(payload)
             except Blocked as b:
-                err = BadRequest(f"answer blocked by policy {b.finding.policy!r}: category {b.finding.category}",
-                                 code=GatewayCode.CONTENT_BLOCKED)
-                await send_error(send, err)
-                return err.status
+                refused = BadRequest(f"answer blocked by policy {b.finding.policy!r}: category "
+                                     f"{b.finding.category}", code=GatewayCode.CONTENT_BLOCKED)
+                await send_error(send, refused)
+                return refused.status
             headers = pr.safety.headers
         await send_json(send, status, payload, headers)
         return status

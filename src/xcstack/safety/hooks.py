@@ -82,7 +82,7 @@ class RequestSafety:
 
     async def _check(self, slots: list[tuple[Any, Any, str]], direction: str) -> bool:
         """Scan and mask the slots in place; True when something was masked; raises Blocked."""
-        rules = self.plan.input if direction == "input" else self.plan.output if self.plan else None
+        rules = None if self.plan is None else self.plan.input if direction == "input" else self.plan.output
         if rules is None:
             return False
         found: list[Finding] = []

@@ -73,11 +73,11 @@ def parse(text: str) -> tuple[dict[str, Any], bytes, bytes]:
             obj = obj["xc_label"]
         sig = _unb64(str(obj.pop("sig")))
         return obj, canonical(obj), sig
-    head, _, sig = text.partition(".")
-    if not sig:
+    head, _, sig_text = text.partition(".")
+    if not sig_text:
         raise ValueError("not a label: expected <base64url(JSON)>.<base64url(signature)>")
     signed = _unb64(head)
-    return json.loads(signed), signed, _unb64(sig)
+    return json.loads(signed), signed, _unb64(sig_text)
 
 
 def verify(text: str, public_pem: str | bytes) -> dict[str, Any]:
