@@ -69,6 +69,10 @@ def import_model(
 ) -> list[Path]:
     """Import `src` into the repository `dest_root` as `name` (fp32) and/or `int8_name` (int8)."""
     src = Path(src)
+    from xcstack.inference.export.cross_encoder import cross_encoder_architecture, import_cross_encoder
+
+    if cross_encoder_architecture(src) is not None:  # a reranker (…ForSequenceClassification): kind "rerank"
+        return import_cross_encoder(src, dest_root, name, int8_name=int8_name, fp32=fp32, force=force)
     if not (src / "config.json").is_file():
         raise ModelImportError(f"{src}: config.json not found (expected a Hugging Face model directory)")
     tok = src / "tokenizer.json"
