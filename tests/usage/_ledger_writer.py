@@ -1,5 +1,5 @@
 """Child process of the crash test: enqueues ledger records as fast as it can (request ids are sequence
-numbers) and prints `seq monotonic_time` after each 1000, until it is killed."""
+numbers) and prints `seq dropped monotonic_time` after each 1000, until it is killed."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ async def main(url: str | None, data: str) -> None:
         for _ in range(1000):
             seq += 1
             led.enqueue((time.time(), "k", "u", "g", "m", "up", "chat", 10, 5, 0, "v", 0, 200, 1.0, str(seq)))
-        print(seq, time.monotonic(), flush=True)
+        print(seq, led.dropped, time.monotonic(), flush=True)
         await asyncio.sleep(0.002)  # ~500k records/s offered at most: the writer keeps up or the bound shows
 
 

@@ -82,7 +82,6 @@ def pg_url() -> Iterator[str]:
 
 @pytest.fixture
 def redis_url() -> Iterator[str]:
-    import uuid
 
     import redis
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,7 +61,7 @@ class Caller:
         return self.key if scope == "key" else self.user if scope == "user" else self.group
 
 
-def caller_of(scope: dict[str, Any]) -> Caller:
+def caller_of(scope: Mapping[str, Any]) -> Caller:
     """Key, user and group of the request's principal (the security middleware's); without security
     every call is the anonymous user's."""
     p = scope.get("xc.principal")
@@ -85,7 +85,7 @@ class Ticket:
     est_in: int
     est_out: int
     t0: float
-    scope: dict[str, Any]
+    scope: Any  # the ASGI scope (its audit sink, for soft-quota alerts)
     items: list[tuple[Rule, str, int]] = field(default_factory=list)  # rule, counter key, amount reserved
     local: bool = False  # reserved in the per-node counters (Redis was down)
     upstream: str = ""

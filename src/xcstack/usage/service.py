@@ -82,7 +82,7 @@ class UsageService:
         return await self.directory.user_id(q.subject) or q.subject
 
     # -- the gateway's calls --------------------------------------------------------------------------
-    async def reserve(self, scope: dict[str, Any], endpoint: str, model: str, est_in: int,
+    async def reserve(self, scope: Any, endpoint: str, model: str, est_in: int,
                       max_tokens: int | None) -> Ticket:
         """Before admission: raises 429 `quota_exceeded` (a ledger record of the refusal is kept)."""
         if time.monotonic() - self._rules_loaded > self.settings.rules_reload_s:
