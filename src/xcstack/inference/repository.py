@@ -102,6 +102,11 @@ class ModelConfig(BaseModel):
     )
     max_seq_length: int = Field(256, ge=1, le=8192)
     dimensions: int | None = Field(None, ge=1, le=65536)
+    query_prefix: str = Field("", max_length=256, description="text models: put before a query (`input_type` query)")
+    passage_prefix: str = Field(
+        "", max_length=256, description="text models: put before a document (`input_type` document or passage)")
+    default_input_type: Literal["query", "document"] | None = Field(
+        None, description="the prefix a /v1/embeddings request without `input_type` gets (None: raw text)")
     source: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")
@@ -119,9 +124,19 @@ class ModelConfig(BaseModel):
                 raise ValueError(f"duplicate tensor names in {names}")
         if self.kind in ("embedding", "rerank") and not self.tokenizer:
             raise ValueError(f"{'an' if self.kind == 'embedding' else 'a'} {self.kind} model needs `tokenizer`")
+        if self.default_input_type is not None and not (self.query_prefix or self.passage_prefix):
+            raise ValueError("default_input_type needs query_prefix or passage_prefix")
         if self.text_input and (not self.tokenizer or self.text_input in {t.name for t in self.inputs}):
             raise ValueError("text_input needs a tokenizer and a name that is not one of `inputs`")
         return self
+
+    def prefix_for(self, input_type: str | None) -> str:
+        """The text put before each input: `input_type` query | document | passage (an alias of document),
+        None: the model's default_input_type (no prefix when it has none)."""
+        kind = input_type or self.default_input_type
+        if kind is None:
+            return ""
+        return self.query_prefix if kind == "query" else self.passage_prefix
 
     def batching_params(self, defaults: BatchingDefaults) -> BatchParams:
         b = self.batching

@@ -278,6 +278,10 @@ class OrtModel:
 
 
 def load_tokenizer(path: str, max_len: int) -> Any:
+    if path.endswith(".model"):  # SentencePiece (inference/sptokenizer.py): large vocabularies in ~4 MB
+        from xcstack.inference.sptokenizer import SentencePieceTokenizer
+
+        return SentencePieceTokenizer.load(path, max_len)
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(path)

