@@ -27,7 +27,9 @@ KINDS = ("id_card", "mobile", "bank_card", "uscc", "email", "ip")
 _WIDTH = {cp: cp - 0xFEE0 for cp in range(0xFF01, 0xFF5F)}
 _WIDTH[0x3002] = ord(".")  # 。 (an evasion in e-mail addresses and IPs)
 
-_WIDE = re.compile("[\uff01-\uff5e\u3002]")
+# full-width digits, letters and the characters addresses use (not the full-width punctuation of all
+# Chinese text: folding would then run on every text)
+_WIDE = re.compile("[\uff10-\uff1a\uff21-\uff3a\uff41-\uff5a\uff20\uff0e\uff0b\uff0d]")
 _HOT = re.compile(r"[0-9@:]")
 _ALNUM = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 # a number or code: digit groups joined by single spaces or hyphens (6222 0200 1234 5678), or dots (IPv4)
@@ -150,7 +152,8 @@ def scan(text: str, kinds: frozenset[str] | None = None) -> list[PiiHit]:
         if end < n and folded[end] in "@:":
             pos = i + 1  # an e-mail's local part or an IPv6 address: their own detectors
             continue
-        kind = _classify_number(folded[start:end].lstrip("+")) if tm else None
+        # every detector needs 7+ characters (an IPv4 address at least): shorter tokens are skipped cheaply
+        kind = _classify_number(folded[start:end].lstrip("+")) if tm and end - start >= 7 else None
         if kind is not None and kind in want:
             out.append(PiiHit(kind, start, end))
         pos = max(end, i + 1)
