@@ -135,6 +135,11 @@ class Failover:
                                                     code=GatewayCode.UPSTREAM_UNAVAILABLE, retry_after=ra))
                 up.breaker.failure()
                 up.outcome("5xx")
+                if status == 503:  # unavailable for now (a llama.cpp worker loading its model): retriable
+                    raise UpstreamFailed(Overloaded(
+                        f"upstream {up.name} is unavailable (503): {snippet(body)}",
+                        code=GatewayCode.UPSTREAM_UNAVAILABLE,
+                        retry_after=retry_after_header(resp.headers.get("Retry-After"))))
                 raise UpstreamFailed(UpstreamError(
                     f"upstream {up.name} answered {status}: {snippet(body)}", code=CoreCode.UPSTREAM_ERROR))
             if status >= 400:
