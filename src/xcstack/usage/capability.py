@@ -36,7 +36,7 @@ class UsageCapability:
 
     async def ready(self) -> tuple[bool, str]:
         led = self.service.ledger
-        return True, f"ledger: {len(led.buf)} records buffered, {led.dropped} dropped"
+        return True, f"ledger: {len(led.buf)} records buffered, {led.dropped} dropped, {led.quarantined} quarantined"
 
 
 def create(ctx: AppContext) -> UsageCapability | None:

@@ -7,12 +7,20 @@ and the roll-up increments together, so the roll-ups always agree with the recor
 (kill -9) can lose is the buffer: the records of the last `ledger_flush_ms` plus one batch write, and
 never more than `ledger_queue_max` (beyond that, new records are dropped and counted,
 `xc_usage_ledger_dropped_total`, rather than growing without bound).
+
+A batch the database refuses for its data (a constraint, a value out of range: `data_error`) is split
+in halves until the refused records are alone; those are quarantined (an ERROR log line with the
+record, `xc_usage_ledger_quarantined_total`, a row in `usage_dead_letters`) and the rest is written, so
+one bad record never blocks the ledger. Any other failure (the database unreachable) keeps what is not
+yet written in the buffer and retries it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import sqlite3
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -26,6 +34,8 @@ log = logging.getLogger("xcstack.usage.ledger")
 
 WRITTEN = Counter("xc_usage_ledger_records", "Usage records written to the ledger")
 DROPPED = Counter("xc_usage_ledger_dropped", "Usage records dropped: the ledger buffer was full")
+QUARANTINED = Counter("xc_usage_ledger_quarantined",
+                      "Usage records the database refused (constraint, bad value): set aside in usage_dead_letters")
 FLUSH_S = Histogram("xc_usage_ledger_flush_seconds", "Time to write one ledger batch",
                     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))
 
@@ -60,10 +70,39 @@ CREATE TABLE IF NOT EXISTS usage_price_versions (
 """ + _ROLLUP.format(name="hourly", bucket="hour", btype="BIGINT") + _ROLLUP.format(name="daily", bucket="day",
                                                                                       btype="TEXT")
 
+_DEAD = """
+CREATE TABLE IF NOT EXISTS usage_dead_letters (
+    id {serial}, ts {real} NOT NULL, reason TEXT NOT NULL, record TEXT NOT NULL);
+"""
+
 MIGRATIONS: list[Any] = [
     {"sqlite": _SCHEMA.format(serial="INTEGER PRIMARY KEY AUTOINCREMENT", real="REAL"),
      "postgres": _SCHEMA.format(serial="BIGSERIAL PRIMARY KEY", real="DOUBLE PRECISION")},
+    {"sqlite": _DEAD.format(serial="INTEGER PRIMARY KEY AUTOINCREMENT", real="REAL"),
+     "postgres": _DEAD.format(serial="BIGSERIAL PRIMARY KEY", real="DOUBLE PRECISION")},
 ]
+
+# DB-API exception classes (sqlite3's, psycopg's) that blame the rows, not the database
+_DATA_ERRORS = frozenset({"IntegrityError", "DataError"})
+
+
+def data_error(exc: BaseException) -> bool:
+    """Whether the database refused the rows themselves (so the same rows would be refused forever):
+    a constraint or a bad value, or a value the driver cannot send (sqlite3's binding errors). Not a
+    schema or connection problem (`OperationalError`; PostgreSQL's `ProgrammingError`: a missing
+    table), which would refuse every record alike and is retried instead."""
+    if isinstance(exc, (TypeError, ValueError, OverflowError, sqlite3.ProgrammingError, sqlite3.InterfaceError)):
+        return True
+    return any(k.__name__ in _DATA_ERRORS for k in type(exc).__mro__)
+
+
+class _Unwritten(Exception):
+    """A batch write stopped on a failure that is not the data's: `rest` is still to be written."""
+
+    def __init__(self, rest: list[Record], cause: BaseException) -> None:
+        super().__init__(repr(cause))
+        self.rest = rest
+        self.cause = cause
 
 
 def _upsert(table: str, bucket: str) -> str:
@@ -115,6 +154,7 @@ class Ledger:
         self.retention_s = retention_days * 86400
         self.buf: list[Record] = []
         self.dropped = 0
+        self.quarantined = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -145,23 +185,59 @@ class Ledger:
         await self.store.transaction(run)
 
     async def flush(self) -> int:
-        """Write what is buffered now, in batches of at most `batch_max`; returns the records written."""
+        """Write what is buffered now, in batches of at most `batch_max`; returns the records written.
+        Records the database refuses are quarantined (`write_isolating`); on any other failure what is
+        not written goes back to the front of the buffer (bounded by queue_max) and the error is raised."""
         n = 0
         while self.buf:
             batch = self.buf[: self.batch_max]
             del self.buf[: len(batch)]
             t0 = time.perf_counter()
             try:
-                await self.write(batch)
-            except Exception as exc:
-                # put it back (bounded by queue_max) and retry at the next flush
-                log.error("usage ledger: writing %d records failed (%r); retrying", len(batch), exc)
-                self.buf[:0] = batch[: max(0, self.queue_max - len(self.buf))]
-                raise
+                n += await self.write_isolating(batch)
+            except _Unwritten as exc:
+                log.error("usage ledger: writing %d records failed (%r); retrying", len(exc.rest), exc.cause)
+                self.buf[:0] = exc.rest[: max(0, self.queue_max - len(self.buf))]
+                raise exc.cause from None
             FLUSH_S.observe(time.perf_counter() - t0)
-            WRITTEN.inc(len(batch))
-            n += len(batch)
         return n
+
+    async def write_isolating(self, batch: list[Record]) -> int:
+        """Write `batch`; when the database refuses its data, halve it until the refused records stand
+        alone (about 2·log2(batch) writes for one bad record), quarantine those and write the rest, in
+        order. Returns the records written; raises `_Unwritten` with the rest on any other failure."""
+        pending: list[list[Record]] = [batch]  # a stack: the next chunk to write last
+        n = 0
+        while pending:
+            chunk = pending.pop()
+            try:
+                await self.write(chunk)
+            except Exception as exc:
+                if not data_error(exc):
+                    raise _Unwritten([r for c in (chunk, *reversed(pending)) for r in c], exc) from exc
+                if len(chunk) == 1:
+                    await self.quarantine(chunk[0], exc)
+                else:
+                    mid = len(chunk) // 2
+                    pending += (chunk[mid:], chunk[:mid])
+                continue
+            WRITTEN.inc(len(chunk))
+            n += len(chunk)
+        return n
+
+    async def quarantine(self, record: Record, exc: BaseException) -> None:
+        """Set aside one record the database refused: logged in full, counted, and kept in
+        `usage_dead_letters` (as JSON) for an operator to inspect; never retried."""
+        self.quarantined += 1
+        QUARANTINED.inc()
+        text = json.dumps(list(record), default=repr)  # ASCII: a NUL becomes \u0000, which any TEXT takes
+        reason = f"{type(exc).__name__}: {exc}".replace("\x00", "\\x00")[:1000]
+        log.error("usage ledger: record refused by the database, quarantined (%s): %s", reason, text)
+        try:
+            await self.store.execute("INSERT INTO usage_dead_letters (ts, reason, record) VALUES (?, ?, ?)",
+                                     (time.time(), reason, text))
+        except Exception as exc2:  # the log line above keeps the record
+            log.error("usage ledger: could not keep the refused record in usage_dead_letters: %r", exc2)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -190,6 +266,7 @@ class Ledger:
         def run(tx: Tx) -> int:
             n = tx.execute("DELETE FROM usage_records WHERE ts < ?", (cut,))
             tx.execute("DELETE FROM usage_hourly WHERE hour < ?", (int(cut) // 3600 * 3600,))
+            tx.execute("DELETE FROM usage_dead_letters WHERE ts < ?", (cut,))
             return n
 
         return await self.store.transaction(run)
