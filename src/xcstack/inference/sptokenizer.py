@@ -85,8 +85,9 @@ def write_model(dest: Path, pieces: Sequence[str], scores: Sequence[float], spec
                 char_map: dict[int, str]) -> Path:
     """Write `dest` (a SentencePiece Unigram ModelProto: pieces in id order) and its `.json` side file;
     `specials`: bos, eos, pad, unk ids. Needs `protobuf` (the import side only: onnx brings it)."""
-    from sentencepiece import sentencepiece_model_pb2 as pb
+    from sentencepiece import sentencepiece_model_pb2
 
+    pb: Any = sentencepiece_model_pb2  # generated protobuf module: no type information
     m: Any = pb.ModelProto()
     ts = m.trainer_spec
     ts.model_type = pb.TrainerSpec.UNIGRAM
