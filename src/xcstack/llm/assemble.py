@@ -194,6 +194,8 @@ def assemble(model: BuiltinModel, repo: Path, *, force: bool = False, progress: 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    # for the SBOM (supply/inventory.py reads model.json): licence, version, the packages it came from
+    record.update(license=model.licence, version=model.version)
     record.update(_stamp(weights))  # the inode/mtime of the renamed file (the same inode; mtime unchanged)
     _write_record(dest, record)
     shutil.copyfile(LICENCE_FILE, dest / "LICENSE.txt")

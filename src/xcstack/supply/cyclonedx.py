@@ -352,6 +352,7 @@ def _model_component(m: Model) -> Component:
         hashes=[HashType(alg=HashAlgorithm.SHA_256, content=th)] if th else None,
         components=files or None,
         properties=_props([("path", m.path), ("license:source", m.license.source),
+                           ("source:packages", " ".join(m.sources) or None),
                            ("hash-method", "dirhash-h1(files)" if th else None)]),
     )
 

@@ -136,6 +136,7 @@ class Model:
     license: LicenseInfo
     version: str | None = None
     supplier: Party | None = None
+    sources: list[str] = field(default_factory=list)  # the packages it was assembled from (llm built-ins)
 
 
 @dataclass
@@ -473,6 +474,20 @@ def platform_info() -> PlatformInfo:
 _FRONT_LICENSE = re.compile(r"^license:\s*['\"]?([^'\"\n]+)['\"]?\s*$", re.M | re.I)
 
 
+def model_source(model_dir: Path) -> tuple[str | None, None, list[str]]:
+    """(version, supplier, source packages) from an llm repository record (`model.json` of `xcstack llm
+    assemble`: the chunk packages a built-in GGUF was assembled from)."""
+    try:
+        data = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, None, []
+    src = data.get("source") if isinstance(data, dict) else None
+    pkgs = src.get("packages") if isinstance(src, dict) else None
+    version = data.get("version") if isinstance(data, dict) else None
+    return (str(version) if version else None, None,
+            [str(p) for p in pkgs] if isinstance(pkgs, list) else [])
+
+
 def model_license(model_dir: Path) -> LicenseInfo:
     """From a manifest (`*.json` with "license"), a model card's YAML front matter, or a LICENSE file."""
     for manifest in ("xcstack-model.json", "model.json", "manifest.json", "config.json"):
@@ -606,6 +621,9 @@ def collect(
         if mroot is not None:
             for name, mdir, files in model_dirs(mroot):
                 model_jobs.append((name, mdir, [(f, pool.submit(hash_file, f, True)) for f in files]))
+        if models_dir is None and data_dir is not None:  # the llm capability's GGUF repository
+            for name, mdir, files in model_dirs(Path(data_dir) / "llm-models"):
+                model_jobs.append((name, mdir, [(f, pool.submit(hash_file, f, True)) for f in files]))
         # distributions (main thread, while the pool hashes)
         t1 = time.perf_counter()
         dists = read_distributions(dist_paths)
@@ -647,7 +665,7 @@ def collect(
                     warnings.append(f"cannot hash {f}: {exc}")
                     continue
                 mfiles.append(ModelFile(str(f.relative_to(mdir)), sha, sm3 or "", size, sha1))
-            models.append(Model(name, str(mdir), mfiles, model_license(mdir)))
+            models.append(Model(name, str(mdir), mfiles, model_license(mdir), *model_source(mdir)))
         interp = f_interp.result()
     timings["total_s"] = time.perf_counter() - t0
     root_key = "xcstack" if "xcstack" in dists else None
