@@ -54,7 +54,7 @@ REGISTRY: tuple[Entry, ...] = (
     Entry("inference", "xcstack.inference.capability", "xcstack.inference.cli"),
     Entry("llm", "xcstack.llm.capability", "xcstack.llm.cli"),
     Entry("vector", "xcstack.vector.capability", None),
-    Entry("usage", "xcstack.usage.capability", None),
+    Entry("usage", "xcstack.usage.capability", "xcstack.usage.cli"),
     Entry("console", "xcstack.console.capability", None),
     Entry("platform", None, "xcstack.platform.cli"),
     Entry("supply", None, "xcstack.supply.cli"),

@@ -1,4 +1,5 @@
-"""`xcstack user ...`, `xcstack audit verify|accept-tail|export|prune`, `xcstack trust seal|verify`.
+"""`xcstack user ...`, `xcstack group ...`, `xcstack audit verify|accept-tail|export|prune`,
+`xcstack trust seal|verify`.
 
 User commands act as the local system administrator (whoever can run them can read the state
 store) and are audited like HTTP administration (actor `cli:<os user>`).
@@ -58,6 +59,29 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     x.add_argument("--days", type=int, default=None, help="lifetime in days (default: security.api_key_max_days)")
     x.add_argument("--key-name", default=None, help="the key's name (default: USER-cli)")
     x.set_defaults(func=_cmd(_user_key_create))
+    x = ks.add_parser("group", help="give an API key a group of its own (--none: back to its owner's)")
+    x.add_argument("id", help="the key's id")
+    x.add_argument("group", nargs="?")
+    x.add_argument("--none", action="store_true", help="no group of its own")
+    x.set_defaults(func=_cmd(_key_group))
+    x = us.add_parser("group", help="put a user in a group (--none: in none)")
+    x.add_argument("name")
+    x.add_argument("group", nargs="?")
+    x.add_argument("--none", action="store_true", help="take the user out of its group")
+    x.set_defaults(func=_cmd(_user_group))
+    # -- groups --
+    p = sub.add_parser("group", help="groups (部门/租户) of users and API keys (as the local administrator)")
+    gs = p.add_subparsers(dest="group_command", required=True)
+    x = gs.add_parser("list", help="the groups with their numbers of users and API keys")
+    x.add_argument("--json", action="store_true")
+    x.set_defaults(func=_cmd(_group_list))
+    x = gs.add_parser("create", help="create a group")
+    x.add_argument("name")
+    x.add_argument("--description", default="")
+    x.set_defaults(func=_cmd(_group_create))
+    x = gs.add_parser("delete", help="delete a group without members")
+    x.add_argument("name")
+    x.set_defaults(func=_cmd(_group_delete))
     # -- secrets --
     p = sub.add_parser("secret", help="named secrets at rest (SM4-GCM): reference them in config as secret:NAME")
     ss = p.add_subparsers(dest="secret_command", required=True)
@@ -252,6 +276,57 @@ async def _user_key_create(args: argparse.Namespace, settings: Settings, svc: Se
                     {"owner": args.name, "roles": out["roles"]})
     print(f"API key {out['id']} for {args.name} (roles {', '.join(out['roles'])}; shown once):")
     print(f"  {out['key']}")
+    return 0
+
+
+def _target_group(args: argparse.Namespace) -> str | None:
+    """GROUP or --none, validated as the API's body (`GroupAssign`): the same 400 codes."""
+    from xcstack.errors import BadRequest, CoreCode
+    from xcstack.httputil import parse_model
+    from xcstack.security.protocol import GroupAssign
+
+    if (args.group is None) == (not args.none):
+        raise BadRequest("give a GROUP or --none", code=CoreCode.INVALID_PARAMETER, param="group")
+    return parse_model({"group": args.group}, GroupAssign).group
+
+
+async def _user_group(args: argparse.Namespace, settings: Settings, svc: SecurityService) -> int:
+    group = _target_group(args)
+    await svc.groups.assign_user(_actor(), args.name, group)
+    print(f"user {args.name}: group {group or '(none)'}")
+    return 0
+
+
+async def _key_group(args: argparse.Namespace, settings: Settings, svc: SecurityService) -> int:
+    group = _target_group(args)
+    await svc.groups.assign_key(_actor(), args.id, group)
+    print(f"API key {args.id}: group {group or '(its owner’s)'}")
+    return 0
+
+
+async def _group_list(args: argparse.Namespace, settings: Settings, svc: SecurityService) -> int:
+    groups = await svc.groups.list()
+    if args.json:
+        print(json.dumps(groups, ensure_ascii=False, indent=2))
+        return 0
+    for g in groups:
+        print(f"{g['name']:<24} users {g['users']:<5} keys {g['keys']:<5} {g['description']}")
+    return 0
+
+
+async def _group_create(args: argparse.Namespace, settings: Settings, svc: SecurityService) -> int:
+    from xcstack.httputil import parse_model
+    from xcstack.security.protocol import GroupCreate
+
+    body = parse_model({"name": args.name, "description": args.description}, GroupCreate)
+    await svc.groups.create(_actor(), body.name, body.description)
+    print(f"group {body.name} created")
+    return 0
+
+
+async def _group_delete(args: argparse.Namespace, settings: Settings, svc: SecurityService) -> int:
+    await svc.groups.delete(_actor(), args.name)
+    print(f"group {args.name} deleted")
     return 0
 
 

@@ -22,8 +22,7 @@ from xcstack.httputil import JSONResponse, parse_model, read_model
 from xcstack.security.guard import audit, authenticated, authorize, requires
 from xcstack.usage import protocol as p
 from xcstack.usage.quotas import caller_of
-from xcstack.usage.service import GROUP_BY, UsageService
-from xcstack.usage.settings import QuotaRule
+from xcstack.usage.service import GROUP_BY, UsageService, quota_rule
 
 CSV_FIELDS = ("period", *GROUP_BY, "requests", "input_tokens", "output_tokens", "cost", "estimated")
 
@@ -87,9 +86,7 @@ def build_routes(svc: UsageService) -> list[BaseRoute]:
                      "user that does not exist. Audited (`usage.quota_create`).")
     async def add_quota(request: Request) -> Response:
         body = await read_model(request, p.QuotaCreate)
-        if body.limit < 0:
-            raise BadRequest("a quota's limit must be at least 0", code=p.UsageCode.INVALID_QUOTA, param="limit")
-        rule = QuotaRule(**body.model_dump())
+        rule = quota_rule(body)
         principal = request.scope.get("xc.principal")
         qid = await svc.add_quota(rule, str(getattr(principal, "name", "anonymous")))
         await audit(request, "usage.quota_create", f"quota:{qid}", "success", body.model_dump())

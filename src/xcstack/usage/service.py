@@ -16,7 +16,7 @@ from xcstack.usage.counters import Counters, RedisCounters
 from xcstack.usage.ledger import Ledger
 from xcstack.usage.periods import Calendar
 from xcstack.usage.prices import MICRO, PriceTable
-from xcstack.usage.protocol import UsageCode
+from xcstack.usage.protocol import QuotaCreate, UsageCode
 from xcstack.usage.quotas import Caller, Quotas, Rule, Ticket, caller_of
 from xcstack.usage.settings import QuotaRule, UsageSettings
 
@@ -24,6 +24,13 @@ log = logging.getLogger("xcstack.usage")
 
 GROUP_BY = ("key", "user", "group", "model", "upstream")
 COLUMN = {"key": "key_id", "user": "user_id", "group": "group_name", "model": "model", "upstream": "upstream"}
+
+
+def quota_rule(body: QuotaCreate) -> QuotaRule:
+    """A quota as the API and the CLI take it; 400 `invalid_quota` for a negative limit."""
+    if body.limit < 0:
+        raise BadRequest("a quota's limit must be at least 0", code=UsageCode.INVALID_QUOTA, param="limit")
+    return QuotaRule(**body.model_dump())
 
 
 class Directory(Protocol):
@@ -134,6 +141,31 @@ class UsageService:
 
     # -- quotas through the API -----------------------------------------------------------------------
     async def add_quota(self, q: QuotaRule, actor: str) -> str:
+        await self.check_quota(q)
+        qid = "q-" + uuid.uuid4().hex[:12]
+        await self.store.execute(
+            "INSERT INTO usage_quotas (id, scope, subject, metric, period, qlimit, hard, created_at, created_by) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (qid, q.scope, q.subject, q.metric, q.period, q.limit, int(q.hard), time.time(), actor))
+        await self.reload_rules()
+        return qid
+
+    async def set_quota(self, q: QuotaRule, actor: str) -> tuple[str, float | None]:
+        """Add a quota, or change the limit of the stored one with the same scope, subject, metric,
+        period and kind (hard or soft): (its id, the previous limit or None when added)."""
+        await self.check_quota(q)
+        row = await self.store.fetchone(
+            "SELECT id, qlimit FROM usage_quotas WHERE scope = ? AND subject = ? AND metric = ? AND period = ? "
+            "AND hard = ? ORDER BY created_at LIMIT 1", (q.scope, q.subject, q.metric, q.period, int(q.hard)))
+        if row is None:
+            return await self.add_quota(q, actor), None
+        await self.store.execute("UPDATE usage_quotas SET qlimit = ? WHERE id = ?", (q.limit, row["id"]))
+        await self.reload_rules()
+        return str(row["id"]), float(row["qlimit"])
+
+    async def check_quota(self, q: QuotaRule) -> None:
+        """400 `invalid_quota` for a negative limit, `unknown_group` / `unknown_subject` for a group or user
+        that does not exist (the API's and the CLI's checks)."""
         if q.limit < 0:
             raise BadRequest("a quota's limit must be at least 0", code=UsageCode.INVALID_QUOTA, param="limit")
         if q.scope == "group" and q.subject != "*" and self.directory is not None \
@@ -142,13 +174,6 @@ class UsageService:
         if q.scope == "user" and q.subject != "*" and self.directory is not None \
                 and await self.directory.user_id(q.subject) is None:
             raise BadRequest(f"no user {q.subject!r}", code=UsageCode.UNKNOWN_SUBJECT, param="subject")
-        qid = "q-" + uuid.uuid4().hex[:12]
-        await self.store.execute(
-            "INSERT INTO usage_quotas (id, scope, subject, metric, period, qlimit, hard, created_at, created_by) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (qid, q.scope, q.subject, q.metric, q.period, q.limit, int(q.hard), time.time(), actor))
-        await self.reload_rules()
-        return qid
 
     async def delete_quota(self, qid: str) -> None:
         if await self.store.execute("DELETE FROM usage_quotas WHERE id = ?", (qid,)) == 0:
