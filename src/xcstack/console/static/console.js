@@ -27,7 +27,8 @@
     const svg = document.getElementById("chart-" + id);
     const shown = values.map((v) => (v == null ? 0 : v));
     const max = Math.max(1e-9, ...shown);
-    const pts = shown.map((v, i) => `${(i * 300) / (N - 1)},${78 - (v / max) * 74}`).join(" ");
+    const off = N - shown.length;  // newest on the right edge
+    const pts = shown.map((v, i) => `${((off + i) * 300) / (N - 1)},${78 - (v / max) * 74}`).join(" ");
     while (svg.firstChild) svg.removeChild(svg.firstChild);
     const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
     line.setAttribute("points", pts);
