@@ -3,6 +3,7 @@ quota rules (config and state store), and the usage report over the ledger's rol
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -57,6 +58,11 @@ class UsageService:
                              batch_max=settings.ledger_batch_max, queue_max=settings.ledger_queue_max,
                              retention_days=settings.retention_days)
         self._rules_loaded = 0.0
+        # user names quota rules give that named no user at the last reload, and the user ids already
+        # checked against them (a user created later gets its quotas at its first call: `_new_user`)
+        self._unresolved: set[str] = set()
+        self._checked: set[str] = set()
+        self._resolving = asyncio.Lock()
 
     # -- life cycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -73,20 +79,48 @@ class UsageService:
         await self.quotas.close()
 
     async def reload_rules(self) -> None:
+        unresolved: set[str] = set()
         rules: list[Rule] = []
         for i, q in enumerate(self.settings.quotas):
-            rules.append(Rule(f"config-{i + 1}", q, "config", await self._subject_id(q)))
+            rules.append(Rule(f"config-{i + 1}", q, "config", await self._subject_id(q, unresolved)))
         for r in await self.store.fetchall("SELECT * FROM usage_quotas ORDER BY created_at"):
             q = QuotaRule(scope=r["scope"], subject=r["subject"], metric=r["metric"], period=r["period"],
                           limit=float(r["qlimit"]), hard=bool(r["hard"]))
-            rules.append(Rule(r["id"], q, "api", await self._subject_id(q)))
+            rules.append(Rule(r["id"], q, "api", await self._subject_id(q, unresolved)))
         self.quotas.set_rules(rules)
         self._rules_loaded = time.monotonic()
+        if unresolved != self._unresolved:
+            for name in unresolved - self._unresolved:
+                log.warning("usage: a quota names user %r, who does not exist (yet); it applies from that "
+                            "user's first call once created", name)
+            self._unresolved = unresolved
+            self._checked = set()
 
-    async def _subject_id(self, q: QuotaRule) -> str:
+    async def _subject_id(self, q: QuotaRule, unresolved: set[str]) -> str:
+        """The subject as counted: a user's id (its name, noted in `unresolved`, while it names nobody)."""
         if q.scope != "user" or q.subject == "*" or self.directory is None:
             return q.subject
-        return await self.directory.user_id(q.subject) or q.subject
+        uid = await self.directory.user_id(q.subject)
+        if uid is None:
+            unresolved.add(q.subject)
+        return uid or q.subject
+
+    async def _new_user(self, user: str) -> None:
+        """A caller whose user id was not seen since a quota named a user that did not exist: when one of
+        those names exists now (a user created after the rules were loaded, on any node, through the API
+        or the CLI), reload the rules before this call reserves. One look-up per such name and new user
+        id; nothing at all while every named user exists."""
+        async with self._resolving:
+            if user in self._checked or not self._unresolved:
+                return
+            assert self.directory is not None
+            for name in sorted(self._unresolved):
+                if await self.directory.user_id(name) is not None:
+                    await self.reload_rules()
+                    break
+            if len(self._checked) > 100_000:
+                self._checked.clear()
+            self._checked.add(user)
 
     # -- the gateway's calls --------------------------------------------------------------------------
     async def reserve(self, scope: Any, endpoint: str, model: str, est_in: int,
@@ -101,6 +135,11 @@ class UsageService:
         out = max_tokens if max_tokens is not None else self.settings.output_reserve_tokens
         t = Ticket(caller_of(scope), model, endpoint, est_in, out if endpoint != "embeddings" else 0,
                    time.monotonic(), scope, request_id=scope.get("xc.request_id"))
+        if self._unresolved and t.caller.user and t.caller.user not in self._checked:
+            try:
+                await self._new_user(t.caller.user)
+            except Exception as exc:
+                log.error("usage: resolving the users quotas name failed: %r", exc)
         try:
             await self.quotas.reserve(t)
         except Exception as exc:
