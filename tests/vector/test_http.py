@@ -217,15 +217,17 @@ async def test_text_input_without_and_with_embedder(vapp: VecApp) -> None:
     _err(r, 400, "embedding_unavailable")
     _err(await vapp.client.post("/v1/vectors/docs/search", json={"text": "hello"}), 400, "embedding_unavailable")
 
-    calls: list[tuple[str | None, list[str]]] = []
+    calls: list[tuple[str | None, list[str], str | None]] = []
 
-    async def embed(model: str | None, inputs: list[str]) -> tuple[list[list[float]], dict[str, int]]:
-        calls.append((model, inputs))
+    async def embed(model: str | None, inputs: list[str],
+                    input_type: str | None) -> tuple[list[list[float]], dict[str, int]]:
+        calls.append((model, inputs, input_type))
         return [[float(len(t)), 1.0, 0.0, 0.5] for t in inputs], {"prompt_tokens": len(inputs)}
 
     class Local:  # the inference capability's side of `Services.local_embedder`, as a double
-        async def embed(self, model: str | None, inputs: list[str]) -> tuple[Any, dict[str, int]]:
-            return await embed(model, inputs)
+        async def embed(self, model: str | None, inputs: list[str],
+                        input_type: str | None = None) -> tuple[Any, dict[str, int]]:
+            return await embed(model, inputs, input_type)
 
         async def embeddings_body(self, body: dict[str, Any]) -> dict[str, Any]:
             raise AssertionError("not used by the vector capability")
@@ -240,7 +242,8 @@ async def test_text_input_without_and_with_embedder(vapp: VecApp) -> None:
     assert r.status_code == 200, r.text
     r = await vapp.client.post("/v1/vectors/docs/search", json={"text": "bb", "top_k": 1})
     assert r.status_code == 200 and r.json()["data"][0]["id"] == "s"
-    assert calls[0] == ("m1", ["a", "a much longer text"])
+    # stored texts are embedded as documents, search texts as queries (e5: `passage: ` / `query: `)
+    assert calls == [("m1", ["a", "a much longer text"], "document"), (None, ["bb"], "query")]
     # an embedder whose dimension differs from the collection's: clear 400
     await _create(vapp, name="wide", dim=8)
     _err(await vapp.client.post("/v1/vectors/wide/search", json={"text": "x"}), 400, "invalid_vector")

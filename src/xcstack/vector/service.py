@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -30,7 +30,15 @@ from xcstack.vector.store import (
 
 RESERVED_FIELDS = {"id", "vector", "score", "distance", "payload", "$meta"}
 
-Embedder = Callable[[str | None, list[str]], Awaitable[tuple[Any, Any]]]
+InputType = Literal["query", "document"]
+
+
+class Embedder(Protocol):
+    """`LocalEmbedder.embed`: `input_type` picks the model's prefix. Stored texts are documents and search
+    texts queries: e5-family models rank passages embedded without `passage: ` poorly."""
+
+    def __call__(self, model: str | None, inputs: list[str],
+                 input_type: str | None = None) -> Awaitable[tuple[Any, Any]]: ...
 
 
 def check_name(name: str) -> str:
@@ -98,7 +106,7 @@ class VectorService:
             dim = self._dims[name] = info.dimension
         return dim
 
-    async def embed(self, texts: list[str], model: str | None) -> Matrix:
+    async def embed(self, texts: list[str], model: str | None, input_type: InputType) -> Matrix:
         embedder = self._embedder()
         if embedder is None:
             raise BadRequest(
@@ -109,7 +117,7 @@ class VectorService:
             )
         if any(not isinstance(t, str) or not t for t in texts):
             raise BadRequest("texts must be non-empty strings", code=CoreCode.INVALID_PARAMETER, param="texts")
-        vectors, _usage = await embedder(model or self.settings.embedding_model, texts)
+        vectors, _usage = await embedder(model or self.settings.embedding_model, texts, input_type)
         return to_matrix(np.asarray(vectors, dtype=np.float32).tolist(), what="embeddings")
 
     # ---- collections ----------------------------------------------------------------------
@@ -177,7 +185,7 @@ class VectorService:
             if not isinstance(texts, list) or not texts:
                 raise BadRequest("texts must be a non-empty list of strings",
                                  code=CoreCode.INVALID_PARAMETER, param="texts")
-            mat = await self.embed(texts, model)
+            mat = await self.embed(texts, model, "document")
             if mat.shape[1] != dim:
                 raise InvalidVector(
                     f"the embedding model returns {mat.shape[1]}-dimensional vectors; collection {name!r} has "
@@ -291,7 +299,7 @@ class VectorService:
         self._check_batch(n, "queries")
         dim = await self._dimension(name)
         if texts is not None:
-            mat = await self.embed(texts, model)
+            mat = await self.embed(texts, model, "query")
             if mat.shape[1] != dim:
                 raise InvalidVector(
                     f"the embedding model returns {mat.shape[1]}-dimensional vectors; collection {name!r} has "
