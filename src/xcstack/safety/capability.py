@@ -17,6 +17,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from xcstack.capability import AppContext, Wiring
@@ -61,8 +62,9 @@ class SafetyCapability:
             names = {k.get("name") for k in await crypto.list_keys()}
             if s.label.key not in names:
                 await crypto.create_key(s.label.key, "sm2")
+            log_dir = s.label.log_dir or Path(self.ctx.settings.data_dir) / "labels"
             self.service.labeler = Labeler(crypto, s.label.key, s.label.provider, s.label.service,
-                                           s.label.explicit_text)
+                                           s.label.explicit_text, log_dir, s.label.batch_max)
         elif s.label.enabled:
             log.warning("safety.label: the crypto capability is off; answers are not labelled")
         loop = asyncio.get_running_loop()

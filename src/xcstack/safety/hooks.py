@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from xcstack.httputil import dumps, loads
@@ -69,12 +70,21 @@ def answer_slots(obj: Any) -> list[tuple[Any, Any, str]]:
 
 class RequestSafety:
     def __init__(self, engine: ContentSafety, plan: Plan | None, where: Where, audit: AuditFn | None,
-                 label: Label | None) -> None:
+                 label: Label | asyncio.Future[Label] | None) -> None:
         self.engine = engine
         self.plan = plan
         self.where = where
         self.audit = audit
-        self.label = label
+        self._label = label  # a future while its batch is being signed
+
+    async def _label_ready(self) -> None:
+        if isinstance(self._label, asyncio.Future):
+            self._label = await self._label
+
+    @property
+    def label(self) -> Label | None:
+        """The label, once signed (`check_input` of a stream or `answer` waited for it)."""
+        return self._label if isinstance(self._label, Label) else None
 
     @property
     def headers(self) -> dict[str, str]:
@@ -107,14 +117,21 @@ class RequestSafety:
         return masked
 
     async def check_input(self, data: dict[str, Any]) -> dict[str, Any] | None:
+        if data.get("stream"):
+            await self._label_ready()  # the relay puts it in the headers without waiting
         if self.plan is None or self.plan.input is None:
             return None
         copy = loads(dumps(data))  # masks go into a copy: the caller's parsed body stays as received
         return copy if await self._check(input_slots(copy), "input") else None
 
     async def answer(self, payload: bytes) -> bytes:
+        await self._label_ready()
         if self.label is None and (self.plan is None or self.plan.output is None):
             return payload
+        if self.plan is None or self.plan.output is None:
+            spliced = _splice_label(payload, self.label)
+            if spliced is not None:
+                return spliced
         try:
             obj = loads(payload)
         except ValueError:
@@ -138,6 +155,19 @@ class RequestSafety:
         found = flt.take()
         if found:
             await record(found, "output", self.where, self.audit)
+
+
+def _splice_label(payload: bytes, label: Label | None) -> bytes | None:
+    """`payload` (a JSON object) with `xc_label` as its first member, without parsing it (None: not
+    a plain JSON object, or one that has an `xc_label` already)."""
+    if label is None:
+        return None
+    body = payload.lstrip()
+    if not body.startswith(b"{") or b'"xc_label"' in body:
+        return None
+    rest = body[1:].lstrip()
+    sep = b"" if rest.startswith(b"}") else b","
+    return b'{"xc_label":' + dumps(label.body()) + sep + rest
 
 
 def _with_field(f: Finding, field: str) -> Finding:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from xcstack.safety.engine import ContentSafety
 from xcstack.safety.evidence import AuditFn, Where
 from xcstack.safety.hooks import RequestSafety
-from xcstack.safety.label import Labeler
+from xcstack.safety.label import Label, Labeler
 
 
 class SafetyService:
@@ -19,10 +21,19 @@ class SafetyService:
         plan = self.engine.plan(key, groups, model, route)
         label = None
         if generation and self.labeler is not None:
-            label = await self.labeler.issue(request_id, model)
+            # signed while the request goes upstream: awaited by the answer (or, for a stream, before
+            # it goes upstream: the relay reads the header synchronously)
+            label = asyncio.ensure_future(self.labeler.issue(request_id, model))
+            label.add_done_callback(_retrieve)
         if plan is None and label is None:
             return None
         return RequestSafety(self.engine, plan, Where(request_id, key, model, route), audit, label)
 
     async def reload(self) -> bool:
         return await self.engine.reload()
+
+
+def _retrieve(task: asyncio.Future[Label]) -> None:
+    """A label nobody awaited (the upstream failed first): its error is not worth a warning."""
+    if not task.cancelled():
+        task.exception()

@@ -55,6 +55,10 @@ class LabelSettings(BaseModel):
     explicit_text: str | None = Field(default=None, max_length=256,
                                       description="explicit label appended to answers meant for people, e.g. "
                                       "\"本内容由人工智能生成\"")
+    batch_max: int = Field(default=256, ge=1, le=4096, description="labels signed by one SM2 signature at most "
+                           "(a Merkle root over them; each label carries its inclusion proof)")
+    log_dir: Path | None = Field(default=None, description="batch log (one JSON line per signed batch); default "
+                                 "<data_dir>/labels")
 
 
 class SafetySettings(BaseModel):
