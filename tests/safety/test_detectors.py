@@ -60,9 +60,9 @@ def test_list_identity_and_bad_files(tmp_path: object) -> None:
 # -- personal information ------------------------------------------------------------------------
 TRUE_CASES = [
     ("id_card", "11010519491231002X"),
-    ("mobile", "13800138000"), ("mobile", "+8613912345678"),
+    ("mobile", "13800138000"), ("mobile", "+8613912345678"), ("mobile", "138-0013-8000"),
     ("bank_card", "6222020000000000000"), ("bank_card", "4111 1111 1111 1111"), ("bank_card", "4111-1111-1111-1111"),
-    ("uscc", "91350100M000100Y43"),
+    ("uscc", "91350100M000100Y43"), ("ip", "10.0.0.1"),
     ("email", "zhang.san+x@example.com.cn"),
     ("ip", "192.168.10.1"), ("ip", "2001:db8::8a2e:370:7334"), ("ip", "::1"),
 ]
@@ -75,6 +75,7 @@ FALSE_CASES = [
     "user@localhost", "a@b.c1",  # no dotted domain / numeric TLD
     "999.1.1.1", "1:2",  # not addresses
     "订单号 2024010112345",  # an ordinary long number
+    "2024-05-01", "v2.4.1", "12:30:45",  # dates, versions, times: never reach the detectors
 ]
 
 

@@ -1,5 +1,5 @@
 """`Blocked`: a block action matched. Its own light module, so that the gateway can catch it without
-importing the detectors (pyahocorasick, numpy, OpenCC)."""
+importing the detectors (ahocorasick_rs, numpy, OpenCC)."""
 
 from __future__ import annotations
 
