@@ -60,11 +60,19 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         crypto={"access": "direct"},
         gateway={"upstreams": [{"name": "mock-up", "base_url": f"http://127.0.0.1:{mock_port}/v1",
                                 "models": ["mock-model"]}],
-                 "breaker": {"failure_threshold": 1, "open_s": 1.0}, "retry": {"max_attempts": 1}},
+                 "breaker": {"failure_threshold": 1, "open_s": 3.0}, "retry": {"max_attempts": 1}},
         console={"poll_s": 0.5},
+        vector={"backend": "milvus", "milvus": {"lite_mode": "in_process"}},
+        db={"databases": {"main": {
+            "driver": "sqlite", "dsn": str(data / "console.sqlite"), "pool_size": 1,
+            "queries": {"greet": {"sql": "SELECT 'hi ' || :who AS greeting, :n * 2 AS twice",
+                                  "description": "a greeting", "params": {"who": {"type": "str"},
+                                                                          "n": {"type": "int", "max": 100}}}},
+        }}},
     )
     modules = ["xcstack.crypto.capability", "xcstack.security.capability", "xcstack.gateway.capability",
-               "xcstack.usage.capability", "xcstack.console.capability"]
+               "xcstack.usage.capability", "xcstack.vector.capability", "xcstack.db.capability",
+               "xcstack.console.capability"]
     app = create_app(settings, modules)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", loop="asyncio")
     server = uvicorn.Server(config)

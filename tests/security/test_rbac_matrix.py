@@ -198,6 +198,16 @@ MATRIX: dict[tuple[str, str], tuple[frozenset[str], list[Call]]] = {
     ("GET", "/console/overview"): (SYS, [Call("/console/overview")]),
     ("GET", "/console/overview/data"): (SYS, [Call("/console/overview/data")]),
     ("GET", "/console/models"): (SYS, [Call("/console/models")]),
+    ("GET", "/console/vectors"): (SYS, [Call("/console/vectors"), Call("/console/vectors?name=ghost")]),
+    ("POST", "/console/vectors/{name}/search"): (SYS, [Call("/console/vectors/ghost/search", {})]),
+    ("GET", "/console/db"): (SYS, [Call("/console/db")]),
+    ("GET", "/console/db/{database}/{query}"): (SYS, [Call("/console/db/main/hello")]),
+    ("POST", "/console/db/{database}/{query}"): (SYS, [Call("/console/db/main/hello", {})]),
+    ("GET", "/console/jobs"): (SYS, [Call("/console/jobs")]),
+    ("POST", "/console/jobs/{id}/cancel"): (SYS, [Call("/console/jobs/ghost/cancel", {})]),
+    ("GET", "/console/crypto"): (SYS, [Call("/console/crypto"), Call("/console/crypto?name=ghost")]),
+    ("GET", "/console/playground"): (SYS, [Call("/console/playground")]),
+    ("POST", "/console/playground"): (SYS, [Call("/console/playground", {})]),
     ("GET", "/console/static/{name}"): (PUBLIC, [Call("/console/static/console.js")]),
 }
 

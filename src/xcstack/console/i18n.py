@@ -87,6 +87,43 @@ _EN: dict[str, str] = {
     "quota_tokens": "Monthly token quota (optional)", "mismatch": "The two new passwords differ",
 }
 
+# the system administrator's further pages, the security administrator's pages, own keys
+_ZH.update({
+    "vectors": "向量集合", "db": "命名查询", "jobs": "异步任务", "crypto_keys": "国密密钥", "playground": "调试台",
+    "dimension": "维度", "metric": "距离度量", "rows": "行", "index": "索引", "search_text": "检索文本",
+    "search_vector": "或向量", "search": "检索", "score": "得分", "database": "数据库", "queries": "查询",
+    "read_only": "只读", "transaction": "事务", "required": "必填", "run": "运行", "truncated": "已截断",
+    "finished": "完成时间", "cancel": "取消", "jobs_note": "列出当前登录身份提交的任务。",
+    "algorithm": "算法", "version": "版本", "versions": "版本数", "no_public_part": "对称密钥：无公钥部分",
+    "crypto_note": ("只显示密钥的元数据与公钥，从不显示密钥材料。"
+                    "轮换：服务器上执行 xcstack key rotate NAME（API 暂无轮换接口）。"),
+    "play_chat": "对话", "play_embeddings": "向量化", "play_rerank": "重排序", "play_input": "输入（重排序时为查询）",
+    "play_documents": "待重排序的文档（每行一篇）", "answer": "回答", "document": "文档",
+    "security": "安全策略与会话", "safety": "内容安全", "locked_accounts": "已锁定账户", "locked_for": "剩余锁定 (秒)",
+    "unlock": "解锁", "sessions": "会话", "last_seen": "最近活动", "restricted": "受限", "end_session": "结束会话",
+    "secrets": "机密（只显示名称）", "updated": "更新时间", "policies": "策略", "lists": "词表", "categories": "类别",
+    "size": "大小", "entries": "条目", "my_keys": "我的 API 密钥", "side_processes": "边车进程",
+})
+_EN.update({
+    "vectors": "Vector collections", "db": "Named queries", "jobs": "Async jobs", "crypto_keys": "国密 keys",
+    "playground": "Playground", "dimension": "Dimension", "metric": "Metric", "rows": "rows", "index": "Index",
+    "search_text": "Search text", "search_vector": "or a vector", "search": "Search", "score": "Score",
+    "database": "Database", "queries": "Queries", "read_only": "Read-only", "transaction": "Transaction",
+    "required": "required", "run": "Run", "truncated": "truncated", "finished": "Finished", "cancel": "Cancel",
+    "jobs_note": "The jobs submitted by the signed-in identity.", "algorithm": "Algorithm", "version": "Version",
+    "versions": "Versions", "no_public_part": "A symmetric key: no public part",
+    "crypto_note": "Metadata and public keys only, never key material. Rotation: xcstack key rotate NAME on the "
+                   "server (the API has no rotation endpoint yet).",
+    "play_chat": "Chat", "play_embeddings": "Embeddings", "play_rerank": "Rerank",
+    "play_input": "Input (the query for rerank)", "play_documents": "Documents to rerank (one per line)",
+    "answer": "Answer", "document": "Document", "security": "Security policy and sessions", "safety": "Content safety",
+    "locked_accounts": "Locked accounts", "locked_for": "Locked for (s)", "unlock": "Unlock", "sessions": "Sessions",
+    "last_seen": "Last seen", "restricted": "Restricted", "end_session": "End session",
+    "secrets": "Secrets (names only)", "updated": "Updated", "policies": "Policies", "lists": "Lists",
+    "categories": "Categories", "size": "Size", "entries": "Entries", "my_keys": "My API keys",
+    "side_processes": "Side processes",
+})
+
 STRINGS = {"zh-CN": _ZH, "en": _EN}
 
 

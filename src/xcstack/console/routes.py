@@ -25,6 +25,7 @@ from starlette.routing import BaseRoute, Route
 
 from xcstack.apidoc import api
 from xcstack.console.metrics import snapshot
+from xcstack.console.sysadmin import sysadmin_routes
 from xcstack.console.web import (
     CONSOLE_COOKIE,
     HERE,
@@ -54,6 +55,11 @@ USER_ACTIONS = ("disable", "enable", "reset-password", "reset-totp")
 MENU = (
     ("/console/overview", "overview", "route:/metrics", "get"),
     ("/console/models", "models", "route:/v1/models", "get"),
+    ("/console/vectors", "vectors", "vector", "read"),
+    ("/console/db", "db", "db", "query"),
+    ("/console/jobs", "jobs", "route:/v1/jobs", "get"),
+    ("/console/crypto", "crypto_keys", "crypto", "list"),
+    ("/console/playground", "playground", "route:/v1/models", "get"),
     ("/console/users", "users", "security.user", "read"),
     ("/console/roles", "roles", "security.role", "read"),
     ("/console/keys", "keys", "security.apikey", "read"),
@@ -465,6 +471,7 @@ def build_routes(pages: Pages) -> list[BaseRoute]:
         Route("/overview/data", overview_data, methods=["GET"]),
         Route("/models", models, methods=["GET"]),
         Route("/static/{name}", static, methods=["GET"]),
+        *sysadmin_routes(page),
     ]
 
 
