@@ -268,6 +268,27 @@ def test_sysadmin_vectors_db_jobs_keys_and_playground(live: Live) -> None:
     assert goto(sec, live, "/console/vectors").status == 403  # the sysadmin's pages only
 
 
+def test_secadmin_sees_locked_accounts_unlocks_one_and_the_secrets_names_only(live: Live) -> None:
+    live.run(live.security.service.create_user(SYSTEM, "wang.wu", [], kind="service", password=USER_PW))
+    live.run(live.security.secrets.set("upstream-key", b"never-shown-VALUE"))
+    for _ in range(5):  # [security] lockout_threshold
+        api(live, "POST", "/v1/auth/login", body={"username": "wang.wu", "password": "wrong"})
+    status, body = api(live, "POST", "/v1/auth/login", body={"username": "wang.wu", "password": USER_PW})
+    assert status == 429 and body["error"]["code"] == "account_locked"
+    sec = contexts["secadmin"].pages[0]
+    goto(sec, live, "/console/security")
+    assert sec.locator("#menu [data-menu='security']").count() == 1
+    assert sec.locator("tr[data-secret='upstream-key']").count() == 1 and "never-shown-VALUE" not in sec.content()
+    sec.screenshot(path=str(ARTEFACTS / "security.png"), full_page=True)
+    sec.click("tr[data-locked='wang.wu'] button[data-action='unlock']")
+    sec.wait_for_load_state()
+    assert sec.locator("tr[data-locked='wang.wu']").count() == 0
+    assert api(live, "POST", "/v1/auth/login", body={"username": "wang.wu", "password": USER_PW})[0] == 200
+    admin = contexts["admin"].pages[0]  # not the sysadmin's (三权分立): the page and the API refuse
+    assert goto(admin, live, "/console/security").status == 403
+    assert api(live, "GET", "/v1/security/lockouts", cookie(contexts["admin"]))[0] == 403
+
+
 def test_a_user_without_admin_roles_sees_no_admin_menu_and_gets_403_from_the_api(live: Live, browser: Any) -> None:
     live.run(live.security.service.create_user(SYSTEM, "li.si", [], kind="service", password=USER_PW))
     ctx = browser.new_context(locale="en-US")

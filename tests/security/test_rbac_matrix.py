@@ -108,6 +108,10 @@ MATRIX: dict[tuple[str, str], tuple[frozenset[str], list[Call]]] = {
     ("GET", "/v1/security/keys"): (SYS, [Call("/v1/security/keys")]),
     ("POST", "/v1/security/keys"): (SYS, [Call("/v1/security/keys", {})]),
     ("DELETE", "/v1/security/keys/{id}"): (SYS, [Call("/v1/security/keys/ghost")]),
+    # security policy enforcement: the secadmin's (security.policy)
+    ("GET", "/v1/security/lockouts"): (SEC, [Call("/v1/security/lockouts")]),
+    ("DELETE", "/v1/security/lockouts/{name}"): (SEC, [Call("/v1/security/lockouts/ghost")]),
+    ("GET", "/v1/security/secrets"): (SEC, [Call("/v1/security/secrets")]),
     # groups (security.group: sysadmin, who manages users and keys) and usage (docs/usage.md)
     ("PUT", "/v1/security/keys/{id}/group"): (SYS, [Call("/v1/security/keys/ghost/group", {"group": None})]),
     ("GET", "/v1/security/groups"): (SYS, [Call("/v1/security/groups")]),
@@ -208,6 +212,8 @@ MATRIX: dict[tuple[str, str], tuple[frozenset[str], list[Call]]] = {
     ("GET", "/console/crypto"): (SYS, [Call("/console/crypto"), Call("/console/crypto?name=ghost")]),
     ("GET", "/console/playground"): (SYS, [Call("/console/playground")]),
     ("POST", "/console/playground"): (SYS, [Call("/console/playground", {})]),
+    ("GET", "/console/security"): (SEC, [Call("/console/security")]),
+    ("POST", "/console/security/unlock/{name}"): (SEC, [Call("/console/security/unlock/ghost", {})]),
     ("GET", "/console/static/{name}"): (PUBLIC, [Call("/console/static/console.js")]),
 }
 

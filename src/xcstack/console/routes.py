@@ -25,6 +25,7 @@ from starlette.routing import BaseRoute, Route
 
 from xcstack.apidoc import api
 from xcstack.console.metrics import snapshot
+from xcstack.console.secadmin import secadmin_routes
 from xcstack.console.sysadmin import sysadmin_routes
 from xcstack.console.web import (
     CONSOLE_COOKIE,
@@ -64,6 +65,7 @@ MENU = (
     ("/console/roles", "roles", "security.role", "read"),
     ("/console/keys", "keys", "security.apikey", "read"),
     ("/console/groups", "groups", "security.group", "read"),
+    ("/console/security", "security", "security.policy", "read"),
     ("/console/audit", "audit", "audit", "read"),
     ("/console/audit/chains", "chains", "audit", "read"),
 )
@@ -472,6 +474,7 @@ def build_routes(pages: Pages) -> list[BaseRoute]:
         Route("/models", models, methods=["GET"]),
         Route("/static/{name}", static, methods=["GET"]),
         *sysadmin_routes(page),
+        *secadmin_routes(page),
     ]
 
 

@@ -99,7 +99,7 @@ class SecurityCapability:
 
     # -- Capability protocol ---------------------------------------------------------------------
     def routes(self) -> Sequence[BaseRoute]:
-        return build_routes(self.service, self.audit_root, self.sig_verify)
+        return build_routes(self.service, self.audit_root, self.sig_verify, self.secrets)
 
     def middleware(self) -> list[Middleware]:
         return [Middleware(SecurityMiddleware, service=self.service, settings=self.settings, authorizer=self._authz)]

@@ -11,6 +11,8 @@ Administration (RBAC):
   GET/POST /v1/security/keys · DELETE /v1/security/keys/{id}                   security.apikey
   GET/POST /v1/security/groups · DELETE /v1/security/groups/{name}
   PUT /v1/security/users/{name}/group · PUT /v1/security/keys/{id}/group        security.group
+Security policy (secadmin): GET /v1/security/lockouts · DELETE /v1/security/lockouts/{name}
+  GET /v1/security/secrets (names only)                                         security.policy
 Audit (auditor only):
   GET /v1/audit/records · POST /v1/audit/verify · GET /v1/audit/chains          audit:read / audit:verify
 """
@@ -34,9 +36,11 @@ from xcstack.security.audit import record as rec
 from xcstack.security.audit.files import list_chains, list_segments, read_segment
 from xcstack.security.audit.verify import SigVerify, verify_chain
 from xcstack.security.guard import authenticated, public, requires
+from xcstack.security.lockout import identity_key
 from xcstack.security.service import Principal, ReqInfo
 
 if TYPE_CHECKING:
+    from xcstack.security.secrets import SecretStore
     from xcstack.security.service import SecurityService
 
 USER_404 = p.SecurityCode.USER_NOT_FOUND
@@ -76,9 +80,10 @@ def _info(request: Request) -> ReqInfo:
     return ReqInfo(ip, request.scope.get("xc.request_id"))
 
 
-def build_routes(svc: SecurityService, audit_root: Path, sig_verify: SigVerify) -> list[BaseRoute]:
+def build_routes(svc: SecurityService, audit_root: Path, sig_verify: SigVerify,
+                 secrets: SecretStore | None = None) -> list[BaseRoute]:
     """The routes over the security service and the audit chains under `audit_root` (checkpoint
-    signatures checked with `sig_verify`)."""
+    signatures checked with `sig_verify`); `secrets`: the named secrets (names only, never values)."""
 
     @public
     @api("Sign in: a session token for a user name and password (and a TOTP or recovery code once enrolled)",
@@ -295,6 +300,34 @@ def build_routes(svc: SecurityService, audit_root: Path, sig_verify: SigVerify) 
                         _info(request), {"chains": len(reports), "ok": ok})
         return JSONResponse({"ok": ok, "chains": reports})
 
+    # -- security policy enforcement (secadmin): lockouts, secret names -------------------------------
+    @api("The accounts locked by failed sign-ins, with the seconds left", response={"type": "object"},
+         description="Lockouts are counted per user name (also names that do not exist); this lists the users'.")
+    @requires("security.policy", "read")
+    async def lockouts_list(request: Request) -> Response:
+        out = []
+        for u in await svc.list_users():
+            left = await svc.lockout.locked_for(identity_key(u["name"]))
+            if left > 0:
+                out.append({"user": u["name"], "locked_for_s": round(left, 1)})
+        return JSONResponse({"locked": out})
+
+    @api("Unlock an account locked by failed sign-ins (audited `security.unlock`)", response=p.SecurityOk,
+         errors=(404,))
+    @requires("security.policy", "write")
+    async def lockouts_clear(request: Request) -> Response:
+        name = _name(request, "name", "user", USER_404)
+        if not any(u["name"] == name for u in await svc.list_users()):
+            raise NotFound(f"no user {name!r}", code=USER_404)
+        await svc.lockout.reset(identity_key(name))
+        await svc.audit(_principal(request).name, "security.unlock", f"user:{name}", "success", _info(request))
+        return JSONResponse({"ok": True})
+
+    @api("The named secrets at rest: names and when each was set (never a value)", response={"type": "object"})
+    @requires("security.policy", "read")
+    async def secrets_list(request: Request) -> Response:
+        return JSONResponse({"secrets": await secrets.names() if secrets is not None else []})
+
     return [
         Route("/v1/auth/login", login, methods=["POST"]),
         Route("/v1/auth/logout", logout, methods=["POST"]),
@@ -322,6 +355,9 @@ def build_routes(svc: SecurityService, audit_root: Path, sig_verify: SigVerify) 
         Route("/v1/audit/chains", audit_chains, methods=["GET"]),
         Route("/v1/audit/records", audit_records, methods=["GET"]),
         Route("/v1/audit/verify", audit_verify, methods=["POST"]),
+        Route("/v1/security/lockouts", lockouts_list, methods=["GET"]),
+        Route("/v1/security/lockouts/{name}", lockouts_clear, methods=["DELETE"]),
+        Route("/v1/security/secrets", secrets_list, methods=["GET"]),
     ]
 
 
