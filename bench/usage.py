@@ -113,7 +113,11 @@ def _ledger_rows(data: Path) -> int:
 
 
 def gateway_report(g: dict[str, Any]) -> list[str]:
-    on, off = g["res"]["on"], g["res"]["off"]
+    # a round where a run completed nothing (wrk under an overloaded machine) is void for both targets
+    keep = [i for i in range(len(g["res"]["on"]["rps"]))
+            if all(g["res"][n][f][i] > 0 for n in ("on", "off") for f in ("rps", "p50"))]
+    on, off = ({f: [v[i] for i in keep] for f, v in g["res"][n].items()} for n in ("on", "off"))
+    void = len(g["res"]["on"]["rps"]) - len(keep)
     added = [a - b for a, b in zip(on["p50"], off["p50"], strict=True)]
     ratio = statistics.median(on["rps"]) / statistics.median(off["rps"])
     ratios = [a / b for a, b in zip(on["rps"], off["rps"], strict=True)]
@@ -130,6 +134,7 @@ def gateway_report(g: dict[str, Any]) -> list[str]:
         f"worker CPU per request (c=1 and c=64 runs), off: {span(off['cpu_us'])} us; on: {span(on['cpu_us'])} us; "
         f"added {statistics.median(on['cpu_us']) - statistics.median(off['cpu_us']):.0f} us; CPU-bound req/s ratio "
         f"{statistics.median(off['cpu_us']) / statistics.median(on['cpu_us']):.2f}",
+        f"rounds kept {len(keep)} of {len(keep) + void} (void: a run completed no request); "
         f"errors: off {sum(off['err']):.0f}, on {sum(on['err']):.0f}; ledger records written by 'on': "
         f"{g['ledger_rows']:,}",
     ]
