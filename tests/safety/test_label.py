@@ -144,3 +144,48 @@ def test_unary_answer_gets_the_label_without_a_reparse_and_it_verifies() -> None
     assert verify(json.dumps(obj), signer.pem)["request_id"] == "r1" and verify(headers["x-xc-content-label"],
                                                                                 signer.pem)
     assert json.loads(asyncio.run(go(b"{}"))[0])["xc_label"]["model"] == "m"
+
+
+EXPLICIT = "\n\n本内容由人工智能生成"
+
+
+def test_explicit_label_in_unary_answers_after_the_filters() -> None:
+    from tests.safety.conftest import make_engine
+    from xcstack.safety.evidence import Where
+    from xcstack.safety.hooks import RequestSafety
+
+    signer = KeySigner()
+    labeler = Labeler(signer, "k", "p", "s", EXPLICIT.strip())
+    eng = make_engine("mask")
+
+    async def go(plan: Any, payload: bytes) -> dict[str, Any]:
+        rs = RequestSafety(eng, plan, Where("r1", "key", "m", "/v1/chat/completions"), None,
+                           await labeler.issue("r1", "m"), EXPLICIT)
+        return dict(json.loads(await rs.answer(payload)))
+
+    chat = b'{"choices":[{"index":0,"message":{"content":"he said falun"}},{"index":1,"message":{"content":"ok"}}]}'
+    obj = asyncio.run(go(None, chat))
+    assert [c["message"]["content"] for c in obj["choices"]] == ["he said falun" + EXPLICIT, "ok" + EXPLICIT]
+    assert obj["xc_label"]["explicit"] == EXPLICIT.strip()
+    obj = asyncio.run(go(eng.plan("k", (), "m", "/v1/chat/completions"), chat))  # masked, then labelled
+    assert obj["choices"][0]["message"]["content"] == "he said *****" + EXPLICIT
+    obj = asyncio.run(go(None, b'{"choices":[{"index":0,"text":"done"}]}'))
+    assert obj["choices"][0]["text"] == "done" + EXPLICIT
+
+
+@pytest.mark.parametrize("filtered", [False, True])
+def test_explicit_label_is_the_last_delta_of_each_streamed_choice(filtered: bool) -> None:
+    from tests.safety.conftest import make_engine
+    from tests.safety.test_stream import _sse, _text
+    from xcstack.safety.stream import SseFilter
+
+    eng = make_engine("mask")
+    rules = eng.plan("k", (), "m", "/v1/chat/completions").output if filtered else None  # type: ignore[union-attr]
+    flt = SseFilter(eng, rules, {"label": "AIGC"}, EXPLICIT)
+    raw = _sse(["我说", "法轮", "功了"])
+    out = b"".join(flt.feed(ev + b"\n\n") for ev in raw.split(b"\n\n") if ev)
+    text, done = _text(out)
+    assert done and text == ("我说***了" if filtered else "我说法轮功了") + EXPLICIT
+    events = [e for e in out.split(b"\n\n") if e and e != b"data: [DONE]"]
+    last = json.loads(events[-1][6:])["choices"][0]
+    assert last["finish_reason"] == "stop" and last["delta"]["content"].endswith(EXPLICIT)

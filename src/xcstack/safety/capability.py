@@ -65,6 +65,8 @@ class SafetyCapability:
             log_dir = s.label.log_dir or Path(self.ctx.settings.data_dir) / "labels"
             self.service.labeler = Labeler(crypto, s.label.key, s.label.provider, s.label.service,
                                            s.label.explicit_text, log_dir, s.label.batch_max)
+            if s.label.explicit_in_answer and s.label.explicit_text:
+                self.service.explicit_suffix = "\n\n" + s.label.explicit_text
         elif s.label.enabled:
             log.warning("safety.label: the crypto capability is off; answers are not labelled")
         loop = asyncio.get_running_loop()

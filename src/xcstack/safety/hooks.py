@@ -70,8 +70,9 @@ def answer_slots(obj: Any) -> list[tuple[Any, Any, str]]:
 
 class RequestSafety:
     def __init__(self, engine: ContentSafety, plan: Plan | None, where: Where, audit: AuditFn | None,
-                 label: Label | asyncio.Future[Label] | None) -> None:
+                 label: Label | asyncio.Future[Label] | None, explicit: str | None = None) -> None:
         self.engine = engine
+        self.explicit = explicit  # appended to the answer text (the explicit label), or None
         self.plan = plan
         self.where = where
         self.audit = audit
@@ -128,7 +129,7 @@ class RequestSafety:
         await self._label_ready()
         if self.label is None and (self.plan is None or self.plan.output is None):
             return payload
-        if self.plan is None or self.plan.output is None:
+        if (self.plan is None or self.plan.output is None) and not self.explicit:
             spliced = _splice_label(payload, self.label)
             if spliced is not None:
                 return spliced
@@ -139,6 +140,10 @@ class RequestSafety:
         if not isinstance(obj, dict):
             return payload
         changed = await self._check(answer_slots(obj), "output")
+        if self.explicit:  # after the filters: the label text itself is never scanned or masked
+            for holder, key, _ in answer_slots(obj):
+                holder[key] += self.explicit
+                changed = True
         if self.label is not None:
             obj["xc_label"] = self.label.body()
             changed = True
@@ -148,7 +153,7 @@ class RequestSafety:
         rules = self.plan.output if self.plan is not None else None
         if rules is None and self.label is None:
             return None
-        return SseFilter(self.engine, rules, self.label.body() if self.label is not None else None)
+        return SseFilter(self.engine, rules, self.label.body() if self.label is not None else None, self.explicit)
 
     async def record(self, flt: SseFilter) -> None:
         """The evidence of a stream's findings so far (call after each batch and at the end)."""

@@ -14,6 +14,7 @@ class SafetyService:
     def __init__(self, engine: ContentSafety, labeler: Labeler | None = None) -> None:
         self.engine = engine
         self.labeler = labeler
+        self.explicit_suffix: str | None = None  # appended to answers (`safety.label.explicit_in_answer`)
 
     async def begin(self, *, key: str, groups: tuple[str, ...], model: str, route: str, request_id: str | None,
                     audit: AuditFn | None, generation: bool) -> RequestSafety | None:
@@ -27,7 +28,8 @@ class SafetyService:
             label.add_done_callback(_retrieve)
         if plan is None and label is None:
             return None
-        return RequestSafety(self.engine, plan, Where(request_id, key, model, route), audit, label)
+        explicit = self.explicit_suffix if label is not None else None
+        return RequestSafety(self.engine, plan, Where(request_id, key, model, route), audit, label, explicit)
 
     async def reload(self) -> bool:
         return await self.engine.reload()

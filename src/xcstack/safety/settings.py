@@ -55,6 +55,9 @@ class LabelSettings(BaseModel):
     explicit_text: str | None = Field(default=None, max_length=256,
                                       description="explicit label appended to answers meant for people, e.g. "
                                       "\"本内容由人工智能生成\"")
+    explicit_in_answer: bool = Field(default=False, description="also append the explicit label to the answer "
+                                     "text (a blank line, then explicit_text): unary, to each choice's content; "
+                                     "streamed, as a last delta of each choice before its finish")
     batch_max: int = Field(default=256, ge=1, le=4096, description="labels signed by one SM2 signature at most "
                            "(a Merkle root over them; each label carries its inclusion proof)")
     log_dir: Path | None = Field(default=None, description="batch log (one JSON line per signed batch); default "

@@ -100,8 +100,11 @@ class SseFilter:
     """One streamed answer: `feed(segment of complete events) -> bytes to relay`; `end()` at the end
     of the upstream stream. After a block, `blocked` is set and nothing more is released."""
 
-    def __init__(self, engine: ContentSafety, rules: Rules | None, label: dict[str, Any] | None = None) -> None:
+    def __init__(self, engine: ContentSafety, rules: Rules | None, label: dict[str, Any] | None = None,
+                 explicit: str | None = None) -> None:
         self.engine = engine
+        self.explicit = explicit  # the explicit label: a last delta of each choice, before its finish
+        self._explicit_done: set[int] = set()
         self.rules = rules
         self.label = label  # put into the first event with choices (`xc_label`), then None
         self.choices: dict[int, TextFilter] = {}
@@ -168,8 +171,38 @@ class SseFilter:
         if self.label is not None:
             obj["xc_label"], self.label = self.label, None
             changed = True
-        if self.rules is None:
-            return b"data: " + dumps(obj) if changed else event
+        if self.rules is not None:
+            filtered = self._filter(choices)
+            if filtered is None:
+                return b""
+            changed = changed or filtered
+        if self.explicit and self._append_explicit(choices):
+            changed = True
+        if self._template is None:
+            self._template = {k: obj[k] for k in ("id", "object", "created", "model") if k in obj}
+        return b"data: " + dumps(obj) if changed else event
+
+    def _append_explicit(self, choices: list[Any]) -> bool:
+        changed = False
+        for ch in choices:
+            if not isinstance(ch, dict) or ch.get("finish_reason") is None:
+                continue
+            idx = ch.get("index", 0)
+            index = idx if isinstance(idx, int) else 0
+            if index in self._explicit_done:
+                continue
+            self._explicit_done.add(index)
+            delta = ch.get("delta")
+            if isinstance(delta, dict):
+                delta["content"] = (delta.get("content") or "") + str(self.explicit)
+            else:
+                ch["text"] = (ch.get("text") or "") + str(self.explicit)
+            changed = True
+        return changed
+
+    def _filter(self, choices: list[Any]) -> bool | None:
+        """Filter the choices' text in place: changed or not; None: blocked (the event is dropped)."""
+        changed = False
         for ch in choices:
             if not isinstance(ch, dict):
                 continue
@@ -180,7 +213,7 @@ class SseFilter:
                 if ch.get("finish_reason") is not None and index in self.choices:
                     rest = self._choice(index).flush(self.findings)
                     if self._stop_on_block():
-                        return b""
+                        return None
                     if rest:
                         if isinstance(ch.get("delta"), dict):
                             ch["delta"]["content"] = rest
@@ -195,13 +228,11 @@ class SseFilter:
             if ch.get("finish_reason") is not None:
                 shown += tf.flush(self.findings)
             if self._stop_on_block():
-                return b""
+                return None
             if shown != text:
                 holder[field] = shown
                 changed = True
-        if self._template is None:
-            self._template = {k: obj[k] for k in ("id", "object", "created", "model") if k in obj}
-        return b"data: " + dumps(obj) if changed else event
+        return changed
 
     def _stop_on_block(self) -> bool:
         for tf in self.choices.values():
