@@ -56,7 +56,6 @@ class LLMSettings(BaseModel):
         600.0, gt=0, le=86_400, description="longest generation; also the wait for a non-streamed answer's headers"
     )
     drain_s: float = Field(20.0, ge=0, le=3600, description="SIGTERM: time running generations get to finish")
-    verify: bool = Field(True, description="check the GGUF's size and sha256 against its record before loading")
 
     @field_validator("model", "served_name")
     @classmethod
