@@ -253,7 +253,7 @@ def test_embeddings_local_exchange_preferred_and_default_model(gateway: GatewayS
     local.embedder = FakeLocal(exchange)
     try:
         r = httpx.post(gateway.base_url + "/embeddings", json={"input": "x"})  # no model: the configured default
-        assert r.status_code == 200 and r.json()["model"] == seen[-1]["model"] == "all-minilm-l6-v2-int8"
+        assert r.status_code == 200 and r.json()["model"] == seen[-1]["model"] == "multilingual-e5-small-int8"
         r = httpx.post(gateway.base_url + "/embeddings", json={"model": "bge-m3", "input": "x", "dimensions": 1})
         assert r.status_code == 200 and seen[-1]["dimensions"] == 1  # passed as is
         up = client(gateway).embeddings.create(model="mock-model", input="x")  # upstream models still go upstream

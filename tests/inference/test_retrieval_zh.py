@@ -1,60 +1,59 @@
-"""Chinese retrieval (tests/fixtures/retrieval_zh: 66 questions, 11 domains, 99 passages with distractors):
-recall@1 and MRR of MiniLM, e5 fp32 and e5 int8. The multilingual default must beat the English model clearly."""
+"""Chinese retrieval (tests/fixtures/retrieval_zh: 88 questions in 11 domains; 165 passages, among them
+same-topic near-duplicates that share the question's words but answer something else, and questions
+paraphrased away from their passage's wording): recall@1 and MRR of MiniLM, e5 fp32 and e5 int8. The
+multilingual default must beat the English model clearly, and int8 must stay close to fp32. Each model
+embeds the set once (one pass; the sessions are shared with test_e5.py)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from xcstack.inference.repository import ModelRepository
-from xcstack.inference.runtime import OrtModel
+from tests.inference.e5_helpers import embed_set, load_set, ort_model, ranked, ranks
 
-FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "retrieval_zh"
-
-
-def load_set() -> tuple[list[dict[str, object]], list[dict[str, str]]]:
-    queries = [json.loads(x) for x in (FIXTURE / "queries.jsonl").read_text().splitlines() if x.strip()]
-    passages = [json.loads(x) for x in (FIXTURE / "passages.jsonl").read_text().splitlines() if x.strip()]
-    return queries, passages
+MODELS = ("all-minilm-l6-v2", "multilingual-e5-small", "multilingual-e5-small-int8")
 
 
-def scores(model: OrtModel, query_prefix: str, passage_prefix: str) -> tuple[float, float]:
-    """(recall@1, MRR) of the model on the set, passages embedded in batches of 16."""
-    queries, passages = load_set()
-
-    def embed(texts: list[str]) -> np.ndarray:
-        return np.concatenate([model.embed_ids(model.tokenize(texts[i : i + 16])) for i in range(0, len(texts), 16)])
-
-    q = embed([query_prefix + str(x["query"]) for x in queries])
-    p = embed([passage_prefix + x["text"] for x in passages])
-    ids = [x["id"] for x in passages]
-    ranks = []
-    for row, query in zip(q @ p.T, queries, strict=True):
-        order = [ids[i] for i in np.argsort(-row)]
-        ranks.append(min(order.index(r) for r in query["relevant"]) + 1)  # type: ignore[attr-defined]
-    r = np.array(ranks, dtype=np.float64)
-    return float((r == 1).mean()), float((1.0 / r).mean())
+@pytest.fixture(scope="module")
+def vectors(model_repo: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return {name: embed_set(ort_model(model_repo, name)) for name in MODELS}
 
 
 def test_fixture_shape() -> None:
     queries, passages = load_set()
     assert len(queries) >= 60 and len({q["domain"] for q in queries}) >= 10
-    pids = {p["id"] for p in passages}
-    assert all(set(q["relevant"]) <= pids for q in queries)  # type: ignore[arg-type]
-    assert sum(p["id"].startswith("d") for p in passages) >= 30  # distractors
+    pids = [p["id"] for p in passages]
+    assert len(pids) == len(set(pids)) and len({q["id"] for q in queries}) == len(queries)
+    assert all(set(q["relevant"]) <= set(pids) for q in queries)
+    assert sum(p.startswith("d") for p in pids) >= 60  # distractors
 
 
-def test_e5_beats_minilm_on_chinese(model_repo: Path) -> None:
-    repo = ModelRepository(model_repo).scan()
-    table = {}
-    for name in ("all-minilm-l6-v2", "multilingual-e5-small", "multilingual-e5-small-int8"):
-        entry = repo.get(name)
-        assert entry is not None and entry.config is not None
-        table[name] = scores(OrtModel(entry), entry.config.query_prefix, entry.config.passage_prefix)
+def test_ranks_counts_passages_scored_above_the_relevant_one() -> None:
+    queries, passages = load_set()
+    index = {x["id"]: i for i, x in enumerate(passages)}
+    rel = [index[r["relevant"][0]] for r in queries]
+    sims = np.zeros((len(queries), len(passages)), np.float32)  # query vectors against identity passages
+    sims[np.arange(len(queries)), rel] = 1.0
+    sims[1, rel[0]] = 2.0  # query 1 prefers query 0's passage: rank 2
+    eye = np.eye(len(passages), dtype=np.float32)
+    got = ranks(sims, eye)
+    assert got[0] == 1 and got[1] == 2 and (got[2:] == 1).all()
+    assert ranked(sims, eye) == pytest.approx((1 - 1 / len(queries), 1 - 0.5 / len(queries)))
+
+
+def test_e5_beats_minilm_on_chinese(vectors: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    table = {name: ranked(*v) for name, v in vectors.items()}
     print("\nrecall@1 / MRR on retrieval_zh:", {k: (round(a, 3), round(b, 3)) for k, (a, b) in table.items()})
-    mini, fp32, int8 = table.values()
-    assert fp32[0] >= 0.85 and fp32[1] >= 0.9, fp32  # a sane floor for the multilingual model
+    mini, fp32, int8 = (table[m] for m in MODELS)
+    assert fp32[0] >= 0.8 and fp32[1] >= 0.88, fp32  # a sane floor for the multilingual model
+    assert fp32[0] <= 0.98, fp32  # the set discriminates: hard items that e5 does not all get right
     assert int8[0] >= fp32[0] - 0.05 and int8[1] >= fp32[1] - 0.03, (int8, fp32)
-    assert fp32[0] >= mini[0] + 0.2 and fp32[1] >= mini[1] + 0.15, (fp32, mini)  # clearly better than MiniLM
+    assert fp32[0] >= mini[0] + 0.4 and fp32[1] >= mini[1] + 0.4, (fp32, mini)  # clearly better than MiniLM
+
+
+def test_int8_vectors_close_to_fp32(vectors: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """The whole set's 253 texts (both prefixes): int8 against fp32 from the same pass."""
+    for a, b in zip(vectors["multilingual-e5-small"], vectors["multilingual-e5-small-int8"], strict=True):
+        assert float((a * b).sum(1).min()) >= 0.99
