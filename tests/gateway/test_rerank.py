@@ -211,3 +211,28 @@ def test_permission_and_audit(tmp_path: Path, repos: dict[str, Path], mock: Mock
         assert calls[0]["detail"] == {"method": "POST", "status": 200} and calls[0]["actor"] == "rr-app"
     finally:
         srv.stop()
+
+
+def test_answers_match_the_contract(gw: GatewayServer) -> None:
+    """Every kind of answer (local cross-encoder, bi-encoder, upstream, 400, 404) against the OpenAPI document's
+    schema for that status; a wrong field fails the check (not vacuous)."""
+    import jsonschema
+
+    from tests.contract.test_gateway_contract import check
+
+    doc = httpx.get(gw.url + "/openapi.json", timeout=10).json()
+    for path in ("/v1/rerank", "/rerank"):
+        for body in ({"model": "ce", "query": QUERY, "documents": DOCS, "top_n": 2},
+                     {"model": "emb", "query": QUERY, "documents": [{"text": DOCS[0]}], "return_documents": False},
+                     {"model": "mock-rerank", "query": QUERY, "documents": DOCS}):
+            r = _post(gw, body, path)
+            assert r.status_code == 200 and check(doc, path, "post", r)["results"], r.text
+        r = _post(gw, {"model": "ce", "query": "q", "documents": ["a"] * 6}, path)
+        assert r.status_code == 400 and check(doc, path, "post", r)["error"]["code"] == "too_many_documents"
+        r = _post(gw, {"model": "ghost", "query": "q", "documents": ["a"]}, path)
+        assert r.status_code == 404 and check(doc, path, "post", r)["error"]["code"] == "model_not_found"
+    real = _post(gw, {"model": "ce", "query": QUERY, "documents": DOCS}).json()
+    for broken in ({**real, "method": "magic"}, {k: v for k, v in real.items() if k != "results"},
+                   {**real, "results": [{"index": 0}]}):
+        with pytest.raises(jsonschema.ValidationError):
+            check(doc, "/v1/rerank", "post", httpx.Response(200, json=broken))
