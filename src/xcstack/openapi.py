@@ -242,7 +242,8 @@ def build_document(
                 continue
             is_public = (method, route.path) in open_set or ("*", route.path) in open_set
             paths.setdefault(route.path_format, {})[method.lower()] = _operation(
-                route, method, is_public, security_on, models, route.path in self_service)
+                route, method, is_public, security_on, models,
+                route.path in self_service and permission_of(route.endpoint) is None)  # per route: GET and POST may differ
     refs, defs = models.render()
     _resolve(paths, refs)
     responses = {"Error": _error_response("Error", "Error"), "KServeError": _error_response("Error", "KServeOrError")}

@@ -218,7 +218,7 @@ MATRIX: dict[tuple[str, str], tuple[frozenset[str], list[Call]]] = {
 }
 
 # every capability of the default list must be in the app: one silently disabled would hide its routes
-CAPABILITIES = {"security", "crypto", "gateway", "db", "inference", "vector", "usage", "console"}
+CAPABILITIES = {"security", "crypto", "gateway", "db", "inference", "vector", "usage", "console", "safety"}
 
 
 def _settings(data_dir: Path) -> Any:
@@ -285,16 +285,17 @@ def app_routes(routes: list[BaseRoute], prefix: str = "") -> set[tuple[str, str]
     return out
 
 
-def routed_template(routes: list[BaseRoute], method: str, path: str) -> str | None:
+def routed_template(routes: list[BaseRoute], method: str, path: str, root_path: str = "") -> str | None:
     """The template of the route Starlette picks for (method, path): the matrix's concrete calls
     must really exercise the row they are listed under."""
-    scope = {"type": "http", "method": method, "path": path.split("?")[0], "root_path": ""}
+    scope = {"type": "http", "method": method, "path": path.split("?")[0], "root_path": root_path}
     for route in routes:
         match, child = route.matches(scope)
         if match == Match.FULL and isinstance(route, Route):
             return route.path
         if match == Match.FULL and isinstance(route, Mount) and route.routes:  # the console's pages
-            inner = routed_template(list(route.routes), method, child["path"])
+            # Starlette keeps the full path in a mount's child scope and moves the prefix to root_path
+            inner = routed_template(list(route.routes), method, path, child.get("root_path", root_path))
             if inner is not None:
                 return route.path + inner
     return None
