@@ -254,6 +254,7 @@ def quantize_int8(
     block_size: int = BLOCK_SIZE,
     per_channel: bool = True,
     reduce_range: bool = False,
+    signed_weights: bool = False,
     exclude: list[str] | None = None,
     extra_options: dict[str, Any] | None = None,
 ) -> str:
@@ -263,7 +264,14 @@ def quantize_int8(
     2. the MatMuls of `blockwise_roles` (default: every FFN output projection, whose input carries the
        [CLS] token's massive activations) become 8-bit block-wise MatMulNBits (`to_matmul_nbits`);
     3. every other weight MatMul not in `exclude`: `quantize_dynamic(per_channel=True)` (MatMulInteger,
-       one dynamic activation scale per tensor: the fastest kernels).
+       one dynamic activation scale per tensor: the fastest kernels) with **uint8 weights**.
+       Why not int8 weights (onnxruntime's usual U8S8): MLAS multiplies uint8 activations by int8 weights
+       with `vpmaddubsw` on x86 CPUs without VNNI (AVX2-only, AVX-512 without VNNI), which adds pairs of
+       products into int16 and saturates (VNNI's `vpdpbusd` does not): the same code and onnxruntime
+       (1.32) gave a worst reference sentence of 0.992 where docs/inference.md was measured and
+       0.924 on an AVX2-only EPYC. U8U8 kernels widen to int16 before multiplying: exact on every CPU
+       (0.992 on that EPYC too, and no slower there). `reduce_range` (7-bit weights) also avoids the
+       overflow but loses precision (0.990); `signed_weights=True` restores U8S8 (only for measuring it).
     Measured choices and figures: docs/inference.md ("int8"), scripts/inference_int8_variants.py."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -282,7 +290,7 @@ def quantize_int8(
             str(dst),
             per_channel=per_channel,
             reduce_range=reduce_range,
-            weight_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8 if signed_weights else QuantType.QUInt8,  # see the docstring
             op_types_to_quantize=["MatMul"],  # embeddings (Gather) stay fp32: cheap, and quality-sensitive
             nodes_to_exclude=sorted(set(exclude or []) | blockwise),
             extra_options=dict(extra_options or {}),
@@ -292,7 +300,7 @@ def quantize_int8(
         to_matmul_nbits(model, blockwise, block_size=block_size)
         onnx.save_model(model, str(dst))
     parts = [f"smoothquant-a{smooth_alpha:g}" if smoothed else "",
-             "int8-dynamic-" + ("per-channel" if per_channel else "per-tensor"),
+             "int8-dynamic-" + ("per-channel" if per_channel else "per-tensor") + ("-s8w" if signed_weights else ""),
              f"{'+'.join(blockwise_roles)}-matmulnbits8-b{block_size}" if blockwise else "",
              f"{len(exclude)}-fp32" if exclude else ""]
     return "+".join(p for p in parts if p)
