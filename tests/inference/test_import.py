@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.inference.conftest import MODEL_NAMES
 from xcstack.inference.export import ModelImportError, default_source, import_model
 from xcstack.inference.export.graph import build_bert_onnx
 from xcstack.inference.repository import ModelRepository
@@ -103,7 +104,7 @@ def test_cli_import_default_if_missing_is_idempotent(model_repo: Path, tmp_path:
     # pre-seed the target with the session's models so the CLI path only checks presence
     repo = tmp_path / "models"
     repo.mkdir()
-    for name in ("all-minilm-l6-v2", "all-minilm-l6-v2-int8"):
+    for name in MODEL_NAMES:  # every pair import-default brings (MiniLM and the multilingual e5)
         (repo / name).symlink_to(model_repo / name)
     out = subprocess.run(
         [sys.executable, "-m", "xcstack", "model", "import-default", "--if-missing", "--repository", str(repo)],
@@ -116,8 +117,7 @@ def test_cli_import_default_if_missing_is_idempotent(model_repo: Path, tmp_path:
         capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stderr
-    assert {m["name"]: m["state"] for m in json.loads(out.stdout)} == {
-        "all-minilm-l6-v2": "READY", "all-minilm-l6-v2-int8": "READY"}
+    assert {m["name"]: m["state"] for m in json.loads(out.stdout)} == {name: "READY" for name in MODEL_NAMES}
 
 
 def test_cli_import_prefixed_checkpoint(tmp_path: Path, model_repo: Path) -> None:
