@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.core.served import Served
+from tests.inference.conftest import MODEL_NAMES
 
 MODEL = "all-minilm-l6-v2"
 
@@ -79,7 +80,7 @@ def test_embeddings_and_infer_through_the_supervisor(served: Served) -> None:
     assert h["pid"] == pid and h["omp_num_threads"] == "1"
     if (os.cpu_count() or 1) > 1:
         assert len(h["affinity"]) == 1, h  # pinned to the core the tuning plan gave it
-    assert set(h["models"]) == {MODEL, MODEL + "-int8"}
+    assert set(h["models"]) == set(MODEL_NAMES)  # every model of the default repository (MiniLM and e5)
 
 
 def test_killed_model_worker_is_respawned_and_callers_get_retriable_503(served: Served) -> None:
