@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -16,7 +15,7 @@ from xcstack.gateway.failover import rejection_body
 from xcstack.llm import capability as cap
 from xcstack.llm.assemble import import_gguf
 from xcstack.llm.backends import llm_backends, render, summarise
-from xcstack.llm.worker import KEY_ENV, PORT_ENV
+from xcstack.llm.worker import KEY_ENV, PORT_ENV, THREADS_ENV, decode_threads
 
 
 @pytest.fixture
@@ -29,19 +28,42 @@ def with_model(tmp_path: Path):  # type: ignore[no-untyped-def]
 def test_no_model_no_worker_no_upstream(tmp_path: Path) -> None:
     s = load_settings(data_dir=tmp_path)
     assert cap.side_processes(s, None) == [] and cap.child_env(s, None) == {}
+    assert s.llm.enabled and not s.llm.worker_wanted(s.data_dir)  # no model: the plan reserves no cores
     assert cap.create(AppContext(s, None)) is None  # type: ignore[arg-type]
 
 
 def test_model_present_gives_a_pinned_worker_and_its_port_and_key(with_model) -> None:  # type: ignore[no-untyped-def]
+    from tests.platform.test_plan import report
+    from xcstack.platform.plan import derive_plan
+    from xcstack.platform.planning.overrides import PlanOverrides
+
     s = with_model
-    plan = SimpleNamespace(pin=True, model_cpus=[[2], [3]], compute_cores=[2, 3])
+    assert PlanOverrides.from_settings(s).llm  # the plan knows a worker will run: it gets cores of its own
+    plan = derive_plan(report([0, 1, 2, 3]), s)
+    assert plan.llm_cpus == [2, 3] and plan.model_cpus == [[1]] and plan.http_cpus == [[0]]
     [spec] = cap.side_processes(s, plan)
-    assert spec.target == "xcstack.llm.worker:main" and list(spec.cpus) == [[2, 3]]  # all model cores, one worker
+    assert spec.target == "xcstack.llm.worker:main" and list(spec.cpus) == [[2, 3]]  # its cores, one worker
+    assert spec.env == {THREADS_ENV: "2"}  # threads = its cores
     env = cap.child_env(s, plan)
     assert int(env[PORT_ENV]) > 0 and len(env[KEY_ENV]) >= 24
     assert cap.child_env(s, plan)[KEY_ENV] != env[KEY_ENV]  # a fresh key per `xcstack serve`
+    pinned = load_settings(data_dir=s.data_dir, llm={"model": "tiny", "cpus": [3], "threads": 5})
+    [spec] = cap.side_processes(pinned, derive_plan(report([0, 1, 2, 3]), pinned))
+    assert list(spec.cpus) == [[3]] and spec.env == {THREADS_ENV: "5"}
+    unpinned = derive_plan(report([0, 1, 2, 3]), PlanOverrides(llm=True, pin=False))
+    [spec] = cap.side_processes(s, unpinned)
+    assert list(spec.cpus) == [] and spec.env == {THREADS_ENV: "2"}  # not pinned, still its share of threads
     off = load_settings(data_dir=s.data_dir, llm={"model": "tiny", "enabled": False})
-    assert cap.side_processes(off, plan) == []
+    assert cap.side_processes(off, plan) == [] and not PlanOverrides.from_settings(off).llm
+
+
+def test_worker_threads_from_the_plan_else_its_affinity(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(THREADS_ENV, "3")
+    assert decode_threads() == 3
+    monkeypatch.setenv(THREADS_ENV, "0")
+    import os
+
+    assert decode_threads() == len(os.sched_getaffinity(0))
 
 
 def test_the_gateway_gets_an_upstream_with_the_slots_queue_and_context(with_model, monkeypatch) -> None:  # type: ignore[no-untyped-def]

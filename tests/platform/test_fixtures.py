@@ -238,3 +238,44 @@ def test_container_quota_cpuset() -> None:
     assert plan.cpu_slots == 2
     assert any("fractional CPU quota 1.5" in w for w in plan.warnings)
     assert any("cpuset 0-1 of 8" in n for n in plan.notes)
+
+
+# With an llm worker (the local chat model is there) and inference on: (http cpus, model cpus, llm cpus).
+# http keeps the cores of the plan above; the compute cores are halved, the llm worker on the last NUMA node.
+LLM_CASES: dict[str, tuple[list[int], list[int], list[int]]] = {
+    "amd-epyc-ubuntu2204": ([0, 1, 8, 9], [2, 3, 4, 5, 6, 7], [10, 11, 12, 13, 14, 15]),
+    "container-cpuset-quota": ([0], [1], [1]),  # 2 slots: llm and model worker share the compute core
+    "hygon-7285-openeuler-2003": ([0], [1], [2, 3]),
+    "intel-xeon-debian12": ([0], [1], [2, 3]),
+    "kunpeng920-kylin-v10": ([0, 4], [1, 2, 3], [5, 6, 7]),
+    "kunpeng920-openeuler-2203": ([0], [1], [2, 3]),
+    "loongson-3a5000-kylin-v10": ([0], [1], [2, 3]),
+    "loongson-3a6000-uos20": ([0, 1], [2, 3, 4], [5, 6, 7]),
+    "phytium-d2000-kylin-v10": ([0, 1], [2, 3, 4], [5, 6, 7]),
+    "phytium-ft2000plus-uos20": (  # 8 NUMA nodes: the llm worker keeps to node 7
+        [0, 1, 8, 9, 16, 17, 24, 25, 32, 33, 40, 41, 48, 49, 56, 57],
+        [2, 3, 4, 10, 11, 12, 18, 19, 20, 26, 27, 28, 34, 35, 36, 42, 43, 50, 51],  # memory cap 19
+        [58, 59, 60, 61, 62, 63],
+    ),
+    "zhaoxin-kx6000-centaur-kylin": ([0, 1], [2, 3, 4], [5, 6, 7]),
+    "zhaoxin-shanghai-openeuler-2203": ([0], [1], [2, 3]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LLM_CASES))
+def test_fixture_plan_with_an_llm_worker(name: str) -> None:
+    from xcstack.platform.planning.overrides import PlanOverrides
+
+    report = probe(fx(name))
+    http, model, llm = LLM_CASES[name]
+    plan = derive_plan(report, PlanOverrides(llm=True))
+    flat = lambda groups: [c for g in groups for c in g]  # noqa: E731
+    assert (flat(plan.http_cpus), flat(plan.model_cpus), plan.llm_cpus) == (http, model, llm)
+    assert plan.llm_threads == len(llm)
+    assert flat(plan.http_cpus) == flat(derive_plan(report).http_cpus)  # http unchanged by the llm worker
+    if name != "container-cpuset-quota":
+        assert not set(llm) & set(http + model)
+    # inference off: every compute core is the llm worker's, http as with inference on
+    off = derive_plan(report, PlanOverrides(llm=True, model_workers=0))
+    assert flat(off.http_cpus) == http and off.model_workers == 0
+    assert set(model) | set(llm) <= set(off.llm_cpus) and not set(off.llm_cpus) & set(http)

@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from xcstack.llm.gguf import GGUFError, read_gguf
+from xcstack.llm.settings import RECORD, WEIGHTS
 
 BLOCK = 4 * 1024 * 1024
 LICENCE_FILE = Path(__file__).with_name("licences") / "Qwen-LICENSE.txt"
-RECORD = "model.json"
-WEIGHTS = "model.gguf"
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 

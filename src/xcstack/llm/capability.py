@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.routing import BaseRoute
 
 from xcstack.capability import AppContext, SideProcessSpec, Wiring
-from xcstack.llm.assemble import RECORD, WEIGHTS, model_dir
-from xcstack.llm.worker import KEY_ENV, PORT_ENV, read_state, state_path, worker_port
+from xcstack.llm.worker import KEY_ENV, PORT_ENV, THREADS_ENV, read_state, state_path, worker_port
 
 if TYPE_CHECKING:
     from xcstack.config import Settings
@@ -33,19 +32,10 @@ WIRING = Wiring(provides=("local_llm",))
 UPSTREAM_NAME = "local-llm"
 
 
-def model_present(settings: Settings) -> bool:
-    """The configured model has a file and a record (cheap: the worker verifies the hash)."""
-    llm = settings.llm
-    d = model_dir(llm.repository_dir(settings.data_dir), llm.model)
-    return (d / WEIGHTS).is_file() and (d / RECORD).is_file()
-
-
 def runs(settings: Settings) -> bool:
     """Enabled, the model is there, and llama.cpp is installed (no xllamacpp wheel for this CPU: nothing
-    starts, `xcstack doctor` says why)."""
-    import importlib.util
-
-    return settings.llm.enabled and model_present(settings) and importlib.util.find_spec("xllamacpp") is not None
+    starts, `xcstack doctor` says why). The tuning plan asks the same (PlanOverrides.llm)."""
+    return settings.llm.worker_wanted(settings.data_dir)
 
 
 class LocalLLM:
@@ -131,13 +121,20 @@ def child_env(settings: Settings, plan: Any) -> dict[str, str]:
 
 
 def worker_cpus(settings: Settings, plan: Any) -> list[int]:
-    """`[llm] cpus`, else every model core of the tuning plan ([] = not pinned)."""
-    if settings.llm.cpus is not None:
-        return list(settings.llm.cpus)
-    if plan is None or not getattr(plan, "pin", True):
+    """The tuning plan's llm cores (`[llm] cpus` when set: the plan honours them too); [] = not pinned."""
+    if plan is None:
+        return list(settings.llm.cpus or [])
+    if not getattr(plan, "pin", True):
         return []
-    cores = [c for group in getattr(plan, "model_cpus", None) or [] for c in group]
-    return sorted(set(cores or getattr(plan, "compute_cores", None) or []))
+    return list(getattr(plan, "llm_cpus", None) or settings.llm.cpus or [])
+
+
+def worker_threads(settings: Settings, plan: Any) -> int:
+    """Decode threads: `[llm] threads`, else one per core the worker gets (0 = one per core it can run on)."""
+    if settings.llm.threads:
+        return settings.llm.threads
+    planned = int(getattr(plan, "llm_threads", 0) or 0) if plan is not None else 0
+    return planned or len(worker_cpus(settings, plan))
 
 
 def side_processes(settings: Settings, plan: Any) -> list[SideProcessSpec]:
@@ -149,5 +146,7 @@ def side_processes(settings: Settings, plan: Any) -> list[SideProcessSpec]:
 
     state_path(settings).unlink(missing_ok=True)  # a previous run's "ready" must not pass the check
     cpus = worker_cpus(settings, plan)
+    threads = worker_threads(settings, plan)
     return [SideProcessSpec(name="llm-worker", target="xcstack.llm.worker:main", instances=1,
-                            cpus=[cpus] if cpus else (), ready_check=ready)]
+                            cpus=[cpus] if cpus else (), env={THREADS_ENV: str(threads)} if threads else {},
+                            ready_check=ready)]

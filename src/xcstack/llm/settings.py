@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+WEIGHTS = "model.gguf"  # <repository>/<name>/model.gguf: the weights
+RECORD = "model.json"  # <repository>/<name>/model.json: size, sha256, header facts, source
 
 
 class LLMSettings(BaseModel):
@@ -48,7 +50,8 @@ class LLMSettings(BaseModel):
     )
     threads: int | None = Field(None, ge=1, le=1024, description="decode threads; default: one per core of `cpus`")
     cpus: list[int] | None = Field(
-        None, description="cores the worker is pinned to; default: the tuning plan's model cores (all of them)"
+        None, description="cores the worker is pinned to; default: its own cores from the tuning plan (half the "
+        "compute cores, all of them with inference off)"
     )
     port: int = Field(0, ge=0, le=65535, description="127.0.0.1 port of the worker's HTTP server; 0: a free one, "
                       "chosen by the supervisor at start")
@@ -77,3 +80,12 @@ class LLMSettings(BaseModel):
 
     def repository_dir(self, data_dir: Path) -> Path:
         return self.repository if self.repository is not None else data_dir / "llm-models"
+
+    def worker_wanted(self, data_dir: Path) -> bool:
+        """A worker will run: enabled, the model has a file and a record (cheap: the worker verifies the hash)
+        and llama.cpp is installed. The supervisor starts it and the tuning plan gives it cores on this."""
+        import importlib.util
+
+        d = self.repository_dir(data_dir) / self.model
+        return (self.enabled and (d / WEIGHTS).is_file() and (d / RECORD).is_file()
+                and importlib.util.find_spec("xllamacpp") is not None)

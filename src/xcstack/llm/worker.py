@@ -35,6 +35,7 @@ log = logging.getLogger("xcstack.llm")
 
 PORT_ENV = "XC_LLM_PORT"
 KEY_ENV = "XC_LLM_KEY"
+THREADS_ENV = "XC_LLM_THREADS"  # decode threads the tuning plan gives it (side-process env)
 _PROCESSING = re.compile(r"^llamacpp:requests_processing\s+([0-9.]+)", re.M)
 
 
@@ -96,6 +97,14 @@ def processing(server: Any) -> int:
     return int(float(m.group(1))) if m else 0
 
 
+def decode_threads() -> int:
+    """The plan's count (XC_LLM_THREADS), else one per core this process may run on."""
+    raw = os.environ.get(THREADS_ENV, "")
+    if raw.isdigit() and int(raw) > 0:
+        return int(raw)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def main(settings: Settings, index: int) -> None:
     logging.basicConfig(level=settings.observability.log_level, format="%(asctime)s %(name)s %(message)s")
     stop = threading.Event()
@@ -126,8 +135,7 @@ def start(settings: Settings, index: int, stop: threading.Event | None = None) -
     if not port:
         _write_state(settings, index, "failed no port ([llm] port, or the supervisor's XC_LLM_PORT)")
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = llm.threads or cores
+    threads = llm.threads or decode_threads()
     t0 = time.monotonic()
     try:
         import xllamacpp

@@ -8,6 +8,8 @@ Rules (docs/architecture.md §1):
   least two slots: 1 slot -> everything shares it; 2 -> 1 http worker on the first core and 1 model
   worker on the second; n >= 3 -> ceil(n/4) I/O cores, the rest compute. With several NUMA nodes
   each node is split in the same proportion so both kinds stay local to every node.
+- A local chat model's llama.cpp worker, when one will run, gets compute cores of its own
+  (`planning/llm.py`): half of them with model workers, all of them without; threads = its cores.
 - Overrides (config) win: explicit http worker count, the http worker cores (`worker_cpus`), the model
   worker count (0 = no local inference: every core serves http), pinning on/off, the event loop.
 - What does not work here is left out: no model workers (and no inline models) when onnxruntime does
@@ -33,6 +35,7 @@ from xcstack.platform.cpulist import format_cpulist
 from xcstack.platform.planning.advice import kernel_advice
 from xcstack.platform.planning.cores import cpu_budget
 from xcstack.platform.planning.findings import Findings
+from xcstack.platform.planning.llm import llm_cores, split_request
 from xcstack.platform.planning.overrides import PlanOverrides
 from xcstack.platform.planning.runtime import loop_and_json, onnxruntime_options
 from xcstack.platform.planning.workers import (
@@ -72,6 +75,10 @@ class TuningPlan:
     # why local inference cannot run on this machine ("" when it can): no model workers are planned, and
     # http workers must not load models inline either (the same import would take them down)
     inference_unavailable: str = ""
+    # the local chat model's llama.cpp worker (platform/planning/llm.py): its cores ([] = none runs, or
+    # pinning is off) and its decode threads (0 = none runs)
+    llm_cpus: list[int] = field(default_factory=list)
+    llm_threads: int = 0
     overridden: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -138,7 +145,10 @@ def derive_plan(
     model_req, inference_unavailable = model_request(report, ov, found)
     io = explicit_io_cores(ov, cpu.usable, found)
     model_groups, pool = explicit_compute_cores(ov, model_req, cpu.usable, found)
-    io, compute = assign_cores(cpu.cores, cpu.usable, io, pool, model_req, ov.http_workers, res.numa_nodes)
+    io, compute = assign_cores(cpu.cores, cpu.usable, io, pool, split_request(ov, model_req), ov.http_workers,
+                               res.numa_nodes)
+    llm = llm_cores(ov, model_req, pool is not None, io, compute, cpu.usable, res.numa_nodes, found)
+    compute = llm.compute
     counts = worker_counts(report, ov, model_req, model_groups, io, compute, single_core=len(cpu.cores) == 1,
                            model_worker_mem_bytes=model_worker_mem_bytes, found=found)
     pin, http_cpus, model_cpus = pin_workers(ov, io, counts, model_groups, found)
@@ -171,6 +181,8 @@ def derive_plan(
         notes=found.notes,
         warnings=found.warnings,
         inference_unavailable=inference_unavailable,
+        llm_cpus=list(llm.cores) if pin else [],
+        llm_threads=len(llm.cores),
     )
 
 

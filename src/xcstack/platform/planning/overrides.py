@@ -22,12 +22,16 @@ class PlanOverrides:
     pin: bool | None = None
     event_loop: str | None = None  # "auto" | "uvloop" | "asyncio"
     backlog: int | None = None  # listen backlog, checked against somaxconn
+    llm: bool = False  # a llama.cpp worker runs (its model is there): it gets compute cores of its own
+    llm_cpus: list[int] | None = None  # [llm] cpus: the llm worker's cores
 
     @classmethod
     def from_settings(cls, settings: Any) -> PlanOverrides:
         """From xcstack Settings: [server] workers / worker_cpus / pin_cpus / loop / backlog, and
         [inference] workers / worker_cpus (per-worker core lists); inference disabled or `mode = "inline"`
-        means no model worker processes (every planned core serves http)."""
+        means no model worker processes (every planned core serves http unless an llm worker runs);
+        [llm] cpus, and whether an llm worker runs (`LLMSettings.worker_wanted`: enabled, model there,
+        llama.cpp installed)."""
         server = getattr(settings, "server", None)
         inference = getattr(settings, "inference", None)
 
@@ -43,7 +47,12 @@ class PlanOverrides:
         per_worker: list[list[int]] | None = None
         if raw is not None:
             per_worker = [[int(c) for c in g] if isinstance(g, list | tuple) else [int(g)] for g in raw]
+        llm = getattr(settings, "llm", None)
+        wanted = getattr(llm, "worker_wanted", None)
+        data_dir = getattr(settings, "data_dir", None)
         return cls(
+            llm=bool(wanted(data_dir)) if callable(wanted) and data_dir is not None else False,
+            llm_cpus=ints(getattr(llm, "cpus", None)),
             http_workers=getattr(server, "workers", None),
             worker_cpus=ints(getattr(server, "worker_cpus", None)),
             pin=False if getattr(server, "pin_cpus", True) is False else None,
