@@ -1,5 +1,5 @@
-"""One live xcstack (uvicorn in a thread: security, crypto, gateway with the mock upstream, usage, console)
-and one Chromium for the console's browser tests."""
+"""One live xcstack (uvicorn in a thread: security, crypto, gateway with the mock upstream, usage, vectors,
+DB, content safety, console) and one Chromium for the console's browser tests."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import pytest
 CHROMIUM = "/usr/bin/chromium"
 ARTEFACTS = Path(os.environ.get("XC_CONSOLE_ARTEFACTS") or Path(tempfile.gettempdir()) / "xcstack-console-artefacts")
 T = TypeVar("T")
+BANNED_WORDS = "# a test list\n禁词甲\nforbidden-word-xyz\n"
 
 
 def free_port() -> int:
@@ -53,6 +54,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     from xcstack.gateway.mock_upstream import MockConfig, serve
 
     data = tmp_path_factory.mktemp("console")
+    (data / "banned.txt").write_text(BANNED_WORDS, encoding="utf-8")
     port, mock_port = free_port(), free_port()
     settings = load_settings(
         None, data_dir=data,
@@ -62,6 +64,10 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
                                 "models": ["mock-model"]}],
                  "breaker": {"failure_threshold": 1, "open_s": 3.0}, "retry": {"max_attempts": 1}},
         console={"poll_s": 0.5},
+        # a policy for a model nobody calls here: the secadmin's view has something to show, no test is filtered
+        safety={"lists": [{"name": "banned", "path": str(data / "banned.txt"), "category": "prohibited"}],
+                "policies": [{"name": "guarded", "models": ["guarded-model"], "input": ["list:banned", "pii:mobile"],
+                              "output": ["list:banned"], "action": "block", "actions": {"pii:mobile": "mask"}}]},
         vector={"backend": "milvus", "milvus": {"lite_mode": "in_process"}},
         db={"databases": {"main": {
             "driver": "sqlite", "dsn": str(data / "console.sqlite"), "pool_size": 1,
@@ -72,7 +78,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     )
     modules = ["xcstack.crypto.capability", "xcstack.security.capability", "xcstack.gateway.capability",
                "xcstack.usage.capability", "xcstack.vector.capability", "xcstack.db.capability",
-               "xcstack.console.capability"]
+               "xcstack.safety.capability", "xcstack.console.capability"]
     app = create_app(settings, modules)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", loop="asyncio")
     server = uvicorn.Server(config)

@@ -370,6 +370,146 @@ def test_attacks_csrf_xss_framing_fixation_logout(live: Live, browser: Any) -> N
     anon.close()
 
 
+def test_sysadmin_rotates_a_key_others_may_not(live: Live) -> None:
+    """The keys page's Rotate button: a new version (the API answers it, the list shows it), audited;
+    the secadmin gets 403, and the security capability's own keys are not rotated through the API."""
+    crypto = live.app.state.xc.services.crypto
+    live.run(crypto.create_key("app-sig", "sm2"))
+    page = contexts["admin"].pages[0]
+    goto(page, live, "/console/crypto")
+    row = "#crypto-table tr[data-key='app-sig']"
+    assert page.inner_text(f"{row} td:nth-child(5)") == "1"
+    page.click(f"{row} button[data-action='rotate']")
+    page.wait_for_load_state()
+    assert page.inner_text(f"{row} td:nth-child(5)") == "2", page.inner_text("main")
+    assert page.inner_text("#crypto-key h2") == "app-sig v2"
+    page.screenshot(path=str(ARTEFACTS / "crypto-rotated.png"), full_page=True)
+    token = cookie(contexts["admin"])
+    status, body = api(live, "POST", "/v1/crypto/keys/app-sig/rotate", token)
+    assert status == 200 and body["version"] == 3 and body["pem"].startswith("-----BEGIN PUBLIC KEY"), body
+    status, body = api(live, "POST", "/v1/crypto/keys/app-sig/rotate", cookie(contexts["secadmin"]))
+    assert status == 403 and body["error"]["code"] == "forbidden"
+    signing = live.security.settings.signing_key  # reserved to the security capability: read/verify only
+    status, body = api(live, "POST", f"/v1/crypto/keys/{signing}/rotate", token)
+    assert status == 403 and body["error"]["code"] == "forbidden", body
+    status, body = api(live, "POST", "/v1/crypto/keys/no-such-key/rotate", token)
+    assert status == 404 and body["error"]["code"] == "key_not_found"
+    assert api(live, "GET", "/v1/crypto/keys/app-sig", token)[1]["version"] == 3
+    status, recs = api(live, "GET", "/v1/audit/records?action=crypto.rotate&limit=10", cookie(contexts["auditor"]))
+    assert status == 200
+    done = [(r["actor"], r["resource"], r["outcome"]) for r in recs["records"]]
+    assert done[:2] == [("admin", "key:app-sig", "success")] * 2, done
+    assert ("admin", "key:no-such-key", "failure") in done
+
+
+def test_secadmin_reads_the_content_safety_policies_never_the_words(live: Live) -> None:
+    import hashlib
+
+    from .conftest import BANNED_WORDS
+
+    sec = contexts["secadmin"].pages[0]
+    goto(sec, live, "/console/safety", "safety")
+    goto(sec, live, "/console/safety")
+    assert sec.locator("#menu [data-menu='safety']").count() == 1
+    row = sec.locator("#lists-table tr[data-list='banned']")
+    assert row.locator("td.words").inner_text() == "2"
+    sha = hashlib.sha256(BANNED_WORDS.encode()).hexdigest()
+    assert sha in row.inner_text() and "guarded:input:block" in row.inner_text() and "prohibited" in row.inner_text()
+    pol = sec.inner_text("#policies-table tr[data-policy='guarded']")
+    assert "list:banned" in pol and "pii:mobile" in pol and "guarded-model" in pol and "mask" in pol
+    assert "禁词甲" not in sec.content() and "forbidden-word-xyz" not in sec.content()
+    status, body = api(live, "GET", "/v1/safety/policies", cookie(contexts["secadmin"]))
+    assert status == 200, body
+    assert body["lists"] == [{"name": "banned", "category": "prohibited", "sha256": sha, "words": 2,
+                              "actions": ["guarded:input:block", "guarded:output:block"]}]
+    assert body["policies"][0]["actions"] == {"pii:mobile": "mask"} and body["label"]["active"] is True
+    assert "禁词甲" not in json.dumps(body, ensure_ascii=False)
+    admin = contexts["admin"].pages[0]  # the secadmin's (security.policy): not the sysadmin's
+    assert goto(admin, live, "/console/safety").status == 403
+    assert api(live, "GET", "/v1/safety/policies", cookie(contexts["admin"]))[0] == 403
+
+
+def test_a_user_issues_and_revokes_own_keys_within_own_roles(live: Live, browser: Any) -> None:
+    svc = live.security.service
+    live.run(svc.create_role(SYSTEM, "model-reader", [("route:/v1/models", "get")]))
+    live.run(svc.create_user(SYSTEM, "zhao.liu", ["model-reader"], kind="service", password=USER_PW))
+    ctx = browser.new_context(locale="zh-CN")
+    page = ctx.new_page()
+    sign_in(page, live, "zhao.liu", USER_PW)
+    contexts["zhao.liu"] = ctx
+    goto(page, live, "/console/me/keys")
+    assert page.input_value("#my-key-roles") == "model-reader"
+    page.fill("#my-key-name", "laptop")
+    page.fill("#my-key-days", "30")
+    page.click("#create-my-key")
+    page.wait_for_load_state()
+    key = page.inner_text("#secret").strip()
+    assert key.startswith("xck_"), page.inner_text("main")
+    page.screenshot(path=str(ARTEFACTS / "my-keys.png"), full_page=True)
+    assert api(live, "GET", "/v1/models", key)[0] == 200
+    me = api(live, "GET", "/v1/auth/me", key)[1]
+    assert me["roles"] == ["model-reader"], me
+    goto(page, live, "/console/me/keys")  # shown once
+    assert key not in page.content() and page.locator("#my-keys-table tr[data-key='laptop']").count() == 1
+    token = cookie(ctx)
+    # roles the caller lacks, an administrator role, an expiry past the limit: refused with stable codes
+    for roles in (["sysadmin"], ["model-reader", "auditor"], ["hasher"]):
+        status, body = api(live, "POST", "/v1/security/me/keys", token, {"name": "more", "roles": roles})
+        assert status == 403 and body["error"]["code"] == "forbidden", (roles, body)
+    status, body = api(live, "POST", "/v1/security/me/keys", token, {"name": "long", "roles": ["model-reader"],
+                                                                       "days": 3650})
+    assert status == 400 and body["error"]["code"] == "invalid_parameter", body
+    page.fill("#my-key-name", "admin-key")
+    page.fill("#my-key-roles", "sysadmin")
+    page.click("#create-my-key")
+    page.wait_for_load_state()
+    assert "forbidden" in page.inner_text("main") and page.locator("#secret").count() == 0
+    # someone else's key: not found, and it keeps working; the list holds only the caller's own
+    status, all_keys = api(live, "GET", "/v1/security/keys", cookie(contexts["admin"]))
+    other = next(k for k in all_keys["keys"] if k["name"] == "team-a")
+    status, body = api(live, "DELETE", f"/v1/security/me/keys/{other['id']}", token)
+    assert status == 404 and body["error"]["code"] == "apikey_not_found", body
+    assert not next(k for k in api(live, "GET", "/v1/security/keys", cookie(contexts["admin"]))[1]["keys"]
+                    if k["id"] == other["id"])["revoked"]
+    mine = api(live, "GET", "/v1/security/me/keys", token)[1]["keys"]
+    assert [k["name"] for k in mine] == ["laptop"]
+    page.click("#my-keys-table tr[data-key='laptop'] button[data-action='revoke']")
+    page.wait_for_load_state()
+    assert page.locator("#my-keys-table tr[data-key='laptop'] button").count() == 0
+    assert api(live, "GET", "/v1/auth/me", key)[0] == 401  # revoked at once
+    goto(page, live, "/console/me/keys")
+
+
+def test_secadmin_lists_sessions_and_ends_one_at_once(live: Live) -> None:
+    from xcstack.security.tokens import token_hash
+
+    user_ctx = contexts["zhao.liu"]
+    token = cookie(user_ctx)
+    assert api(live, "GET", "/v1/auth/me", token)[0] == 200  # the login is now in the worker's cache
+    sec = contexts["secadmin"].pages[0]
+    goto(sec, live, "/console/security")
+    goto(sec, live, "/console/security")
+    row = sec.locator("#sessions-table tr[data-user='zhao.liu']")
+    assert row.count() == 1 and "127.0.0.1" in row.inner_text()
+    assert sec.locator("#sessions-table tr[data-user='secadmin'] .tag").count() == 1  # its own, marked
+    assert token not in sec.content() and token_hash(token) not in sec.content()
+    sec.screenshot(path=str(ARTEFACTS / "sessions.png"), full_page=True)
+    row.locator("button[data-action='end-session']").click()
+    sec.wait_for_load_state()
+    assert sec.locator("#sessions-table tr[data-user='zhao.liu']").count() == 0
+    cache = live.security.service.sessions.cache
+    assert cache.get(token_hash(token), time.time(), 1e9) is None  # the cached login went with it
+    assert api(live, "GET", "/v1/auth/me", token)[0] == 401
+    page = user_ctx.pages[0]
+    goto(page, live, "/console/me/keys")
+    assert page.url.endswith("/console/login")
+    assert api(live, "GET", "/v1/security/sessions", cookie(contexts["admin"]))[0] == 403  # security.policy
+    recs = api(live, "GET", "/v1/audit/records?action=session.end&limit=5", cookie(contexts["auditor"]))[1]
+    assert [(r["actor"], r["resource"]) for r in recs["records"]] == [("secadmin", "user:zhao.liu")]
+    user_ctx.close()
+    del contexts["zhao.liu"]
+
+
 def test_auditor_filters_finds_the_denial_verifies_and_sees_a_tampered_chain(live: Live) -> None:
     page = contexts["auditor"].pages[0]
     goto(page, live, "/console/audit?action=access.denied&actor=li.si", "audit-denials")

@@ -112,6 +112,13 @@ MATRIX: dict[tuple[str, str], tuple[frozenset[str], list[Call]]] = {
     ("GET", "/v1/security/lockouts"): (SEC, [Call("/v1/security/lockouts")]),
     ("DELETE", "/v1/security/lockouts/{name}"): (SEC, [Call("/v1/security/lockouts/ghost")]),
     ("GET", "/v1/security/secrets"): (SEC, [Call("/v1/security/secrets")]),
+    ("GET", "/v1/security/sessions"): (SEC, [Call("/v1/security/sessions")]),
+    ("DELETE", "/v1/security/sessions/{id}"): (SEC, [Call("/v1/security/sessions/ghost")]),
+    ("GET", "/v1/safety/policies"): (SEC, [Call("/v1/safety/policies")]),
+    # self-service API keys: anyone signed in, for its own keys (docs/security.md)
+    ("GET", "/v1/security/me/keys"): (SELF, [Call("/v1/security/me/keys")]),
+    ("POST", "/v1/security/me/keys"): (SELF, [Call("/v1/security/me/keys", {})]),
+    ("DELETE", "/v1/security/me/keys/{id}"): (SELF, [Call("/v1/security/me/keys/ghost")]),
     # groups (security.group: sysadmin, who manages users and keys) and usage (docs/usage.md)
     ("PUT", "/v1/security/keys/{id}/group"): (SYS, [Call("/v1/security/keys/ghost/group", {"group": None})]),
     ("GET", "/v1/security/groups"): (SYS, [Call("/v1/security/groups")]),
@@ -175,6 +182,7 @@ MATRIX: dict[tuple[str, str], tuple[frozenset[str], list[Call]]] = {
     ("POST", "/v1/crypto/random"): (SYS, [Call("/v1/crypto/random", {"n": 8})]),
     ("GET", "/v1/crypto/keys"): (SYS, [Call("/v1/crypto/keys")]),
     ("GET", "/v1/crypto/keys/{name}"): (SYS, [Call("/v1/crypto/keys/ghost")]),
+    ("POST", "/v1/crypto/keys/{name}/rotate"): (SYS, [Call("/v1/crypto/keys/ghost/rotate")]),
     # the web console (docs/console.md): each page needs the permission of the API calls it makes
     ("GET", "/console/"): (SELF, [Call("/console/")]),
     ("GET", "/console/login"): (PUBLIC, [Call("/console/login")]),
@@ -210,10 +218,16 @@ MATRIX: dict[tuple[str, str], tuple[frozenset[str], list[Call]]] = {
     ("GET", "/console/jobs"): (SYS, [Call("/console/jobs")]),
     ("POST", "/console/jobs/{id}/cancel"): (SYS, [Call("/console/jobs/ghost/cancel", {})]),
     ("GET", "/console/crypto"): (SYS, [Call("/console/crypto"), Call("/console/crypto?name=ghost")]),
+    ("POST", "/console/crypto/{name}/rotate"): (SYS, [Call("/console/crypto/ghost/rotate", {})]),
     ("GET", "/console/playground"): (SYS, [Call("/console/playground")]),
     ("POST", "/console/playground"): (SYS, [Call("/console/playground", {})]),
     ("GET", "/console/security"): (SEC, [Call("/console/security")]),
     ("POST", "/console/security/unlock/{name}"): (SEC, [Call("/console/security/unlock/ghost", {})]),
+    ("POST", "/console/security/sessions/{id}/end"): (SEC, [Call("/console/security/sessions/ghost/end", {})]),
+    ("GET", "/console/safety"): (SEC, [Call("/console/safety")]),
+    ("GET", "/console/me/keys"): (SELF, [Call("/console/me/keys")]),
+    ("POST", "/console/me/keys"): (SELF, [Call("/console/me/keys", {})]),
+    ("POST", "/console/me/keys/{id}/revoke"): (SELF, [Call("/console/me/keys/ghost/revoke", {})]),
     ("GET", "/console/static/{name}"): (PUBLIC, [Call("/console/static/console.js")]),
 }
 

@@ -96,7 +96,8 @@ _ZH.update({
     "finished": "完成时间", "cancel": "取消", "jobs_note": "列出当前登录身份提交的任务。",
     "algorithm": "算法", "version": "版本", "versions": "版本数", "no_public_part": "对称密钥：无公钥部分",
     "crypto_note": ("只显示密钥的元数据与公钥，从不显示密钥材料。"
-                    "轮换：服务器上执行 xcstack key rotate NAME（API 暂无轮换接口）。"),
+                    "轮换生成新版本，之后用新版本签名和加密；旧版本仍可用于验签和解密。"),
+    "rotate": "轮换", "rotated": "已轮换：新版本已生成",
     "play_chat": "对话", "play_embeddings": "向量化", "play_rerank": "重排序", "play_input": "输入（重排序时为查询）",
     "play_documents": "待重排序的文档（每行一篇）", "answer": "回答", "document": "文档",
     "security": "安全策略与会话", "safety": "内容安全", "locked_accounts": "已锁定账户", "locked_for": "剩余锁定 (秒)",
@@ -112,8 +113,9 @@ _EN.update({
     "required": "required", "run": "Run", "truncated": "truncated", "finished": "Finished", "cancel": "Cancel",
     "jobs_note": "The jobs submitted by the signed-in identity.", "algorithm": "Algorithm", "version": "Version",
     "versions": "Versions", "no_public_part": "A symmetric key: no public part",
-    "crypto_note": "Metadata and public keys only, never key material. Rotation: xcstack key rotate NAME on the "
-                   "server (the API has no rotation endpoint yet).",
+    "crypto_note": "Metadata and public keys only, never key material. Rotating makes a new version that signs "
+                   "and encrypts from then on; older versions still verify and decrypt.",
+    "rotate": "Rotate", "rotated": "Rotated: a new version was made",
     "play_chat": "Chat", "play_embeddings": "Embeddings", "play_rerank": "Rerank",
     "play_input": "Input (the query for rerank)", "play_documents": "Documents to rerank (one per line)",
     "answer": "Answer", "document": "Document", "security": "Security policy and sessions", "safety": "Content safety",
@@ -122,6 +124,34 @@ _EN.update({
     "secrets": "Secrets (names only)", "updated": "Updated", "policies": "Policies", "lists": "Lists",
     "categories": "Categories", "size": "Size", "entries": "Entries", "my_keys": "My API keys",
     "side_processes": "Side processes",
+})
+
+# key rotation, sessions, content safety, own keys
+_ZH.update({
+    "sessions_note": "当前有效的会话（不显示令牌）。结束会话后，该会话的 Cookie 或令牌立即失效。",
+    "this_session": "当前会话", "session_ended": "会话已结束", "on": "启用", "off": "关闭",
+    "safety_note": ("只读：策略与词表在配置文件中修改（SIGHUP 重新加载）；"
+                    "词表只显示名称、类别、哈希与词数，从不显示词条。"),
+    "mask_char": "掩码字符", "evidence_key": "证据密钥", "selectors": "适用范围", "input_detectors": "输入检测",
+    "output_detectors": "输出检测", "any": "全部请求", "unused": "未被策略使用", "labels": "内容标识",
+    "label_no_crypto": "密码服务未启用，未签名", "sign_key": "签名密钥", "explicit_label": "显式标识",
+    "in_answer": "附加在回答中",
+    "my_keys_note": ("为自己签发 API 密钥：只能带有你已有的角色（管理员角色除外），"
+                     "有效期受系统上限约束；密钥只显示一次。"),
+    "revoked": "已吊销",
+})
+_EN.update({
+    "sessions_note": "The active sessions (never a token). Ending one makes its cookie or token stop working at once.",
+    "this_session": "this session", "session_ended": "Session ended", "on": "on", "off": "off",
+    "safety_note": "Read-only: policies and lists change in the config file (SIGHUP reloads them); a list shows its "
+                   "name, category, hash and word count, never its words.",
+    "mask_char": "Mask character", "evidence_key": "Evidence key", "selectors": "Applies to",
+    "input_detectors": "Input detectors", "output_detectors": "Output detectors", "any": "every request",
+    "unused": "not used by a policy", "labels": "Content labels", "label_no_crypto": "crypto is off: not signed",
+    "sign_key": "Signing key", "explicit_label": "Explicit label", "in_answer": "appended to answers",
+    "my_keys_note": "Issue API keys for yourself: only roles you hold (not an administrator role), expiry bounded "
+                    "by the system's limit; a key is shown once.",
+    "revoked": "revoked",
 })
 
 STRINGS = {"zh-CN": _ZH, "en": _EN}

@@ -26,6 +26,7 @@ from starlette.routing import BaseRoute, Route
 from xcstack.apidoc import api
 from xcstack.console.metrics import snapshot
 from xcstack.console.secadmin import secadmin_routes
+from xcstack.console.selfservice import selfservice_routes
 from xcstack.console.sysadmin import sysadmin_routes
 from xcstack.console.web import (
     CONSOLE_COOKIE,
@@ -66,6 +67,7 @@ MENU = (
     ("/console/keys", "keys", "security.apikey", "read"),
     ("/console/groups", "groups", "security.group", "read"),
     ("/console/security", "security", "security.policy", "read"),
+    ("/console/safety", "safety", "security.policy", "read"),
     ("/console/audit", "audit", "audit", "read"),
     ("/console/audit/chains", "chains", "audit", "read"),
 )
@@ -475,6 +477,7 @@ def build_routes(pages: Pages) -> list[BaseRoute]:
         Route("/static/{name}", static, methods=["GET"]),
         *sysadmin_routes(page),
         *secadmin_routes(page),
+        *selfservice_routes(page),
     ]
 
 

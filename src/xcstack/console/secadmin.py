@@ -1,6 +1,7 @@
-"""The security administrator's console page: accounts locked by failed sign-ins (unlock) and the
-names of the secrets at rest (never a value). Both through the API as the caller (`security.policy`,
-the secadmin's under 三权分立); the API authorizes and audits each call again."""
+"""The security administrator's console pages: accounts locked by failed sign-ins (unlock), the
+active sessions (end one), the names of the secrets at rest (never a value), and the content-safety
+policies and lists (read-only, never a list's words). All through the API as the caller
+(`security.policy`, the secadmin's under 三权分立); the API authorizes and audits each call again."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from starlette.routing import BaseRoute, Route
 
 from xcstack.apidoc import api
 from xcstack.console.sysadmin import HTML, Page, seg
-from xcstack.console.web import call_api, can, check_csrf, read_form
+from xcstack.console.web import call_api, can, check_csrf, principal_of, read_form
 from xcstack.security.guard import requires
+from xcstack.security.sessions import session_id
 
 
 def secadmin_routes(page: Page) -> list[BaseRoute]:
@@ -22,10 +24,13 @@ def secadmin_routes(page: Page) -> list[BaseRoute]:
     async def view(request: Request, status: int = 200, **ctx: Any) -> Response:
         locks = await call_api(request, "GET", "/v1/security/lockouts")
         secrets = await call_api(request, "GET", "/v1/security/secrets")
-        bad = next((r for r in (locks, secrets) if not r.ok), None)
+        sessions = await call_api(request, "GET", "/v1/security/sessions")
+        bad = next((r for r in (locks, secrets, sessions) if not r.ok), None)
         return await page(request, "security.html", status,
                           locked=(locks.json() or {}).get("locked", []) if locks.ok else [],
                           secrets=(secrets.json() or {}).get("secrets", []) if secrets.ok else [],
+                          sessions=(sessions.json() or {}).get("sessions", []) if sessions.ok else [],
+                          own_session=own_session_id(request),
                           may_unlock=await can(request, "security.policy", "write"),
                           api_error=ctx.pop("api_error", None) or (bad.error if bad else None), **ctx)
 
@@ -42,7 +47,31 @@ def secadmin_routes(page: Page) -> list[BaseRoute]:
         return await view(request, 200 if r.ok else r.status, api_error=None if r.ok else r.error,
                           flash=["saved"] if r.ok else [])
 
+    @requires("security.policy", "write")
+    @api("Console: end a session (its cookie or token stops working at once)", streams=HTML, tag="console")
+    async def end_session(request: Request) -> Response:
+        await check_csrf(request, await read_form(request))
+        r = await call_api(request, "DELETE", f"/v1/security/sessions/{seg(request.path_params['id'])}")
+        return await view(request, 200 if r.ok else r.status, api_error=None if r.ok else r.error,
+                          flash=["session_ended"] if r.ok else [])
+
+    @requires("security.policy", "read")
+    @api("Console: content-safety policies, keyword lists (never their words) and label settings", streams=HTML,
+         tag="console")
+    async def safety(request: Request) -> Response:
+        r = await call_api(request, "GET", "/v1/safety/policies")
+        return await page(request, "safety.html", 200 if r.ok else r.status, safety=r.json() if r.ok else None,
+                          api_error=None if r.ok else r.error)
+
     return [
         Route("/security", security, methods=["GET"]),
         Route("/security/unlock/{name}", unlock, methods=["POST"]),
+        Route("/security/sessions/{id}/end", end_session, methods=["POST"]),
+        Route("/safety", safety, methods=["GET"]),
     ]
+
+
+def own_session_id(request: Request) -> str | None:
+    """The listed id of the caller's own session (marked on the page: ending it signs the caller out)."""
+    th = getattr(principal_of(request), "session", None)
+    return session_id(th) if isinstance(th, str) and th else None

@@ -168,15 +168,29 @@ def sysadmin_routes(page: Page) -> list[BaseRoute]:
     @requires("crypto", "list")
     @api("Console: the 国密 (SM2/SM4/HMAC-SM3) keys, no key material", streams=HTML, tag="console")
     async def crypto_keys(request: Request) -> Response:
+        return await crypto_view(request, request.query_params.get("name") or None)
+
+    async def crypto_view(request: Request, name: str | None, status: int = 200, **ctx: Any) -> Response:
         r = await call_api(request, "GET", "/v1/crypto/keys")
-        name = request.query_params.get("name") or None
         info = None
         if name and r.ok:
             d = await call_api(request, "GET", f"/v1/crypto/keys/{seg(name)}")
             info = d.json() if d.ok else None
-        return await page(request, "crypto.html", 200 if r.ok else r.status,
+        return await page(request, "crypto.html", status if r.ok else r.status,
                           keys=(r.json() or {}).get("keys", []) if r.ok else [], name=name, info=info,
-                          api_error=None if r.ok else r.error)
+                          may_rotate=await can(request, "crypto", "rotate"),
+                          api_error=ctx.pop("api_error", None) or (None if r.ok else r.error), **ctx)
+
+    @requires("crypto", "rotate")
+    @api("Console: rotate a 国密 key (a new version; older ones stay for verify/decrypt)", streams=HTML,
+         tag="console")
+    async def crypto_rotate(request: Request) -> Response:
+        await check_csrf(request, await read_form(request))
+        name = request.path_params["name"]
+        r = await call_api(request, "POST", f"/v1/crypto/keys/{seg(name)}/rotate")
+        if not r.ok:
+            return await crypto_view(request, None, r.status, api_error=r.error)
+        return await crypto_view(request, name, flash=["rotated"])
 
     # -- playground ---------------------------------------------------------------------------------------
     async def play_view(request: Request, status: int = 200, **ctx: Any) -> Response:
@@ -227,6 +241,7 @@ def sysadmin_routes(page: Page) -> list[BaseRoute]:
         Route("/jobs", jobs, methods=["GET"]),
         Route("/jobs/{id}/cancel", jobs_cancel, methods=["POST"]),
         Route("/crypto", crypto_keys, methods=["GET"]),
+        Route("/crypto/{name}/rotate", crypto_rotate, methods=["POST"]),
         Route("/playground", playground, methods=["GET"]),
         Route("/playground", playground_run, methods=["POST"]),
     ]

@@ -1,4 +1,5 @@
-"""`POST /v1/crypto/{sign,verify,encrypt,decrypt,hash,hmac,random}`: the thin HTTP adapter.
+"""`POST /v1/crypto/{sign,verify,encrypt,decrypt,hash,hmac,random}`, the keys' public information and
+`POST /v1/crypto/keys/{name}/rotate`: the thin HTTP adapter.
 
 Each endpoint needs the coarse permission `crypto:<op>` (`@requires`) and, for keyed ops, the
 fine-grained `key:<name>` / `<op>` (`authorize`). The work happens in the key owner (`CryptoClient`).
@@ -39,9 +40,9 @@ from xcstack.crypto.protocol import (
     b64decode,
 )
 from xcstack.crypto.settings import CryptoSettings
-from xcstack.errors import BadRequest, CoreCode
+from xcstack.errors import BadRequest, CoreCode, XCError
 from xcstack.httputil import JSONResponse, read_model
-from xcstack.security.guard import authorize, requires
+from xcstack.security.guard import audit, authorize, requires
 
 
 def _key_check(op: str) -> str:
@@ -82,6 +83,7 @@ class CryptoRoutes:
             Route("/v1/crypto/random", self.random, methods=["POST"]),
             Route("/v1/crypto/keys", self.list_keys, methods=["GET"]),
             Route("/v1/crypto/keys/{name}", self.key_info, methods=["GET"]),
+            Route("/v1/crypto/keys/{name}/rotate", self.rotate, methods=["POST"]),
         ]
 
     def _sized(self, data: bytes) -> bytes:
@@ -198,6 +200,28 @@ class CryptoRoutes:
                     return JSONResponse({**k, "public_key": None, "pem": None})
             raise
         return JSONResponse(info)
+
+    @api("Rotate a key: a new version signs and encrypts from now on; older versions stay for verify/decrypt",
+         body=None, response=KeyInfo, errors=(404,), checks="Also `key:<name>` / `rotate` on that key.",
+         description="Audited (`crypto.rotate`). Unknown key: 404 `key_not_found`; a bad key name: 400 "
+                     "`invalid_crypto_input`; the security capability's own keys (audit signing, secret box) "
+                     "are rotated on the server (`xcstack key rotate`), never through the API (403); key owner "
+                     "down or stuck: 503 `crypto_unavailable` / `crypto_timeout`.")
+    @requires("crypto", "rotate")
+    async def rotate(self, request: Request) -> Response:
+        """A new version of a key (the console's Rotate button; `xcstack key rotate NAME` on the server)."""
+        name = request.path_params["name"]
+        check_name(name)
+        await authorize(request, f"key:{name}", "rotate")
+        try:
+            rec = await self.client.rotate_key(name)
+        except XCError as exc:
+            await audit(request, "crypto.rotate", f"key:{name}", "failure", {"code": str(exc.code)})
+            raise
+        await audit(request, "crypto.rotate", f"key:{name}", "success", {"version": rec["version"]})
+        if rec.get("kind") == "sm2":
+            return JSONResponse(await self.client.public_key(name, int(rec["version"])))
+        return JSONResponse({**rec, "pem": None})
 
     @api("Random bytes from the key owner's device (base64)", body=RandomRequest, response=RandomResponse)
     @requires("crypto", "random")

@@ -45,7 +45,9 @@ class SafetyCapability:
         self._tasks: set[asyncio.Task[bool]] = set()
 
     def routes(self) -> Sequence[BaseRoute]:
-        return []
+        from xcstack.safety.routes import build_routes
+
+        return build_routes(self.settings, self.service)
 
     async def start(self) -> None:
         s = self.settings

@@ -11,7 +11,7 @@ from xcstack.errors import BadRequest, CoreCode, Forbidden, NotFound
 from xcstack.security.auditor import Auditor
 from xcstack.security.principal import Principal, ReqInfo
 from xcstack.security.protocol import SecurityCode
-from xcstack.security.rbac import BUILTIN_ROLES, Role
+from xcstack.security.rbac import BUILTIN_ADMIN_ROLES, BUILTIN_ROLES, Role
 from xcstack.security.repository import ApiKeyRow, SecurityRepository
 from xcstack.security.roles import Roles, excess_right
 from xcstack.security.settings import SecuritySettings
@@ -22,6 +22,15 @@ def public_key(k: ApiKeyRow) -> dict[str, Any]:
     """A key as listed through the API (never its hash)."""
     return {"id": k.id, "name": k.name, "roles": list(k.roles), "owner_id": k.owner_id, "created_at": k.created_at,
             "expires_at": k.expires_at, "revoked": k.revoked, "group": k.group}
+
+
+RESTRICTED_CODES = {"password_change": SecurityCode.PASSWORD_CHANGE_REQUIRED,
+                    "totp_enrollment": SecurityCode.TOTP_ENROLLMENT_REQUIRED}
+
+
+def own_owner(actor: Principal) -> str | None:
+    """Whose keys the caller's own are: a user's, or, called with an API key, that key's owner's."""
+    return actor.owner_id if actor.kind == "api_key" else actor.id
 
 
 class ApiKeys:
@@ -77,6 +86,44 @@ class ApiKeys:
 
     async def list_keys(self) -> list[dict[str, Any]]:
         return [public_key(k) for k in await self.repo.api_keys()]
+
+    # -- self-service: a user's own keys (`/v1/security/me/keys`) ---------------------------------------
+    async def create_own(self, actor: Principal, name: str, roles: list[str], days: int | None = None,
+                         info: ReqInfo | None = None) -> dict[str, Any]:
+        """A key for the caller with some of its own roles, never an administrator's role: the three
+        administrators work signed in with their second factor, and a sysadmin's keys are issued
+        through `/v1/security/keys` (audited as such). Then every rule of `create` applies."""
+        await self._unrestricted(actor, "apikey.create", f"apikey:{name}", info)
+        reason = None
+        if admin := sorted(set(roles) & set(BUILTIN_ADMIN_ROLES)):
+            reason = f"administrator roles are not self-service: {', '.join(admin)}"
+        elif lacking := sorted(set(roles) - set(actor.roles)):
+            reason = f"a key may carry only roles you hold; you do not hold {', '.join(lacking)}"
+        if reason:
+            await self.audit(actor.name, "apikey.create", f"apikey:{name}", "denied", info,
+                             {"reason": reason, "roles": roles, "self_service": True})
+            raise Forbidden(reason, code=CoreCode.FORBIDDEN)
+        return await self.create(actor, name, roles, days, info)
+
+    async def _unrestricted(self, actor: Principal, action: str, resource: str, info: ReqInfo | None) -> None:
+        """A session restricted to a password change or TOTP enrolment may not issue or revoke keys
+        (the self-service routes are open to it so that it can list them and finish its task)."""
+        if actor.restricted:
+            await self.audit(actor.name, action, resource, "denied", info, {"reason": actor.restricted})
+            raise Forbidden(f"this session may only be used to complete: {actor.restricted.replace('_', ' ')}",
+                            code=RESTRICTED_CODES.get(actor.restricted, CoreCode.FORBIDDEN))
+
+    async def list_own(self, actor: Principal) -> list[dict[str, Any]]:
+        owner = own_owner(actor)
+        return [public_key(k) for k in await self.repo.api_keys() if k.owner_id == owner]
+
+    async def revoke_own(self, actor: Principal, kid: str, info: ReqInfo | None = None) -> None:
+        """Revoke one of the caller's keys; someone else's is not found (404: its existence is not told)."""
+        await self._unrestricted(actor, "apikey.revoke", f"apikey:{kid}", info)
+        key = await self.repo.api_key(kid)
+        if key is None or key.owner_id != own_owner(actor):
+            raise NotFound(f"no API key {kid!r}", code=SecurityCode.APIKEY_NOT_FOUND)
+        await self.revoke(actor, kid, info)
 
     async def revoke(self, actor: Principal, kid: str, info: ReqInfo | None = None) -> None:
         if not await self.repo.revoke_api_key(kid):

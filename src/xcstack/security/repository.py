@@ -246,10 +246,17 @@ class SecurityRepository:
         return n == 1
 
     # -- sessions -------------------------------------------------------------------------------------
-    async def insert_session(self, th: str, user_id: str, now: float, restricted: str | None) -> None:
+    async def insert_session(self, th: str, user_id: str, now: float, restricted: str | None,
+                             ip: str | None = None) -> None:
         await self.store.execute(
-            "INSERT INTO sec_sessions (token_hash, user_id, created_at, last_seen, restricted) VALUES (?, ?, ?, ?, ?)",
-            (th, user_id, now, now, restricted))
+            "INSERT INTO sec_sessions (token_hash, user_id, created_at, last_seen, restricted, ip) "
+            "VALUES (?, ?, ?, ?, ?, ?)", (th, user_id, now, now, restricted, ip))
+
+    async def sessions(self) -> list[dict[str, Any]]:
+        """Every stored session with its user's name (token hash, created, last seen, restriction, ip)."""
+        return await self.store.fetchall(
+            "SELECT s.token_hash, s.created_at, s.last_seen, s.restricted, s.ip, u.name, u.disabled "
+            "FROM sec_sessions s JOIN sec_users u ON u.id = s.user_id ORDER BY s.created_at")
 
     async def session(self, th: str) -> SessionRow | None:
         r = await self.store.fetchone(

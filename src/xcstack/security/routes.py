@@ -11,8 +11,10 @@ Administration (RBAC):
   GET/POST /v1/security/keys · DELETE /v1/security/keys/{id}                   security.apikey
   GET/POST /v1/security/groups · DELETE /v1/security/groups/{name}
   PUT /v1/security/users/{name}/group · PUT /v1/security/keys/{id}/group        security.group
+  GET/POST /v1/security/me/keys · DELETE /v1/security/me/keys/{id}           own keys (authenticated)
 Security policy (secadmin): GET /v1/security/lockouts · DELETE /v1/security/lockouts/{name}
-  GET /v1/security/secrets (names only)                                         security.policy
+  GET /v1/security/secrets (names only) · GET /v1/security/sessions
+  DELETE /v1/security/sessions/{id}                                             security.policy
 Audit (auditor only):
   GET /v1/audit/records · POST /v1/audit/verify · GET /v1/audit/chains          audit:read / audit:verify
 """
@@ -47,6 +49,8 @@ USER_404 = p.SecurityCode.USER_NOT_FOUND
 ROLE_404 = p.SecurityCode.ROLE_NOT_FOUND
 KEY_404 = p.SecurityCode.APIKEY_NOT_FOUND
 SELF = "Self-service: any authenticated principal, also a session restricted to a password change or TOTP enrolment."
+OWN = ("Self-service: any signed-in principal, for its own keys (a key used for the call: its owner's); a session "
+       "restricted to a password change or TOTP enrolment may list but not issue (403).")
 ADMIN_ACCOUNTS = ("Accounts holding sysadmin, secadmin or auditor are managed from the server console, not by another "
                   "administrator through the API (403, 三权分立).")
 
@@ -231,6 +235,31 @@ def build_routes(svc: SecurityService, audit_root: Path, sig_verify: SigVerify,
                                  _info(request))
         return JSONResponse({"ok": True})
 
+    # -- self-service API keys: the caller's own ------------------------------------------------------
+    @authenticated
+    @api("The caller's own API keys (never the keys themselves)", response=p.ApiKeyList, checks=OWN)
+    async def my_keys_list(request: Request) -> Response:
+        return JSONResponse({"keys": await svc.list_own_api_keys(_principal(request))})
+
+    @authenticated
+    @api("Issue an API key for the caller with some of its own roles; answers the key once", body=p.ApiKeyCreate,
+         response=p.ApiKeyCreated, status=201, checks=OWN,
+         description="Only roles the caller holds, and none of sysadmin, secadmin, auditor (403 `forbidden`; "
+                     "a role that does not exist: 400 `unknown_role`); `days` defaults to and is bounded by "
+                     "`[security] api_key_max_days` (400 `invalid_parameter`) and by the expiry of the key the "
+                     "call is made with. Audited (`apikey.create`).")
+    async def my_keys_create(request: Request) -> Response:
+        body = await read_model(request, p.ApiKeyCreate)
+        out = await svc.create_own_api_key(_principal(request), body.name, body.roles, body.days, _info(request))
+        return JSONResponse(out, status_code=201)
+
+    @authenticated
+    @api("Revoke one of the caller's own API keys", response=p.SecurityOk, errors=(404,), checks=OWN,
+         description="Someone else's key (or none): 404 `apikey_not_found`. Audited (`apikey.revoke`).")
+    async def my_keys_revoke(request: Request) -> Response:
+        await svc.revoke_own_api_key(_principal(request), _name(request, "id", "API key", KEY_404), _info(request))
+        return JSONResponse({"ok": True})
+
     # -- groups (docs/usage.md) ------------------------------------------------------------------------
     @api("List the groups (部门/租户) with their numbers of users and API keys", response=p.GroupList)
     @requires("security.group", "read")
@@ -323,6 +352,25 @@ def build_routes(svc: SecurityService, audit_root: Path, sig_verify: SigVerify,
         await svc.audit(_principal(request).name, "security.unlock", f"user:{name}", "success", _info(request))
         return JSONResponse({"ok": True})
 
+    @api("The active sessions: id, user, created, last seen, client address (never a token)",
+         response={"type": "object"},
+         description="`last_seen` is written at most every 30 s. Sessions past their idle or absolute timeout "
+                     "are not listed.")
+    @requires("security.policy", "read")
+    async def sessions_list(request: Request) -> Response:
+        return JSONResponse({"sessions": await svc.list_sessions()})
+
+    @api("End a session now (audited `session.end`); its token is refused at once by this worker, by the others "
+         "within `[security] auth_cache_s`", response=p.SecurityOk, errors=(404,),
+         description="An id that is not listed: 404 `not_found`.")
+    @requires("security.policy", "write")
+    async def sessions_end(request: Request) -> Response:
+        sid = request.path_params["id"]
+        if not (sid.isascii() and sid.isalnum()):
+            raise NotFound(f"no session {sid!r}", code=CoreCode.NOT_FOUND)
+        await svc.end_session(_principal(request), sid, _info(request))
+        return JSONResponse({"ok": True})
+
     @api("The named secrets at rest: names and when each was set (never a value)", response={"type": "object"})
     @requires("security.policy", "read")
     async def secrets_list(request: Request) -> Response:
@@ -358,6 +406,11 @@ def build_routes(svc: SecurityService, audit_root: Path, sig_verify: SigVerify,
         Route("/v1/security/lockouts", lockouts_list, methods=["GET"]),
         Route("/v1/security/lockouts/{name}", lockouts_clear, methods=["DELETE"]),
         Route("/v1/security/secrets", secrets_list, methods=["GET"]),
+        Route("/v1/security/sessions", sessions_list, methods=["GET"]),
+        Route("/v1/security/sessions/{id}", sessions_end, methods=["DELETE"]),
+        Route("/v1/security/me/keys", my_keys_list, methods=["GET"]),
+        Route("/v1/security/me/keys", my_keys_create, methods=["POST"]),
+        Route("/v1/security/me/keys/{id}", my_keys_revoke, methods=["DELETE"]),
     ]
 
 

@@ -162,6 +162,14 @@ class SecurityService:
     async def authenticate(self, token: str) -> Principal | None:
         return await self.sessions.authenticate(token)
 
+    async def list_sessions(self) -> list[dict[str, Any]]:
+        """The active sessions (id, user, created, last seen, ip; never a token)."""
+        return await self.sessions.list_active()
+
+    async def end_session(self, actor: Principal, sid: str, info: ReqInfo | None = None) -> None:
+        """End a session by its listed id, also dropping this process's cached login for it."""
+        await self.sessions.end(actor, sid, info)
+
     # -- API keys -------------------------------------------------------------------------------------
     async def create_api_key(self, actor: Principal, name: str, roles: list[str], days: int | None = None,
                              info: ReqInfo | None = None) -> dict[str, Any]:
@@ -172,6 +180,16 @@ class SecurityService:
 
     async def revoke_api_key(self, actor: Principal, kid: str, info: ReqInfo | None = None) -> None:
         await self.keys.revoke(actor, kid, info)
+
+    async def create_own_api_key(self, actor: Principal, name: str, roles: list[str], days: int | None = None,
+                                 info: ReqInfo | None = None) -> dict[str, Any]:
+        return await self.keys.create_own(actor, name, roles, days, info)
+
+    async def list_own_api_keys(self, actor: Principal) -> list[dict[str, Any]]:
+        return await self.keys.list_own(actor)
+
+    async def revoke_own_api_key(self, actor: Principal, kid: str, info: ReqInfo | None = None) -> None:
+        await self.keys.revoke_own(actor, kid, info)
 
     # -- roles ----------------------------------------------------------------------------------------
     async def list_roles(self) -> list[dict[str, Any]]:

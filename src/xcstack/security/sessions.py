@@ -3,10 +3,12 @@ API key) into a principal, with idle and absolute timeouts and a short per-proce
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Callable
 from typing import Any
 
-from xcstack.errors import Unauthorized
+from xcstack.crypto.recipes import sm3
+from xcstack.errors import CoreCode, NotFound, Unauthorized
 from xcstack.security import totp
 from xcstack.security.apikeys import ApiKeys
 from xcstack.security.auditor import Auditor
@@ -26,6 +28,12 @@ from xcstack.security.tokens import (
 )
 
 TOUCH_EVERY_S = 30.0  # last_seen is written at most this often per session (idle-timeout granularity)
+
+
+def session_id(th: str) -> str:
+    """The id under which a session is listed and ended: derived from its token hash, so the list
+    shows neither the token nor the hash the store finds it by."""
+    return sm3(b"xcstack-session-id:" + th.encode()).hex()[:24]
 
 
 class Sessions:
@@ -64,7 +72,7 @@ class Sessions:
             restricted = "password_change"
         await cred.lockout.reset(key)
         token = new_session_token()
-        await self.repo.insert_session(token_hash(token), user.id, now, restricted)
+        await self.repo.insert_session(token_hash(token), user.id, now, restricted, info.ip if info else None)
         await self.audit(username, "auth.login", resource, "success", info,
                          {"restricted": restricted} if restricted else None)
         return {
@@ -101,6 +109,32 @@ class Sessions:
             await self.repo.delete_session(principal.session)
         self.cache.clear()
         await self.audit(principal.name, "auth.logout", f"user:{principal.name}", "success", info)
+
+    def _live(self, created_at: float, last_seen: float, now: float) -> bool:
+        return (now - last_seen <= self.settings.session_idle_s
+                and now - created_at <= self.settings.session_absolute_s)
+
+    async def list_active(self) -> list[dict[str, Any]]:
+        """The sessions within their idle and absolute timeouts: an id derived from the token hash
+        (never the token, nor the hash the store looks it up by), user, created, last seen, ip.
+        `last_seen` is written at most every TOUCH_EVERY_S seconds."""
+        now = self.clock()
+        return [{"id": session_id(r["token_hash"]), "user": r["name"], "created_at": float(r["created_at"]),
+                 "last_seen": float(r["last_seen"]), "ip": r["ip"], "restricted": r["restricted"]}
+                for r in await self.repo.sessions()
+                if not r["disabled"] and self._live(float(r["created_at"]), float(r["last_seen"]), now)]
+
+    async def end(self, actor: Principal, sid: str, info: ReqInfo | None = None) -> None:
+        """End another session now: deleted from the store and dropped from this process's
+        authentication cache (other workers stop taking it within `auth_cache_s`). Audited."""
+        for r in await self.repo.sessions():
+            if hmac.compare_digest(session_id(r["token_hash"]), sid):
+                await self.repo.delete_session(r["token_hash"])
+                self.cache.drop(r["token_hash"])
+                await self.audit(actor.name, "session.end", f"user:{r['name']}", "success", info,
+                                 {"session": sid})
+                return
+        raise NotFound(f"no session {sid!r}", code=CoreCode.NOT_FOUND)
 
     async def authenticate(self, token: str) -> Principal | None:
         """The principal of a bearer token (session or API key), or None.

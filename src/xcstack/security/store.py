@@ -39,4 +39,6 @@ MIGRATIONS: list[Any] = [
               f"created_at {real} NOT NULL); ALTER TABLE sec_users ADD COLUMN group_name TEXT; "
               "ALTER TABLE sec_api_keys ADD COLUMN group_name TEXT"
      for dialect, real in (("sqlite", "REAL"), ("postgres", "DOUBLE PRECISION"))},
+    # v4: the client address a session signed in from (the secadmin's list of sessions)
+    "ALTER TABLE sec_sessions ADD COLUMN ip TEXT",
 ]
