@@ -122,8 +122,8 @@ class Failover:
             wd.set_phase(tmo.ttfb_s, "ttfb")
             headers = up.headers if pr.request_id is None else {**up.headers, "X-Request-Id": pr.request_id}
             sent_at = time.monotonic()
-            resp = await up.session.post(up.url(pr.endpoint.upstream_path), data=upstream_body(pr, target),
-                                         headers=headers)
+            resp = await up.post(up.url(pr.endpoint.upstream_path), data=upstream_body(pr, target),
+                                 headers=headers)  # retried when a pooled connection was stale
             status = resp.status
             if status >= 500 or status == 429:
                 body = await resp.content.read(64 * 1024)

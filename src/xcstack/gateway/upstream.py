@@ -21,6 +21,8 @@ from xcstack.security.secrets import SecretStore, is_ref, resolve_setting
 
 log = logging.getLogger("xcstack.gateway")
 
+STALE_RETRIES = 3  # pooled connections found closed under one request before the last try
+
 
 class Upstream:
     def __init__(self, cfg: UpstreamSettings, breaker: BreakerSettings, queue_timeout_s: float) -> None:
@@ -77,6 +79,7 @@ class Upstream:
             )
             self.session = aiohttp.ClientSession(
                 connector=conn,
+                trace_configs=[_REUSE_TRACE],
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeouts.connect_s,
                                               connect=self.timeouts.connect_s + self.timeouts.ttfb_s),
                 auto_decompress=False,
@@ -84,10 +87,49 @@ class Upstream:
                 skip_auto_headers=("User-Agent",),
             )
 
+    async def post(self, url: str, data: Any, headers: dict[str, str]) -> aiohttp.ClientResponse:
+        """POST on the keep-alive pool; again when a POOLED connection was closed under the request before
+        any answer byte (ServerDisconnectedError / ClientOSError from the request itself). That is the idle
+        keep-alive race: llama.cpp's server (cpp-httplib) closes a connection idle for 5 s, and a request
+        written as the close happens fails though the server never answered it. A failed connection leaves
+        the pool, so this ends on a fresh one; a fresh connection failing is not retried (that upstream is
+        down, or it dropped this very request)."""
+        assert self.session is not None
+        for _ in range(STALE_RETRIES):
+            reuse = _Reuse()
+            try:
+                return await self.session.post(url, data=data, headers=headers, trace_request_ctx=reuse)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                if not reuse.reused or isinstance(exc, aiohttp.ClientConnectorError):
+                    raise
+                log.debug("upstream %s: pooled connection closed under the request (%s: %s); retrying",
+                          self.name, type(exc).__name__, exc)
+                self.outcome("stale_connection_retried")
+        return await self.session.post(url, data=data, headers=headers)
+
     async def stop(self) -> None:
         if self.session is not None:
             await self.session.close()
             self.session = None
+
+
+class _Reuse:
+    """Per-request trace context: set when aiohttp took the connection from the keep-alive pool."""
+
+    __slots__ = ("reused",)
+
+    def __init__(self) -> None:
+        self.reused = False
+
+
+async def _on_reuse(_session: Any, ctx: Any, _params: Any) -> None:
+    if isinstance(ctx.trace_request_ctx, _Reuse):
+        ctx.trace_request_ctx.reused = True
+
+
+_REUSE_TRACE = aiohttp.TraceConfig()
+_REUSE_TRACE.on_connection_reuseconn.append(_on_reuse)
+_REUSE_TRACE.freeze()
 
 
 def _socket_factory(rcvbuf: int) -> Callable[[Any], socket.socket]:
