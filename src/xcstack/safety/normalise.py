@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import functools
 import unicodedata
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported at the first long text: a worker with no policies never loads it
+    import numpy as np
 
 NUMPY_FROM = 2048  # characters: below it str.translate is faster than the numpy round trip
 
@@ -50,11 +52,9 @@ def _t2s() -> dict[int, str]:
 
 
 @functools.cache
-def tables() -> tuple[dict[int, int | None], np.ndarray, np.ndarray]:
-    """(translate table, code map uint16[65536], delete mask bool[65536]); built once (~0.3 s)."""
+def tables() -> tuple[dict[int, int | None]]:
+    """(the `str.translate` table,); built once (~0.3 s)."""
     t2s = _t2s()
-    code = np.arange(65536, dtype=np.uint16)
-    delete = np.zeros(65536, dtype=bool)
     table: dict[int, int | None] = {}
     for cp in range(65536):
         if 0xD800 <= cp <= 0xDFFF:
@@ -62,7 +62,6 @@ def tables() -> tuple[dict[int, int | None], np.ndarray, np.ndarray]:
         ch = chr(cp)
         if _is_separator(ch):
             table[cp] = None
-            delete[cp] = True
             continue
         n = unicodedata.normalize("NFKC", ch)
         if len(n) != 1 or _is_separator(n):
@@ -70,7 +69,6 @@ def tables() -> tuple[dict[int, int | None], np.ndarray, np.ndarray]:
             letters = [c for c in n if not _is_separator(c)]
             if not letters:
                 table[cp] = None
-                delete[cp] = True
                 continue
             n = letters[0]
         n = n.lower()
@@ -79,15 +77,31 @@ def tables() -> tuple[dict[int, int | None], np.ndarray, np.ndarray]:
         n = t2s.get(ord(n), n)
         if n != ch and ord(n) < 65536:
             table[cp] = ord(n)
-            code[cp] = ord(n)
-    return table, code, delete
+    return (table,)
+
+
+@functools.cache
+def _arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The same table for the numpy gather: (code map uint16[65536], delete mask bool[65536])."""
+    import numpy as np
+
+    code = np.arange(65536, dtype=np.uint16)
+    delete = np.zeros(65536, dtype=bool)
+    for cp, to in tables()[0].items():
+        if to is None:
+            delete[cp] = True
+        else:
+            code[cp] = to
+    return code, delete
 
 
 def normalise(text: str) -> str:
     """The matching form of `text` (see the module doc)."""
-    table, code, delete = tables()
     if len(text) < NUMPY_FROM:
-        return text.translate(table)
+        return text.translate(tables()[0])
+    import numpy as np
+
+    code, delete = _arrays()
     raw = text.encode("utf-16-le", "surrogatepass")
     units = np.frombuffer(raw, dtype=np.uint16)
     keep = ~delete[units]
