@@ -66,7 +66,7 @@ class UserRow:
             "pw_hash": self.pw_hash, "pw_changed_at": self.pw_changed_at, "must_change": int(self.must_change),
             "disabled": int(self.disabled), "totp_secret": self.totp_secret, "totp_enabled": int(self.totp_enabled),
             "totp_last_step": self.totp_last_step, "recovery": _dump(self.recovery), "created_at": self.created_at,
-            "pw_history": _dump(self.pw_history),
+            "pw_history": _dump(self.pw_history), "group_name": self.group,
         }
 
 
