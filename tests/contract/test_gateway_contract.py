@@ -18,7 +18,7 @@ from starlette.testclient import TestClient
 from tests.gateway.conftest import GatewayServer, MockUpstream, make_settings, upstream
 from xcstack.app import create_app
 
-DEFAULT_EMBEDDING = "all-minilm-l6-v2-int8"  # the inference settings' default embedding model
+DEFAULT_EMBEDDING = "multilingual-e5-small-int8"  # the inference settings' default embedding model
 CHAT = {"model": "mock-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
 
