@@ -137,6 +137,10 @@ def session_options() -> Any:
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # ORT's CPU arena keeps the largest batch's buffers for good: one batch at the token budget (32 x 256)
+    # left an e5-small int8 worker at 1,140 MiB RSS with the arena, 185-212 MiB without it, at the same
+    # CPU per batch on short texts (measured side by side, AMD EPYC, ORT 1.32)
+    so.enable_cpu_mem_arena = False
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.log_severity_level = 3
