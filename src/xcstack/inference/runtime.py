@@ -9,6 +9,8 @@ live-device-bytes gauge returns to its baseline.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import threading
 import weakref
@@ -129,6 +131,27 @@ class DeviceBuffers:
         self.release()
 
 
+# After a run this large (tokens x rows of one input), give the freed activations back to the OS: without an
+# arena ORT frees them, but glibc keeps the pages (an e5 int8 worker stayed at 226-251 MB after one batch at
+# the token budget, 160 MB after malloc_trim). The trim takes ~14 ms, under 2% of such a run.
+TRIM_AFTER_ELEMENTS = 4096
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+        return None
+
+
+def release_freed_memory() -> None:
+    """Return freed heap pages to the OS (glibc `malloc_trim`; a no-op elsewhere)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def session_options() -> Any:
     import onnxruntime as ort
 
@@ -204,6 +227,8 @@ class OrtModel:
             io.clear_binding_inputs()
             io.clear_binding_outputs()
             del values, io
+        if self.kind == "cpu" and max((a.size for a in inputs.values()), default=0) >= TRIM_AFTER_ELEMENTS:
+            release_freed_memory()
         return result
 
     # --- text models ---------------------------------------------------------------------------
