@@ -218,3 +218,39 @@ input = ["list:bad"]
             proc.kill()
             proc.wait()
         log.close()
+
+
+class _SlowSigner:
+    """The crypto signer, 0.4 s slower: stands for a busy HSM."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def sign(self, key: str, data: bytes) -> bytes:
+        import asyncio
+
+        await asyncio.sleep(0.4)
+        return bytes(await self.inner.sign(key, data))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_stream_label_is_signed_while_the_upstream_works(tmp_path: Path, mock: MockUpstream) -> None:
+    """A stream's label is awaited once the upstream has answered, not before the call: with a 0.4 s
+    signature and a 0.4 s time to first token the headers come after ~0.4 s, not ~0.8 s."""
+    gw = _server(tmp_path, mock, [], crypto=True)
+    try:
+        _chat(gw, "warm-up", stream=True, max_tokens=2).read()  # the label key exists, connections are up
+        labeler = gw.cap("safety").service.labeler
+        labeler.signer = _SlowSigner(labeler.signer)
+        t0 = time.monotonic()
+        with httpx.stream("POST", gw.base_url + "/chat/completions", timeout=10, json={
+                "model": "mock-model", "max_tokens": 2, "stream": True, "mock": {"ttft_s": 0.4},
+                "messages": [{"role": "user", "content": "hello"}]}) as r:
+            waited = time.monotonic() - t0
+            assert r.status_code == 200 and HEADER in r.headers
+            r.read()
+        assert 0.35 <= waited < 0.7, waited
+    finally:
+        gw.stop()

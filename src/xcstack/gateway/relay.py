@@ -58,6 +58,12 @@ class Relay:
         content = resp.content
         # content safety (the safety capability): output filters over the events, and the label
         safety = pr.safety
+        if safety is not None:
+            try:  # signed while the upstream worked on its first event: ready now, or nearly
+                await safety.label_ready()
+            except BaseException:
+                self.failover.finish(opened, None)
+                raise
         flt = safety.stream() if safety is not None else None
         headers = SSE_HEADERS if safety is None else SSE_HEADERS + [
             (k.encode(), v.encode()) for k, v in safety.headers.items()]

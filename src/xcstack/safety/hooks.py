@@ -84,7 +84,7 @@ class RequestSafety:
 
     @property
     def label(self) -> Label | None:
-        """The label, once signed (`check_input` of a stream or `answer` waited for it)."""
+        """The label, once signed (`label_ready` or `answer` waited for it)."""
         return self._label if isinstance(self._label, Label) else None
 
     @property
@@ -117,9 +117,12 @@ class RequestSafety:
             masked = True
         return masked
 
+    async def label_ready(self) -> None:
+        """Wait for the label's batch signature: the relay calls it once the upstream has answered, so
+        that the signing overlaps the upstream's time to first token instead of adding to it."""
+        await self._label_ready()
+
     async def check_input(self, data: dict[str, Any]) -> dict[str, Any] | None:
-        if data.get("stream"):
-            await self._label_ready()  # the relay puts it in the headers without waiting
         if self.plan is None or self.plan.input is None:
             return None
         copy = loads(dumps(data))  # masks go into a copy: the caller's parsed body stays as received
