@@ -92,7 +92,7 @@ def client(data_dir: Path) -> Iterator[TestClient]:
 
         async def setup() -> None:
             for name, roles in [("c-sys", ["sysadmin"]), ("c-sec", ["secadmin"]), ("c-aud", ["auditor"]),
-                                ("c-self", [])]:
+                                ("c-self", []), ("c-owner", [])]:
                 await svc.create_user(SYSTEM, name, roles, kind="service", password=PW)
 
         assert c.portal is not None
@@ -115,7 +115,7 @@ def _login(c: TestClient, k: Contract, name: str, password: str = PW, **extra: s
 
 def test_every_security_operation_is_documented(contract: Contract) -> None:
     ops = {(m, p): op for p, item in contract.doc["paths"].items() if p.startswith(PREFIXES) for m, op in item.items()}
-    assert len(ops) == 23  # the user actions are four routes
+    assert len(ops) == 36  # the user actions are four routes
     for (method, path), op in ops.items():
         assert not op.get("x-xc-undocumented"), (method, path)
         ok = next(s for s in op["responses"] if s.startswith("2"))
@@ -229,11 +229,97 @@ def test_audit_answers_match_the_contract(client: TestClient, contract: Contract
     assert not report["ok"] and report["chains"][0]["problem"]["seq"] >= 1
 
 
+def test_groups_policy_and_own_keys_answers_match_the_contract(client: TestClient, contract: Contract) -> None:
+    c, k = client, contract
+    sys_h, sec_h = _login(c, k, "c-sys"), _login(c, k, "c-sec")
+    users, keys = "/v1/security/users", "/v1/security/keys"
+
+    groups = "/v1/security/groups"
+    k.check(c.post(groups, headers=sys_h, json={"name": "c-dept", "description": "研发"}), groups, 201)
+    k.check(c.post(groups, headers=sys_h, json={"name": "c-dept"}), groups, 409)
+    k.check(c.post(groups, headers=sys_h, json={"name": "c-dept2", "description": 7}), groups, 400)
+    user_group, key_group = "/v1/security/users/{name}/group", "/v1/security/keys/{id}/group"
+    k.check(c.put(f"{users}/c-self/group", headers=sys_h, json={"group": "c-dept"}), user_group, 200)
+    k.check(c.put(f"{users}/ghost/group", headers=sys_h, json={"group": "c-dept"}), user_group, 404)
+    k.check(c.put(f"{users}/c-self/group", headers=sys_h, json={"group": "no-such"}), user_group, 400)
+    key = k.check(c.post(keys, headers=sys_h, json={"name": "c-gkey", "roles": ["sysadmin"], "days": 1}), keys, 201)
+    k.check(c.put(f"{keys}/{key['id']}/group", headers=sys_h, json={"group": "c-dept"}), key_group, 200)
+    k.check(c.put(f"{keys}/nope/group", headers=sys_h, json={"group": None}), key_group, 404)
+    listed = k.check(c.get(groups, headers=sys_h), groups, 200)["groups"]
+    assert [(g["name"], g["users"], g["keys"]) for g in listed] == [("c-dept", 1, 1)]
+    k.check(c.delete(f"{groups}/c-dept", headers=sys_h), groups + "/{name}", 409)  # still has members
+    k.check(c.put(f"{users}/c-self/group", headers=sys_h, json={"group": None}), user_group, 200)
+    k.check(c.put(f"{keys}/{key['id']}/group", headers=sys_h, json={"group": None}), key_group, 200)
+    k.check(c.delete(f"{groups}/c-dept", headers=sys_h), groups + "/{name}", 200)
+    k.check(c.delete(f"{groups}/c-dept", headers=sys_h), groups + "/{name}", 404)
+    k.check(c.get(groups, headers=sec_h), groups, 403)
+
+    # lockouts: a service user locked by failed sign-ins is listed, then unlocked
+    k.check(c.post(users, headers=sys_h, json={"name": "c-lock", "kind": "service", "password": PW}), users, 201)
+    for _ in range(5):  # [security] lockout_threshold
+        k.check(c.post("/v1/auth/login", json={"username": "c-lock", "password": "wrong"}), "/v1/auth/login", 401)
+    k.check(c.post("/v1/auth/login", json={"username": "c-lock", "password": PW}), "/v1/auth/login", 429)
+    lockouts = "/v1/security/lockouts"
+    locked = k.check(c.get(lockouts, headers=sec_h), lockouts, 200)["locked"]
+    assert [x["user"] for x in locked] == ["c-lock"] and locked[0]["locked_for_s"] > 0
+    k.check(c.delete(f"{lockouts}/c-lock", headers=sec_h), lockouts + "/{name}", 200)
+    k.check(c.delete(f"{lockouts}/ghost", headers=sec_h), lockouts + "/{name}", 404)
+    assert k.check(c.get(lockouts, headers=sec_h), lockouts, 200) == {"locked": []}
+    _login(c, k, "c-lock")
+    k.check(c.get(lockouts, headers=sys_h), lockouts, 403)  # the secadmin's, not the sysadmin's
+
+    # secret names (never values)
+    async def put_secret() -> None:
+        await _cap(c.app).secrets.set("c-secret", b"s3cr3t-value")
+
+    assert c.portal is not None
+    c.portal.call(put_secret)
+    secrets = "/v1/security/secrets"
+    r = c.get(secrets, headers=sec_h)
+    assert [x["name"] for x in k.check(r, secrets, 200)["secrets"]] == ["c-secret"] and "s3cr3t" not in r.text
+    k.check(c.get(secrets, headers=sys_h), secrets, 403)
+
+    # sessions: listed without tokens, one ended
+    aud_h = _login(c, k, "c-aud")
+    sessions = "/v1/security/sessions"
+    r = c.get(sessions, headers=sec_h)
+    listed_s = k.check(r, sessions, 200)["sessions"]
+    assert aud_h["Authorization"].split()[1] not in r.text
+    aud = [x for x in listed_s if x["user"] == "c-aud"]
+    assert aud and all(x["restricted"] is None for x in aud)
+    for x in aud:
+        k.check(c.delete(f"{sessions}/{x['id']}", headers=sec_h), sessions + "/{id}", 200)
+    k.check(c.get("/v1/auth/me", headers=aud_h), "/v1/auth/me", 401)
+    for ghost in (aud[0]["id"], "no-such-session"):
+        k.check(c.delete(f"{sessions}/{ghost}", headers=sec_h), sessions + "/{id}", 404)
+
+    # the caller's own API keys: only roles it holds, never an administrator's
+    roles = "/v1/security/roles"
+    k.check(c.post(roles, headers=sec_h, json={"name": "c-dev", "allow": [["model:x", "invoke"]]}), roles, 201)
+    k.check(c.put(f"{users}/c-owner/roles", headers=sec_h, json={"roles": ["c-dev"]}), users + "/{name}/roles", 200)
+    me_h = _login(c, k, "c-owner")
+    mine = "/v1/security/me/keys"
+    own = k.check(c.post(mine, headers=me_h, json={"name": "c-own", "roles": ["c-dev"], "days": 1}), mine, 201)
+    assert own["key"] and own["roles"] == ["c-dev"]
+    k.check(c.post(mine, headers=me_h, json={"name": "c-own2", "roles": ["sysadmin"]}), mine, 403)
+    k.check(c.post(mine, headers=me_h, json={"name": "c-own3", "roles": ["c-dev"], "days": 0}), mine, 400)
+    listed_k = k.check(c.get(mine, headers=me_h), mine, 200)["keys"]
+    assert [x["id"] for x in listed_k] == [own["id"]]
+    assert key["id"] in {x["id"] for x in k.check(c.get(mine, headers=sys_h), mine, 200)["keys"]}
+    k.check(c.delete(f"{mine}/{key['id']}", headers=me_h), mine + "/{id}", 404)  # someone else's
+    k.check(c.delete(f"{mine}/{own['id']}", headers=me_h), mine + "/{id}", 200)
+    created = k.check(c.post(users, headers=sys_h, json={"name": "c-fresh"}), users, 201)
+    fresh_h = _login(c, k, "c-fresh", created["one_time_password"])  # restricted to a password change
+    assert k.check(c.get(mine, headers=fresh_h), mine, 200) == {"keys": []}
+    k.check(c.post(mine, headers=fresh_h, json={"name": "c-no", "roles": ["c-dev"]}), mine, 403)
+
+
 def test_all_operations_were_checked_and_a_wrong_answer_fails(client: TestClient, contract: Contract) -> None:
     """The validation is not vacuous: a real answer with a field of the wrong type, or missing, fails."""
     test_self_service_answers_match_the_contract(client, contract)
     test_administration_answers_match_the_contract(client, contract)
     test_audit_answers_match_the_contract(client, contract)
+    test_groups_policy_and_own_keys_answers_match_the_contract(client, contract)
     ops = {(m, p) for p, item in contract.doc["paths"].items() if p.startswith(PREFIXES) for m in item}
     assert ops - contract.checked == set()
 

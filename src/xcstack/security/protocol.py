@@ -241,6 +241,37 @@ class GroupList(BaseModel):
     groups: list[GroupInfo]
 
 
+class SessionInfo(BaseModel):
+    id: str = Field(description="derived from the token's hash (never the token): the id to end it by")
+    user: str
+    created_at: float
+    last_seen: float = Field(description="written at most every 30 s")
+    ip: str | None = Field(description="the client address at sign-in (null: not known)")
+    restricted: Restriction | None
+
+
+class SessionList(BaseModel):
+    sessions: list[SessionInfo]
+
+
+class Lockout(BaseModel):
+    user: str
+    locked_for_s: float = Field(description="seconds until the lockout ends by itself")
+
+
+class LockoutList(BaseModel):
+    locked: list[Lockout]
+
+
+class SecretName(BaseModel):
+    name: str
+    updated_at: float = Field(description="when the value was last set")
+
+
+class SecretNameList(BaseModel):
+    secrets: list[SecretName] = Field(description="names and dates only, never a value")
+
+
 class GroupAssign(Strict):
     group: str | None = Field(max_length=64, pattern=NO_NUL, description="the group; null: none")
 

@@ -330,7 +330,7 @@ def build_routes(svc: SecurityService, audit_root: Path, sig_verify: SigVerify,
         return JSONResponse({"ok": ok, "chains": reports})
 
     # -- security policy enforcement (secadmin): lockouts, secret names -------------------------------
-    @api("The accounts locked by failed sign-ins, with the seconds left", response={"type": "object"},
+    @api("The accounts locked by failed sign-ins, with the seconds left", response=p.LockoutList,
          description="Lockouts are counted per user name (also names that do not exist); this lists the users'.")
     @requires("security.policy", "read")
     async def lockouts_list(request: Request) -> Response:
@@ -353,7 +353,7 @@ def build_routes(svc: SecurityService, audit_root: Path, sig_verify: SigVerify,
         return JSONResponse({"ok": True})
 
     @api("The active sessions: id, user, created, last seen, client address (never a token)",
-         response={"type": "object"},
+         response=p.SessionList,
          description="`last_seen` is written at most every 30 s. Sessions past their idle or absolute timeout "
                      "are not listed.")
     @requires("security.policy", "read")
@@ -371,7 +371,7 @@ def build_routes(svc: SecurityService, audit_root: Path, sig_verify: SigVerify,
         await svc.end_session(_principal(request), sid, _info(request))
         return JSONResponse({"ok": True})
 
-    @api("The named secrets at rest: names and when each was set (never a value)", response={"type": "object"})
+    @api("The named secrets at rest: names and when each was set (never a value)", response=p.SecretNameList)
     @requires("security.policy", "read")
     async def secrets_list(request: Request) -> Response:
         return JSONResponse({"secrets": await secrets.names() if secrets is not None else []})
