@@ -30,8 +30,8 @@ if TYPE_CHECKING:  # kept out of the import: the CLI reads REGISTRY and must sta
 
     from xcstack.config import Settings
     from xcstack.crypto.client import CryptoClient
-    from xcstack.safety.service import SafetyService
     from xcstack.gateway.settings import UpstreamSettings
+    from xcstack.safety.service import SafetyService
     from xcstack.security.secrets import SecretStore
     from xcstack.state.store import StateStore
 

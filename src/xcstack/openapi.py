@@ -243,7 +243,8 @@ def build_document(
             is_public = (method, route.path) in open_set or ("*", route.path) in open_set
             paths.setdefault(route.path_format, {})[method.lower()] = _operation(
                 route, method, is_public, security_on, models,
-                route.path in self_service and permission_of(route.endpoint) is None)  # per route: GET and POST may differ
+                # per route, not per path: a self-service GET and a POST that requires a permission share one
+                route.path in self_service and permission_of(route.endpoint) is None)
     refs, defs = models.render()
     _resolve(paths, refs)
     responses = {"Error": _error_response("Error", "Error"), "KServeError": _error_response("Error", "KServeOrError")}
