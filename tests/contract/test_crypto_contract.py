@@ -31,6 +31,7 @@ OPS = {  # path -> (method, permission, key check)
     "/v1/crypto/random": ("post", "crypto:random", None),
     "/v1/crypto/keys": ("get", "crypto:list", None),
     "/v1/crypto/keys/{name}": ("get", "crypto:read", "read"),
+    "/v1/crypto/keys/{name}/rotate": ("post", "crypto:rotate", "rotate"),
 }
 
 
@@ -165,6 +166,11 @@ def test_answers_match_the_contract(client: TestClient, contract: Contract) -> N
                               ("/v1/crypto/keys/bad%20name", 400, "invalid_crypto_input")):
         r = client.get(url)
         assert r.status_code == status and contract.check(info, "get", r)["error"]["code"] == code
+    rotate = "/v1/crypto/keys/{name}/rotate"
+    r = client.post("/v1/crypto/keys/mac/rotate")
+    assert r.status_code == 200 and contract.check(rotate, "post", r)["version"] == 2
+    r = client.post("/v1/crypto/keys/nope/rotate")
+    assert r.status_code == 404 and contract.check(rotate, "post", r)["error"]["code"] == "key_not_found"
 
 
 def test_the_response_validation_is_not_vacuous(client: TestClient, contract: Contract) -> None:
