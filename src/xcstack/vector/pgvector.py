@@ -141,7 +141,11 @@ class PgvectorStore:
             max_waiting=self.cfg.pool_max * 16,
             configure=self._configure,
             check=AsyncConnectionPool.check_connection,
-            kwargs={"connect_timeout": max(1, int(s.acquire_timeout_s + 0.999)), "row_factory": tuple_row},
+            # prepare_threshold None: no automatic server-side prepared statements. A search cancelled in
+            # the middle of its pipeline can leave psycopg's cache naming a statement the server never kept
+            # ("prepared statement _pg3_0 does not exist" on the pooled connection's next search)
+            kwargs={"connect_timeout": max(1, int(s.acquire_timeout_s + 0.999)), "row_factory": tuple_row,
+                    "prepare_threshold": None},
             reconnect_timeout=max(10.0, s.health_interval_s * 10),
             name="xc-vector-pgvector",
             open=False,
