@@ -39,6 +39,7 @@ from xcstack.console.web import (
     can,
     check_csrf,
     csrf_for,
+    key_request,
     new_pre_secret,
     principal_of,
     read_form,
@@ -286,10 +287,7 @@ def build_routes(pages: Pages) -> list[BaseRoute]:
     async def keys_create(request: Request) -> Response:
         form = await read_form(request)
         await check_csrf(request, form)
-        body: dict[str, Any] = {"name": form.get("name", "").strip(),
-                                "roles": [x.strip() for x in form.get("roles", "").split(",") if x.strip()]}
-        if form.get("days", "").strip().isdigit():
-            body["days"] = int(form["days"])
+        body = key_request(form)
         r = await call_api(request, "POST", "/v1/security/keys", json=body)
         if not r.ok:
             return await keys_view(request, r.status, api_error=r.error)

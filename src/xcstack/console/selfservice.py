@@ -12,7 +12,7 @@ from starlette.routing import BaseRoute, Route
 
 from xcstack.apidoc import api
 from xcstack.console.sysadmin import HTML, Page, seg
-from xcstack.console.web import call_api, check_csrf, principal_of, read_form
+from xcstack.console.web import call_api, check_csrf, key_request, principal_of, read_form
 from xcstack.security.guard import authenticated
 
 ADMIN_ROLES = ("sysadmin", "secadmin", "auditor")  # not self-service (the API refuses them; not offered here)
@@ -37,10 +37,7 @@ def selfservice_routes(page: Page) -> list[BaseRoute]:
     async def my_keys_create(request: Request) -> Response:
         form = await read_form(request)
         await check_csrf(request, form)
-        body: dict[str, Any] = {"name": form.get("name", "").strip(),
-                                "roles": [x.strip() for x in form.get("roles", "").split(",") if x.strip()]}
-        if form.get("days", "").strip().isdigit():
-            body["days"] = int(form["days"])
+        body = key_request(form)
         r = await call_api(request, "POST", "/v1/security/me/keys", json=body)
         if not r.ok:
             return await view(request, r.status, api_error=r.error)

@@ -62,6 +62,15 @@ def set_cookie(resp: Response, request: Request, name: str, value: str, max_age:
                     secure=is_https(request))
 
 
+def key_request(form: dict[str, str]) -> dict[str, Any]:
+    """The body of an API-key request from the key form (name, comma-separated roles, optional days)."""
+    body: dict[str, Any] = {"name": form.get("name", "").strip(),
+                            "roles": [x.strip() for x in form.get("roles", "").split(",") if x.strip()]}
+    if form.get("days", "").strip().isdigit():
+        body["days"] = int(form["days"])
+    return body
+
+
 async def read_form(request: Request) -> dict[str, str]:
     """An urlencoded form, first value of each field (bounded)."""
     body = await request.body()
