@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from xcstack.platform.doctor import DoctorResult, render_text
 from xcstack.platform.plan import TuningPlan, derive_plan
 from xcstack.platform.planning.overrides import PlanOverrides
 
@@ -87,3 +88,11 @@ def test_plan_json_round_trip_keeps_the_llm_cores() -> None:
     p = derive_plan(report(list(range(4))), LLM)
     q = TuningPlan.from_json(p.to_json())
     assert (q.llm_cpus, q.llm_threads) == ([2, 3], 2)
+
+
+def test_doctor_text_shows_the_llm_worker_cores_only_when_one_runs() -> None:
+    r = report(list(range(4)))
+    with_llm = render_text(DoctorResult(r, derive_plan(r, LLM)))
+    line = next(x for x in with_llm.splitlines() if "llm worker" in x)
+    assert "2 thread(s) on cpus 2-3" in line, line
+    assert "llm worker" not in render_text(DoctorResult(r, derive_plan(r, PlanOverrides(llm=False))))

@@ -187,6 +187,8 @@ def render_text(res: DoctorResult) -> str:
     add("plan", "cpu slots", f"{p.cpu_slots} (budget {p.cpu_budget:g} cores)")
     add("plan", "http workers", f"{p.http_workers} on cpus {_cpus(p.http_cpus)}")
     add("plan", "model workers", f"{p.model_workers} on cpus {_cpus(p.model_cpus)}")
+    if p.llm_threads:  # only when an llm worker runs ([llm] enabled and its model there)
+        add("plan", "llm worker", f"{p.llm_threads} thread(s) on cpus {format_cpulist(p.llm_cpus) or 'any (unpinned)'}")
     add("plan", "i/o vs compute cores",
         f"{format_cpulist(p.io_cores) or '-'} | {format_cpulist(p.compute_cores) or '-'}"
         + (" (shared)" if p.shared_cores else " (disjoint)"))  # fmt: skip
