@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from typing import Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
+
+from xcstack.timezones import TimeZoneName
 
 
 class ConsoleSettings(BaseModel):
@@ -14,16 +15,7 @@ class ConsoleSettings(BaseModel):
     enabled: bool = Field(default=True, description="serve the web console at /console (needs [security] on)")
     default_language: Literal["zh-CN", "en"] = Field(
         default="zh-CN", description="language when neither the switch nor Accept-Language chooses one")
-    timezone: str = Field(default="Asia/Shanghai", description="time zone the console shows dates in")
+    timezone: TimeZoneName = Field(default="Asia/Shanghai", description="time zone the console shows dates in")
     poll_s: float = Field(default=2.0, ge=0.5, le=60.0, description="how often the overview polls its metrics")
     export_max_records: int = Field(default=100_000, ge=1, le=10_000_000,
                                     description="most audit records one console export writes")
-
-    @field_validator("timezone")
-    @classmethod
-    def _zone(cls, v: str) -> str:
-        try:
-            ZoneInfo(v)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise ValueError(f"unknown time zone {v!r}") from exc
-        return v

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from typing import Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from xcstack.timezones import TimeZoneName
 
 Scope = Literal["key", "user", "group"]
 Metric = Literal["requests", "input_tokens", "output_tokens", "total_tokens", "cost"]
@@ -40,7 +41,7 @@ class UsageSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
-    timezone: str = "Asia/Shanghai"  # calendar days and months of the quotas and the daily roll-ups
+    timezone: TimeZoneName = "Asia/Shanghai"  # calendar days and months of the quotas and the daily roll-ups
     currency: str = "CNY"
     prices: dict[str, Price] = {}  # model -> price; the table's version is its hash (kept with each record)
     quotas: list[QuotaRule] = []  # from config; more are added through POST /v1/quotas (state store)
@@ -58,12 +59,3 @@ class UsageSettings(BaseModel):
     ledger_queue_max: int = Field(100_000, ge=1)  # beyond: records are dropped and counted
     retention_days: int = Field(400, ge=1)  # raw records; the roll-ups are kept
     max_range_days: dict[str, int] = {"hour": 31, "day": 400, "month": 1830}
-
-    @field_validator("timezone")
-    @classmethod
-    def _zone(cls, v: str) -> str:
-        try:
-            ZoneInfo(v)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise ValueError(f"unknown time zone {v!r}") from exc
-        return v
