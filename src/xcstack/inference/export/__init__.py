@@ -1,7 +1,8 @@
 """Model export: a Hugging Face BERT-family checkpoint to an ONNX repository entry, fp32 and int8, without torch.
 
-`graph` builds the fp32 graph, `quantise` derives the int8 copy, `cli` writes repository entries (what
-`xcstack model import` runs); `ModelImportError` says why a checkpoint cannot be imported.
+`graph` builds the fp32 graph of an encoder (`cross_encoder` adds a reranker's head), `quantise` derives the
+int8 copy, `entries` writes repository entries for either kind, `cli` picks the builder (what `xcstack model
+import` runs); `ModelImportError` says why a checkpoint cannot be imported.
 """
 
 from xcstack.inference.export.cli import (

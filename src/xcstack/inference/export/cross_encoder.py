@@ -20,13 +20,12 @@ sigmoid, two -> softmax probability of label 1.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from xcstack.inference.export.entries import EntryPlan, write_entries
 from xcstack.inference.export.errors import ModelImportError
 
 ARCHITECTURES: dict[str, str] = {
@@ -196,47 +195,19 @@ def model_config(name: str, facts: dict[str, Any], *, quantized: str | None, sou
     }
 
 
+def rerank_graph(src: Path) -> tuple[Any, EntryPlan]:
+    """The `GraphBuilder` of a reranker: `build_cross_encoder_onnx`, kind "rerank", the head kept fp32."""
+    model, facts = build_cross_encoder_onnx(src)
+
+    def config(name: str, quantized: str | None, source: str) -> dict[str, Any]:
+        return model_config(name, facts, quantized=quantized, source=source)
+
+    return model, EntryPlan(facts, config, calibration_tokenizer=Path(src) / "tokenizer.json", keep_fp32=HEAD_NODES)
+
+
 def import_cross_encoder(
     src: Path, dest_root: Path, name: str, *, int8_name: str | None = None, fp32: bool = True, force: bool = False,
 ) -> list[Path]:
-    """Import the reranker in `src` into the repository `dest_root` as `name` (fp32) and/or `int8_name`;
-    each entry is staged in a temporary folder and renamed into place (a reader never sees half a model)."""
-    import onnx
-
-    from xcstack.inference.export.quantise import quantize_int8
-
-    src = Path(src)
-    tok = src / "tokenizer.json"
-    if not tok.is_file():
-        raise ModelImportError(f"{src}: tokenizer.json not found")
-    targets = ([name] if fp32 else []) + ([int8_name] if int8_name else [])
-    for t in targets:
-        if (dest_root / t).exists() and not force:
-            raise ModelImportError(f"{dest_root / t} exists; pass --force to replace it")
-    model, facts = build_cross_encoder_onnx(src)
-    dest_root.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    with tempfile.TemporaryDirectory(dir=dest_root, prefix=".import-") as tmp:
-        tmpd = Path(tmp)
-        fp32_path = tmpd / "fp32.onnx"
-        onnx.save_model(model, str(fp32_path))
-        del model
-        outputs: list[tuple[str, Path, str | None]] = [(name, fp32_path, None)] if fp32 else []
-        if int8_name:
-            q_path = tmpd / "int8.onnx"
-            scheme = quantize_int8(fp32_path, q_path, tokenizer_path=tok, max_len=facts["max_seq_length"],
-                                   exclude=list(HEAD_NODES))
-            outputs.append((int8_name, q_path, scheme))
-        for model_name, onnx_path, quant in outputs:
-            stage = tmpd / model_name
-            stage.mkdir()
-            shutil.copyfile(onnx_path, stage / "model.onnx")
-            shutil.copyfile(tok, stage / "tokenizer.json")
-            cfg = model_config(model_name, facts, quantized=quant, source=str(src))
-            (stage / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-            final = dest_root / model_name
-            if final.exists():
-                shutil.rmtree(final)
-            stage.rename(final)
-            written.append(final)
-    return written
+    """Import the reranker in `src` into the repository `dest_root` as `name` (fp32) and/or `int8_name`
+    (`export.import_model` does the same after reading the architecture from config.json)."""
+    return write_entries(src, dest_root, name, rerank_graph, int8_name=int8_name, fp32=fp32, force=force)
