@@ -27,109 +27,95 @@ if TYPE_CHECKING:
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     # -- user --
-    p = sub.add_parser("user", help="users, roles, passwords, TOTP (as the local administrator)")
-    us = p.add_subparsers(dest="user_command", required=True)
-    x = us.add_parser("list", help="list users")
-    x.set_defaults(func=_cmd(_user_list))
-    x = us.add_parser("create", help="create a user; prints a one-time password")
-    x.add_argument("name")
+    us = _commands(sub, "user", "users, roles, passwords, TOTP (as the local administrator)")
+    _verb(us, "list", _user_list, "list users")
+    x = _verb(us, "create", _user_create, "create a user; prints a one-time password", "name")
     x.add_argument("--role", action="append", default=[], help="role (repeatable)")
     x.add_argument("--kind", choices=["human", "service"], default="human")
-    x.set_defaults(func=_cmd(_user_create))
     for verb in ("disable", "enable", "delete", "reset-password", "reset-totp"):
-        x = us.add_parser(verb, help=f"{verb.replace('-', ' ')} a user")
-        x.add_argument("name")
-        x.set_defaults(func=_cmd(_user_action), verb=verb)
-    x = us.add_parser("set-roles", help="replace a user's roles")
-    x.add_argument("name")
-    x.add_argument("roles", nargs="*")
-    x.set_defaults(func=_cmd(_user_roles))
-    x = us.add_parser("totp", help="enrol TOTP: prints the otpauth URI and a terminal QR code")
-    x.add_argument("name")
+        _verb(us, verb, _user_action, f"{verb.replace('-', ' ')} a user", "name", verb=verb)
+    _verb(us, "set-roles", _user_roles, "replace a user's roles", "name").add_argument("roles", nargs="*")
+    x = _verb(us, "totp", _user_totp, "enrol TOTP: prints the otpauth URI and a terminal QR code", "name")
     x.add_argument("--code", help="first code from the authenticator (asked for when omitted)")
-    x.set_defaults(func=_cmd(_user_totp))
-    x = us.add_parser("bootstrap", help="create the three administrators if no user exists yet")
-    x.set_defaults(func=_cmd(_user_bootstrap))
-    x = us.add_parser("key", help="API keys of a user, issued offline (for bootstrapping machine clients)")
-    ks = x.add_subparsers(dest="key_command", required=True)
-    x = ks.add_parser("create", help="issue an API key owned by USER (prints it once)")
+    _verb(us, "bootstrap", _user_bootstrap, "create the three administrators if no user exists yet")
+    ks = _commands(us, "key", "API keys of a user, issued offline (for bootstrapping machine clients)",
+                dest="key_command")
+    x = _verb(ks, "create", _user_key_create, "issue an API key owned by USER (prints it once)")
     x.add_argument("name", metavar="USER")
     x.add_argument("--role", action="append", default=[], required=True, help="role the key carries (repeatable; "
                    "the user must hold its rights)")
     x.add_argument("--days", type=int, default=None, help="lifetime in days (default: security.api_key_max_days)")
     x.add_argument("--key-name", default=None, help="the key's name (default: USER-cli)")
-    x.set_defaults(func=_cmd(_user_key_create))
-    x = ks.add_parser("group", help="give an API key a group of its own (--none: back to its owner's)")
+    x = _verb(ks, "group", _key_group, "give an API key a group of its own (--none: back to its owner's)")
     x.add_argument("id", help="the key's id")
-    x.add_argument("group", nargs="?")
-    x.add_argument("--none", action="store_true", help="no group of its own")
-    x.set_defaults(func=_cmd(_key_group))
-    x = us.add_parser("group", help="put a user in a group (--none: in none)")
-    x.add_argument("name")
-    x.add_argument("group", nargs="?")
-    x.add_argument("--none", action="store_true", help="take the user out of its group")
-    x.set_defaults(func=_cmd(_user_group))
+    _group_or_none(x, "no group of its own")
+    x = _verb(us, "group", _user_group, "put a user in a group (--none: in none)", "name")
+    _group_or_none(x, "take the user out of its group")
     # -- groups --
-    p = sub.add_parser("group", help="groups (部门/租户) of users and API keys (as the local administrator)")
-    gs = p.add_subparsers(dest="group_command", required=True)
-    x = gs.add_parser("list", help="the groups with their numbers of users and API keys")
-    x.add_argument("--json", action="store_true")
-    x.set_defaults(func=_cmd(_group_list))
-    x = gs.add_parser("create", help="create a group")
-    x.add_argument("name")
-    x.add_argument("--description", default="")
-    x.set_defaults(func=_cmd(_group_create))
-    x = gs.add_parser("delete", help="delete a group without members")
-    x.add_argument("name")
-    x.set_defaults(func=_cmd(_group_delete))
+    gs = _commands(sub, "group", "groups (部门/租户) of users and API keys (as the local administrator)")
+    _verb(gs, "list", _group_list, "the groups with their numbers of users and API keys").add_argument(
+        "--json", action="store_true")
+    _verb(gs, "create", _group_create, "create a group", "name").add_argument("--description", default="")
+    _verb(gs, "delete", _group_delete, "delete a group without members", "name")
     # -- secrets --
-    p = sub.add_parser("secret", help="named secrets at rest (SM4-GCM): reference them in config as secret:NAME")
-    ss = p.add_subparsers(dest="secret_command", required=True)
-    x = ss.add_parser("set", help="store a secret (asked for without echo; or --stdin)")
-    x.add_argument("name")
-    x.add_argument("--stdin", action="store_true", help="read the value from standard input")
-    x.set_defaults(func=_cmd(_secret_set))
-    x = ss.add_parser("list", help="names of the stored secrets (never the values)")
-    x.set_defaults(func=_cmd(_secret_list))
-    x = ss.add_parser("delete", help="delete a secret")
-    x.add_argument("name")
-    x.set_defaults(func=_cmd(_secret_delete))
-    # -- audit --
-    p = sub.add_parser("audit", help="the audit log")
-    aus = p.add_subparsers(dest="audit_command", required=True)
-    x = aus.add_parser("verify", help="verify every chain; exit 1 naming the first bad position")
+    ss = _commands(sub, "secret", "named secrets at rest (SM4-GCM): reference them in config as secret:NAME")
+    _verb(ss, "set", _secret_set, "store a secret (asked for without echo; or --stdin)", "name").add_argument(
+        "--stdin", action="store_true", help="read the value from standard input")
+    _verb(ss, "list", _secret_list, "names of the stored secrets (never the values)")
+    _verb(ss, "delete", _secret_delete, "delete a secret", "name")
+    # -- audit (offline: the chain files, no service) --
+    aus = _commands(sub, "audit", "the audit log")
+    x = _verb(aus, "verify", _audit_verify, "verify every chain; exit 1 naming the first bad position",
+              needs_service=False)
     x.add_argument("--dir", type=Path, help="audit directory (default from config)")
     x.add_argument("--chain", help="only this chain")
     x.add_argument("--no-signatures", action="store_true", help="skip SM2 checkpoint signature checks")
     x.add_argument("--archive", type=Path, metavar="DIR",
                    help="verify an exported archive instead (offline: public keys from the config's keystore)")
     x.add_argument("--json", action="store_true")
-    x.set_defaults(func=_cmd(_audit_verify, needs_service=False))
-    x = aus.add_parser("accept-tail", help="accept a chain's unsigned tail after inspecting it (audited, then signed)")
+    x = _verb(aus, "accept-tail", _audit_accept_tail,
+              "accept a chain's unsigned tail after inspecting it (audited, then signed)", needs_service=False)
     x.add_argument("--dir", type=Path, help="audit directory (default from config)")
     x.add_argument("--chain", required=True)
     x.add_argument("--through", type=int, required=True, help="the tail's last seq, as `audit verify` shows it")
     x.add_argument("--reason", default="", help="why it is genuine (kept in the audit.tail_accepted record)")
-    x.set_defaults(func=_cmd(_audit_accept_tail, needs_service=False))
-    x = aus.add_parser("export", help="send records after the persisted cursor to a collector, or copy sealed "
-                       "segments to an archive directory")
+    x = _verb(aus, "export", _audit_export, "send records after the persisted cursor to a collector, or copy "
+              "sealed segments to an archive directory", needs_service=False)
     x.add_argument("--syslog", help="tcp://host:port (RFC 5424)")
     x.add_argument("--http", help="http(s)://collector/path")
     x.add_argument("--archive", type=Path, metavar="DIR",
                    help="copy the sealed (closed, signed, compressed) segments of every chain into DIR (incremental)")
     x.add_argument("--dir", type=Path)
-    x.set_defaults(func=_cmd(_audit_export, needs_service=False))
-    x = aus.add_parser("prune", help="seal closed segments and delete those past retention_days in chains no "
-                       "process is writing (each deletion audited)")
-    x.add_argument("--dir", type=Path)
-    x.set_defaults(func=_cmd(_audit_prune, needs_service=False))
+    _verb(aus, "prune", _audit_prune, "seal closed segments and delete those past retention_days in chains no "
+          "process is writing (each deletion audited)", needs_service=False).add_argument("--dir", type=Path)
     # -- trust --
-    p = sub.add_parser("trust", help="trusted boot: seal or verify the installation")
-    ts = p.add_subparsers(dest="trust_command", required=True)
-    x = ts.add_parser("seal", help="write the SM2-signed manifest of SM3 hashes")
-    x.set_defaults(func=_cmd(_trust_seal, needs_service=False))
-    x = ts.add_parser("verify", help="check the installation against the manifest")
-    x.set_defaults(func=_cmd(_trust_verify, needs_service=False))
+    ts = _commands(sub, "trust", "trusted boot: seal or verify the installation")
+    _verb(ts, "seal", _trust_seal, "write the SM2-signed manifest of SM3 hashes", needs_service=False)
+    _verb(ts, "verify", _trust_verify, "check the installation against the manifest", needs_service=False)
+
+
+def _commands(sub: argparse._SubParsersAction, name: str, help: str,  # type: ignore[type-arg]
+           dest: str | None = None) -> argparse._SubParsersAction:  # type: ignore[type-arg]
+    """A command whose subcommands are required (`xcstack NAME VERB ...`); the chosen verb lands in
+    `NAME_command` (or `dest`)."""
+    p = sub.add_parser(name, help=help)
+    return p.add_subparsers(dest=dest or f"{name}_command", required=True)
+
+
+def _verb(subs: argparse._SubParsersAction, name: str, fn: Handler, help: str,  # type: ignore[type-arg]
+          *positional: str, needs_service: bool = True, **defaults: Any) -> argparse.ArgumentParser:
+    """A subcommand that runs `fn` (see `_cmd`), with its `positional` arguments; returned for the options."""
+    x: argparse.ArgumentParser = subs.add_parser(name, help=help)
+    for arg in positional:
+        x.add_argument(arg)
+    x.set_defaults(func=_cmd(fn, needs_service=needs_service), **defaults)
+    return x
+
+
+def _group_or_none(x: argparse.ArgumentParser, none_help: str) -> None:
+    """GROUP or --none (one of the two: `_target_group` checks it as the API's `GroupAssign` body)."""
+    x.add_argument("group", nargs="?")
+    x.add_argument("--none", action="store_true", help=none_help)
 
 
 Handler = Callable[[argparse.Namespace, "Settings", Any], Awaitable[int]]
