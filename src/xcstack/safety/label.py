@@ -29,7 +29,7 @@ import datetime as dt
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -115,10 +115,17 @@ def statement(batch: str, key: str, root: bytes, size: int, time: str) -> bytes:
 class Label:
     fields: dict[str, Any]
     proof: dict[str, Any]  # batch, index, size, time, path (base64url hashes), sig (base64url DER)
+    # canonical(fields) when the issuer has it already (it hashed it for the leaf), and the header once made:
+    # the label's JSON is encoded once per answer, not once per use
+    fields_json: bytes | None = field(default=None, compare=False, repr=False)
+    _header: list[str] = field(default_factory=list, compare=False, repr=False)
 
     @property
     def header(self) -> str:
-        return f"{_b64(canonical(self.fields))}.{_b64(canonical(self.proof))}"
+        if not self._header:
+            head = self.fields_json if self.fields_json is not None else canonical(self.fields)
+            self._header.append(f"{_b64(head)}.{_b64(canonical(self.proof))}")
+        return self._header[0]
 
     def body(self) -> dict[str, Any]:
         return {**self.fields, "proof": self.proof}
@@ -177,11 +184,13 @@ class Labeler:
 
     async def issue(self, request_id: str | None, model: str) -> Label:
         fields = self.fields(request_id, model)
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending.append((leaf_hash(canonical(fields)), fut))
+        data = canonical(fields)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self._pending.append((leaf_hash(data), fut))
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
-        return Label(fields, await fut)
+            self._task = loop.create_task(self._run())
+        return Label(fields, await fut, data)
 
     async def _run(self) -> None:
         try:
@@ -213,7 +222,12 @@ class Labeler:
             except OSError as exc:  # the labels still verify on their own; the log is for look-ups
                 log.error("label batch log not written (%s): %s", self.log.path, exc)
         sig_text = _b64(sig)
-        return [{"batch": batch, "index": i, "size": size, "time": time, "path": [_b64(h) for h in path],
+        text: dict[bytes, str] = {}  # a node is on the path of many leaves: encoded once per batch
+        for path in paths:
+            for h in path:
+                if h not in text:
+                    text[h] = _b64(h)
+        return [{"batch": batch, "index": i, "size": size, "time": time, "path": [text[h] for h in path],
                  "sig": sig_text} for i, path in enumerate(paths)]
 
 
