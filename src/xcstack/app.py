@@ -48,6 +48,7 @@ from xcstack.security.guard import (
     undeclared_handlers,
 )
 from xcstack.state.store import StateStore
+from xcstack.system.routes import build_routes as system_routes
 
 log = logging.getLogger("xcstack.app")
 
@@ -271,6 +272,7 @@ class XCStackApp:
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
+            *system_routes(),  # the supervisor's process table (system/)
         ]
         for cap in self.capabilities:
             routes.extend(cap.routes())

@@ -6,7 +6,9 @@ inherit it, starts the side processes capabilities declare (model workers, the H
 - on SIGTERM/SIGINT drains: workers stop accepting and finish in-flight requests within the grace
   period, then side processes stop;
 - on SIGHUP restarts http workers one at a time: a new worker must report ready before the old one
-  is asked to drain, so the shared socket always has a live acceptor (zero failed requests).
+  is asked to drain, so the shared socket always has a live acceptor (zero failed requests);
+- publishes the process table (pids, cores, restarts, readiness) on every change, for
+  `GET /v1/system/processes` in any http worker (system/table.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 from xcstack.capability import CAPABILITY_MODULES, SideProcessSpec
 from xcstack.config import ConfigError, Settings, load_settings
 from xcstack.observability.logs import setup_logging
+from xcstack.system.table import STATUS_ENV, StatusWriter, planned_threads, status_path
 
 log = logging.getLogger("xcstack.supervisor")
 
@@ -35,6 +38,7 @@ READY_TIMEOUT_S = 120.0
 SIDE_READY_TIMEOUT_S = 120.0
 STABLE_AFTER_S = 10.0
 TICK_S = 0.05
+SIDE_CHECK_S = 0.5  # how often a running side process that is not ready yet is checked again
 
 
 @dataclass
@@ -118,10 +122,27 @@ class Child:
     ready_r: int | None = None
     ready: bool = False
     ready_check: Any = None  # side processes: callable(index) -> bool
+    # for the process table (system/table.py)
+    threads: int | None = None
+    started_at: float = 0.0  # wall clock of the last start
+    restarts: int = 0
+    last_exit: int | None = None
+    checked_at: float = 0.0
 
     @property
     def label(self) -> str:
         return f"{self.kind}[{self.index}]"
+
+    def status(self) -> dict[str, Any]:
+        """This child's row of the process table (system/protocol.py ProcessEntry)."""
+        alive = self.proc is not None
+        return {"role": "http" if self.kind == "http" else "side", "kind": self.kind, "name": self.label,
+                "index": self.index, "pid": self.proc.pid if self.proc is not None else None, "cpus": list(self.cpus),
+                "threads": self.threads, "started_at": self.started_at or None, "restarts": self.restarts,
+                "ready": self.ready if self.kind == "http" or self.ready_check is not None else None,
+                "last_exit": self.last_exit,
+                "state": "running" if alive else "restarting" if self.restart_at is not None
+                else "stopped" if self.started_at else "starting"}
 
 
 class Supervisor:
@@ -134,10 +155,15 @@ class Supervisor:
         self.side: list[Child] = []
         self.stopping = False
         self.reload_requested = False
+        self.status = StatusWriter(status_path(settings.data_dir.resolve()), self.layout.plan)
+
+    def _publish(self) -> None:
+        """Write the process table (on every spawn, death and readiness change)."""
+        self.status.publish([c.status() for c in [*self.http, *self.side]])
 
     # -- process management ----------------------------------------------------------------
     def _spawn(self, child: Child) -> None:
-        env = {**os.environ, **child.env}
+        env = {**os.environ, **child.env, STATUS_ENV: str(self.status.path)}
         if child.cpus:
             env["XC_WORKER_CPUS"] = ",".join(str(c) for c in child.cpus)
         pass_fds: list[int] = []
@@ -150,11 +176,13 @@ class Supervisor:
             argv += ["--fd", str(self.sock.fileno()), "--ready-fd", str(w)]
         child.proc = subprocess.Popen(argv, env=env, pass_fds=pass_fds, close_fds=True)
         child.started = time.monotonic()
+        child.started_at = time.time()
         child.restart_at = None
         if child.kind == "http":
             os.close(pass_fds[1])
             os.set_blocking(child.ready_r, False)  # type: ignore[arg-type]
         log.info("started %s pid=%d cpus=%s", child.label, child.proc.pid, list(child.cpus))
+        self._publish()
 
     def _poll_ready(self, child: Child) -> bool:
         if child.ready or child.ready_r is None:
@@ -166,7 +194,18 @@ class Supervisor:
         os.close(child.ready_r)
         child.ready_r = None
         child.ready = data == b"R"
+        if child.ready:
+            self._publish()
         return child.ready
+
+    def _check_side(self, child: Child) -> bool:
+        """A side process's readiness check; a change is published."""
+        child.checked_at = time.monotonic()
+        ok = bool(child.ready_check(child.index))
+        if ok != child.ready:
+            child.ready = ok
+            self._publish()
+        return ok
 
     def _reap(self, child: Child) -> None:
         """A child died on its own: schedule its restart with backoff."""
@@ -183,6 +222,8 @@ class Supervisor:
         delay = min(self.settings.server.respawn_backoff_max_s, 0.1 * (2 ** child.failures)) if child.failures else 0.0
         child.restart_at = time.monotonic() + delay
         child.proc = None
+        child.ready, child.restarts, child.last_exit = False, child.restarts + 1, code
+        self._publish()
         CHILD_RESTARTS.labels(child.kind).inc()
         log.warning("%s exited with %s after %.1fs; restarting in %.2fs", child.label, code, ran, delay)
 
@@ -195,6 +236,9 @@ class Supervisor:
                 self._spawn(child)
             if child.kind == "http" and child.proc is not None:
                 self._poll_ready(child)
+            elif (child.proc is not None and not child.ready and child.ready_check is not None
+                  and now - child.checked_at >= SIDE_CHECK_S):
+                self._check_side(child)
 
     def _wait_ready(self, child: Child, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -212,7 +256,7 @@ class Supervisor:
         deadline = time.monotonic() + timeout
         while waiting and time.monotonic() < deadline and not self.stopping:
             self._tick()  # a side process that dies while starting is restarted
-            waiting = [c for c in waiting if not c.ready_check(c.index)]
+            waiting = [c for c in waiting if not self._check_side(c)]
             time.sleep(TICK_S)
         for c in waiting:
             log.warning("%s not ready after %.0fs; starting http workers anyway (its calls fail with 503)",
@@ -250,13 +294,14 @@ class Supervisor:
         for i, old in enumerate(list(self.http)):
             if self.stopping:
                 return
-            new = Child("http", old.index, old.argv, old.cpus, old.env)
+            new = Child("http", old.index, old.argv, old.cpus, old.env, restarts=old.restarts)
             self._spawn(new)
             if not self._wait_ready(new, READY_TIMEOUT_S):
                 log.error("reload: new %s did not become ready; keeping the old one", new.label)
                 self._stop_children([new], 1.0)
                 continue
             self.http[i] = new
+            self._publish()
             self._stop_children([old], self.settings.server.graceful_timeout_s)
         log.info("reload: done")
 
@@ -272,7 +317,8 @@ class Supervisor:
                 cpus = list(spec.cpus[i]) if i < len(spec.cpus) and srv.pin_cpus else []
                 argv = [*worker_argv, "--side", spec.target, "--index", str(i)]
                 self.side.append(Child(spec.name, i, argv, cpus, {**shared, **spec.env},
-                                       ready_check=spec.ready_check))
+                                       ready_check=spec.ready_check,
+                                       threads=planned_threads(spec.name, cpus, spec.env)))
         for i in range(self.layout.http_workers):
             self.http.append(Child("http", i, worker_argv, self.layout.http_cpus[i], dict(shared)))
 
@@ -307,6 +353,7 @@ class Supervisor:
             self.sock.close()
             self._stop_children(self.http, srv.graceful_timeout_s)
             self._stop_children(self.side, srv.graceful_timeout_s)
+            self.status.remove()
             log.info("stopped")
         return 0
 

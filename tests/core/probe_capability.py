@@ -76,6 +76,7 @@ def side_processes(settings: Any, plan: Any) -> list[SideProcessSpec]:
     if not path:
         return []
     return [SideProcessSpec(name="probe-side", target="tests.core.probe_capability:run_side", instances=1,
+                            cpus=[[min(os.sched_getaffinity(0))]],  # pinned: the process table shows its core
                             ready_check=lambda _i: socket_accepts(path))]
 
 

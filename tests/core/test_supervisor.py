@@ -4,10 +4,12 @@ with both http servers."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -158,6 +160,24 @@ def test_http_workers_start_after_side_processes_are_ready(serve_factory: type[S
     side_up = next(line for line in s.output if "probe-side listening at" in line)
     http_started = next(i for i, line in enumerate(s.output) if "started http[0]" in line)
     assert s.output.index(side_up) < http_started, "".join(s.output[:30])
+    # the supervisor's process table: the side process with its core, the http worker; served by the worker
+    table = json.loads((data_dir / "processes.json").read_text())
+    assert table["supervisor"]["pid"] == s.proc.pid  # type: ignore[union-attr]
+    rows = {p["name"]: p for p in table["processes"]}
+    assert {"http[0]", "probe-side[0]", "hsm-owner[0]", "milvus-lite[0]"} <= set(rows)  # and the default ones
+    assert all(p["pid"] and p["state"] == "running" and p["restarts"] == 0 for p in rows.values()), rows
+    side, http = rows["probe-side[0]"], rows["http[0]"]
+    assert side["cpus"] == [min(os.sched_getaffinity(0))] and side["ready"] is True and side["state"] == "running"
+    assert _affinity(side["pid"]) == str(side["cpus"][0])
+    assert http["ready"] is True and {http["pid"]} == s.worker_pids() and http["restarts"] == 0
+    with urllib.request.urlopen(s.base + "/v1/system/processes", timeout=5) as r:
+        served = json.loads(r.read())
+    assert served["source"] == "supervisor" and served["plan"] is not None
+    assert [(p["name"], p["this_worker"], p["cpus"]) for p in served["processes"]
+            if p["name"] in ("http[0]", "probe-side[0]")] == [
+        ("http[0]", True, http["cpus"]), ("probe-side[0]", False, side["cpus"])]
+    s.stop()
+    assert not (data_dir / "processes.json").exists()  # no table outlives its tree
 
 
 def test_socket_accepts_ignores_stale_files(tmp_path: Path) -> None:

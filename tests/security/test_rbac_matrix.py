@@ -80,6 +80,7 @@ MATRIX: dict[tuple[str, str], tuple[frozenset[str], list[Call]]] = {
     ("GET", "/healthz"): (PUBLIC, [Call("/healthz")]),
     ("GET", "/readyz"): (PUBLIC, [Call("/readyz")]),
     ("GET", "/metrics"): (SYS, [Call("/metrics")]),
+    ("GET", "/v1/system/processes"): (SYS, [Call("/v1/system/processes")]),  # system:read
     # the API contract and its reference page: public, like the login (clients generate code from it)
     ("GET", "/openapi.json"): (PUBLIC, [Call("/openapi.json")]),
     ("GET", "/docs"): (PUBLIC, [Call("/docs")]),
