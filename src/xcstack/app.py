@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 
-from xcstack import apiref, openapi
+from xcstack import apiref
 from xcstack.apidoc import api
 from xcstack.capability import CAPABILITY_MODULES, AppContext, Capability, Services, Wiring
 from xcstack.config import Settings
@@ -300,8 +300,12 @@ class XCStackApp:
         raise RuntimeError("[security] enabled = true but the security capability provides no authorizer")
 
     def openapi(self, routes: Sequence[BaseRoute]) -> dict[str, Any]:
-        """The OpenAPI document of this app's routes (see openapi.py)."""
+        """The OpenAPI document of this app's routes (see openapi.py). openapi.py imports every capability's
+        protocol models (for the error catalogue): loaded at the first request for the document, not in
+        every worker."""
         from importlib.metadata import version
+
+        from xcstack import openapi
 
         security = [c for c in self.capabilities if c.name == "security"]
         public: list[tuple[str, str]] = [("*", p) for p in apiref.public_paths()]

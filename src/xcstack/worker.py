@@ -30,7 +30,7 @@ import socket
 import struct
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 from xcstack.config import Settings, load_settings
@@ -277,14 +277,35 @@ def _silent_connection_sweeper(sock: socket.socket, idle_s: float) -> threading.
     return stop
 
 
+# Optional packages Granian imports at its own import for features an http worker never uses (watchfiles:
+# --reload; setproctitle: its process manager names processes): ~0.7 MB of RSS and a Rust library.
+GRANIAN_UNUSED_IMPORTS = ("watchfiles", "setproctitle")
+
+
+@contextlib.contextmanager
+def hidden_modules(names: Sequence[str]) -> Iterator[None]:
+    """`import NAME` raises ImportError inside the block for each name not already imported (a None entry
+    in sys.modules); afterwards the names are importable again."""
+    hide = [n for n in names if n not in sys.modules]
+    for name in hide:
+        sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for name in hide:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+
+
 def inherited_socket_server(sock: socket.socket, backlog: int) -> type[Any]:
     """Granian's embedded `Server`, serving on `sock` (inherited from the supervisor) instead of binding.
 
     Granian has no public interface for an already-listening socket, so this overrides its private
     `_init_shared_socket` and wraps our fd in `granian._granian.SocketHolder`. That is why pyproject.toml
     pins granian to the versions verified; tests/core/test_granian_seam.py fails on one that breaks it."""
-    from granian._granian import SocketHolder
-    from granian.server.embed import Server
+    with hidden_modules(GRANIAN_UNUSED_IMPORTS):
+        from granian._granian import SocketHolder
+        from granian.server.embed import Server
 
     class InheritedSocketServer(Server):  # type: ignore[misc]
         def _init_shared_socket(self) -> None:
@@ -298,8 +319,9 @@ def inherited_socket_server(sock: socket.socket, backlog: int) -> type[Any]:
 def run_granian(settings: Settings, sock: socket.socket, app: Any) -> None:
     """Granian's embedded server on our inherited socket (one Rust runtime thread, asyncio loop), HTTP/1.1
     only, as uvicorn (the head timeout and size limits are HTTP/1 settings)."""
-    from granian.constants import HTTPModes, Interfaces
-    from granian.http import HTTP1Settings
+    with hidden_modules(GRANIAN_UNUSED_IMPORTS):  # the first import of granian: see GRANIAN_UNUSED_IMPORTS
+        from granian.constants import HTTPModes, Interfaces
+        from granian.http import HTTP1Settings
 
     host, port = sock.getsockname()[:2]  # for granian's own log lines; the socket is inherited
     http1 = HTTP1Settings(

@@ -17,8 +17,6 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
-import qrcode
-import qrcode.image.svg
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
@@ -76,7 +74,11 @@ AUDIT_FILTERS = ("since", "until", "actor", "action", "outcome")
 
 
 def qr_data_uri(text: str) -> str:
-    """An SVG QR code as a data: URI (rendered here: no script, no network)."""
+    """An SVG QR code as a data: URI (rendered here: no script, no network). qrcode (and the XML tree it
+    writes with) is imported at the first enrolment, not in every http worker."""
+    import qrcode
+    import qrcode.image.svg
+
     img = qrcode.make(text, image_factory=qrcode.image.svg.SvgPathImage, box_size=8, border=2)
     return "data:image/svg+xml;base64," + base64.b64encode(img.to_string()).decode()
 
@@ -90,6 +92,7 @@ def build_routes(pages: Pages) -> list[BaseRoute]:
 
     async def page(request: Request, template: str, status: int = 200, **ctx: Any) -> Response:
         ctx.setdefault("menu", await menu(request) if request.scope.get("xc.principal") else [])
+        await pages.ready()
         return pages.render(request, template, status, **ctx)
 
     def back(to: str) -> Response:
