@@ -4,9 +4,7 @@ header) validate against the documented schemas, and a request the documented sc
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, get_args
 
 import orjson
@@ -14,7 +12,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from tests.contract.schema import Contract
-from tests.inference.conftest import inference_settings, make_scale_model
+from tests.inference.conftest import default_model_repo, inference_settings, make_scale_model
 from xcstack.app import create_app
 from xcstack.config import load_settings
 from xcstack.inference.protocol import Datatype
@@ -23,21 +21,9 @@ from xcstack.inference.tensors import DTYPES
 MODEL = "all-minilm-l6-v2"
 
 
-def _default_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The imported default models (as tests/inference's `model_repo` fixture: XC_TEST_MODEL_REPO or an import)."""
-    from xcstack.inference.export import import_default
-
-    cached = os.environ.get("XC_TEST_MODEL_REPO")
-    if cached and (Path(cached) / MODEL / "model.onnx").is_file():
-        return Path(cached)
-    root = tmp_path_factory.mktemp("models")
-    import_default(root)
-    return root
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, Contract]]:
-    model_repo = _default_models(tmp_path_factory)
+    model_repo = default_model_repo(tmp_path_factory)  # the session's cached import, shared with tests/inference
     repo = tmp_path_factory.mktemp("repo")
     for name in (MODEL, MODEL + "-int8"):  # the int8 copy is the default embedding model
         (repo / name).symlink_to(model_repo / name, target_is_directory=True)
