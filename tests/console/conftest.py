@@ -1,11 +1,11 @@
 """One live xcstack (uvicorn in a thread: security, crypto, gateway with the mock upstream, usage, vectors,
-DB, content safety, console) and one Chromium for the console's browser tests."""
+DB, content safety, console) and one Chromium for the console's browser tests; the security tests' state
+store over SQLite and PostgreSQL (`state`) for the service-level tests."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import tempfile
 import threading
 import time
@@ -16,16 +16,13 @@ from typing import Any, TypeVar
 
 import pytest
 
+from tests.conftest import free_port
+from tests.security.conftest import pg_database, state  # noqa: F401 - fixtures reused by the console tests
+
 CHROMIUM = "/usr/bin/chromium"
 ARTEFACTS = Path(os.environ.get("XC_CONSOLE_ARTEFACTS") or Path(tempfile.gettempdir()) / "xcstack-console-artefacts")
 T = TypeVar("T")
 BANNED_WORDS = "# a test list\n禁词甲\nforbidden-word-xyz\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

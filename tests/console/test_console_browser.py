@@ -9,10 +9,12 @@ Screenshots of every view go to $XC_CONSOLE_ARTEFACTS (default: <tmp>/xcstack-co
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pyotp
@@ -190,6 +192,67 @@ def test_sysadmin_sees_an_upstream_go_down_and_come_back(live: Live) -> None:
     page.screenshot(path=str(ARTEFACTS / "overview.png"), full_page=True)
     goto(page, live, "/console/models", "models")
     goto(page, live, "/console/groups", "groups")
+
+
+def test_sysadmin_sees_the_process_tree_with_its_cores(live: Live, tmp_path: Path) -> None:
+    """Without a supervisor the overview lists the process that answered (and says so); with the supervisor's
+    table (written here as `xcstack serve` writes it) every process with its cores, pid, state and restarts,
+    and a poll shows a side process coming back without reloading the page."""
+    from xcstack.system.table import STATUS_ENV, StatusWriter
+
+    page = contexts["admin"].pages[0]
+    goto(page, live, "/console/overview")
+    me = page.locator("#processes tr[data-proc='http']")
+    assert me.get_attribute("class") == "this" and me.locator(".pid").inner_text() == str(os.getpid())
+    assert me.locator(".cpus").inner_text() == ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+    assert page.locator("#proc-note").count() == 1
+
+    plan = SimpleNamespace(usable_cpus=[0, 1], cpu_budget=2.0, cpu_slots=2, pin=True, http_workers=1,
+                           model_workers=1, io_cores=[0], compute_cores=[1], shared_cores=False, event_loop="uvloop",
+                           llm_cpus=[1], llm_threads=1, warnings=[])
+    writer = StatusWriter(tmp_path / "processes.json", plan)
+    now = time.time()
+    base = {"threads": None, "restarts": 0, "ready": True, "last_exit": None, "state": "running",
+            "started_at": now - 3700}
+    rows = [{**base, "role": "http", "kind": "http", "name": "http[0]", "index": 0, "pid": os.getpid(), "cpus": [0]},
+            {**base, "role": "side", "kind": "model-worker", "name": "model-worker[0]", "index": 0, "pid": 4242,
+             "cpus": [1], "threads": 1},
+            {**base, "role": "side", "kind": "llm-worker", "name": "llm-worker[0]", "index": 0, "pid": None,
+             "cpus": [1], "threads": 1, "restarts": 2, "ready": False, "last_exit": -9, "state": "restarting"},
+            {**base, "role": "side", "kind": "hsm-owner", "name": "hsm-owner[0]", "index": 0, "pid": 4243, "cpus": [],
+             "ready": None}]  # no readiness check declared
+    writer.publish(rows)
+    os.environ[STATUS_ENV] = str(writer.path)
+    try:
+        goto(page, live, "/console/overview?lang=en")
+        assert page.locator("#processes").get_attribute("data-source") == "supervisor"
+        assert page.locator("#proc-note").count() == 0
+        table = page.locator("#processes tbody")
+        cells = {tr.get_attribute("data-proc"): [td.inner_text() for td in tr.locator("td").all()]
+                 for tr in table.locator("tr").all()}
+        assert list(cells) == ["supervisor", "http[0]", "model-worker[0]", "llm-worker[0]", "hsm-owner[0]"]
+        assert cells["supervisor"][1] == str(os.getpid())
+        assert cells["model-worker[0]"][1:6] == ["4242", "1", "1", "ready", "0"]
+        assert cells["model-worker[0]"][6] in ("1h 1m", "1h 2m")
+        assert cells["llm-worker[0]"][1:5] == ["–", "1", "1", "restarting"] and "-9" in cells["llm-worker[0]"][5]
+        assert cells["hsm-owner[0]"][2] == "not pinned" and cells["hsm-owner[0]"][4] == "running"
+        assert "compute cores 1" in page.inner_text("#proc-summary")
+        assert page.locator("#processes tr.this").get_attribute("data-proc") == "http[0]"
+        llm = table.locator("tr[data-proc='llm-worker[0]']")
+        assert llm.locator(".state").get_attribute("class") == "state bad"
+        page.screenshot(path=str(ARTEFACTS / "overview-processes.png"), full_page=True)
+        # the llm worker comes back: the page's poll shows it (no reload)
+        rows[2].update(pid=4244, state="running", ready=True, started_at=time.time())
+        writer.publish(rows)
+        page.wait_for_function("() => document.querySelector(\"#processes tr[data-proc='llm-worker[0]'] .pid\")"
+                               ".textContent === '4244'", timeout=5000)
+        assert llm.locator(".state").inner_text() == "ready"
+        assert llm.locator(".restarts").inner_text() == "2 (last exit -9)"
+        goto(page, live, "/console/overview?lang=zh-CN")
+        assert "模型工作进程" in page.inner_text("#processes") and "运行时长" in page.inner_text("#processes")
+    finally:
+        del os.environ[STATUS_ENV]
+        writer.remove()
 
 
 def test_sysadmin_vectors_db_jobs_keys_and_playground(live: Live) -> None:

@@ -6,64 +6,36 @@ roles only, bounded by the key a call is made with, and never someone else's."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
+from tests.security.conftest import FakeClock
 from xcstack.errors import XCError
 from xcstack.security.principal import ReqInfo
 from xcstack.security.service import SYSTEM, Principal, SecurityService
+from xcstack.state.store import StateStore
 
 PW = "Own-Keys-Pass-2024!"
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @pytest.fixture
-def pg_url() -> object:
-    """A fresh database per test (the schema migrations run from the start)."""
-    import uuid
-
-    try:
-        import psycopg
-
-        conn = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3)
-    except Exception as exc:
-        pytest.skip(f"PostgreSQL not reachable: {exc}")
-    name = f"xc_console_test_{uuid.uuid4().hex[:12]}"
-    conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    conn.close()
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def svc(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[SecurityService, Clock]]:
+async def svc(state: StateStore) -> AsyncIterator[tuple[SecurityService, FakeClock]]:
+    """The security service over the security tests' `state` (SQLite, and PostgreSQL with its tables dropped
+    first, so every schema migration runs), two service users and a role each."""
     from xcstack.security.lockout import StateLockout
     from xcstack.security.secretbox import LocalSecretBox
     from xcstack.security.settings import SecuritySettings
-    from xcstack.state.store import StateStore
 
-    url = None if request.param == "sqlite" else str(request.getfixturevalue("pg_url"))
-    store = StateStore(url, tmp_path / "state")
     settings = SecuritySettings(pbkdf2_iterations=100_000, auth_cache_s=60)  # a login stays cached
-    clock = Clock()
-    service = SecurityService(settings, store, LocalSecretBox(b"k" * 16),
-                              StateLockout(store, settings.lockout_threshold, settings.lockout_s, clock), None, clock)
+    clock = FakeClock()
+    service = SecurityService(settings, state, LocalSecretBox(b"k" * 16),
+                              StateLockout(state, settings.lockout_threshold, settings.lockout_s, clock), None, clock)
     await service.init()
     await service.create_role(SYSTEM, "reader", [("route:/v1/models", "get")])
     await service.create_role(SYSTEM, "writer", [("route:/v1/jobs", "post")])
     for name, roles in (("u1", ["reader"]), ("u2", ["reader", "writer"])):
         await service.create_user(SYSTEM, name, roles, kind="service", password=PW)
     yield service, clock
-    await store.close()
 
 
 async def _login(service: SecurityService, name: str, ip: str) -> tuple[str, Principal]:
@@ -73,7 +45,7 @@ async def _login(service: SecurityService, name: str, ip: str) -> tuple[str, Pri
     return token, principal
 
 
-async def test_sessions_listed_without_tokens_and_ended_at_once(svc: tuple[SecurityService, Clock]) -> None:
+async def test_sessions_listed_without_tokens_and_ended_at_once(svc: tuple[SecurityService, FakeClock]) -> None:
     from xcstack.security.tokens import token_hash
 
     service, clock = svc
@@ -93,7 +65,7 @@ async def test_sessions_listed_without_tokens_and_ended_at_once(svc: tuple[Secur
     assert await service.list_sessions() == []
 
 
-async def test_own_keys_own_roles_bounded_and_never_someone_elses(svc: tuple[SecurityService, Clock]) -> None:
+async def test_own_keys_own_roles_bounded_and_never_someone_elses(svc: tuple[SecurityService, FakeClock]) -> None:
     service, _ = svc
     _, p1 = await _login(service, "u1", "10.0.0.7")
     _, p2 = await _login(service, "u2", "10.0.0.8")
@@ -120,7 +92,7 @@ async def test_own_keys_own_roles_bounded_and_never_someone_elses(svc: tuple[Sec
     assert await service.authenticate(k1b["key"]) is None
 
 
-async def test_a_restricted_session_may_list_but_not_issue_or_revoke(svc: tuple[SecurityService, Clock]) -> None:
+async def test_a_restricted_session_may_list_but_not_issue_or_revoke(svc: tuple[SecurityService, FakeClock]) -> None:
     service, _ = svc
     one_time = await service.reset_password(SYSTEM, "u1")
     token = (await service.login("u1", one_time))["token"]

@@ -103,7 +103,7 @@ _ZH.update({
     "security": "安全策略与会话", "safety": "内容安全", "locked_accounts": "已锁定账户", "locked_for": "剩余锁定 (秒)",
     "unlock": "解锁", "sessions": "会话", "last_seen": "最近活动", "restricted": "受限", "end_session": "结束会话",
     "secrets": "机密（只显示名称）", "updated": "更新时间", "policies": "策略", "lists": "词表", "categories": "类别",
-    "size": "大小", "entries": "条目", "my_keys": "我的 API 密钥", "side_processes": "边车进程",
+    "size": "大小", "entries": "条目", "my_keys": "我的 API 密钥",
 })
 _EN.update({
     "vectors": "Vector collections", "db": "Named queries", "jobs": "Async jobs", "crypto_keys": "国密 keys",
@@ -123,7 +123,6 @@ _EN.update({
     "last_seen": "Last seen", "restricted": "Restricted", "end_session": "End session",
     "secrets": "Secrets (names only)", "updated": "Updated", "policies": "Policies", "lists": "Lists",
     "categories": "Categories", "size": "Size", "entries": "Entries", "my_keys": "My API keys",
-    "side_processes": "Side processes",
 })
 
 # key rotation, sessions, content safety, own keys
@@ -152,6 +151,30 @@ _EN.update({
     "my_keys_note": "Issue API keys for yourself: only roles you hold (not an administrator role), expiry bounded "
                     "by the system's limit; a key is shown once.",
     "revoked": "revoked",
+})
+
+# the overview's process tree (GET /v1/system/processes)
+_ZH.update({
+    "processes": "进程与 CPU 核", "process": "进程", "threads": "线程", "restarts": "重启次数", "uptime": "运行时长",
+    "last_exit": "上次退出码", "cpu_count": "本机 CPU 数", "io_cores": "I/O 核", "compute_cores": "计算核",
+    "llm_cores": "大模型核", "pinned": "绑核", "event_loop": "事件循环", "unpinned": "未绑核",
+    "this_worker": "应答本页的进程", "supervisor_process": "主控进程 (supervisor)",
+    "no_supervisor": "未找到主控进程的进程表，只显示当前进程", "state_starting": "启动中", "state_running": "运行中",
+    "state_restarting": "重启中", "state_stopped": "已停止",
+    "kind_http": "HTTP 工作进程", "kind_model-worker": "模型工作进程 (ONNX Runtime)",
+    "kind_llm-worker": "大模型工作进程 (llama.cpp)", "kind_hsm-owner": "密码设备属主进程",
+    "kind_milvus-lite": "向量引擎 (Milvus Lite)",
+})
+_EN.update({
+    "processes": "Processes and cores", "process": "Process", "threads": "Threads", "restarts": "Restarts",
+    "uptime": "Uptime", "last_exit": "last exit", "cpu_count": "CPUs on this machine", "io_cores": "I/O cores",
+    "compute_cores": "compute cores", "llm_cores": "LLM cores", "pinned": "pinned", "event_loop": "event loop",
+    "unpinned": "not pinned", "this_worker": "answered this page", "supervisor_process": "Supervisor",
+    "no_supervisor": "No supervisor's process table: this process only", "state_starting": "starting",
+    "state_running": "running", "state_restarting": "restarting", "state_stopped": "stopped",
+    "kind_http": "HTTP worker", "kind_model-worker": "Model worker (ONNX Runtime)",
+    "kind_llm-worker": "LLM worker (llama.cpp)", "kind_hsm-owner": "HSM owner",
+    "kind_milvus-lite": "Vector engine (Milvus Lite)",
 })
 
 STRINGS = {"zh-CN": _ZH, "en": _EN}

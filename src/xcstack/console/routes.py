@@ -29,6 +29,7 @@ from xcstack.console.sysadmin import sysadmin_routes
 from xcstack.console.web import (
     CONSOLE_COOKIE,
     HERE,
+    HTML,
     PRE_COOKIE,
     SECURITY_HEADERS,
     ApiResult,
@@ -41,6 +42,7 @@ from xcstack.console.web import (
     new_pre_secret,
     principal_of,
     read_form,
+    seg,
     set_cookie,
 )
 from xcstack.errors import CoreCode, NotFound, XCError
@@ -48,7 +50,6 @@ from xcstack.httputil import JSONResponse, dumps
 from xcstack.security.guard import authenticated, public, requires
 from xcstack.security.middleware import console_cookie
 
-HTML = {"text/html": "a console page"}
 STATIC = {"console.js": "text/javascript; charset=utf-8", "console.css": "text/css; charset=utf-8"}
 USER_ACTIONS = ("disable", "enable", "reset-password", "reset-totp")
 # (href, word, resource, action): the menu; an entry shows when the caller's roles allow the permission
@@ -90,7 +91,13 @@ async def menu(request: Request) -> list[tuple[str, str]]:
 def build_routes(pages: Pages) -> list[BaseRoute]:
     """The console's routes, relative to the /console mount."""
 
-    async def page(request: Request, template: str, status: int = 200, **ctx: Any) -> Response:
+    async def page(request: Request, template: str, status: int = 200, *, api: ApiResult | None = None,
+                   **ctx: Any) -> Response:
+        """Render a page; `api` is the API answer it shows: a failed one sets the page's status and its error
+        line (an action's own error, passed as `api_error`, is shown first)."""
+        if api is not None and not api.ok:
+            status = api.status
+            ctx["api_error"] = ctx.get("api_error") or api.error
         ctx.setdefault("menu", await menu(request) if request.scope.get("xc.principal") else [])
         await pages.ready()
         return pages.render(request, template, status, **ctx)
@@ -158,7 +165,7 @@ def build_routes(pages: Pages) -> list[BaseRoute]:
             return back("/console/password")
         if pr.restricted == "totp_enrollment":
             return back("/console/totp")
-        return await page(request, "home.html", pid=os.getpid(), cores=sorted(os.sched_getaffinity(0)))
+        return await page(request, "home.html")
 
     @authenticated
     @api("Console: change the caller's password", streams=HTML, tag="console")
@@ -217,9 +224,8 @@ def build_routes(pages: Pages) -> list[BaseRoute]:
         r = await call_api(request, "GET", "/v1/security/users")
         roles: list[str] = []
         if await can(request, "security.role", "read"):
-            rr = await call_api(request, "GET", "/v1/security/roles")
-            roles = [x["name"] for x in (rr.json() or {}).get("roles", [])] if rr.ok else []
-        return await page(request, "users.html", status, users=(r.json() or {}).get("users", []) if r.ok else [],
+            roles = [x["name"] for x in (await call_api(request, "GET", "/v1/security/roles")).items("roles")]
+        return await page(request, "users.html", status, api=r, users=r.items("users"),
                           all_roles=roles, may_write=await can(request, "security.user", "write"),
                           may_assign=await can(request, "security.role", "assign"), **ctx)
 
@@ -238,7 +244,7 @@ def build_routes(pages: Pages) -> list[BaseRoute]:
             body["roles"] = [x.strip() for x in form["roles"].split(",") if x.strip()]
         r = await call_api(request, "POST", "/v1/security/users", json=body)
         if not r.ok:
-            return await users_view(request, r.status, api_error=r.error)
+            return await users_view(request, **r.outcome())
         return await users_view(request, 201, secret_label="one_time_pw", secret=r.json().get("one_time_password"),
                                  flash=["saved"])
 
@@ -249,9 +255,9 @@ def build_routes(pages: Pages) -> list[BaseRoute]:
         if action not in USER_ACTIONS:
             raise NotFound(f"no user action {action!r}", code=CoreCode.NOT_FOUND)
         await check_csrf(request, await read_form(request))
-        r = await call_api(request, "POST", f"/v1/security/users/{_seg(name)}/{action}")
+        r = await call_api(request, "POST", f"/v1/security/users/{seg(name)}/{action}")
         if not r.ok:
-            return await users_view(request, r.status, api_error=r.error)
+            return await users_view(request, **r.outcome())
         pw = (r.json() or {}).get("one_time_password")
         return await users_view(request, secret_label="one_time_pw" if pw else "", secret=pw, flash=["saved"])
 
@@ -261,21 +267,19 @@ def build_routes(pages: Pages) -> list[BaseRoute]:
         form = await read_form(request)
         await check_csrf(request, form)
         roles = [x.strip() for x in form.get("roles", "").split(",") if x.strip()]
-        r = await call_api(request, "PUT", f"/v1/security/users/{_seg(request.path_params['name'])}/roles",
+        r = await call_api(request, "PUT", f"/v1/security/users/{seg(request.path_params['name'])}/roles",
                            json={"roles": roles})
-        if not r.ok:
-            return await users_view(request, r.status, api_error=r.error)
-        return await users_view(request, flash=["saved"])
+        return await users_view(request, **r.outcome())
 
     @requires("security.role", "read")
     @api("Console: roles", streams=HTML, tag="console")
     async def roles(request: Request) -> Response:
         r = await call_api(request, "GET", "/v1/security/roles")
-        return await page(request, "roles.html", roles=(r.json() or {}).get("roles", []) if r.ok else [])
+        return await page(request, "roles.html", api=r, roles=r.items("roles"))
 
     async def keys_view(request: Request, status: int = 200, **ctx: Any) -> Response:
         r = await call_api(request, "GET", "/v1/security/keys")
-        return await page(request, "keys.html", status, keys=(r.json() or {}).get("keys", []) if r.ok else [],
+        return await page(request, "keys.html", status, api=r, keys=r.items("keys"),
                           may_write=await can(request, "security.apikey", "write"),
                           may_quota=await can(request, "route:/v1/quotas", "post"), **ctx)
 
@@ -293,31 +297,28 @@ def build_routes(pages: Pages) -> list[BaseRoute]:
         body = key_request(form)
         r = await call_api(request, "POST", "/v1/security/keys", json=body)
         if not r.ok:
-            return await keys_view(request, r.status, api_error=r.error)
+            return await keys_view(request, **r.outcome())
         out = r.json()
-        errors: list[str] = []
         api_error = None
         quota = form.get("quota_tokens", "").strip()
         if quota.isdigit():
             q = await call_api(request, "POST", "/v1/quotas", json={
                 "scope": "key", "subject": out["id"], "metric": "total_tokens", "period": "month",
                 "limit": int(quota), "hard": True})
-            if not q.ok:
-                api_error = q.error
+            api_error = q.problem
         return await keys_view(request, 201, secret_label="key_once", secret=out["key"], flash=["saved"],
-                               errors=errors, api_error=api_error)
+                               api_error=api_error)
 
     @requires("security.apikey", "write")
     @api("Console: revoke an API key", streams=HTML, tag="console")
     async def keys_revoke(request: Request) -> Response:
         await check_csrf(request, await read_form(request))
-        r = await call_api(request, "DELETE", f"/v1/security/keys/{_seg(request.path_params['id'])}")
-        return await keys_view(request, r.status if not r.ok else 200, api_error=None if r.ok else r.error,
-                               flash=["saved"] if r.ok else [])
+        r = await call_api(request, "DELETE", f"/v1/security/keys/{seg(request.path_params['id'])}")
+        return await keys_view(request, **r.outcome())
 
     async def groups_view(request: Request, status: int = 200, **ctx: Any) -> Response:
         r = await call_api(request, "GET", "/v1/security/groups")
-        return await page(request, "groups.html", status, groups=(r.json() or {}).get("groups", []) if r.ok else [],
+        return await page(request, "groups.html", status, api=r, groups=r.items("groups"),
                           may_write=await can(request, "security.group", "write"), **ctx)
 
     @requires("security.group", "read")
@@ -332,8 +333,7 @@ def build_routes(pages: Pages) -> list[BaseRoute]:
         await check_csrf(request, form)
         r = await call_api(request, "POST", "/v1/security/groups",
                            json={"name": form.get("name", "").strip(), "description": form.get("description", "")})
-        return await groups_view(request, r.status, api_error=None if r.ok else r.error,
-                                 flash=["saved"] if r.ok else [])
+        return await groups_view(request, **r.outcome(ok_status=201))
 
     # -- audit ---------------------------------------------------------------------------------------
     def audit_query(request: Request) -> dict[str, Any]:
@@ -360,23 +360,22 @@ def build_routes(pages: Pages) -> list[BaseRoute]:
     async def audit(request: Request) -> Response:
         q = audit_query(request)
         recs, nxt, r = await fetch_records(request, q, 100)
-        return await page(request, "audit.html", r.status if not r.ok else 200, q=q, records=recs, next=nxt,
-                          api_error=None if r.ok else r.error, verify=None, may_verify=await can(
-                              request, "audit", "verify"))
+        return await page(request, "audit.html", api=r, q=q, records=recs, next=nxt, verify=None,
+                          may_verify=await can(request, "audit", "verify"))
 
     @requires("audit", "verify")
     @api("Console: verify the audit chains", streams=HTML, tag="console")
     async def audit_verify(request: Request) -> Response:
         await check_csrf(request, await read_form(request))
         r = await call_api(request, "POST", "/v1/audit/verify")
-        return await page(request, "audit.html", q=audit_query(request), records=[], next=None,
-                          api_error=None if r.ok else r.error, verify=r.json() if r.ok else None, may_verify=True)
+        return await page(request, "audit.html", api=r, q=audit_query(request), records=[], next=None,
+                          verify=r.json() if r.ok else None, may_verify=True)
 
     @requires("audit", "read")
     @api("Console: chains, segments and checkpoints", streams=HTML, tag="console")
     async def audit_chains(request: Request) -> Response:
         r = await call_api(request, "GET", "/v1/audit/chains")
-        return await page(request, "chains.html", chains=(r.json() or {}).get("chains", []) if r.ok else [],
+        return await page(request, "chains.html", api=r, chains=r.items("chains"),
                           may_verify=await can(request, "audit", "verify"))
 
     @requires("audit", "read")
@@ -416,27 +415,30 @@ def build_routes(pages: Pages) -> list[BaseRoute]:
 
     # -- system administration ----------------------------------------------------------------------
     @requires("route:/metrics", "get")
-    @api("Console: the system overview (workers, upstreams, capabilities, live charts)", streams=HTML,
-         tag="console")
+    @api("Console: the system overview (process tree with cores, upstreams, capabilities, live charts)",
+         streams=HTML, tag="console")
     async def overview(request: Request) -> Response:
-        return await page(request, "overview.html", pid=os.getpid(), cores=sorted(os.sched_getaffinity(0)))
+        p = await call_api(request, "GET", "/v1/system/processes")  # its own section shows a refusal
+        return await page(request, "overview.html", pid=os.getpid(), cores=sorted(os.sched_getaffinity(0)),
+                          procs=p.json() if p.ok else None, procs_error=p.problem)
 
     @requires("route:/metrics", "get")
     @api("Console: the overview's live numbers (polled by its page)", response={"type": "object"}, tag="console")
     async def overview_data(request: Request) -> Response:
         m = await call_api(request, "GET", "/metrics")
         ready = await call_api(request, "GET", "/readyz")
+        procs = await call_api(request, "GET", "/v1/system/processes")
         data = snapshot(m.raw.decode("utf-8", "replace")) if m.ok else {}
         checks = (ready.json() or {}).get("checks", {}) if ready.status in (200, 503) else {}
         return JSONResponse({"metrics": data, "checks": checks, "pid": os.getpid(),
-                             "cores": sorted(os.sched_getaffinity(0))}, headers={"Cache-Control": "no-store"})
+                             "cores": sorted(os.sched_getaffinity(0)), "processes": procs.json() if procs.ok else None},
+                            headers={"Cache-Control": "no-store"})
 
     @requires("route:/v1/models", "get")
     @api("Console: upstreams and models", streams=HTML, tag="console")
     async def models(request: Request) -> Response:
         r = await call_api(request, "GET", "/v1/models")
-        return await page(request, "models.html", models=(r.json() or {}).get("data", []) if r.ok else [],
-                          api_error=None if r.ok else r.error)
+        return await page(request, "models.html", api=r, models=r.items("data"))
 
     @public
     @api("Console: its script and style sheet", streams={"text/javascript": "script", "text/css": "styles"},
@@ -480,14 +482,6 @@ def build_routes(pages: Pages) -> list[BaseRoute]:
         *secadmin_routes(page),
         *selfservice_routes(page),
     ]
-
-
-def _seg(value: str) -> str:
-    """A path segment for an API call: a name holding '/' (or NUL) names nothing, so it cannot reach
-    another route (which would check its own permission anyway)."""
-    if "/" in value or "\x00" in value:
-        raise NotFound("no such name", code=CoreCode.NOT_FOUND)
-    return value
 
 
 def _cell(v: Any) -> str:

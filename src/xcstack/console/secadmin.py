@@ -12,8 +12,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from xcstack.apidoc import api
-from xcstack.console.sysadmin import HTML, Page, seg
-from xcstack.console.web import call_api, can, check_csrf, principal_of, read_form
+from xcstack.console.web import HTML, Page, call_api, can, check_csrf, principal_of, read_form, seg
 from xcstack.security.guard import requires
 from xcstack.security.sessions import session_id
 
@@ -25,14 +24,11 @@ def secadmin_routes(page: Page) -> list[BaseRoute]:
         locks = await call_api(request, "GET", "/v1/security/lockouts")
         secrets = await call_api(request, "GET", "/v1/security/secrets")
         sessions = await call_api(request, "GET", "/v1/security/sessions")
-        bad = next((r for r in (locks, secrets, sessions) if not r.ok), None)
-        return await page(request, "security.html", status,
-                          locked=(locks.json() or {}).get("locked", []) if locks.ok else [],
-                          secrets=(secrets.json() or {}).get("secrets", []) if secrets.ok else [],
-                          sessions=(sessions.json() or {}).get("sessions", []) if sessions.ok else [],
+        failed = next((r for r in (locks, secrets, sessions) if not r.ok), locks)
+        return await page(request, "security.html", status, api=failed, locked=locks.items("locked"),
+                          secrets=secrets.items("secrets"), sessions=sessions.items("sessions"),
                           own_session=own_session_id(request),
-                          may_unlock=await can(request, "security.policy", "write"),
-                          api_error=ctx.pop("api_error", None) or (bad.error if bad else None), **ctx)
+                          may_unlock=await can(request, "security.policy", "write"), **ctx)
 
     @requires("security.policy", "read")
     @api("Console: locked accounts and the secrets' names", streams=HTML, tag="console")
@@ -44,24 +40,21 @@ def secadmin_routes(page: Page) -> list[BaseRoute]:
     async def unlock(request: Request) -> Response:
         await check_csrf(request, await read_form(request))
         r = await call_api(request, "DELETE", f"/v1/security/lockouts/{seg(request.path_params['name'])}")
-        return await view(request, 200 if r.ok else r.status, api_error=None if r.ok else r.error,
-                          flash=["saved"] if r.ok else [])
+        return await view(request, **r.outcome())
 
     @requires("security.policy", "write")
     @api("Console: end a session (its cookie or token stops working at once)", streams=HTML, tag="console")
     async def end_session(request: Request) -> Response:
         await check_csrf(request, await read_form(request))
         r = await call_api(request, "DELETE", f"/v1/security/sessions/{seg(request.path_params['id'])}")
-        return await view(request, 200 if r.ok else r.status, api_error=None if r.ok else r.error,
-                          flash=["session_ended"] if r.ok else [])
+        return await view(request, **r.outcome("session_ended"))
 
     @requires("security.policy", "read")
     @api("Console: content-safety policies, keyword lists (never their words) and label settings", streams=HTML,
          tag="console")
     async def safety(request: Request) -> Response:
         r = await call_api(request, "GET", "/v1/safety/policies")
-        return await page(request, "safety.html", 200 if r.ok else r.status, safety=r.json() if r.ok else None,
-                          api_error=None if r.ok else r.error)
+        return await page(request, "safety.html", api=r, safety=r.json() if r.ok else None)
 
     return [
         Route("/security", security, methods=["GET"]),

@@ -11,8 +11,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from xcstack.apidoc import api
-from xcstack.console.sysadmin import HTML, Page, seg
-from xcstack.console.web import call_api, check_csrf, key_request, principal_of, read_form
+from xcstack.console.web import HTML, Page, call_api, check_csrf, key_request, principal_of, read_form, seg
 from xcstack.security.guard import authenticated
 
 ADMIN_ROLES = ("sysadmin", "secadmin", "auditor")  # not self-service (the API refuses them; not offered here)
@@ -24,8 +23,7 @@ def selfservice_routes(page: Page) -> list[BaseRoute]:
     async def view(request: Request, status: int = 200, **ctx: Any) -> Response:
         r = await call_api(request, "GET", "/v1/security/me/keys")
         own = [x for x in principal_of(request).roles if x not in ADMIN_ROLES]
-        return await page(request, "mykeys.html", status, keys=(r.json() or {}).get("keys", []) if r.ok else [],
-                          own_roles=own, api_error=ctx.pop("api_error", None) or (None if r.ok else r.error), **ctx)
+        return await page(request, "mykeys.html", status, api=r, keys=r.items("keys"), own_roles=own, **ctx)
 
     @authenticated
     @api("Console: the caller's own API keys", streams=HTML, tag="console")
@@ -40,7 +38,7 @@ def selfservice_routes(page: Page) -> list[BaseRoute]:
         body = key_request(form)
         r = await call_api(request, "POST", "/v1/security/me/keys", json=body)
         if not r.ok:
-            return await view(request, r.status, api_error=r.error)
+            return await view(request, **r.outcome())
         return await view(request, 201, secret_label="key_once", secret=r.json()["key"], flash=["saved"])
 
     @authenticated
@@ -48,8 +46,7 @@ def selfservice_routes(page: Page) -> list[BaseRoute]:
     async def my_keys_revoke(request: Request) -> Response:
         await check_csrf(request, await read_form(request))
         r = await call_api(request, "DELETE", f"/v1/security/me/keys/{seg(request.path_params['id'])}")
-        return await view(request, 200 if r.ok else r.status, api_error=None if r.ok else r.error,
-                          flash=["saved"] if r.ok else [])
+        return await view(request, **r.outcome())
 
     return [
         Route("/me/keys", my_keys, methods=["GET"]),

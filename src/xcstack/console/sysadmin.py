@@ -10,7 +10,6 @@ the CSRF token, as every cookie-authenticated POST of the console.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -18,22 +17,11 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from xcstack.apidoc import api
-from xcstack.console.web import call_api, can, check_csrf, read_form
-from xcstack.errors import CoreCode, NotFound
+from xcstack.console.web import HTML, Page, call_api, can, check_csrf, read_form, seg
 from xcstack.security.guard import requires
 
-HTML = {"text/html": "a console page"}
 PLAY_KINDS = ("chat", "embeddings", "rerank")
 MAX_RESULT_ROWS = 200  # rows a console table shows (the API's own limits apply before this)
-Page = Callable[..., Awaitable[Response]]
-
-
-def seg(value: str) -> str:
-    """A path segment for an API call: a name holding '/' (or NUL) names nothing, so it cannot reach
-    another route (which would check its own permission anyway)."""
-    if "/" in value or "\x00" in value:
-        raise NotFound("no such name", code=CoreCode.NOT_FOUND)
-    return value
 
 
 def parse_vector(text: str) -> list[float] | None:
@@ -73,14 +61,12 @@ def sysadmin_routes(page: Page) -> list[BaseRoute]:
     # -- vector collections ------------------------------------------------------------------------
     async def vectors_view(request: Request, name: str | None, status: int = 200, **ctx: Any) -> Response:
         r = await call_api(request, "GET", "/v1/vectors/collections")
-        info, api_error = None, None if r.ok else r.error
+        shown, info = r, None
         if name and r.ok:
-            d = await call_api(request, "GET", f"/v1/vectors/collections/{seg(name)}")
-            info = d.json() if d.ok else None
-            api_error = None if d.ok else d.error
-            status = status if d.ok else d.status
-        return await page(request, "vectors.html", status, collections=(r.json() or {}).get("data", []) if r.ok
-                          else [], name=name, info=info, api_error=ctx.pop("api_error", None) or api_error, **ctx)
+            shown = await call_api(request, "GET", f"/v1/vectors/collections/{seg(name)}")
+            info = shown.json() if shown.ok else None
+        return await page(request, "vectors.html", status, api=shown, collections=r.items("data"), name=name,
+                          info=info, **ctx)
 
     @requires("vector", "read")
     @api("Console: vector collections (list, describe)", streams=HTML, tag="console")
@@ -102,15 +88,13 @@ def sysadmin_routes(page: Page) -> list[BaseRoute]:
         else:
             body["text"] = form.get("text", "")
         r = await call_api(request, "POST", f"/v1/vectors/{name}/search", json=body)
-        hits = (r.json() or {}).get("data", []) if r.ok else []
-        return await vectors_view(request, name, r.status if not r.ok else 200, hits=hits[:MAX_RESULT_ROWS],
-                                  searched=True, form=form, api_error=None if r.ok else r.error)
+        return await vectors_view(request, name, 200 if r.ok else r.status, hits=r.items("data")[:MAX_RESULT_ROWS],
+                                  searched=True, form=form, api_error=r.problem)
 
     # -- named DB queries ----------------------------------------------------------------------------
     async def db_view(request: Request, status: int = 200, **ctx: Any) -> Response:
         r = await call_api(request, "GET", "/v1/db")
-        return await page(request, "db.html", status, databases=(r.json() or {}).get("databases", []) if r.ok
-                          else [], api_error=ctx.pop("api_error", None) or (None if r.ok else r.error), **ctx)
+        return await page(request, "db.html", status, api=r, databases=r.items("databases"), **ctx)
 
     @requires("db", "query")
     @api("Console: databases and their named queries", streams=HTML, tag="console")
@@ -126,7 +110,7 @@ def sysadmin_routes(page: Page) -> list[BaseRoute]:
     async def db_query(request: Request) -> Response:
         database, query, c = await contract(request)
         return await db_view(request, 200 if c.ok else c.status, contract=c.json() if c.ok else None,
-                             api_error=None if c.ok else c.error, database=database, query=query, form={})
+                             api_error=c.problem, database=database, query=query, form={})
 
     @requires("db", "query")
     @api("Console: run a named query with parameters (the rows as a table)", streams=HTML, tag="console")
@@ -141,15 +125,14 @@ def sysadmin_routes(page: Page) -> list[BaseRoute]:
                   if form.get(f"p.{k}", "").strip() != ""}
         r = await call_api(request, "POST", f"/v1/db/{database}/{query}", json={"params": params})
         return await db_view(request, 200 if r.ok else r.status, contract=c.json(), database=database, query=query,
-                             form=form, result=r.json() if r.ok else None, api_error=None if r.ok else r.error,
+                             form=form, result=r.json() if r.ok else None, api_error=r.problem,
                              max_rows=MAX_RESULT_ROWS)
 
     # -- async jobs ---------------------------------------------------------------------------------
     async def jobs_view(request: Request, status: int = 200, **ctx: Any) -> Response:
         r = await call_api(request, "GET", "/v1/jobs")
-        return await page(request, "jobs.html", status, jobs=(r.json() or {}).get("data", []) if r.ok else [],
-                          may_cancel=await can(request, "route:/v1/jobs/{job_id}", "delete"),
-                          api_error=ctx.pop("api_error", None) or (None if r.ok else r.error), **ctx)
+        return await page(request, "jobs.html", status, api=r, jobs=r.items("data"),
+                          may_cancel=await can(request, "route:/v1/jobs/{job_id}", "delete"), **ctx)
 
     @requires("route:/v1/jobs", "get")
     @api("Console: the caller's async jobs", streams=HTML, tag="console")
@@ -161,8 +144,7 @@ def sysadmin_routes(page: Page) -> list[BaseRoute]:
     async def jobs_cancel(request: Request) -> Response:
         await check_csrf(request, await read_form(request))
         r = await call_api(request, "DELETE", f"/v1/jobs/{seg(request.path_params['id'])}")
-        return await jobs_view(request, 200 if r.ok else r.status, api_error=None if r.ok else r.error,
-                               flash=["saved"] if r.ok else [])
+        return await jobs_view(request, **r.outcome())
 
     # -- 国密 keys ---------------------------------------------------------------------------------------
     @requires("crypto", "list")
@@ -176,10 +158,8 @@ def sysadmin_routes(page: Page) -> list[BaseRoute]:
         if name and r.ok:
             d = await call_api(request, "GET", f"/v1/crypto/keys/{seg(name)}")
             info = d.json() if d.ok else None
-        return await page(request, "crypto.html", status if r.ok else r.status,
-                          keys=(r.json() or {}).get("keys", []) if r.ok else [], name=name, info=info,
-                          may_rotate=await can(request, "crypto", "rotate"),
-                          api_error=ctx.pop("api_error", None) or (None if r.ok else r.error), **ctx)
+        return await page(request, "crypto.html", status, api=r, keys=r.items("keys"), name=name, info=info,
+                          may_rotate=await can(request, "crypto", "rotate"), **ctx)
 
     @requires("crypto", "rotate")
     @api("Console: rotate a 国密 key (a new version; older ones stay for verify/decrypt)", streams=HTML,
@@ -188,15 +168,13 @@ def sysadmin_routes(page: Page) -> list[BaseRoute]:
         await check_csrf(request, await read_form(request))
         name = request.path_params["name"]
         r = await call_api(request, "POST", f"/v1/crypto/keys/{seg(name)}/rotate")
-        if not r.ok:
-            return await crypto_view(request, None, r.status, api_error=r.error)
-        return await crypto_view(request, name, flash=["rotated"])
+        return await crypto_view(request, name if r.ok else None, **r.outcome("rotated"))
 
     # -- playground ---------------------------------------------------------------------------------------
     async def play_view(request: Request, status: int = 200, **ctx: Any) -> Response:
         m = await call_api(request, "GET", "/v1/models")
         return await page(request, "playground.html", status, kinds=PLAY_KINDS,
-                          models=[x.get("id", "") for x in (m.json() or {}).get("data", [])] if m.ok else [], **ctx)
+                          models=[x.get("id", "") for x in m.items("data")], **ctx)
 
     @requires("route:/v1/models", "get")
     @api("Console: playground (chat, embeddings, rerank) against the served models", streams=HTML, tag="console")
@@ -230,7 +208,7 @@ def sysadmin_routes(page: Page) -> list[BaseRoute]:
             else:
                 out = {"results": (body.get("results") or [])[:MAX_RESULT_ROWS]}
         return await play_view(request, 200 if r.ok else r.status, form={**form, "kind": kind}, kind=kind, out=out,
-                               api_error=None if r.ok else r.error)
+                               api_error=r.problem)
 
     return [
         Route("/vectors", vectors, methods=["GET"]),

@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -24,7 +25,7 @@ from starlette.responses import HTMLResponse, Response
 
 from xcstack.console.i18n import LANG_COOKIE, pick_language, translator
 from xcstack.console.settings import ConsoleSettings
-from xcstack.errors import CoreCode, Forbidden, Unauthorized
+from xcstack.errors import CoreCode, Forbidden, NotFound, Unauthorized
 from xcstack.httputil import dumps, loads
 from xcstack.security.guard import audit
 from xcstack.security.middleware import CAN, CONSOLE_COOKIE, CONSOLE_VIA_COOKIE, bearer, console_cookie
@@ -41,6 +42,17 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin", "Cache-Control": "no-store", "Cross-Origin-Opener-Policy": "same-origin",
 }
 MAX_FORM_BYTES = 64 * 1024
+HTML = {"text/html": "a console page"}  # what a page handler answers, for its @api mark
+# `page(request, template, status=200, *, api=None, **ctx)`: renders a page (console/routes.py build_routes)
+Page = Callable[..., Awaitable[Response]]
+
+
+def seg(value: str) -> str:
+    """A path segment for an API call: a name holding '/' (or NUL) names nothing, so it cannot reach
+    another route (which would check its own permission anyway)."""
+    if "/" in value or "\x00" in value:
+        raise NotFound("no such name", code=CoreCode.NOT_FOUND)
+    return value
 
 
 def csrf_for(secret: str, purpose: str = "session") -> str:
@@ -133,6 +145,22 @@ class ApiResult:
             return str((self.json().get("error") or {}).get("code", ""))
         except Exception:
             return ""
+
+    @property
+    def problem(self) -> str | None:
+        """The error line a page shows for this answer; None for a success."""
+        return None if self.ok else self.error
+
+    def items(self, key: str) -> list[Any]:
+        """The list under `key` of a successful answer; [] otherwise (the page shows the error instead)."""
+        body = self.json() if self.ok else None
+        value = body.get(key) if isinstance(body, dict) else None
+        return value if isinstance(value, list) else []
+
+    def outcome(self, word: str = "saved", ok_status: int = 200) -> dict[str, Any]:
+        """A form action's result for the page it re-renders: status, error line, flash word."""
+        return {"status": ok_status if self.ok else self.status, "api_error": self.problem,
+                "flash": [word] if self.ok else []}
 
 
 async def call_api(request: Request, method: str, path: str, *, query: dict[str, Any] | None = None,
@@ -240,6 +268,7 @@ class Pages:
             loader=jinja2.FileSystemLoader(str(HERE / "templates")), autoescape=True,
             trim_blocks=True, lstrip_blocks=True)
         env.filters["dt"] = self.format_time
+        env.filters["uptime"] = format_uptime
         env.filters["pretty"] = lambda v: dumps(v).decode() if not isinstance(v, str) else v
         return env
 
@@ -276,9 +305,25 @@ class Pages:
         return resp
 
 
+def format_uptime(seconds: Any) -> str:
+    """`3d 4h`, `4h 5m`, `5m 6s`, `6s` (console.js writes the same); '–' for nothing."""
+    try:
+        s = int(float(seconds))
+    except (TypeError, ValueError):
+        return "–"
+    if s < 0:
+        return "–"
+    d, h, m = s // 86400, s % 86400 // 3600, s % 3600 // 60
+    if d:
+        return f"{d}d {h}h"
+    if h:
+        return f"{h}h {m}m"
+    return f"{m}m {s % 60}s" if m else f"{s}s"
+
+
 def new_pre_secret() -> str:
     return secrets.token_urlsafe(24)
 
 
-__all__ = ["CONSOLE_COOKIE", "PRE_COOKIE", "ApiResult", "Pages", "call_api", "can", "check_csrf", "csrf_for",
-           "new_pre_secret", "principal_of", "read_form", "session_token", "set_cookie"]
+__all__ = ["CONSOLE_COOKIE", "HTML", "PRE_COOKIE", "ApiResult", "Page", "Pages", "call_api", "can", "check_csrf",
+           "csrf_for", "new_pre_secret", "principal_of", "read_form", "seg", "session_token", "set_cookie"]

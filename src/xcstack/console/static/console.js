@@ -71,6 +71,37 @@
     }
   }
 
+  function uptime(s) {
+    // as the server's `uptime` filter (console/web.py format_uptime)
+    if (!(s >= 0)) return "–";
+    s = Math.floor(s);
+    const d = Math.floor(s / 86400), h = Math.floor((s % 86400) / 3600), m = Math.floor((s % 3600) / 60);
+    if (d) return `${d}d ${h}h`;
+    if (h) return `${h}h ${m}m`;
+    return m ? `${m}m ${s % 60}s` : `${s}s`;
+  }
+
+  function processes(table) {
+    // the rows are rendered by the server (names and words); a poll refreshes pid, state, restarts, uptime
+    if (!table) return;
+    const sup = document.querySelector("#processes tr[data-proc='supervisor'] .uptime");
+    if (sup && table.supervisor) sup.textContent = uptime(table.now - table.supervisor.started_at);
+    for (const p of table.processes || []) {
+      const tr = document.querySelector(`#processes tr[data-proc="${CSS.escape(p.name)}"]`);
+      if (!tr) continue;
+      tr.querySelector(".pid").textContent = p.pid == null ? "–" : String(p.pid);
+      const st = tr.querySelector(".state");
+      const up = p.state === "running";
+      st.textContent = !up ? words[p.state] || p.state : p.ready === true ? words.ready
+        : p.ready === false ? words.notReady : words.running;
+      st.className = "state " + (!up || p.ready === false ? "bad" : "ok");
+      const rs = tr.querySelector(".restarts");
+      rs.textContent = String(p.restarts) + (p.last_exit == null ? "" : ` (${words.lastExit} ${p.last_exit})`);
+      tr.querySelector(".uptime").textContent = up && p.started_at ? uptime(table.now - p.started_at) : "–";
+      tr.dataset.state = p.state;
+    }
+  }
+
   async function poll() {
     try {
       const r = await fetch("/console/overview/data", { credentials: "same-origin", headers: { Accept: "application/json" } });
@@ -94,6 +125,7 @@
       }
       prev = { t, m };
       tables(data);
+      processes(data.processes);
       root.dataset.polled = String((parseInt(root.dataset.polled || "0", 10)) + 1);
     } catch (e) {
       root.dataset.error = String(e);
