@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
+from tests.contract.schema import Contract
 from xcstack.app import create_app
 from xcstack.config import load_settings
 from xcstack.security.service import SYSTEM
@@ -163,7 +164,8 @@ def test_the_supervisors_table_with_this_worker_marked(open_app: TestClient, tmp
                _row(os.getpid() + 1_000_000), _row(None, kind="llm-worker", name="llm-worker[0]", state="restarting",
                                                     ready=False, restarts=3, last_exit=-9)])
     monkeypatch.setenv(STATUS_ENV, str(w.path))
-    body = open_app.get("/v1/system/processes").json()
+    contract = Contract(open_app.get("/openapi.json").json())
+    body = contract.check(open_app.get("/v1/system/processes"), "get", "/v1/system/processes", 200)
     assert body["source"] == "supervisor" and body["supervisor"]["pid"] == os.getpid()
     assert [(p["name"], p["this_worker"]) for p in body["processes"]] == [
         ("http[0]", True), ("model-worker[0]", False), ("llm-worker[0]", False)]
@@ -194,16 +196,18 @@ def test_only_the_sysadmin_reads_the_process_table(data_dir: Path) -> None:
 
         assert c.portal is not None
         c.portal.call(setup)
-        assert c.get("/v1/system/processes").status_code == 401
+        contract = Contract(c.get("/openapi.json").json())
+        op = contract.doc["paths"]["/v1/system/processes"]["get"]
+        assert op["x-xc-permission"] == "system:read" and "403" in op["responses"]
+        contract.check(c.get("/v1/system/processes"), "get", "/v1/system/processes", 401)
         for who, status in (("p-sys", 200), ("p-sec", 403), ("p-aud", 403), ("p-none", 403)):
             token = c.post("/v1/auth/login", json={"username": who, "password": PW}).json()["token"]
-            r = c.get("/v1/system/processes", headers={"Authorization": f"Bearer {token}",
-                                                       "X-Request-Id": f"proc-{who}"})
-            assert r.status_code == status, (who, r.text)
+            r = c.get("/v1/system/processes", headers={"Authorization": f"Bearer {token}"})
+            body = contract.check(r, "get", "/v1/system/processes", status)  # the answer matches the document
             if status == 403:
-                assert r.json()["error"]["code"] == "forbidden"
-        doc = c.get("/openapi.json").json()["paths"]["/v1/system/processes"]["get"]
-        assert doc["x-xc-permission"] == "system:read" and "403" in doc["responses"]
+                assert body["error"]["code"] == "forbidden", who
+            else:
+                assert body["source"] == "this_process" and body["processes"][0]["this_worker"]
     denied = [r for r in audit_records(data_dir / "audit") if r.get("outcome") == "denied"
               and r.get("resource") == "system"]
     assert {r["actor"] for r in denied} >= {"p-sec", "p-aud", "p-none"}
