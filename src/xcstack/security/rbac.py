@@ -70,11 +70,30 @@ def _match(perms: tuple[Perm, ...], resource: str, action: str) -> bool:
     return any(fnmatchcase(resource, r) and fnmatchcase(action, a) for r, a in perms)
 
 
-def allowed(roles: list[Role], resource: str, action: str) -> bool:
-    """Deny by default; any deny wins over any allow."""
+def _decide(roles: tuple[Role, ...], resource: str, action: str) -> bool:
     if any(_match(r.deny, resource, action) for r in roles):
         return False
     return any(_match(r.allow, resource, action) for r in roles)
+
+
+_DECISIONS: dict[tuple[tuple[Role, ...], str, str], bool] = {}
+DECISIONS_MAX = 10_000  # a full table is dropped whole (distinct resources cannot grow it without bound)
+
+
+def allowed(roles: list[Role], resource: str, action: str) -> bool:
+    """Deny by default; any deny wins over any allow.
+
+    Decisions are remembered by the roles' full value (name and every permission), the resource and
+    the action: the glob matching runs per request otherwise (twice for a gateway call: route and
+    model). A role that changes is a different key, so a remembered decision never outlives it."""
+    key = (tuple(roles), resource, action)
+    hit = _DECISIONS.get(key)
+    if hit is None:
+        hit = _decide(key[0], resource, action)
+        if len(_DECISIONS) >= DECISIONS_MAX:
+            _DECISIONS.clear()
+        _DECISIONS[key] = hit
+    return hit
 
 
 _RESERVED_PROBES = ("audit", "audit.log", "security.user", "security.role", "security.apikey", "security.policy")
