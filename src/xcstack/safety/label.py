@@ -132,15 +132,37 @@ class Label:
 
 
 class BatchLog:
-    """Append-only JSONL of signed batches, one file per issuing process (no interleaved writers)."""
+    """Append-only JSONL of signed batches, one file per issuing process (no interleaved writers).
+
+    The file stays open (O_APPEND, one write per batch): opening and closing it per batch cost more than
+    the write under load, when a batch is signed every few requests."""
 
     def __init__(self, directory: Path, issuer: str) -> None:
         self.path = Path(directory) / f"{issuer}.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd: int | None = None
 
     def append(self, record: dict[str, Any]) -> None:
-        with self.path.open("ab") as f:
-            f.write(canonical(record) + b"\n")
+        line = canonical(record) + b"\n"
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            if os.write(self._fd, line) == len(line):
+                return
+        except OSError:
+            self.close()  # reopened by the next batch
+            raise
+        self.close()
+        raise OSError(f"short write to {self.path}")
+
+    def close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def find_batch(directory: Path, batch: str) -> dict[str, Any] | None:
