@@ -6,9 +6,15 @@ compatibility characters to their plain form), lower case, traditional Chinese t
 (spaces, punctuation, symbols, zero-width and other format characters) to nothing, so that letters
 split by inserted characters (`法 轮`, `f.a.l.u.n`, `法\u200b轮`) join again.
 
-The table is applied two ways with the same result: `str.translate` for short texts (a streamed chunk:
-~2 us) and a numpy gather over the UTF-16 code units for long ones (2-3x faster per MB). The map from a
-normalised position back to the original text is only computed when something matched
+The table is applied three ways with the same result (bench/safety.py, CPU time):
+- ASCII text: `bytes.translate` with a 256-byte table and the separators deleted (no per-character
+  Python work at all);
+- short other text (a prompt, a streamed chunk): `str.translate` over a *list* of 65,536 entries —
+  every lookup hits, where a sparse dict raised and caught KeyError for each unmapped character
+  (~4x slower: 700 Chinese characters ~28 us instead of ~105 us);
+- long text: one numpy gather over the UTF-16 code units (deleted characters map to U+0000, itself a
+  deleted control character, then are dropped in one pass).
+The map from a normalised position back to the original text is only computed when something matched
 (`index_map`): matches are rare, scanning is not.
 
 Characters outside the BMP (emoji, rare CJK extensions) are kept as they are.
@@ -23,7 +29,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # numpy is imported at the first long text: a worker with no policies never loads it
     import numpy as np
 
-NUMPY_FROM = 2048  # characters: below it str.translate is faster than the numpy round trip
+NUMPY_FROM = 512  # characters of non-ASCII text: below it the list `str.translate` beats numpy's fixed cost
 
 # separators that Unicode categories alone would miss or that NFKC turns into something else
 _EXTRA_SEPARATORS = "\u200b\u200c\u200d\u2060\ufeff\u00ad\u180e"
@@ -81,33 +87,51 @@ def tables() -> tuple[dict[int, int | None]]:
 
 
 @functools.cache
-def _arrays() -> tuple[np.ndarray, np.ndarray]:
-    """The same table for the numpy gather: (code map uint16[65536], delete mask bool[65536])."""
+def _ascii_table() -> tuple[bytes, bytes]:
+    """The table's ASCII part for `bytes.translate`: (256-byte map, the bytes to delete)."""
+    table = tables()[0]
+    trans = bytearray(range(256))
+    delete = bytearray()
+    for cp in range(128):
+        to = table.get(cp, cp)
+        if to is None:
+            delete.append(cp)
+        else:
+            trans[cp] = to  # ASCII maps to ASCII (lower case)
+    return bytes(trans), bytes(delete)
+
+
+@functools.cache
+def _list_table() -> list[int | None]:
+    """The table as a list indexed by code point (BMP): `str.translate` finds every entry."""
+    table = tables()[0]
+    return [table.get(cp, cp) for cp in range(65536)]
+
+
+@functools.cache
+def _array() -> np.ndarray:
+    """The table for the numpy gather: uint16[65536], a deleted character -> 0 (U+0000 is deleted too)."""
     import numpy as np
 
     code = np.arange(65536, dtype=np.uint16)
-    delete = np.zeros(65536, dtype=bool)
     for cp, to in tables()[0].items():
-        if to is None:
-            delete[cp] = True
-        else:
-            code[cp] = to
-    return code, delete
+        code[cp] = 0 if to is None else to
+    return code
 
 
 def normalise(text: str) -> str:
     """The matching form of `text` (see the module doc)."""
+    if text.isascii():
+        trans, delete = _ascii_table()
+        return text.encode("ascii").translate(trans, delete).decode("ascii")
     if len(text) < NUMPY_FROM:
-        return text.translate(tables()[0])
+        return text.translate(_list_table())  # astral characters: IndexError, kept as they are
     import numpy as np
 
-    code, delete = _arrays()
-    raw = text.encode("utf-16-le", "surrogatepass")
-    units = np.frombuffer(raw, dtype=np.uint16)
-    keep = ~delete[units]
+    units = np.frombuffer(text.encode("utf-16-le", "surrogatepass"), dtype=np.uint16)
     # a surrogate pair (astral character) maps to itself: surrogates are neither mapped nor deleted
-    out = code[units][keep]
-    return out.tobytes().decode("utf-16-le", "surrogatepass")
+    out = _array()[units]
+    return out[out != 0].tobytes().decode("utf-16-le", "surrogatepass")
 
 
 def index_map(text: str) -> list[int]:
