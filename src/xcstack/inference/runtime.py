@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Sequence
@@ -137,19 +138,85 @@ class DeviceBuffers:
 TRIM_AFTER_ELEMENTS = 4096
 
 
+# glibc mallopt parameter: the number of malloc arenas. Each thread that allocates gets an arena of its own by
+# default, and each keeps the high-water mark of the batches run on it: a model worker runs tiny batches on
+# its loop thread and the others on its executor thread, so two arenas each held a batch's activations (+22 MB
+# after a c=64 load vs +9 MB with one arena; the two threads rarely allocate at the same moment).
+_M_ARENA_MAX = -8
+_MADV_DONTNEED = 4
+
+
 @functools.cache
-def _malloc_trim() -> Any:
+def _libc() -> Any:
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):  # not glibc (musl): nothing to tune
         return None
 
 
 def release_freed_memory() -> None:
     """Return freed heap pages to the OS (glibc `malloc_trim`; a no-op elsewhere)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def configure_malloc() -> None:
+    """A model worker's malloc settings, before any model loads: one arena (see _M_ARENA_MAX)."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(_M_ARENA_MAX, 1)
+
+
+class MappedWeights:
+    """The file mappings ONNX Runtime made of a model's external data (e5's 96 MB int8 word-embedding table).
+
+    A lookup maps the rows it reads, and the kernel maps up to 64 KB around each faulted page from the page
+    cache, so the table's share of the worker's RSS grows with the vocabulary the worker has seen (+50 MB
+    after the 165 Chinese passages of the retrieval set) until it holds the whole file. `drop()` unmaps the
+    pages after a run (MADV_DONTNEED): the file stays in the page cache, shared by every worker holding the
+    model, and the next run maps the rows it needs again (~9 minor faults per 15-token sentence, ~15 us
+    per drop; no CPU difference measurable per sentence). Only read-only use is safe: ranges that already
+    hold private (copied-on-write) pages are left alone.
+    """
+
+    def __init__(self, ranges: list[tuple[int, int]]) -> None:
+        self.ranges = ranges
+        self.drops = 0
+
+    @classmethod
+    def of(cls, directory: str | os.PathLike[str]) -> MappedWeights:
+        root = os.path.realpath(directory) + os.sep
+        ranges: list[tuple[int, int]] = []
+        cur: tuple[int, int] | None = None
+        try:
+            with open("/proc/self/smaps", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    head, _, rest = line.partition(" ")
+                    if "-" in head and not head.endswith(":"):  # a mapping's header line
+                        parts = rest.split(None, 4)
+                        path = parts[4].strip() if len(parts) == 5 else ""
+                        cur = None
+                        if path.startswith(root) and "x" not in parts[0]:
+                            lo, hi = (int(x, 16) for x in head.split("-"))
+                            cur = (lo, hi - lo)
+                            ranges.append(cur)
+                    elif cur is not None and head == "Anonymous:" and int(rest.split()[0]) > 0:
+                        ranges.remove(cur)  # written to: its private pages must stay
+                        cur = None
+        except OSError:  # no /proc (not Linux): nothing to drop
+            return cls([])
+        return cls(ranges if _libc() is not None else [])
+
+    def drop(self) -> None:
+        libc = _libc()
+        for addr, size in self.ranges:
+            libc.madvise(addr, size, _MADV_DONTNEED)
+        self.drops += 1
 
 
 def session_options() -> Any:
@@ -206,6 +273,7 @@ class OrtModel:
                 f" {got_in} -> {got_out}"
             )
         self.output_names = [t.name for t in self.config.outputs]
+        self.mapped = MappedWeights.of(entry.path)
         self.tokenizer: Any = None
         if self.config.tokenizer:
             self.tokenizer = load_tokenizer(str(entry.path / self.config.tokenizer), self.config.max_seq_length)
@@ -227,6 +295,8 @@ class OrtModel:
             io.clear_binding_inputs()
             io.clear_binding_outputs()
             del values, io
+        if self.mapped.ranges:
+            self.mapped.drop()
         if self.kind == "cpu" and max((a.size for a in inputs.values()), default=0) >= TRIM_AFTER_ELEMENTS:
             release_freed_memory()
         return result

@@ -94,6 +94,9 @@ def main(settings: Settings, index: int) -> None:
         with contextlib.suppress(OSError):
             os.sched_setaffinity(0, cpus[index % len(cpus)])
     logging.basicConfig(level=settings.observability.log_level, format="%(asctime)s %(name)s %(message)s")
+    from xcstack.inference.runtime import configure_malloc
+
+    configure_malloc()  # before any thread allocates: one malloc arena for the loop and executor threads
     try:
         import uvloop
 
@@ -115,6 +118,9 @@ async def serve(
         total = worker_count(settings, None if count_known(settings) else current_plan(settings))
     core = WorkerCore(repo, settings.inference, worker_index=index, total_workers=max(1, total))
     core.load()  # load + warm once, before the socket exists: callers see "unavailable" until ready
+    from xcstack.inference.runtime import release_freed_memory
+
+    release_freed_memory()  # what parsing the models left on the heap (e5 int8: 17 MB)
     core.start()
     path = socket_path(settings, index)
     server = IPCServer(path, core.handle)
