@@ -34,7 +34,8 @@ async def console_key(service: Any) -> str:
     from xcstack.errors import Conflict
     from xcstack.security.service import SYSTEM, Principal
 
-    perms = [("route:/v1/*", "*"), ("model:mock-model", "invoke"), ("route:/metrics", "get")]
+    # what a sysadmin's overview reads: /metrics and the process table (system:read)
+    perms = [("route:/v1/*", "*"), ("model:mock-model", "invoke"), ("route:/metrics", "get"), ("system", "read")]
     with contextlib.suppress(Conflict):
         await service.create_role(SYSTEM, "bench-console", perms)
     with contextlib.suppress(Conflict):

@@ -401,7 +401,7 @@ class XCStackApp:
     @api("Prometheus metrics", streams={"text/plain": "Prometheus exposition format"}, tag="core")
     @requires_route  # public through `[security] public_paths` / `metrics_public`
     async def metrics(self, request: Request) -> Response:
-        body, content_type = render()
+        body, content_type = await asyncio.to_thread(render)  # every worker's files read and rendered: off the loop
         return Response(body, media_type=content_type)
 
 

@@ -22,7 +22,7 @@ from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from xcstack.apidoc import api
-from xcstack.console.metrics import snapshot
+from xcstack.console.metrics import SharedSnapshot, in_thread, snapshot
 from xcstack.console.secadmin import secadmin_routes
 from xcstack.console.selfservice import selfservice_routes
 from xcstack.console.sysadmin import sysadmin_routes
@@ -47,6 +47,7 @@ from xcstack.console.web import (
 )
 from xcstack.errors import CoreCode, NotFound, XCError
 from xcstack.httputil import JSONResponse, dumps
+from xcstack.observability.metrics import render
 from xcstack.security.guard import authenticated, public, requires
 from xcstack.security.middleware import console_cookie
 
@@ -90,6 +91,7 @@ async def menu(request: Request) -> list[tuple[str, str]]:
 
 def build_routes(pages: Pages) -> list[BaseRoute]:
     """The console's routes, relative to the /console mount."""
+    metrics_now = SharedSnapshot(in_thread(lambda: snapshot(render()[0].decode("utf-8", "replace"))))
 
     async def page(request: Request, template: str, status: int = 200, *, api: ApiResult | None = None,
                    **ctx: Any) -> Response:
@@ -425,12 +427,13 @@ def build_routes(pages: Pages) -> list[BaseRoute]:
     @requires("route:/metrics", "get")
     @api("Console: the overview's live numbers (polled by its page)", response={"type": "object"}, tag="console")
     async def overview_data(request: Request) -> Response:
-        m = await call_api(request, "GET", "/metrics")
-        ready = await call_api(request, "GET", "/readyz")
+        # the metrics part is the same for every viewer (this route's permission is /metrics' own), so it
+        # is shared and rebuilt at most once a second; readiness and the process table stay per request
+        at, data = await metrics_now.get()
+        ready = await call_api(request, "GET", "/readyz")  # per viewer: its details depend on who asks
         procs = await call_api(request, "GET", "/v1/system/processes")
-        data = snapshot(m.raw.decode("utf-8", "replace")) if m.ok else {}
         checks = (ready.json() or {}).get("checks", {}) if ready.status in (200, 503) else {}
-        return JSONResponse({"metrics": data, "checks": checks, "pid": os.getpid(),
+        return JSONResponse({"metrics": data, "metrics_at": at, "checks": checks, "pid": os.getpid(),
                              "cores": sorted(os.sched_getaffinity(0)), "processes": procs.json() if procs.ok else None},
                             headers={"Cache-Control": "no-store"})
 

@@ -108,8 +108,10 @@
       if (r.status === 401 || r.redirected) { window.location = "/console/login"; return; }
       const data = await r.json();
       const m = data.metrics;
-      const t = performance.now() / 1000;
-      if (prev) {
+      // the server shares one snapshot per second among its viewers: rates come from its own time, and
+      // a snapshot already drawn is not drawn again
+      const t = data.metrics_at || performance.now() / 1000;
+      if (prev && t > prev.t) {
         const dt = Math.max(1e-3, t - prev.t);
         const push = (k, v) => { series[k].push(v); if (series[k].length > N) series[k].shift(); };
         push("rate", (m.requests - prev.m.requests) / dt);
@@ -123,7 +125,7 @@
         push("lag", lag == null ? null : lag * 1000);
         for (const k of Object.keys(series)) draw(k, series[k], (v) => v.toFixed(k === "rate" || k === "tokens" ? 1 : 2));
       }
-      prev = { t, m };
+      if (!prev || t > prev.t) prev = { t, m };
       tables(data);
       processes(data.processes);
       root.dataset.polled = String((parseInt(root.dataset.polled || "0", 10)) + 1);
