@@ -46,7 +46,7 @@ PROSE = ("今天天气很好，我们去公园散步吧。客服会在工作日�
 
 def words(n: int, seed: int = 7) -> list[str]:
     rnd = random.Random(seed)
-    out = set()
+    out: set[str] = set()
     while len(out) < n:
         if rnd.random() < 0.8:
             out.add("".join(chr(rnd.randint(0x4E00, 0x9FA5)) for _ in range(rnd.randint(2, 6))))
@@ -116,8 +116,8 @@ def wait_port(port: int, timeout: float = 30) -> None:
     raise TimeoutError(port)
 
 
-async def load(url: str, seconds: float, conc: int = 32) -> tuple[float, float]:
-    """(requests/s, p50 latency in ms) of `conc` clients posting short chat prompts for `seconds`."""
+async def load(url: str, seconds: float, conc: int = 32) -> tuple[float, float, int]:
+    """(requests/s, p50 latency in ms, requests) of `conc` clients posting short chat prompts for `seconds`."""
     import aiohttp
 
     body = {"model": "mock-model", "max_tokens": 8,
@@ -134,7 +134,7 @@ async def load(url: str, seconds: float, conc: int = 32) -> tuple[float, float]:
                 lat.append(time.perf_counter() - t0)
         t = time.monotonic()
         await asyncio.gather(*(worker() for _ in range(conc)))
-        return len(lat) / (time.monotonic() - t), statistics.median(lat) * 1000
+        return len(lat) / (time.monotonic() - t), statistics.median(lat) * 1000, len(lat)
 
 
 GW_HEAD = ('data_dir = "{tmp}"\n[gateway]\n[[gateway.upstreams]]\nname = "m"\n'
@@ -144,11 +144,18 @@ FILTERS = ('[[safety.lists]]\nname = "big"\npath = "{lst}"\ncategory = "bench"\n
            'output = ["list:big", "pii"]\naction = "mask"\n')
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def side_by_side(configs: dict[str, tuple[str, str]], seconds: float,
-                 rounds: int) -> dict[str, list[tuple[float, float, float]]]:
+                 rounds: int) -> dict[str, list[tuple[float, float, float, float]]]:
     """Start one gateway per config (name -> (TOML after the gateway head, extra capability modules)),
     all at once, then load them in interleaved rounds (A B B A ...: drift on a shared machine falls
-    on both alike). Per config and round: (req/s at c=32, p50 ms at c=32, p50 ms of one client alone)."""
+    on both alike). Per config and round: (req/s at c=32, p50 ms at c=32, p50 ms of one client alone, the
+    gateway process's CPU ms per request at c=32: free of the load generator's share of the two cores)."""
     with tempfile.TemporaryDirectory() as tmp:
         lst = Path(tmp) / "big.txt"
         lst.write_text("\n".join(words(10_000)), encoding="utf-8")
@@ -158,6 +165,7 @@ def side_by_side(configs: dict[str, tuple[str, str]], seconds: float,
                                 stderr=subprocess.DEVNULL)
         procs: list[subprocess.Popen[bytes]] = []
         urls: dict[str, str] = {}
+        pids: dict[str, int] = {}
         try:
             wait_port(mport)
             for name, (extra, mods) in configs.items():
@@ -171,16 +179,19 @@ def side_by_side(configs: dict[str, tuple[str, str]], seconds: float,
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
                     env={**os.environ, "PYTHONPATH": str(ROOT)}))
                 urls[name] = f"http://127.0.0.1:{port}/v1/chat/completions"
+                pids[name] = procs[-1].pid
             for url in urls.values():
                 wait_port(int(url.split(":")[2].split("/")[0]))
                 asyncio.run(load(url, 0.5))  # warm-up
-            out: dict[str, list[tuple[float, float, float]]] = {n: [] for n in urls}
+            out: dict[str, list[tuple[float, float, float, float]]] = {n: [] for n in urls}
             names = list(urls)
             for r in range(rounds):
                 for name in (names if r % 2 == 0 else names[::-1]):
-                    rps, p50 = asyncio.run(load(urls[name], seconds))
+                    c0 = cpu_s(pids[name])
+                    rps, p50, n = asyncio.run(load(urls[name], seconds))
+                    cpu_ms = (cpu_s(pids[name]) - c0) / max(1, n) * 1000
                     alone = asyncio.run(load(urls[name], seconds / 3, conc=1))[1]
-                    out[name].append((rps, p50, alone))
+                    out[name].append((rps, p50, alone, cpu_ms))
             return out
         finally:
             for proc in procs:
@@ -194,9 +205,10 @@ def side_by_side(configs: dict[str, tuple[str, str]], seconds: float,
             mock.wait(5)
 
 
-def report_pair(title: str, res: dict[str, list[tuple[float, float, float]]], base: str, other: str) -> None:
+def report_pair(title: str, res: dict[str, list[tuple[float, float, float, float]]], base: str, other: str) -> None:
     med = statistics.median
     ratios = [o[0] / b[0] for b, o in zip(res[base], res[other], strict=True)]
+    cpu_b, cpu_o = med(r[3] for r in res[base]), med(r[3] for r in res[other])
     added = [(o[2] - b[2]) * 1000 for b, o in zip(res[base], res[other], strict=True)]
     print(f"{title}:\n  req/s (c=32) {base} {med(r[0] for r in res[base]):.0f}, {other} "
           f"{med(r[0] for r in res[other]):.0f} (medians of {len(ratios)} interleaved rounds); ratio median "
@@ -205,7 +217,9 @@ def report_pair(title: str, res: dict[str, list[tuple[float, float, float]]], ba
           f"{other} {med(r[1] for r in res[other]):.2f} ms;"
           f" one client alone: {base} {med(r[2] for r in res[base]):.2f} ms, "
           f"{other} {med(r[2] for r in res[other]):.2f}"
-          f" ms (added p50 median {med(added):.0f} us, rounds {min(added):.0f}..{max(added):.0f})")
+          f" ms (added p50 median {med(added):.0f} us, rounds {min(added):.0f}..{max(added):.0f})\n"
+          f"  gateway CPU per request at c=32: {base} {cpu_b:.3f} ms, {other} {cpu_o:.3f} ms (medians); requests "
+          f"per CPU-second {other} / {base} = {cpu_b / cpu_o:.2f}")
 
 
 def list_memory(n: int) -> tuple[float, float]:
