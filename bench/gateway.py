@@ -632,8 +632,9 @@ def report(res: dict[str, dict[str, Any]], extra: dict[str, Any], duration: floa
         "reuse them), time to the first `data:` event, p50 / p90 ms (connections used); stream chunks/s: "
         f"{STREAM_TOKENS}-token streams, 16 clients. Latency in ms; *added* = proxy minus upstream direct at the "
         "same concurrency. *vs LiteLLM*: requests per CPU-second of the proxy process tree over LiteLLM's. "
-        "RSS in MiB after the run. **Shared 2-core machine (other engineers' jobs and tests running): noisy; "
-        "read ratios within this run.**",
+        f"RSS in MiB after the run. Load average (1 min) at the end of the run: {os.getloadavg()[0]:.1f} on "
+        f"{os.cpu_count()} CPUs; absolute latencies differ several-fold between hosts (this AMD EPYC runs Python "
+        "~3x slower than the Intel Xeon of earlier runs): **read ratios within this run.**",
         "",
         table(["target", "req/s c=64 (best of runs)", "req per CPU-second (CPU per req)", "vs LiteLLM per CPU-s",
                "added p50 / p99 c=1", "added p50 / p99 c=64", "first SSE event, reused conn.",
